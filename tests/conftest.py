@@ -1,0 +1,97 @@
+"""Shared test fixtures: tiny tokenizers with real chat templates, tiny Llama models, small chat data.
+
+Everything here is built in-process from a config, so the suite needs no model hub and no network.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+DATA_DIR = Path(__file__).parent / "data"
+
+# Chat templates of the three families the preprocessing must handle. None of them has
+# `{% generation %}` markers, which is the point: assistant spans are derived without them.
+CHAT_TEMPLATES = {
+    # ChatML as in SmolLM2 / Qwen2.5: a default system prompt is injected when none is given.
+    "chatml": (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    # Llama 3: BOS inside the template, role headers, <|eot_id|> ends every turn.
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    # Tulu 3: plain-text role tags, the EOS token closes assistant turns only.
+    "tulu": (
+        "{% for m in messages %}{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}\n"
+        "{% elif m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+        "{% else %}<|assistant|>\n{{ m['content'] + eos_token }}\n{% endif %}"
+        "{% if loop.last and add_generation_prompt %}<|assistant|>\n{% endif %}{% endfor %}"
+    ),
+}
+
+SPECIAL_TOKENS = {
+    "chatml": dict(bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                   extra=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]),
+    "llama3": dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_pad|>",
+                   extra=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                          "<|finetune_pad|>"]),
+    "tulu": dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
+                 extra=["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]),
+}
+
+
+def load_chats(name="chats.jsonl"):
+    """The small chat fixture as a list of {"messages": [...]} records."""
+    with open(DATA_DIR / name) as f:
+        return [json.loads(line) for line in f]
+
+
+def build_tokenizer(template="chatml", vocab_size=400):
+    """A byte-level BPE tokenizer trained on the chat fixture, with the given family's chat template."""
+    spec = SPECIAL_TOKENS[template]
+    texts = [m["content"] for chat in load_chats() for m in chat["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=spec["extra"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=spec["bos_token"],
+                                  eos_token=spec["eos_token"], pad_token=spec["pad_token"])
+    tok.chat_template = CHAT_TEMPLATES[template]
+    return tok
+
+
+def build_tiny_llama(tokenizer, seed=0, hidden_size=32, num_layers=2, vocab_size=None):
+    """A randomly initialised 2-layer Llama sharing `tokenizer`'s vocabulary (optionally padded beyond it)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def chats():
+    return load_chats()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer("chatml")
+
+
+@pytest.fixture
+def tiny_llama(tokenizer):
+    return build_tiny_llama(tokenizer)
