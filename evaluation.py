@@ -1,0 +1,59 @@
+"""Held-out evaluation of the teacher, single students and ensembles, on exactly the tokens the loss trains on.
+
+Every model is scored at the supervised positions of the test split (position t predicting token t+1), with
+numbers that mean the same for every model:
+    ce              mean next-token cross-entropy, nats per supervised token
+    perplexity      exp(ce)
+    kl_teacher      mean KL(p_teacher || p_model) at T = 1, nats per supervised token
+    top1_agreement  share of positions where the model's argmax equals the teacher's
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ensemble import combine_logits
+from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
+from train import logits_at
+
+METRICS = ("ce", "perplexity", "kl_teacher", "top1_agreement", "num_tokens")
+
+
+@torch.no_grad()
+def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size: int, vocab_size: int,
+             combine: str = "logits") -> dict[str, dict[str, float]]:
+    """Metrics for each named predictor: a list of models whose logits are combined (one model = itself).
+
+    Each distinct model runs once per batch, however many predictors share it (an ensemble and its members).
+    """
+    models = {id(model): model for members in predictors.values() for model in members}
+    models[id(teacher)] = teacher
+    for model in models.values():
+        model.eval()
+    sums = {name: dict.fromkeys(("ce", "kl", "agree"), 0.0) for name in predictors}
+    num_tokens = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
+        positions = predictor_mask(batch["labels"])
+        if not positions.any():
+            continue
+        logits = {key: logits_at(model, batch["input_ids"], batch["attention_mask"], positions, vocab_size).float()
+                  for key, model in models.items()}
+        teacher_logits = logits[id(teacher)]
+        device = teacher_logits.device
+        targets = next_token_targets(batch["labels"]).to(device)
+        teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+        teacher_top1 = teacher_logits.argmax(dim=-1)
+        for name, members in predictors.items():
+            combined = combine_logits([logits[id(m)].to(device) for m in members], combine)
+            sums[name]["ce"] += nll_sum(combined, targets).item()
+            sums[name]["kl"] += kl_sum(teacher_log_probs, F.log_softmax(combined, dim=-1)).item()
+            sums[name]["agree"] += (combined.argmax(dim=-1) == teacher_top1).sum().item()
+        num_tokens += targets.numel()
+    if num_tokens == 0:
+        raise ValueError("the evaluation split has no supervised token to score")
+    return {name: {"ce": s["ce"] / num_tokens, "perplexity": math.exp(min(s["ce"] / num_tokens, 700.0)),
+                   "kl_teacher": s["kl"] / num_tokens, "top1_agreement": s["agree"] / num_tokens,
+                   "num_tokens": num_tokens}
+            for name, s in sums.items()}

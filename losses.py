@@ -1,0 +1,102 @@
+"""The hybrid distillation loss, computed through the ensemble that the new student joins.
+
+Round r trains student s while the earlier members 1..n (n = r) stay frozen. With z the logits at a supervised
+position, the mixture the loss sees is the one the ensemble will predict with:
+    z_mix = combine(z_s, z_1, ..., z_n)          (mean of logits by default; see ensemble.combine_logits)
+    loss  = alpha * T^2 * D(p_teacher^T, p_mix^T) + (1 - alpha) * NLL(z_mix or z_s)
+Both terms use the same shifted positions (position t predicts token t+1, for supervised tokens only), run in
+fp32 whatever the model dtype, and are sums divided by the number of supervised tokens in the whole optimizer
+step, so gradient accumulation and micro-batch size do not change the loss or its gradients.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ensemble import combine_logits
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    alpha: float = 0.5  # weight of the distillation term
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    nll_target: str = "mixture"  # or "student"
+    combine: str = "logits"
+
+
+@dataclass
+class LossSums:
+    """Sums over a micro-batch's supervised positions; divide by the step's token count to get the loss."""
+
+    total: torch.Tensor  # alpha * T^2 * divergence_sum + (1 - alpha) * nll_sum, differentiable
+    divergence: torch.Tensor  # detached sum of D (without T^2 or alpha)
+    nll: torch.Tensor  # detached sum of the NLL
+    num_tokens: int
+
+
+def predictor_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: True at positions t whose next token t+1 is supervised (the positions that get a loss)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The supervised next tokens, in the order of `predictor_mask`'s True positions."""
+    shifted = labels[:, 1:]
+    return shifted[shifted != IGNORE_INDEX]
+
+
+def divergence_sum(teacher_logits: torch.Tensor, model_logits: torch.Tensor, kind: str = "forward_kl",
+                   temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Sum over rows of D between softmax(teacher/T) and softmax(model/T); inputs are [N, V] logits.
+
+    forward_kl: KL(p_teacher || p_model)     reverse_kl: KL(p_model || p_teacher)
+    jsd: beta * KL(p_teacher || m) + (1 - beta) * KL(p_model || m), with m = beta * p_teacher + (1 - beta) * p_model
+    """
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p_model = F.log_softmax(model_logits.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        return kl_sum(log_p_teacher, log_p_model)
+    if kind == "reverse_kl":
+        return kl_sum(log_p_model, log_p_teacher)
+    if kind == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_p_teacher + math.log(beta), log_p_model + math.log1p(-beta)]), dim=0)
+        return beta * kl_sum(log_p_teacher, log_m) + (1 - beta) * kl_sum(log_p_model, log_m)
+    raise ValueError(f"unknown divergence {kind!r}: use one of {DIVERGENCES}")
+
+
+def kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(p || q) from log-probabilities; 0 * log 0 counts as 0."""
+    return torch.sum(torch.exp(log_p) * (log_p - log_q))
+
+
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of `targets` [N] under `logits` [N, V], in fp32."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                     member_logits: list[torch.Tensor], targets: torch.Tensor, settings: LossSettings) -> LossSums:
+    """The hybrid loss's sums over N supervised positions.
+
+    student_logits [N, V] carries gradients; teacher_logits [N, V] (None when alpha = 0) and each of the frozen
+    members' member_logits [N, V] do not. targets [N] are the next tokens.
+    """
+    mixture = combine_logits([student_logits, *member_logits], settings.combine) if member_logits else student_logits
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    divergence = zero
+    if settings.alpha > 0:
+        divergence = divergence_sum(teacher_logits, mixture, settings.divergence, settings.temperature,
+                                    settings.jsd_beta)
+    # The NLL is always computed: it is the metric users watch even when alpha = 1 gives it no weight.
+    nll = nll_sum(mixture if settings.nll_target == "mixture" else student_logits, targets)
+    total = settings.alpha * settings.temperature**2 * divergence + (1 - settings.alpha) * nll
+    return LossSums(total=total, divergence=divergence.detach(), nll=nll.detach(), num_tokens=targets.numel())

@@ -1,0 +1,221 @@
+"""Distil a teacher LLM into an ensemble of small students, one student per round.
+
+Each round trains a fresh student with the hybrid loss computed *through* the frozen ensemble of the earlier
+students (losses.py), adds it to the ensemble, and evaluates the student, the ensemble and (once) the teacher on
+the held-out split. Everything a run writes goes to runs/YYYY-MM-DD/run_N/:
+    config.yaml      the resolved configuration          manifest.json   rounds done, member folders
+    metrics.csv      one row per model and round          train_log.csv   hybrid, KL, NLL, lr, grad norm per log
+    ensemble/        the ensemble (ModelEnsemble.from_pretrained), member_r/ = round r's student + tokenizer
+
+Usage:
+    python main.py                                   # the demo: embedded SmolLM2 teacher + ShareGPT, on CPU
+    python main.py --preset paper --dry_run          # validate the full-scale config and print its plan
+    python main.py --preset paper --alpha 0.7 --total_rounds 6
+    python main.py --config my_run.yaml --steps_per_round 200
+    python main.py --resume runs/2026-11-29/run_3    # continue a run; completed rounds are skipped
+    accelerate launch --num_processes 4 main.py --preset paper       # several GPUs on one node
+    sbatch train.sh --preset paper                                   # a SLURM cluster (one or more nodes)
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from accelerate import PartialState
+
+import config as config_lib
+import embedded
+import preprocess_dataset
+import utils
+from ensemble import EnsembleConfig
+from evaluation import evaluate
+from losses import LossSettings
+from train import CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, training_arguments
+
+METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement",
+                  "num_tokens", "seconds"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python main.py [--preset NAME] [--config FILE] [--resume RUN_DIR] [--dry_run] [--KEY VALUE ...]")
+    parser.add_argument("--preset", default="demo", choices=sorted(config_lib.PRESETS), help="base settings")
+    parser.add_argument("--config", dest="config_file", default=None, help="YAML file of config overrides")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in this folder")
+    parser.add_argument("--dry_run", action="store_true", help="validate the config, print the plan, and stop")
+    config_lib.add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> config_lib.Config:
+    overrides = {key: value for key, value in vars(args).items()
+                 if key not in ("preset", "config_file", "resume", "dry_run")}
+    if args.resume is None:
+        return config_lib.build_config(args.preset, args.config_file, overrides)
+    saved = Path(args.resume) / "config.yaml"
+    if not saved.is_file():
+        raise config_lib.ConfigError(f"--resume {args.resume!r} is not a run folder: it has no config.yaml")
+    values = config_lib.read_yaml(saved)
+    conflicting = sorted(k for k, v in overrides.items() if k != "total_rounds" and
+                         config_lib.coerce(k, v, config_lib.field_types()[k]) != values.get(k))
+    if conflicting:
+        raise config_lib.ConfigError(f"--resume {args.resume!r}: the command line changes {conflicting}, which the "
+                                     "run was started with; only total_rounds may change on resume")
+    values.update(overrides)
+    return config_lib.config_from_dict(values, source=str(saved))
+
+
+def print_plan(config: config_lib.Config, run_dir: Path | None) -> None:
+    tokens_per_step = config.batch_size * config.grad_accum * config.max_length
+    print("Plan")
+    print(f"  teacher       {config.teacher}")
+    student = config.student_model if config.student_init == "pretrained" else f"{config.student_init} init"
+    print(f"  students      {student}, one per round, {config.total_rounds} rounds x {config.steps_per_round} steps")
+    print(f"  data          {config.dataset} ({config.max_examples or 'all'} conversations, {config.test_size} held "
+          f"out, max {config.max_length} tokens)")
+    print(f"  loss          {config.alpha} * T^2 * {config.divergence}(teacher || mixture) + {1 - config.alpha:g} * "
+          f"NLL({config.nll_target}), T = {config.temperature}, members combined by {config.combine}")
+    print(f"  optimisation  batch {config.batch_size} x accumulation {config.grad_accum} (up to {tokens_per_step} "
+          f"tokens/step), lr {config.learning_rate} {config.lr_scheduler}, device {config.device}, dtype {config.dtype}")
+    print(f"  output        {run_dir or Path(config.output_root) / 'YYYY-MM-DD' / 'run_N'}")
+
+
+def prepare_data(config, tokenizer):
+    """The tokenized train/test split, built once per (source, tokenizer, settings) and cached."""
+    source = embedded.resolve_dataset(config.dataset, config.cache_dir)
+    key = json.dumps([source, tokenizer.name_or_path, config.max_length, config.test_size, config.seed,
+                      config.max_examples, config.dataset_split])
+    name = Path(source.rstrip("/")).name.replace(".", "_") + "-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    return preprocess_dataset.prepare_dataset(
+        source, tokenizer, Path(config.cache_dir) / "datasets" / name, max_length=config.max_length,
+        test_size=config.test_size, seed=config.seed, max_examples=config.max_examples, split=config.dataset_split)
+
+
+def load_manifest(run_dir: Path) -> dict:
+    path = run_dir / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {"rounds_done": [], "members": []}
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    """Atomically: a crash leaves the old manifest or the new one, never half of one."""
+    tmp = run_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, run_dir / "manifest.json")
+
+
+def metric_rows(round_index: int, results: dict, sizes: dict, seconds: float) -> list[dict]:
+    return [{"round": round_index, "model": name, "ensemble_size": sizes[name], **metrics,
+             "seconds": round(seconds, 2)} for name, metrics in results.items()]
+
+
+def print_final_table(metrics_path: Path) -> None:
+    table = pd.read_csv(metrics_path)
+    table = table[["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement"]]
+    print("\nFinal metrics on the held-out split (ce and kl_teacher in nats per supervised token)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def main(argv=None) -> int:
+    # --- setup --------------------------------------------------------------------------------------------------
+    args = parse_args(argv)
+    config = resolve_config(args)
+    if args.dry_run:
+        print_plan(config, Path(args.resume) if args.resume else None)
+        return 0
+    state = PartialState()
+    device = utils.select_device(config.device)
+    run_dir = Path(args.resume) if args.resume else utils.new_run_dir(config.output_root)
+    if state.is_main_process:
+        config_lib.save_config(config, run_dir / "config.yaml")
+    print_plan(config, run_dir)
+    manifest = load_manifest(run_dir)
+
+    teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
+    tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
+    vocab_size = len(tokenizer)
+    if config.student_init == "pretrained":
+        utils.check_same_tokenizer(tokenizer, utils.load_tokenizer(config.student_model, config.trust_remote_code),
+                                   config.teacher, config.student_model)
+    frozen_dtype = utils.frozen_dtype(config.dtype, device)
+    teacher = utils.load_causal_lm(teacher_path, frozen_dtype, config.trust_remote_code).to(device).eval()
+    utils.check_vocab_fits(teacher, vocab_size, config.teacher)
+    check_logits_at(teacher, vocab_size)
+    data = prepare_data(config, tokenizer)
+    print(f"data: {len(data['train'])} training and {len(data['test'])} test examples")
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    settings = LossSettings(alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
+                            jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine)
+    ensemble_dir = run_dir / "ensemble"
+    members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype).to(device).eval()
+               for path in manifest["members"]]
+
+    def evaluate_and_record(round_index, predictors, sizes):
+        started = time.time()
+        results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
+                           config.combine)
+        if state.is_main_process:
+            utils.append_csv_rows(run_dir / "metrics.csv", metric_rows(round_index, results, sizes,
+                                                                       time.time() - started), METRIC_COLUMNS)
+        return results
+
+    if not manifest.get("teacher_evaluated"):
+        evaluate_and_record(-1, {"teacher": [teacher]}, {"teacher": 0})
+        manifest["teacher_evaluated"] = True
+        write_manifest(run_dir, manifest)
+
+    # --- rounds -------------------------------------------------------------------------------------------------
+    for round_index in range(config.total_rounds):
+        if round_index in manifest["rounds_done"]:
+            print(f"round {round_index}: done earlier, skipped")
+            continue
+        print(f"\n=== round {round_index + 1}/{config.total_rounds}: {len(members)} frozen member(s) ===")
+        student = utils.build_student(config, teacher, tokenizer, round_index).to(device)
+        utils.check_vocab_fits(student, vocab_size, f"round {round_index} student")
+        evaluate_and_record(round_index, {"student_untrained": [student]}, {"student_untrained": 1})
+
+        trainer = DistillationTrainer(
+            model=student, teacher=teacher, members=members, settings=settings, vocab_size=vocab_size,
+            args=training_arguments(config, run_dir / "checkpoints" / f"round_{round_index}", round_index,
+                                    use_cpu=device.type == "cpu", bf16=utils.use_bf16_autocast(config.dtype, device)),
+            train_dataset=data["train"], processing_class=tokenizer,
+            callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index)])
+        trainer.train()
+
+        member_subfolder = f"member_{round_index}"
+        if state.is_main_process:
+            student.save_pretrained(ensemble_dir / member_subfolder)
+            tokenizer.save_pretrained(ensemble_dir / member_subfolder)
+        student = student.to(frozen_dtype).eval().requires_grad_(False)
+        members.append(student)
+        names = {"student": [student], "ensemble": members}
+        results = evaluate_and_record(round_index, names, {"student": 1, "ensemble": len(members)})
+        if state.is_main_process:
+            manifest["members"].append(str(Path("ensemble") / member_subfolder))
+            # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
+            EnsembleConfig(member_subfolders=[Path(m).name for m in manifest["members"]], combine=config.combine,
+                           vocab_size=vocab_size).save_pretrained(ensemble_dir)
+            manifest["rounds_done"].append(round_index)
+            write_manifest(run_dir, manifest)
+        print(f"round {round_index}: student ce {results['student']['ce']:.4f}, "
+              f"ensemble of {len(members)} ce {results['ensemble']['ce']:.4f}")
+
+    # --- report -------------------------------------------------------------------------------------------------
+    if state.is_main_process:
+        print_final_table(run_dir / "metrics.csv")
+        print(f"\nrun folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
+            embedded.MissingPackageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

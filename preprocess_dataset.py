@@ -1,0 +1,461 @@
+"""Turn chat data into tokenized examples whose labels supervise the assistant turns only.
+
+Usage:
+
+    python preprocess_dataset.py --dataset allenai/tulu-3-sft-mixture --tokenizer Qwen/Qwen2.5-0.5B-Instruct \
+        --max_examples 200000 --test_size 2000 --max_length 1024 --output_dir data/tulu_qwen
+
+`--dataset` is a hub dataset name or a local path: a .json, .jsonl or .parquet file, or a folder (one written by
+`save_to_disk`, or a folder of data files). Conversations are read from a `messages` column (role/content, as in
+allenai/tulu-3-sft-mixture) or a ShareGPT `conversations` column (from/value). `--test_size` is a count (2000) or a
+fraction (0.05). Rerunning with the same settings reuses the existing output folder.
+
+The output folder holds a DatasetDict {"train", "test"} with columns `input_ids` and `labels` (-100 on every token
+that is not part of an assistant turn; no padding, the collator pads) and a metadata.json with the settings and counts.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+from transformers import AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value that Hugging Face losses skip
+
+# Bump when the tokenization or labelling rules change, so folders written by older code are rebuilt, not reused.
+FORMAT_VERSION = 1
+
+METADATA_FILE = "metadata.json"
+
+# Accepted role names (ShareGPT spellings included) and the role each one becomes.
+ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
+CANONICAL_ROLES = {"system", "user", "assistant"}
+
+# Columns that may hold the conversations, in order of preference, and the (role, content) keys a turn may use.
+CONVERSATION_COLUMNS = ("messages", "conversations")
+TURN_KEYS = (("role", "content"), ("from", "value"))
+
+LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+MESSAGES_FEATURES = datasets.Features(
+    {"messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})}
+)
+TOKENIZED_FEATURES = datasets.Features(
+    {"input_ids": datasets.List(datasets.Value("int64")), "labels": datasets.List(datasets.Value("int64"))}
+)
+
+# The settings that decide a prepared folder's content: prepare_dataset reuses a folder only when all of them match.
+REUSE_KEYS = ("format_version", "source", "split", "chat_template_sha256", "tokenizer_sha256", "max_length",
+              "test_size", "seed", "max_examples")
+
+
+class DataError(ValueError):
+    """The input data cannot be used as given; the message names the source, the field and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading conversations
+# ---------------------------------------------------------------------------------------------------------------------
+
+def load_conversations(source: str, split: str = "train") -> datasets.Dataset:
+    """Load `source` as a Dataset with one column "messages": lists of {"role", "content"} turns.
+
+    `source` is a hub dataset name or a local .json/.jsonl/.parquet file or folder. `split` picks the split of a hub
+    dataset or of a folder holding several splits; a single file is one split and is read whole.
+    """
+    dataset = _load_raw(source, split)
+    column = _conversation_column(dataset, source)
+    role_key, content_key = _turn_keys(dataset.features[column], source, column)
+    roles = _distinct_roles(dataset, column, role_key)
+    unknown = sorted(roles - ROLE_ALIASES.keys(), key=str)
+    if unknown:
+        raise DataError(
+            f"{source}: field '{column}[].{role_key}' has unknown role value(s) {unknown}; accepted roles are "
+            f"{sorted(ROLE_ALIASES)}. Rename or remove those turns before preprocessing."
+        )
+    already_canonical = (column == "messages" and set(dataset.features[column].feature) == {"role", "content"}
+                         and roles <= CANONICAL_ROLES)
+    if already_canonical:
+        # Keep the memory-mapped column as it is instead of copying a possibly multi-gigabyte dataset.
+        return dataset.select_columns(["messages"])
+    return dataset.map(
+        _to_messages_batch, batched=True, input_columns=[column], remove_columns=dataset.column_names,
+        features=MESSAGES_FEATURES, fn_kwargs={"role_key": role_key, "content_key": content_key},
+        desc="Normalising conversations",
+    )
+
+
+def _load_raw(source: str, split: str) -> datasets.Dataset:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, split, source)
+    if path.suffix in LOCAL_FILE_BUILDERS:
+        if not path.is_file():
+            raise DataError(f"{source}: no such file. Check the --dataset path.")
+        return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    if _looks_like_local_path(source):
+        raise DataError(f"{source}: no such file or folder. Check the --dataset path.")
+    return datasets.load_dataset(source, split=split)
+
+
+def _looks_like_local_path(source: str) -> bool:
+    """Whether `source` can only be meant as a path (hub names are "name" or "owner/name")."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+def _load_folder(path: Path, split: str, source: str) -> datasets.Dataset:
+    written_by_save_to_disk = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if not written_by_save_to_disk:
+        # A folder of data files, e.g. a local clone of a hub dataset repository.
+        return datasets.load_dataset(str(path), split=split)
+    loaded = datasets.load_from_disk(str(path))
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        raise DataError(f"{source}: has no split '{split}'; its splits are {sorted(loaded)}. "
+                        f"Pass one of them as --split.")
+    return loaded[split]
+
+
+def _conversation_column(dataset: datasets.Dataset, source: str) -> str:
+    for column in CONVERSATION_COLUMNS:
+        if column in dataset.column_names:
+            return column
+    raise DataError(
+        f"{source}: found columns {dataset.column_names} but no 'messages' (role/content turns) or 'conversations' "
+        f"(ShareGPT from/value turns) column. Rename the column holding the conversations to one of these."
+    )
+
+
+def _turn_keys(feature, source: str, column: str) -> tuple[str, str]:
+    """The (role, content) keys of the turns in `column`, after checking the column is a list of such turns."""
+    turn = getattr(feature, "feature", None)
+    keys = [pair for pair in TURN_KEYS if isinstance(turn, dict) and set(pair) <= set(turn)]
+    if not keys:
+        raise DataError(
+            f"{source}: field '{column}' must be a list of role/content (or ShareGPT from/value) turns, found "
+            f"{feature}. Convert the conversations to that shape."
+        )
+    role_key, content_key = keys[0]
+    content_type = getattr(turn[content_key], "dtype", None)
+    if content_type not in ("string", "large_string"):
+        raise DataError(
+            f"{source}: field '{column}[].{content_key}' must hold text, found {turn[content_key]}. "
+            f"Flatten multi-part contents to strings first."
+        )
+    return role_key, content_key
+
+
+def _distinct_roles(dataset: datasets.Dataset, column: str, role_key: str) -> set:
+    """Every role value used in `column`, read through Arrow so that the contents are never decoded."""
+    turns = pc.list_flatten(dataset.with_format("arrow")[column])
+    return set(pc.unique(pc.struct_field(turns, role_key)).to_pylist())
+
+
+def _to_messages_batch(conversations: list, role_key: str, content_key: str) -> dict:
+    return {"messages": [
+        [{"role": ROLE_ALIASES[turn[role_key]], "content": turn[content_key]} for turn in conversation]
+        for conversation in conversations
+    ]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizing one conversation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def tokenize_conversation(messages, tokenizer, max_length: int) -> dict | None:
+    """Tokenize a conversation with the chat template; labels are the assistant turns' tokens, -100 elsewhere.
+
+    Each assistant turn's content and its end-of-turn token are supervised; system and user turns, role headers and
+    whatever the template adds after the end-of-turn token are not. The conversation is truncated to `max_length`
+    tokens. Returns {"input_ids", "labels"}, or None when no supervised token is left. The first non-system turn
+    should be a user turn (build_dataset drops the other conversations).
+    """
+    text = _render(tokenizer, messages)
+    spans = _assistant_spans(messages, tokenizer, text)
+    # The template already wrote BOS and every other special token, so the tokenizer must not add its own.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
+                         max_length=max_length)
+    input_ids = list(encoding["input_ids"])
+    labels = [token if supervised else IGNORE_INDEX
+              for token, supervised in zip(input_ids, _supervised_mask(encoding["offset_mapping"], spans), strict=True)]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_spans(messages, tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character spans of `text` (the full render) holding each assistant turn up to its end-of-turn token.
+
+    A turn starts where the render of the conversation before it, plus the generation prompt, ends, and it ends where
+    the render of the conversation through it ends. This needs no generation markers in the template, but it does
+    need every partial render to be a prefix of the full one.
+    """
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], add_generation_prompt=True)
+        through = _render(tokenizer, messages[:index + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise DataError(
+                f"the chat template of tokenizer '{tokenizer.name_or_path}' is not prefix-consistent: rendering the "
+                f"conversation up to turn {index} does not give a prefix of the full render, so assistant turns "
+                f"cannot be located. Use a tokenizer whose template renders earlier turns the same way whatever "
+                f"follows them."
+            )
+        start, end = len(before), len(through)
+        spans.append((start, _end_after_last_end_of_turn(text, start, end, tokenizer.eos_token)))
+    return spans
+
+
+def _end_after_last_end_of_turn(text: str, start: int, end: int, end_of_turn: str | None) -> int:
+    """Move `end` back to just after the last end-of-turn token in text[start:end], if there is one.
+
+    Templates follow the end-of-turn token with separators such as "\n"; they belong to the scaffolding and
+    supervising them would teach the model to emit text after it has finished its turn.
+    """
+    if not end_of_turn:
+        return end
+    position = text.rfind(end_of_turn, start, end)
+    return end if position == -1 else position + len(end_of_turn)
+
+
+def _supervised_mask(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token, whether its first character lies in one of the (sorted, disjoint) spans."""
+    mask = []
+    span_index = 0
+    for token_start, _ in offsets:
+        while span_index < len(spans) and spans[span_index][1] <= token_start:
+            span_index += 1
+        mask.append(span_index < len(spans) and spans[span_index][0] <= token_start)
+    return mask
+
+
+def _tokenize_batch(messages_batch: list, tokenizer, max_length: int) -> dict:
+    """datasets.map helper: tokenize a batch, leaving out conversations without a supervised token."""
+    examples = [tokenize_conversation(messages, tokenizer, max_length) for messages in messages_batch]
+    kept = [example for example in examples if example is not None]
+    return {"input_ids": [example["input_ids"] for example in kept], "labels": [example["labels"] for example in kept]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building, saving and reusing a dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float, seed: int,
+                  max_examples: int | None = None, split: str = "train") -> tuple[datasets.DatasetDict, dict]:
+    """Load, filter, sample, tokenize and split `source`; returns the {"train", "test"} DatasetDict and its metadata."""
+    conversations = load_conversations(source, split)
+    loaded = len(conversations)
+    user_first = _user_first_indices(conversations)
+    conversations = conversations.select(user_first).shuffle(seed=seed)
+    if max_examples is not None:
+        # Sample before tokenizing, so that a small run over a large source stays cheap.
+        conversations = conversations.select(range(min(max_examples, len(conversations))))
+    tokenized = conversations.map(
+        _tokenize_batch, batched=True, input_columns=["messages"], remove_columns=["messages"],
+        features=TOKENIZED_FEATURES, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        desc="Tokenizing",
+    )
+    if len(tokenized) == 0:
+        raise DataError(
+            f"{source}: no example is left after filtering ({loaded} loaded, {loaded - len(user_first)} without a "
+            f"user turn first, the rest without an assistant token within max_length={max_length}). Raise "
+            f"--max_length, or check that the conversations' roles are user/assistant."
+        )
+    dataset = _split(tokenized, test_size, seed, source)
+    counts = {
+        "loaded": loaded,
+        "dropped_not_user_first": loaded - len(user_first),
+        "dropped_no_supervised_tokens": len(conversations) - len(tokenized),
+        "train": len(dataset["train"]),
+        "test": len(dataset["test"]),
+        "supervised_tokens": {name: _count_supervised_tokens(part) for name, part in dataset.items()},
+    }
+    settings = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
+                         max_examples=max_examples, split=split)
+    return dataset, {**settings, "tokenizer": tokenizer.name_or_path, "counts": counts}
+
+
+def _user_first_indices(conversations: datasets.Dataset) -> list[int]:
+    """Indices of the conversations whose first non-system turn is a user turn (reads only the roles)."""
+    indices = []
+    position = 0
+    for chunk in conversations.with_format("arrow")["messages"].chunks:
+        roles = pa.ListArray.from_arrays(chunk.offsets, pc.struct_field(chunk.values, "role")).to_pylist()
+        for conversation_roles in roles:
+            first_speaker = next((role for role in conversation_roles if role != "system"), None)
+            if first_speaker == "user":
+                indices.append(position)
+            position += 1
+    return indices
+
+
+def _split(tokenized: datasets.Dataset, test_size: int | float, seed: int, source: str) -> datasets.DatasetDict:
+    if isinstance(test_size, int) and not 0 < test_size < len(tokenized):
+        raise DataError(
+            f"{source}: test_size={test_size} needs more examples than the {len(tokenized)} left after filtering. "
+            f"Lower --test_size, or raise --max_examples."
+        )
+    return tokenized.train_test_split(test_size=test_size, seed=seed)
+
+
+def _count_supervised_tokens(dataset: datasets.Dataset) -> int:
+    total = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=10_000):
+        labels = pc.list_flatten(batch.column("labels"))
+        total += pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0
+    return total
+
+
+def _settings(source, tokenizer, *, max_length, test_size, seed, max_examples, split) -> dict:
+    """The metadata entries listed in REUSE_KEYS."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": str(source),
+        "split": split,
+        "chat_template_sha256": _sha256(tokenizer.chat_template),
+        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
+        "max_length": max_length,
+        "test_size": test_size,
+        "seed": seed,
+        "max_examples": max_examples,
+    }
+
+
+def _sha256(value) -> str:
+    # Chat templates are a string, or a dict of named templates for some tokenizers.
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    """A hash of the vocabulary and tokenization rules, plus the special tokens the labelling relies on."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return _sha256({"vocabulary": vocabulary, "special_tokens": tokenizer.special_tokens_map})
+
+
+def save_dataset(dataset: datasets.DatasetDict, metadata: dict, output_dir) -> None:
+    """Write `dataset` with save_to_disk and `metadata` as metadata.json into `output_dir`."""
+    output_dir = Path(output_dir)
+    dataset.save_to_disk(str(output_dir))
+    # Written last: a folder with a metadata file has all of its data.
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def load_dataset_dir(output_dir) -> tuple[datasets.DatasetDict, dict]:
+    """Read back what save_dataset wrote."""
+    output_dir = Path(output_dir)
+    metadata = _read_metadata(output_dir)
+    if metadata is None:
+        raise DataError(f"{output_dir}: no {METADATA_FILE}, so it is not a prepared dataset. Run preprocess_dataset.py "
+                        f"with --output_dir {output_dir} first.")
+    return datasets.load_from_disk(str(output_dir)), metadata
+
+
+def _read_metadata(output_dir: Path) -> dict | None:
+    path = output_dir / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size: int | float, seed: int,
+                    max_examples: int | None = None, split: str = "train") -> datasets.DatasetDict:
+    """Return the prepared dataset in `output_dir`, building and saving it unless a matching one is already there."""
+    output_dir = Path(output_dir)
+    wanted = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
+                       max_examples=max_examples, split=split)
+    existing = _read_metadata(output_dir)
+    if existing is not None and {key: existing.get(key) for key in REUSE_KEYS} == wanted:
+        logger.info("Reusing the prepared dataset in %s", output_dir)
+        return datasets.load_from_disk(str(output_dir))
+    if existing is None and output_dir.exists() and any(output_dir.iterdir()):
+        raise DataError(f"{output_dir}: exists and is not a prepared dataset; refusing to replace it. Choose another "
+                        f"--output_dir.")
+    if existing is not None:
+        changed = [key for key in REUSE_KEYS if existing.get(key) != wanted[key]]
+        logger.info("Rebuilding the prepared dataset in %s: %s changed", output_dir, ", ".join(changed))
+    dataset, metadata = build_dataset(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
+                                      max_examples=max_examples, split=split)
+    _save_atomically(dataset, metadata, output_dir)
+    return datasets.load_from_disk(str(output_dir))
+
+
+def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:
+    """Save into a temporary sibling folder, then rename it: a killed run leaves no complete-looking folder."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        save_dataset(dataset, metadata, staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _count_or_fraction(value: str) -> int | float:
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="hub dataset name, or a .json/.jsonl/.parquet file or folder")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer name or path (its chat template is used)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--max_length", type=int, default=1024, help="tokens per example, longer ones are truncated")
+    parser.add_argument("--test_size", type=_count_or_fraction, default=2000, help="test examples: a count or fraction")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the train/test split")
+    parser.add_argument("--max_examples", type=int, default=None, help="sample this many conversations first")
+    parser.add_argument("--split", default="train", help="split of the source to read")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    prepare_dataset(args.dataset, tokenizer, args.output_dir, max_length=args.max_length, test_size=args.test_size,
+                    seed=args.seed, max_examples=args.max_examples, split=args.split)
+    counts = _read_metadata(Path(args.output_dir))["counts"]
+    print(f"{args.dataset} -> {args.output_dir}")
+    print(f"loaded {counts['loaded']} conversations; dropped {counts['dropped_not_user_first']} not starting with a "
+          f"user turn and {counts['dropped_no_supervised_tokens']} without a supervised token")
+    for split_name in ("train", "test"):
+        supervised = counts["supervised_tokens"][split_name]
+        print(f"{split_name}: {counts[split_name]} examples, {supervised} supervised tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The hybrid loss against references written plainly here, from the textbook formulas."""
+
+import math
+
+import pytest
+import torch
+
+from losses import (LossSettings, divergence_sum, hybrid_loss_sums, next_token_targets, nll_sum, predictor_mask)
+
+
+def reference_kl(p, q):
+    """KL(p || q) for probability vectors, summed term by term."""
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist()) if pi > 0)
+
+
+def softmax(z, temperature=1.0):
+    return torch.softmax(z.double() / temperature, dim=-1)
+
+
+@pytest.fixture
+def logit_pair():
+    torch.manual_seed(0)
+    return torch.randn(5, 11), torch.randn(5, 11)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_forward_and_reverse_kl_equal_the_textbook_sums(logit_pair, temperature):
+    teacher, model = logit_pair
+    p, q = softmax(teacher, temperature), softmax(model, temperature)
+    forward = sum(reference_kl(p[i], q[i]) for i in range(len(p)))
+    reverse = sum(reference_kl(q[i], p[i]) for i in range(len(p)))
+    assert divergence_sum(teacher, model, "forward_kl", temperature).item() == pytest.approx(forward, rel=1e-5)
+    assert divergence_sum(teacher, model, "reverse_kl", temperature).item() == pytest.approx(reverse, rel=1e-5)
+    assert forward != pytest.approx(reverse, rel=1e-3)  # the directions really differ on these inputs
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.2])
+def test_generalized_jsd_equals_its_definition(logit_pair, beta):
+    teacher, model = logit_pair
+    p, q = softmax(teacher), softmax(model)
+    expected = 0.0
+    for i in range(len(p)):
+        m = beta * p[i] + (1 - beta) * q[i]
+        expected += beta * reference_kl(p[i], m) + (1 - beta) * reference_kl(q[i], m)
+    assert divergence_sum(teacher, model, "jsd", beta=beta).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_jsd_at_one_half_is_symmetric_and_bounded(logit_pair):
+    teacher, model = logit_pair
+    forward = divergence_sum(teacher, model, "jsd", beta=0.5)
+    backward = divergence_sum(model, teacher, "jsd", beta=0.5)
+    assert forward.item() == pytest.approx(backward.item(), rel=1e-5)
+    assert 0 < forward.item() <= len(teacher) * math.log(2)
+
+
+def test_divergences_vanish_for_identical_distributions(logit_pair):
+    teacher, _ = logit_pair
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        assert divergence_sum(teacher, teacher.clone(), kind).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_unknown_divergence_is_refused(logit_pair):
+    with pytest.raises(ValueError, match="unknown divergence 'tvd'"):
+        divergence_sum(*logit_pair, kind="tvd")
+
+
+def test_predictor_mask_and_targets_shift_by_one():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, 8]])
+    assert predictor_mask(labels).tolist() == [[False, True, True, False, False], [True, False, False, True, False]]
+    assert next_token_targets(labels).tolist() == [5, 6, 7, 8]
+
+
+def naive_hybrid(student, teacher, members, targets, alpha, temperature):
+    """alpha * T^2 * KL(teacher || mean-logit mixture) + (1 - alpha) * NLL(mixture), summed, term by term."""
+    mixture = (student + sum(members)) / (len(members) + 1) if members else student
+    p_teacher, p_mix_t = softmax(teacher, temperature), softmax(mixture, temperature)
+    p_mix = softmax(mixture)
+    total = 0.0
+    for i in range(len(targets)):
+        total += alpha * temperature**2 * reference_kl(p_teacher[i], p_mix_t[i])
+        total += (1 - alpha) * -math.log(p_mix[i, targets[i]].item())
+    return total
+
+
+@pytest.mark.parametrize("num_members", [0, 1, 3])
+@pytest.mark.parametrize("alpha,temperature", [(0.5, 1.0), (0.8, 2.0), (0.0, 1.0), (1.0, 1.0)])
+def test_hybrid_loss_matches_the_naive_reference(num_members, alpha, temperature):
+    torch.manual_seed(num_members)
+    student, teacher = torch.randn(6, 13), torch.randn(6, 13)
+    members = [torch.randn(6, 13) for _ in range(num_members)]
+    targets = torch.randint(0, 13, (6,))
+    sums = hybrid_loss_sums(student, teacher, members, targets, LossSettings(alpha=alpha, temperature=temperature))
+    expected = naive_hybrid(student, teacher, members, targets, alpha, temperature)
+    assert sums.total.item() == pytest.approx(expected, rel=1e-5)
+    assert sums.num_tokens == 6
+
+
+def test_with_no_members_it_is_plain_distillation():
+    torch.manual_seed(1)
+    student, teacher, targets = torch.randn(4, 9), torch.randn(4, 9), torch.randint(0, 9, (4,))
+    sums = hybrid_loss_sums(student, teacher, [], targets, LossSettings(alpha=0.3, temperature=2.0))
+    plain = 0.3 * 4.0 * divergence_sum(teacher, student, temperature=2.0) + 0.7 * nll_sum(student, targets)
+    assert sums.total.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_nll_on_the_student_alone_ignores_the_members():
+    torch.manual_seed(2)
+    student, targets = torch.randn(4, 9), torch.randint(0, 9, (4,))
+    members = [torch.randn(4, 9)]
+    sums = hybrid_loss_sums(student, None, members, targets, LossSettings(alpha=0.0, nll_target="student"))
+    assert sums.total.item() == pytest.approx(nll_sum(student, targets).item(), rel=1e-6)
+    on_mixture = hybrid_loss_sums(student, None, members, targets, LossSettings(alpha=0.0))
+    assert on_mixture.total.item() != pytest.approx(sums.total.item(), rel=1e-3)
+
+
+def test_probability_averaging_uses_the_mixture_of_probabilities():
+    torch.manual_seed(3)
+    student, teacher, member = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
+    targets = torch.randint(0, 7, (3,))
+    sums = hybrid_loss_sums(student, teacher, [member], targets, LossSettings(alpha=1.0, combine="probs"))
+    p_mix = (softmax(student) + softmax(member)) / 2
+    expected = sum(reference_kl(softmax(teacher)[i], p_mix[i]) for i in range(3))
+    assert sums.total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_only_the_student_receives_gradients():
+    torch.manual_seed(4)
+    student = torch.randn(5, 8, requires_grad=True)
+    teacher = torch.randn(5, 8, requires_grad=True)
+    members = [torch.randn(5, 8, requires_grad=True) for _ in range(2)]
+    targets = torch.randint(0, 8, (5,))
+    # The trainer computes teacher and members under no_grad; detaching here is the same contract.
+    sums = hybrid_loss_sums(student, teacher.detach(), [m.detach() for m in members], targets, LossSettings())
+    sums.total.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None and all(m.grad is None for m in members)
+
+
+def test_loss_is_computed_in_fp32_from_bf16_logits():
+    torch.manual_seed(5)
+    student, teacher = torch.randn(4, 9), torch.randn(4, 9)
+    targets = torch.randint(0, 9, (4,))
+    full = hybrid_loss_sums(student, teacher, [], targets, LossSettings())
+    half = hybrid_loss_sums(student.bfloat16(), teacher.bfloat16(), [], targets, LossSettings())
+    assert half.total.dtype == torch.float32
+    assert half.total.item() == pytest.approx(full.total.item(), rel=2e-2)

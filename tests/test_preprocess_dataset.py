@@ -1,0 +1,485 @@
+"""Tests of preprocess_dataset: assistant-only labels for three chat template families, loading, splitting, caching."""
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+from conftest import DATA_DIR, build_tokenizer
+
+import preprocess_dataset
+from preprocess_dataset import (
+    DataError,
+    build_dataset,
+    load_conversations,
+    load_dataset_dir,
+    main,
+    prepare_dataset,
+    save_dataset,
+    tokenize_conversation,
+)
+
+TEMPLATES = ("chatml", "llama3", "tulu")
+LONG_ENOUGH = 10_000  # a max_length that truncates nothing in the fixture
+
+
+@pytest.fixture(scope="module", params=TEMPLATES)
+def any_tokenizer(request):
+    return build_tokenizer(request.param)
+
+
+@pytest.fixture
+def chats_file(tmp_path, chats):
+    return write_jsonl(tmp_path / "chats.jsonl", chats)
+
+
+def write_jsonl(path: Path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def supervised_runs(example) -> list[list[int]]:
+    """The labels' contiguous runs of supervised tokens, checking each supervised label is its input token."""
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
+        if label == -100:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(label)
+    return runs + [current] if current else runs
+
+
+def first_supervised_position(example) -> int:
+    return next(i for i, label in enumerate(example["labels"]) if label != -100)
+
+
+def assistant_contents(messages) -> list[str]:
+    return [m["content"] for m in messages if m["role"] == "assistant"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tokenize_conversation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_labels_are_exactly_each_assistant_turn_and_its_end_of_turn(any_tokenizer, chats):
+    for chat in chats:
+        messages = chat["messages"]
+        example = tokenize_conversation(messages, any_tokenizer, LONG_ENOUGH)
+
+        decoded_runs = [any_tokenizer.decode(run) for run in supervised_runs(example)]
+        assert decoded_runs == [content + any_tokenizer.eos_token for content in assistant_contents(messages)]
+        # The input is the template's text, tokenized without extra special tokens.
+        assert any_tokenizer.decode(example["input_ids"]) == any_tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_every_assistant_turn_of_a_three_turn_chat_is_supervised_and_nothing_else(tokenizer, chats):
+    messages = chats[2]["messages"]  # chat-002: user, assistant, user, assistant, user, assistant
+    example = tokenize_conversation(messages, tokenizer, LONG_ENOUGH)
+
+    assert [tokenizer.decode(run) for run in supervised_runs(example)] == [
+        "Put the egg in boiling water for about nine minutes, then cool it in cold water.<|im_end|>",
+        "Yes, I am fairly sure. put the egg in boiling water for about nine minutes, then cool it in cold water."
+        "<|im_end|>",
+        "Of course. In short, put the egg in boiling water for about nine minutes, then cool it in cold water."
+        "<|im_end|>",
+    ]
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    unsupervised = [token for token, label in pairs if label == -100]
+    assert tokenizer.decode(unsupervised) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nCould you explain how to boil an egg?<|im_end|>\n<|im_start|>assistant\n\n"
+        "<|im_start|>user\nAre you sure?<|im_end|>\n<|im_start|>assistant\n\n"
+        "<|im_start|>user\nThanks! One more detail please.<|im_end|>\n<|im_start|>assistant\n\n"
+    )
+
+
+@pytest.mark.parametrize("template", ["chatml", "tulu"])
+def test_newline_after_the_end_of_turn_token_is_not_supervised(template, chats):
+    tokenizer = build_tokenizer(template)
+    example = tokenize_conversation(chats[1]["messages"], tokenizer, LONG_ENOUGH)
+    eos_positions = [i for i, label in enumerate(example["labels"]) if label == tokenizer.eos_token_id]
+
+    assert len(eos_positions) == 2
+    for position in eos_positions:
+        assert tokenizer.decode(example["input_ids"][position + 1]) == "\n"
+        assert example["labels"][position + 1] == -100
+
+
+def test_system_turn_is_not_supervised(any_tokenizer, chats):
+    messages = chats[3]["messages"]  # chat-003 starts with a system turn
+    assert messages[0]["role"] == "system"
+    example = tokenize_conversation(messages, any_tokenizer, LONG_ENOUGH)
+
+    supervised_text = "".join(any_tokenizer.decode(run) for run in supervised_runs(example))
+    assert supervised_text == "12 plus 30 is 42." + any_tokenizer.eos_token
+
+
+def test_truncation_keeps_a_prefix_of_the_full_example(any_tokenizer, chats):
+    messages = chats[1]["messages"]
+    full = tokenize_conversation(messages, any_tokenizer, LONG_ENOUGH)
+    cut_at = len(full["input_ids"]) - 5
+
+    truncated = tokenize_conversation(messages, any_tokenizer, cut_at)
+
+    assert len(truncated["input_ids"]) == cut_at
+    assert truncated["input_ids"] == full["input_ids"][:cut_at]
+    assert truncated["labels"] == full["labels"][:cut_at]
+
+
+def test_example_with_only_the_prompt_left_after_truncation_is_none(any_tokenizer, chats):
+    messages = chats[0]["messages"]
+    prompt_length = first_supervised_position(tokenize_conversation(messages, any_tokenizer, LONG_ENOUGH))
+
+    assert tokenize_conversation(messages, any_tokenizer, prompt_length) is None
+    one_more = tokenize_conversation(messages, any_tokenizer, prompt_length + 1)
+    assert sum(label != -100 for label in one_more["labels"]) == 1
+
+
+def test_conversation_without_assistant_turn_is_none(tokenizer):
+    assert tokenize_conversation([{"role": "user", "content": "Hello?"}], tokenizer, LONG_ENOUGH) is None
+
+
+def test_template_that_rewrites_earlier_turns_is_rejected(chats):
+    # Like reasoning templates that drop earlier turns' thoughts: partial renders are not prefixes of the full one.
+    tokenizer = copy.deepcopy(build_tokenizer("chatml"))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}(earlier answer){% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(DataError, match="not prefix-consistent"):
+        tokenize_conversation(chats[1]["messages"], tokenizer, LONG_ENOUGH)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# load_conversations
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_sharegpt_conversations_match_the_messages_version(chats):
+    sharegpt = load_conversations(str(DATA_DIR / "sharegpt.json"))
+    tokenizer = build_tokenizer("llama3")
+
+    assert sharegpt.column_names == ["messages"]
+    assert sharegpt["messages"] == [chat["messages"] for chat in chats[:12]]
+    for converted, chat in zip(sharegpt["messages"], chats[:12], strict=True):
+        assert (tokenize_conversation(converted, tokenizer, LONG_ENOUGH)
+                == tokenize_conversation(chat["messages"], tokenizer, LONG_ENOUGH))
+
+
+def save_json(path, records):
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def save_parquet(path, records):
+    datasets.Dataset.from_list(records).to_parquet(str(path))
+    return str(path)
+
+
+def save_dataset_folder(path, records):
+    datasets.Dataset.from_list(records).save_to_disk(str(path))
+    return str(path)
+
+
+def save_data_files_folder(path, records):
+    """A folder of data files, like a local clone of a hub dataset repository."""
+    path.mkdir()
+    write_jsonl(path / "train.jsonl", records)
+    return str(path)
+
+
+@pytest.mark.parametrize("writer, name", [(save_json, "chats.json"), (write_jsonl, "chats.jsonl"),
+                                          (save_parquet, "chats.parquet"), (save_dataset_folder, "saved"),
+                                          (save_data_files_folder, "repository")])
+def test_loads_every_local_format(writer, name, tmp_path, chats):
+    source = writer(tmp_path / name, chats[:10])
+
+    loaded = load_conversations(source)
+
+    assert loaded.column_names == ["messages"]  # the "id" column is dropped
+    assert loaded["messages"] == [chat["messages"] for chat in chats[:10]]
+
+
+def test_loads_the_requested_split_of_a_saved_dataset_dict(tmp_path, chats):
+    splits = datasets.DatasetDict(train=datasets.Dataset.from_list(chats[:5]),
+                                  validation=datasets.Dataset.from_list(chats[5:8]))
+    splits.save_to_disk(str(tmp_path / "splits"))
+
+    loaded = load_conversations(str(tmp_path / "splits"), split="validation")
+
+    assert loaded["messages"] == [chat["messages"] for chat in chats[5:8]]
+    with pytest.raises(DataError, match=r"no split 'dev'.*\['train', 'validation'\]"):
+        load_conversations(str(tmp_path / "splits"), split="dev")
+
+
+def test_hub_names_go_to_load_dataset_with_the_split(monkeypatch, chats):
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(chats[:3])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    loaded = load_conversations("allenai/tulu-3-sft-mixture", split="test")
+
+    assert calls == [("allenai/tulu-3-sft-mixture", "test")]
+    assert len(loaded) == 3
+
+
+def test_aliased_roles_in_messages_are_renamed(tmp_path):
+    records = [{"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello"}]}]
+
+    loaded = load_conversations(write_jsonl(tmp_path / "aliases.jsonl", records))
+
+    assert loaded["messages"] == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.parquet", "missing_folder"])
+def test_missing_local_path_is_named(name, tmp_path):
+    missing = str(tmp_path / name)
+    with pytest.raises(DataError, match="no such file") as error:
+        load_conversations(missing)
+    assert missing in str(error.value)
+
+
+def test_no_conversation_column_lists_the_columns_found(tmp_path):
+    source = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "response": "Hello"}])
+    with pytest.raises(DataError) as error:
+        load_conversations(source)
+    message = str(error.value)
+    assert source in message
+    assert "['prompt', 'response']" in message
+    assert "'messages'" in message and "'conversations'" in message
+
+
+def test_unknown_sharegpt_role_names_the_value_and_field(tmp_path):
+    records = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "robot", "value": "Beep"}]}]
+    source = save_json(tmp_path / "robots.json", records)
+    with pytest.raises(DataError) as error:
+        load_conversations(source)
+    message = str(error.value)
+    assert source in message
+    assert "'conversations[].from'" in message
+    assert "['robot']" in message
+    assert "Rename or remove those turns" in message
+
+
+def test_unknown_messages_role_names_the_value_and_field(tmp_path):
+    records = [{"messages": [{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "{}"},
+                             {"role": "assistant", "content": "Sunny."}]}]
+    with pytest.raises(DataError, match=r"'messages\[\]\.role' has unknown role value\(s\) \['tool'\]"):
+        load_conversations(write_jsonl(tmp_path / "tools.jsonl", records))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# build_dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_build_counts_drops_and_supervised_tokens(tmp_path, tokenizer, chats):
+    not_user_first = [
+        {"messages": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hello"},
+                      {"role": "assistant", "content": "How can I help?"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Ready."}]},
+    ]
+    no_assistant = [{"messages": [{"role": "user", "content": "Anyone there?"}]}]
+    source = write_jsonl(tmp_path / "mixed.jsonl", chats + not_user_first + no_assistant)
+
+    dataset, metadata = build_dataset(source, tokenizer, max_length=LONG_ENOUGH, test_size=5, seed=0)
+
+    assert metadata["counts"] == {
+        "loaded": 51, "dropped_not_user_first": 2, "dropped_no_supervised_tokens": 1, "train": 43, "test": 5,
+        "supervised_tokens": {name: sum(label != -100 for labels in dataset[name]["labels"] for label in labels)
+                              for name in ("train", "test")},
+    }
+    assert metadata["counts"]["supervised_tokens"]["train"] > 0
+    assert dataset["train"].column_names == ["input_ids", "labels"]
+    assert metadata["source"] == source
+    assert metadata["split"] == "train"
+    assert metadata["max_length"] == LONG_ENOUGH
+    assert metadata["seed"] == 0
+    assert metadata["test_size"] == 5
+    assert metadata["max_examples"] is None
+    assert metadata["chat_template_sha256"] == hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+
+
+def test_examples_whose_answer_is_cut_off_are_dropped(chats_file, tokenizer, chats):
+    prompt_lengths = [first_supervised_position(tokenize_conversation(chat["messages"], tokenizer, LONG_ENOUGH))
+                      for chat in chats]
+    max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]
+    expected_dropped = sum(length >= max_length for length in prompt_lengths)
+    assert 0 < expected_dropped < len(chats)
+
+    dataset, metadata = build_dataset(chats_file, tokenizer, max_length=max_length, test_size=2, seed=0)
+
+    assert metadata["counts"]["dropped_no_supervised_tokens"] == expected_dropped
+    assert metadata["counts"]["train"] + metadata["counts"]["test"] == len(chats) - expected_dropped
+    for part in dataset.values():
+        assert max(len(ids) for ids in part["input_ids"]) == max_length
+        assert all(any(label != -100 for label in labels) for labels in part["labels"])
+
+
+def test_nothing_left_after_filtering_says_what_to_do(chats_file, tokenizer):
+    with pytest.raises(DataError) as error:
+        build_dataset(chats_file, tokenizer, max_length=5, test_size=2, seed=0)
+    message = str(error.value)
+    assert chats_file in message
+    assert "no example is left" in message
+    assert "48 loaded" in message
+    assert "Raise --max_length" in message
+
+
+def test_split_is_deterministic_by_seed(chats_file, tokenizer):
+    first, _ = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=6, seed=0)
+    again, _ = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=6, seed=0)
+    other, _ = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=6, seed=1)
+
+    assert first["test"]["input_ids"] == again["test"]["input_ids"]
+    assert first["train"]["input_ids"] == again["train"]["input_ids"]
+    assert first["test"]["input_ids"] != other["test"]["input_ids"]
+    assert len(first["train"]) + len(first["test"]) == 48
+    assert not {tuple(ids) for ids in first["test"]["input_ids"]} & {tuple(ids) for ids in first["train"]["input_ids"]}
+
+
+def test_test_size_as_a_fraction(chats_file, tokenizer):
+    dataset, metadata = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=0.25, seed=0)
+    assert (len(dataset["train"]), len(dataset["test"])) == (36, 12)
+    assert metadata["test_size"] == 0.25
+
+
+def test_test_size_larger_than_the_data_is_a_data_error(chats_file, tokenizer):
+    with pytest.raises(DataError, match="test_size=100 needs more examples than the 48"):
+        build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=100, seed=0)
+
+
+def test_max_examples_samples_before_tokenizing(chats_file, tokenizer, chats):
+    dataset, metadata = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=2, seed=0,
+                                      max_examples=10)
+    again, _ = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=2, seed=0, max_examples=10)
+
+    assert (metadata["counts"]["train"], metadata["counts"]["test"]) == (8, 2)
+    assert metadata["counts"]["loaded"] == 48
+    assert dataset["train"]["input_ids"] == again["train"]["input_ids"]
+    every_example = {tuple(tokenize_conversation(chat["messages"], tokenizer, LONG_ENOUGH)["input_ids"])
+                     for chat in chats}
+    assert {tuple(ids) for part in dataset.values() for ids in part["input_ids"]} <= every_example
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving, loading and reusing
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_save_and_load_round_trip(tmp_path, chats_file, tokenizer):
+    dataset, metadata = build_dataset(chats_file, tokenizer, max_length=128, test_size=4, seed=0)
+
+    save_dataset(dataset, metadata, tmp_path / "out")
+    loaded, loaded_metadata = load_dataset_dir(tmp_path / "out")
+
+    assert loaded_metadata == metadata
+    for name in ("train", "test"):
+        assert loaded[name]["input_ids"] == dataset[name]["input_ids"]
+        assert loaded[name]["labels"] == dataset[name]["labels"]
+
+
+def test_load_dataset_dir_without_metadata_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        load_dataset_dir(tmp_path)
+
+
+def test_saved_examples_are_not_padded(tmp_path, chats_file, tokenizer):
+    prepared = prepare_dataset(chats_file, tokenizer, tmp_path / "out", max_length=LONG_ENOUGH, test_size=4, seed=0)
+
+    lengths = [len(ids) for ids in prepared["train"]["input_ids"]]
+    assert len(set(lengths)) > 10
+    assert all(tokenizer.pad_token_id not in ids for ids in prepared["train"]["input_ids"])
+    assert [len(labels) for labels in prepared["train"]["labels"]] == lengths
+
+
+@pytest.fixture
+def counted_builds(monkeypatch):
+    builds = []
+    original = preprocess_dataset.build_dataset
+
+    def counting_build(*args, **kwargs):
+        builds.append(kwargs["max_length"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess_dataset, "build_dataset", counting_build)
+    return builds
+
+
+def test_prepare_reuses_a_matching_folder_and_rebuilds_when_max_length_changes(tmp_path, chats_file, tokenizer,
+                                                                               counted_builds):
+    output_dir = tmp_path / "prepared"
+    settings = dict(test_size=4, seed=0, max_examples=20)
+
+    first = prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, **settings)
+    reused = prepare_dataset(chats_file, tokenizer, str(output_dir), max_length=128, **settings)
+    rebuilt = prepare_dataset(chats_file, tokenizer, output_dir, max_length=96, **settings)
+
+    assert counted_builds == [128, 96]
+    assert reused["train"]["input_ids"] == first["train"]["input_ids"]
+    assert max(len(ids) for ids in rebuilt["train"]["input_ids"]) == 96
+    assert load_dataset_dir(output_dir)[1]["max_length"] == 96
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chats.jsonl", "prepared"]  # no staging folders left
+
+
+def test_prepare_rebuilds_for_a_different_tokenizer(tmp_path, chats_file, tokenizer, counted_builds):
+    output_dir = tmp_path / "prepared"
+    prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, test_size=4, seed=0)
+    llama3 = build_tokenizer("llama3")
+
+    prepared = prepare_dataset(chats_file, llama3, output_dir, max_length=128, test_size=4, seed=0)
+
+    assert len(counted_builds) == 2
+    assert llama3.eos_token_id in prepared["train"]["labels"][0]
+
+
+def test_a_failed_save_leaves_the_previous_dataset_and_no_partial_folder(tmp_path, chats_file, tokenizer,
+                                                                         monkeypatch):
+    output_dir = tmp_path / "prepared"
+    prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, test_size=4, seed=0)
+
+    def save_then_die(dataset, metadata, staging):
+        dataset.save_to_disk(str(staging))
+        raise KeyboardInterrupt  # the run is killed before metadata.json is written
+
+    monkeypatch.setattr(preprocess_dataset, "save_dataset", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(chats_file, tokenizer, output_dir, max_length=96, test_size=4, seed=0)
+
+    assert load_dataset_dir(output_dir)[1]["max_length"] == 128
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chats.jsonl", "prepared"]
+
+
+def test_prepare_refuses_to_replace_a_folder_it_did_not_write(tmp_path, chats_file, tokenizer):
+    output_dir = tmp_path / "notes"
+    output_dir.mkdir()
+    (output_dir / "todo.txt").write_text("keep me")
+
+    with pytest.raises(DataError, match="refusing to replace it"):
+        prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, test_size=4, seed=0)
+    assert (output_dir / "todo.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_command_line_prepares_and_prints_the_counts(tmp_path, chats_file, tokenizer, capsys):
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+
+    main(["--dataset", chats_file, "--tokenizer", str(tmp_path / "tokenizer"), "--output_dir", str(tmp_path / "out"),
+          "--max_length", "128", "--test_size", "0.25", "--seed", "3"])
+
+    dataset, metadata = load_dataset_dir(tmp_path / "out")
+    assert (len(dataset["train"]), len(dataset["test"])) == (36, 12)
+    assert (metadata["max_length"], metadata["seed"], metadata["test_size"]) == (128, 3, 0.25)
+    printed = capsys.readouterr().out
+    assert "train: 36 examples" in printed
+    assert "test: 12 examples" in printed
+    assert f"{metadata['counts']['supervised_tokens']['train']} supervised tokens" in printed

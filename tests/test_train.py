@@ -1,0 +1,144 @@
+"""DistillationTrainer: the loss it trains on, what gets gradients, and invariance to how a step is split."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import build_tiny_llama
+from losses import LossSettings, hybrid_loss_sums, predictor_mask
+from preprocess_dataset import tokenize_conversation
+from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab,
+                   logits_at)
+from trl import SFTConfig
+
+
+@pytest.fixture
+def examples(tokenizer, chats):
+    rows = [tokenize_conversation(chat["messages"], tokenizer, max_length=64) for chat in chats[:8]]
+    return Dataset.from_list([row for row in rows if row is not None])
+
+
+@pytest.fixture
+def batch(tokenizer, examples):
+    return PaddingCollator(tokenizer.pad_token_id)([examples[i] for i in range(4)])
+
+
+def make_trainer(student, teacher, members, tokenizer, dataset, tmp_path, **args):
+    settings = args.pop("settings", LossSettings(alpha=0.5, temperature=2.0))
+    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
+                       remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+                       bf16=False, activation_checkpointing=False, **args)
+    return DistillationTrainer(student, teacher, members, settings, len(tokenizer), config, dataset, tokenizer)
+
+
+def test_collator_pads_right_and_masks_padding(tokenizer, examples):
+    batch = PaddingCollator(tokenizer.pad_token_id)([examples[0], examples[1]])
+    lengths = [len(examples[0]["input_ids"]), len(examples[1]["input_ids"])]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (batch["labels"][row, n:] == -100).all()
+        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+
+
+def test_selected_head_logits_equal_the_full_forward(tokenizer, batch):
+    model = build_tiny_llama(tokenizer, vocab_size=len(tokenizer) + 8)  # padded embedding rows, as in Qwen2.5
+    positions = predictor_mask(batch["labels"])
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        selected = logits_at(model, batch["input_ids"], batch["attention_mask"], positions, len(tokenizer))
+    assert selected.shape == (positions.sum().item(), len(tokenizer))
+    torch.testing.assert_close(selected, full[positions][:, : len(tokenizer)], atol=1e-5, rtol=1e-5)
+    check_logits_at(model, len(tokenizer))  # passes for a known architecture
+
+
+def test_logits_are_cut_to_the_vocabulary_and_never_padded():
+    logits = torch.randn(3, 12)
+    assert cut_to_vocab(logits, 10).shape == (3, 10)
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        cut_to_vocab(logits, 13)
+
+
+def test_with_members_only_the_student_gets_gradients(tokenizer, examples, batch, tmp_path):
+    teacher = build_tiny_llama(tokenizer, seed=1, hidden_size=48)
+    members = [build_tiny_llama(tokenizer, seed=2), build_tiny_llama(tokenizer, seed=3)]
+    student = build_tiny_llama(tokenizer, seed=4).train()
+    trainer = make_trainer(student, teacher, members, tokenizer, examples, tmp_path)
+    loss = trainer.compute_loss(student, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None and not p.requires_grad for m in [teacher, *members] for p in m.parameters())
+    assert not teacher.training and not any(m.training for m in members)
+
+
+def test_trainer_loss_is_the_hybrid_loss_per_supervised_token(tokenizer, examples, batch, tmp_path):
+    teacher, member, student = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
+    trainer = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path)
+    positions = predictor_mask(batch["labels"])
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, batch)
+        full = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[positions]
+                for m in (student, teacher, member)]
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    expected = hybrid_loss_sums(full[0], full[1], [full[2]], targets, trainer.settings)
+    assert loss.item() == pytest.approx(expected.total.item() / targets.numel(), rel=1e-5)
+
+
+def test_unsupervised_positions_contribute_nothing(tokenizer, examples, batch, tmp_path):
+    teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path)
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, batch)
+        # Tokens after each sequence's last supervised position cannot influence supervised positions (causal
+        # attention), and their own predictions are masked: rewriting them must leave the loss unchanged.
+        changed = {k: v.clone() for k, v in batch.items()}
+        for row in range(len(changed["labels"])):
+            supervised = (changed["labels"][row] != -100).nonzero().flatten()
+            last = supervised.max().item() if len(supervised) else 0
+            changed["input_ids"][row, last + 1:] = 7
+            changed["labels"][row, last + 1:] = -100
+        changed_loss = trainer.compute_loss(student, changed)
+    assert changed_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def train_one_step(tokenizer, dataset, tmp_path, batch_size, grad_accum):
+    teacher = build_tiny_llama(tokenizer, seed=1, hidden_size=48)
+    member = build_tiny_llama(tokenizer, seed=2)
+    student = build_tiny_llama(tokenizer, seed=3).train()
+    start = copy.deepcopy(student.state_dict())
+    trainer = make_trainer(student, teacher, [member], tokenizer, dataset, tmp_path / f"{batch_size}x{grad_accum}",
+                           per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                           max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+                           max_grad_norm=1e9, seed=0, data_seed=0, logging_steps=1)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "hybrid" in entry)
+    update = {k: student.state_dict()[k] - start[k] for k in start}
+    return logged, update
+
+
+def test_one_micro_batch_of_8_equals_8_micro_batches_of_1(tokenizer, examples, tmp_path):
+    dataset = examples.select(range(8))
+    logged_a, update_a = train_one_step(tokenizer, dataset, tmp_path, batch_size=8, grad_accum=1)
+    logged_b, update_b = train_one_step(tokenizer, dataset, tmp_path, batch_size=1, grad_accum=8)
+    assert logged_a["hybrid"] == pytest.approx(logged_b["hybrid"], rel=1e-5)
+    assert logged_a["kl"] == pytest.approx(logged_b["kl"], rel=1e-5)
+    assert logged_a["nll"] == pytest.approx(logged_b["nll"], rel=1e-5)
+    for key in update_a:  # with SGD at lr 1 the update is minus the gradient
+        torch.testing.assert_close(update_a[key], update_b[key], atol=1e-5, rtol=1e-4)
+    assert any(update_a[key].abs().sum() > 0 for key in update_a)
+
+
+def test_training_log_rows_reach_the_csv(tokenizer, examples, tmp_path):
+    teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    callback = CsvTrainLogCallback(tmp_path / "train_log.csv", round_index=0)
+    trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
+                           max_steps=4, logging_steps=2, learning_rate=1e-3)
+    trainer.add_callback(callback)
+    trainer.train()
+    lines = (tmp_path / "train_log.csv").read_text().strip().splitlines()
+    assert lines[0] == "round,step,hybrid,kl,nll,learning_rate,grad_norm,epoch"
+    assert [line.split(",")[1] for line in lines[1:]] == ["2", "4"]
+    hybrid, kl, nll = (float(v) for v in lines[1].split(",")[2:5])
+    assert hybrid == pytest.approx(0.5 * 4.0 * kl + 0.5 * nll, rel=1e-4)  # alpha 0.5, T = 2

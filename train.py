@@ -1,0 +1,196 @@
+"""DistillationTrainer: TRL's SFTTrainer, with the hybrid loss computed through the frozen ensemble.
+
+The trainer keeps everything the Trainer gives (optimizer, scheduler, accelerate devices and processes, gradient
+accumulation, clipping, logging, callbacks, progress bar) and replaces only the loss: see losses.py. Logits are
+computed only at supervised positions (hidden states selected before the output head), so a batch never holds
+(batch x length x vocabulary) logits for the prompt tokens.
+"""
+
+import csv
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from losses import IGNORE_INDEX, LossSettings, hybrid_loss_sums, next_token_targets, predictor_mask
+
+
+class PaddingCollator:
+    """Pads a list of {"input_ids", "labels"} examples on the right, to the longest in the batch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
+            labels[row, :n] = torch.as_tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def cut_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Drop logit columns beyond the tokenizer's vocabulary (padded embedding rows), never pad with zeros."""
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"a model produces {logits.shape[-1]} logits but the tokenizer has {vocab_size} tokens: "
+                         "teacher and students must share one tokenizer")
+    return logits[..., :vocab_size]
+
+
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+              vocab_size: int) -> torch.Tensor:
+    """The model's logits [N, vocab_size] at the True entries of `positions` [B, L] only.
+
+    The body runs on the whole batch; the output head only on the selected hidden states, which saves the head's
+    compute and the logits memory for every unsupervised position.
+    """
+    device = next(model.parameters()).device
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              use_cache=False).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[positions.to(device)])
+    return cut_to_vocab(apply_logit_transforms(model.config, logits), vocab_size)
+
+
+def apply_logit_transforms(config, logits: torch.Tensor) -> torch.Tensor:
+    """What some architectures do to the head's output inside forward (Cohere scales, Gemma soft-caps)."""
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def check_logits_at(model, vocab_size: int) -> None:
+    """Refuse a model for which the selected-head path differs from its own forward (an unknown output transform)."""
+    probe = torch.arange(1, 9).unsqueeze(0) % vocab_size
+    mask = torch.ones_like(probe, dtype=torch.bool)
+    with torch.no_grad():
+        full = cut_to_vocab(model(input_ids=probe.to(model.device)).logits[0], vocab_size).float()
+        selected = logits_at(model, probe, torch.ones_like(probe), mask, vocab_size).float()
+    if not torch.allclose(full, selected, atol=1e-3, rtol=1e-3):
+        raise ValueError(f"{type(model).__name__}: logits from its hidden states and output head differ from its "
+                         "forward's; this architecture applies an output transform the trainer does not know")
+
+
+class DistillationTrainer(SFTTrainer):
+    """Trains one student through the frozen ensemble of earlier members towards the teacher.
+
+    `teacher` may be None when alpha = 0 (pure next-token loss). `members` are the frozen earlier students.
+    """
+
+    def __init__(self, model, teacher, members: list, settings: LossSettings, vocab_size: int, args: SFTConfig,
+                 train_dataset, processing_class, callbacks=None):
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         data_collator=PaddingCollator(processing_class.pad_token_id), callbacks=callbacks)
+        self.settings = settings
+        self.vocab_size = vocab_size
+        self.teacher = self.freeze(teacher) if settings.alpha > 0 else None
+        self.members = [self.freeze(member) for member in members]
+        # Our loss is already normalised by the optimizer step's supervised-token count (num_items_in_batch):
+        # the Trainer must neither divide it by the accumulation steps nor skip counting the tokens.
+        self.loss_is_scaled_for_ga = True
+        self.model_accepts_loss_kwargs = True
+        self._logged_sums = {"kl": 0.0, "nll": 0.0}
+        self._last_logged_step = 0
+
+    def freeze(self, model):
+        model.eval().requires_grad_(False)
+        if next(model.parameters()).device.type != self.accelerator.device.type:
+            model.to(self.accelerator.device)
+        return model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        positions = predictor_mask(labels)
+        targets = next_token_targets(labels).to(self.accelerator.device)
+        args = (inputs["input_ids"], inputs["attention_mask"], positions, self.vocab_size)
+        student_logits = logits_at(model, *args)
+        with torch.no_grad():
+            teacher_logits = logits_at(self.teacher, *args) if self.teacher is not None else None
+            member_logits = [logits_at(member, *args).to(student_logits.device) for member in self.members]
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.to(student_logits.device)
+        sums = hybrid_loss_sums(student_logits, teacher_logits, member_logits, targets, self.settings)
+
+        num_tokens = num_items_in_batch if num_items_in_batch is not None else sums.num_tokens
+        num_tokens = torch.as_tensor(num_tokens, device=student_logits.device).clamp(min=1)
+        loss = sums.total / num_tokens
+        scale = 1.0
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens, and DDP averages gradients across processes.
+            scale = self.accelerator.num_processes
+            loss = loss * scale
+        if model.training:
+            self._logged_sums["kl"] += (sums.divergence / num_tokens * scale).item()
+            self._logged_sums["nll"] += (sums.nll / num_tokens * scale).item()
+        return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add the loss's parts, averaged over the optimizer steps since the last log, to training logs."""
+        steps = self.state.global_step - self._last_logged_step
+        if "loss" in logs and steps > 0:
+            for key, total in self._logged_sums.items():
+                value = torch.tensor(total / steps, device=self.accelerator.device)
+                logs[key] = round(self.accelerator.reduce(value, reduction="mean").item(), 6)
+            logs["hybrid"] = logs["loss"]
+            self._logged_sums = dict.fromkeys(self._logged_sums, 0.0)
+            self._last_logged_step = self.state.global_step
+        # SFTTrainer.log adds its own token metrics, which our compute_loss does not collect.
+        super(SFTTrainer, self).log(logs, start_time)
+
+
+TRAIN_LOG_COLUMNS = ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm", "epoch"]
+
+
+class CsvTrainLogCallback(TrainerCallback):
+    """Appends one row per training log (hybrid, KL, NLL, learning rate, grad norm) to a CSV file."""
+
+    def __init__(self, path: str | Path, round_index: int):
+        self.path = Path(path)
+        self.round_index = round_index
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "hybrid" not in logs:
+            return
+        row = {"round": self.round_index, "step": state.global_step, **{k: logs.get(k) for k in TRAIN_LOG_COLUMNS[2:]}}
+        write_header = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=TRAIN_LOG_COLUMNS)
+            if write_header:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu: bool, bf16: bool) -> SFTConfig:
+    """The Trainer settings for one round, from the run config."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=config.steps_per_round,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=round(config.warmup_ratio * config.steps_per_round),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        seed=config.seed + round_index,  # each round's student sees its own data order
+        data_seed=config.seed + round_index,
+        bf16=bf16,  # SFTConfig defaults to bf16 even on CPU: always say which
+        activation_checkpointing=config.gradient_checkpointing,
+        use_cpu=use_cpu,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # examples are truncated at preprocessing time
+        average_tokens_across_devices=True,
+    )

@@ -1,0 +1,175 @@
+"""Helpers shared by the scripts: devices and dtypes, model and tokenizer loading, students, run folders, CSV rows."""
+
+import csv
+import datetime
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student do not share a tokenizer, so their logits cannot be compared position by position."""
+
+
+# --- devices and dtypes -------------------------------------------------------------------------------------------
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config key 'device' = 'cuda' but no CUDA GPU is visible: use --device cpu or auto")
+    return torch.device(name)
+
+
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of frozen models (teacher, members): bf16 where the GPU supports it under auto, else fp32."""
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    return getattr(torch, name)
+
+
+def use_bf16_autocast(name: str, device: torch.device) -> bool:
+    """Students keep fp32 master weights and train under bf16 autocast when frozen models run in bf16."""
+    return frozen_dtype(name, device) == torch.bfloat16
+
+
+# --- models and tokenizers ----------------------------------------------------------------------------------------
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of every loss anyway
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer of {name!r} has no chat template; use an instruct/chat model's tokenizer")
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A causal LM from a hub name or a folder, from safetensors only (no pickle)."""
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
+    """Refuse students whose tokenizer differs from the teacher's (padded embedding rows are fine: see cut_to_vocab)."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))[:3]
+        raise TokenizerMismatchError(
+            f"teacher {teacher_name!r} ({len(teacher_vocab)} tokens) and student {student_name!r} "
+            f"({len(student_vocab)} tokens) have different tokenizers (e.g. {differing}); pick a student from the "
+            "teacher's model family")
+
+
+def check_vocab_fits(model, vocab_size: int, name: str) -> None:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise TokenizerMismatchError(f"model {name!r} has {rows} output rows but the tokenizer has {vocab_size} "
+                                     "tokens: it was not trained with this tokenizer")
+
+
+def count_parameters(model) -> int:
+    """Distinct parameters (a tied head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- students -----------------------------------------------------------------------------------------------------
+
+def build_student(config, teacher, tokenizer, round_index: int):
+    """A fresh student for `round_index`; later rounds differ by seed (and by copied layers), so members differ."""
+    torch.manual_seed(config.seed + round_index)
+    if config.student_init == "pretrained":
+        return load_causal_lm(config.student_model, torch.float32, config.trust_remote_code)
+    if config.student_init == "random":
+        return random_student(config, teacher, tokenizer)
+    return teacher_layers_student(teacher, student_layer_indices(config, round_index,
+                                                                 teacher.config.num_hidden_layers))
+
+
+def random_student(config, teacher, tokenizer):
+    """A small randomly initialised model of the teacher's architecture and vocabulary."""
+    student_config = AutoConfig.for_model(
+        teacher.config.model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=config.student_hidden_size,
+        num_hidden_layers=config.student_num_layers,
+        num_attention_heads=config.student_num_heads,
+        num_key_value_heads=config.student_num_kv_heads,
+        intermediate_size=config.student_intermediate_size,
+        max_position_embeddings=max(config.max_length, 128),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+
+
+def student_layer_indices(config, round_index: int, num_teacher_layers: int) -> list[int]:
+    """The teacher layers a round's student copies: the configured ones, the inner ones shifted by round*shift.
+
+    The first and last configured layers stay fixed (they matter most for embeddings and head); inner layers are
+    shifted so members start from different sub-networks.
+    """
+    layers = list(config.teacher_layers)
+    if any(not 0 <= i < num_teacher_layers for i in layers):
+        raise ValueError(f"config key 'teacher_layers' = {layers} has indices outside the teacher's "
+                         f"{num_teacher_layers} layers")
+    shift = round_index * config.teacher_layers_shift
+    inner = [min(max(i + shift, layers[0] + 1), layers[-1] - 1) for i in layers[1:-1]]
+    shifted = [layers[0], *inner, layers[-1]] if len(layers) > 1 else layers
+    return sorted(set(shifted))
+
+
+def teacher_layers_student(teacher, layers: list[int]):
+    """A student of the teacher's architecture with its embeddings, final norm, head and a subset of its layers."""
+    student_config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    student_config.num_hidden_layers = len(layers)
+    if getattr(student_config, "layer_types", None) is not None:
+        student_config.layer_types = [teacher.config.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+    teacher_state = teacher.state_dict()
+    student_state = {}
+    for key in student.state_dict():
+        source_key = key
+        parts = key.split(".")
+        if "layers" in parts:
+            position = parts.index("layers") + 1
+            parts[position] = str(layers[int(parts[position])])
+            source_key = ".".join(parts)
+        student_state[key] = teacher_state[source_key].detach().to(torch.float32)
+    student.load_state_dict(student_state)
+    return student
+
+
+# --- run folders and CSV rows -------------------------------------------------------------------------------------
+
+def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> Path:
+    """Create and return output_root/YYYY-MM-DD/run_N with the next free N (never reuses an existing folder)."""
+    day_dir = Path(output_root) / (today or datetime.date.today()).isoformat()
+    day_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[4:]) for p in day_dir.glob("run_*") if p.name[4:].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        run_dir = day_dir / f"run_{number}"
+        try:
+            run_dir.mkdir()  # atomic: two runs starting together cannot get the same folder
+            return run_dir
+        except FileExistsError:
+            number += 1
+
+
+def append_csv_rows(path: str | Path, rows: list[dict], columns: list[str]) -> None:
+    """Append rows with a fixed schema; the header is written with the first row. Flushed to disk before return."""
+    path = Path(path)
+    write_header = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+        if write_header:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
