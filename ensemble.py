@@ -1,15 +1,28 @@
 """ModelEnsemble: a frozen set of causal LMs that predicts with the combination of its members' logits.
 
 The same `combine_logits` primitive is used by training (the loss through the mixture), evaluation and generation,
-so all three agree on what "the ensemble" means.
+so all three agree on what "the ensemble" means. `ModelEnsemble` is a Hugging Face model: `generate` works on it, and
+`save_pretrained` stores each member as a standalone model folder.
 """
 
+import copy
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 COMBINE_MODES = ("logits", "probs")
+IGNORE_INDEX = -100  # label of positions excluded from the loss, as in Hugging Face models
 
 
 def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits") -> torch.Tensor:
@@ -30,3 +43,264 @@ def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits") -> torc
         log_probs = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in logits])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
     raise ValueError(f"unknown ensemble combine mode {mode!r}: use one of {COMBINE_MODES}")
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of labels[:, t + 1] under logits[:, t], over positions not labelled IGNORE_INDEX."""
+    predictions = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = labels[:, 1:].to(logits.device).reshape(-1)
+    return F.cross_entropy(predictions, targets, ignore_index=IGNORE_INDEX)
+
+
+class EnsembleConfig(PreTrainedConfig):
+    """Configuration of a ModelEnsemble: where its members are saved, and how their predictions are combined.
+
+    - member_subfolders: one folder per member, relative to the ensemble's folder, each a standalone Hugging Face model.
+    - combine: one of COMBINE_MODES (see `combine_logits`).
+    - vocab_size: the shared tokenizer's vocabulary. Members' logits are cut to it, because real models pad their
+      embedding matrices to different sizes (Qwen2.5-7B has 152,064 rows, Qwen2.5-0.5B 151,936). None: no cut, and
+      all members must then produce logits of the same width.
+    """
+
+    model_type = "slm_ensemble"
+
+    member_subfolders: list[str] = field(default_factory=list)
+    combine: str = "logits"
+    vocab_size: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"unknown ensemble combine mode {self.combine!r}: use one of {COMBINE_MODES}")
+        super().__post_init__(**kwargs)
+
+
+class EnsembleCache(Cache):
+    """The KV caches of an ensemble's members, one per member: each member reads and extends only its own.
+
+    Generation's bookkeeping (sequence length, cropping, beam reordering, ...) acts on the concatenation of the
+    members' cache layers, so the inherited `Cache` methods apply to every member's cache at once.
+    """
+
+    def __init__(self, member_caches: Sequence[Cache]):
+        # `Cache.__init__` is not called: this cache owns no layers, `layers` is a view of the members' layers.
+        self.member_caches = list(member_caches)
+
+    @classmethod
+    def for_members(cls, members: Sequence[PreTrainedModel]) -> "EnsembleCache":
+        """Empty dynamic caches, each laid out for its member's own architecture."""
+        return cls([DynamicCache(config=member.config) for member in members])
+
+    @property
+    def layers(self) -> list:
+        """All members' cache layers, member after member."""
+        return [layer for cache in self.member_caches for layer in cache.layers]
+
+    @property
+    def is_compileable(self) -> bool:
+        # For a compileable cache, `prepare_inputs_for_generation` builds one 4D attention mask from the ensemble's
+        # config; members have architectures of their own and must each build their mask from the 2D one.
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(member_caches={self.member_caches})"
+
+
+class ModelEnsemble(PreTrainedModel, GenerationMixin):
+    """A frozen ensemble of causal LMs that predicts with `combine_logits` of its members' logits.
+
+    Members may be any `AutoModelForCausalLM` sharing one tokenizer, each on its own device: inputs are moved to each
+    member, logits come back to the first member's device (the ensemble's `device`). `generate` works as for any
+    Hugging Face model; every member keeps its own KV cache (an `EnsembleCache`).
+    """
+
+    config_class = EnsembleConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: EnsembleConfig, members: Sequence[PreTrainedModel] | None = None):
+        super().__init__(config)
+        members = list(members or [])
+        if len(members) != len(config.member_subfolders):
+            raise ValueError(
+                f"{len(members)} members given for {len(config.member_subfolders)} subfolders in the config"
+            )
+        self.members = nn.ModuleList()
+        for member in members:
+            self._attach(member)
+        # No `post_init()`: the ensemble has no weights of its own to initialise or tie, and its members were
+        # initialised (or loaded) on their own.
+
+    @classmethod
+    def from_members(
+        cls, members: Sequence[PreTrainedModel], combine: str = "logits", vocab_size: int | None = None
+    ) -> "ModelEnsemble":
+        """An ensemble of the given models, saved later in subfolders member_0, member_1, ..."""
+        ensemble = cls(EnsembleConfig(combine=combine, vocab_size=vocab_size))
+        for member in members:
+            ensemble.add_model(member)
+        return ensemble
+
+    def add_model(self, model: PreTrainedModel) -> None:
+        """Append a member (frozen, in eval mode), saved later in the next `member_<i>` subfolder."""
+        self._attach(model)
+        self.config.member_subfolders.append(f"member_{len(self) - 1}")
+
+    def _attach(self, member: PreTrainedModel) -> None:
+        member.requires_grad_(False)
+        member.eval()
+        if not self.members:
+            # Generation defaults (special tokens, sampling settings) follow the first member, so that an ensemble
+            # generates like its members do.
+            self.generation_config = copy.deepcopy(member.generation_config)
+        self.members.append(member)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def train(self, mode: bool = True) -> "ModelEnsemble":
+        """Stay in eval mode whatever `mode` asks: the ensemble is a frozen inference object (no dropout, ever)."""
+        return super().train(False)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: EnsembleCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **member_kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Combined logits of all members (fp32, cut to `config.vocab_size`) and, with `labels`, their next-token NLL.
+
+        `cache` (alias `past_key_values`) is an `EnsembleCache`; with `use_cache` and no cache, a new one is started.
+        `use_cache` defaults to whether a cache was passed: a plain forward (training, evaluation) builds no cache.
+        Other keyword arguments go to every member's forward.
+        """
+        if use_cache is None:
+            use_cache = cache is not None
+        if use_cache and cache is None:
+            cache = EnsembleCache.for_members(self.members)
+        logits = self.member_logits(
+            input_ids, attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **member_kwargs,
+        )
+        combined = combine_logits(logits, self.config.combine)
+        loss = next_token_nll(combined, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=combined, cache=cache)
+
+    def member_logits(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: EnsembleCache | None = None,
+        **member_kwargs,
+    ) -> list[torch.Tensor]:
+        """Each member's logits, cut to `config.vocab_size`, on the first member's device.
+
+        Other keyword arguments (e.g. `position_ids`) go to every member's forward.
+        """
+        if cache is not None and not isinstance(cache, EnsembleCache):
+            raise TypeError(f"an ensemble needs an EnsembleCache (one cache per member), got {type(cache).__name__}")
+        member_caches = cache.member_caches if cache is not None else [None] * len(self)
+        logits = [
+            self._cut_to_vocab(self._run_member(member, member_cache, input_ids, attention_mask, **member_kwargs))
+            for member, member_cache in zip(self.members, member_caches, strict=True)
+        ]
+        widths = {z.shape[-1] for z in logits}
+        if len(widths) > 1:
+            raise ValueError(f"members' logits have different widths {sorted(widths)}: set the config's vocab_size")
+        return logits
+
+    def _run_member(
+        self,
+        member: PreTrainedModel,
+        member_cache: Cache | None,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None = None,
+        **member_kwargs,
+    ) -> torch.Tensor:
+        """One member's logits, computed on its own device and brought back to the ensemble's device."""
+        device = member.device
+        output = member(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device) if attention_mask is not None else None,
+            position_ids=position_ids.to(device) if position_ids is not None else None,
+            cache=member_cache,
+            return_dict=True,
+            **member_kwargs,
+        )
+        return output.logits.to(self.device)
+
+    def _cut_to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        vocab_size = self.config.vocab_size
+        if vocab_size is None:
+            return logits
+        if logits.shape[-1] < vocab_size:
+            raise ValueError(
+                f"a member's logits are {logits.shape[-1]} wide, narrower than the vocabulary ({vocab_size})"
+            )
+        return logits[..., :vocab_size]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # `generate` must not start a single DynamicCache laid out from the ensemble's config: `forward` starts an
+        # EnsembleCache (one cache per member) itself.
+        return False
+
+    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, **member_save_kwargs) -> None:
+        """Save each member as a standalone Hugging Face model in its subfolder, then the ensemble's configs.
+
+        Keyword arguments (e.g. `max_shard_size`) go to every member's `save_pretrained`.
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        for member, subfolder in zip(self.members, self.config.member_subfolders, strict=True):
+            member.save_pretrained(save_directory / subfolder, **member_save_kwargs)
+        self.save_configs(save_directory, tokenizer)
+
+    def save_configs(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
+        """Write the ensemble's own files (config, generation config, tokenizer), for members saved already.
+
+        Training saves each member once, when its round ends; this completes the folder without rewriting them.
+        """
+        missing = [s for s in self.config.member_subfolders if not (Path(save_directory) / s / "config.json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{save_directory}: member folder(s) {missing} are not saved yet")
+        self.config.save_pretrained(save_directory)
+        self.generation_config.save_pretrained(save_directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, device_map=None, **member_load_kwargs
+    ) -> "ModelEnsemble":
+        """Load an ensemble saved by `save_pretrained`, each member with `AutoModelForCausalLM.from_pretrained`.
+
+        `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU each). Other
+        keyword arguments (e.g. `dtype`) go to every member's `from_pretrained`.
+        """
+        config = EnsembleConfig.from_pretrained(pretrained_model_name_or_path)
+        device_maps = _one_per_member(device_map, len(config.member_subfolders))
+        members = [
+            AutoModelForCausalLM.from_pretrained(
+                pretrained_model_name_or_path, subfolder=subfolder, device_map=member_device_map, **member_load_kwargs
+            )
+            for subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
+        ]
+        ensemble = cls(config, members)
+        ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
+        return ensemble
+
+
+def _one_per_member(device_map, member_count: int) -> list:
+    """A list of `member_count` device maps: the given list, or one shared device map repeated."""
+    if not isinstance(device_map, (list, tuple)):
+        return [device_map] * member_count
+    if len(device_map) != member_count:
+        raise ValueError(f"{len(device_map)} device maps given for {member_count} members")
+    return list(device_map)

@@ -32,7 +32,7 @@ import config as config_lib
 import embedded
 import preprocess_dataset
 import utils
-from ensemble import EnsembleConfig
+from ensemble import ModelEnsemble
 from evaluation import evaluate
 from losses import LossSettings
 from train import CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, training_arguments
@@ -196,10 +196,9 @@ def main(argv=None) -> int:
         names = {"student": [student], "ensemble": members}
         results = evaluate_and_record(round_index, names, {"student": 1, "ensemble": len(members)})
         if state.is_main_process:
-            manifest["members"].append(str(Path("ensemble") / member_subfolder))
             # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
-            EnsembleConfig(member_subfolders=[Path(m).name for m in manifest["members"]], combine=config.combine,
-                           vocab_size=vocab_size).save_pretrained(ensemble_dir)
+            ModelEnsemble.from_members(members, config.combine, vocab_size).save_configs(ensemble_dir, tokenizer)
+            manifest["members"].append(str(Path("ensemble") / member_subfolder))
             manifest["rounds_done"].append(round_index)
             write_manifest(run_dir, manifest)
         print(f"round {round_index}: student ce {results['student']['ce']:.4f}, "

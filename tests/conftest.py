@@ -4,6 +4,7 @@ Everything here is built in-process from a config, so the suite needs no model h
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 DATA_DIR = Path(__file__).parent / "data"
+
+# The suite never reaches a model or dataset hub: anything that tries fails at once instead of hanging.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 # Chat templates of the three families the preprocessing must handle. None of them has
 # `{% generation %}` markers, which is the point: assistant spans are derived without them.
@@ -95,3 +100,17 @@ def tokenizer():
 @pytest.fixture
 def tiny_llama(tokenizer):
     return build_tiny_llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """One cache folder for the session's embedded assets (the teacher conversion takes ~20 s)."""
+    return tmp_path_factory.mktemp("embedded_cache")
+
+
+@pytest.fixture(scope="session")
+def embedded_teacher_dir(embedded_cache):
+    import embedded
+    from config import EMBEDDED_TEACHER
+
+    return Path(embedded.resolve_teacher(EMBEDDED_TEACHER, embedded_cache))

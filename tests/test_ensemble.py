@@ -1,0 +1,346 @@
+"""Tests of the ensemble: the combine primitive, forward and loss, vocabulary cutting, freezing, save/load, generate."""
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+from ensemble import EnsembleCache, EnsembleConfig, ModelEnsemble, combine_logits
+
+PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
+
+
+def build_member(tokenizer, seed, vocab_size=None):
+    """A tiny Llama with large random weights.
+
+    At the default initialisation a tiny tied-embedding Llama mostly predicts its input token again, so every member
+    (and every ensemble) decodes the same repetitive text; large weights make members disagree and texts vary.
+    """
+    model = build_tiny_llama(tokenizer, seed=seed, vocab_size=vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture
+def members(tokenizer):
+    """Three members, the second with an embedding matrix padded beyond the tokenizer's vocabulary."""
+    return [build_member(tokenizer, 0), build_member(tokenizer, 1, vocab_size=len(tokenizer) + 8),
+            build_member(tokenizer, 2)]
+
+
+@pytest.fixture
+def prompt_ids(tokenizer):
+    return tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+
+
+def new_tokens(sequences, prompt_ids):
+    return sequences[:, prompt_ids.shape[1]:]
+
+
+def slow_greedy_decode(members, input_ids, steps, mode, vocab_size):
+    """Greedy decoding without any cache: every member reruns on the whole sequence at every step."""
+    ids = input_ids
+    for _ in range(steps):
+        last_logits = [member(ids, use_cache=False).logits[:, -1, :vocab_size] for member in members]
+        next_token = combine_logits(last_logits, mode).argmax(dim=-1, keepdim=True)
+        ids = torch.cat([ids, next_token], dim=-1)
+    return ids
+
+
+# --- combine_logits -----------------------------------------------------------------------------------------------
+
+
+def test_combine_logits_mode_logits_is_the_mean_of_logits():
+    a = torch.tensor([[1.0, 2.0, 3.0]])
+    b = torch.tensor([[3.0, 0.0, -1.0]])
+    combined = combine_logits([a, b], "logits")
+    torch.testing.assert_close(combined, torch.tensor([[2.0, 1.0, 1.0]]))
+
+
+def test_combine_logits_mode_probs_gives_the_mean_of_probabilities():
+    a = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    b = torch.tensor([[3.0, 0.0, -1.0], [2.0, 2.0, 2.0]])
+    combined = combine_logits([a, b], "probs")
+    expected = (a.softmax(-1) + b.softmax(-1)) / 2
+    torch.testing.assert_close(combined.softmax(-1), expected)
+    # The result is already normalised: log-probabilities, not merely logits.
+    torch.testing.assert_close(combined.exp().sum(-1), torch.ones(2))
+    # Hand-computed first entry: log((e^1/(e^1+e^2+e^3) + e^3/(e^3+1+e^-1)) / 2).
+    first = math.log((math.e / (math.e + math.e**2 + math.e**3) + math.e**3 / (math.e**3 + 1 + math.exp(-1))) / 2)
+    assert combined[0, 0].item() == pytest.approx(first, rel=1e-5)
+
+
+def test_combine_logits_returns_fp32_and_rejects_bad_input():
+    half = [torch.ones(1, 3, dtype=torch.bfloat16)]
+    assert combine_logits(half, "logits").dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown ensemble combine mode"):
+        combine_logits(half, "median")
+    with pytest.raises(ValueError, match="at least one"):
+        combine_logits([], "logits")
+
+
+def test_config_rejects_unknown_combine_mode():
+    with pytest.raises(ValueError, match="unknown ensemble combine mode"):
+        EnsembleConfig(combine="vote")
+
+
+# --- forward and loss ---------------------------------------------------------------------------------------------
+
+
+def test_one_member_ensemble_forward_equals_the_member(tokenizer, tiny_llama, prompt_ids):
+    ensemble = ModelEnsemble.from_members([tiny_llama], vocab_size=len(tokenizer))
+    output = ensemble(prompt_ids)
+    torch.testing.assert_close(output.logits, tiny_llama(prompt_ids).logits, rtol=0, atol=0)
+    assert output.loss is None
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_forward_combines_members_logits(tokenizer, members, prompt_ids, mode):
+    vocab_size = len(tokenizer)
+    ensemble = ModelEnsemble.from_members(members, combine=mode, vocab_size=vocab_size)
+    expected = combine_logits([member(prompt_ids).logits[..., :vocab_size] for member in members], mode)
+    torch.testing.assert_close(ensemble(prompt_ids).logits, expected)
+
+
+def test_loss_is_the_masked_next_token_nll_of_the_mean_logits(tokenizer, members):
+    vocab_size = len(tokenizer)
+    ensemble = ModelEnsemble.from_members(members[:2], vocab_size=vocab_size)
+    input_ids = torch.tensor([[5, 17, 42, 99, 7, 13], [8, 8, 120, 3, 64, 2]])
+    labels = input_ids.clone()
+    labels[0, :3] = -100  # a prompt: not trained on
+    labels[1, 4] = -100
+    output = ensemble(input_ids, labels=labels)
+
+    mean_logits = (members[0](input_ids).logits[..., :vocab_size] + members[1](input_ids).logits[..., :vocab_size]) / 2
+    nlls = [
+        -torch.log_softmax(mean_logits[row, t], dim=-1)[labels[row, t + 1]]
+        for row in range(2) for t in range(5) if labels[row, t + 1] != -100
+    ]
+    assert len(nlls) == 7
+    torch.testing.assert_close(output.loss, torch.stack(nlls).mean())
+
+
+def test_position_ids_reach_the_members_so_packed_sequences_stay_apart(tokenizer, members):
+    first, second = (tokenizer(prompt).input_ids for prompt in PROMPTS)
+    packed = torch.tensor([first + second])
+    position_ids = torch.tensor([list(range(len(first))) + list(range(len(second)))])
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    logits = ensemble(packed, position_ids=position_ids).logits
+    torch.testing.assert_close(logits[:, len(first):], ensemble(torch.tensor([second])).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_continues_from_its_cache(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, combine="probs", vocab_size=len(tokenizer))
+    full = ensemble(prompt_ids).logits
+    prefix = ensemble(prompt_ids[:, :-2], use_cache=True)
+    assert isinstance(prefix.cache, EnsembleCache)
+    continued = ensemble(prompt_ids[:, -2:], cache=prefix.cache)
+    torch.testing.assert_close(continued.logits, full[:, -2:], rtol=1e-4, atol=1e-4)
+    assert [c.get_seq_length() for c in prefix.cache.member_caches] == [prompt_ids.shape[1]] * 3
+    # `past_key_values`, the older name of `cache`, is still accepted (transformers deprecates it, as for any model).
+    prefix = ensemble(prompt_ids[:, :-2], use_cache=True)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        continued_by_old_name = ensemble(prompt_ids[:, -2:], past_key_values=prefix.cache)
+    torch.testing.assert_close(continued_by_old_name.logits, continued.logits)
+
+
+def test_forward_rejects_a_cache_not_split_by_member(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    with pytest.raises(TypeError, match="EnsembleCache"):
+        ensemble(prompt_ids, cache=DynamicCache())
+
+
+def test_plain_forward_builds_no_cache(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    assert ensemble(prompt_ids).cache is None
+
+
+# --- vocabulary -----------------------------------------------------------------------------------------------------
+
+
+def test_padded_member_logits_are_cut_to_the_vocabulary(tokenizer, members, prompt_ids):
+    vocab_size = len(tokenizer)
+    padded = members[1]
+    assert padded(prompt_ids).logits.shape[-1] == vocab_size + 8
+    ensemble = ModelEnsemble.from_members([padded], vocab_size=vocab_size)
+    (cut,) = ensemble.member_logits(prompt_ids)
+    assert cut.shape == (1, prompt_ids.shape[1], vocab_size)
+    torch.testing.assert_close(ensemble(prompt_ids).logits, padded(prompt_ids).logits[..., :vocab_size])
+
+
+def test_members_narrower_than_the_vocabulary_are_an_error(tokenizer, tiny_llama, prompt_ids):
+    ensemble = ModelEnsemble.from_members([tiny_llama], vocab_size=len(tokenizer) + 8)
+    with pytest.raises(ValueError, match="narrower than the vocabulary"):
+        ensemble(prompt_ids)
+
+
+def test_different_widths_without_a_vocabulary_are_an_error(members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members[:2])
+    with pytest.raises(ValueError, match="different widths"):
+        ensemble(prompt_ids)
+
+
+# --- membership ---------------------------------------------------------------------------------------------------
+
+
+def test_members_are_frozen_and_stay_in_eval_mode(tokenizer, members, prompt_ids):
+    for member in members:
+        member.train()
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    ensemble.train()
+    assert not any(parameter.requires_grad for parameter in ensemble.parameters())
+    assert not any(module.training for module in ensemble.modules())
+    logits = ensemble(prompt_ids).logits
+    assert not logits.requires_grad
+
+
+def test_add_model_appends_a_frozen_member(tokenizer, members, prompt_ids):
+    vocab_size = len(tokenizer)
+    ensemble = ModelEnsemble.from_members(members[:1], vocab_size=vocab_size)
+    newcomer = members[1].train()
+    ensemble.add_model(newcomer)
+    assert len(ensemble) == 2
+    assert ensemble.config.member_subfolders == ["member_0", "member_1"]
+    assert not newcomer.training and not any(p.requires_grad for p in newcomer.parameters())
+    expected = (members[0](prompt_ids).logits + newcomer(prompt_ids).logits[..., :vocab_size]) / 2
+    torch.testing.assert_close(ensemble(prompt_ids).logits, expected)
+
+
+def test_members_and_subfolders_must_match():
+    with pytest.raises(ValueError, match="2 subfolders"):
+        ModelEnsemble(EnsembleConfig(member_subfolders=["member_0", "member_1"]))
+
+
+# --- save and load ------------------------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip(tmp_path, tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, combine="probs", vocab_size=len(tokenizer))
+    ensemble.save_pretrained(tmp_path, tokenizer=tokenizer)
+
+    for index in range(3):
+        assert (tmp_path / f"member_{index}" / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.safetensors"))  # no ensemble-wide state dict
+    assert (tmp_path / "tokenizer.json").is_file()
+
+    loaded = ModelEnsemble.from_pretrained(tmp_path)
+    assert loaded.config.combine == "probs"
+    assert loaded.config.vocab_size == len(tokenizer)
+    assert loaded.config.member_subfolders == ["member_0", "member_1", "member_2"]
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())
+    torch.testing.assert_close(loaded(prompt_ids).logits, ensemble(prompt_ids).logits, rtol=0, atol=0)
+
+
+def test_saved_members_load_alone(tmp_path, tokenizer, members, prompt_ids):
+    ModelEnsemble.from_members(members, vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    for index, member in enumerate(members):
+        alone = AutoModelForCausalLM.from_pretrained(tmp_path / f"member_{index}")
+        torch.testing.assert_close(alone(prompt_ids).logits, member(prompt_ids).logits, rtol=0, atol=0)
+
+
+def test_load_places_members_by_device_map(tmp_path, tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer))
+    ensemble.save_pretrained(tmp_path)
+    loaded = ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu"])
+    torch.testing.assert_close(loaded(prompt_ids).logits, ensemble(prompt_ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="3 device maps given for 2 members"):
+        ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu", "cpu"])
+
+
+def test_load_passes_dtype_to_members(tmp_path, tokenizer, members, prompt_ids):
+    ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    loaded = ModelEnsemble.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(member.dtype == torch.bfloat16 for member in loaded.members)
+    assert loaded(prompt_ids).logits.dtype == torch.float32  # combined in fp32
+
+
+# --- generate -----------------------------------------------------------------------------------------------------
+
+
+def test_one_member_ensemble_generates_like_the_member(tokenizer, members, prompt_ids):
+    member = members[0]
+    ensemble = ModelEnsemble.from_members([member], vocab_size=len(tokenizer))
+    assert ensemble.generation_config.eos_token_id == member.generation_config.eos_token_id == tokenizer.eos_token_id
+    expected = member.generate(prompt_ids, do_sample=False, max_new_tokens=10)
+    generated = ensemble.generate(prompt_ids, do_sample=False, max_new_tokens=10)
+    assert generated.shape == (1, prompt_ids.shape[1] + 10)
+    assert torch.equal(generated, expected)
+    assert len(set(new_tokens(generated, prompt_ids)[0].tolist())) > 3  # a real text, not one token repeated
+
+
+def test_one_member_ensemble_beam_searches_like_the_member(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer))
+    expected = members[0].generate(prompt_ids, do_sample=False, num_beams=3, max_new_tokens=8)
+    assert torch.equal(ensemble.generate(prompt_ids, do_sample=False, num_beams=3, max_new_tokens=8), expected)
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_cached_generate_equals_slow_reference_decode(tokenizer, members, prompt_ids, mode):
+    vocab_size = len(tokenizer)
+    ensemble = ModelEnsemble.from_members(members, combine=mode, vocab_size=vocab_size)
+    output = ensemble.generate(prompt_ids, do_sample=False, max_new_tokens=10, eos_token_id=None,
+                               return_dict_in_generate=True)
+    expected = slow_greedy_decode(members, prompt_ids, steps=10, mode=mode, vocab_size=vocab_size)
+    assert torch.equal(output.sequences, expected)
+    # Each member kept its own cache, holding every token but the last one generated.
+    assert [cache.get_seq_length() for cache in output.cache.member_caches] == [expected.shape[1] - 1] * 3
+    # The combination matters: no member decodes this text alone.
+    for member in members:
+        alone = slow_greedy_decode([member], prompt_ids, steps=10, mode=mode, vocab_size=vocab_size)
+        assert not torch.equal(alone, expected)
+
+
+def test_left_padded_batch_generates_each_prompt_as_alone(tokenizer, members):
+    vocab_size = len(tokenizer)
+    ensemble = ModelEnsemble.from_members(members, vocab_size=vocab_size)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    assert (batch.attention_mask == 0).any()  # the shorter prompt is padded
+    generated = ensemble.generate(**batch, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    for row, prompt in enumerate(PROMPTS):
+        alone = tokenizer(prompt, return_tensors="pt").input_ids
+        expected = slow_greedy_decode(members, alone, steps=8, mode="logits", vocab_size=vocab_size)
+        padding = int((batch.attention_mask[row] == 0).sum())
+        assert torch.equal(generated[row, padding:], expected[0])
+
+
+def test_sampling_with_a_seed_is_reproducible_and_stays_in_the_vocabulary(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        samples.append(ensemble.generate(prompt_ids, do_sample=True, top_k=0, max_new_tokens=20, eos_token_id=None))
+    assert torch.equal(samples[0], samples[1])
+    assert samples[0].shape == (1, prompt_ids.shape[1] + 20)
+    assert int(samples[0].max()) < len(tokenizer)
+    greedy = ensemble.generate(prompt_ids, do_sample=False, max_new_tokens=20, eos_token_id=None)
+    assert not torch.equal(samples[0], greedy)
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_receives_the_prompt_then_each_new_token(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    streamer = CollectingStreamer()
+    generated = ensemble.generate(prompt_ids, do_sample=False, max_new_tokens=6, eos_token_id=None, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == prompt_ids[0].tolist()
+    assert streamer.chunks[1:] == [[token] for token in new_tokens(generated, prompt_ids)[0].tolist()]
