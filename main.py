@@ -18,6 +18,7 @@ Usage:
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -110,6 +111,7 @@ def write_manifest(run_dir: Path, manifest: dict) -> None:
 
 
 def metric_rows(round_index: int, results: dict, sizes: dict, seconds: float) -> list[dict]:
+    """One row per evaluated model; `seconds` is the whole evaluation pass, shared by its rows."""
     return [{"round": round_index, "model": name, "ensemble_size": sizes[name], **metrics,
              "seconds": round(seconds, 2)} for name, metrics in results.items()]
 
@@ -155,20 +157,6 @@ def main(argv=None) -> int:
     members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype).to(device).eval()
                for path in manifest["members"]]
 
-    def evaluate_and_record(round_index, predictors, sizes):
-        started = time.time()
-        results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
-                           config.combine)
-        if state.is_main_process:
-            utils.append_csv_rows(run_dir / "metrics.csv", metric_rows(round_index, results, sizes,
-                                                                       time.time() - started), METRIC_COLUMNS)
-        return results
-
-    if not manifest.get("teacher_evaluated"):
-        evaluate_and_record(-1, {"teacher": [teacher]}, {"teacher": 0})
-        manifest["teacher_evaluated"] = True
-        write_manifest(run_dir, manifest)
-
     # --- rounds -------------------------------------------------------------------------------------------------
     for round_index in range(config.total_rounds):
         if round_index in manifest["rounds_done"]:
@@ -177,7 +165,8 @@ def main(argv=None) -> int:
         print(f"\n=== round {round_index + 1}/{config.total_rounds}: {len(members)} frozen member(s) ===")
         student = utils.build_student(config, teacher, tokenizer, round_index).to(device)
         utils.check_vocab_fits(student, vocab_size, f"round {round_index} student")
-        evaluate_and_record(round_index, {"student_untrained": [student]}, {"student_untrained": 1})
+        # The untrained copy is scored with the trained models below, so each round runs the teacher once.
+        untrained = copy.deepcopy(student).to(frozen_dtype).eval().requires_grad_(False)
 
         trainer = DistillationTrainer(
             model=student, teacher=teacher, members=members, settings=settings, vocab_size=vocab_size,
@@ -193,15 +182,26 @@ def main(argv=None) -> int:
             tokenizer.save_pretrained(ensemble_dir / member_subfolder)
         student = student.to(frozen_dtype).eval().requires_grad_(False)
         members.append(student)
-        names = {"student": [student], "ensemble": members}
-        results = evaluate_and_record(round_index, names, {"student": 1, "ensemble": len(members)})
+
+        predictors = {"student_untrained": [untrained], "student": [student], "ensemble": members}
+        sizes = {"teacher": 0, "student_untrained": 1, "student": 1, "ensemble": len(members)}
+        if not manifest.get("teacher_evaluated"):
+            predictors = {"teacher": [teacher], **predictors}  # once per run
+        started = time.time()
+        results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
+                           config.combine)
+        del untrained
         if state.is_main_process:
+            utils.append_csv_rows(run_dir / "metrics.csv",
+                                  metric_rows(round_index, results, sizes, time.time() - started), METRIC_COLUMNS)
             # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
             ModelEnsemble.from_members(members, config.combine, vocab_size).save_configs(ensemble_dir, tokenizer)
             manifest["members"].append(str(Path("ensemble") / member_subfolder))
             manifest["rounds_done"].append(round_index)
+            manifest["teacher_evaluated"] = True
             write_manifest(run_dir, manifest)
-        print(f"round {round_index}: student ce {results['student']['ce']:.4f}, "
+        print(f"round {round_index}: student ce {results['student']['ce']:.4f} "
+              f"(untrained {results['student_untrained']['ce']:.4f}), "
               f"ensemble of {len(members)} ce {results['ensemble']['ce']:.4f}")
 
     # --- report -------------------------------------------------------------------------------------------------

@@ -355,7 +355,12 @@ def _sha256(value) -> str:
 def _tokenizer_sha256(tokenizer) -> str:
     """A hash of the vocabulary and tokenization rules, plus the special tokens the labelling relies on."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # Truncation and padding are call-time state that tokenizing itself changes, not tokenization rules.
+        rules = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        vocabulary = json.dumps(rules, sort_keys=True)
+    else:
+        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
     return _sha256({"vocabulary": vocabulary, "special_tokens": tokenizer.special_tokens_map})
 
 

@@ -73,7 +73,7 @@ def test_resume_skips_finished_rounds_and_adds_new_ones(tiny_teacher_dir, tmp_pa
     assert main.main(["--resume", str(run_dir), "--total_rounds", "2"]) == 0
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["model"]).count("teacher") == 1  # the teacher is evaluated once per run
-    assert len(metrics[metrics["round"] == 0]) == 3 and len(metrics[metrics["round"] == 1]) == 3
+    assert len(metrics[metrics["round"] == 0]) == 4 and len(metrics[metrics["round"] == 1]) == 3
     pd.testing.assert_frame_equal(metrics.iloc[: len(first)], first)  # earlier rows untouched
     assert len(ModelEnsemble.from_pretrained(run_dir / "ensemble")) == 2
 

@@ -419,6 +419,8 @@ def test_prepare_reuses_a_matching_folder_and_rebuilds_when_max_length_changes(t
 
     first = prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, **settings)
     reused = prepare_dataset(chats_file, tokenizer, str(output_dir), max_length=128, **settings)
+    # A freshly loaded tokenizer (no truncation state left by earlier calls) must match the folder too.
+    prepare_dataset(chats_file, build_tokenizer("chatml"), output_dir, max_length=128, **settings)
     rebuilt = prepare_dataset(chats_file, tokenizer, output_dir, max_length=96, **settings)
 
     assert counted_builds == [128, 96]
