@@ -40,7 +40,7 @@ class Config:
     student_num_heads: int = 4  # student_init=random: attention heads
     student_num_kv_heads: int = 2  # student_init=random: key/value heads
     student_intermediate_size: int = 704  # student_init=random: MLP width
-    dtype: str = "auto"  # model weights: auto (bf16 on a bf16-capable GPU, else fp32) | float32 | bfloat16
+    dtype: str = "auto"  # frozen models and autocast: auto (bf16 where the GPU/CPU has native bf16) | float32 | bfloat16
     trust_remote_code: bool = False  # allow code from model repositories (off: never run code shipped with a model)
     cache_dir: str = ".cache"  # converted embedded teacher, recovered embedded data, tokenized datasets
 

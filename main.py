@@ -118,9 +118,16 @@ def metric_rows(round_index: int, results: dict, sizes: dict, seconds: float) ->
 
 def print_final_table(metrics_path: Path) -> None:
     table = pd.read_csv(metrics_path)
-    table = table[["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement"]]
-    print("\nFinal metrics on the held-out split (ce and kl_teacher in nats per supervised token)")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    shown = table[["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement"]]
+    print("\nMetrics on the held-out split (ce and kl_teacher in nats per supervised token)")
+    print(shown.to_string(index=False, formatters={"ce": "{:.4f}".format, "perplexity": "{:.4g}".format,
+                                                    "kl_teacher": "{:.4f}".format, "top1_agreement": "{:.4f}".format}))
+    members = table[table["model"] == "student"].set_index("round")["ce"]
+    print("\nThe ensemble against its best single member (ce; a positive gain means the ensemble is better)")
+    for round_index, row in table[table["model"] == "ensemble"].set_index("round").iterrows():
+        best = members.loc[:round_index].min()
+        print(f"  {int(row['ensemble_size'])} member(s): ensemble {row['ce']:.4f}, best member {best:.4f}, "
+              f"gain {best - row['ce']:+.4f}")
 
 
 def main(argv=None) -> int:

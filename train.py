@@ -112,7 +112,10 @@ class DistillationTrainer(SFTTrainer):
         positions = predictor_mask(labels)
         targets = next_token_targets(labels).to(self.accelerator.device)
         args = (inputs["input_ids"], inputs["attention_mask"], positions, self.vocab_size)
-        student_logits = logits_at(model, *args)
+        # logits_at calls the body and the head directly, bypassing the autocast wrapper that accelerate puts
+        # around model.forward for mixed precision, so the student's autocast is entered here.
+        with self.accelerator.autocast():
+            student_logits = logits_at(model, *args)
         with torch.no_grad():
             teacher_logits = logits_at(self.teacher, *args) if self.teacher is not None else None
             member_logits = [logits_at(member, *args).to(student_logits.device) for member in self.members]

@@ -24,11 +24,19 @@ def select_device(name: str) -> torch.device:
 
 
 def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype of frozen models (teacher, members): bf16 where the GPU supports it under auto, else fp32."""
+    """The dtype of frozen models (teacher, members): under auto, bf16 where the hardware computes it natively."""
     if name == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_ok else torch.float32
+        return torch.bfloat16 if supports_bf16(device) else torch.float32
     return getattr(torch, name)
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """A GPU with bf16, or a CPU with native bf16 matrix instructions (AVX512-BF16, AMX): 2-3x faster there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def use_bf16_autocast(name: str, device: torch.device) -> bool:

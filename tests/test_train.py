@@ -27,9 +27,9 @@ def batch(tokenizer, examples):
 
 def make_trainer(student, teacher, members, tokenizer, dataset, tmp_path, **args):
     settings = args.pop("settings", LossSettings(alpha=0.5, temperature=2.0))
-    config = SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
-                       remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-                       bf16=False, activation_checkpointing=False, **args)
+    config = SFTConfig(**{**dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
+                                 remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                                 max_length=None, bf16=False, activation_checkpointing=False), **args})
     return DistillationTrainer(student, teacher, members, settings, len(tokenizer), config, dataset, tokenizer)
 
 
@@ -142,3 +142,22 @@ def test_training_log_rows_reach_the_csv(tokenizer, examples, tmp_path):
     assert [line.split(",")[1] for line in lines[1:]] == ["2", "4"]
     hybrid, kl, nll = (float(v) for v in lines[1].split(",")[2:5])
     assert hybrid == pytest.approx(0.5 * 4.0 * kl + 0.5 * nll, rel=1e-4)  # alpha 0.5, T = 2
+
+
+def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tmp_path, monkeypatch):
+    import train
+
+    seen = []
+    original = train.logits_at
+
+    def recording_logits_at(model, *args):
+        if model.training:
+            seen.append(torch.is_autocast_enabled("cpu"))
+        return original(model, *args)
+
+    monkeypatch.setattr(train, "logits_at", recording_logits_at)
+    teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
+                           max_steps=1, bf16=True)
+    trainer.train()
+    assert seen == [True]
