@@ -58,6 +58,7 @@ class Config:
     jsd_beta: float = 0.5  # divergence=jsd: mixture weight of the generalized JSD
     nll_target: str = "mixture"  # the NLL term is taken on the mixture or on the student alone
     combine: str = "logits"  # how members combine: logits (mean of logits) | probs (mean of probabilities)
+    loss_chunk_size: int = 1024  # supervised positions per loss chunk; bounds the loss's logits memory (0: no chunks)
 
     # --- rounds -------------------------------------------------------------------------------------------------
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
@@ -98,6 +99,7 @@ class Config:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
             ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("loss_chunk_size", self.loss_chunk_size >= 0, "must be >= 0 (0 turns chunking off)"),
             ("max_length", self.max_length >= 8, "must be >= 8 tokens"),
             ("test_size", self.test_size >= 1, "must be >= 1"),
             ("max_examples", self.max_examples is None or self.max_examples > self.test_size,

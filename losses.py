@@ -7,13 +7,19 @@ position, the mixture the loss sees is the one the ensemble will predict with:
 Both terms use the same shifted positions (position t predicts token t+1, for supervised tokens only), run in
 fp32 whatever the model dtype, and are sums divided by the number of supervised tokens in the whole optimizer
 step, so gradient accumulation and micro-batch size do not change the loss or its gradients.
+
+`chunked_hybrid_loss_sums` computes the same sums from hidden states, chunk of positions by chunk: every model's
+output head runs on one chunk at a time, and the student's chunk is recomputed in the backward pass instead of
+stored, so no (positions x vocabulary) tensor larger than one chunk is ever held.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ensemble import combine_logits
 
@@ -100,3 +106,44 @@ def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor 
     nll = nll_sum(mixture if settings.nll_target == "mixture" else student_logits, targets)
     total = settings.alpha * settings.temperature**2 * divergence + (1 - settings.alpha) * nll
     return LossSums(total=total, divergence=divergence.detach(), nll=nll.detach(), num_tokens=targets.numel())
+
+
+@dataclass
+class Projection:
+    """Hidden states at supervised positions [N, H] and the output head that turns rows of them into logits."""
+
+    hidden: torch.Tensor
+    head: Callable[[torch.Tensor], torch.Tensor]
+
+    def logits(self, rows: slice) -> torch.Tensor:
+        return self.head(self.hidden[rows])
+
+
+def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | None, members: list[Projection],
+                             targets: torch.Tensor, settings: LossSettings, chunk_size: int) -> LossSums:
+    """`hybrid_loss_sums` over chunks of `chunk_size` positions (0: one chunk), equal to it up to rounding.
+
+    Each chunk's logits exist only while that chunk is computed; the student's are recomputed in the backward
+    pass (activation checkpointing), so the memory of the loss path grows with the chunk, not with N.
+    """
+    num_positions = targets.numel()
+    if chunk_size <= 0 or num_positions <= chunk_size:
+        rows = slice(0, num_positions)
+        return hybrid_loss_sums(student.logits(rows), teacher.logits(rows) if teacher is not None else None,
+                                [member.logits(rows) for member in members], targets, settings)
+
+    def chunk_sums(student_hidden: torch.Tensor, rows: slice):
+        sums = hybrid_loss_sums(student.head(student_hidden),
+                                teacher.logits(rows) if teacher is not None else None,
+                                [member.logits(rows) for member in members], targets[rows], settings)
+        return sums.total, sums.divergence, sums.nll
+
+    total = divergence = nll = student.hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, num_positions, chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk_total, chunk_divergence, chunk_nll = checkpoint(chunk_sums, student.hidden[rows], rows,
+                                                              use_reentrant=False)
+        total = total + chunk_total
+        divergence = divergence + chunk_divergence
+        nll = nll + chunk_nll
+    return LossSums(total=total, divergence=divergence, nll=nll, num_tokens=num_positions)

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             args=training_arguments(config, run_dir / "checkpoints" / f"round_{round_index}", round_index,
                                     use_cpu=device.type == "cpu", bf16=utils.use_bf16_autocast(config.dtype, device)),
             train_dataset=data["train"], processing_class=tokenizer,
-            callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index)])
+            callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index)], chunk_size=config.loss_chunk_size)
         trainer.train()
 
         member_subfolder = f"member_{round_index}"

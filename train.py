@@ -13,7 +13,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from losses import IGNORE_INDEX, LossSettings, hybrid_loss_sums, next_token_targets, predictor_mask
+from losses import (IGNORE_INDEX, LossSettings, Projection, chunked_hybrid_loss_sums, next_token_targets,
+                    predictor_mask)
 
 
 class PaddingCollator:
@@ -43,6 +44,24 @@ def cut_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
+def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The model's final hidden states [N, H] (after its last norm) at the True entries of `positions` [B, L]."""
+    device = next(model.parameters()).device
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              use_cache=False).last_hidden_state
+    return hidden[positions.to(device)]
+
+
+def output_head(model, vocab_size: int):
+    """hidden [n, H] -> logits [n, vocab_size]: the model's head, its output transforms, cut to the vocabulary."""
+    head = model.get_output_embeddings()
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        return cut_to_vocab(apply_logit_transforms(model.config, head(hidden.to(head.weight.device))), vocab_size)
+
+    return project
+
+
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
               vocab_size: int) -> torch.Tensor:
     """The model's logits [N, vocab_size] at the True entries of `positions` [B, L] only.
@@ -50,11 +69,7 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posi
     The body runs on the whole batch; the output head only on the selected hidden states, which saves the head's
     compute and the logits memory for every unsupervised position.
     """
-    device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[positions.to(device)])
-    return cut_to_vocab(apply_logit_transforms(model.config, logits), vocab_size)
+    return output_head(model, vocab_size)(hidden_at(model, input_ids, attention_mask, positions))
 
 
 def apply_logit_transforms(config, logits: torch.Tensor) -> torch.Tensor:
@@ -87,11 +102,12 @@ class DistillationTrainer(SFTTrainer):
     """
 
     def __init__(self, model, teacher, members: list, settings: LossSettings, vocab_size: int, args: SFTConfig,
-                 train_dataset, processing_class, callbacks=None):
+                 train_dataset, processing_class, callbacks=None, chunk_size: int = 0):
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=PaddingCollator(processing_class.pad_token_id), callbacks=callbacks)
         self.settings = settings
         self.vocab_size = vocab_size
+        self.chunk_size = chunk_size  # supervised positions per loss chunk (0: the whole micro-batch at once)
         self.teacher = self.freeze(teacher) if settings.alpha > 0 else None
         self.members = [self.freeze(member) for member in members]
         # Our loss is already normalised by the optimizer step's supervised-token count (num_items_in_batch):
@@ -111,20 +127,18 @@ class DistillationTrainer(SFTTrainer):
         labels = inputs["labels"]
         positions = predictor_mask(labels)
         targets = next_token_targets(labels).to(self.accelerator.device)
-        args = (inputs["input_ids"], inputs["attention_mask"], positions, self.vocab_size)
-        # logits_at calls the body and the head directly, bypassing the autocast wrapper that accelerate puts
-        # around model.forward for mixed precision, so the student's autocast is entered here.
+        batch = (inputs["input_ids"], inputs["attention_mask"], positions)
+        # hidden_at and the heads bypass the autocast wrapper that accelerate puts around model.forward for mixed
+        # precision, so autocast is entered here (the loss itself is computed in fp32 inside it).
         with self.accelerator.autocast():
-            student_logits = logits_at(model, *args)
-        with torch.no_grad():
-            teacher_logits = logits_at(self.teacher, *args) if self.teacher is not None else None
-            member_logits = [logits_at(member, *args).to(student_logits.device) for member in self.members]
-        if teacher_logits is not None:
-            teacher_logits = teacher_logits.to(student_logits.device)
-        sums = hybrid_loss_sums(student_logits, teacher_logits, member_logits, targets, self.settings)
+            student = Projection(hidden_at(model, *batch), output_head(model, self.vocab_size))
+            with torch.no_grad():
+                teacher = self.frozen_projection(self.teacher, batch) if self.teacher is not None else None
+                members = [self.frozen_projection(member, batch) for member in self.members]
+            sums = chunked_hybrid_loss_sums(student, teacher, members, targets, self.settings, self.chunk_size)
 
         num_tokens = num_items_in_batch if num_items_in_batch is not None else sums.num_tokens
-        num_tokens = torch.as_tensor(num_tokens, device=student_logits.device).clamp(min=1)
+        num_tokens = torch.as_tensor(num_tokens, device=self.accelerator.device).clamp(min=1)
         loss = sums.total / num_tokens
         scale = 1.0
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -134,7 +148,11 @@ class DistillationTrainer(SFTTrainer):
         if model.training:
             self._logged_sums["kl"] += (sums.divergence / num_tokens * scale).item()
             self._logged_sums["nll"] += (sums.nll / num_tokens * scale).item()
-        return (loss, {"logits": student_logits}) if return_outputs else loss
+        return (loss, {"hidden_states": student.hidden}) if return_outputs else loss
+
+    def frozen_projection(self, model, batch) -> Projection:
+        """A frozen model's hidden states for this batch, on the student's device, and its head."""
+        return Projection(hidden_at(model, *batch).to(self.accelerator.device), output_head(model, self.vocab_size))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the loss's parts, averaged over the optimizer steps since the last log, to training logs."""

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from losses import (LossSettings, divergence_sum, hybrid_loss_sums, next_token_targets, nll_sum, predictor_mask)
+from losses import (LossSettings, Projection, chunked_hybrid_loss_sums, divergence_sum, hybrid_loss_sums,
+                    next_token_targets, nll_sum, predictor_mask)
 
 
 def reference_kl(p, q):
@@ -144,3 +145,39 @@ def test_loss_is_computed_in_fp32_from_bf16_logits():
     half = hybrid_loss_sums(student.bfloat16(), teacher.bfloat16(), [], targets, LossSettings())
     assert half.total.dtype == torch.float32
     assert half.total.item() == pytest.approx(full.total.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
+def test_chunked_loss_equals_the_unchunked_loss_and_gradients(divergence, chunk_size):
+    torch.manual_seed(6)
+    vocab, width, positions = 23, 8, 17
+    student_head = torch.nn.Linear(width, vocab, bias=False)
+    # Frozen, as the trainer's teacher and members are.
+    teacher_head = torch.nn.Linear(width, vocab).requires_grad_(False)
+    member_head = torch.nn.Linear(width, vocab).requires_grad_(False)
+    student_hidden = torch.randn(positions, width, requires_grad=True)
+    teacher_hidden, member_hidden = torch.randn(positions, width), torch.randn(positions, width)
+    targets = torch.randint(0, vocab, (positions,))
+    settings = LossSettings(alpha=0.6, temperature=1.5, divergence=divergence)
+
+    def run(size):
+        student_hidden.grad, student_head.weight.grad = None, None
+        sums = chunked_hybrid_loss_sums(Projection(student_hidden, student_head),
+                                        Projection(teacher_hidden, teacher_head),
+                                        [Projection(member_hidden, member_head)], targets, settings, size)
+        sums.total.backward()
+        return sums, student_hidden.grad.clone(), student_head.weight.grad.clone()
+
+    with torch.no_grad():
+        reference = hybrid_loss_sums(student_head(student_hidden), teacher_head(teacher_hidden),
+                                     [member_head(member_hidden)], targets, settings)
+    whole, hidden_grad, head_grad = run(0)
+    chunked, chunked_hidden_grad, chunked_head_grad = run(chunk_size)
+    assert whole.total.item() == pytest.approx(reference.total.item(), rel=1e-6)
+    assert chunked.total.item() == pytest.approx(whole.total.item(), rel=1e-5)
+    assert chunked.divergence.item() == pytest.approx(whole.divergence.item(), rel=1e-5)
+    assert chunked.nll.item() == pytest.approx(whole.nll.item(), rel=1e-5)
+    torch.testing.assert_close(chunked_hidden_grad, hidden_grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_head_grad, head_grad, atol=1e-5, rtol=1e-5)
+    assert teacher_head.weight.grad is None and member_head.weight.grad is None

@@ -27,10 +27,12 @@ def batch(tokenizer, examples):
 
 def make_trainer(student, teacher, members, tokenizer, dataset, tmp_path, **args):
     settings = args.pop("settings", LossSettings(alpha=0.5, temperature=2.0))
+    chunk_size = args.pop("chunk_size", 0)
     config = SFTConfig(**{**dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
                                  remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
                                  max_length=None, bf16=False, activation_checkpointing=False), **args})
-    return DistillationTrainer(student, teacher, members, settings, len(tokenizer), config, dataset, tokenizer)
+    return DistillationTrainer(student, teacher, members, settings, len(tokenizer), config, dataset, tokenizer,
+                               chunk_size=chunk_size)
 
 
 def test_collator_pads_right_and_masks_padding(tokenizer, examples):
@@ -148,16 +150,31 @@ def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tm
     import train
 
     seen = []
-    original = train.logits_at
+    original = train.hidden_at
 
-    def recording_logits_at(model, *args):
+    def recording_hidden_at(model, *args):
         if model.training:
             seen.append(torch.is_autocast_enabled("cpu"))
         return original(model, *args)
 
-    monkeypatch.setattr(train, "logits_at", recording_logits_at)
+    monkeypatch.setattr(train, "hidden_at", recording_hidden_at)
     teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
     trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
                            max_steps=1, bf16=True)
     trainer.train()
     assert seen == [True]
+
+
+def test_chunked_loss_path_equals_the_unchunked_one_in_value_and_gradients(tokenizer, examples, batch, tmp_path):
+    teacher, member = build_tiny_llama(tokenizer, seed=1, hidden_size=48), build_tiny_llama(tokenizer, seed=2)
+    results = []
+    for chunk_size in (0, 4):  # 4 does not divide the number of positions: the last chunk is partial
+        student = build_tiny_llama(tokenizer, seed=3).train()
+        trainer = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path, chunk_size=chunk_size)
+        loss = trainer.compute_loss(student, batch)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.clone() for name, p in student.named_parameters()}))
+    assert predictor_mask(batch["labels"]).sum() % 4 != 0 and predictor_mask(batch["labels"]).sum() > 3 * 4
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-5)
