@@ -63,7 +63,7 @@ def test_main_runs_end_to_end_from_the_command_line(tiny_teacher_dir, tmp_path):
 
     ensemble = ModelEnsemble.from_pretrained(run_dir / "ensemble")
     assert len(ensemble) == 2 and ensemble.config.combine == "logits"
-    assert "Final metrics" in result.stdout and "ensemble" in result.stdout
+    assert "Metrics on the held-out split" in result.stdout and "2 member(s): ensemble" in result.stdout
 
 
 def test_resume_skips_finished_rounds_and_adds_new_ones(tiny_teacher_dir, tmp_path):
