@@ -59,6 +59,9 @@ class Config:
     nll_target: str = "mixture"  # the NLL term is taken on the mixture or on the student alone
     combine: str = "logits"  # how members combine: logits (mean of logits) | probs (mean of probabilities)
     loss_chunk_size: int = 1024  # supervised positions per loss chunk; bounds the loss's logits memory (0: no chunks)
+    teacher_mode: str = "online"  # online (run the teacher every step) | topk | hidden (cached once, for every round)
+    cache_k: int = 64  # teacher_mode=topk: log-probabilities kept per position (plus one tail bucket)
+    cache_value_dtype: str = "uint8"  # teacher_mode=topk: uint8 (196 B/token at k=64) | float16 (256 B/token)
 
     # --- rounds -------------------------------------------------------------------------------------------------
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
@@ -114,6 +117,9 @@ class Config:
              "must be one of forward_kl, reverse_kl, jsd"),
             ("nll_target", self.nll_target in ("mixture", "student"), "must be mixture or student"),
             ("combine", self.combine in ("logits", "probs"), "must be logits or probs"),
+            ("teacher_mode", self.teacher_mode in ("online", "topk", "hidden"), "must be online, topk or hidden"),
+            ("cache_k", self.cache_k >= 1, "must be >= 1"),
+            ("cache_value_dtype", self.cache_value_dtype in ("uint8", "float16"), "must be uint8 or float16"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
         ]

@@ -89,19 +89,40 @@ def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+@dataclass
+class SparseTarget:
+    """A cached teacher: its top-k log-probabilities at the training temperature, their token ids, and the log of
+    the remaining (tail) mass, per supervised position: a true distribution over k + 1 buckets."""
+
+    log_probs: torch.Tensor  # [N, k]
+    indices: torch.Tensor  # [N, k]
+    tail_log_prob: torch.Tensor  # [N]
+
+    def logits(self, rows: slice) -> "SparseTarget":
+        return SparseTarget(self.log_probs[rows], self.indices[rows], self.tail_log_prob[rows])
+
+
+def teacher_divergence_sum(teacher: "torch.Tensor | SparseTarget", mixture: torch.Tensor,
+                           settings: LossSettings) -> torch.Tensor:
+    """D(teacher || mixture) summed over positions, from dense teacher logits or a sparse cached target."""
+    if isinstance(teacher, SparseTarget):
+        return sparse_divergence_sum(teacher.log_probs, teacher.indices, teacher.tail_log_prob, mixture,
+                                     settings.divergence, settings.temperature, settings.jsd_beta)
+    return divergence_sum(teacher, mixture, settings.divergence, settings.temperature, settings.jsd_beta)
+
+
+def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: "torch.Tensor | SparseTarget | None",
                      member_logits: list[torch.Tensor], targets: torch.Tensor, settings: LossSettings) -> LossSums:
     """The hybrid loss's sums over N supervised positions.
 
-    student_logits [N, V] carries gradients; teacher_logits [N, V] (None when alpha = 0) and each of the frozen
-    members' member_logits [N, V] do not. targets [N] are the next tokens.
+    student_logits [N, V] carries gradients; teacher_logits [N, V] (or a SparseTarget; None when alpha = 0) and
+    each of the frozen members' member_logits [N, V] do not. targets [N] are the next tokens.
     """
     mixture = combine_logits([student_logits, *member_logits], settings.combine) if member_logits else student_logits
     zero = student_logits.new_zeros((), dtype=torch.float32)
     divergence = zero
     if settings.alpha > 0:
-        divergence = divergence_sum(teacher_logits, mixture, settings.divergence, settings.temperature,
-                                    settings.jsd_beta)
+        divergence = teacher_divergence_sum(teacher_logits, mixture, settings)
     # The NLL is always computed: it is the metric users watch even when alpha = 1 gives it no weight.
     nll = nll_sum(mixture if settings.nll_target == "mixture" else student_logits, targets)
     total = settings.alpha * settings.temperature**2 * divergence + (1 - settings.alpha) * nll
@@ -119,8 +140,9 @@ class Projection:
         return self.head(self.hidden[rows])
 
 
-def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | None, members: list[Projection],
-                             targets: torch.Tensor, settings: LossSettings, chunk_size: int) -> LossSums:
+def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTarget | None,
+                             members: list[Projection], targets: torch.Tensor, settings: LossSettings,
+                             chunk_size: int) -> LossSums:
     """`hybrid_loss_sums` over chunks of `chunk_size` positions (0: one chunk), equal to it up to rounding.
 
     Each chunk's logits exist only while that chunk is computed; the student's are recomputed in the backward
@@ -147,3 +169,50 @@ def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | None, me
         divergence = divergence + chunk_divergence
         nll = nll + chunk_nll
     return LossSums(total=total, divergence=divergence, nll=nll, num_tokens=num_positions)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sparse teacher targets: a cached top-k plus one tail bucket (teacher_cache.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def sparse_divergence_sum(teacher_log_probs: torch.Tensor, teacher_indices: torch.Tensor,
+                          teacher_tail_log_prob: torch.Tensor, model_logits: torch.Tensor, kind: str = "forward_kl",
+                          temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Sum over rows of D between the teacher's and the model's distributions over k + 1 buckets.
+
+    The buckets are the teacher's top-k tokens (teacher_indices [N, k], their log-probabilities teacher_log_probs
+    [N, k]) and one tail bucket holding every other token (teacher_tail_log_prob [N], -inf when empty). The teacher's
+    values are already at the temperature (cached that way); only model_logits [N, V] are divided by it here. D is
+    as in `divergence_sum`, which this equals when k = V. Merging tokens into a bucket never increases a divergence,
+    so with k < V this is a lower bound of the dense one, tight when the tail is small.
+    """
+    log_p_teacher = torch.cat([teacher_log_probs.float(), teacher_tail_log_prob.float().unsqueeze(-1)], dim=-1)
+    log_p_model = bucket_log_probs(model_logits, teacher_indices, temperature)
+    if kind == "forward_kl":
+        return bucket_kl_sum(log_p_teacher, log_p_model)
+    if kind == "reverse_kl":
+        return bucket_kl_sum(log_p_model, log_p_teacher)
+    if kind == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_p_teacher + math.log(beta), log_p_model + math.log1p(-beta)]), dim=0)
+        return beta * bucket_kl_sum(log_p_teacher, log_m) + (1 - beta) * bucket_kl_sum(log_p_model, log_m)
+    raise ValueError(f"unknown divergence {kind!r}: use one of {DIVERGENCES}")
+
+
+def bucket_log_probs(logits: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[N, k + 1] fp32: log softmax(logits / T) at the k `indices` of each row, then the log of all other mass.
+
+    The tail is a logsumexp over the other columns, exact even when it is tiny (1 - sum would cancel). Columns in
+    the top-k are masked with the lowest finite float, not -inf: an empty tail (k = V) is then a finite number
+    whose exp is 0, and its gradient stays 0 instead of NaN.
+    """
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    in_top_k = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, indices, True)
+    tail = torch.logsumexp(log_probs.masked_fill(in_top_k, torch.finfo(log_probs.dtype).min), dim=-1)
+    return torch.cat([log_probs.gather(-1, indices), tail.unsqueeze(-1)], dim=-1)
+
+
+def bucket_kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """`kl_sum` where buckets may be empty: a term with p = 0 is 0 (and so is its gradient), even where q = 0 too."""
+    p = torch.exp(log_p)
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return torch.sum(p * log_ratio)

@@ -32,6 +32,7 @@ from accelerate import PartialState
 import config as config_lib
 import embedded
 import preprocess_dataset
+import teacher_cache
 import utils
 from ensemble import ModelEnsemble
 from evaluation import evaluate
@@ -80,6 +81,8 @@ def print_plan(config: config_lib.Config, run_dir: Path | None) -> None:
     print(f"  students      {student}, one per round, {config.total_rounds} rounds x {config.steps_per_round} steps")
     print(f"  data          {config.dataset} ({config.max_examples or 'all'} conversations, {config.test_size} held "
           f"out, max {config.max_length} tokens)")
+    print(f"  teacher mode  {config.teacher_mode}" + (f" (k = {config.cache_k}, {config.cache_value_dtype})"
+                                                    if config.teacher_mode == "topk" else ""))
     print(f"  loss          {config.alpha} * T^2 * {config.divergence}(teacher || mixture) + {1 - config.alpha:g} * "
           f"NLL({config.nll_target}), T = {config.temperature}, members combined by {config.combine}")
     print(f"  optimisation  batch {config.batch_size} x accumulation {config.grad_accum} (up to {tokens_per_step} "
@@ -96,6 +99,34 @@ def prepare_data(config, tokenizer):
     return preprocess_dataset.prepare_dataset(
         source, tokenizer, Path(config.cache_dir) / "datasets" / name, max_length=config.max_length,
         test_size=config.test_size, seed=config.seed, max_examples=config.max_examples, split=config.dataset_split)
+
+
+def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_split, collator, state):
+    """The teacher's targets for the training split, computed once and reused by every round (and every run with
+    the same teacher, data and settings); None for the online teacher."""
+    if config.teacher_mode == "online":
+        return None
+    expected = {**teacher_cache.cache_identity(teacher_path, tokenizer, train_split, config.max_length),
+                "mode": config.teacher_mode, "vocab_size": len(tokenizer)}
+    if config.teacher_mode == "topk":
+        expected.update(k=config.cache_k, temperature=config.temperature, value_dtype=config.cache_value_dtype)
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(config.cache_dir) / "teacher_cache" / f"{config.teacher_mode}-{key}"
+    try:
+        return teacher_cache.TeacherCache.open(cache_dir, expected)
+    except teacher_cache.CacheIncompleteError:
+        print(f"building the teacher cache ({config.teacher_mode}) in {cache_dir}")
+    identity = teacher_cache.cache_identity(teacher_path, tokenizer, train_split, config.max_length)
+    teacher_cache.build_cache(teacher, teacher_cache.with_example_ids(train_split), cache_dir,
+                              mode=config.teacher_mode, k=config.cache_k, temperature=config.temperature,
+                              vocab_size=len(tokenizer), batch_size=config.eval_batch_size, collator=collator,
+                              metadata=identity, rank=state.process_index, world_size=state.num_processes,
+                              value_dtype=config.cache_value_dtype)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        teacher_cache.write_metadata(cache_dir, identity)
+    state.wait_for_everyone()
+    return teacher_cache.TeacherCache.open(cache_dir, expected)
 
 
 def load_manifest(run_dir: Path) -> dict:
@@ -158,6 +189,8 @@ def main(argv=None) -> int:
     data = prepare_data(config, tokenizer)
     print(f"data: {len(data['train'])} training and {len(data['test'])} test examples")
     collator = PaddingCollator(tokenizer.pad_token_id)
+    cache = prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
+    train_split = teacher_cache.with_example_ids(data["train"])
     settings = LossSettings(alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
                             jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine)
     ensemble_dir = run_dir / "ensemble"
@@ -179,8 +212,9 @@ def main(argv=None) -> int:
             model=student, teacher=teacher, members=members, settings=settings, vocab_size=vocab_size,
             args=training_arguments(config, run_dir / "checkpoints" / f"round_{round_index}", round_index,
                                     use_cpu=device.type == "cpu", bf16=utils.use_bf16_autocast(config.dtype, device)),
-            train_dataset=data["train"], processing_class=tokenizer,
-            callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index)], chunk_size=config.loss_chunk_size)
+            train_dataset=train_split, processing_class=tokenizer,
+            callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index)], chunk_size=config.loss_chunk_size,
+            teacher_cache=cache)
         trainer.train()
 
         member_subfolder = f"member_{round_index}"
@@ -222,6 +256,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
-            embedded.MissingPackageError) as error:
+            embedded.MissingPackageError, teacher_cache.CacheMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

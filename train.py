@@ -13,8 +13,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from losses import (IGNORE_INDEX, LossSettings, Projection, chunked_hybrid_loss_sums, next_token_targets,
-                    predictor_mask)
+from losses import (IGNORE_INDEX, LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
+                    next_token_targets, predictor_mask)
 
 
 class PaddingCollator:
@@ -33,7 +33,10 @@ class PaddingCollator:
             input_ids[row, :n] = torch.as_tensor(example["input_ids"])
             labels[row, :n] = torch.as_tensor(example["labels"])
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if "example_id" in examples[0]:  # the row index a teacher cache is keyed by
+            batch["example_id"] = torch.tensor([example["example_id"] for example in examples])
+        return batch
 
 
 def cut_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -98,17 +101,20 @@ def check_logits_at(model, vocab_size: int) -> None:
 class DistillationTrainer(SFTTrainer):
     """Trains one student through the frozen ensemble of earlier members towards the teacher.
 
-    `teacher` may be None when alpha = 0 (pure next-token loss). `members` are the frozen earlier students.
+    `teacher` may be None when alpha = 0 (pure next-token loss). `members` are the frozen earlier students. With a
+    `teacher_cache` (teacher_cache.TeacherCache) the teacher's body never runs: its targets come from the cache
+    (top-k log-probabilities, or final hidden states put through the teacher's head), keyed by `example_id`.
     """
 
     def __init__(self, model, teacher, members: list, settings: LossSettings, vocab_size: int, args: SFTConfig,
-                 train_dataset, processing_class, callbacks=None, chunk_size: int = 0):
+                 train_dataset, processing_class, callbacks=None, chunk_size: int = 0, teacher_cache=None):
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=PaddingCollator(processing_class.pad_token_id), callbacks=callbacks)
         self.settings = settings
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size  # supervised positions per loss chunk (0: the whole micro-batch at once)
         self.teacher = self.freeze(teacher) if settings.alpha > 0 else None
+        self.teacher_cache = teacher_cache
         self.members = [self.freeze(member) for member in members]
         # Our loss is already normalised by the optimizer step's supervised-token count (num_items_in_batch):
         # the Trainer must neither divide it by the accumulation steps nor skip counting the tokens.
@@ -133,7 +139,7 @@ class DistillationTrainer(SFTTrainer):
         with self.accelerator.autocast():
             student = Projection(hidden_at(model, *batch), output_head(model, self.vocab_size))
             with torch.no_grad():
-                teacher = self.frozen_projection(self.teacher, batch) if self.teacher is not None else None
+                teacher = self.teacher_target(inputs, batch, len(targets)) if self.teacher is not None else None
                 members = [self.frozen_projection(member, batch) for member in self.members]
             sums = chunked_hybrid_loss_sums(student, teacher, members, targets, self.settings, self.chunk_size)
 
@@ -149,6 +155,26 @@ class DistillationTrainer(SFTTrainer):
             self._logged_sums["kl"] += (sums.divergence / num_tokens * scale).item()
             self._logged_sums["nll"] += (sums.nll / num_tokens * scale).item()
         return (loss, {"hidden_states": student.hidden}) if return_outputs else loss
+
+    def teacher_target(self, inputs, batch, num_positions: int) -> Projection | SparseTarget:
+        """The teacher's side of the divergence for this batch: online, or read from the cache."""
+        if self.teacher_cache is None:
+            return self.frozen_projection(self.teacher, batch)
+        if "example_id" not in inputs:
+            raise ValueError("a teacher cache needs the dataset's `example_id` column (the row index it is keyed by)")
+        example_ids = inputs["example_id"].tolist()
+        device = self.accelerator.device
+        if self.teacher_cache.mode == "hidden":
+            target = Projection(self.teacher_cache.hidden_states(example_ids).to(device),
+                                output_head(self.teacher, self.vocab_size))
+            rows = len(target.hidden)
+        else:
+            target = SparseTarget(*(t.to(device) for t in self.teacher_cache.topk_targets(example_ids)))
+            rows = len(target.log_probs)
+        if rows != num_positions:
+            raise ValueError(f"the teacher cache holds {rows} positions for examples {example_ids} but the batch has "
+                             f"{num_positions} supervised positions: the cache was built for other data")
+        return target
 
     def frozen_projection(self, model, batch) -> Projection:
         """A frozen model's hidden states for this batch, on the student's device, and its head."""

@@ -102,3 +102,26 @@ def test_dry_run_prints_the_paper_plan_without_loading_anything(capsys):
     plan = capsys.readouterr().out
     assert "Qwen/Qwen2.5-7B-Instruct" in plan and "Qwen/Qwen2.5-0.5B-Instruct" in plan
     assert "allenai/tulu-3-sft-mixture (200000 conversations, 2000 held out, max 1024 tokens)" in plan
+
+
+def final_metrics(tmp_path) -> pd.DataFrame:
+    return pd.read_csv(only_run_dir(tmp_path) / "metrics.csv").set_index(["round", "model"])
+
+
+@pytest.mark.parametrize("cache_args", [
+    ["--teacher_mode", "topk", "--cache_k", "400", "--cache_value_dtype", "float16"],  # k = the whole vocabulary
+    ["--teacher_mode", "hidden"],
+])
+def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_path, cache_args):
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "online")) == 0
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "cached", *cache_args)) == 0
+    online, cached = final_metrics(tmp_path / "online"), final_metrics(tmp_path / "cached")
+    assert list(cached.index) == list(online.index)
+    pd.testing.assert_frame_equal(cached.drop(columns="seconds"), online.drop(columns="seconds"), rtol=1e-3)
+    # The training losses are the sharper check: a top-k cache with k < V gives a KL an order of magnitude off.
+    online_log, cached_log = (pd.read_csv(only_run_dir(tmp_path / name) / "train_log.csv")
+                              for name in ("online", "cached"))
+    for column in ("hybrid", "kl", "nll"):
+        pd.testing.assert_series_equal(cached_log[column], online_log[column], rtol=1e-3)
+    (cache_dir,) = (tmp_path / "cached" / "cache" / "teacher_cache").iterdir()
+    assert (cache_dir / "metadata.json").is_file()

@@ -1,0 +1,570 @@
+"""A cache of the teacher's outputs at supervised positions, so that training never runs the teacher's body.
+
+Usage:
+
+    python teacher_cache.py --teacher PATH --data_dir PREPARED_DATASET_DIR --output_dir DIR \
+        --mode topk --k 64 --temperature 1.0 --batch_size 8
+    accelerate launch --num_processes 4 teacher_cache.py ...     # one shard per process, same arguments
+
+`--data_dir` is a folder written by preprocess_dataset.py; `--split` (default train) picks its split. Two modes:
+
+  topk    for every supervised position, the teacher's top-k log-probabilities at the training temperature T
+          (log_softmax(logits / T)) and their token ids. The rest of the vocabulary is one tail bucket holding the
+          remaining mass, so the targets are a true distribution over k + 1 buckets (see `TeacherCache.topk_targets`
+          and losses.sparse_divergence_sum). Values are stored as uint8 with a per-position affine quantization
+          (196 bytes per position at k = 64 with a vocabulary of up to 65,536 tokens), or as float16
+          (`--value_dtype float16`, 256 bytes per position).
+  hidden  the teacher's final hidden states (after its last norm) as float16; the trainer applies the teacher's
+          output head to them (train.output_head), which reproduces its logits up to fp16 rounding, at any T.
+
+The cache folder holds metadata.json (written last: a folder without it is not a finished cache) and one folder
+per writing process, shard_00000/, ... Process `rank` of `world_size` caches the dataset rows i with
+i % world_size == rank. A shard holds .npy files that are memory-mapped when read:
+    example_ids.npy   int64 [n_examples]       dataset row indices of this shard, ascending
+    offsets.npy       int64 [n_examples + 1]   example j's positions are rows offsets[j]:offsets[j + 1]
+    indices.npy       uint16/uint32 [P, k]     topk: token ids, by descending probability
+    values.npy        uint8/float16 [P, k]     topk: quantized (or float16) log-probabilities
+    ranges.npy        float16 [P, 2]           topk, uint8 only: each position's min and max log-probability
+    hidden.npy        float16 [P, H]           hidden: final hidden states
+    shard.json        the settings the shard was built with, its example and position counts
+
+The cache is keyed by dataset row index, and a position's row is its rank in the row-major order of
+losses.predictor_mask, example by example. So that the trainer knows which rows a batch holds, give the dataset an
+`example_id` column (`with_example_ids`) and keep it through shuffling; fingerprint the split as prepared, before
+adding that column, both when building and when opening the cache (`cache_identity`).
+
+`TeacherCache.open` compares the settings the trainer expects (teacher fingerprint, tokenizer, dataset, max length,
+mode, k, temperature, ...) with metadata.json and refuses any difference: a cache is never reused for another setting.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from losses import IGNORE_INDEX, predictor_mask
+from train import hidden_at, output_head
+
+FORMAT_VERSION = 1
+MODES = ("topk", "hidden")
+VALUE_DTYPES = ("uint8", "float16")
+METADATA_FILE = "metadata.json"
+SHARD_RECORD_FILE = "shard.json"
+QUANTIZATION_LEVELS = 255  # uint8 codes 0..255
+# Log-probabilities below this are stored as it: exp() of it is 0 in fp32 anyway, and -inf would break quantization.
+LOG_PROB_FLOOR = -1e4
+# Positions whose logits exist at once while the top-k is taken: bounds the memory of a large-vocabulary head.
+HEAD_CHUNK_POSITIONS = 1024
+# The smallest tail mass when k < vocabulary: every token outside the top-k has a non-zero probability, and a tail
+# of exactly 0 (quantization error can push the top-k mass to 1) would make reverse KL infinite.
+TAIL_MASS_FLOOR = 1e-6
+FINGERPRINT_SAMPLE_BYTES = 1 << 20  # the first and last MiB of each weights file
+
+
+class CacheMismatchError(ValueError):
+    """The cache was built for other settings than the ones it is opened for."""
+
+
+class CacheIncompleteError(RuntimeError):
+    """The cache folder is not a finished cache: metadata.json or some shards are missing or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Identity of what is cached
+# ---------------------------------------------------------------------------------------------------------------------
+
+def teacher_fingerprint(path_or_name: str) -> str:
+    """sha256 of the teacher's weights (each safetensors file's name, size, first and last MiB) and config.json.
+
+    A hub name is resolved to its downloaded snapshot (never to the network), so a hub model and a local copy of
+    the same files get the same fingerprint.
+    """
+    folder = Path(path_or_name)
+    if not folder.is_dir():
+        folder = _downloaded_snapshot(path_or_name)
+    weight_files = sorted(folder.glob("*.safetensors"))
+    if not weight_files:
+        raise ValueError(f"teacher {path_or_name!r}: no .safetensors files in {folder}, nothing to fingerprint")
+    digest = hashlib.sha256()
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        digest.update(config_file.read_bytes())  # the config changes logits too (rope, soft-capping, scaling)
+    for weight_file in weight_files:
+        digest.update(_file_sample(weight_file))
+    return digest.hexdigest()
+
+
+def _downloaded_snapshot(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except LocalEntryNotFoundError as error:
+        raise ValueError(f"teacher {name!r} is neither a local folder nor a downloaded hub model: load it once "
+                         "(from_pretrained) or pass its local folder") from error
+
+
+def _file_sample(path: Path) -> bytes:
+    """The name, size, first and last MiB of a file: enough to tell weights apart without reading gigabytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(FINGERPRINT_SAMPLE_BYTES)
+        f.seek(max(size - FINGERPRINT_SAMPLE_BYTES, 0))
+        tail = f.read()
+    return path.name.encode() + size.to_bytes(8, "little") + head + tail
+
+
+def cache_identity(teacher_path: str, tokenizer, dataset, max_length: int) -> dict:
+    """The metadata fields that say which teacher, tokenizer and data a cache belongs to.
+
+    `dataset` is the split as prepared, before `with_example_ids` (adding a column changes the fingerprint).
+    """
+    from preprocess_dataset import _tokenizer_sha256
+
+    return {
+        "teacher": str(teacher_path),
+        "teacher_fingerprint": teacher_fingerprint(teacher_path),
+        "tokenizer_hash": _tokenizer_sha256(tokenizer),
+        "dataset_fingerprint": dataset._fingerprint,
+        "max_length": max_length,
+    }
+
+
+def with_example_ids(dataset):
+    """The dataset with an `example_id` column holding each row's index: the key the cache is read with."""
+    return dataset.add_column("example_id", list(range(len(dataset))))
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------------
+
+def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: float, vocab_size: int,
+                batch_size: int, collator, metadata: dict, rank: int = 0, world_size: int = 1,
+                value_dtype: str = "uint8") -> Path:
+    """Run the teacher (eval, no grad) over this rank's rows of `dataset` and write shard_{rank:05d}; return it.
+
+    `metadata` holds the identity fields (see `cache_identity`); the cache's own settings (mode, k, temperature,
+    value_dtype, vocab_size, hidden_size, num_examples, world_size) are added here. In hidden mode k and the
+    temperature do not apply and are recorded as null. After every rank's shard exists, call `write_metadata`
+    once to finish the cache. A stale metadata.json is removed first, so a cache being rebuilt cannot be opened.
+    """
+    settings = _shard_settings(teacher, dataset, mode=mode, k=k, temperature=temperature, vocab_size=vocab_size,
+                               metadata=metadata, world_size=world_size, value_dtype=value_dtype)
+    _check_example_ids(dataset)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / METADATA_FILE).unlink(missing_ok=True)
+    example_ids = np.arange(rank, len(dataset), world_size, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(_supervised_position_counts(dataset, example_ids))]).astype(np.int64)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{shard_name(rank)}.partial-", dir=cache_dir))
+    try:
+        np.save(staging / "example_ids.npy", example_ids)
+        np.save(staging / "offsets.npy", offsets)
+        writer = ShardWriter(staging, settings, num_positions=int(offsets[-1]))
+        _run_teacher(teacher, dataset, example_ids, offsets, batch_size, collator, writer)
+        writer.close()
+        record = {"rank": rank, "settings": settings, "num_examples": len(example_ids),
+                  "num_positions": int(offsets[-1])}
+        (staging / SHARD_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        return _publish(staging, cache_dir / shard_name(rank))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _run_teacher(teacher, dataset, example_ids: np.ndarray, offsets: np.ndarray, batch_size: int, collator,
+                 writer: "ShardWriter") -> None:
+    """Pass the examples through the teacher's body in batches; the writer turns hidden states into rows."""
+    teacher.eval()
+    with torch.no_grad():
+        for start in range(0, len(example_ids), batch_size):
+            batch_ids = example_ids[start:start + batch_size]
+            batch = collator([dataset[int(i)] for i in batch_ids])
+            positions = predictor_mask(batch["labels"])
+            hidden = hidden_at(teacher, batch["input_ids"], batch["attention_mask"], positions)
+            writer.write(teacher, hidden, expected_end=int(offsets[start + len(batch_ids)]))
+
+
+def _shard_settings(teacher, dataset, *, mode: str, k: int, temperature: float, vocab_size: int, metadata: dict,
+                    world_size: int, value_dtype: str) -> dict:
+    """The full settings a shard is built with: the caller's identity fields plus the cache's own."""
+    if mode not in MODES:
+        raise ValueError(f"unknown cache mode {mode!r}: use one of {MODES}")
+    if mode == "topk" and not 1 <= k <= vocab_size:
+        raise ValueError(f"k = {k} must be between 1 and the vocabulary size {vocab_size}")
+    if mode == "topk" and value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"unknown value_dtype {value_dtype!r}: use one of {VALUE_DTYPES}")
+    own = {
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "k": k if mode == "topk" else None,
+        "temperature": float(temperature) if mode == "topk" else None,
+        "value_dtype": value_dtype if mode == "topk" else "float16",
+        "vocab_size": vocab_size,
+        "hidden_size": teacher.get_output_embeddings().weight.shape[1],
+        "num_examples": len(dataset),
+        "world_size": world_size,
+    }
+    conflicting = sorted(key for key in own if key in metadata and metadata[key] != own[key])
+    if conflicting:
+        raise ValueError(f"metadata {conflicting} contradict build_cache's own arguments; pass identity fields only")
+    return {**metadata, **own}
+
+
+def _check_example_ids(dataset) -> None:
+    """Refuse an `example_id` column that is not the row index: the cache would be read for the wrong rows."""
+    if "example_id" in dataset.column_names and not np.array_equal(np.asarray(dataset["example_id"]),
+                                                                    np.arange(len(dataset))):
+        raise ValueError("the dataset's example_id column is not its row index (was it shuffled or selected after "
+                         "with_example_ids?); cache the prepared split itself")
+
+
+def _supervised_position_counts(dataset, example_ids: np.ndarray) -> np.ndarray:
+    """How many positions of each example predict a supervised token (its True entries in predictor_mask)."""
+    labels = dataset.select(example_ids).with_format("numpy")["labels"]
+    return np.array([np.count_nonzero(row[1:] != IGNORE_INDEX) for row in labels], dtype=np.int64)
+
+
+def shard_name(rank: int) -> str:
+    return f"shard_{rank:05d}"
+
+
+def _publish(staging: Path, shard_dir: Path) -> Path:
+    """Replace `shard_dir` by the finished `staging` folder; a rename, so readers never see half a shard."""
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    staging.rename(shard_dir)
+    return shard_dir
+
+
+class ShardWriter:
+    """Fills a shard's preallocated, memory-mapped arrays batch by batch with the teacher's outputs."""
+
+    def __init__(self, folder: Path, settings: dict, num_positions: int):
+        self.settings = settings
+        self.cursor = 0
+        allocate = np.lib.format.open_memmap
+        if settings["mode"] == "hidden":
+            self.arrays = {"hidden": allocate(folder / "hidden.npy", "w+", np.float16,
+                                              (num_positions, settings["hidden_size"]))}
+            return
+        shape = (num_positions, settings["k"])
+        self.arrays = {"indices": allocate(folder / "indices.npy", "w+", index_dtype(settings["vocab_size"]), shape),
+                       "values": allocate(folder / "values.npy", "w+", np.dtype(settings["value_dtype"]), shape)}
+        if settings["value_dtype"] == "uint8":
+            self.arrays["ranges"] = allocate(folder / "ranges.npy", "w+", np.float16, (num_positions, 2))
+
+    def write(self, teacher, hidden: torch.Tensor, expected_end: int) -> None:
+        """Append one batch's rows, computed from the teacher's final hidden states [n, H] at its positions."""
+        end = self.cursor + hidden.shape[0]
+        if end != expected_end:
+            raise RuntimeError(f"the collated batch has {hidden.shape[0]} supervised positions, the examples' labels "
+                               f"{expected_end - self.cursor}: the collator must keep every label (no truncation)")
+        rows = self._rows(teacher, hidden)
+        for name, array in rows.items():
+            self.arrays[name][self.cursor:end] = array
+        self.cursor = end
+
+    def _rows(self, teacher, hidden: torch.Tensor) -> dict[str, np.ndarray]:
+        if self.settings["mode"] == "hidden":
+            return {"hidden": _to_float16(hidden)}
+        log_probs, indices = teacher_top_k(teacher, hidden, self.settings["k"], self.settings["temperature"],
+                                           self.settings["vocab_size"])
+        rows = {"indices": indices.cpu().numpy().astype(index_dtype(self.settings["vocab_size"]))}
+        if self.settings["value_dtype"] == "float16":
+            rows["values"] = log_probs.cpu().numpy().astype(np.float16)
+        else:
+            rows["values"], rows["ranges"] = quantize_log_probs(log_probs.cpu())
+        return rows
+
+    def close(self) -> None:
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays.clear()
+
+
+def _to_float16(hidden: torch.Tensor) -> np.ndarray:
+    values = hidden.float().cpu().numpy().astype(np.float16)
+    if not np.isfinite(values).all():
+        raise ValueError("the teacher's hidden states overflow float16; use the topk mode for this teacher")
+    return values
+
+
+def teacher_top_k(teacher, hidden: torch.Tensor, k: int, temperature: float,
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of log_softmax(logits / T) [n, k] fp32, descending, and their token ids [n, k], chunk by chunk."""
+    head = output_head(teacher, vocab_size)
+    log_probs, indices = [], []
+    for start in range(0, hidden.shape[0], HEAD_CHUNK_POSITIONS):
+        logits = head(hidden[start:start + HEAD_CHUNK_POSITIONS]).float()
+        top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
+        log_probs.append(top.values.clamp(min=LOG_PROB_FLOOR))
+        indices.append(top.indices)
+    if not log_probs:
+        return hidden.new_zeros((0, k), dtype=torch.float32), torch.zeros((0, k), dtype=torch.long)
+    return torch.cat(log_probs), torch.cat(indices)
+
+
+def quantize_log_probs(log_probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 codes [n, k] and each row's float16 (min, max) [n, 2]: value = min + code * (max - min) / 255.
+
+    The range is rounded outwards to float16 (min down, max up) before the codes are computed, so every value lies
+    inside the stored range and dequantizes within half a stored step of itself.
+    """
+    low = _float16_towards(log_probs.min(dim=-1).values.numpy(), -np.inf)
+    high = _float16_towards(log_probs.max(dim=-1).values.numpy(), np.inf)
+    ranges = np.stack([low, high], axis=-1)
+    low, high = (torch.from_numpy(bound.astype(np.float32)).unsqueeze(-1) for bound in (low, high))
+    step = (high - low) / QUANTIZATION_LEVELS
+    scaled = torch.where(step > 0, (log_probs - low) / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    codes = scaled.round().clamp(0, QUANTIZATION_LEVELS).to(torch.uint8)
+    return codes.numpy(), ranges
+
+
+def _float16_towards(values: np.ndarray, direction: float) -> np.ndarray:
+    """`values` as float16, rounded towards `direction` (-inf or inf) where float16 cannot hold them exactly."""
+    rounded = values.astype(np.float16)
+    overshoot = rounded > values if direction < 0 else rounded < values
+    return np.where(overshoot, np.nextafter(rounded, np.float16(direction)), rounded)
+
+
+def dequantize_log_probs(codes: np.ndarray, ranges: np.ndarray) -> torch.Tensor:
+    """The fp32 log-probabilities [n, k] that `quantize_log_probs` encoded."""
+    ranges = torch.from_numpy(np.asarray(ranges, dtype=np.float32))
+    low, high = ranges[:, :1], ranges[:, 1:]
+    return low + torch.from_numpy(np.asarray(codes, dtype=np.float32)) * ((high - low) / QUANTIZATION_LEVELS)
+
+
+def write_metadata(cache_dir, metadata: dict) -> None:
+    """Finish the cache: check that every shard exists and was built with the same settings, write metadata.json.
+
+    `metadata` is what was passed to `build_cache` (or any subset of the shards' settings); each of its fields must
+    agree with the shards'. Written last and atomically: a folder with metadata.json is a complete cache.
+    """
+    cache_dir = Path(cache_dir)
+    records = _shard_records(cache_dir)
+    if not records:
+        raise CacheIncompleteError(f"{cache_dir}: no finished shard; run build_cache for every rank first")
+    settings = next(iter(records.values()))["settings"]
+    _check_shards(cache_dir, settings, records)
+    check_expected(settings, metadata, cache_dir)
+    complete = {**settings, "num_positions": sum(record["num_positions"] for record in records.values())}
+    temporary = cache_dir / f"{METADATA_FILE}.tmp"
+    temporary.write_text(json.dumps(complete, indent=2) + "\n")
+    os.replace(temporary, cache_dir / METADATA_FILE)
+
+
+def _shard_records(cache_dir: Path) -> dict[int, dict]:
+    """Each finished shard's shard.json, by rank (staging folders of unfinished shards are not listed)."""
+    records = {}
+    for record_file in sorted(cache_dir.glob(f"shard_*/{SHARD_RECORD_FILE}")):
+        record = json.loads(record_file.read_text())
+        records[record["rank"]] = record
+    return records
+
+
+def _check_shards(cache_dir: Path, settings: dict, records: dict[int, dict]) -> None:
+    """Refuse missing shards and shards built with other settings than `settings`."""
+    missing = [shard_name(rank) for rank in range(settings["world_size"]) if rank not in records]
+    if missing:
+        raise CacheIncompleteError(f"{cache_dir}: incomplete cache, missing {', '.join(missing)} of "
+                                   f"{settings['world_size']} shards; build them (rank/world_size) or rebuild it")
+    for rank, record in sorted(records.items()):
+        differing = sorted(key for key in settings.keys() | record["settings"].keys()
+                           if record["settings"].get(key) != settings.get(key))
+        if differing:
+            raise CacheIncompleteError(
+                f"{cache_dir}: {shard_name(rank)} was built with other settings ("
+                + ", ".join(f"{key}: {record['settings'].get(key)!r} instead of {settings.get(key)!r}"
+                            for key in differing) + "); rebuild the cache")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------------
+
+class TeacherCache:
+    """A finished cache, memory-mapped: targets for any examples, by dataset row index."""
+
+    def __init__(self, cache_dir: Path, metadata: dict, shards: list[dict[str, np.ndarray]]):
+        self.cache_dir = cache_dir
+        self.metadata = metadata
+        self.shards = shards  # per rank: example_ids, offsets and the mode's arrays, all np.memmap
+
+    @classmethod
+    def open(cls, cache_dir, expected: dict) -> "TeacherCache":
+        """Open the cache in `cache_dir` if it is complete and built for `expected`'s settings.
+
+        Every field of `expected` (e.g. cache_identity(...) plus mode, k, temperature, value_dtype, vocab_size) must
+        equal the cached one, else CacheMismatchError names it. Hidden-mode caches hold no k or temperature (null):
+        leave those out of `expected` for them.
+        """
+        cache_dir = Path(cache_dir)
+        metadata = _read_metadata(cache_dir)
+        check_expected(metadata, {"format_version": FORMAT_VERSION, **expected}, cache_dir)
+        settings = {key: value for key, value in metadata.items() if key != "num_positions"}
+        _check_shards(cache_dir, settings, _shard_records(cache_dir))
+        shards = [_map_shard(cache_dir / shard_name(rank), metadata) for rank in range(metadata["world_size"])]
+        return cls(cache_dir, metadata, shards)
+
+    @property
+    def mode(self) -> str:
+        return self.metadata["mode"]
+
+    def topk_targets(self, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's (k + 1)-bucket targets at the examples' supervised positions, at the cached temperature.
+
+        Returns log_probs [N, k] fp32 (top-k log-probabilities, descending), indices [N, k] int64 (their token ids)
+        and tail_log_prob [N] fp32 (log of the mass of every other token), with N the examples' supervised positions
+        in the order given, position by position within each example: the rows of predictor_mask for a batch of
+        these examples. Each row's exp(log_probs).sum() + exp(tail_log_prob) is 1: the tail is 1 - (top-k mass),
+        at least TAIL_MASS_FLOOR when k < vocabulary (the top-k is scaled down when quantization pushed its mass
+        above that), and exactly 0 (-inf) when k = vocabulary.
+        """
+        self._require_mode("topk")
+        indices = torch.from_numpy(self._gather("indices", example_ids).astype(np.int64))
+        values = self._gather("values", example_ids)
+        if self.metadata["value_dtype"] == "uint8":
+            log_probs = dequantize_log_probs(values, self._gather("ranges", example_ids))
+        else:
+            log_probs = torch.from_numpy(values.astype(np.float32))
+        log_probs, tail_log_prob = with_tail_bucket(log_probs, self.metadata["k"] == self.metadata["vocab_size"])
+        return log_probs, indices, tail_log_prob
+
+    def hidden_states(self, example_ids: list[int]) -> torch.Tensor:
+        """The teacher's final hidden states [N, H] fp32 at the examples' supervised positions (order: topk_targets).
+
+        Logits: train.output_head(teacher, vocab_size)(hidden_states).
+        """
+        self._require_mode("hidden")
+        return torch.from_numpy(self._gather("hidden", example_ids).astype(np.float32))
+
+    def _require_mode(self, mode: str) -> None:
+        if self.mode != mode:
+            raise ValueError(f"{self.cache_dir} is a {self.mode!r} cache, not a {mode!r} one")
+
+    def _gather(self, name: str, example_ids: list[int]) -> np.ndarray:
+        """The rows of array `name` for the examples' positions, concatenated in the order of `example_ids`."""
+        parts = []
+        for example_id in example_ids:
+            shard = self.shards[int(example_id) % len(self.shards)]
+            start, end = _position_range(shard, int(example_id), self.metadata["num_examples"])
+            parts.append(shard[name][start:end])
+        if not parts:
+            return np.asarray(self.shards[0][name][:0])
+        return np.concatenate(parts)
+
+
+def with_tail_bucket(log_probs: torch.Tensor, full_vocabulary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities [n, k] and the tail's [n], normalised so that the k + 1 buckets sum to 1.
+
+    Stored values only approximate the teacher's: their mass can exceed 1, or (k = vocabulary) fall short of it.
+    """
+    top_log_mass = torch.logsumexp(log_probs, dim=-1)
+    if full_vocabulary:
+        return log_probs - top_log_mass.unsqueeze(-1), torch.full_like(top_log_mass, float("-inf"))
+    tail_mass = (1 - top_log_mass.exp()).clamp(min=TAIL_MASS_FLOOR)
+    return log_probs + (torch.log1p(-tail_mass) - top_log_mass).unsqueeze(-1), tail_mass.log()
+
+
+def _read_metadata(cache_dir: Path) -> dict:
+    path = cache_dir / METADATA_FILE
+    if not path.is_file():
+        raise CacheIncompleteError(f"{cache_dir}: no {METADATA_FILE}, so the cache was never finished (or is being "
+                                   "rebuilt); build every shard, then write_metadata, or run teacher_cache.py")
+    return json.loads(path.read_text())
+
+
+def check_expected(metadata: dict, expected: dict, cache_dir: Path) -> None:
+    """Raise CacheMismatchError naming the first field whose cached value differs from the expected one."""
+    for field, wanted in expected.items():
+        cached = metadata.get(field)
+        if cached != wanted:
+            raise CacheMismatchError(f"{cache_dir}: the teacher cache was built with {field} = {cached!r}, but this "
+                                     f"run wants {field} = {wanted!r}; rebuild the cache for these settings "
+                                     "(teacher_cache.py) or point to another one")
+
+
+def _map_shard(shard_dir: Path, metadata: dict) -> dict[str, np.ndarray]:
+    """A shard's arrays, memory-mapped read-only: reading a batch touches only its rows."""
+    names = ["example_ids", "offsets"]
+    if metadata["mode"] == "hidden":
+        names.append("hidden")
+    else:
+        names += ["indices", "values"] + (["ranges"] if metadata["value_dtype"] == "uint8" else [])
+    missing = [name for name in names if not (shard_dir / f"{name}.npy").is_file()]
+    if missing:
+        raise CacheIncompleteError(f"{shard_dir}: missing {', '.join(missing)}.npy; rebuild the cache")
+    return {name: np.load(shard_dir / f"{name}.npy", mmap_mode="r") for name in names}
+
+
+def _position_range(shard: dict[str, np.ndarray], example_id: int, num_examples: int) -> tuple[int, int]:
+    """The rows [start, end) of `example_id`'s positions in its shard."""
+    local = int(np.searchsorted(shard["example_ids"], example_id))
+    if local >= len(shard["example_ids"]) or shard["example_ids"][local] != example_id:
+        raise KeyError(f"example {example_id} is not in the teacher cache (it holds rows 0..{num_examples - 1})")
+    return int(shard["offsets"][local]), int(shard["offsets"][local + 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="teacher folder or downloaded hub name (safetensors)")
+    parser.add_argument("--data_dir", required=True, help="a folder written by preprocess_dataset.py")
+    parser.add_argument("--split", default="train", help="split of the prepared dataset to cache")
+    parser.add_argument("--output_dir", required=True, help="the cache folder")
+    parser.add_argument("--mode", default="topk", choices=MODES)
+    parser.add_argument("--k", type=int, default=64, help="topk: log-probabilities kept per position")
+    parser.add_argument("--temperature", type=float, default=1.0, help="topk: the training temperature T")
+    parser.add_argument("--value_dtype", default="uint8", choices=VALUE_DTYPES, help="topk: storage of the values")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16 or float16")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from accelerate import PartialState
+
+    import preprocess_dataset
+    import utils
+    from train import PaddingCollator
+
+    args = parse_args(argv)
+    state = PartialState()
+    data, data_metadata = preprocess_dataset.load_dataset_dir(args.data_dir)
+    dataset = data[args.split]
+    tokenizer = utils.load_tokenizer(args.teacher, args.trust_remote_code)
+    identity = cache_identity(args.teacher, tokenizer, dataset, data_metadata["max_length"])
+    if identity["tokenizer_hash"] != data_metadata["tokenizer_sha256"]:
+        raise SystemExit(f"error: {args.data_dir} was tokenized with another tokenizer than the teacher's")
+    teacher = utils.load_causal_lm(args.teacher, utils.frozen_dtype(args.dtype, state.device), args.trust_remote_code)
+    build_cache(teacher.to(state.device), dataset, args.output_dir, mode=args.mode, k=args.k,
+                temperature=args.temperature, vocab_size=len(tokenizer), batch_size=args.batch_size,
+                collator=PaddingCollator(tokenizer.pad_token_id), metadata=identity, rank=state.process_index,
+                world_size=state.num_processes, value_dtype=args.value_dtype)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_metadata(args.output_dir, identity)
+        print(f"teacher cache ({args.mode}) of {len(dataset)} examples written to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
