@@ -19,7 +19,6 @@ real chat data (the embedded ShareGPT when installed, else the test fixture) tok
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,9 +31,10 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 import teacher_cache
-from losses import LossSettings, Projection, chunked_hybrid_loss_sums
+import utils
+from losses import LossSettings, divergence_sum, predictor_mask, sparse_divergence_sum
 from preprocess_dataset import tokenize_conversation
-from train import DistillationTrainer, PaddingCollator, training_arguments
+from train import DistillationTrainer, PaddingCollator, hidden_at, logits_at, output_head, training_arguments
 
 SIZES = {  # hidden, layers, heads, kv heads, MLP width
     "tiny": (128, 2, 2, 1, 344),
@@ -54,8 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement (after one warm-up)")
     parser.add_argument("--cache_k", type=int, default=64)
-    parser.add_argument("--chunk_size", type=int, default=256, help="positions per loss chunk on the chunked path")
-    parser.add_argument("--mem_tokens", type=int, default=1024, help="positions for the memory test (4096 = 4x1024)")
+    parser.add_argument("--chunk_size", type=int, default=128, help="positions per loss chunk on the chunked path")
+    parser.add_argument("--mem_tokens", type=int, default=4096, help="positions in the memory test (4 x 1024)")
     parser.add_argument("--round_steps", type=int, default=4, help="steps per round for the 3-round wall time")
     parser.add_argument("--json", default=None, help="write the results here too")
     return parser.parse_args(argv)
@@ -63,24 +63,22 @@ def parse_args(argv=None):
 
 # --- setup --------------------------------------------------------------------------------------------------------
 
-def bench_tokenizer_and_chats(num_chats: int):
-    """A real chat tokenizer and real conversations: the embedded ones when installed, else the test fixtures."""
+def bench_assets(num_chats: int):
+    """A real chat tokenizer, real conversations and the real teacher's folder when the embedded packages are
+    installed; else the test fixtures' tokenizer and chats, and no teacher folder."""
+    import embedded
+    from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
+
     try:
-        import embedded
-        from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
-
-        cache_dir = Path(".cache")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(embedded.resolve_teacher(EMBEDDED_TEACHER, cache_dir))
-        with open(embedded.resolve_dataset(EMBEDDED_DATASET, cache_dir)) as f:
+        teacher_dir = embedded.resolve_teacher(EMBEDDED_TEACHER, ".cache")
+        with open(embedded.resolve_dataset(EMBEDDED_DATASET, ".cache")) as f:
             chats = [json.loads(line) for _, line in zip(range(num_chats), f)]
+        return utils.load_tokenizer(teacher_dir), chats, teacher_dir
     except embedded.MissingPackageError:
         sys.path.insert(0, str(Path(__file__).parent / "tests"))
         from conftest import build_tokenizer, load_chats
 
-        tokenizer, chats = build_tokenizer("chatml"), load_chats()
-    return tokenizer, chats
+        return build_tokenizer("chatml"), load_chats(), None
 
 
 def random_llama(size: str, vocab_size: int, tokenizer, seed: int, dtype=torch.float32):
@@ -112,8 +110,9 @@ def bench_args(options, output_dir, steps):
         steps_per_round, batch_size, grad_accum, learning_rate = steps, options.batch_size, 1, 1e-4
         lr_scheduler, warmup_ratio, weight_decay, max_grad_norm = "constant", 0.0, 0.0, 1.0
         logging_steps, seed, gradient_checkpointing = 1000, 0, False
-    return training_arguments(Knobs, output_dir, 0, use_cpu=not torch.cuda.is_available(),
-                              bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    device = utils.select_device("auto")
+    return training_arguments(Knobs, output_dir, 0, use_cpu=device.type == "cpu",
+                              bf16=utils.use_bf16_autocast("auto", device))
 
 
 def median_step(timer: StepTimer) -> float:
@@ -123,6 +122,7 @@ def median_step(timer: StepTimer) -> float:
 # --- 1, 4, 5: throughput -----------------------------------------------------------------------------------------
 
 def time_ours(options, student, teacher, members, dataset, tokenizer, cache=None, steps=None) -> float:
+    """Median step time of our DistillationTrainer (online teacher when `cache` is None)."""
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         trainer = DistillationTrainer(student, teacher, members, LossSettings(), len(tokenizer),
@@ -163,21 +163,33 @@ def time_gkd(options, student, teacher, chats, tokenizer) -> float:
 # --- 2: loss-path memory ------------------------------------------------------------------------------------------
 
 def loss_path_peak_bytes(path: str, positions: int, chunk_size: int, hidden: int = 896) -> int:
-    """Peak resident memory added by one forward+backward of the loss path, measured in a fresh process."""
+    """Peak resident memory added by one forward+backward of the loss path, measured in a fresh process.
+
+    Linux resets a process's peak RSS (VmHWM) when "5" is written to /proc/self/clear_refs: the peak is taken from
+    just before the loss path runs, so model construction does not hide it. The head's weight gradient, which
+    every training step holds whatever its loss path, is allocated before the measurement.
+    """
     code = f"""
-import resource, torch
+import torch
 from losses import LossSettings, Projection, chunked_hybrid_loss_sums
+
+def status(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+
 torch.manual_seed(0)
 student_head = torch.nn.Linear({hidden}, {QWEN_VOCAB}, bias=False)
 teacher_head = torch.nn.Linear({hidden}, {QWEN_VOCAB}, bias=False).requires_grad_(False)
 student_hidden = torch.randn({positions}, {hidden}, requires_grad=True)
 teacher_hidden = torch.randn({positions}, {hidden})
 targets = torch.randint(0, {QWEN_VOCAB}, ({positions},))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# The head's weight gradient (hidden x vocabulary) exists in any training step: allocate it before measuring.
+student_head.weight.grad = torch.empty_like(student_head.weight).fill_(1.0).zero_()  # touched: resident
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")
 sums = chunked_hybrid_loss_sums(Projection(student_hidden, student_head), Projection(teacher_hidden, teacher_head),
                                 [], targets, LossSettings(), {chunk_size if path == "chunked" else 0})
 sums.total.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(status("VmHWM:") - before)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).parent)
@@ -194,50 +206,59 @@ def cache_bytes_per_token(cache_dir: Path, num_tokens: int) -> float:
 def main(argv=None):
     options = parse_args(argv)
     results = {"settings": vars(options)}
-    tokenizer, chats = bench_tokenizer_and_chats(num_chats=options.batch_size * (options.steps + 2) * 3)
+    tokenizer, chats, teacher_dir = bench_assets(num_chats=options.batch_size * (options.steps + 2) * 3)
     rows = [tokenize_conversation(chat["messages"], tokenizer, options.max_length) for chat in chats]
     dataset = Dataset.from_list([row for row in rows if row is not None])
     dataset = dataset.add_column("example_id", list(range(len(dataset))))
     supervised_per_step = options.batch_size * statistics.mean(
         sum(label != -100 for label in labels[1:]) for labels in dataset["labels"])
     vocab = len(tokenizer)
-    teacher = random_llama(options.teacher_size, vocab, tokenizer, seed=1).eval()
+    device = utils.select_device("auto")
+    dtype = utils.frozen_dtype("auto", device)
+    if options.teacher_size == "135m" and teacher_dir is not None:
+        teacher = utils.load_causal_lm(teacher_dir, dtype).eval()  # the real SmolLM2: realistic distributions
+    else:
+        teacher = random_llama(options.teacher_size, vocab, tokenizer, seed=1, dtype=dtype).eval()
+    results["teacher"] = teacher_dir if options.teacher_size == "135m" and teacher_dir else "random"
 
     def fresh_student(seed=2):
         return random_llama(options.student_size, vocab, tokenizer, seed=seed)
 
-    # 1. throughput
-    with tempfile.TemporaryDirectory() as cache_dir:
-        started = time.perf_counter()
-        cache = build_bench_cache(options, teacher, dataset, tokenizer, Path(cache_dir))
-        cache_build_seconds = time.perf_counter() - started
+    # 1, 3, 4: step times and the caches
+    with tempfile.TemporaryDirectory() as cache_root:
+        caches, build_seconds = build_bench_caches(options, teacher, dataset, tokenizer, Path(cache_root))
         step = {
             "sft": time_sft(options, fresh_student(), dataset, tokenizer),
-            "ours_cached": time_ours(options, fresh_student(), teacher, [], dataset, tokenizer, cache=cache),
+            "ours_cached_topk": time_ours(options, fresh_student(), teacher, [], dataset, tokenizer, caches["topk"]),
+            "ours_cached_hidden": time_ours(options, fresh_student(), teacher, [], dataset, tokenizer,
+                                            caches["hidden"]),
             "ours_online": time_ours(options, fresh_student(), teacher, [], dataset, tokenizer),
             "gkd": time_gkd(options, fresh_student(), teacher, chats, tokenizer),
         }
         members = [fresh_student(seed=10 + i).eval() for i in range(3)]
-        step["ours_cached_3_members"] = time_ours(options, fresh_student(), teacher, members, dataset, tokenizer,
-                                                  cache=cache)
+        step["ours_cached_topk_3_members"] = time_ours(options, fresh_student(), teacher, members, dataset,
+                                                       tokenizer, caches["topk"])
         results["step_seconds"] = step
         results["tokens_per_second"] = {k: supervised_per_step / v for k, v in step.items()}
-        results["cache_bytes_per_token"] = cache_bytes_per_token(Path(cache_dir), count_supervised(dataset))
-        results["cache_kl_error"] = cache_kl_error(teacher, cache, dataset, tokenizer, options)
+        tokens = count_supervised(dataset)
+        results["cache_bytes_per_token"] = {mode: cache_bytes_per_token(Path(cache_root) / mode, tokens)
+                                            for mode in caches}
+        results["cache_kl_error"] = cache_kl_error(teacher, fresh_student(), caches, dataset, tokenizer,
+                                                   options.batch_size)
 
         # 5. three rounds: cached (its build included) against online
         started = time.perf_counter()
         for round_index in range(3):
             time_ours(options, fresh_student(), teacher, members[:round_index], dataset, tokenizer,
-                      cache=cache, steps=options.round_steps)
-        cached_rounds = time.perf_counter() - started + cache_build_seconds
+                      caches["topk"], steps=options.round_steps)
+        cached_rounds = time.perf_counter() - started + build_seconds["topk"]
     started = time.perf_counter()
     for round_index in range(3):
         time_ours(options, fresh_student(), teacher, members[:round_index], dataset, tokenizer,
                   steps=options.round_steps)
     online_rounds = time.perf_counter() - started
     results["three_rounds_seconds"] = {"cached_with_build": cached_rounds, "online": online_rounds,
-                                       "cache_build": cache_build_seconds}
+                                       "cache_build": build_seconds["topk"]}
 
     # 2. memory
     naive = loss_path_peak_bytes("naive", options.mem_tokens, options.chunk_size)
@@ -245,16 +266,52 @@ def main(argv=None):
     results["loss_path_peak_bytes"] = {"naive": naive, "chunked": chunked}
 
     results["ratios"] = {
-        "cached_tokens_per_s_over_gkd": step["gkd"] / step["ours_cached"],
-        "cached_step_over_sft_step": step["ours_cached"] / step["sft"],
+        "cached_tokens_per_s_over_gkd": step["gkd"] / step["ours_cached_topk"],
+        "cached_step_over_sft_step": step["ours_cached_topk"] / step["sft"],
         "chunked_memory_over_naive": chunked / naive,
-        "round4_step_over_round1_step": step["ours_cached_3_members"] / step["ours_cached"],
+        "round4_step_over_round1_step": step["ours_cached_topk_3_members"] / step["ours_cached_topk"],
         "online_3_rounds_over_cached_3_rounds": online_rounds / cached_rounds,
     }
     print_report(results)
     if options.json:
         Path(options.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def build_bench_caches(options, teacher, dataset, tokenizer, cache_root: Path) -> tuple[dict, dict]:
+    """A top-k and a hidden-state cache of the training data; returns the caches and their build seconds."""
+    caches, seconds = {}, {}
+    identity = {"teacher": "bench", "dataset_fingerprint": dataset._fingerprint, "max_length": options.max_length}
+    for mode in ("topk", "hidden"):
+        started = time.perf_counter()
+        teacher_cache.build_cache(teacher, dataset, cache_root / mode, mode=mode, k=options.cache_k, temperature=1.0,
+                                  vocab_size=len(tokenizer), batch_size=options.batch_size,
+                                  collator=PaddingCollator(tokenizer.pad_token_id), metadata=identity)
+        teacher_cache.write_metadata(cache_root / mode, identity)
+        caches[mode] = teacher_cache.TeacherCache.open(cache_root / mode, identity)
+        seconds[mode] = time.perf_counter() - started
+    return caches, seconds
+
+
+@torch.no_grad()
+def cache_kl_error(teacher, student, caches: dict, dataset, tokenizer, batch_size: int) -> dict:
+    """KL(teacher || student) per supervised token, from the dense online teacher and from each cache."""
+    collator, vocab = PaddingCollator(tokenizer.pad_token_id), len(tokenizer)
+    totals = {"dense": 0.0, **dict.fromkeys(caches, 0.0)}
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        positions = predictor_mask(batch["labels"])
+        student_logits = logits_at(student, batch["input_ids"], batch["attention_mask"], positions, vocab)
+        teacher_hidden = hidden_at(teacher, batch["input_ids"], batch["attention_mask"], positions)
+        ids = batch["example_id"].tolist()
+        totals["dense"] += divergence_sum(output_head(teacher, vocab)(teacher_hidden), student_logits).item()
+        totals["topk"] += sparse_divergence_sum(*caches["topk"].topk_targets(ids), student_logits).item()
+        cached_logits = output_head(teacher, vocab)(caches["hidden"].hidden_states(ids))
+        totals["hidden"] += divergence_sum(cached_logits, student_logits).item()
+    tokens = count_supervised(dataset)
+    dense = totals["dense"] / tokens
+    return {mode: {"dense": dense, "cache": totals[mode] / tokens,
+                   "relative_error": abs(totals[mode] / tokens - dense) / dense} for mode in caches}
 
 
 def count_supervised(dataset) -> int:

@@ -60,7 +60,8 @@ def output_head(model, vocab_size: int):
     head = model.get_output_embeddings()
 
     def project(hidden: torch.Tensor) -> torch.Tensor:
-        return cut_to_vocab(apply_logit_transforms(model.config, head(hidden.to(head.weight.device))), vocab_size)
+        hidden = hidden.to(device=head.weight.device, dtype=head.weight.dtype)  # cached states are fp32
+        return cut_to_vocab(apply_logit_transforms(model.config, head(hidden)), vocab_size)
 
     return project
 
