@@ -2,7 +2,7 @@
 
     python bench.py                                   # small CPU settings, a few minutes; prints a table
     python bench.py --json bench.json                 # also write the numbers as JSON
-    python bench.py --teacher_size 0.5b --student_size 0.5b --max_length 1024 --mem_tokens 4096   # GPU scale
+    python bench.py --teacher_size 1.5b --student_size 0.5b --max_length 1024 --batch_size 8   # realistic, GPU
 
 1. step throughput (supervised tokens/s) on identical models, data, batch and length:
    ours with the cached teacher, ours with the online teacher, TRL's GKDTrainer in its supervised setting
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--cache_k", type=int, default=64)
     parser.add_argument("--chunk_size", type=int, default=128, help="positions per loss chunk on the chunked path")
     parser.add_argument("--mem_tokens", type=int, default=4096, help="positions in the memory test (4 x 1024)")
-    parser.add_argument("--round_steps", type=int, default=4, help="steps per round for the 3-round wall time")
+    parser.add_argument("--round_steps", type=int, default=12, help="steps per round for the 3-round wall time")
     parser.add_argument("--json", default=None, help="write the results here too")
     return parser.parse_args(argv)
 

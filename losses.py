@@ -69,13 +69,19 @@ def divergence_sum(teacher_logits: torch.Tensor, model_logits: torch.Tensor, kin
     """
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     log_p_model = F.log_softmax(model_logits.float() / temperature, dim=-1)
+    return divergence_from_log_probs(log_p_teacher, log_p_model, kind, beta, kl_sum)
+
+
+def divergence_from_log_probs(log_p_teacher: torch.Tensor, log_p_model: torch.Tensor, kind: str, beta: float,
+                              kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """D between two distributions given as log-probabilities over the same outcomes, with `kl` summing KL."""
     if kind == "forward_kl":
-        return kl_sum(log_p_teacher, log_p_model)
+        return kl(log_p_teacher, log_p_model)
     if kind == "reverse_kl":
-        return kl_sum(log_p_model, log_p_teacher)
+        return kl(log_p_model, log_p_teacher)
     if kind == "jsd":
         log_m = torch.logsumexp(torch.stack([log_p_teacher + math.log(beta), log_p_model + math.log1p(-beta)]), dim=0)
-        return beta * kl_sum(log_p_teacher, log_m) + (1 - beta) * kl_sum(log_p_model, log_m)
+        return beta * kl(log_p_teacher, log_m) + (1 - beta) * kl(log_p_model, log_m)
     raise ValueError(f"unknown divergence {kind!r}: use one of {DIVERGENCES}")
 
 
@@ -188,14 +194,7 @@ def sparse_divergence_sum(teacher_log_probs: torch.Tensor, teacher_indices: torc
     """
     log_p_teacher = torch.cat([teacher_log_probs.float(), teacher_tail_log_prob.float().unsqueeze(-1)], dim=-1)
     log_p_model = bucket_log_probs(model_logits, teacher_indices, temperature)
-    if kind == "forward_kl":
-        return bucket_kl_sum(log_p_teacher, log_p_model)
-    if kind == "reverse_kl":
-        return bucket_kl_sum(log_p_model, log_p_teacher)
-    if kind == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p_teacher + math.log(beta), log_p_model + math.log1p(-beta)]), dim=0)
-        return beta * bucket_kl_sum(log_p_teacher, log_m) + (1 - beta) * bucket_kl_sum(log_p_model, log_m)
-    raise ValueError(f"unknown divergence {kind!r}: use one of {DIVERGENCES}")
+    return divergence_from_log_probs(log_p_teacher, log_p_model, kind, beta, bucket_kl_sum)
 
 
 def bucket_log_probs(logits: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -6,7 +6,6 @@ computed only at supervised positions (hidden states selected before the output 
 (batch x length x vocabulary) logits for the prompt tokens.
 """
 
-import csv
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from losses import (IGNORE_INDEX, LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
                     next_token_targets, predictor_mask)
+from utils import append_csv_rows
 
 
 class PaddingCollator:
@@ -209,12 +209,7 @@ class CsvTrainLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "hybrid" not in logs:
             return
         row = {"round": self.round_index, "step": state.global_step, **{k: logs.get(k) for k in TRAIN_LOG_COLUMNS[2:]}}
-        write_header = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=TRAIN_LOG_COLUMNS)
-            if write_header:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_rows(self.path, [row], TRAIN_LOG_COLUMNS)
 
 
 def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu: bool, bf16: bool) -> SFTConfig:
