@@ -78,6 +78,8 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = False  # recompute student activations in backward: less memory, ~30% slower
     logging_steps: int = 5  # optimizer steps between training-log rows
+    save_steps: int = 20  # optimizer steps between checkpoints (a killed round resumes from the newest)
+    keep_checkpoints: int = 2  # newest checkpoints kept per round; a finished round keeps only its member
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
 
     # --- evaluation ---------------------------------------------------------------------------------------------
@@ -102,6 +104,8 @@ class Config:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
             ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("loss_chunk_size", self.loss_chunk_size >= 0, "must be >= 0 (0 turns chunking off)"),
             ("max_length", self.max_length >= 8, "must be >= 8 tokens"),
             ("test_size", self.test_size >= 1, "must be >= 1"),
@@ -162,6 +166,7 @@ PRESETS: dict[str, dict] = {
         weight_decay=0.01,
         gradient_checkpointing=True,
         logging_steps=20,
+        save_steps=200,
         eval_batch_size=16,
     ),
     # Tiny and fast, for the test suite: a random-init student, a handful of steps. The tests point `teacher`
@@ -181,6 +186,7 @@ PRESETS: dict[str, dict] = {
         batch_size=4,
         learning_rate=1e-3,
         logging_steps=1,
+        save_steps=1,
         eval_batch_size=4,
     ),
 }

@@ -21,23 +21,26 @@ import argparse
 import copy
 import hashlib
 import json
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from accelerate import PartialState
 
 import config as config_lib
 import embedded
 import preprocess_dataset
+import run_state
 import teacher_cache
 import utils
 from ensemble import ModelEnsemble
 from evaluation import evaluate
 from losses import LossSettings
-from train import CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, training_arguments
+from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at,
+                   training_arguments)
 
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement",
                   "num_tokens", "seconds"]
@@ -63,6 +66,9 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
     saved = Path(args.resume) / "config.yaml"
     if not saved.is_file():
         raise config_lib.ConfigError(f"--resume {args.resume!r} is not a run folder: it has no config.yaml")
+    if run_state.load_manifest(Path(args.resume)) is None:
+        raise config_lib.ConfigError(f"--resume {args.resume!r} has a config.yaml but no {run_state.MANIFEST}: "
+                                     "it did not get past its setup; start a new run instead")
     values = config_lib.read_yaml(saved)
     conflicting = sorted(k for k, v in overrides.items() if k != "total_rounds" and
                          config_lib.coerce(k, v, config_lib.field_types()[k]) != values.get(k))
@@ -129,18 +135,6 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_s
     return teacher_cache.TeacherCache.open(cache_dir, expected)
 
 
-def load_manifest(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {"rounds_done": [], "members": []}
-
-
-def write_manifest(run_dir: Path, manifest: dict) -> None:
-    """Atomically: a crash leaves the old manifest or the new one, never half of one."""
-    tmp = run_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, run_dir / "manifest.json")
-
-
 def metric_rows(round_index: int, results: dict, sizes: dict, seconds: float) -> list[dict]:
     """One row per evaluated model; `seconds` is the whole evaluation pass, shared by its rows."""
     return [{"round": round_index, "model": name, "ensemble_size": sizes[name], **metrics,
@@ -162,7 +156,7 @@ def print_final_table(metrics_path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    # --- setup --------------------------------------------------------------------------------------------------
+    # --- setup: everything that can refuse the run does so before any run folder is created or touched ---------
     args = parse_args(argv)
     config = resolve_config(args)
     if args.dry_run:
@@ -170,12 +164,6 @@ def main(argv=None) -> int:
         return 0
     state = PartialState()
     device = utils.select_device(config.device)
-    run_dir = Path(args.resume) if args.resume else utils.new_run_dir(config.output_root)
-    if state.is_main_process:
-        config_lib.save_config(config, run_dir / "config.yaml")
-    print_plan(config, run_dir)
-    manifest = load_manifest(run_dir)
-
     teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
     tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
     vocab_size = len(tokenizer)
@@ -193,13 +181,24 @@ def main(argv=None) -> int:
     train_split = teacher_cache.with_example_ids(data["train"])
     settings = LossSettings(alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
                             jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine)
+
+    # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
+    first_student = utils.build_student(config, teacher, tokenizer, 0)
+    output_folder = Path(args.resume) if args.resume else Path(config.output_root)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    run_state.check_disk_space(output_folder, utils.count_parameters(first_student))
+    del first_student
+
+    run_dir, manifest = open_run(args, config, state)
+    print_plan(config, run_dir)
+    preemption = run_state.PreemptionSignal().install()
     ensemble_dir = run_dir / "ensemble"
     members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype).to(device).eval()
                for path in manifest["members"]]
 
     # --- rounds -------------------------------------------------------------------------------------------------
     for round_index in range(config.total_rounds):
-        if round_index in manifest["rounds_done"]:
+        if run_state.round_status(manifest, round_index) == "done":
             print(f"round {round_index}: done earlier, skipped")
             continue
         print(f"\n=== round {round_index + 1}/{config.total_rounds}: {len(members)} frozen member(s) ===")
@@ -208,42 +207,69 @@ def main(argv=None) -> int:
         # The untrained copy is scored with the trained models below, so each round runs the teacher once.
         untrained = copy.deepcopy(student).to(frozen_dtype).eval().requires_grad_(False)
 
-        trainer = DistillationTrainer(
-            model=student, teacher=teacher, members=members, settings=settings, vocab_size=vocab_size,
-            args=training_arguments(config, run_dir / "checkpoints" / f"round_{round_index}", round_index,
-                                    use_cpu=device.type == "cpu", bf16=utils.use_bf16_autocast(config.dtype, device)),
-            train_dataset=train_split, processing_class=tokenizer,
-            callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index)], chunk_size=config.loss_chunk_size,
-            teacher_cache=cache)
-        trainer.train()
-
-        member_subfolder = f"member_{round_index}"
-        if state.is_main_process:
-            student.save_pretrained(ensemble_dir / member_subfolder)
-            tokenizer.save_pretrained(ensemble_dir / member_subfolder)
+        checkpoint_dir = run_dir / "checkpoints" / f"round_{round_index}"
+        member_dir = ensemble_dir / f"member_{round_index}"
+        if (member_dir / "config.json").is_file():  # saved atomically: training finished, evaluation did not
+            print(f"round {round_index}: trained earlier, evaluating {member_dir}")
+            student = utils.load_causal_lm(str(member_dir), torch.float32).to(device)
+        else:
+            run_state.check_disk_space(run_dir, utils.count_parameters(student))
+            resume_from = run_state.latest_complete_checkpoint(checkpoint_dir)
+            if state.is_main_process:
+                manifest["rounds"][str(round_index)] = "training"
+                run_state.write_manifest(run_dir, manifest)
+                # Log rows written after the checkpoint we resume from are logged again by the resumed steps.
+                last_step = run_state.checkpoint_step(resume_from) if resume_from else 0
+                run_state.replace_csv_rows(run_dir / "train_log.csv", TRAIN_LOG_COLUMNS, lambda row: int(
+                    row["round"]) != round_index or int(row["step"]) <= last_step, [])
+            trainer = DistillationTrainer(
+                model=student, teacher=teacher, members=members, settings=settings, vocab_size=vocab_size,
+                args=training_arguments(config, checkpoint_dir, round_index, use_cpu=device.type == "cpu",
+                                        bf16=utils.use_bf16_autocast(config.dtype, device)),
+                train_dataset=train_split, processing_class=tokenizer,
+                callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index),
+                           run_state.StopOnSignal(preemption)],
+                chunk_size=config.loss_chunk_size, teacher_cache=cache)
+            if resume_from and run_state.checkpoint_step(resume_from) >= config.steps_per_round:
+                # Killed after the last step's checkpoint but before the member was saved: nothing left to train
+                # (resuming the Trainer from its final checkpoint would run one step more).
+                student = utils.load_causal_lm(str(resume_from), torch.float32).to(device)
+            else:
+                if resume_from:
+                    print(f"round {round_index}: resuming from {resume_from.name}")
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+                if preemption.received is not None:
+                    return run_state.EXIT_PREEMPTED
+            if state.is_main_process:
+                run_state.save_member_atomically(student, tokenizer, member_dir)
         student = student.to(frozen_dtype).eval().requires_grad_(False)
         members.append(student)
 
         predictors = {"student_untrained": [untrained], "student": [student], "ensemble": members}
         sizes = {"teacher": 0, "student_untrained": 1, "student": 1, "ensemble": len(members)}
-        if not manifest.get("teacher_evaluated"):
+        if not manifest["teacher_evaluated"]:
             predictors = {"teacher": [teacher], **predictors}  # once per run
         started = time.time()
         results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
                            config.combine)
         del untrained
         if state.is_main_process:
-            utils.append_csv_rows(run_dir / "metrics.csv",
-                                  metric_rows(round_index, results, sizes, time.time() - started), METRIC_COLUMNS)
+            # This round's rows replace any that an interrupted evaluation of it left behind.
+            run_state.replace_csv_rows(run_dir / "metrics.csv", METRIC_COLUMNS,
+                                       lambda row: int(row["round"]) != round_index,
+                                       metric_rows(round_index, results, sizes, time.time() - started))
             # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
             ModelEnsemble.from_members(members, config.combine, vocab_size).save_configs(ensemble_dir, tokenizer)
-            manifest["members"].append(str(Path("ensemble") / member_subfolder))
-            manifest["rounds_done"].append(round_index)
+            manifest["members"].append(str(member_dir.relative_to(run_dir)))
+            manifest["rounds"][str(round_index)] = "done"
             manifest["teacher_evaluated"] = True
-            write_manifest(run_dir, manifest)
+            run_state.write_manifest(run_dir, manifest)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the member is the round's final state
         print(f"round {round_index}: student ce {results['student']['ce']:.4f} "
               f"(untrained {results['student_untrained']['ce']:.4f}), "
               f"ensemble of {len(members)} ce {results['ensemble']['ce']:.4f}")
+        if preemption.received is not None:
+            return run_state.EXIT_PREEMPTED
 
     # --- report -------------------------------------------------------------------------------------------------
     if state.is_main_process:
@@ -252,10 +278,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def open_run(args, config, state) -> tuple[Path, dict]:
+    """The run folder and its manifest: a new folder (never an existing one), or the one being resumed."""
+    if args.resume:
+        return Path(args.resume), run_state.load_manifest(Path(args.resume))  # both checked by resolve_config
+    run_dir = utils.new_run_dir(config.output_root)
+    manifest = run_state.new_manifest(config.fingerprint(), config.seed)
+    if state.is_main_process:
+        config_lib.save_config(config, run_dir / "config.yaml")
+        run_state.write_manifest(run_dir, manifest)
+    return run_dir, manifest
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
-            embedded.MissingPackageError, teacher_cache.CacheMismatchError) as error:
+            embedded.MissingPackageError, teacher_cache.CacheMismatchError, run_state.DiskSpaceError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -121,8 +121,9 @@ class DistillationTrainer(SFTTrainer):
         # the Trainer must neither divide it by the accumulation steps nor skip counting the tokens.
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = True
-        self._logged_sums = {"kl": 0.0, "nll": 0.0}
-        self._last_logged_step = 0
+        # The loss's parts of each optimizer step since the last log, keyed by the step they belong to (so that the
+        # average is right however many micro-batches a step has, and after resuming from a checkpoint).
+        self._parts_by_step: dict[int, dict[str, float]] = {}
 
     def freeze(self, model):
         model.eval().requires_grad_(False)
@@ -153,8 +154,9 @@ class DistillationTrainer(SFTTrainer):
             scale = self.accelerator.num_processes
             loss = loss * scale
         if model.training:
-            self._logged_sums["kl"] += (sums.divergence / num_tokens * scale).item()
-            self._logged_sums["nll"] += (sums.nll / num_tokens * scale).item()
+            parts = self._parts_by_step.setdefault(self.state.global_step, {"kl": 0.0, "nll": 0.0})
+            parts["kl"] += (sums.divergence / num_tokens * scale).item()
+            parts["nll"] += (sums.nll / num_tokens * scale).item()
         return (loss, {"hidden_states": student.hidden}) if return_outputs else loss
 
     def teacher_target(self, inputs, batch, num_positions: int) -> Projection | SparseTarget:
@@ -183,14 +185,13 @@ class DistillationTrainer(SFTTrainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the loss's parts, averaged over the optimizer steps since the last log, to training logs."""
-        steps = self.state.global_step - self._last_logged_step
-        if "loss" in logs and steps > 0:
-            for key, total in self._logged_sums.items():
-                value = torch.tensor(total / steps, device=self.accelerator.device)
+        if "loss" in logs and self._parts_by_step:
+            for key in ("kl", "nll"):
+                mean = sum(parts[key] for parts in self._parts_by_step.values()) / len(self._parts_by_step)
+                value = torch.tensor(mean, device=self.accelerator.device)
                 logs[key] = round(self.accelerator.reduce(value, reduction="mean").item(), 6)
             logs["hybrid"] = logs["loss"]
-            self._logged_sums = dict.fromkeys(self._logged_sums, 0.0)
-            self._last_logged_step = self.state.global_step
+            self._parts_by_step.clear()
         # SFTTrainer.log adds its own token metrics, which our compute_loss does not collect.
         super(SFTTrainer, self).log(logs, start_time)
 
@@ -230,7 +231,9 @@ def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu
         bf16=bf16,  # SFTConfig defaults to bf16 even on CPU: always say which
         activation_checkpointing=config.gradient_checkpointing,
         use_cpu=use_cpu,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.keep_checkpoints,
         report_to=[],
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},

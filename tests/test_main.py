@@ -1,8 +1,12 @@
 """main.py end to end with the `test` preset: rounds, run folder, metrics, resume, and refusals."""
 
+import json
 import math
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +14,7 @@ import pytest
 import yaml
 
 import main
+import run_state
 from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
 
@@ -125,3 +130,220 @@ def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_p
         pd.testing.assert_series_equal(cached_log[column], online_log[column], rtol=1e-3)
     (cache_dir,) = (tmp_path / "cached" / "cache" / "teacher_cache").iterdir()
     assert (cache_dir / "metadata.json").is_file()
+
+
+# --- surviving interruption ---------------------------------------------------------------------------------------
+
+RESUMABLE = ("--total_rounds", "2", "--steps_per_round", "6")
+
+
+def start_run(tiny_teacher_dir, tmp_path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "main.py", *cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def resume_until_done(run_dir: Path) -> None:
+    result = subprocess.run([sys.executable, "main.py", "--resume", str(run_dir)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def wait_for(process: subprocess.Popen, condition, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before the moment to kill it: {process.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out waiting for the moment to kill the run"
+        time.sleep(0.01)
+
+
+def run_dirs(tmp_path) -> list[Path]:
+    return sorted((tmp_path / "runs").glob("*/run_*"))
+
+
+def train_log_rows(tmp_path) -> int:
+    dirs = run_dirs(tmp_path)
+    path = dirs[0] / "train_log.csv" if dirs else None
+    return len(path.read_text().splitlines()) - 1 if path and path.is_file() else 0
+
+
+def partial_checkpoint_exists(tmp_path) -> bool:
+    dirs = run_dirs(tmp_path)
+    return bool(dirs) and any(not (c / "trainer_state.json").exists()
+                              for c in (dirs[0] / "checkpoints").glob("round_*/checkpoint-*"))
+
+
+def round_done(tmp_path, round_index) -> bool:
+    dirs = run_dirs(tmp_path)
+    manifest = dirs[0] / "manifest.json" if dirs else None
+    return bool(manifest and manifest.is_file() and
+                json.loads(manifest.read_text())["rounds"].get(str(round_index)) == "done")
+
+
+def member_saved(tmp_path, round_index) -> bool:
+    dirs = run_dirs(tmp_path)
+    return bool(dirs) and (dirs[0] / "ensemble" / f"member_{round_index}" / "config.json").exists()
+
+
+KILL_MOMENTS = {
+    "during training": lambda tmp_path: train_log_rows(tmp_path) >= 2,
+    "during a checkpoint write": lambda tmp_path: partial_checkpoint_exists(tmp_path),
+    "during evaluation": lambda tmp_path: member_saved(tmp_path, 0),
+    "between rounds": lambda tmp_path: round_done(tmp_path, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_metrics(tiny_teacher_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)) == 0
+    return final_metrics(tmp_path)
+
+
+def assert_same_finished_run(tmp_path, reference: pd.DataFrame) -> None:
+    (run_dir,) = run_dirs(tmp_path)
+    metrics = final_metrics(tmp_path)
+    assert not metrics.index.duplicated().any()
+    assert list(metrics.index) == list(reference.index)  # every round, every model, once
+    pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), reference.drop(columns="seconds"), rtol=1e-4)
+    train_log = pd.read_csv(run_dir / "train_log.csv")
+    assert list(zip(train_log["round"], train_log["step"])) == [(r, s) for r in (0, 1) for s in range(1, 7)]
+    assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "done", "1": "done"}
+    assert len(ModelEnsemble.from_pretrained(run_dir / "ensemble")) == 2
+    assert not (run_dir / "checkpoints" / "round_0").exists()  # a finished round keeps only its member
+
+
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
+def test_sigkill_at_any_moment_then_resume_finishes_the_same_run(tiny_teacher_dir, tmp_path, uninterrupted_metrics,
+                                                                 moment):
+    process = start_run(tiny_teacher_dir, tmp_path)
+    try:
+        wait_for(process, lambda: KILL_MOMENTS[moment](tmp_path))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (run_dir,) = run_dirs(tmp_path)
+    resume_until_done(run_dir)
+    assert_same_finished_run(tmp_path, uninterrupted_metrics)
+
+
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes(tiny_teacher_dir, tmp_path, uninterrupted_metrics):
+    process = start_run(tiny_teacher_dir, tmp_path)
+    wait_for(process, lambda: train_log_rows(tmp_path) >= 2)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGUSR1)  # a second signal while it saves changes nothing
+    assert process.wait(timeout=300) == run_state.EXIT_PREEMPTED
+    (run_dir,) = run_dirs(tmp_path)
+    assert run_state.latest_complete_checkpoint(run_dir / "checkpoints" / "round_0") is not None
+    assert json.loads((run_dir / "manifest.json").read_text())["rounds"]["0"] == "training"
+    resume_until_done(run_dir)
+    assert_same_finished_run(tmp_path, uninterrupted_metrics)
+
+
+def test_a_round_killed_after_its_last_checkpoint_is_not_trained_further(tiny_teacher_dir, tmp_path,
+                                                                          uninterrupted_metrics):
+    process = start_run(tiny_teacher_dir, tmp_path)
+    try:
+        wait_for(process, lambda: any((c / "trainer_state.json").exists() for c in
+                                      (tmp_path / "runs").glob("*/run_*/checkpoints/round_0/checkpoint-6")))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (run_dir,) = run_dirs(tmp_path)
+    if not round_done(tmp_path, 0):  # as if killed before the member's save (unless the round raced past that)
+        shutil.rmtree(run_dir / "ensemble" / "member_0", ignore_errors=True)
+    resume_until_done(run_dir)
+    assert_same_finished_run(tmp_path, uninterrupted_metrics)
+
+
+# --- bad input: a clear error before any work, and nothing already written is lost -------------------------------
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A run folder from earlier today that no refused command may touch."""
+    run_dir = tmp_path / "runs" / time.strftime("%Y-%m-%d") / "run_1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("round,model,ce\n0,student,1.0\n")
+    return snapshot(tmp_path / "runs")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+BAD_DATA = {
+    "a missing path": (None, "no such file"),
+    "no conversations": ([{"text": "hello"}] * 20, "no 'messages' (role/content turns) or 'conversations'"),
+    "an unknown role": ([{"messages": [{"role": "robot", "content": "beep"}]}] * 20, "unknown role value(s) ['robot']"),
+    "no assistant turn": ([{"messages": [{"role": "user", "content": "hi"}]}] * 20, "no example is left"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_refused_before_any_run_folder_changes(tiny_teacher_dir, tmp_path, existing_run, case):
+    records, message = BAD_DATA[case]
+    dataset = tmp_path / "missing.jsonl" if records is None else write_jsonl(tmp_path / "bad.jsonl", records)
+    args = cli_args(tiny_teacher_dir, tmp_path)
+    args[args.index("--dataset") + 1] = str(dataset)
+    with pytest.raises(main.preprocess_dataset.DataError, match=f"{dataset}") as error:
+        main.main(args)
+    assert message in str(error.value)
+    assert snapshot(tmp_path / "runs") == existing_run
+
+
+def test_nothing_left_after_truncation_is_refused(tiny_teacher_dir, tmp_path, existing_run):
+    with pytest.raises(main.preprocess_dataset.DataError, match="Raise --max_length"):
+        main.main(cli_args(tiny_teacher_dir, tmp_path, "--max_length", "8"))
+    assert snapshot(tmp_path / "runs") == existing_run
+
+
+def test_a_student_with_another_tokenizer_is_refused(tiny_teacher_dir, tmp_path, existing_run):
+    student_dir = tmp_path / "student"
+    other = build_tokenizer("llama3")
+    build_tiny_llama(other).save_pretrained(student_dir)
+    other.save_pretrained(student_dir)
+    with pytest.raises(main.utils.TokenizerMismatchError, match="have different tokenizers"):
+        main.main(cli_args(tiny_teacher_dir, tmp_path, "--student_init", "pretrained", "--student_model",
+                           str(student_dir)))
+    assert snapshot(tmp_path / "runs") == existing_run
+
+
+def test_a_teacher_cache_built_for_other_settings_is_refused(tiny_teacher_dir, tmp_path):
+    cache_args = ("--teacher_mode", "topk", "--cache_k", "8", "--total_rounds", "1")
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, *cache_args)) == 0
+    (cache_dir,) = (tmp_path / "cache" / "teacher_cache").iterdir()
+    metadata = json.loads((cache_dir / "metadata.json").read_text())
+    metadata["temperature"] = 2.0  # as if built for another temperature
+    (cache_dir / "metadata.json").write_text(json.dumps(metadata))
+    before = snapshot(tmp_path / "runs")
+    with pytest.raises(main.teacher_cache.CacheMismatchError, match="temperature = 2.0, but this run wants "
+                                                                     "temperature = 1.0"):
+        main.main(cli_args(tiny_teacher_dir, tmp_path, *cache_args))
+    assert snapshot(tmp_path / "runs") == before
+
+
+def test_not_enough_disk_is_refused_before_a_run_folder_exists(tiny_teacher_dir, tmp_path, existing_run,
+                                                               monkeypatch):
+    monkeypatch.setattr(run_state.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(run_state.DiskSpaceError, match="1,000 bytes free, but the next checkpoints need about"):
+        main.main(cli_args(tiny_teacher_dir, tmp_path))
+    assert snapshot(tmp_path / "runs") == existing_run
+
+
+def test_a_new_run_never_overwrites_an_existing_folder(tiny_teacher_dir, tmp_path, existing_run):
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == 0
+    day = tmp_path / "runs" / time.strftime("%Y-%m-%d")
+    assert sorted(p.name for p in day.iterdir()) == ["run_1", "run_2"]
+    assert {k: v for k, v in snapshot(tmp_path / "runs").items() if "run_1" in k} == existing_run
+
+
+def test_resume_of_a_folder_that_never_finished_setup_is_refused(tmp_path):
+    run_dir = tmp_path / "runs" / "2026-01-01" / "run_1"
+    run_dir.mkdir(parents=True)
+    main.config_lib.save_config(main.config_lib.build_config("test"), run_dir / "config.yaml")
+    with pytest.raises(main.config_lib.ConfigError, match="did not get past its setup"):
+        main.main(["--resume", str(run_dir)])
