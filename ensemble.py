@@ -284,6 +284,7 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU each). Other
         keyword arguments (e.g. `dtype`) go to every member's `from_pretrained`.
         """
+        member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
         config = EnsembleConfig.from_pretrained(pretrained_model_name_or_path)
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [

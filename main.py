@@ -39,8 +39,8 @@ import utils
 from ensemble import ModelEnsemble
 from evaluation import evaluate
 from losses import LossSettings
-from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at,
-                   training_arguments)
+from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, NonFiniteLossError, PaddingCollator,
+                   check_logits_at, training_arguments)
 
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement",
                   "num_tokens", "seconds"]
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                 train_dataset=train_split, processing_class=tokenizer,
                 callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index),
                            run_state.StopOnSignal(preemption)],
-                chunk_size=config.loss_chunk_size, teacher_cache=cache)
+                chunk_size=config.loss_chunk_size, teacher_cache=cache, round_index=round_index)
             if resume_from and run_state.checkpoint_step(resume_from) >= config.steps_per_round:
                 # Killed after the last step's checkpoint but before the member was saved: nothing left to train
                 # (resuming the Trainer from its final checkpoint would run one step more).
@@ -296,4 +296,7 @@ if __name__ == "__main__":
     except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
             embedded.MissingPackageError, teacher_cache.CacheMismatchError, run_state.DiskSpaceError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2)  # bad input: fix it and start again
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

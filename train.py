@@ -99,6 +99,10 @@ def check_logits_at(model, vocab_size: int) -> None:
                          "forward's; this architecture applies an output transform the trainer does not know")
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training kept producing NaN or infinite losses or gradients."""
+
+
 class DistillationTrainer(SFTTrainer):
     """Trains one student through the frozen ensemble of earlier members towards the teacher.
 
@@ -108,7 +112,8 @@ class DistillationTrainer(SFTTrainer):
     """
 
     def __init__(self, model, teacher, members: list, settings: LossSettings, vocab_size: int, args: SFTConfig,
-                 train_dataset, processing_class, callbacks=None, chunk_size: int = 0, teacher_cache=None):
+                 train_dataset, processing_class, callbacks=None, chunk_size: int = 0, teacher_cache=None,
+                 round_index: int = 0, max_bad_steps: int = 3):
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=PaddingCollator(processing_class.pad_token_id), callbacks=callbacks)
         self.settings = settings
@@ -116,6 +121,9 @@ class DistillationTrainer(SFTTrainer):
         self.chunk_size = chunk_size  # supervised positions per loss chunk (0: the whole micro-batch at once)
         self.teacher = self.freeze(teacher) if settings.alpha > 0 else None
         self.teacher_cache = teacher_cache
+        self.round_index = round_index
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
         self.members = [self.freeze(member) for member in members]
         # Our loss is already normalised by the optimizer step's supervised-token count (num_items_in_batch):
         # the Trainer must neither divide it by the accumulation steps nor skip counting the tokens.
@@ -124,6 +132,34 @@ class DistillationTrainer(SFTTrainer):
         # The loss's parts of each optimizer step since the last log, keyed by the step they belong to (so that the
         # average is right however many micro-batches a step has, and after resuming from a checkpoint).
         self._parts_by_step: dict[int, dict[str, float]] = {}
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with a step that skips non-finite gradients (see `guarded_step`)."""
+        optimizer = super().create_optimizer(model)
+        unguarded_step = optimizer.step
+        optimizer.step = lambda *args, **kwargs: self.guarded_step(optimizer, unguarded_step, *args, **kwargs)
+        return optimizer
+
+    def guarded_step(self, optimizer, unguarded_step, *args, **kwargs):
+        """Skip an optimizer step whose gradients are not finite (a NaN or infinite loss or gradient norm).
+
+        The skip is reported with its step and round; `max_bad_steps` skips in a row stop the round with
+        NonFiniteLossError, its checkpoints kept, rather than training on garbage.
+        """
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in gradients):
+            self.bad_steps_in_a_row = 0
+            return unguarded_step(*args, **kwargs)
+        self.bad_steps_in_a_row += 1
+        step = self.state.global_step + 1
+        print(f"round {self.round_index} step {step}: non-finite loss or gradients, step skipped "
+              f"({self.bad_steps_in_a_row} in a row)", flush=True)
+        optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise NonFiniteLossError(f"round {self.round_index}: {self.bad_steps_in_a_row} non-finite steps in a row "
+                                     f"up to step {step}; stopped. The last good checkpoint is kept in "
+                                     f"{self.args.output_dir}; lower the learning rate or check the data")
+        return None
 
     def freeze(self, model):
         model.eval().requires_grad_(False)

@@ -178,3 +178,28 @@ def test_chunked_loss_path_equals_the_unchunked_one_in_value_and_gradients(token
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-5)
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_round(tokenizer, examples, tmp_path,
+                                                                           monkeypatch):
+    import train
+
+    teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
+                           max_steps=6, learning_rate=1e-2)
+    original = train.DistillationTrainer.compute_loss
+    poisoned_steps = {1, 3, 4, 5}  # 0-based global step at which the loss is NaN
+    snapshots = {}
+
+    def sometimes_nan(self, model, inputs, **kwargs):
+        snapshots[self.state.global_step] = copy.deepcopy(model.state_dict())
+        loss = original(self, model, inputs, **kwargs)
+        return loss * float("nan") if self.state.global_step in poisoned_steps else loss
+
+    monkeypatch.setattr(train.DistillationTrainer, "compute_loss", sometimes_nan)
+    with pytest.raises(train.NonFiniteLossError, match="round 0: 3 non-finite steps in a row up to step 6"):
+        trainer.train()
+    # Step 2 (0-based 1) was skipped: the weights after it equal those before it; step 3 trained normally.
+    for key in snapshots[1]:
+        torch.testing.assert_close(snapshots[2][key], snapshots[1][key], rtol=0, atol=0)
+    assert any(not torch.equal(snapshots[3][key], snapshots[2][key]) for key in snapshots[2])

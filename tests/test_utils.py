@@ -1,0 +1,74 @@
+"""utils: students, safe loading, tokenizer checks, run folders."""
+
+import datetime
+
+import pytest
+import torch
+
+import utils
+from config import build_config
+from conftest import build_tiny_llama, build_tokenizer
+
+
+def test_teacher_layer_students_copy_the_chosen_layers_and_shift_per_round(tokenizer):
+    teacher = build_tiny_llama(tokenizer, num_layers=6)
+    config = build_config("demo", None, {"teacher_layers": "0,2,3,5", "teacher_layers_shift": 1})
+    assert utils.student_layer_indices(config, 0, 6) == [0, 2, 3, 5]
+    assert utils.student_layer_indices(config, 1, 6) == [0, 3, 4, 5]
+    assert utils.student_layer_indices(config, 5, 6) == [0, 4, 5]  # clamped inside (first, last); duplicates merged
+    student = utils.build_student(config, teacher, tokenizer, round_index=1)
+    assert student.config.num_hidden_layers == 4
+    teacher_state, student_state = teacher.state_dict(), student.state_dict()
+    for student_layer, teacher_layer in enumerate([0, 3, 4, 5]):
+        key = f"model.layers.{student_layer}.mlp.up_proj.weight"
+        assert torch.equal(student_state[key], teacher_state[key.replace(f".{student_layer}.", f".{teacher_layer}.")])
+    assert torch.equal(student_state["model.embed_tokens.weight"], teacher_state["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="outside the teacher's 6 layers"):
+        utils.student_layer_indices(build_config("demo", None, {"teacher_layers": "0,9"}), 0, 6)
+
+
+def test_random_students_differ_by_round_and_share_the_vocabulary(tokenizer):
+    teacher = build_tiny_llama(tokenizer)
+    config = build_config("test")
+    first, second = (utils.build_student(config, teacher, tokenizer, r) for r in (0, 1))
+    assert first.config.vocab_size == len(tokenizer) and first.config.hidden_size == 32
+    assert not torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
+    again = utils.build_student(config, teacher, tokenizer, 0)
+    assert torch.equal(first.model.embed_tokens.weight, again.model.embed_tokens.weight)  # seeded
+
+
+def test_weights_load_from_safetensors_only(tmp_path, tokenizer):
+    model = build_tiny_llama(tokenizer)
+    pickled = tmp_path / "pickled"  # a folder whose weights are a pickle, which could run code when loaded
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError):
+        utils.load_causal_lm(str(tmp_path / "pickled"))
+    model.save_pretrained(tmp_path / "safe")
+    assert utils.count_parameters(utils.load_causal_lm(str(tmp_path / "safe"))) == utils.count_parameters(model)
+
+
+def test_tokenizers_must_match_but_padded_heads_are_fine(tokenizer):
+    with pytest.raises(utils.TokenizerMismatchError, match="'teacher' .* and student 'student' .* have different"):
+        utils.check_same_tokenizer(tokenizer, build_tokenizer("llama3"), "teacher", "student")
+    utils.check_same_tokenizer(tokenizer, build_tokenizer("chatml"), "teacher", "student")
+    utils.check_vocab_fits(build_tiny_llama(tokenizer, vocab_size=len(tokenizer) + 8), len(tokenizer), "padded")
+    with pytest.raises(utils.TokenizerMismatchError, match="has 300 output rows but the tokenizer has 400"):
+        utils.check_vocab_fits(build_tiny_llama(tokenizer, vocab_size=300), len(tokenizer), "small")
+
+
+def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
+    day = datetime.date(2026, 11, 29)
+    first = utils.new_run_dir(tmp_path, day)
+    (tmp_path / "2026-11-29" / "run_7").mkdir()
+    (tmp_path / "2026-11-29" / "notes").mkdir()
+    second = utils.new_run_dir(tmp_path, day)
+    assert first == tmp_path / "2026-11-29" / "run_1"
+    assert second == tmp_path / "2026-11-29" / "run_8"
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it():
+    cpu = torch.device("cpu")
+    assert utils.frozen_dtype("float32", cpu) == torch.float32
+    assert utils.frozen_dtype("auto", cpu) == (torch.bfloat16 if utils.supports_bf16(cpu) else torch.float32)
+    assert utils.use_bf16_autocast("float32", cpu) is False
