@@ -54,13 +54,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", dest="config_file", default=None, help="YAML file of config overrides")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in this folder")
     parser.add_argument("--dry_run", action="store_true", help="validate the config, print the plan, and stop")
+    parser.add_argument("--job_id", default=None, help="a scheduler's job id (train.sh passes SLURM's): a requeued "
+                        "job with the same id resumes the run it started instead of starting a new one")
     config_lib.add_config_arguments(parser)
     return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> config_lib.Config:
     overrides = {key: value for key, value in vars(args).items()
-                 if key not in ("preset", "config_file", "resume", "dry_run")}
+                 if key not in ("preset", "config_file", "resume", "dry_run", "job_id")}
+    if args.resume is None and args.job_id is not None:
+        args.resume = run_state.find_run_of_job(overrides.get("output_root", config_lib.Config.output_root),
+                                                args.job_id)
+        if args.resume is not None:
+            overrides = {}  # a requeued job repeats its command line: the run's saved config is the one that counts
     if args.resume is None:
         return config_lib.build_config(args.preset, args.config_file, overrides)
     saved = Path(args.resume) / "config.yaml"
@@ -283,7 +290,7 @@ def open_run(args, config, state) -> tuple[Path, dict]:
     if args.resume:
         return Path(args.resume), run_state.load_manifest(Path(args.resume))  # both checked by resolve_config
     run_dir = utils.new_run_dir(config.output_root)
-    manifest = run_state.new_manifest(config.fingerprint(), config.seed)
+    manifest = run_state.new_manifest(config.fingerprint(), config.seed, args.job_id)
     if state.is_main_process:
         config_lib.save_config(config, run_dir / "config.yaml")
         run_state.write_manifest(run_dir, manifest)

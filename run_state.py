@@ -39,9 +39,17 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def new_manifest(config_fingerprint: str, data_seed: int) -> dict:
-    return {"config_fingerprint": config_fingerprint, "data_seed": data_seed, "rounds": {}, "members": [],
-            "teacher_evaluated": False}
+def new_manifest(config_fingerprint: str, data_seed: int, job_id: str | None = None) -> dict:
+    return {"config_fingerprint": config_fingerprint, "data_seed": data_seed, "job_id": job_id, "rounds": {},
+            "members": [], "teacher_evaluated": False}
+
+
+def find_run_of_job(output_root: str | Path, job_id: str) -> str | None:
+    """The run folder that the scheduler job `job_id` started earlier, if any (a requeued job resumes it)."""
+    for manifest_path in sorted(Path(output_root).glob(f"*/run_*/{MANIFEST}")):
+        if json.loads(manifest_path.read_text()).get("job_id") == str(job_id):
+            return str(manifest_path.parent)
+    return None
 
 
 def load_manifest(run_dir: Path) -> dict | None:

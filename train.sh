@@ -16,7 +16,11 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=64G
 #SBATCH --time=24:00:00
-set -euo pipefail
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+# --signal: 5 minutes before the time limit SLURM sends SIGUSR1; main.py checkpoints at the next step and exits
+# with code 75, and this script requeues the job. The requeued job (same job id) resumes the same run folder.
+set -uo pipefail
 
 # sbatch runs a copy of this script from a spool folder: find the project from the submission folder instead.
 PROJECT_DIR=${PROJECT_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
@@ -38,4 +42,10 @@ CPU_FLAG=$(python -c "import torch; print('' if torch.cuda.is_available() else '
 srun --ntasks-per-node=1 bash -c "accelerate launch $CPU_FLAG \
   --num_machines $NUM_NODES --machine_rank \$SLURM_NODEID --num_processes $((NUM_NODES * GPUS_PER_NODE)) \
   --main_process_ip $MAIN_ADDR --main_process_port $MAIN_PORT \
-  main.py $(printf '%q ' "$@")"
+  main.py --job_id ${SLURM_JOB_ID:-local} $(printf '%q ' "$@")"
+status=$?
+if [ "$status" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "preempted: requeueing job $SLURM_JOB_ID to resume its run"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

@@ -347,3 +347,15 @@ def test_resume_of_a_folder_that_never_finished_setup_is_refused(tmp_path):
     main.config_lib.save_config(main.config_lib.build_config("test"), run_dir / "config.yaml")
     with pytest.raises(main.config_lib.ConfigError, match="did not get past its setup"):
         main.main(["--resume", str(run_dir)])
+
+
+def test_a_requeued_job_resumes_the_run_it_started(tiny_teacher_dir, tmp_path):
+    command = cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--job_id", "4242")
+    assert main.main(command) == 0
+    (run_dir,) = run_dirs(tmp_path)
+    assert json.loads((run_dir / "manifest.json").read_text())["job_id"] == "4242"
+    before = (run_dir / "metrics.csv").read_text()
+    assert main.main(command) == 0  # the same job again: its run is found and has nothing left to do
+    assert run_dirs(tmp_path) == [run_dir] and (run_dir / "metrics.csv").read_text() == before
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--job_id", "4243")) == 0
+    assert len(run_dirs(tmp_path)) == 2  # another job starts its own run
