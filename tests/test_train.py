@@ -186,7 +186,7 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_round(token
 
     teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
     trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
-                           max_steps=6, learning_rate=1e-2)
+                           max_steps=6, learning_rate=1e-2, disable_tqdm=True)  # its bar is never closed here
     original = train.DistillationTrainer.compute_loss
     poisoned_steps = {1, 3, 4, 5}  # 0-based global step at which the loss is NaN
     snapshots = {}
