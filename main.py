@@ -119,8 +119,8 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_s
     the same teacher, data and settings); None for the online teacher."""
     if config.teacher_mode == "online":
         return None
-    expected = {**teacher_cache.cache_identity(teacher_path, tokenizer, train_split, config.max_length),
-                "mode": config.teacher_mode, "vocab_size": len(tokenizer)}
+    identity = teacher_cache.cache_identity(teacher_path, tokenizer, train_split, config.max_length)
+    expected = {**identity, "mode": config.teacher_mode, "vocab_size": len(tokenizer)}
     if config.teacher_mode == "topk":
         expected.update(k=config.cache_k, temperature=config.temperature, value_dtype=config.cache_value_dtype)
     key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
@@ -129,7 +129,6 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_s
         return teacher_cache.TeacherCache.open(cache_dir, expected)
     except teacher_cache.CacheIncompleteError:
         print(f"building the teacher cache ({config.teacher_mode}) in {cache_dir}")
-    identity = teacher_cache.cache_identity(teacher_path, tokenizer, train_split, config.max_length)
     teacher_cache.build_cache(teacher, teacher_cache.with_example_ids(train_split), cache_dir,
                               mode=config.teacher_mode, k=config.cache_k, temperature=config.temperature,
                               vocab_size=len(tokenizer), batch_size=config.eval_batch_size, collator=collator,
