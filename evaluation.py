@@ -18,8 +18,6 @@ from ensemble import combine_logits
 from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
 from train import logits_at
 
-METRICS = ("ce", "perplexity", "kl_teacher", "top1_agreement", "num_tokens")
-
 
 @torch.no_grad()
 def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size: int, vocab_size: int,

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 import config as config_lib
 import embedded
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
         return 0
     state = PartialState()
     device = utils.select_device(config.device)
-    teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
+    with state.main_process_first():  # a first-use conversion of the embedded teacher happens once
+        teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
     tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
     vocab_size = len(tokenizer)
     if config.student_init == "pretrained":
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
     teacher = utils.load_causal_lm(teacher_path, frozen_dtype, config.trust_remote_code).to(device).eval()
     utils.check_vocab_fits(teacher, vocab_size, config.teacher)
     check_logits_at(teacher, vocab_size)
-    data = prepare_data(config, tokenizer)
+    with state.main_process_first():  # the first process prepares and caches the data, the others read it
+        data = prepare_data(config, tokenizer)
     print(f"data: {len(data['train'])} training and {len(data['test'])} test examples")
     collator = PaddingCollator(tokenizer.pad_token_id)
     cache = prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
@@ -288,11 +291,13 @@ def open_run(args, config, state) -> tuple[Path, dict]:
     """The run folder and its manifest: a new folder (never an existing one), or the one being resumed."""
     if args.resume:
         return Path(args.resume), run_state.load_manifest(Path(args.resume))  # both checked by resolve_config
-    run_dir = utils.new_run_dir(config.output_root)
     manifest = run_state.new_manifest(config.fingerprint(), config.seed, args.job_id)
-    if state.is_main_process:
+    run_dir = None
+    if state.is_main_process:  # one process picks the folder, so every process agrees on it
+        run_dir = utils.new_run_dir(config.output_root)
         config_lib.save_config(config, run_dir / "config.yaml")
         run_state.write_manifest(run_dir, manifest)
+    (run_dir,) = broadcast_object_list([run_dir])
     return run_dir, manifest
 
 
