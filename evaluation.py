@@ -16,15 +16,17 @@ from torch.utils.data import DataLoader
 
 from ensemble import combine_logits
 from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
-from train import logits_at
+from train import hidden_at, output_head
 
 
 @torch.no_grad()
 def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size: int, vocab_size: int,
-             combine: str = "logits") -> dict[str, dict[str, float]]:
+             combine: str = "logits", chunk_size: int = 1024) -> dict[str, dict[str, float]]:
     """Metrics for each named predictor: a list of models whose logits are combined (one model = itself).
 
-    Each distinct model runs once per batch, however many predictors share it (an ensemble and its members).
+    Each distinct model's body runs once per batch, however many predictors share it (an ensemble and its
+    members); the output heads run on `chunk_size` positions at a time, so no (positions x vocabulary) tensor
+    larger than a chunk is held, even at a 151,936-token vocabulary.
     """
     models = {id(model): model for members in predictors.values() for model in members}
     models[id(teacher)] = teacher
@@ -36,18 +38,14 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
         positions = predictor_mask(batch["labels"])
         if not positions.any():
             continue
-        logits = {key: logits_at(model, batch["input_ids"], batch["attention_mask"], positions, vocab_size).float()
+        hidden = {key: hidden_at(model, batch["input_ids"], batch["attention_mask"], positions)
                   for key, model in models.items()}
-        teacher_logits = logits[id(teacher)]
-        device = teacher_logits.device
-        targets = next_token_targets(batch["labels"]).to(device)
-        teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
-        teacher_top1 = teacher_logits.argmax(dim=-1)
-        for name, members in predictors.items():
-            combined = combine_logits([logits[id(m)].to(device) for m in members], combine)
-            sums[name]["ce"] += nll_sum(combined, targets).item()
-            sums[name]["kl"] += kl_sum(teacher_log_probs, F.log_softmax(combined, dim=-1)).item()
-            sums[name]["agree"] += (combined.argmax(dim=-1) == teacher_top1).sum().item()
+        heads = {key: output_head(model, vocab_size) for key, model in models.items()}
+        targets = next_token_targets(batch["labels"])
+        for start in range(0, len(targets), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = {key: heads[key](hidden[key][rows]).float() for key in models}
+            add_chunk_metrics(sums, predictors, logits, logits[id(teacher)], targets[rows], combine)
         num_tokens += targets.numel()
     if num_tokens == 0:
         raise ValueError("the evaluation split has no supervised token to score")
@@ -55,3 +53,17 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
                    "kl_teacher": s["kl"] / num_tokens, "top1_agreement": s["agree"] / num_tokens,
                    "num_tokens": num_tokens}
             for name, s in sums.items()}
+
+
+def add_chunk_metrics(sums: dict, predictors: dict[str, list], logits: dict, teacher_logits: torch.Tensor,
+                      targets: torch.Tensor, combine: str) -> None:
+    """Add one chunk of positions to every predictor's sums of CE, KL to the teacher and top-1 agreement."""
+    device = teacher_logits.device
+    targets = targets.to(device)
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    teacher_top1 = teacher_logits.argmax(dim=-1)
+    for name, members in predictors.items():
+        combined = combine_logits([logits[id(m)].to(device) for m in members], combine)
+        sums[name]["ce"] += nll_sum(combined, targets).item()
+        sums[name]["kl"] += kl_sum(teacher_log_probs, F.log_softmax(combined, dim=-1)).item()
+        sums[name]["agree"] += (combined.argmax(dim=-1) == teacher_top1).sum().item()
