@@ -1,0 +1,42 @@
+"""generate.py: chat with a saved ensemble or one member, streamed."""
+
+import pytest
+import torch
+
+import generate
+import main
+from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
+from ensemble import ModelEnsemble
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("generate")
+    tokenizer = build_tokenizer("chatml")
+    build_tiny_llama(tokenizer, seed=11, hidden_size=48).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    assert main.main(["--preset", "test", "--teacher", str(tmp_path / "teacher"), "--dataset",
+                      str(DATA_DIR / "chats.jsonl"), "--output_root", str(tmp_path / "runs"),
+                      "--cache_dir", str(tmp_path / "cache")]) == 0
+    (folder,) = (tmp_path / "runs").glob("*/run_*")
+    return folder
+
+
+def test_the_answer_is_streamed_and_is_the_ensembles_greedy_decode(run_dir, capsys):
+    capsys.readouterr()
+    answer = generate.main([str(run_dir), "Tell me the capital of France.", "--max_new_tokens", "8"])
+    assert answer and capsys.readouterr().out.strip() == answer.strip()
+    tokenizer = build_tokenizer("chatml")
+    ensemble = ModelEnsemble.from_pretrained(run_dir / "ensemble")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me the capital of France."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = ensemble.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert answer == tokenizer.decode(expected[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_one_member_answers_alone_and_a_missing_ensemble_is_explained(run_dir, tmp_path):
+    torch.manual_seed(0)
+    alone = generate.main([str(run_dir), "Hello", "--member", "1", "--max_new_tokens", "6"])
+    assert isinstance(alone, str)
+    with pytest.raises(FileNotFoundError, match="no saved ensemble here"):
+        generate.main([str(tmp_path), "Hello"])
