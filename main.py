@@ -209,6 +209,8 @@ def main(argv=None) -> int:
     for round_index in range(config.total_rounds):
         if run_state.round_status(manifest, round_index) == "done":
             print(f"round {round_index}: done earlier, skipped")
+            if state.is_main_process:  # a kill right after the manifest write leaves the checkpoints behind
+                shutil.rmtree(run_dir / "checkpoints" / f"round_{round_index}", ignore_errors=True)
             continue
         print(f"\n=== round {round_index + 1}/{config.total_rounds}: {len(members)} frozen member(s) ===")
         student = utils.build_student(config, teacher, tokenizer, round_index).to(device)

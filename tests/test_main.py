@@ -75,7 +75,10 @@ def test_resume_skips_finished_rounds_and_adds_new_ones(tiny_teacher_dir, tmp_pa
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == 0
     run_dir = only_run_dir(tmp_path)
     first = pd.read_csv(run_dir / "metrics.csv")
+    leftover = run_dir / "checkpoints" / "round_0" / "checkpoint-2"  # as if killed just after the manifest write
+    leftover.mkdir(parents=True)
     assert main.main(["--resume", str(run_dir), "--total_rounds", "2"]) == 0
+    assert not (run_dir / "checkpoints" / "round_0").exists()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["model"]).count("teacher") == 1  # the teacher is evaluated once per run
     assert len(metrics[metrics["round"] == 0]) == 4 and len(metrics[metrics["round"] == 1]) == 3
