@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 
 from ensemble import combine_logits
@@ -21,17 +22,23 @@ from train import hidden_at, output_head
 
 @torch.no_grad()
 def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size: int, vocab_size: int,
-             combine: str = "logits", chunk_size: int = 1024) -> dict[str, dict[str, float]]:
+             combine: str = "logits", chunk_size: int = 1024, state=None) -> dict[str, dict[str, float]]:
     """Metrics for each named predictor: a list of models whose logits are combined (one model = itself).
 
     Each distinct model's body runs once per batch, however many predictors share it (an ensemble and its
     members); the output heads run on `chunk_size` positions at a time, so no (positions x vocabulary) tensor
     larger than a chunk is held, even at a 151,936-token vocabulary.
+
+    With several processes (`state`, an accelerate PartialState), each scores its own contiguous shard of the
+    split and the sums are added up: every example is scored exactly once, nothing is dropped or repeated, and
+    every process returns the same numbers as one process would.
     """
     models = {id(model): model for members in predictors.values() for model in members}
     models[id(teacher)] = teacher
     for model in models.values():
         model.eval()
+    if state is not None and state.num_processes > 1:
+        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=True)
     sums = {name: dict.fromkeys(("ce", "kl", "agree"), 0.0) for name in predictors}
     num_tokens = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
@@ -47,6 +54,8 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
             logits = {key: heads[key](hidden[key][rows]).float() for key in models}
             add_chunk_metrics(sums, predictors, logits, logits[id(teacher)], targets[rows], combine)
         num_tokens += targets.numel()
+    if state is not None and state.num_processes > 1:
+        sums, num_tokens = sum_over_processes(sums, num_tokens, teacher_device=next(teacher.parameters()).device)
     if num_tokens == 0:
         raise ValueError("the evaluation split has no supervised token to score")
     return {name: {"ce": s["ce"] / num_tokens, "perplexity": math.exp(min(s["ce"] / num_tokens, 700.0)),
@@ -67,3 +76,12 @@ def add_chunk_metrics(sums: dict, predictors: dict[str, list], logits: dict, tea
         sums[name]["ce"] += nll_sum(combined, targets).item()
         sums[name]["kl"] += kl_sum(teacher_log_probs, F.log_softmax(combined, dim=-1)).item()
         sums[name]["agree"] += (combined.argmax(dim=-1) == teacher_top1).sum().item()
+
+
+def sum_over_processes(sums: dict, num_tokens: int, teacher_device) -> tuple[dict, int]:
+    """Every process's sums and token count added up (in float64, so the order of addition does not matter)."""
+    names, keys = list(sums), ("ce", "kl", "agree")
+    local = torch.tensor([[sums[name][key] for key in keys] for name in names] + [[num_tokens, 0, 0]],
+                         dtype=torch.float64, device=teacher_device)
+    total = reduce(local, reduction="sum").tolist()
+    return {name: dict(zip(keys, total[i])) for i, name in enumerate(names)}, int(total[-1][0])

@@ -169,8 +169,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         print_plan(config, Path(args.resume) if args.resume else None)
         return 0
-    state = PartialState()
-    device = utils.select_device(config.device)
+    # On CPU, several processes need cpu=True to form a gloo group; on GPUs each process gets its own device.
+    state = PartialState(cpu=utils.select_device(config.device).type == "cpu")
+    device = state.device
     with state.main_process_first():  # a first-use conversion of the embedded teacher happens once
         teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
     tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
             predictors = {"teacher": [teacher], **predictors}  # once per run
         started = time.time()
         results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
-                           config.combine)
+                           config.combine, state=state)
         del untrained
         if state.is_main_process:
             # This round's rows replace any that an interrupted evaluation of it left behind.

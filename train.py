@@ -9,6 +9,7 @@ computed only at supervised positions (hidden states selected before the output 
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel as unwrap_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -53,6 +54,26 @@ def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, posi
     hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                               use_cache=False).last_hidden_state
     return hidden[positions.to(device)]
+
+
+def trained_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """hidden_at for the model being trained, which the Trainer may have wrapped (DDP, FSDP).
+
+    The wrapper's own forward must run: DDP arms its gradient all-reduce there, so calling the inner model directly
+    would leave every process with its own, unsynchronised gradients. The final hidden states are read off the base
+    model's output by a hook; the model's head runs on one position only (logits_to_keep=1) and is ignored.
+    """
+    base = unwrap_model(model).base_model
+    captured = []
+    hook = base.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        device = next(model.parameters()).device
+        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+              logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[-1][positions.to(device)]
 
 
 def output_head(model, vocab_size: int):
@@ -175,7 +196,7 @@ class DistillationTrainer(SFTTrainer):
         # hidden_at and the heads bypass the autocast wrapper that accelerate puts around model.forward for mixed
         # precision, so autocast is entered here (the loss itself is computed in fp32 inside it).
         with self.accelerator.autocast():
-            student = Projection(hidden_at(model, *batch), output_head(model, self.vocab_size))
+            student = Projection(trained_hidden_at(model, *batch), output_head(unwrap_model(model), self.vocab_size))
             with torch.no_grad():
                 teacher = self.teacher_target(inputs, batch, len(targets)) if self.teacher is not None else None
                 members = [self.frozen_projection(member, batch) for member in self.members]
@@ -275,4 +296,5 @@ def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # examples are truncated at preprocessing time
         average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
     )

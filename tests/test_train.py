@@ -1,12 +1,13 @@
 """DistillationTrainer: the loss it trains on, what gets gradients, and invariance to how a step is split."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 
-from conftest import build_tiny_llama
+from conftest import accelerate_launch, build_tiny_llama
 from losses import LossSettings, hybrid_loss_sums, predictor_mask
 from preprocess_dataset import tokenize_conversation
 from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab,
@@ -150,14 +151,13 @@ def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tm
     import train
 
     seen = []
-    original = train.hidden_at
+    original = train.trained_hidden_at
 
-    def recording_hidden_at(model, *args):
-        if model.training:
-            seen.append(torch.is_autocast_enabled("cpu"))
+    def recording_hidden_at(model, *args):  # the student's hidden states; its head runs in the same context
+        seen.append(torch.is_autocast_enabled("cpu"))
         return original(model, *args)
 
-    monkeypatch.setattr(train, "hidden_at", recording_hidden_at)
+    monkeypatch.setattr(train, "trained_hidden_at", recording_hidden_at)
     teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
     trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
                            max_steps=1, bf16=True)
@@ -203,3 +203,28 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_round(token
     for key in snapshots[1]:
         torch.testing.assert_close(snapshots[2][key], snapshots[1][key], rtol=0, atol=0)
     assert any(not torch.equal(snapshots[3][key], snapshots[2][key]) for key in snapshots[2])
+
+
+@pytest.mark.parametrize("teacher_mode", ["online", "topk"])
+def test_two_processes_take_the_same_step_as_one(tmp_path, teacher_mode):
+    """2 processes x 2 micro-batches of 2 and 1 process x 4 micro-batches of 2 train on the same global batch: the
+    loss and every gradient agree, which fails if a process normalises by its own tokens, skips DDP's gradient
+    all-reduce, or scores one process's sequences with another's teacher outputs (upstream items 15 and 16)."""
+    probe = str(Path(__file__).parent / "distributed_probe.py")
+    steps = {}
+    for num_processes, grad_accum in ((2, 2), (1, 4)):  # the 2-process run builds the topk cache, in two shards
+        out = tmp_path / f"{num_processes}.pt"
+        accelerate_launch([probe, str(out), "--batch_size", "2", "--grad_accum", str(grad_accum),
+                           "--teacher_mode", teacher_mode, "--work_dir", str(tmp_path)], num_processes, tmp_path)
+        steps[num_processes] = torch.load(out)
+    two, one = steps[2], steps[1]
+    assert two["num_processes"] == 2 and one["num_processes"] == 1
+    first, second = two["example_ids"]
+    assert not set(first) & set(second) and sorted(first + second) == sorted(one["example_ids"][0]) == list(range(8))
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    for key in one["update"]:
+        torch.testing.assert_close(two["update"][key], one["update"][key], atol=1e-5, rtol=1e-4)
+    assert any(one["update"][key].abs().max() > 1e-3 for key in one["update"])
+    if teacher_mode == "topk":
+        assert sorted(p.name for p in (tmp_path / "cache" / "teacher_cache").iterdir().__next__().glob("shard_*")) \
+            == ["shard_00000", "shard_00001"]

@@ -1,0 +1,107 @@
+"""One optimizer step of DistillationTrainer on however many processes launched it; the main process saves what the
+step did. Run by tests/test_distributed.py, e.g.:
+
+    accelerate launch --cpu --num_processes 2 tests/distributed_probe.py OUT.pt --batch_size 2 --grad_accum 2
+
+The global batch is the whole 8-example dataset whatever the split into processes and micro-batches, so a
+1-process and a 2-process run must take the same step. With SGD at learning rate 1 the update is minus the
+gradient. Saved: the step's loss (summed over micro-batches and processes, as the Trainer logs it), the update of
+every parameter, and the example ids each process trained on.
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, reduce
+from datasets import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, when run as a script
+
+import main  # noqa: E402
+from config import build_config  # noqa: E402
+from conftest import build_tiny_llama, build_tokenizer, load_chats  # noqa: E402
+from losses import LossSettings  # noqa: E402
+from preprocess_dataset import tokenize_conversation  # noqa: E402
+from teacher_cache import with_example_ids  # noqa: E402
+from train import DistillationTrainer, PaddingCollator  # noqa: E402
+from trl import SFTConfig  # noqa: E402
+
+NUM_EXAMPLES = 8
+
+
+class RecordingTrainer(DistillationTrainer):
+    """Keeps each micro-batch's loss and example ids."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.losses, self.example_ids = [], []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.losses.append(loss.detach())
+        self.example_ids.extend(inputs["example_id"].tolist())
+        return loss
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--batch_size", type=int, required=True)
+    parser.add_argument("--grad_accum", type=int, required=True)
+    parser.add_argument("--teacher_mode", default="online", choices=["online", "topk"])
+    parser.add_argument("--work_dir", required=True, help="shared by the runs compared (the teacher cache lives here)")
+    return parser.parse_args()
+
+
+def main_probe():
+    args = parse_args()
+    state = PartialState(cpu=True)
+    work_dir = Path(args.work_dir)
+    tokenizer = build_tokenizer("chatml")
+    rows = [tokenize_conversation(chat["messages"], tokenizer, max_length=64) for chat in load_chats()]
+    dataset = Dataset.from_list([row for row in rows if row is not None][:NUM_EXAMPLES])
+    assert len(dataset) == NUM_EXAMPLES, "the chat fixture must give 8 examples"
+    teacher = build_tiny_llama(tokenizer, seed=1, hidden_size=48)
+    member = build_tiny_llama(tokenizer, seed=2)
+    student = build_tiny_llama(tokenizer, seed=3).train()
+    start = copy.deepcopy(student.state_dict())
+
+    cache = None
+    if args.teacher_mode == "topk":
+        teacher_path = work_dir / "teacher"
+        if state.is_main_process and not teacher_path.exists():
+            teacher.save_pretrained(teacher_path)
+        state.wait_for_everyone()
+        config = build_config("test", overrides=dict(teacher_mode="topk", cache_k=16, cache_value_dtype="float16",
+                                                     cache_dir=str(work_dir / "cache"), eval_batch_size=3))
+        cache = main.prepare_teacher_cache(config, teacher, str(teacher_path), tokenizer, dataset,
+                                           PaddingCollator(tokenizer.pad_token_id), state)
+
+    arguments = SFTConfig(
+        output_dir=str(work_dir / f"out_{state.num_processes}"), use_cpu=True, report_to=[], save_strategy="no",
+        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, bf16=False,
+        activation_checkpointing=False, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=1, learning_rate=1.0, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=1e9, seed=0, data_seed=0, logging_steps=1)
+    trainer = RecordingTrainer(student, teacher, [member], LossSettings(alpha=0.5, temperature=2.0), len(tokenizer),
+                               arguments, with_example_ids(dataset), tokenizer, teacher_cache=cache)
+    trainer.train()
+
+    # Each process's loss is its micro-batches' sum over the step's global token count, times the process count
+    # (DDP averages gradients): the step's loss is the mean over processes of those sums.
+    loss = reduce(torch.stack(trainer.losses).sum(), reduction="mean").item()
+    example_ids = gather_object([trainer.example_ids])
+    if state.is_main_process:
+        update = {key: (value - start[key]).detach() for key, value in student.state_dict().items()}
+        torch.save({"loss": loss, "update": update, "example_ids": example_ids,
+                    "num_processes": state.num_processes}, args.out)
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main_probe()
