@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 import config as config_lib
@@ -169,8 +168,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print_plan(config, Path(args.resume) if args.resume else None)
         return 0
-    # On CPU, several processes need cpu=True to form a gloo group; on GPUs each process gets its own device.
-    state = PartialState(cpu=utils.select_device(config.device).type == "cpu")
+    state = utils.process_state(config.device)
     device = state.device
     with state.main_process_first():  # a first-use conversion of the embedded teacher happens once
         teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
@@ -272,9 +270,11 @@ def main(argv=None) -> int:
                                        metric_rows(round_index, results, sizes, time.time() - started))
             # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
             ModelEnsemble.from_members(members, config.combine, vocab_size).save_configs(ensemble_dir, tokenizer)
-            manifest["members"].append(str(member_dir.relative_to(run_dir)))
-            manifest["rounds"][str(round_index)] = "done"
-            manifest["teacher_evaluated"] = True
+        # Every process keeps the same manifest in memory (it decides what the next round evaluates); one writes it.
+        manifest["members"].append(str(member_dir.relative_to(run_dir)))
+        manifest["rounds"][str(round_index)] = "done"
+        manifest["teacher_evaluated"] = True
+        if state.is_main_process:
             run_state.write_manifest(run_dir, manifest)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the member is the round's final state
         print(f"round {round_index}: student ce {results['student']['ce']:.4f} "
@@ -314,3 +314,5 @@ if __name__ == "__main__":
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        utils.leave_process_group()

@@ -541,14 +541,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from accelerate import PartialState
-
     import preprocess_dataset
     import utils
     from train import PaddingCollator
 
     args = parse_args(argv)
-    state = PartialState()
+    state = utils.process_state()
     data, data_metadata = preprocess_dataset.load_dataset_dir(args.data_dir)
     dataset = data[args.split]
     tokenizer = utils.load_tokenizer(args.teacher, args.trust_remote_code)
@@ -567,4 +565,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        import utils
+
+        utils.leave_process_group()

@@ -23,6 +23,24 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def process_state(device_name: str = "auto"):
+    """This process's accelerate state (process index, count, device) under any launcher.
+
+    Several CPU processes need cpu=True to form a (gloo) process group: accelerate's default groups GPU processes
+    only, and would leave each CPU process alone. On GPUs each process gets its own device, `state.device`.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=select_device(device_name).type == "cpu")
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, if any: a gloo group still alive at interpreter exit can abort a finished process
+    ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype of frozen models (teacher, members): under auto, bf16 where the hardware computes it natively."""
     if name == "auto":

@@ -117,17 +117,18 @@ def embedded_teacher_dir(embedded_cache):
 
 
 def accelerate_launch(script_and_args: list[str], num_processes: int, cwd, timeout: int = 600):
-    """Run a script under `accelerate launch` on `num_processes` CPU processes (gloo), as users launch main.py.
-
-    accelerate's `--cpu` flag starts a single process whatever --num_processes says; several CPU processes go
-    through the distributed launcher (`--multi_gpu`, which falls back to gloo when no GPU is visible).
-    """
+    """Run a script under `accelerate launch` with the project's own config files, as users launch main.py: the
+    DDP config on `num_processes` CPU processes (gloo, since no GPU is visible), or the single-device one."""
     import subprocess
     import sys
 
-    mode = ["--cpu"] if num_processes == 1 else ["--multi_gpu", "--main_process_port", "0"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(num_processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script_and_args]
+    configs = Path(__file__).resolve().parents[1] / "accelerate_configs"
+    if num_processes == 1:
+        launch = ["--config_file", str(configs / "single_gpu.yaml")]
+    else:
+        launch = ["--config_file", str(configs / "ddp.yaml"), "--num_processes", str(num_processes),
+                  "--main_process_port", "0"]  # a free port: tests may run side by side
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, *script_and_args]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

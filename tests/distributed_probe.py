@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
 from datasets import Dataset
 
@@ -28,6 +27,7 @@ from losses import LossSettings  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
 from teacher_cache import with_example_ids  # noqa: E402
 from train import DistillationTrainer, PaddingCollator  # noqa: E402
+from utils import leave_process_group, process_state  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 NUM_EXAMPLES = 8
@@ -59,7 +59,7 @@ def parse_args():
 
 def main_probe():
     args = parse_args()
-    state = PartialState(cpu=True)
+    state = process_state()
     work_dir = Path(args.work_dir)
     tokenizer = build_tokenizer("chatml")
     rows = [tokenize_conversation(chat["messages"], tokenizer, max_length=64) for chat in load_chats()]
@@ -100,7 +100,7 @@ def main_probe():
         torch.save({"loss": loss, "update": update, "example_ids": example_ids,
                     "num_processes": state.num_processes}, args.out)
     state.wait_for_everyone()
-    state.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

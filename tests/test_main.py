@@ -15,7 +15,7 @@ import yaml
 
 import main
 import run_state
-from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
+from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +136,25 @@ def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_p
 
 
 # --- surviving interruption ---------------------------------------------------------------------------------------
+
+def test_two_processes_give_the_run_of_one_process(tiny_teacher_dir, tmp_path):
+    """accelerate launch on 2 processes x 1 micro-batch = 1 process x 2 micro-batches (the same global batches): the
+    same training log and the same metrics (evaluation scores each of the 7 test examples once, split 4 + 3), in
+    one run folder written by the main process; both processes build the teacher cache, one shard each."""
+    common = ("--teacher_mode", "topk", "--cache_k", "400", "--cache_value_dtype", "float16", "--test_size", "7")
+    accelerate_launch(["main.py", *cli_args(tiny_teacher_dir, tmp_path / "two", *common)], 2, REPO)
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "one", *common, "--grad_accum", "2")) == 0
+    (cache_dir,) = (tmp_path / "two" / "cache" / "teacher_cache").iterdir()
+    assert sorted(p.name for p in cache_dir.glob("shard_*")) == ["shard_00000", "shard_00001"]
+    two, one = final_metrics(tmp_path / "two"), final_metrics(tmp_path / "one")
+    assert (two["num_tokens"] == one["num_tokens"]).all()
+    pd.testing.assert_frame_equal(two.drop(columns="seconds"), one.drop(columns="seconds"), rtol=1e-4)
+    logs = [pd.read_csv(only_run_dir(tmp_path / name) / "train_log.csv") for name in ("two", "one")]
+    assert len(logs[0]) == len(logs[1]) == 6  # written once, by the main process
+    pd.testing.assert_frame_equal(logs[0][["round", "step", "hybrid", "kl", "nll"]],
+                                  logs[1][["round", "step", "hybrid", "kl", "nll"]], rtol=1e-4)
+    assert len(ModelEnsemble.from_pretrained(only_run_dir(tmp_path / "two") / "ensemble")) == 2
+
 
 RESUMABLE = ("--total_rounds", "2", "--steps_per_round", "6")
 
