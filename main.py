@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                 if resume_from:
                     print(f"round {round_index}: resuming from {resume_from.name}")
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-                if preemption.received is not None:
+                if preemption.received_anywhere(device):
                     return run_state.EXIT_PREEMPTED
             if state.is_main_process:
                 run_state.save_member_atomically(student, tokenizer, member_dir)
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         print(f"round {round_index}: student ce {results['student']['ce']:.4f} "
               f"(untrained {results['student_untrained']['ce']:.4f}), "
               f"ensemble of {len(members)} ce {results['ensemble']['ce']:.4f}")
-        if preemption.received is not None:
+        if preemption.received_anywhere(device):
             return run_state.EXIT_PREEMPTED
 
     # --- report -------------------------------------------------------------------------------------------------

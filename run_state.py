@@ -150,6 +150,21 @@ class PreemptionSignal:
                   f"with code {EXIT_PREEMPTED} (resume with --resume)", flush=True)
         self.received = signum
 
+    def received_anywhere(self, device) -> bool:
+        """Whether any process has received a signal; every process must call this at the same point.
+
+        Processes must stop together: one stopping at a step boundary while another trains on would leave the
+        other waiting for a gradient all-reduce that never comes. A process that learns of another's signal
+        counts it as its own.
+        """
+        import torch
+        from accelerate.utils import reduce
+
+        count = reduce(torch.tensor(int(self.received is not None), device=device), reduction="sum")
+        if count.item() > 0 and self.received is None:
+            self.received = signal.SIGUSR1
+        return self.received is not None
+
 
 class StopOnSignal(TrainerCallback):
     """Turns a received preemption signal into a checkpoint and a stop at the end of the current step."""
@@ -158,7 +173,7 @@ class StopOnSignal(TrainerCallback):
         self.preemption = preemption
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.preemption.received is not None:
+        if self.preemption.received_anywhere(args.device):
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -6,11 +6,14 @@ step did. Run by tests/test_distributed.py, e.g.:
 The global batch is the whole 8-example dataset whatever the split into processes and micro-batches, so a
 1-process and a 2-process run must take the same step. With SGD at learning rate 1 the update is minus the
 gradient. Saved: the step's loss (summed over micro-batches and processes, as the Trainer logs it), the update of
-every parameter, and the example ids each process trained on.
+every parameter, the example ids each process trained on, and how many steps each process took (with
+--signal_rank, one process receives the preemption signal: all must stop together).
 """
 
 import argparse
 import copy
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from config import build_config  # noqa: E402
 from conftest import build_tiny_llama, build_tokenizer, load_chats  # noqa: E402
 from losses import LossSettings  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
+from run_state import PreemptionSignal, StopOnSignal  # noqa: E402
 from teacher_cache import with_example_ids  # noqa: E402
 from train import DistillationTrainer, PaddingCollator  # noqa: E402
 from utils import leave_process_group, process_state  # noqa: E402
@@ -54,6 +58,8 @@ def parse_args():
     parser.add_argument("--grad_accum", type=int, required=True)
     parser.add_argument("--teacher_mode", default="online", choices=["online", "topk"])
     parser.add_argument("--work_dir", required=True, help="shared by the runs compared (the teacher cache lives here)")
+    parser.add_argument("--max_steps", type=int, default=1)
+    parser.add_argument("--signal_rank", type=int, default=-1, help="this process sends itself SIGUSR1 before training")
     return parser.parse_args()
 
 
@@ -85,20 +91,26 @@ def main_probe():
         output_dir=str(work_dir / f"out_{state.num_processes}"), use_cpu=True, report_to=[], save_strategy="no",
         remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, bf16=False,
         activation_checkpointing=False, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, max_steps=1, learning_rate=1.0, optim="sgd",
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=1.0, optim="sgd",
         lr_scheduler_type="constant", max_grad_norm=1e9, seed=0, data_seed=0, logging_steps=1)
     trainer = RecordingTrainer(student, teacher, [member], LossSettings(alpha=0.5, temperature=2.0), len(tokenizer),
                                arguments, with_example_ids(dataset), tokenizer, teacher_cache=cache)
+    preemption = PreemptionSignal().install()
+    trainer.add_callback(StopOnSignal(preemption))
+    if state.process_index == args.signal_rank:
+        os.kill(os.getpid(), signal.SIGUSR1)
     trainer.train()
 
     # Each process's loss is its micro-batches' sum over the step's global token count, times the process count
     # (DDP averages gradients): the step's loss is the mean over processes of those sums.
     loss = reduce(torch.stack(trainer.losses).sum(), reduction="mean").item()
     example_ids = gather_object([trainer.example_ids])
+    steps_done = gather_object([trainer.state.global_step])
+    stopped_by_signal = gather_object([preemption.received is not None])
     if state.is_main_process:
         update = {key: (value - start[key]).detach() for key, value in student.state_dict().items()}
-        torch.save({"loss": loss, "update": update, "example_ids": example_ids,
-                    "num_processes": state.num_processes}, args.out)
+        torch.save({"loss": loss, "update": update, "example_ids": example_ids, "num_processes": state.num_processes,
+                    "steps_done": steps_done, "stopped_by_signal": stopped_by_signal}, args.out)
     state.wait_for_everyone()
     leave_process_group()
 

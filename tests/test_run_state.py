@@ -3,10 +3,13 @@
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
+import torch
 
 import run_state
+from conftest import accelerate_launch
 
 
 def test_only_complete_checkpoints_count(tmp_path):
@@ -55,11 +58,12 @@ def test_a_preemption_signal_stops_training_at_the_step_boundary():
         preemption.install()
         callback = run_state.StopOnSignal(preemption)
         control = type("Control", (), {"should_save": False, "should_training_stop": False})()
-        callback.on_step_end(None, None, control)
+        args = type("Args", (), {"device": torch.device("cpu")})()
+        callback.on_step_end(args, None, control)
         assert not control.should_save and not control.should_training_stop
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # a second signal: still one clean stop
-        callback.on_step_end(None, None, control)
+        callback.on_step_end(args, None, control)
         assert control.should_save and control.should_training_stop
         assert preemption.received == signal.SIGTERM
     finally:
@@ -72,3 +76,15 @@ def test_saving_a_member_leaves_a_complete_folder_only(tmp_path, tokenizer, tiny
     assert sorted(os.listdir(tmp_path)) == ["member_0"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "member_0"))
     assert json.loads((tmp_path / "member_0" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Only process 1 receives SIGUSR1; both stop after the first step (process 0 alone training on would wait
+    forever for process 1's gradients) and both report the run as preempted."""
+    out = tmp_path / "out.pt"
+    accelerate_launch([str(Path(__file__).parent / "distributed_probe.py"), str(out), "--batch_size", "2",
+                       "--grad_accum", "2", "--max_steps", "3", "--signal_rank", "1", "--work_dir", str(tmp_path)],
+                      2, tmp_path, timeout=180)  # without the agreement, process 0 waits forever
+    result = torch.load(out)
+    assert result["steps_done"] == [1, 1]
+    assert result["stopped_by_signal"] == [True, True]
