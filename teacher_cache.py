@@ -244,10 +244,16 @@ def shard_name(rank: int) -> str:
 
 
 def _publish(staging: Path, shard_dir: Path) -> Path:
-    """Replace `shard_dir` by the finished `staging` folder; a rename, so readers never see half a shard."""
-    if shard_dir.exists():
-        shutil.rmtree(shard_dir)
-    staging.rename(shard_dir)
+    """Move the finished shard into place (a rename: readers never see half a shard); a shard another process
+    finished first for the same settings is kept."""
+    from utils import publish_folder
+
+    def is_same_build(folder: Path) -> bool:
+        record = folder / SHARD_RECORD_FILE
+        return record.is_file() and json.loads(record.read_text()) == json.loads(
+            (staging / SHARD_RECORD_FILE).read_text())
+
+    publish_folder(staging, shard_dir, is_same_build)
     return shard_dir
 
 

@@ -3,6 +3,8 @@
 import csv
 import datetime
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -186,6 +188,25 @@ def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> 
             return run_dir
         except FileExistsError:
             number += 1
+
+
+def publish_folder(staging: Path, final: Path, is_same_build: Callable[[Path], bool]) -> None:
+    """Move the finished folder `staging` to `final` by a rename, so that no reader ever sees half a folder.
+
+    A folder already at `final` is replaced, unless `is_same_build(final)` says it holds what `staging` holds:
+    another process (an array task, another run) finished the same build first. Then theirs is kept and ours
+    dropped, so two processes building the same cache at once both succeed.
+    """
+    try:
+        if final.exists() and not is_same_build(final):
+            shutil.rmtree(final)  # a stale build for other settings
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final.exists() and is_same_build(final)):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def append_csv_rows(path: str | Path, rows: list[dict], columns: list[str]) -> None:

@@ -103,6 +103,16 @@ def tiny_llama(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny random teacher saved as a normal Hugging Face folder, with its tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("teacher")
+    tokenizer = build_tokenizer("chatml")
+    build_tiny_llama(tokenizer, seed=11, hidden_size=48).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """One cache folder for the session's embedded assets (the teacher conversion takes ~20 s)."""
     return tmp_path_factory.mktemp("embedded_cache")

@@ -21,16 +21,6 @@ from ensemble import ModelEnsemble
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    """A tiny random teacher saved as a normal Hugging Face folder, with its tokenizer and chat template."""
-    path = tmp_path_factory.mktemp("teacher")
-    tokenizer = build_tokenizer("chatml")
-    build_tiny_llama(tokenizer, seed=11, hidden_size=48).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def cli_args(teacher_dir, tmp_path, *extra):
     return ["--preset", "test", "--teacher", str(teacher_dir), "--dataset", str(DATA_DIR / "chats.jsonl"),
             "--output_root", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), *extra]

@@ -1,6 +1,7 @@
 """utils: students, safe loading, tokenizer checks, run folders."""
 
 import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,24 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it():
     assert utils.frozen_dtype("float32", cpu) == torch.float32
     assert utils.frozen_dtype("auto", cpu) == (torch.bfloat16 if utils.supports_bf16(cpu) else torch.float32)
     assert utils.use_bf16_autocast("float32", cpu) is False
+
+
+def test_publish_folder_keeps_a_same_build_finished_first_and_replaces_a_stale_one(tmp_path):
+    final = tmp_path / "built"
+
+    def staged(content: str) -> Path:
+        folder = tmp_path / f"staging-{content}"
+        folder.mkdir()
+        (folder / "settings").write_text(content)
+        return folder
+
+    def same_as(content):
+        return lambda folder: (folder / "settings").read_text() == content
+
+    utils.publish_folder(staged("a"), final, same_as("a"))
+    first_inode = (final / "settings").stat().st_ino
+    utils.publish_folder(staged("a2"), final, lambda folder: True)  # another process's identical build: kept
+    assert (final / "settings").read_text() == "a" and (final / "settings").stat().st_ino == first_inode
+    utils.publish_folder(staged("b"), final, same_as("b"))  # settings changed: the stale folder is replaced
+    assert (final / "settings").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # no staging folder left behind
