@@ -13,14 +13,16 @@ Usage:
     python main.py --preset paper --alpha 0.7 --total_rounds 6
     python main.py --config my_run.yaml --steps_per_round 200
     python main.py --resume runs/2026-11-29/run_3    # continue a run; completed rounds are skipped
-    accelerate launch --num_processes 4 main.py --preset paper       # several GPUs on one node
-    sbatch train.sh --preset paper                                   # a SLURM cluster (one or more nodes)
+    accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 4 main.py --preset paper
+                                                     # several GPUs on one node (data parallel)
+    sbatch train.sh --preset paper                   # a SLURM cluster; sbatch --nodes=2 train.sh ... for nodes
 """
 
 import argparse
 import copy
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print_plan(config, Path(args.resume) if args.resume else None)
         return 0
+    check_launcher()
     state = utils.process_state(config.device)
     device = state.device
     with state.main_process_first():  # a first-use conversion of the embedded teacher happens once
@@ -288,6 +291,17 @@ def main(argv=None) -> int:
         print_final_table(run_dir / "metrics.csv")
         print(f"\nrun folder: {run_dir}")
     return 0
+
+
+def check_launcher() -> None:
+    """Refuse launchers this trainer does not support, before anything is loaded."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # The student's output head runs outside its forward and members are saved by one process: both need the
+        # whole, unsharded weights.
+        raise config_lib.ConfigError(
+            "FSDP is not supported: launch with accelerate_configs/ddp.yaml (data parallel). Students up to a few "
+            "billion parameters fit one GPU with their optimizer states; with --teacher_mode topk the teacher's "
+            "targets come from its cache during training")
 
 
 def open_run(args, config, state) -> tuple[Path, dict]:

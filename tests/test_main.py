@@ -371,3 +371,10 @@ def test_a_requeued_job_resumes_the_run_it_started(tiny_teacher_dir, tmp_path):
     assert run_dirs(tmp_path) == [run_dir] and (run_dir / "metrics.csv").read_text() == before
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--job_id", "4243")) == 0
     assert len(run_dirs(tmp_path)) == 2  # another job starts its own run
+
+
+def test_an_fsdp_launch_is_refused_before_anything_loads(tiny_teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    with pytest.raises(main.config_lib.ConfigError, match="FSDP is not supported: launch with accelerate_configs"):
+        main.main(cli_args(tiny_teacher_dir, tmp_path))
+    assert not (tmp_path / "runs").exists()
