@@ -290,6 +290,7 @@ def main(argv=None) -> int:
     if state.is_main_process:
         print_final_table(run_dir / "metrics.csv")
         print(f"\nrun folder: {run_dir}")
+    state.wait_for_everyone()  # processes leave the group together (one leaving early can abort the other)
     return 0
 
 
@@ -318,15 +319,27 @@ def open_run(args, config, state) -> tuple[Path, dict]:
     return run_dir, manifest
 
 
-if __name__ == "__main__":
+def run_from_command_line() -> int:
+    """main() with the exit codes a launcher acts on: 0 done, 1 failed, 2 bad input, 75 preempted."""
     try:
-        sys.exit(main())
+        return main()
     except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
             embedded.MissingPackageError, teacher_cache.CacheMismatchError, run_state.DiskSpaceError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)  # bad input: fix it and start again
+        return 2  # bad input: fix it and start again
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     finally:
         utils.leave_process_group()
+
+
+if __name__ == "__main__":
+    exit_code = run_from_command_line()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Several processes: skip the interpreter's teardown, where one of them now and then aborts in a C++
+        # destructor ("terminate called without an active exception") after everything has been written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)
