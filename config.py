@@ -57,7 +57,10 @@ class Config:
     divergence: str = "forward_kl"  # forward_kl (KL(teacher||mix)) | reverse_kl | jsd
     jsd_beta: float = 0.5  # divergence=jsd: mixture weight of the generalized JSD
     nll_target: str = "mixture"  # the NLL term is taken on the mixture or on the student alone
-    combine: str = "logits"  # how members combine: logits (mean of logits) | probs (mean of probabilities)
+    combine: str = "logits"  # how members combine: logits (mean) | probs (mean of probabilities) | weighted | additive
+    weight_fit_examples: int = 32  # combine=weighted: training examples held out to fit each new member's weight
+    eta: float = 1.0  # combine=additive: shrinkage, z_mix = z_prev + eta * z_new (the new member starts at 0)
+    kl_scale: str = "none"  # none | ensemble_size: multiply the KL term by the ensemble's size (undoes 1/(n+1))
     loss_chunk_size: int = 1024  # supervised positions per loss chunk; bounds the loss's logits memory (0: no chunks)
     teacher_mode: str = "online"  # online (run the teacher every step) | topk | hidden (cached once, for every round)
     cache_k: int = 64  # teacher_mode=topk: log-probabilities kept per position (plus one tail bucket)
@@ -67,6 +70,7 @@ class Config:
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
     steps_per_round: int = 60  # optimizer steps per round
     seed: int = 0  # base seed; round r uses seed + r for its student's init and data order
+    baseline: str = "none"  # none (the method) | independent | single_matched | single_large (see main.py)
 
     # --- optimisation -------------------------------------------------------------------------------------------
     batch_size: int = 4  # examples per micro-batch (per process)
@@ -84,6 +88,9 @@ class Config:
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     eval_batch_size: int = 8  # examples per evaluation batch
+    sample_answers: int = 2  # fixed prompts answered by the student and the ensemble each round (0: none)
+    sample_max_new_tokens: int = 48  # length limit of those answers
+    plots: bool = True  # draw the run's figures (PNG) into its folder at the end
 
     # --- output -------------------------------------------------------------------------------------------------
     output_root: str = "runs"  # runs go to output_root/YYYY-MM-DD/run_N/
@@ -120,7 +127,20 @@ class Config:
             ("divergence", self.divergence in ("forward_kl", "reverse_kl", "jsd"),
              "must be one of forward_kl, reverse_kl, jsd"),
             ("nll_target", self.nll_target in ("mixture", "student"), "must be mixture or student"),
-            ("combine", self.combine in ("logits", "probs"), "must be logits or probs"),
+            ("combine", self.combine in ("logits", "probs", "weighted", "additive"),
+             "must be logits, probs, weighted or additive"),
+            ("weight_fit_examples", self.combine != "weighted" or self.weight_fit_examples >= 1,
+             "must be >= 1 with combine=weighted"),
+            ("eta", self.eta > 0, "must be > 0"),
+            ("kl_scale", self.kl_scale in ("none", "ensemble_size"), "must be none or ensemble_size"),
+            ("baseline", self.baseline in ("none", "independent", "single_matched", "single_large"),
+             "must be none, independent, single_matched or single_large"),
+            ("baseline", self.baseline != "single_large" or self.student_init != "pretrained",
+             "single_large needs student_init=random or teacher_layers (the big student gets total_rounds times "
+             "the layers; a pretrained student has a fixed size)"),
+            ("baseline", self.baseline != "independent" or self.combine != "additive",
+             "independent needs a combine other than additive (students trained alone are averaged, not added)"),
+            ("sample_answers", self.sample_answers >= 0, "must be >= 0"),
             ("teacher_mode", self.teacher_mode in ("online", "topk", "hidden"), "must be online, topk or hidden"),
             ("cache_k", self.cache_k >= 1, "must be >= 1"),
             ("cache_value_dtype", self.cache_value_dtype in ("uint8", "float16"), "must be uint8 or float16"),
@@ -188,6 +208,10 @@ PRESETS: dict[str, dict] = {
         logging_steps=1,
         save_steps=1,
         eval_batch_size=4,
+        weight_fit_examples=4,
+        sample_answers=1,
+        sample_max_new_tokens=8,
+        plots=False,
     ),
 }
 

@@ -21,19 +21,31 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-COMBINE_MODES = ("logits", "probs")
+COMBINE_MODES = ("logits", "probs", "weighted", "additive")
+WEIGHTED_MODES = ("weighted", "additive")  # combinations with one coefficient per member
 IGNORE_INDEX = -100  # label of positions excluded from the loss, as in Hugging Face models
 
 
-def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits") -> torch.Tensor:
+def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits",
+                   weights: Sequence[float | torch.Tensor] | None = None) -> torch.Tensor:
     """Combine members' logits (each [..., V]) into the mixture's logits, in fp32.
 
     - "logits": the mean of the logits, z_mix = (z_1 + ... + z_K) / K (a normalised geometric mean of probabilities).
     - "probs": the mean of the probabilities, returned as log-probabilities:
       log p_mix = logsumexp_k log p_k - log K. Log-probabilities are valid logits (softmax gives p_mix back).
+    - "weighted" and "additive": z_mix = w_1 z_1 + ... + w_K z_K with one coefficient per member (`weights`).
+      Weighted ensembles fit each new member's weight (the weights sum to 1); additive ones add each new member's
+      logits with coefficient eta on top of the earlier ones (boosting in logit space).
     """
     if not logits:
         raise ValueError("combine_logits needs at least one member's logits")
+    if mode in WEIGHTED_MODES:
+        if weights is None or len(weights) != len(logits):
+            raise ValueError(f"combine={mode!r} needs one weight per member: got {weights!r} for {len(logits)}")
+        total = weights[0] * logits[0].float()
+        for weight, z in zip(weights[1:], logits[1:]):
+            total = total + weight * z.float()
+        return total
     if mode == "logits":
         total = logits[0].float()
         for z in logits[1:]:
@@ -43,6 +55,33 @@ def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits") -> torc
         log_probs = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in logits])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
     raise ValueError(f"unknown ensemble combine mode {mode!r}: use one of {COMBINE_MODES}")
+
+
+def training_mixture_weights(combine: str, previous_weights: Sequence[float], eta: float) -> tuple[float, ...] | None:
+    """The coefficients of (new student, member_1, ..., member_n) in a round's loss; None for unweighted modes.
+
+    weighted: the student trains at the share an average would give it, 1/(n+1), the earlier members keep their
+    fitted proportions; its real weight is fitted after training. additive: the student is added with eta on top
+    of the earlier members (a first student has nothing to add to, and gets 1).
+    """
+    if combine not in WEIGHTED_MODES:
+        return None
+    if not previous_weights:
+        return (1.0,)
+    if combine == "weighted":
+        share = 1.0 / (len(previous_weights) + 1)
+        return (share, *((1 - share) * w for w in previous_weights))
+    return (eta, *previous_weights)
+
+
+def weights_with_new_member(combine: str, previous_weights: Sequence[float], new_weight: float) -> list[float] | None:
+    """The ensemble's coefficients once the new member joins with `new_weight` (weighted: the others shrink by
+    1 - new_weight, so the weights still sum to 1; additive: the others stay)."""
+    if combine not in WEIGHTED_MODES:
+        return None
+    if combine == "weighted":
+        return [*((1 - new_weight) * w for w in previous_weights), new_weight]
+    return [*previous_weights, new_weight]
 
 
 def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,6 +96,7 @@ class EnsembleConfig(PreTrainedConfig):
 
     - member_subfolders: one folder per member, relative to the ensemble's folder, each a standalone Hugging Face model.
     - combine: one of COMBINE_MODES (see `combine_logits`).
+    - weights: one coefficient per member for the weighted and additive modes (None for the others).
     - vocab_size: the shared tokenizer's vocabulary. Members' logits are cut to it, because real models pad their
       embedding matrices to different sizes (Qwen2.5-7B has 152,064 rows, Qwen2.5-0.5B 151,936). None: no cut, and
       all members must then produce logits of the same width.
@@ -67,10 +107,13 @@ class EnsembleConfig(PreTrainedConfig):
     member_subfolders: list[str] = field(default_factory=list)
     combine: str = "logits"
     vocab_size: int | None = None
+    weights: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         if self.combine not in COMBINE_MODES:
             raise ValueError(f"unknown ensemble combine mode {self.combine!r}: use one of {COMBINE_MODES}")
+        if self.combine in WEIGHTED_MODES and self.weights is None:
+            raise ValueError(f"combine={self.combine!r} needs `weights`, one per member")
         super().__post_init__(**kwargs)
 
 
@@ -131,16 +174,31 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_members(
-        cls, members: Sequence[PreTrainedModel], combine: str = "logits", vocab_size: int | None = None
+        cls, members: Sequence[PreTrainedModel], combine: str = "logits", vocab_size: int | None = None,
+        weights: Sequence[float] | None = None,
     ) -> "ModelEnsemble":
-        """An ensemble of the given models, saved later in subfolders member_0, member_1, ..."""
-        ensemble = cls(EnsembleConfig(combine=combine, vocab_size=vocab_size))
+        """An ensemble of the given models, saved later in subfolders member_0, member_1, ...
+
+        `weights`: one coefficient per member, for combine="weighted" or "additive".
+        """
+        weights = None if weights is None else [float(w) for w in weights]
+        if weights is not None and len(weights) != len(members):
+            raise ValueError(f"{len(weights)} weights for {len(members)} members")
+        ensemble = cls(EnsembleConfig(combine=combine, vocab_size=vocab_size, weights=weights))
         for member in members:
-            ensemble.add_model(member)
+            ensemble._attach(member)
+            ensemble.config.member_subfolders.append(f"member_{len(ensemble) - 1}")
         return ensemble
 
-    def add_model(self, model: PreTrainedModel) -> None:
-        """Append a member (frozen, in eval mode), saved later in the next `member_<i>` subfolder."""
+    def add_model(self, model: PreTrainedModel, weight: float | None = None) -> None:
+        """Append a member (frozen, in eval mode), saved later in the next `member_<i>` subfolder.
+
+        Weighted and additive ensembles need the new member's `weight` (other weights are left as they are).
+        """
+        if self.config.combine in WEIGHTED_MODES:
+            if weight is None:
+                raise ValueError(f"combine={self.config.combine!r}: add_model needs the new member's weight")
+            self.config.weights.append(float(weight))
         self._attach(model)
         self.config.member_subfolders.append(f"member_{len(self) - 1}")
 
@@ -187,7 +245,7 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
             logits_to_keep=logits_to_keep, **member_kwargs,
         )
-        combined = combine_logits(logits, self.config.combine)
+        combined = combine_logits(logits, self.config.combine, self.config.weights)
         loss = next_token_nll(combined, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=combined, cache=cache)
 

@@ -6,6 +6,9 @@ numbers that mean the same for every model:
     perplexity      exp(ce)
     kl_teacher      mean KL(p_teacher || p_model) at T = 1, nats per supervised token
     top1_agreement  share of positions where the model's argmax equals the teacher's
+    ece             expected calibration error of the top-1 prediction against the true next token (15 bins)
+    diversity       mean KL(p_i || p_j) over ordered pairs of an ensemble's members, nats per token (0: one model)
+The share of the teacher gap closed is computed from these by main.py (it needs the untrained student's CE).
 """
 
 import math
@@ -20,26 +23,36 @@ from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
 from train import hidden_at, output_head
 
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
+# Per-predictor sums, one float64 vector each: CE, KL to the teacher, top-1 agreement, member diversity, then the
+# ECE bins' counts, summed confidences and correct top-1 predictions.
+CE, KL, AGREE, DIVERSITY, BINS = 0, 1, 2, 3, 4
+NUM_SUMS = BINS + 3 * ECE_BINS
+
+
 @torch.no_grad()
 def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size: int, vocab_size: int,
-             combine: str = "logits", chunk_size: int = 1024, state=None) -> dict[str, dict[str, float]]:
+             combine: str = "logits", chunk_size: int = 1024, state=None,
+             weights: dict[str, list[float]] | None = None) -> dict[str, dict[str, float]]:
     """Metrics for each named predictor: a list of models whose logits are combined (one model = itself).
 
-    Each distinct model's body runs once per batch, however many predictors share it (an ensemble and its
-    members); the output heads run on `chunk_size` positions at a time, so no (positions x vocabulary) tensor
-    larger than a chunk is held, even at a 151,936-token vocabulary.
+    `weights` gives the coefficients of predictors combined by a weighted or additive `combine`. Each distinct
+    model's body runs once per batch, however many predictors share it (an ensemble and its members); the output
+    heads run on `chunk_size` positions at a time, so no (positions x vocabulary) tensor larger than a chunk is
+    held, even at a 151,936-token vocabulary.
 
     With several processes (`state`, an accelerate PartialState), each scores its own contiguous shard of the
     split and the sums are added up: every example is scored exactly once, nothing is dropped or repeated, and
     every process returns the same numbers as one process would.
     """
+    weights = weights or {}
     models = {id(model): model for members in predictors.values() for model in members}
     models[id(teacher)] = teacher
     for model in models.values():
         model.eval()
     if state is not None and state.num_processes > 1:
         dataset = dataset.shard(state.num_processes, state.process_index, contiguous=True)
-    sums = {name: dict.fromkeys(("ce", "kl", "agree"), 0.0) for name in predictors}
+    sums = {name: torch.zeros(NUM_SUMS, dtype=torch.float64) for name in predictors}
     num_tokens = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
         positions = predictor_mask(batch["labels"])
@@ -52,36 +65,89 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
         for start in range(0, len(targets), chunk_size):
             rows = slice(start, start + chunk_size)
             logits = {key: heads[key](hidden[key][rows]).float() for key in models}
-            add_chunk_metrics(sums, predictors, logits, logits[id(teacher)], targets[rows], combine)
+            add_chunk_metrics(sums, predictors, logits, logits[id(teacher)], targets[rows], combine, weights)
         num_tokens += targets.numel()
     if state is not None and state.num_processes > 1:
         sums, num_tokens = sum_over_processes(sums, num_tokens, teacher_device=next(teacher.parameters()).device)
     if num_tokens == 0:
         raise ValueError("the evaluation split has no supervised token to score")
-    return {name: {"ce": s["ce"] / num_tokens, "perplexity": math.exp(min(s["ce"] / num_tokens, 700.0)),
-                   "kl_teacher": s["kl"] / num_tokens, "top1_agreement": s["agree"] / num_tokens,
-                   "num_tokens": num_tokens}
-            for name, s in sums.items()}
+    return {name: metrics_from_sums(s, num_tokens) for name, s in sums.items()}
+
+
+def metrics_from_sums(sums: torch.Tensor, num_tokens: int) -> dict[str, float]:
+    """A predictor's metrics from its sums: every value a number, per supervised token where it is a mean."""
+    ce = sums[CE].item() / num_tokens
+    counts, confidences, correct = sums[BINS:].view(3, ECE_BINS)
+    # ECE: the token-weighted mean over confidence bins of |accuracy - confidence| of the top-1 prediction.
+    ece = (correct - confidences).abs().sum().item() / num_tokens
+    return {"ce": ce, "perplexity": math.exp(min(ce, 700.0)), "kl_teacher": sums[KL].item() / num_tokens,
+            "top1_agreement": sums[AGREE].item() / num_tokens, "ece": ece,
+            "diversity": sums[DIVERSITY].item() / num_tokens, "num_tokens": num_tokens}
 
 
 def add_chunk_metrics(sums: dict, predictors: dict[str, list], logits: dict, teacher_logits: torch.Tensor,
-                      targets: torch.Tensor, combine: str) -> None:
-    """Add one chunk of positions to every predictor's sums of CE, KL to the teacher and top-1 agreement."""
+                      targets: torch.Tensor, combine: str, weights: dict[str, list[float]]) -> None:
+    """Add one chunk of positions to every predictor's sums (see NUM_SUMS for what they hold)."""
     device = teacher_logits.device
     targets = targets.to(device)
     teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
     teacher_top1 = teacher_logits.argmax(dim=-1)
+    diversity = {}  # per set of members: predictors that differ only in weights share it
     for name, members in predictors.items():
-        combined = combine_logits([logits[id(m)].to(device) for m in members], combine)
-        sums[name]["ce"] += nll_sum(combined, targets).item()
-        sums[name]["kl"] += kl_sum(teacher_log_probs, F.log_softmax(combined, dim=-1)).item()
-        sums[name]["agree"] += (combined.argmax(dim=-1) == teacher_top1).sum().item()
+        member_logits = [logits[id(m)].to(device) for m in members]
+        key = tuple(id(m) for m in members)
+        if key not in diversity:
+            diversity[key] = mean_pairwise_kl_sum(member_logits)
+        combined = combine_logits(member_logits, combine, weights.get(name))
+        log_probs = F.log_softmax(combined, dim=-1)
+        total = sums[name]
+        total[CE] += nll_sum(combined, targets).item()
+        total[KL] += kl_sum(teacher_log_probs, log_probs).item()
+        top1_log_prob, top1 = log_probs.max(dim=-1)
+        total[AGREE] += (top1 == teacher_top1).sum().item()
+        total[DIVERSITY] += diversity[key]
+        confidence = top1_log_prob.exp()
+        bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
+        total[BINS:BINS + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS).double().cpu()
+        total[BINS + ECE_BINS:BINS + 2 * ECE_BINS] += torch.bincount(
+            bins, weights=confidence.double(), minlength=ECE_BINS).cpu()
+        total[BINS + 2 * ECE_BINS:] += torch.bincount(
+            bins, weights=(top1 == targets).double(), minlength=ECE_BINS).cpu()
+
+
+def mean_pairwise_kl_sum(member_logits: list[torch.Tensor]) -> float:
+    """Sum over positions of the mean KL(p_i || p_j) over ordered pairs of distinct members (0 for one member)."""
+    if len(member_logits) < 2:
+        return 0.0
+    log_probs = [F.log_softmax(z, dim=-1) for z in member_logits]
+    pairs = [(i, j) for i in range(len(log_probs)) for j in range(len(log_probs)) if i != j]
+    return sum(kl_sum(log_probs[i], log_probs[j]).item() for i, j in pairs) / len(pairs)
 
 
 def sum_over_processes(sums: dict, num_tokens: int, teacher_device) -> tuple[dict, int]:
     """Every process's sums and token count added up (in float64, so the order of addition does not matter)."""
-    names, keys = list(sums), ("ce", "kl", "agree")
-    local = torch.tensor([[sums[name][key] for key in keys] for name in names] + [[num_tokens, 0, 0]],
-                         dtype=torch.float64, device=teacher_device)
-    total = reduce(local, reduction="sum").tolist()
-    return {name: dict(zip(keys, total[i])) for i, name in enumerate(names)}, int(total[-1][0])
+    names = list(sums)
+    local = torch.stack([sums[name] for name in names] + [torch.full((NUM_SUMS,), float(num_tokens),
+                                                                     dtype=torch.float64)])
+    total = reduce(local.to(teacher_device), reduction="sum").cpu()
+    return {name: total[i] for i, name in enumerate(names)}, int(total[-1][0].item())
+
+
+WEIGHT_GRID = tuple(i / 20 for i in range(21))  # candidate weights of a new member, 0 included
+
+
+def fit_new_member_weight(previous: list, previous_weights: list[float], new_member, teacher, dataset, collator,
+                          batch_size: int, vocab_size: int, state=None) -> tuple[float, dict[float, float]]:
+    """The weight w of a new member that minimises CE on `dataset` for the mixture (1 - w) * previous + w * new.
+
+    A search over WEIGHT_GRID, all candidates scored in one pass. w = 0 (the previous ensemble unchanged) is a
+    candidate, so the fitted ensemble is never worse than the previous one on `dataset`. Returns w and the CE of
+    every candidate.
+    """
+    members = [*previous, new_member]
+    names = {w: f"w={w:.2f}" for w in WEIGHT_GRID}
+    results = evaluate({names[w]: members for w in WEIGHT_GRID}, teacher, dataset, collator, batch_size,
+                       vocab_size, "weighted", state=state,
+                       weights={names[w]: [*((1 - w) * p for p in previous_weights), w] for w in WEIGHT_GRID})
+    ce = {w: results[names[w]]["ce"] for w in WEIGHT_GRID}
+    return min(WEIGHT_GRID, key=ce.__getitem__), ce

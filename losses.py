@@ -3,7 +3,9 @@
 Round r trains student s while the earlier members 1..n (n = r) stay frozen. With z the logits at a supervised
 position, the mixture the loss sees is the one the ensemble will predict with:
     z_mix = combine(z_s, z_1, ..., z_n)          (mean of logits by default; see ensemble.combine_logits)
-    loss  = alpha * T^2 * D(p_teacher^T, p_mix^T) + (1 - alpha) * NLL(z_mix or z_s)
+    loss  = kl_scale * alpha * T^2 * D(p_teacher^T, p_mix^T) + (1 - alpha) * NLL(z_mix or z_s)
+(kl_scale is 1 unless the config asks for the ensemble's size, which undoes the 1/(n+1) by which averaging
+shrinks the gradient reaching the new student.)
 Both terms use the same shifted positions (position t predicts token t+1, for supervised tokens only), run in
 fp32 whatever the model dtype, and are sums divided by the number of supervised tokens in the whole optimizer
 step, so gradient accumulation and micro-batch size do not change the loss or its gradients.
@@ -35,6 +37,9 @@ class LossSettings:
     jsd_beta: float = 0.5
     nll_target: str = "mixture"  # or "student"
     combine: str = "logits"
+    # combine="weighted"/"additive": the coefficients of (student, member_1, ..., member_n), in that order.
+    mixture_weights: tuple[float, ...] | None = None
+    kl_scale: float = 1.0  # multiplies the distillation term (the ensemble's size undoes averaging's 1/(n+1))
 
 
 @dataclass
@@ -124,14 +129,17 @@ def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: "torch.Tensor
     student_logits [N, V] carries gradients; teacher_logits [N, V] (or a SparseTarget; None when alpha = 0) and
     each of the frozen members' member_logits [N, V] do not. targets [N] are the next tokens.
     """
-    mixture = combine_logits([student_logits, *member_logits], settings.combine) if member_logits else student_logits
+    if member_logits or settings.mixture_weights is not None:
+        mixture = combine_logits([student_logits, *member_logits], settings.combine, settings.mixture_weights)
+    else:
+        mixture = student_logits
     zero = student_logits.new_zeros((), dtype=torch.float32)
     divergence = zero
     if settings.alpha > 0:
         divergence = teacher_divergence_sum(teacher_logits, mixture, settings)
     # The NLL is always computed: it is the metric users watch even when alpha = 1 gives it no weight.
     nll = nll_sum(mixture if settings.nll_target == "mixture" else student_logits, targets)
-    total = settings.alpha * settings.temperature**2 * divergence + (1 - settings.alpha) * nll
+    total = settings.kl_scale * settings.alpha * settings.temperature**2 * divergence + (1 - settings.alpha) * nll
     return LossSums(total=total, divergence=divergence.detach(), nll=nll.detach(), num_tokens=targets.numel())
 
 

@@ -20,6 +20,7 @@ Usage:
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,14 +39,15 @@ import preprocess_dataset
 import run_state
 import teacher_cache
 import utils
-from ensemble import ModelEnsemble
-from evaluation import evaluate
+from ensemble import WEIGHTED_MODES, ModelEnsemble, training_mixture_weights, weights_with_new_member
+from evaluation import evaluate, fit_new_member_weight
 from losses import LossSettings
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, NonFiniteLossError, PaddingCollator,
                    check_logits_at, training_arguments)
 
-METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement",
-                  "num_tokens", "seconds"]
+METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
+                  "gap_closed", "diversity", "num_tokens", "seconds"]
+SAMPLE_COLUMNS = ["round", "model", "prompt", "answer"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -143,6 +145,90 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_s
     return teacher_cache.TeacherCache.open(cache_dir, expected)
 
 
+def split_off_weight_fit(data, config) -> dict:
+    """combine=weighted: the last `weight_fit_examples` training examples become the slice new members' weights are
+    fitted on (they are not trained on); otherwise the data as it is."""
+    if config.combine != "weighted":
+        return data
+    train, held_out = data["train"], config.weight_fit_examples
+    if len(train) <= held_out:
+        raise preprocess_dataset.DataError(
+            f"combine=weighted holds out weight_fit_examples={held_out} training examples, but the training split "
+            f"has {len(train)}: lower weight_fit_examples or raise max_examples")
+    return {**data, "train": train.select(range(len(train) - held_out)),
+            "weight_fit": train.select(range(len(train) - held_out, len(train)))}
+
+
+def rounds_to_run(config) -> int:
+    """Single-model baselines train one student instead of total_rounds of them."""
+    return 1 if config.baseline in ("single_matched", "single_large") else config.total_rounds
+
+
+def baseline_round_config(config, teacher):
+    """The settings each round's student is built and trained with.
+
+    single_matched: one student trained for the ensemble's total steps (total_rounds x steps_per_round).
+    single_large: that, with total_rounds times the layers (random init: student_num_layers; teacher_layers: as many
+    teacher layers, spread from first to last, as the teacher has). Otherwise the config itself.
+    """
+    if config.baseline not in ("single_matched", "single_large"):
+        return config
+    changes = {"steps_per_round": config.steps_per_round * config.total_rounds}
+    if config.baseline == "single_large":
+        if config.student_init == "random":
+            changes["student_num_layers"] = config.student_num_layers * config.total_rounds
+        else:
+            changes["teacher_layers"] = utils.spread_layer_indices(len(config.teacher_layers) * config.total_rounds,
+                                                                   teacher.config.num_hidden_layers)
+            changes["teacher_layers_shift"] = 0
+    return dataclasses.replace(config, **changes)
+
+
+def new_member_weight(config, members, weights, student, teacher, data, collator, vocab_size, state,
+                      through_ensemble: bool) -> float:
+    """The new member's coefficient: fitted (weighted), eta (additive, after the first), or 1."""
+    if config.combine == "weighted" and members:
+        weight, candidates = fit_new_member_weight(members, weights, student, teacher, data["weight_fit"], collator,
+                                                   config.eval_batch_size, vocab_size, state)
+        print(f"new member's weight {weight:.2f}: CE {candidates[weight]:.4f} on the weight-fit slice "
+              f"(previous ensemble {candidates[0.0]:.4f})")
+        return weight
+    if config.combine == "additive" and members and through_ensemble:
+        return config.eta
+    return 1.0
+
+
+def add_gap_closed(rows: list[dict], metrics_path: Path) -> None:
+    """Each row's share of the teacher gap closed, (CE_start - CE) / (CE_start - CE_teacher), CE_start being round
+    0's untrained student (from `rows` or the rows written before)."""
+    known = pd.read_csv(metrics_path).to_dict("records") if metrics_path.is_file() else []
+    ce = {(int(row["round"]), row["model"]): row["ce"] for row in [*known, *rows]}
+    start, teacher = ce[(0, "student_untrained")], ce[(0, "teacher")]
+    for row in rows:
+        row["gap_closed"] = (start - row["ce"]) / (start - teacher) if start != teacher else 0.0
+
+
+SAMPLE_PROMPTS = ("What is the capital of France?", "Give me three tips for a good night's sleep.",
+                  "Write a short poem about the sea.", "Explain what a neural network is in two sentences.")
+
+
+@torch.no_grad()
+def write_sample_answers(path: Path, round_index: int, models: dict, tokenizer, config) -> None:
+    """Greedy answers of each model to the first `sample_answers` fixed prompts, appended to samples.csv."""
+    rows = []
+    for prompt in SAMPLE_PROMPTS[:config.sample_answers]:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        for name, model in models.items():
+            inputs = inputs.to(next(model.parameters()).device)
+            output = model.generate(**inputs, max_new_tokens=config.sample_max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+            answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            rows.append({"round": round_index, "model": name, "prompt": prompt, "answer": answer.strip()})
+    if rows:
+        run_state.replace_csv_rows(path, SAMPLE_COLUMNS, lambda row: int(row["round"]) != round_index, rows)
+
+
 def metric_rows(round_index: int, results: dict, sizes: dict, seconds: float) -> list[dict]:
     """One row per evaluated model; `seconds` is the whole evaluation pass, shared by its rows."""
     return [{"round": round_index, "model": name, "ensemble_size": sizes[name], **metrics,
@@ -185,7 +271,7 @@ def main(argv=None) -> int:
     utils.check_vocab_fits(teacher, vocab_size, config.teacher)
     check_logits_at(teacher, vocab_size)
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
-        data = prepare_data(config, tokenizer)
+        data = split_off_weight_fit(prepare_data(config, tokenizer), config)
     print(f"data: {len(data['train'])} training and {len(data['test'])} test examples")
     collator = PaddingCollator(tokenizer.pad_token_id)
     cache = prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
@@ -194,7 +280,8 @@ def main(argv=None) -> int:
                             jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine)
 
     # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
-    first_student = utils.build_student(config, teacher, tokenizer, 0)
+    round_config = baseline_round_config(config, teacher)  # the config itself, except for single-model baselines
+    first_student = utils.build_student(round_config, teacher, tokenizer, 0)
     output_folder = Path(args.resume) if args.resume else Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
     run_state.check_disk_space(output_folder, utils.count_parameters(first_student))
@@ -206,17 +293,24 @@ def main(argv=None) -> int:
     ensemble_dir = run_dir / "ensemble"
     members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype).to(device).eval()
                for path in manifest["members"]]
+    weights = manifest.get("weights") if config.combine in WEIGHTED_MODES else None  # one per member
+    weights = [] if config.combine in WEIGHTED_MODES and weights is None else weights
+    # The baselines' students train alone (independent) or are one model (single_*); the method's train through the
+    # frozen ensemble of earlier members.
+    through_ensemble = config.baseline == "none"
 
     # --- rounds -------------------------------------------------------------------------------------------------
-    for round_index in range(config.total_rounds):
+    for round_index in range(rounds_to_run(config)):
         if run_state.round_status(manifest, round_index) == "done":
             print(f"round {round_index}: done earlier, skipped")
             if state.is_main_process:  # a kill right after the manifest write leaves the checkpoints behind
                 shutil.rmtree(run_dir / "checkpoints" / f"round_{round_index}", ignore_errors=True)
             continue
-        print(f"\n=== round {round_index + 1}/{config.total_rounds}: {len(members)} frozen member(s) ===")
-        student = utils.build_student(config, teacher, tokenizer, round_index).to(device)
+        print(f"\n=== round {round_index + 1}/{rounds_to_run(config)}: {len(members)} frozen member(s) ===")
+        student = utils.build_student(round_config, teacher, tokenizer, round_index).to(device)
         utils.check_vocab_fits(student, vocab_size, f"round {round_index} student")
+        if config.combine == "additive" and members and through_ensemble:
+            utils.start_at_zero(student)  # the round starts exactly where the previous one ended
         # The untrained copy is scored with the trained models below, so each round runs the teacher once.
         untrained = copy.deepcopy(student).to(frozen_dtype).eval().requires_grad_(False)
 
@@ -235,9 +329,13 @@ def main(argv=None) -> int:
                 last_step = run_state.checkpoint_step(resume_from) if resume_from else 0
                 run_state.replace_csv_rows(run_dir / "train_log.csv", TRAIN_LOG_COLUMNS, lambda row: int(
                     row["round"]) != round_index or int(row["step"]) <= last_step, [])
+            frozen = members if through_ensemble else []
+            round_settings = dataclasses.replace(
+                settings, mixture_weights=training_mixture_weights(config.combine, weights if frozen else [], config.eta),
+                kl_scale=float(len(frozen) + 1) if config.kl_scale == "ensemble_size" else 1.0)
             trainer = DistillationTrainer(
-                model=student, teacher=teacher, members=members, settings=settings, vocab_size=vocab_size,
-                args=training_arguments(config, checkpoint_dir, round_index, use_cpu=device.type == "cpu",
+                model=student, teacher=teacher, members=frozen, settings=round_settings, vocab_size=vocab_size,
+                args=training_arguments(round_config, checkpoint_dir, round_index, use_cpu=device.type == "cpu",
                                         bf16=utils.use_bf16_autocast(config.dtype, device)),
                 train_dataset=train_split, processing_class=tokenizer,
                 callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index),
@@ -256,25 +354,35 @@ def main(argv=None) -> int:
             if state.is_main_process:
                 run_state.save_member_atomically(student, tokenizer, member_dir)
         student = student.to(frozen_dtype).eval().requires_grad_(False)
+        new_weights = weights_with_new_member(config.combine, weights or [],
+                                              new_member_weight(config, members, weights, student, teacher, data,
+                                                                collator, vocab_size, state, through_ensemble))
         members.append(student)
 
         predictors = {"student_untrained": [untrained], "student": [student], "ensemble": members}
         sizes = {"teacher": 0, "student_untrained": 1, "student": 1, "ensemble": len(members)}
         if not manifest["teacher_evaluated"]:
             predictors = {"teacher": [teacher], **predictors}  # once per run
+        eval_weights = None if new_weights is None else {
+            **{name: [1.0] for name in predictors}, "ensemble": new_weights}
         started = time.time()
         results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
-                           config.combine, state=state)
+                           config.combine, state=state, weights=eval_weights)
         del untrained
         if state.is_main_process:
             # This round's rows replace any that an interrupted evaluation of it left behind.
+            rows = metric_rows(round_index, results, sizes, time.time() - started)
+            add_gap_closed(rows, run_dir / "metrics.csv")
             run_state.replace_csv_rows(run_dir / "metrics.csv", METRIC_COLUMNS,
-                                       lambda row: int(row["round"]) != round_index,
-                                       metric_rows(round_index, results, sizes, time.time() - started))
+                                       lambda row: int(row["round"]) != round_index, rows)
             # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
-            ModelEnsemble.from_members(members, config.combine, vocab_size).save_configs(ensemble_dir, tokenizer)
+            ensemble = ModelEnsemble.from_members(members, config.combine, vocab_size, weights=new_weights)
+            ensemble.save_configs(ensemble_dir, tokenizer)
+            write_sample_answers(run_dir / "samples.csv", round_index, {"student": student, "ensemble": ensemble},
+                                 tokenizer, config)
         # Every process keeps the same manifest in memory (it decides what the next round evaluates); one writes it.
         manifest["members"].append(str(member_dir.relative_to(run_dir)))
+        manifest["weights"] = weights = new_weights
         manifest["rounds"][str(round_index)] = "done"
         manifest["teacher_evaluated"] = True
         if state.is_main_process:
@@ -289,6 +397,11 @@ def main(argv=None) -> int:
     # --- report -------------------------------------------------------------------------------------------------
     if state.is_main_process:
         print_final_table(run_dir / "metrics.csv")
+        if config.plots:
+            import plot
+
+            for figure in plot.plot_run(run_dir):
+                print(f"figure: {figure}")
         print(f"\nrun folder: {run_dir}")
     state.wait_for_everyone()  # processes leave the group together (one leaving early can abort the other)
     return 0

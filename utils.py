@@ -136,6 +136,30 @@ def random_student(config, teacher, tokenizer):
     return AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
 
 
+def start_at_zero(model) -> None:
+    """Give `model` its own output head, all zeros, so its logits start at exactly 0.
+
+    combine=additive: a new member adds nothing to the ensemble until it has learned something, so a round starts
+    where the previous one ended. A head tied to the input embeddings is untied first (zeroing it would zero the
+    embeddings too); the model still saves and loads as a plain Hugging Face model, now with its own head.
+    """
+    tied = model.get_output_embeddings()
+    head = torch.nn.Linear(tied.in_features, tied.out_features, bias=False, device=tied.weight.device,
+                           dtype=tied.weight.dtype)
+    torch.nn.init.zeros_(head.weight)
+    model.config.tie_word_embeddings = False
+    model.set_output_embeddings(head)
+
+
+def spread_layer_indices(count: int, num_teacher_layers: int) -> list[int]:
+    """`count` teacher layers spread evenly from the first to the last (all of them if count exceeds them)."""
+    if count >= num_teacher_layers:
+        return list(range(num_teacher_layers))
+    if count == 1:
+        return [0]
+    return sorted({round(i * (num_teacher_layers - 1) / (count - 1)) for i in range(count)})
+
+
 def student_layer_indices(config, round_index: int, num_teacher_layers: int) -> list[int]:
     """The teacher layers a round's student copies: the configured ones, the inner ones shifted by round*shift.
 

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from ensemble import EnsembleCache, EnsembleConfig, ModelEnsemble, combine_logits
+from ensemble import (EnsembleCache, EnsembleConfig, ModelEnsemble, combine_logits, training_mixture_weights,
+                      weights_with_new_member)
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
 
@@ -344,3 +345,41 @@ def test_streamer_receives_the_prompt_then_each_new_token(tokenizer, members, pr
     assert streamer.ended
     assert streamer.chunks[0] == prompt_ids[0].tolist()
     assert streamer.chunks[1:] == [[token] for token in new_tokens(generated, prompt_ids)[0].tolist()]
+
+
+@pytest.mark.parametrize("mode", ["weighted", "additive"])
+def test_weighted_modes_sum_each_members_logits_times_its_coefficient(mode):
+    torch.manual_seed(0)
+    logits = [torch.randn(3, 7) for _ in range(3)]
+    combined = combine_logits(logits, mode, [0.5, 0.2, 1.5])
+    torch.testing.assert_close(combined, 0.5 * logits[0] + 0.2 * logits[1] + 1.5 * logits[2])
+    with pytest.raises(ValueError, match="needs one weight per member"):
+        combine_logits(logits, mode, [1.0, 1.0])
+    with pytest.raises(ValueError, match="needs `weights`"):
+        EnsembleConfig(combine=mode)
+
+
+def test_a_weighted_ensemble_saves_its_weights_and_predicts_with_them(tmp_path, tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members[:2], "weighted", len(tokenizer), weights=[0.25, 0.75])
+    ensemble.add_model(members[2], weight=0.5)
+    assert ensemble.config.weights == [0.25, 0.75, 0.5]
+    with torch.no_grad():
+        expected = sum(w * m(input_ids=prompt_ids).logits[..., :len(tokenizer)]
+                       for w, m in zip([0.25, 0.75, 0.5], members))
+        torch.testing.assert_close(ensemble(input_ids=prompt_ids).logits, expected)
+        ensemble.save_pretrained(tmp_path, tokenizer)
+        loaded = ModelEnsemble.from_pretrained(tmp_path)
+        assert loaded.config.weights == [0.25, 0.75, 0.5]
+        torch.testing.assert_close(loaded(input_ids=prompt_ids).logits, expected)
+    with pytest.raises(ValueError, match="needs the new member's weight"):
+        ensemble.add_model(members[0])
+
+
+def test_the_loss_mixture_weights_and_the_weights_after_a_new_member_joins():
+    assert training_mixture_weights("logits", [0.5, 0.5], eta=1.0) is None
+    assert training_mixture_weights("weighted", [], eta=1.0) == (1.0,)
+    assert training_mixture_weights("weighted", [0.25, 0.75], eta=1.0) == pytest.approx((1 / 3, 1 / 6, 0.5))
+    assert training_mixture_weights("additive", [1.0, 0.5], eta=0.5) == (0.5, 1.0, 0.5)
+    assert weights_with_new_member("weighted", [0.25, 0.75], 0.2) == pytest.approx([0.2, 0.6, 0.2])
+    assert weights_with_new_member("additive", [1.0], 0.5) == [1.0, 0.5]
+    assert weights_with_new_member("probs", [], 1.0) is None

@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from conftest import build_tiny_llama
-from evaluation import evaluate
+from evaluation import WEIGHT_GRID, evaluate, fit_new_member_weight
 from preprocess_dataset import tokenize_conversation
 from train import PaddingCollator
 
@@ -17,14 +17,17 @@ def test_split(tokenizer, chats):
     return Dataset.from_list([tokenize_conversation(c["messages"], tokenizer, 64) for c in chats[:6]])
 
 
-def reference_metrics(model_logits_fn, teacher, dataset, collator):
-    """Per supervised position, one at a time: CE, KL(teacher || model), top-1 agreement."""
-    ce = kl = agree = count = 0.0
+def reference_metrics(model_logits_fn, teacher, dataset, collator, members=()):
+    """Per supervised position, one at a time: CE, KL(teacher || model), top-1 agreement, the ECE over 15
+    confidence bins, and the mean pairwise KL between `members` (models whose logits the predictor combines)."""
+    ce = kl = agree = count = diversity = 0.0
+    bins = [[0.0, 0.0, 0.0] for _ in range(15)]  # count, confidence, correct
     for example in dataset:
         batch = collator([example])
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"]).logits[0]
             model_logits = model_logits_fn(batch["input_ids"])
+            member_logits = [m(input_ids=batch["input_ids"]).logits[0] for m in members]
         labels = batch["labels"][0]
         for t in range(len(labels) - 1):
             if labels[t + 1] == -100:
@@ -34,8 +37,20 @@ def reference_metrics(model_logits_fn, teacher, dataset, collator):
             ce -= log_q[labels[t + 1]].item()
             kl += (log_p.exp() * (log_p - log_q)).sum().item()
             agree += float(model_logits[t].argmax() == teacher_logits[t].argmax())
+            confidence = log_q.exp().max().item()
+            b = min(int(confidence * 15), 14)
+            bins[b][0] += 1
+            bins[b][1] += confidence
+            bins[b][2] += float(log_q.argmax() == labels[t + 1])
+            pairs = [(i, j) for i in range(len(members)) for j in range(len(members)) if i != j]
+            for i, j in pairs:
+                log_i = torch.log_softmax(member_logits[i][t].double(), -1)
+                log_j = torch.log_softmax(member_logits[j][t].double(), -1)
+                diversity += (log_i.exp() * (log_i - log_j)).sum().item() / len(pairs)
             count += 1
-    return {"ce": ce / count, "kl_teacher": kl / count, "top1_agreement": agree / count, "num_tokens": count}
+    ece = sum(abs(correct - conf) for n, conf, correct in bins) / count
+    return {"ce": ce / count, "kl_teacher": kl / count, "top1_agreement": agree / count, "ece": ece,
+            "diversity": diversity / count, "num_tokens": count}
 
 
 @pytest.mark.parametrize("chunk_size", [1024, 5])
@@ -49,7 +64,7 @@ def test_metrics_match_a_position_by_position_reference(tokenizer, test_split, c
         return (first(input_ids=input_ids).logits[0] + second(input_ids=input_ids).logits[0]) / 2
 
     expected = {"student": reference_metrics(lambda ids: first(input_ids=ids).logits[0], teacher, test_split, collator),
-                "ensemble": reference_metrics(ensemble_logits, teacher, test_split, collator)}
+                "ensemble": reference_metrics(ensemble_logits, teacher, test_split, collator, [first, second])}
     for name, metrics in expected.items():
         for key, value in metrics.items():
             assert results[name][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
@@ -57,3 +72,32 @@ def test_metrics_match_a_position_by_position_reference(tokenizer, test_split, c
     assert results["teacher"]["kl_teacher"] == pytest.approx(0.0, abs=1e-6)
     assert results["teacher"]["top1_agreement"] == 1.0
     assert results["ensemble"]["ce"] != pytest.approx(results["student"]["ce"], rel=1e-4)
+    assert results["ensemble"]["diversity"] > 0 and results["student"]["diversity"] == 0.0
+    assert 0 < results["student"]["ece"] < 1
+
+
+def test_weighted_predictors_combine_with_their_weights(tokenizer, test_split):
+    teacher, first, second = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    results = evaluate({"w0": [first, second], "w1": [first, second], "w.3": [first, second], "second": [second]},
+                       teacher, test_split, collator, batch_size=4, vocab_size=len(tokenizer), combine="weighted",
+                       weights={"w0": [1.0, 0.0], "w1": [0.0, 1.0], "w.3": [0.7, 0.3], "second": [1.0]})
+    alone = evaluate({"first": [first]}, teacher, test_split, collator, batch_size=4, vocab_size=len(tokenizer))
+    assert results["w0"]["ce"] == pytest.approx(alone["first"]["ce"], rel=1e-6)
+    assert results["w1"]["ce"] == pytest.approx(results["second"]["ce"], rel=1e-6)
+    expected = reference_metrics(lambda ids: 0.7 * first(input_ids=ids).logits[0] + 0.3 * second(input_ids=ids).logits[0],
+                                 teacher, test_split, collator)
+    assert results["w.3"]["ce"] == pytest.approx(expected["ce"], rel=1e-5)
+
+
+def test_the_fitted_weight_is_the_best_candidate_and_never_worse_than_leaving_the_member_out(tokenizer, test_split):
+    teacher, first, second = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    weight, ce = fit_new_member_weight([first], [1.0], second, teacher, test_split, collator, 4, len(tokenizer))
+    assert set(ce) == set(WEIGHT_GRID)
+    assert ce[weight] == min(ce.values()) <= ce[0.0]
+    direct = evaluate({"mix": [first, second]}, teacher, test_split, collator, 4, len(tokenizer), "weighted",
+                      weights={"mix": [1 - weight, weight]})
+    assert ce[weight] == pytest.approx(direct["mix"]["ce"], rel=1e-6)
+    alone = evaluate({"first": [first]}, teacher, test_split, collator, 4, len(tokenizer))
+    assert ce[0.0] == pytest.approx(alone["first"]["ce"], rel=1e-6)

@@ -181,3 +181,27 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradients(divergence, chunk_
     torch.testing.assert_close(chunked_hidden_grad, hidden_grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked_head_grad, head_grad, atol=1e-5, rtol=1e-5)
     assert teacher_head.weight.grad is None and member_head.weight.grad is None
+
+
+def test_kl_scale_multiplies_the_distillation_term_only(logit_pair):
+    teacher, student = logit_pair
+    member = torch.randn_like(student)
+    targets = torch.tensor([1, 2, 3, 4, 5])
+    plain = hybrid_loss_sums(student, teacher, [member], targets, LossSettings(alpha=0.4, temperature=2.0))
+    scaled = hybrid_loss_sums(student, teacher, [member], targets,
+                              LossSettings(alpha=0.4, temperature=2.0, kl_scale=2.0))
+    assert scaled.divergence == pytest.approx(plain.divergence.item())
+    assert scaled.total.item() == pytest.approx(2.0 * 0.4 * 4.0 * plain.divergence.item() + 0.6 * plain.nll.item(),
+                                                rel=1e-6)
+
+
+def test_mixture_weights_set_the_mixture_the_loss_sees(logit_pair):
+    teacher, student = logit_pair
+    member = torch.randn_like(student)
+    targets = torch.tensor([1, 2, 3, 4, 5])
+    settings = LossSettings(alpha=0.0, combine="additive", mixture_weights=(0.5, 1.0))
+    sums = hybrid_loss_sums(student, teacher, [member], targets, settings)
+    assert sums.nll.item() == pytest.approx(nll_sum(0.5 * student + member, targets).item(), rel=1e-6)
+    alone = hybrid_loss_sums(student, teacher, [], targets, LossSettings(alpha=0.0, combine="weighted",
+                                                                         mixture_weights=(1.0,)))
+    assert alone.nll.item() == pytest.approx(nll_sum(student, targets).item(), rel=1e-6)

@@ -94,3 +94,23 @@ def test_publish_folder_keeps_a_same_build_finished_first_and_replaces_a_stale_o
     utils.publish_folder(staged("b"), final, same_as("b"))  # settings changed: the stale folder is replaced
     assert (final / "settings").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # no staging folder left behind
+
+
+def test_start_at_zero_gives_zero_logits_keeps_the_embeddings_and_survives_saving(tmp_path):
+    tokenizer = build_tokenizer("chatml")
+    model = build_tiny_llama(tokenizer)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    utils.start_at_zero(model)
+    ids = torch.tensor([[3, 5, 7]])
+    assert torch.count_nonzero(model(input_ids=ids).logits) == 0
+    torch.testing.assert_close(model.get_input_embeddings().weight, embeddings)
+    model.save_pretrained(tmp_path)
+    loaded = utils.load_causal_lm(str(tmp_path), torch.float32)
+    assert torch.count_nonzero(loaded(input_ids=ids).logits) == 0
+    torch.testing.assert_close(loaded.get_input_embeddings().weight, embeddings)
+
+
+def test_spread_layer_indices_spans_the_teacher():
+    assert utils.spread_layer_indices(4, 30) == [0, 10, 19, 29]
+    assert utils.spread_layer_indices(40, 30) == list(range(30))
+    assert utils.spread_layer_indices(1, 30) == [0]
