@@ -46,10 +46,12 @@ class LossSettings:
 class LossSums:
     """Sums over a micro-batch's supervised positions; divide by the step's token count to get the loss."""
 
-    total: torch.Tensor  # alpha * T^2 * divergence_sum + (1 - alpha) * nll_sum, differentiable
+    total: torch.Tensor  # kl_term + nll_term, differentiable
     divergence: torch.Tensor  # detached sum of D (without T^2 or alpha)
     nll: torch.Tensor  # detached sum of the NLL
     num_tokens: int
+    kl_term: torch.Tensor  # kl_scale * alpha * T^2 * divergence_sum, differentiable (for per-term gradient norms)
+    nll_term: torch.Tensor  # (1 - alpha) * nll_sum, differentiable
 
 
 def predictor_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -139,8 +141,10 @@ def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: "torch.Tensor
         divergence = teacher_divergence_sum(teacher_logits, mixture, settings)
     # The NLL is always computed: it is the metric users watch even when alpha = 1 gives it no weight.
     nll = nll_sum(mixture if settings.nll_target == "mixture" else student_logits, targets)
-    total = settings.kl_scale * settings.alpha * settings.temperature**2 * divergence + (1 - settings.alpha) * nll
-    return LossSums(total=total, divergence=divergence.detach(), nll=nll.detach(), num_tokens=targets.numel())
+    kl_term = settings.kl_scale * settings.alpha * settings.temperature**2 * divergence
+    nll_term = (1 - settings.alpha) * nll
+    return LossSums(total=kl_term + nll_term, divergence=divergence.detach(), nll=nll.detach(),
+                    num_tokens=targets.numel(), kl_term=kl_term, nll_term=nll_term)
 
 
 @dataclass
@@ -172,17 +176,19 @@ def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTa
         sums = hybrid_loss_sums(student.head(student_hidden),
                                 teacher.logits(rows) if teacher is not None else None,
                                 [member.logits(rows) for member in members], targets[rows], settings)
-        return sums.total, sums.divergence, sums.nll
+        return sums.kl_term, sums.nll_term, sums.divergence, sums.nll
 
-    total = divergence = nll = student.hidden.new_zeros((), dtype=torch.float32)
+    kl_term = nll_term = divergence = nll = student.hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, num_positions, chunk_size):
         rows = slice(start, start + chunk_size)
-        chunk_total, chunk_divergence, chunk_nll = checkpoint(chunk_sums, student.hidden[rows], rows,
-                                                              use_reentrant=False)
-        total = total + chunk_total
+        chunk_kl_term, chunk_nll_term, chunk_divergence, chunk_nll = checkpoint(
+            chunk_sums, student.hidden[rows], rows, use_reentrant=False)
+        kl_term = kl_term + chunk_kl_term
+        nll_term = nll_term + chunk_nll_term
         divergence = divergence + chunk_divergence
         nll = nll + chunk_nll
-    return LossSums(total=total, divergence=divergence, nll=nll, num_tokens=num_positions)
+    return LossSums(total=kl_term + nll_term, divergence=divergence, nll=nll, num_tokens=num_positions,
+                    kl_term=kl_term, nll_term=nll_term)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -214,7 +214,25 @@ class DistillationTrainer(SFTTrainer):
             parts = self._parts_by_step.setdefault(self.state.global_step, {"kl": 0.0, "nll": 0.0})
             parts["kl"] += (sums.divergence / num_tokens * scale).item()
             parts["nll"] += (sums.nll / num_tokens * scale).item()
+            if (self.state.global_step + 1) % self.args.logging_steps == 0:  # a step that will be logged
+                self.add_term_gradient_norms(parts, sums, student.hidden, num_tokens)
         return (loss, {"hidden_states": student.hidden}) if return_outputs else loss
+
+    @staticmethod
+    def add_term_gradient_norms(parts: dict, sums, student_hidden: torch.Tensor, num_tokens) -> None:
+        """Add this micro-batch's squared norms of each loss term's gradient at the student's final hidden states.
+
+        How hard each term pulls the student: under logit averaging the distillation term's pull on a new member
+        shrinks like 1/(n+1) (kl_scale=ensemble_size undoes it). Taken at the hidden states, so only the output
+        head's backward runs again, on logged steps only. Micro-batches and processes hold different positions, so
+        squared norms add up.
+        """
+        for name, term in (("kl", sums.kl_term), ("nll", sums.nll_term)):
+            key = f"grad_norm_{name}_sq"
+            parts.setdefault(key, 0.0)
+            if term.requires_grad:
+                (gradient,) = torch.autograd.grad(term / num_tokens, student_hidden, retain_graph=True)
+                parts[key] += gradient.float().pow(2).sum().item()
 
     def teacher_target(self, inputs, batch, num_positions: int) -> Projection | SparseTarget:
         """The teacher's side of the divergence for this batch: online, or read from the cache."""
@@ -248,16 +266,25 @@ class DistillationTrainer(SFTTrainer):
                 value = torch.tensor(mean, device=self.accelerator.device)
                 logs[key] = round(self.accelerator.reduce(value, reduction="mean").item(), 6)
             logs["hybrid"] = logs["loss"]
+            logged = [parts for parts in self._parts_by_step.values() if "grad_norm_kl_sq" in parts]
+            if logged:
+                squares = torch.tensor([logged[-1]["grad_norm_kl_sq"], logged[-1]["grad_norm_nll_sq"]],
+                                       device=self.accelerator.device)
+                kl_norm, nll_norm = self.accelerator.reduce(squares, reduction="sum").sqrt().tolist()
+                logs["grad_norm_kl"], logs["grad_norm_nll"] = round(kl_norm, 6), round(nll_norm, 6)
             self._parts_by_step.clear()
         # SFTTrainer.log adds its own token metrics, which our compute_loss does not collect.
         super(SFTTrainer, self).log(logs, start_time)
 
 
-TRAIN_LOG_COLUMNS = ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm", "epoch"]
+TRAIN_LOG_COLUMNS = ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm", "grad_norm_kl",
+                     "grad_norm_nll", "epoch"]
 
 
 class CsvTrainLogCallback(TrainerCallback):
-    """Appends one row per training log (hybrid, KL, NLL, learning rate, grad norm) to a CSV file."""
+    """Appends one row per training log to a CSV file: hybrid loss, KL, NLL, learning rate, the gradient norm over
+    the student's parameters, and each term's gradient norm at its final hidden states (see add_term_gradient_norms).
+    """
 
     def __init__(self, path: str | Path, round_index: int):
         self.path = Path(path)

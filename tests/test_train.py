@@ -8,10 +8,10 @@ import torch
 from datasets import Dataset
 
 from conftest import accelerate_launch, build_tiny_llama
-from losses import LossSettings, hybrid_loss_sums, predictor_mask
+from losses import LossSettings, hybrid_loss_sums, next_token_targets, predictor_mask
 from preprocess_dataset import tokenize_conversation
-from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab,
-                   logits_at)
+from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab, hidden_at,
+                   logits_at, output_head)
 from trl import SFTConfig
 
 
@@ -141,7 +141,7 @@ def test_training_log_rows_reach_the_csv(tokenizer, examples, tmp_path):
     trainer.add_callback(callback)
     trainer.train()
     lines = (tmp_path / "train_log.csv").read_text().strip().splitlines()
-    assert lines[0] == "round,step,hybrid,kl,nll,learning_rate,grad_norm,epoch"
+    assert lines[0] == "round,step,hybrid,kl,nll,learning_rate,grad_norm,grad_norm_kl,grad_norm_nll,epoch"
     assert [line.split(",")[1] for line in lines[1:]] == ["2", "4"]
     hybrid, kl, nll = (float(v) for v in lines[1].split(",")[2:5])
     assert hybrid == pytest.approx(0.5 * 4.0 * kl + 0.5 * nll, rel=1e-4)  # alpha 0.5, T = 2
@@ -228,3 +228,32 @@ def test_two_processes_take_the_same_step_as_one(tmp_path, teacher_mode):
     if teacher_mode == "topk":
         assert sorted(p.name for p in (tmp_path / "cache" / "teacher_cache").iterdir().__next__().glob("shard_*")) \
             == ["shard_00000", "shard_00001"]
+
+
+@pytest.mark.parametrize("kl_scale", [1.0, 3.0])
+def test_each_terms_gradient_norm_at_the_student_hidden_states_is_recorded_on_logged_steps(tokenizer, examples,
+                                                                                           batch, tmp_path, kl_scale):
+    teacher, member, student = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
+    student.train()  # the parts of the loss are recorded in training only
+    settings = LossSettings(alpha=0.5, temperature=2.0, kl_scale=kl_scale)
+    trainer = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path, settings=settings,
+                           logging_steps=1)
+    trainer.compute_loss(student, batch)
+    parts = trainer._parts_by_step[0]
+
+    positions = predictor_mask(batch["labels"])
+    hidden = hidden_at(student, batch["input_ids"], batch["attention_mask"], positions)
+    targets = next_token_targets(batch["labels"])
+    with torch.no_grad():
+        frozen = [logits_at(m, batch["input_ids"], batch["attention_mask"], positions, len(tokenizer))
+                  for m in (teacher, member)]
+    sums = hybrid_loss_sums(output_head(student, len(tokenizer))(hidden), frozen[0], [frozen[1]], targets, settings)
+    for name, term in (("kl", sums.kl_term), ("nll", sums.nll_term)):
+        (gradient,) = torch.autograd.grad(term / len(targets), hidden, retain_graph=True)
+        assert parts[f"grad_norm_{name}_sq"] == pytest.approx(gradient.pow(2).sum().item(), rel=1e-4)
+    assert parts["grad_norm_kl_sq"] > 0 and parts["grad_norm_nll_sq"] > 0
+
+    not_logged = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path, settings=settings,
+                              logging_steps=5)
+    not_logged.compute_loss(student, batch)
+    assert "grad_norm_kl_sq" not in not_logged._parts_by_step[0]  # only steps that are logged pay for it
