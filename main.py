@@ -6,6 +6,7 @@ the held-out split. Everything a run writes goes to runs/YYYY-MM-DD/run_N/:
     config.yaml      the resolved configuration          manifest.json   rounds done, member folders
     metrics.csv      one row per model and round          train_log.csv   hybrid, KL, NLL, lr, grad norm per log
     ensemble/        the ensemble (ModelEnsemble.from_pretrained), member_r/ = round r's student + tokenizer
+    samples.csv      answers to fixed prompts per round   *.png           figures (plot.py), at the end
 
 Usage:
     python main.py                                   # the demo: embedded SmolLM2 teacher + ShareGPT, on CPU
@@ -13,6 +14,8 @@ Usage:
     python main.py --preset paper --alpha 0.7 --total_rounds 6
     python main.py --config my_run.yaml --steps_per_round 200
     python main.py --resume runs/2026-11-29/run_3    # continue a run; completed rounds are skipped
+    python main.py --combine weighted                # fit each new member's weight (also: additive, --eta)
+    python main.py --baseline single_matched         # baselines: independent | single_matched | single_large
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 4 main.py --preset paper
                                                      # several GPUs on one node (data parallel)
     sbatch train.sh --preset paper                   # a SLURM cluster; sbatch --nodes=2 train.sh ... for nodes
@@ -96,12 +99,20 @@ def print_plan(config: config_lib.Config, run_dir: Path | None) -> None:
     print(f"  teacher       {config.teacher}")
     student = config.student_model if config.student_init == "pretrained" else f"{config.student_init} init"
     print(f"  students      {student}, one per round, {config.total_rounds} rounds x {config.steps_per_round} steps")
+    if config.baseline != "none":
+        print(f"  baseline      {config.baseline}: " + {
+            "independent": "each student distilled alone, then combined",
+            "single_matched": f"one student, {config.total_rounds * config.steps_per_round} steps",
+            "single_large": f"one student {config.total_rounds}x as deep, "
+                            f"{config.total_rounds * config.steps_per_round} steps"}[config.baseline])
     print(f"  data          {config.dataset} ({config.max_examples or 'all'} conversations, {config.test_size} held "
           f"out, max {config.max_length} tokens)")
     print(f"  teacher mode  {config.teacher_mode}" + (f" (k = {config.cache_k}, {config.cache_value_dtype})"
                                                     if config.teacher_mode == "topk" else ""))
     print(f"  loss          {config.alpha} * T^2 * {config.divergence}(teacher || mixture) + {1 - config.alpha:g} * "
-          f"NLL({config.nll_target}), T = {config.temperature}, members combined by {config.combine}")
+          f"NLL({config.nll_target}), T = {config.temperature}, members combined by {config.combine}"
+          + (f" (eta {config.eta})" if config.combine == "additive" else "")
+          + (", KL scaled by the ensemble's size" if config.kl_scale == "ensemble_size" else ""))
     print(f"  optimisation  batch {config.batch_size} x accumulation {config.grad_accum} (up to {tokens_per_step} "
           f"tokens/step), lr {config.learning_rate} {config.lr_scheduler}, device {config.device}, dtype {config.dtype}")
     print(f"  output        {run_dir or Path(config.output_root) / 'YYYY-MM-DD' / 'run_N'}")
