@@ -50,7 +50,7 @@ from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, 
 
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
                   "gap_closed", "diversity", "num_tokens", "seconds"]
-SAMPLE_COLUMNS = ["round", "model", "prompt", "answer"]
+SAMPLE_COLUMNS = ["round", "model", "prompt", "answer", "new_tokens"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -234,8 +234,11 @@ def write_sample_answers(path: Path, round_index: int, models: dict, tokenizer, 
             inputs = inputs.to(next(model.parameters()).device)
             output = model.generate(**inputs, max_new_tokens=config.sample_max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
-            answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            rows.append({"round": round_index, "model": name, "prompt": prompt, "answer": answer.strip()})
+            new_tokens = output[0, inputs["input_ids"].shape[1]:]
+            answer = tokenizer.decode(new_tokens, skip_special_tokens=True)
+            # An answer that ends at once (end of turn first) is empty: the token count tells it from a failure.
+            rows.append({"round": round_index, "model": name, "prompt": prompt, "answer": answer.strip(),
+                         "new_tokens": len(new_tokens)})
     if rows:
         run_state.replace_csv_rows(path, SAMPLE_COLUMNS, lambda row: int(row["round"]) != round_index, rows)
 

@@ -404,6 +404,7 @@ def test_metrics_have_one_numeric_schema_with_calibration_gap_closed_and_diversi
     samples = pd.read_csv(run_dir / "samples.csv", keep_default_na=False)
     assert list(zip(samples["round"], samples["model"])) == [(0, "student"), (0, "ensemble"), (1, "student"),
                                                              (1, "ensemble")]
+    assert samples["new_tokens"].between(1, 8).all()  # the test preset's sample_max_new_tokens
 
 
 def test_a_weighted_run_fits_and_saves_member_weights(tiny_teacher_dir, tmp_path):
