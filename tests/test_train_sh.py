@@ -98,11 +98,14 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_its_run(clu
 
 
 def release_when_requeued(job: str, seconds: int = 300) -> None:
-    """Start a requeued job at once: SLURM holds a requeued batch job for a fixed 2 minutes (its EligibleTime)."""
+    """Start a requeued job soon: SLURM holds a requeued batch job for 2 minutes (its EligibleTime)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         state = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
         if "Restarts=1" in state and "JobState=PENDING" in state:
+            # slurmd rejects a credential issued in the same second as the requeue revoked the old one ("Job
+            # credential revoked", the job then FAILS): that is what SLURM's own delay protects against.
+            time.sleep(2.5)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
             return
         time.sleep(0.5)
