@@ -355,7 +355,7 @@ def main(argv=None) -> int:
                 callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index),
                            run_state.StopOnSignal(preemption)],
                 chunk_size=config.loss_chunk_size, teacher_cache=cache, round_index=round_index)
-            if resume_from and run_state.checkpoint_step(resume_from) >= config.steps_per_round:
+            if resume_from and run_state.checkpoint_step(resume_from) >= round_config.steps_per_round:
                 # Killed after the last step's checkpoint but before the member was saved: nothing left to train
                 # (resuming the Trainer from its final checkpoint would run one step more).
                 student = utils.load_causal_lm(str(resume_from), torch.float32).to(device)

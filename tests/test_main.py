@@ -452,3 +452,21 @@ def test_single_model_baselines_train_one_student_for_the_ensembles_steps(tiny_t
     assert set(pd.read_csv(run_dir / "metrics.csv")["round"]) == {0}
     member = json.loads((run_dir / "ensemble" / "member_0" / "config.json").read_text())
     assert member["num_hidden_layers"] == layers
+
+
+def test_a_preempted_single_model_baseline_resumes_to_its_full_step_count(tiny_teacher_dir, tmp_path, monkeypatch):
+    """single_matched trains total_rounds x steps_per_round steps: a checkpoint at step steps_per_round is not
+    the end of its round."""
+
+    class StopAtStep3(run_state.StopOnSignal):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                self.preemption.received = signal.SIGUSR1
+            return super().on_step_end(args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(main.run_state, "StopOnSignal", StopAtStep3)
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--baseline", "single_matched")) == 75
+    run_dir = only_run_dir(tmp_path)
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3, 4, 5, 6]
