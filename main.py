@@ -195,16 +195,18 @@ def baseline_round_config(config, teacher):
     return dataclasses.replace(config, **changes)
 
 
-def new_member_weight(config, members, weights, student, teacher, data, collator, vocab_size, state,
-                      through_ensemble: bool) -> float:
-    """The new member's coefficient: fitted (weighted), eta (additive, after the first), or 1."""
+def new_member_weight(config, members, weights, student, teacher, data, collator, vocab_size, state) -> float:
+    """The new member's coefficient: fitted (weighted), eta (additive, after the first), or 1.
+
+    (Additive runs always train through the ensemble: the config refuses additive with the independent baseline.)
+    """
     if config.combine == "weighted" and members:
         weight, candidates = fit_new_member_weight(members, weights, student, teacher, data["weight_fit"], collator,
                                                    config.eval_batch_size, vocab_size, state)
         print(f"new member's weight {weight:.2f}: CE {candidates[weight]:.4f} on the weight-fit slice "
               f"(previous ensemble {candidates[0.0]:.4f})")
         return weight
-    if config.combine == "additive" and members and through_ensemble:
+    if config.combine == "additive" and members:
         return config.eta
     return 1.0
 
@@ -307,8 +309,7 @@ def main(argv=None) -> int:
     ensemble_dir = run_dir / "ensemble"
     members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype).to(device).eval()
                for path in manifest["members"]]
-    weights = manifest.get("weights") if config.combine in WEIGHTED_MODES else None  # one per member
-    weights = [] if config.combine in WEIGHTED_MODES and weights is None else weights
+    weights = (manifest.get("weights") or []) if config.combine in WEIGHTED_MODES else None  # one per member
     # The baselines' students train alone (independent) or are one model (single_*); the method's train through the
     # frozen ensemble of earlier members.
     through_ensemble = config.baseline == "none"
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
         student = student.to(frozen_dtype).eval().requires_grad_(False)
         new_weights = weights_with_new_member(config.combine, weights or [],
                                               new_member_weight(config, members, weights, student, teacher, data,
-                                                                collator, vocab_size, state, through_ensemble))
+                                                                collator, vocab_size, state))
         members.append(student)
 
         predictors = {"student_untrained": [untrained], "student": [student], "ensemble": members}
