@@ -11,6 +11,7 @@
 """
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ class DiskSpaceError(RuntimeError):
 
 def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -74,14 +75,11 @@ def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict])
     if path.is_file():
         with open(path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if None not in row.values() and keep(row)]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows + new_rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows + new_rows)
+    write_atomically(path, text.getvalue())
 
 
 def save_member_atomically(student, tokenizer, member_dir: Path) -> None:
