@@ -52,7 +52,9 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
         model.eval()
     if state is not None and state.num_processes > 1:
         dataset = dataset.shard(state.num_processes, state.process_index, contiguous=True)
-    sums = {name: torch.zeros(NUM_SUMS, dtype=torch.float64) for name in predictors}
+    # The sums stay on the teacher's device until the end: no host sync per chunk and predictor.
+    device = next(teacher.parameters()).device
+    sums = {name: torch.zeros(NUM_SUMS, dtype=torch.float64, device=device) for name in predictors}
     num_tokens = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
         positions = predictor_mask(batch["labels"])
@@ -68,10 +70,10 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
             add_chunk_metrics(sums, predictors, logits, logits[id(teacher)], targets[rows], combine, weights)
         num_tokens += targets.numel()
     if state is not None and state.num_processes > 1:
-        sums, num_tokens = sum_over_processes(sums, num_tokens, teacher_device=next(teacher.parameters()).device)
+        sums, num_tokens = sum_over_processes(sums, num_tokens)
     if num_tokens == 0:
         raise ValueError("the evaluation split has no supervised token to score")
-    return {name: metrics_from_sums(s, num_tokens) for name, s in sums.items()}
+    return {name: metrics_from_sums(s.cpu(), num_tokens) for name, s in sums.items()}
 
 
 def metrics_from_sums(sums: torch.Tensor, num_tokens: int) -> dict[str, float]:
@@ -101,35 +103,36 @@ def add_chunk_metrics(sums: dict, predictors: dict[str, list], logits: dict, tea
         combined = combine_logits(member_logits, combine, weights.get(name))
         log_probs = F.log_softmax(combined, dim=-1)
         total = sums[name]
-        total[CE] += nll_sum(combined, targets).item()
-        total[KL] += kl_sum(teacher_log_probs, log_probs).item()
+        total[CE] += nll_sum(combined, targets)
+        total[KL] += kl_sum(teacher_log_probs, log_probs)
         top1_log_prob, top1 = log_probs.max(dim=-1)
-        total[AGREE] += (top1 == teacher_top1).sum().item()
+        total[AGREE] += (top1 == teacher_top1).sum()
         total[DIVERSITY] += diversity[key]
         confidence = top1_log_prob.exp()
         bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
-        total[BINS:BINS + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS).double().cpu()
+        total[BINS:BINS + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS)
         total[BINS + ECE_BINS:BINS + 2 * ECE_BINS] += torch.bincount(
-            bins, weights=confidence.double(), minlength=ECE_BINS).cpu()
+            bins, weights=confidence.double(), minlength=ECE_BINS)
         total[BINS + 2 * ECE_BINS:] += torch.bincount(
-            bins, weights=(top1 == targets).double(), minlength=ECE_BINS).cpu()
+            bins, weights=(top1 == targets).double(), minlength=ECE_BINS)
 
 
-def mean_pairwise_kl_sum(member_logits: list[torch.Tensor]) -> float:
+def mean_pairwise_kl_sum(member_logits: list[torch.Tensor]) -> torch.Tensor | float:
     """Sum over positions of the mean KL(p_i || p_j) over ordered pairs of distinct members (0 for one member)."""
     if len(member_logits) < 2:
         return 0.0
     log_probs = [F.log_softmax(z, dim=-1) for z in member_logits]
     pairs = [(i, j) for i in range(len(log_probs)) for j in range(len(log_probs)) if i != j]
-    return sum(kl_sum(log_probs[i], log_probs[j]).item() for i, j in pairs) / len(pairs)
+    return sum(kl_sum(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
 
 
-def sum_over_processes(sums: dict, num_tokens: int, teacher_device) -> tuple[dict, int]:
+def sum_over_processes(sums: dict, num_tokens: int) -> tuple[dict, int]:
     """Every process's sums and token count added up (in float64, so the order of addition does not matter)."""
     names = list(sums)
+    device = sums[names[0]].device
     local = torch.stack([sums[name] for name in names] + [torch.full((NUM_SUMS,), float(num_tokens),
-                                                                     dtype=torch.float64)])
-    total = reduce(local.to(teacher_device), reduction="sum").cpu()
+                                                                     dtype=torch.float64, device=device)])
+    total = reduce(local, reduction="sum")
     return {name: total[i] for i, name in enumerate(names)}, int(total[-1][0].item())
 
 
