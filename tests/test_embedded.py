@@ -49,7 +49,10 @@ def test_a_missing_package_says_how_to_install_it():
 def test_sharegpt_recovery_gives_user_first_conversations(tmp_path):
     path = embedded.resolve_dataset(EMBEDDED_DATASET, tmp_path)
     records = [json.loads(line) for line in open(path)]
-    assert 8000 < len(records) < 17_700  # 17,671 complete conversations before the demo's filters
+    assert 8000 < len(records) < 17_700  # the demo's filters keep about half
+    source = embedded.package_dir(embedded.DATASET_PACKAGE, "") / embedded.DATASET_FILE
+    complete = sum(1 for _ in embedded.iter_complete_json_array(source.read_text(encoding="utf-8")))
+    assert 17_500 < complete < 17_800  # 17,671 complete conversations precede the cut-off one
     assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in records)
     assert {m["role"] for r in records for m in r["messages"]} <= {"user", "assistant", "system"}
 

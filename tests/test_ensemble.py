@@ -257,6 +257,18 @@ def test_load_places_members_by_device_map(tmp_path, tokenizer, members, prompt_
         ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu", "cpu"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device next to the CPU")
+def test_members_on_different_devices_predict_and_generate_as_on_one(tmp_path, tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer))
+    ensemble.save_pretrained(tmp_path)
+    split = ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cuda:0"])
+    assert [next(m.parameters()).device.type for m in split.members] == ["cpu", "cuda"]
+    torch.testing.assert_close(split(prompt_ids).logits.cpu(), ensemble(prompt_ids).logits, rtol=1e-4, atol=1e-4)
+    generated = split.generate(prompt_ids, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    expected = slow_greedy_decode(members[:2], prompt_ids, steps=8, mode="logits", vocab_size=len(tokenizer))
+    assert torch.equal(generated.cpu(), expected)
+
+
 def test_load_passes_dtype_to_members(tmp_path, tokenizer, members, prompt_ids):
     ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer)).save_pretrained(tmp_path)
     loaded = ModelEnsemble.from_pretrained(tmp_path, dtype=torch.bfloat16)
