@@ -62,9 +62,10 @@ class Config:
     eta: float = 1.0  # combine=additive: shrinkage, z_mix = z_prev + eta * z_new (the new member starts at 0)
     kl_scale: str = "none"  # none | ensemble_size: multiply the KL term by the ensemble's size (undoes 1/(n+1))
     loss_chunk_size: int = 1024  # supervised positions per loss chunk; bounds the loss's logits memory (0: no chunks)
+    compile_loss: str = "auto"  # torch.compile the loss's chunks: auto (CUDA only; on CPU compiling costs more)|on|off
     teacher_mode: str = "online"  # online (run the teacher every step) | topk | hidden (cached once, for every round)
     cache_k: int = 64  # teacher_mode=topk: log-probabilities kept per position (plus one tail bucket)
-    cache_value_dtype: str = "uint8"  # teacher_mode=topk: uint8 (196 B/token at k=64) | float16 (256 B/token)
+    cache_value_dtype: str = "uint8"  # teacher_mode=topk: uint8 (196 B/token at k=64) | float16 (258 B/token)
 
     # --- rounds -------------------------------------------------------------------------------------------------
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
@@ -114,6 +115,7 @@ class Config:
             ("save_steps", self.save_steps >= 1, "must be >= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("loss_chunk_size", self.loss_chunk_size >= 0, "must be >= 0 (0 turns chunking off)"),
+            ("compile_loss", self.compile_loss in ("auto", "on", "off"), "must be auto, on or off"),
             ("max_length", self.max_length >= 8, "must be >= 8 tokens"),
             ("test_size", self.test_size >= 1, "must be >= 1"),
             ("max_examples", self.max_examples is None or self.max_examples > self.test_size,
@@ -161,6 +163,17 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the key and what to change."""
+
+
+def use_compiled_loss(compile_loss: str, device) -> bool:
+    """Whether the loss's per-chunk function runs through torch.compile, for the `compile_loss` setting on `device`
+    (a torch.device or its name). auto: on CUDA only; on CPU, at this project's sizes, compiling takes longer than
+    the fused kernels save over a run."""
+    if compile_loss == "auto":
+        return str(device).split(":")[0] == "cuda"
+    if compile_loss in ("on", "off"):
+        return compile_loss == "on"
+    raise ConfigError(f"config key 'compile_loss' = {compile_loss!r} must be auto, on or off")
 
 
 PRESETS: dict[str, dict] = {
@@ -293,6 +306,9 @@ def coerce(key: str, value, annotation):
             raise ValueError(value)
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
+        if annotation is str and isinstance(value, bool):
+            # YAML 1.1 reads an unquoted on/off (also yes/no, true/false) as a boolean: give the word back.
+            return "on" if value else "off"
         return annotation(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")

@@ -6,18 +6,26 @@ position, the mixture the loss sees is the one the ensemble will predict with:
     loss  = kl_scale * alpha * T^2 * D(p_teacher^T, p_mix^T) + (1 - alpha) * NLL(z_mix or z_s)
 (kl_scale is 1 unless the config asks for the ensemble's size, which undoes the 1/(n+1) by which averaging
 shrinks the gradient reaching the new student.)
+Tempering: p^T = softmax(z / T) for the logits z that each side outputs, the teacher's and the ensemble's (z_mix is
+exactly what ModelEnsemble returns as its logits). With combine="probs" the ensemble outputs
+log p_mix = logsumexp_k log_softmax(z_k) - log(n + 1), formed at T = 1, so the divergence sees
+p_mix^T = p_mix^(1/T) / sum_v p_mix(v)^(1/T): the ensemble's own predictive distribution tempered, as the teacher's
+side is the teacher's prediction tempered. It is not the mean of the members' tempered distributions,
+mean_k softmax(z_k / T); the two agree at T = 1 only.
 Both terms use the same shifted positions (position t predicts token t+1, for supervised tokens only), run in
 fp32 whatever the model dtype, and are sums divided by the number of supervised tokens in the whole optimizer
 step, so gradient accumulation and micro-batch size do not change the loss or its gradients.
 
 `chunked_hybrid_loss_sums` computes the same sums from hidden states, chunk of positions by chunk: every model's
 output head runs on one chunk at a time, and the student's chunk is recomputed in the backward pass instead of
-stored, so no (positions x vocabulary) tensor larger than one chunk is ever held.
+stored, so no (positions x vocabulary) tensor larger than one chunk is ever held. The per-chunk function,
+`hybrid_loss_terms`, can run through torch.compile (`compile_loss_terms`).
 """
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +60,23 @@ class LossSums:
     num_tokens: int
     kl_term: torch.Tensor  # kl_scale * alpha * T^2 * divergence_sum, differentiable (for per-term gradient norms)
     nll_term: torch.Tensor  # (1 - alpha) * nll_sum, differentiable
+
+
+class LossTerms(NamedTuple):
+    """The hybrid loss's parts summed over some positions: what the per-chunk function returns (tensors only, so
+    that torch.compile can trace it), added up over chunks and then turned into LossSums."""
+
+    kl_term: torch.Tensor  # differentiable
+    nll_term: torch.Tensor  # differentiable
+    divergence: torch.Tensor  # detached
+    nll: torch.Tensor  # detached
+
+    def __add__(self, other: "LossTerms") -> "LossTerms":
+        return LossTerms(*(mine + theirs for mine, theirs in zip(self, other)))
+
+    def sums(self, num_tokens: int) -> LossSums:
+        return LossSums(total=self.kl_term + self.nll_term, divergence=self.divergence, nll=self.nll,
+                        num_tokens=num_tokens, kl_term=self.kl_term, nll_term=self.nll_term)
 
 
 def predictor_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -131,20 +156,58 @@ def hybrid_loss_sums(student_logits: torch.Tensor, teacher_logits: "torch.Tensor
     student_logits [N, V] carries gradients; teacher_logits [N, V] (or a SparseTarget; None when alpha = 0) and
     each of the frozen members' member_logits [N, V] do not. targets [N] are the next tokens.
     """
+    return hybrid_loss_terms(student_logits, teacher_logits, member_logits, targets, settings).sums(targets.numel())
+
+
+def hybrid_loss_terms(student_logits: torch.Tensor, teacher_logits: "torch.Tensor | SparseTarget | None",
+                      member_logits: list[torch.Tensor], targets: torch.Tensor, settings: LossSettings) -> LossTerms:
+    """`hybrid_loss_sums`'s parts, as the tensors-only function that runs on each chunk (and may be compiled)."""
     if member_logits or settings.mixture_weights is not None:
+        # The ensemble's logits as ModelEnsemble computes them, at T = 1 (for combine="probs", log p_mix); the
+        # divergence divides them by T, so it sees the ensemble's own prediction tempered (module docstring).
         mixture = combine_logits([student_logits, *member_logits], settings.combine, settings.mixture_weights)
     else:
         mixture = student_logits
-    zero = student_logits.new_zeros((), dtype=torch.float32)
-    divergence = zero
+    divergence = student_logits.new_zeros((), dtype=torch.float32)
     if settings.alpha > 0:
         divergence = teacher_divergence_sum(teacher_logits, mixture, settings)
     # The NLL is always computed: it is the metric users watch even when alpha = 1 gives it no weight.
     nll = nll_sum(mixture if settings.nll_target == "mixture" else student_logits, targets)
     kl_term = settings.kl_scale * settings.alpha * settings.temperature**2 * divergence
     nll_term = (1 - settings.alpha) * nll
-    return LossSums(total=kl_term + nll_term, divergence=divergence.detach(), nll=nll.detach(),
-                    num_tokens=targets.numel(), kl_term=kl_term, nll_term=nll_term)
+    return LossTerms(kl_term=kl_term, nll_term=nll_term, divergence=divergence.detach(), nll=nll.detach())
+
+
+LossTermsFunction = Callable[[torch.Tensor, "torch.Tensor | SparseTarget | None", list[torch.Tensor], torch.Tensor,
+                              LossSettings], LossTerms]
+
+
+def compile_loss_terms(backend: str | Callable = "inductor") -> LossTermsFunction:
+    """`hybrid_loss_terms` through torch.compile, which fuses its memory-bound passes over the vocabulary (the
+    softmaxes, exponentials, the divergence's products and sums, and their backward) into a few kernels.
+
+    Build it once per trainer and pass it to `chunked_hybrid_loss_sums`: the compiled code is kept per returned
+    function (isolate_recompiles), so each round's member count and settings get their own recompile budget instead
+    of sharing one with every earlier round of the run. The row dimension is marked dynamic, so a shorter last
+    chunk, or another micro-batch's number of positions, reuses the same compiled code. The output heads' matrix
+    products stay outside: each is one library call already. fullgraph: a construct torch.compile cannot capture
+    whole is an error here, not a silent slow path.
+    """
+    compiled = torch.compile(hybrid_loss_terms, backend=backend, fullgraph=True, isolate_recompiles=True)
+
+    def compiled_loss_terms(student_logits: torch.Tensor, teacher_logits: "torch.Tensor | SparseTarget | None",
+                            member_logits: list[torch.Tensor], targets: torch.Tensor,
+                            settings: LossSettings) -> LossTerms:
+        row_tensors = [student_logits, *member_logits, targets]
+        if isinstance(teacher_logits, SparseTarget):
+            row_tensors += [teacher_logits.log_probs, teacher_logits.indices, teacher_logits.tail_log_prob]
+        elif teacher_logits is not None:
+            row_tensors.append(teacher_logits)
+        for tensor in row_tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(student_logits, teacher_logits, member_logits, targets, settings)
+
+    return compiled_loss_terms
 
 
 @dataclass
@@ -160,35 +223,29 @@ class Projection:
 
 def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTarget | None,
                              members: list[Projection], targets: torch.Tensor, settings: LossSettings,
-                             chunk_size: int) -> LossSums:
+                             chunk_size: int, loss_terms: LossTermsFunction = hybrid_loss_terms) -> LossSums:
     """`hybrid_loss_sums` over chunks of `chunk_size` positions (0: one chunk), equal to it up to rounding.
 
     Each chunk's logits exist only while that chunk is computed; the student's are recomputed in the backward
     pass (activation checkpointing), so the memory of the loss path grows with the chunk, not with N.
+    `loss_terms` is the per-chunk function: `hybrid_loss_terms`, or the compiled one from `compile_loss_terms`.
     """
     num_positions = targets.numel()
     if chunk_size <= 0 or num_positions <= chunk_size:
         rows = slice(0, num_positions)
-        return hybrid_loss_sums(student.logits(rows), teacher.logits(rows) if teacher is not None else None,
-                                [member.logits(rows) for member in members], targets, settings)
+        return loss_terms(student.logits(rows), teacher.logits(rows) if teacher is not None else None,
+                          [member.logits(rows) for member in members], targets, settings).sums(num_positions)
 
-    def chunk_sums(student_hidden: torch.Tensor, rows: slice):
-        sums = hybrid_loss_sums(student.head(student_hidden),
-                                teacher.logits(rows) if teacher is not None else None,
-                                [member.logits(rows) for member in members], targets[rows], settings)
-        return sums.kl_term, sums.nll_term, sums.divergence, sums.nll
+    def chunk_terms(student_hidden: torch.Tensor, rows: slice) -> LossTerms:
+        return loss_terms(student.head(student_hidden), teacher.logits(rows) if teacher is not None else None,
+                          [member.logits(rows) for member in members], targets[rows], settings)
 
-    kl_term = nll_term = divergence = nll = student.hidden.new_zeros((), dtype=torch.float32)
+    total = None
     for start in range(0, num_positions, chunk_size):
         rows = slice(start, start + chunk_size)
-        chunk_kl_term, chunk_nll_term, chunk_divergence, chunk_nll = checkpoint(
-            chunk_sums, student.hidden[rows], rows, use_reentrant=False)
-        kl_term = kl_term + chunk_kl_term
-        nll_term = nll_term + chunk_nll_term
-        divergence = divergence + chunk_divergence
-        nll = nll + chunk_nll
-    return LossSums(total=kl_term + nll_term, divergence=divergence, nll=nll, num_tokens=num_positions,
-                    kl_term=kl_term, nll_term=nll_term)
+        terms = checkpoint(chunk_terms, student.hidden[rows], rows, use_reentrant=False)
+        total = terms if total is None else total + terms
+    return total.sums(num_positions)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

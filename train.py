@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from losses import (IGNORE_INDEX, LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
-                    next_token_targets, predictor_mask)
+                    compile_loss_terms, hybrid_loss_terms, next_token_targets, predictor_mask)
 from utils import append_csv_rows
 
 
@@ -120,6 +120,19 @@ def check_logits_at(model, vocab_size: int) -> None:
                          "forward's; this architecture applies an output transform the trainer does not know")
 
 
+def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:
+    """Whether every gradient entry is finite, read back from the device once rather than once per tensor.
+
+    A gradient's L2 norm is not finite when one of its entries is not, and also when its sum of squares overflows,
+    which the gradient clipping before the step would see as an infinite norm too. _foreach_norm computes all the
+    norms in a few fused kernels.
+    """
+    if not gradients:
+        return True
+    norms = torch._foreach_norm(gradients)
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
 class NonFiniteLossError(RuntimeError):
     """Training kept producing NaN or infinite losses or gradients."""
 
@@ -130,16 +143,19 @@ class DistillationTrainer(SFTTrainer):
     `teacher` may be None when alpha = 0 (pure next-token loss). `members` are the frozen earlier students. With a
     `teacher_cache` (teacher_cache.TeacherCache) the teacher's body never runs: its targets come from the cache
     (top-k log-probabilities, or final hidden states put through the teacher's head), keyed by `example_id`.
+    `compile_loss` runs the loss's per-chunk function through torch.compile (config.use_compiled_loss decides).
     """
 
     def __init__(self, model, teacher, members: list, settings: LossSettings, vocab_size: int, args: SFTConfig,
                  train_dataset, processing_class, callbacks=None, chunk_size: int = 0, teacher_cache=None,
-                 round_index: int = 0, max_bad_steps: int = 3):
+                 round_index: int = 0, max_bad_steps: int = 3, compile_loss: bool = False):
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=PaddingCollator(processing_class.pad_token_id), callbacks=callbacks)
         self.settings = settings
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size  # supervised positions per loss chunk (0: the whole micro-batch at once)
+        # Built once: compiled code is kept per compiled function, and each step reuses it.
+        self.loss_terms = compile_loss_terms() if compile_loss else hybrid_loss_terms
         self.teacher = self.freeze(teacher) if settings.alpha > 0 else None
         self.teacher_cache = teacher_cache
         self.round_index = round_index
@@ -168,7 +184,7 @@ class DistillationTrainer(SFTTrainer):
         NonFiniteLossError, its checkpoints kept, rather than training on garbage.
         """
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if all(torch.isfinite(g).all() for g in gradients):
+        if gradients_are_finite(gradients):
             self.bad_steps_in_a_row = 0
             return unguarded_step(*args, **kwargs)
         self.bad_steps_in_a_row += 1
@@ -200,7 +216,8 @@ class DistillationTrainer(SFTTrainer):
             with torch.no_grad():
                 teacher = self.teacher_target(inputs, batch, len(targets)) if self.teacher is not None else None
                 members = [self.frozen_projection(member, batch) for member in self.members]
-            sums = chunked_hybrid_loss_sums(student, teacher, members, targets, self.settings, self.chunk_size)
+            sums = chunked_hybrid_loss_sums(student, teacher, members, targets, self.settings, self.chunk_size,
+                                            self.loss_terms)
 
         num_tokens = num_items_in_batch if num_items_in_batch is not None else sums.num_tokens
         num_tokens = torch.as_tensor(num_tokens, device=self.accelerator.device).clamp(min=1)

@@ -1,9 +1,10 @@
 """Configuration: layering of defaults, presets, YAML and command line; every bad value names its key."""
 
 import pytest
+import torch
 
 import config as config_lib
-from config import Config, ConfigError, build_config, load_saved_config, save_config
+from config import Config, ConfigError, build_config, load_saved_config, save_config, use_compiled_loss
 
 
 def test_demo_is_the_default_and_validates():
@@ -41,6 +42,7 @@ def test_command_line_strings_are_typed():
     ("steps_per_round", 2.5, "'steps_per_round' = 2.5 is not a valid int"),
     ("gradient_checkpointing", "maybe", "'gradient_checkpointing' = 'maybe' is not a valid bool"),
     ("student_init", "pretrained", "'student_model' = None must name a model"),
+    ("compile_loss", "sometimes", "'compile_loss' = 'sometimes' must be auto, on or off"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(ConfigError) as error:
@@ -78,3 +80,24 @@ def test_saved_config_round_trips(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     assert load_saved_config(tmp_path / "config.yaml") == config
     assert config.fingerprint() != build_config("test").fingerprint()
+
+
+def test_compile_loss_is_auto_in_every_preset_and_auto_means_cuda_only():
+    assert all(build_config(name).compile_loss == "auto" for name in config_lib.PRESETS)
+    assert use_compiled_loss("auto", "cuda") and use_compiled_loss("auto", "cuda:1")
+    assert use_compiled_loss("auto", torch.device("cuda", 0)) and not use_compiled_loss("auto", torch.device("cpu"))
+    assert not use_compiled_loss("auto", "cpu")
+    assert use_compiled_loss("on", "cpu") and not use_compiled_loss("off", "cuda")
+    with pytest.raises(ConfigError, match="'compile_loss' = 'yes' must be auto, on or off"):
+        use_compiled_loss("yes", "cuda")
+
+
+def test_compile_loss_reads_unquoted_on_and_off_from_yaml(tmp_path):
+    """YAML 1.1 reads an unquoted off as the boolean false; the key still gets the word it was written with."""
+    for word in ("on", "off"):
+        yaml_file = tmp_path / f"{word}.yaml"
+        yaml_file.write_text(f"compile_loss: {word}\n")
+        config = build_config("test", str(yaml_file))
+        assert config.compile_loss == word
+        save_config(config, tmp_path / "saved.yaml")
+        assert load_saved_config(tmp_path / "saved.yaml").compile_loss == word

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from losses import (LossSettings, Projection, chunked_hybrid_loss_sums, divergence_sum, hybrid_loss_sums,
-                    next_token_targets, nll_sum, predictor_mask)
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from losses import (LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
+                    divergence_sum, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, nll_sum, predictor_mask)
 
 
 def reference_kl(p, q):
@@ -205,3 +207,159 @@ def test_mixture_weights_set_the_mixture_the_loss_sees(logit_pair):
     alone = hybrid_loss_sums(student, teacher, [], targets, LossSettings(alpha=0.0, combine="weighted",
                                                                          mixture_weights=(1.0,)))
     assert alone.nll.item() == pytest.approx(nll_sum(student, targets).item(), rel=1e-6)
+
+
+def top_k_target(teacher_logits, k, temperature):
+    """A cached teacher as teacher_cache.py stores one: top-k log-probabilities at T, their ids, the tail's log-mass."""
+    log_probs = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    top, ids = log_probs.topk(k, dim=-1)
+    rest = torch.ones_like(log_probs, dtype=torch.bool).scatter(-1, ids, False)
+    tail = torch.where(rest, log_probs, float("-inf")).logsumexp(dim=-1)  # -inf when k = V: an empty tail
+    return SparseTarget(top, ids, tail)
+
+
+MIXTURE_WEIGHTS = {"logits": None, "probs": None, "weighted": (0.5, 0.3, 0.2), "additive": (0.7, 1.0, 1.0)}
+
+
+class ChunkedLossCase:
+    """A student head on hidden states, a frozen teacher and two frozen members, all on the same positions."""
+
+    def __init__(self, teacher_kind, combine, divergence, positions=17, vocab=23, width=8, temperature=1.5):
+        torch.manual_seed(7)
+        self.student_head = torch.nn.Linear(width, vocab, bias=False)
+        self.member_heads = [torch.nn.Linear(width, vocab).requires_grad_(False) for _ in range(2)]
+        self.student_hidden = torch.randn(positions, width, requires_grad=True)
+        self.member_hidden = [torch.randn(positions, width) for _ in range(2)]
+        self.targets = torch.randint(0, vocab, (positions,))
+        teacher_head = torch.nn.Linear(width, vocab).requires_grad_(False)
+        teacher_hidden = torch.randn(positions, width)
+        if teacher_kind == "dense":
+            self.teacher = Projection(teacher_hidden, teacher_head)
+        else:
+            k = vocab if teacher_kind == "top_k=V" else 5
+            self.teacher = top_k_target(teacher_head(teacher_hidden), k, temperature)
+        self.settings = LossSettings(alpha=0.6, temperature=temperature, divergence=divergence, combine=combine,
+                                     mixture_weights=MIXTURE_WEIGHTS[combine])
+
+    def run(self, chunk_size, loss_terms=hybrid_loss_terms):
+        """The loss sums and the gradients of the student's hidden states and head."""
+        self.student_hidden.grad, self.student_head.weight.grad = None, None
+        members = [Projection(hidden, head) for hidden, head in zip(self.member_hidden, self.member_heads)]
+        sums = chunked_hybrid_loss_sums(Projection(self.student_hidden, self.student_head), self.teacher, members,
+                                        self.targets, self.settings, chunk_size, loss_terms)
+        sums.total.backward()
+        return sums, self.student_hidden.grad.clone(), self.student_head.weight.grad.clone()
+
+
+def assert_same_loss_and_gradients(actual, expected):
+    (sums, hidden_grad, head_grad), (ref_sums, ref_hidden_grad, ref_head_grad) = actual, expected
+    for name in ("total", "divergence", "nll"):
+        assert getattr(sums, name).item() == pytest.approx(getattr(ref_sums, name).item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(hidden_grad, ref_hidden_grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_grad, ref_head_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("combine", ["logits", "probs", "weighted", "additive"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "top_k=V", "top_k<V"])
+def test_chunked_loss_equals_the_unchunked_one_for_every_teacher_target_and_combine_mode(teacher_kind, combine,
+                                                                                       divergence):
+    case = ChunkedLossCase(teacher_kind, combine, divergence)
+    whole = case.run(chunk_size=0)
+    assert whole[0].divergence.item() > 0 and whole[1].abs().sum() > 0
+    for chunk_size in (4, 5):  # last chunks of 1 and 2 positions
+        assert_same_loss_and_gradients(case.run(chunk_size), whole)
+
+
+@pytest.mark.parametrize("teacher_kind,combine,divergence", [("dense", "logits", "forward_kl"),
+                                                              ("top_k<V", "probs", "jsd"),
+                                                              ("dense", "weighted", "reverse_kl")])
+def test_compiled_loss_equals_the_eager_loss_and_compiles_once_for_every_chunk_size(teacher_kind, combine,
+                                                                                      divergence):
+    case = ChunkedLossCase(teacher_kind, combine, divergence)
+    counter = CompileCounterWithBackend("aot_eager")  # traces and differentiates as inductor would, fast on CPU
+    compiled = compile_loss_terms(backend=counter)
+    eager = case.run(chunk_size=5)  # 17 positions: chunks of 5, 5, 5 and a last one of 2
+    assert_same_loss_and_gradients(case.run(chunk_size=5, loss_terms=compiled), eager)
+    assert_same_loss_and_gradients(case.run(chunk_size=4, loss_terms=compiled), case.run(chunk_size=4))
+    whole = case.run(chunk_size=0)
+    assert_same_loss_and_gradients(case.run(chunk_size=0, loss_terms=compiled), whole)
+    # The compiled function ran, and its row dimension is dynamic: chunks of 5, 4, 3 and 17 rows share one graph
+    # (chunk_size=4 leaves a last chunk of 1 row, a size torch.compile specialises: that adds one).
+    assert counter.frame_count == 2
+
+
+def naive_hybrid_over_sequences(student, teacher, member, labels, alpha, temperature):
+    """The hybrid loss of [B, L, V] logits, summed position by position over t whose next label is supervised."""
+    total = 0.0
+    for row in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            next_token = labels[row, t + 1].item()
+            if next_token == -100:
+                continue
+            mixture = (student[row, t] + member[row, t]) / 2
+            log_p_teacher = torch.log_softmax(teacher[row, t] / temperature, dim=-1)
+            log_p_mixture_t = torch.log_softmax(mixture / temperature, dim=-1)
+            kl = torch.sum(log_p_teacher.exp() * (log_p_teacher - log_p_mixture_t))
+            total = total + alpha * temperature**2 * kl - (1 - alpha) * torch.log_softmax(mixture, -1)[next_token]
+    return total
+
+
+def test_positions_masked_in_the_middle_of_a_sequence_contribute_nothing():
+    torch.manual_seed(8)
+    vocab = 11
+    # Row 0: prompt, assistant turn, user turn, assistant turn, padding. Row 1: prompt, one answer, padding.
+    labels = torch.tensor([[-100, -100, 3, 4, 5, -100, -100, -100, 6, 7, -100, -100],
+                           [-100, -100, -100, 8, 9, 10, 2, -100, -100, -100, -100, -100]])
+    shape = (*labels.shape, vocab)
+    student, teacher, member = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    settings = LossSettings(alpha=0.4, temperature=2.0)
+
+    def pipeline_loss(student_logits, teacher_logits, member_logits):
+        student_logits = student_logits.clone().requires_grad_(True)
+        mask = predictor_mask(labels)
+        sums = hybrid_loss_sums(student_logits[mask], teacher_logits[mask], [member_logits[mask]],
+                                next_token_targets(labels), settings)
+        sums.total.backward()
+        return sums.total, student_logits.grad
+
+    loss, gradient = pipeline_loss(student, teacher, member)
+    reference_student = student.clone().requires_grad_(True)
+    expected = naive_hybrid_over_sequences(reference_student, teacher, member, labels, 0.4, 2.0)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(gradient, reference_student.grad, atol=1e-6, rtol=1e-5)
+
+    # Large random logits at every position that predicts an unsupervised token (the start, the user turn in the
+    # middle, the end) change neither the loss nor the student's gradient, which is 0 there.
+    unsupervised = torch.ones_like(labels, dtype=torch.bool)
+    unsupervised[:, :-1] = labels[:, 1:] == -100
+    assert unsupervised[0, 4:7].all() and not unsupervised[0, 3] and not unsupervised[0, 7]  # the middle turn
+    noisy = [torch.where(unsupervised.unsqueeze(-1), 100 * torch.randn(shape), logits)
+             for logits in (student, teacher, member)]
+    noisy_loss, noisy_gradient = pipeline_loss(*noisy)
+    assert noisy_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    torch.testing.assert_close(noisy_gradient, gradient, atol=0, rtol=0)
+    assert (gradient[unsupervised] == 0).all() and gradient[~unsupervised].abs().sum() > 0
+
+
+def test_probability_averaging_at_a_temperature_tempers_the_ensembles_own_prediction():
+    """combine=probs, T = 2: the divergence compares softmax(teacher / T) with p_mix^(1/T) normalised, where p_mix
+    is the mean of the members' probabilities at T = 1 (what the ensemble predicts); the NLL is on p_mix itself."""
+    torch.manual_seed(9)
+    student, teacher, member = torch.randn(4, 7), torch.randn(4, 7), torch.randn(4, 7)
+    targets = torch.randint(0, 7, (4,))
+    alpha, temperature = 0.7, 2.0
+    sums = hybrid_loss_sums(student, teacher, [member], targets,
+                            LossSettings(alpha=alpha, temperature=temperature, combine="probs"))
+    p_mix = (softmax(student) + softmax(member)) / 2
+    tempered = p_mix ** (1 / temperature)
+    tempered = tempered / tempered.sum(dim=-1, keepdim=True)
+    p_teacher = softmax(teacher, temperature)
+    expected = sum(alpha * temperature**2 * reference_kl(p_teacher[i], tempered[i])
+                   + (1 - alpha) * -math.log(p_mix[i, targets[i]].item()) for i in range(4))
+    assert sums.total.item() == pytest.approx(expected, rel=1e-5)
+    # It is not the mixture of the members' tempered distributions, which would give another value.
+    mixed_tempered = (softmax(student, temperature) + softmax(member, temperature)) / 2
+    other = sum(reference_kl(p_teacher[i], mixed_tempered[i]) for i in range(4))
+    assert sums.divergence.item() != pytest.approx(other, rel=1e-3)

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import accelerate_launch, build_tiny_llama
 from losses import LossSettings, hybrid_loss_sums, next_token_targets, predictor_mask
 from preprocess_dataset import tokenize_conversation
-from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab, hidden_at,
-                   logits_at, output_head)
+from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab,
+                   gradients_are_finite, hidden_at, logits_at, output_head)
 from trl import SFTConfig
 
 
@@ -29,11 +30,12 @@ def batch(tokenizer, examples):
 def make_trainer(student, teacher, members, tokenizer, dataset, tmp_path, **args):
     settings = args.pop("settings", LossSettings(alpha=0.5, temperature=2.0))
     chunk_size = args.pop("chunk_size", 0)
+    compile_loss = args.pop("compile_loss", False)
     config = SFTConfig(**{**dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
                                  remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
                                  max_length=None, bf16=False, activation_checkpointing=False), **args})
     return DistillationTrainer(student, teacher, members, settings, len(tokenizer), config, dataset, tokenizer,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, compile_loss=compile_loss)
 
 
 def test_collator_pads_right_and_masks_padding(tokenizer, examples):
@@ -203,6 +205,37 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_round(token
     for key in snapshots[1]:
         torch.testing.assert_close(snapshots[2][key], snapshots[1][key], rtol=0, atol=0)
     assert any(not torch.equal(snapshots[3][key], snapshots[2][key]) for key in snapshots[2])
+
+
+def test_gradients_are_finite_flags_any_nan_or_infinite_entry():
+    finite = [torch.randn(3, 4), torch.randn(5).bfloat16(), torch.zeros(2, dtype=torch.float64)]
+    assert gradients_are_finite(finite) and gradients_are_finite([])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for index in range(len(finite)):
+            gradients = [g.clone() for g in finite]
+            gradients[index].view(-1)[-1] = bad
+            assert not gradients_are_finite(gradients), (bad, index)
+
+
+def test_the_compiled_loss_path_gives_the_eager_loss_and_gradients(tokenizer, examples, batch, tmp_path, monkeypatch):
+    import losses
+    import train
+
+    counter = CompileCounterWithBackend("aot_eager")  # inductor's tracing, without its minutes of C++ builds
+    monkeypatch.setattr(train, "compile_loss_terms", lambda: losses.compile_loss_terms(backend=counter))
+    teacher, member = build_tiny_llama(tokenizer, seed=1, hidden_size=48), build_tiny_llama(tokenizer, seed=2)
+    results = []
+    for compile_loss in (False, True):
+        student = build_tiny_llama(tokenizer, seed=3).train()
+        trainer = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path, chunk_size=4,
+                               compile_loss=compile_loss)
+        loss = trainer.compute_loss(student, batch)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.clone() for name, p in student.named_parameters()}))
+    assert counter.frame_count >= 1  # the compiled function ran
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("teacher_mode", ["online", "topk"])
