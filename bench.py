@@ -82,7 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--mem_vocab_size", type=int, default=QWEN_VOCAB, help="vocabulary of the memory test")
     parser.add_argument("--chunk_sizes", type=int, nargs="+", default=sorted({128, 256, default_chunk}),
                         help="chunk sizes of the memory test (default: 128, 256 and the config's loss_chunk_size)")
-    parser.add_argument("--round_steps", type=int, default=12, help="steps per round for the 3-round wall time")
+    parser.add_argument("--round_steps", type=int, default=0,
+                        help="steps per round for the 3-round wall time (0: one pass over the cached data, as a real "
+                             "round makes)")
     parser.add_argument("--json", default="bench.json", help="write the results here ('' to skip)")
     options = parser.parse_args(argv)
     if any(size <= 0 for size in options.chunk_sizes):
@@ -238,11 +240,12 @@ def throughput(make_trainer) -> dict:
 
 def three_rounds_seconds(options, make_student, teacher, members, dataset, tokenizer, cache=None) -> float:
     """Wall time of rounds 1-3 (round r trains through r - 1 frozen members), trainer set-up included."""
+    steps = options.round_steps or math.ceil(len(dataset) / options.batch_size)
     started = time.perf_counter()
     for round_index in range(3):
         with tempfile.TemporaryDirectory() as output_dir:
             ours_trainer(options, make_student(), teacher, members[:round_index], dataset, tokenizer, output_dir,
-                         options.round_steps, cache).train()
+                         steps, cache).train()
     return time.perf_counter() - started
 
 
