@@ -9,8 +9,12 @@ numbers that mean the same for every model:
     ece             expected calibration error of the top-1 prediction against the true next token (15 bins)
     diversity       mean KL(p_i || p_j) over ordered pairs of an ensemble's members, nats per token (0: one model)
 The share of the teacher gap closed is computed from these by main.py (it needs the untrained student's CE).
+
+The teacher is a model, or a `CachedTeacher`: the model with its final hidden states on the evaluated splits read
+from hidden-mode teacher caches (teacher_cache.py), so that evaluating runs only its output head, never its body.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -20,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from ensemble import combine_logits
 from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
+from teacher_cache import TeacherCache, with_example_ids
 from train import hidden_at, output_head
 
 
@@ -30,30 +35,53 @@ CE, KL, AGREE, DIVERSITY, BINS = 0, 1, 2, 3, 4
 NUM_SUMS = BINS + 3 * ECE_BINS
 
 
+@dataclasses.dataclass(frozen=True)
+class CachedTeacher:
+    """The teacher, with its final hidden states on some splits cached (hidden mode, one cache per split)."""
+
+    model: torch.nn.Module  # its output head turns the cached states into logits
+    caches: tuple[TeacherCache, ...]
+
+    def cache_for(self, dataset) -> TeacherCache:
+        """The cache of `dataset` (the split as prepared, before with_example_ids), found by its fingerprint."""
+        for cache in self.caches:
+            if cache.metadata["dataset_fingerprint"] == dataset._fingerprint:
+                return cache
+        cached = ", ".join(str(cache.cache_dir) for cache in self.caches) or "none"
+        raise ValueError(f"no teacher cache holds the split being evaluated (fingerprint {dataset._fingerprint}; "
+                         f"cached splits: {cached}): cache it (hidden mode) or evaluate with the teacher model")
+
+
 @torch.no_grad()
 def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size: int, vocab_size: int,
              combine: str = "logits", chunk_size: int = 1024, state=None,
              weights: dict[str, list[float]] | None = None) -> dict[str, dict[str, float]]:
     """Metrics for each named predictor: a list of models whose logits are combined (one model = itself).
 
-    `weights` gives the coefficients of predictors combined by a weighted or additive `combine`. Each distinct
-    model's body runs once per batch, however many predictors share it (an ensemble and its members); the output
-    heads run on `chunk_size` positions at a time, so no (positions x vocabulary) tensor larger than a chunk is
-    held, even at a 151,936-token vocabulary.
+    `teacher` is the teacher model or a CachedTeacher holding a cache of `dataset`; in the second case the teacher's
+    body never runs, also where it is one of the predictors. `weights` gives the coefficients of predictors combined
+    by a weighted or additive `combine`. Each distinct model's body runs once per batch, however many predictors
+    share it (an ensemble and its members); the output heads run on `chunk_size` positions at a time, so no
+    (positions x vocabulary) tensor larger than a chunk is held, even at a 151,936-token vocabulary.
 
     With several processes (`state`, an accelerate PartialState), each scores its own contiguous shard of the
     split and the sums are added up: every example is scored exactly once, nothing is dropped or repeated, and
     every process returns the same numbers as one process would.
     """
     weights = weights or {}
+    teacher_model, teacher_states = teacher, None
+    if isinstance(teacher, CachedTeacher):
+        teacher_model, teacher_states = teacher.model, teacher.cache_for(dataset)
+        dataset = with_example_ids(dataset)  # the key the cache is read with; kept through sharding
     models = {id(model): model for members in predictors.values() for model in members}
-    models[id(teacher)] = teacher
+    models[id(teacher_model)] = teacher_model
     for model in models.values():
         model.eval()
+    bodies = {key: model for key, model in models.items() if teacher_states is None or key != id(teacher_model)}
     if state is not None and state.num_processes > 1:
         dataset = dataset.shard(state.num_processes, state.process_index, contiguous=True)
     # The sums stay on the teacher's device until the end: no host sync per chunk and predictor.
-    device = next(teacher.parameters()).device
+    device = next(teacher_model.parameters()).device
     sums = {name: torch.zeros(NUM_SUMS, dtype=torch.float64, device=device) for name in predictors}
     num_tokens = 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
@@ -61,19 +89,31 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
         if not positions.any():
             continue
         hidden = {key: hidden_at(model, batch["input_ids"], batch["attention_mask"], positions)
-                  for key, model in models.items()}
+                  for key, model in bodies.items()}
+        if teacher_states is not None:
+            hidden[id(teacher_model)] = cached_hidden_states(teacher_states, batch, positions)
         heads = {key: output_head(model, vocab_size) for key, model in models.items()}
         targets = next_token_targets(batch["labels"])
         for start in range(0, len(targets), chunk_size):
             rows = slice(start, start + chunk_size)
             logits = {key: heads[key](hidden[key][rows]).float() for key in models}
-            add_chunk_metrics(sums, predictors, logits, logits[id(teacher)], targets[rows], combine, weights)
+            add_chunk_metrics(sums, predictors, logits, logits[id(teacher_model)], targets[rows], combine, weights)
         num_tokens += targets.numel()
     if state is not None and state.num_processes > 1:
         sums, num_tokens = sum_over_processes(sums, num_tokens)
     if num_tokens == 0:
         raise ValueError("the evaluation split has no supervised token to score")
     return {name: metrics_from_sums(s.cpu(), num_tokens) for name, s in sums.items()}
+
+
+def cached_hidden_states(cache: TeacherCache, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+    """The teacher's cached final hidden states [N, H] at the batch's supervised positions (`positions` [B, L])."""
+    states = cache.hidden_states(batch["example_id"].tolist())
+    if len(states) != int(positions.sum()):
+        raise ValueError(f"{cache.cache_dir} holds {len(states)} positions for examples "
+                         f"{batch['example_id'].tolist()}, the batch has {int(positions.sum())} supervised positions: "
+                         "the cache was built for other data; rebuild it")
+    return states
 
 
 def metrics_from_sums(sums: torch.Tensor, num_tokens: int) -> dict[str, float]:
@@ -145,7 +185,7 @@ def fit_new_member_weight(previous: list, previous_weights: list[float], new_mem
 
     A search over WEIGHT_GRID, all candidates scored in one pass. w = 0 (the previous ensemble unchanged) is a
     candidate, so the fitted ensemble is never worse than the previous one on `dataset`. Returns w and the CE of
-    every candidate.
+    every candidate. `teacher` as for `evaluate`: with a CachedTeacher, the teacher's body does not run.
     """
     members = [*previous, new_member]
     names = {w: f"w={w:.2f}" for w in WEIGHT_GRID}

@@ -9,38 +9,49 @@ Usage:
 `--data_dir` is a folder written by preprocess_dataset.py; `--split` (default train) picks its split. Two modes:
 
   topk    for every supervised position, the teacher's top-k log-probabilities at the training temperature T
-          (log_softmax(logits / T)) and their token ids. The rest of the vocabulary is one tail bucket holding the
-          remaining mass, so the targets are a true distribution over k + 1 buckets (see `TeacherCache.topk_targets`
-          and losses.sparse_divergence_sum). Values are stored as uint8 with a per-position affine quantization
-          (196 bytes per position at k = 64 with a vocabulary of up to 65,536 tokens), or as float16
-          (`--value_dtype float16`, 256 bytes per position).
+          (log_softmax(logits / T)), their token ids, and the log of the rest of the vocabulary's (tail) mass,
+          computed exactly in fp32 when the cache is built (a logsumexp, never 1 - sum of the top-k). Reading
+          rescales the stored top-k so that it sums to exactly 1 - tail: the targets are a true distribution over
+          k + 1 buckets (see `TeacherCache.topk_targets` and losses.sparse_divergence_sum). Bytes per position at
+          k = 64 with uint8 values: 196 for a vocabulary of up to 65,536 tokens, one more per further block of
+          65,536 (198 for Qwen's 151,936, 199 up to 262,144); float16 values (`--value_dtype float16`) take 62 more.
   hidden  the teacher's final hidden states (after its last norm) as float16; the trainer applies the teacher's
           output head to them (train.output_head), which reproduces its logits up to fp16 rounding, at any T.
 
 The cache folder holds metadata.json (written last: a folder without it is not a finished cache) and one folder
 per writing process, shard_00000/, ... Process `rank` of `world_size` caches the dataset rows i with
-i % world_size == rank. A shard holds .npy files that are memory-mapped when read:
-    example_ids.npy   int64 [n_examples]       dataset row indices of this shard, ascending
-    offsets.npy       int64 [n_examples + 1]   example j's positions are rows offsets[j]:offsets[j + 1]
-    indices.npy       uint16/uint32 [P, k]     topk: token ids, by descending probability
-    values.npy        uint8/float16 [P, k]     topk: quantized (or float16) log-probabilities
-    ranges.npy        float16 [P, 2]           topk, uint8 only: each position's min and max log-probability
-    hidden.npy        float16 [P, H]           hidden: final hidden states
-    shard.json        the settings the shard was built with, its example and position counts
+i % world_size == rank. A shard holds .npy files that are memory-mapped when read (P positions, V vocabulary):
+    example_ids.npy      int64 [n_examples]       dataset row indices of this shard, ascending
+    offsets.npy          int64 [n_examples + 1]   example j's positions are rows offsets[j]:offsets[j + 1]
+    id_low_bits.npy      uint16 [P, k]            topk: the low 16 bits of the top-k token ids; a row's ids ascend
+    id_block_starts.npy  uint8 [P, B - 1]         topk: with B = ceil(V / 65,536) blocks of 65,536 ids, column
+                                                  j - 1 is how many of the row's ids lie below j * 65,536 (where
+                                                  block j starts in the row): the ids' high bits, exactly. Columns
+                                                  are uint16 (uint32) instead when k > 255 (65,535).
+    values.npy           uint8/float16 [P, k]     topk: the log-probabilities, in the ids' order: uint8 codes of a
+                                                  per-row affine quantization (code c is min + c * span / 255), or
+                                                  float16 values
+    value_spans.npy      float16 [P]              topk, uint8 only: each row's max - min log-probability. The row's
+                                                  min is not stored: reading rescales the row to its known mass,
+                                                  which removes any common offset
+    tail_log_prob.npy    float16 [P]              topk: log of the mass outside the top-k (-inf when k = V)
+    hidden.npy           float16 [P, H]           hidden: final hidden states
+    shard.json           the settings the shard was built with, its example and position counts
 
 The cache is keyed by dataset row index, and a position's row is its rank in the row-major order of
 losses.predictor_mask, example by example. So that the trainer knows which rows a batch holds, give the dataset an
 `example_id` column (`with_example_ids`) and keep it through shuffling; fingerprint the split as prepared, before
 adding that column, both when building and when opening the cache (`cache_identity`).
 
-`TeacherCache.open` compares the settings the trainer expects (teacher fingerprint, tokenizer, dataset, max length,
-mode, k, temperature, ...) with metadata.json and refuses any difference: a cache is never reused for another setting.
+`TeacherCache.open` compares the settings the trainer expects (teacher fingerprint and dtype, tokenizer, dataset,
+max length, mode, k, temperature, ...) with metadata.json and refuses any difference: a cache is never reused for
+another setting.
 """
 
 import argparse
 import hashlib
 import json
-import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,23 +59,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import run_state
 from losses import IGNORE_INDEX, predictor_mask
 from train import hidden_at, output_head
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODES = ("topk", "hidden")
 VALUE_DTYPES = ("uint8", "float16")
 METADATA_FILE = "metadata.json"
 SHARD_RECORD_FILE = "shard.json"
+# The teacher's weight-file hashes, remembered next to the caches (see teacher_fingerprint).
+FINGERPRINT_MEMO_FILE = "teacher_fingerprints.json"
 QUANTIZATION_LEVELS = 255  # uint8 codes 0..255
-# Log-probabilities below this are stored as it: exp() of it is 0 in fp32 anyway, and -inf would break quantization.
+# Log-probabilities (and the tail's log-mass) below this are stored as it: exp() of it is 0 in fp32 anyway, -inf
+# would break quantization, and a finite tail keeps reverse KL finite.
 LOG_PROB_FLOOR = -1e4
 # Positions whose logits exist at once while the top-k is taken: bounds the memory of a large-vocabulary head.
 HEAD_CHUNK_POSITIONS = 1024
-# The smallest tail mass when k < vocabulary: every token outside the top-k has a non-zero probability, and a tail
-# of exactly 0 (quantization error can push the top-k mass to 1) would make reverse KL infinite.
-TAIL_MASS_FLOOR = 1e-6
-FINGERPRINT_SAMPLE_BYTES = 1 << 20  # the first and last MiB of each weights file
+ID_BLOCK = 1 << 16  # token ids are stored as their low 16 bits plus where each block of 65,536 ids starts in a row
+HASH_READ_BYTES = 16 << 20
+HUB_SNAPSHOT = re.compile(r"[0-9a-f]{40}")  # a downloaded hub model lives in .../snapshots/<commit hash>/
 
 
 class CacheMismatchError(ValueError):
@@ -79,24 +93,35 @@ class CacheIncompleteError(RuntimeError):
 # Identity of what is cached
 # ---------------------------------------------------------------------------------------------------------------------
 
-def teacher_fingerprint(path_or_name: str) -> str:
-    """sha256 of the teacher's weights (each safetensors file's name, size, first and last MiB) and config.json.
+def teacher_fingerprint(path_or_name: str, memo_file: Path | None = None) -> str:
+    """What identifies the teacher's weights: the commit of a downloaded hub snapshot (a folder .../snapshots/<40 hex
+    digits>, whose files the hub never changes), otherwise sha256 over its config.json and the whole content of
+    every .safetensors file, so that a change anywhere in the weights changes it.
 
-    A hub name is resolved to its downloaded snapshot (never to the network), so a hub model and a local copy of
-    the same files get the same fingerprint.
+    A hub name is resolved to its downloaded snapshot (never to the network). Hashing gigabytes takes a while, so each
+    file's hash is remembered in `memo_file` (JSON; None: not remembered) under its resolved path, size and
+    modification time, and computed again only when one of those changes.
     """
     folder = Path(path_or_name)
     if not folder.is_dir():
         folder = _downloaded_snapshot(path_or_name)
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and HUB_SNAPSHOT.fullmatch(folder.name):
+        return f"hub-commit-{folder.name}"
     weight_files = sorted(folder.glob("*.safetensors"))
     if not weight_files:
         raise ValueError(f"teacher {path_or_name!r}: no .safetensors files in {folder}, nothing to fingerprint")
+    memo = _read_memo(memo_file)
+    remembered = dict(memo)
     digest = hashlib.sha256()
     config_file = folder / "config.json"
     if config_file.is_file():
         digest.update(config_file.read_bytes())  # the config changes logits too (rope, soft-capping, scaling)
     for weight_file in weight_files:
-        digest.update(_file_sample(weight_file))
+        digest.update(weight_file.name.encode() + _file_sha256(weight_file, memo).encode())
+    if memo_file is not None and memo != remembered:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        run_state.write_atomically(memo_file, json.dumps(memo, indent=2, sort_keys=True) + "\n")
     return digest.hexdigest()
 
 
@@ -111,26 +136,50 @@ def _downloaded_snapshot(name: str) -> Path:
                          "(from_pretrained) or pass its local folder") from error
 
 
-def _file_sample(path: Path) -> bytes:
-    """The name, size, first and last MiB of a file: enough to tell weights apart without reading gigabytes."""
-    size = path.stat().st_size
+def _read_memo(memo_file: Path | None) -> dict:
+    if memo_file is None or not memo_file.is_file():
+        return {}
+    try:
+        return json.loads(memo_file.read_text())
+    except json.JSONDecodeError:
+        return {}  # it only saves time: an unreadable memo means hashing again, and it is rewritten whole
+
+
+def _file_sha256(path: Path, memo: dict) -> str:
+    """sha256 of the file's content, from `memo` when the file has the size and mtime it had when hashed there;
+    otherwise computed and added to `memo`."""
+    stat = path.stat()
+    key = str(path.resolve())
+    remembered = memo.get(key)
+    if remembered and (remembered["size"], remembered["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+        return remembered["sha256"]
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        head = f.read(FINGERPRINT_SAMPLE_BYTES)
-        f.seek(max(size - FINGERPRINT_SAMPLE_BYTES, 0))
-        tail = f.read()
-    return path.name.encode() + size.to_bytes(8, "little") + head + tail
+        while block := f.read(HASH_READ_BYTES):
+            digest.update(block)
+    memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return memo[key]["sha256"]
 
 
-def cache_identity(teacher_path: str, tokenizer, dataset, max_length: int) -> dict:
-    """The metadata fields that say which teacher, tokenizer and data a cache belongs to.
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how metadata.json records the dtype the teacher was run in."""
+    return str(dtype).removeprefix("torch.")
 
-    `dataset` is the split as prepared, before `with_example_ids` (adding a column changes the fingerprint).
+
+def cache_identity(teacher_path: str, tokenizer, dataset, max_length: int, teacher_dtype: torch.dtype,
+                   fingerprint_memo: Path | None = None) -> dict:
+    """The metadata fields that say which teacher (weights and the dtype it runs in), tokenizer and data a cache
+    belongs to.
+
+    `dataset` is the split as prepared, before `with_example_ids` (adding a column changes the fingerprint);
+    `fingerprint_memo` is where the teacher's weight hashes are remembered (see `teacher_fingerprint`).
     """
     from preprocess_dataset import _tokenizer_sha256
 
     return {
         "teacher": str(teacher_path),
-        "teacher_fingerprint": teacher_fingerprint(teacher_path),
+        "teacher_fingerprint": teacher_fingerprint(teacher_path, fingerprint_memo),
+        "teacher_dtype": dtype_name(teacher_dtype),
         "tokenizer_hash": _tokenizer_sha256(tokenizer),
         "dataset_fingerprint": dataset._fingerprint,
         "max_length": max_length,
@@ -142,9 +191,133 @@ def with_example_ids(dataset):
     return dataset.add_column("example_id", list(range(len(dataset))))
 
 
-def index_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned integer type that holds every token id."""
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+# ---------------------------------------------------------------------------------------------------------------------
+# The top-k encoding: ids as low bits plus block starts, values quantized, the tail's exact log-mass
+# ---------------------------------------------------------------------------------------------------------------------
+
+def top_k_with_tail(logits: torch.Tensor, k: int, temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k of log_softmax(logits / T) [n, k] fp32 and their token ids [n, k], both in ascending id order, and
+    the log of the remaining mass [n] (-inf when k is the whole vocabulary).
+
+    The tail is a logsumexp over the other entries in fp32: exact however peaked the teacher is, where 1 - (top-k
+    mass) would cancel to a few significant bits, or to nothing.
+    """
+    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    top = log_probs.topk(k, dim=-1)
+    ids, order = top.indices.sort(dim=-1)
+    top_log_probs = top.values.gather(-1, order).clamp(min=LOG_PROB_FLOOR)
+    if k == logits.shape[-1]:
+        return top_log_probs, ids, torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
+    tail = log_probs.scatter_(-1, top.indices, float("-inf")).logsumexp(dim=-1)
+    return top_log_probs, ids, tail.clamp(min=LOG_PROB_FLOOR)
+
+
+def num_id_blocks(vocab_size: int) -> int:
+    """How many blocks of 65,536 token ids the vocabulary spans."""
+    return -(-vocab_size // ID_BLOCK)
+
+
+def block_start_dtype(k: int) -> np.dtype:
+    """The narrowest unsigned type that holds a block start, 0..k (uint8 up to k = 255)."""
+    return np.min_scalar_type(k)
+
+
+def encode_token_ids(ids: torch.Tensor, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [n, k], ascending within each row, as their low 16 bits (uint16 [n, k]) and, for each block
+    j = 1..B-1 of 65,536 ids, the column where it starts in the row ([n, B - 1]): how many ids lie below j * 65,536."""
+    ids = ids.cpu().long()
+    low_bits = (ids % ID_BLOCK).numpy().astype(np.uint16)
+    block_firsts = torch.arange(1, num_id_blocks(vocab_size), dtype=torch.long) * ID_BLOCK
+    starts = (ids.unsqueeze(1) < block_firsts[None, :, None]).sum(dim=-1)
+    return low_bits, starts.numpy().astype(block_start_dtype(ids.shape[-1]))
+
+
+def decode_token_ids(low_bits: np.ndarray, block_starts: np.ndarray) -> torch.Tensor:
+    """The int64 token ids [n, k] that `encode_token_ids` encoded."""
+    low_bits = torch.from_numpy(np.asarray(low_bits, dtype=np.int64))
+    block_starts = torch.from_numpy(np.asarray(block_starts, dtype=np.int64))
+    columns = torch.arange(low_bits.shape[-1])
+    # A column's block is the number of blocks after the first that have started at or before it (ids ascend).
+    blocks = (columns[None, None, :] >= block_starts[:, :, None]).sum(dim=1)
+    return low_bits + blocks * ID_BLOCK
+
+
+def quantize_log_probs(log_probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 codes [n, k] and each row's float16 span [n]: value = row min + code * span / 255.
+
+    The span is rounded up to float16 before the codes are computed, so every value dequantizes within half a step
+    of itself. The row's min is not kept: `normalised_top_k` removes any offset common to a row.
+    """
+    low = log_probs.min(dim=-1, keepdim=True).values
+    span = _float16_up((log_probs.max(dim=-1).values - low.squeeze(-1)).numpy())
+    step = torch.from_numpy(span.astype(np.float32)).unsqueeze(-1) / QUANTIZATION_LEVELS
+    scaled = torch.where(step > 0, (log_probs - low) / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    codes = scaled.round().clamp(0, QUANTIZATION_LEVELS).to(torch.uint8)
+    return codes.numpy(), span
+
+
+def _float16_up(values: np.ndarray) -> np.ndarray:
+    """`values` as float16, rounded up where float16 cannot hold them exactly."""
+    rounded = values.astype(np.float16)
+    return np.where(rounded < values, np.nextafter(rounded, np.float16(np.inf)), rounded)
+
+
+def dequantize_log_probs(codes: np.ndarray, spans: np.ndarray) -> torch.Tensor:
+    """The fp32 log-probabilities [n, k] that `quantize_log_probs` encoded, less each row's min."""
+    steps = torch.from_numpy(np.asarray(spans, dtype=np.float32)).unsqueeze(-1) / QUANTIZATION_LEVELS
+    return torch.from_numpy(np.asarray(codes, dtype=np.float32)) * steps
+
+
+def normalised_top_k(log_probs: torch.Tensor, tail_log_prob: torch.Tensor) -> torch.Tensor:
+    """Top-k log-probabilities [n, k], known up to an offset per row, shifted so that their mass is exactly
+    1 - exp(tail_log_prob) [n] (all of it when the tail is -inf: the top-k is the whole vocabulary)."""
+    top_log_mass = torch.log1p(-tail_log_prob.exp())
+    return log_probs - log_probs.logsumexp(dim=-1, keepdim=True) + top_log_mass.unsqueeze(-1)
+
+
+def encode_top_k(log_probs: torch.Tensor, ids: torch.Tensor, tail_log_prob: torch.Tensor, vocab_size: int,
+                 value_dtype: str) -> dict[str, np.ndarray]:
+    """`top_k_with_tail`'s output as the arrays of a shard's rows (see the module docstring)."""
+    log_probs = log_probs.cpu()
+    rows = dict(zip(("id_low_bits", "id_block_starts"), encode_token_ids(ids, vocab_size)))
+    if value_dtype == "float16":
+        rows["values"] = log_probs.numpy().astype(np.float16)
+    else:
+        rows["values"], rows["value_spans"] = quantize_log_probs(log_probs)
+    rows["tail_log_prob"] = tail_log_prob.cpu().numpy().astype(np.float16)
+    return rows
+
+
+def decode_top_k(rows: dict[str, np.ndarray], value_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-probabilities [n, k] fp32 (normalised to 1 - tail), token ids [n, k] int64 and tail log-mass [n] fp32
+    that `encode_top_k` encoded into `rows`."""
+    ids = decode_token_ids(rows["id_low_bits"], rows["id_block_starts"])
+    if value_dtype == "uint8":
+        log_probs = dequantize_log_probs(rows["values"], rows["value_spans"])
+    else:
+        log_probs = torch.from_numpy(np.asarray(rows["values"], dtype=np.float32))
+    tail_log_prob = torch.from_numpy(np.asarray(rows["tail_log_prob"], dtype=np.float32))
+    return normalised_top_k(log_probs, tail_log_prob), ids, tail_log_prob
+
+
+def array_layout(settings: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Each per-position array of a shard built with `settings`: its dtype and the shape of one position's row."""
+    if settings["mode"] == "hidden":
+        return {"hidden": (np.dtype(np.float16), (settings["hidden_size"],))}
+    k = settings["k"]
+    layout = {"id_low_bits": (np.dtype(np.uint16), (k,)),
+              "id_block_starts": (block_start_dtype(k), (num_id_blocks(settings["vocab_size"]) - 1,)),
+              "values": (np.dtype(settings["value_dtype"]), (k,))}
+    if settings["value_dtype"] == "uint8":
+        layout["value_spans"] = (np.dtype(np.float16), ())
+    layout["tail_log_prob"] = (np.dtype(np.float16), ())
+    return layout
+
+
+def bytes_per_position(settings: dict) -> int:
+    """The cache's size per supervised position (the per-example ids and offsets aside)."""
+    return sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in array_layout(settings).values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,9 +330,10 @@ def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: 
     """Run the teacher (eval, no grad) over this rank's rows of `dataset` and write shard_{rank:05d}; return it.
 
     `metadata` holds the identity fields (see `cache_identity`); the cache's own settings (mode, k, temperature,
-    value_dtype, vocab_size, hidden_size, num_examples, world_size) are added here. In hidden mode k and the
-    temperature do not apply and are recorded as null. After every rank's shard exists, call `write_metadata`
-    once to finish the cache. A stale metadata.json is removed first, so a cache being rebuilt cannot be opened.
+    value_dtype, vocab_size, hidden_size, teacher_dtype, num_examples, world_size) are added here. In hidden mode k
+    and the temperature do not apply and are recorded as null. After every rank's shard exists, call
+    `write_metadata` once to finish the cache. A stale metadata.json is removed first, so a cache being rebuilt
+    cannot be opened.
     """
     settings = _shard_settings(teacher, dataset, mode=mode, k=k, temperature=temperature, vocab_size=vocab_size,
                                metadata=metadata, world_size=world_size, value_dtype=value_dtype)
@@ -216,12 +390,15 @@ def _shard_settings(teacher, dataset, *, mode: str, k: int, temperature: float, 
         "value_dtype": value_dtype if mode == "topk" else "float16",
         "vocab_size": vocab_size,
         "hidden_size": teacher.get_output_embeddings().weight.shape[1],
+        "teacher_dtype": dtype_name(teacher.dtype),  # what the teacher is run in here, whatever metadata says
         "num_examples": len(dataset),
         "world_size": world_size,
     }
     conflicting = sorted(key for key in own if key in metadata and metadata[key] != own[key])
     if conflicting:
-        raise ValueError(f"metadata {conflicting} contradict build_cache's own arguments; pass identity fields only")
+        raise ValueError("metadata " + ", ".join(f"{key} = {metadata[key]!r}" for key in conflicting)
+                         + " contradict the teacher and arguments build_cache is given ("
+                         + ", ".join(f"{key} = {own[key]!r}" for key in conflicting) + ")")
     return {**metadata, **own}
 
 
@@ -263,16 +440,8 @@ class ShardWriter:
     def __init__(self, folder: Path, settings: dict, num_positions: int):
         self.settings = settings
         self.cursor = 0
-        allocate = np.lib.format.open_memmap
-        if settings["mode"] == "hidden":
-            self.arrays = {"hidden": allocate(folder / "hidden.npy", "w+", np.float16,
-                                              (num_positions, settings["hidden_size"]))}
-            return
-        shape = (num_positions, settings["k"])
-        self.arrays = {"indices": allocate(folder / "indices.npy", "w+", index_dtype(settings["vocab_size"]), shape),
-                       "values": allocate(folder / "values.npy", "w+", np.dtype(settings["value_dtype"]), shape)}
-        if settings["value_dtype"] == "uint8":
-            self.arrays["ranges"] = allocate(folder / "ranges.npy", "w+", np.float16, (num_positions, 2))
+        self.arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, (num_positions, *shape))
+                       for name, (dtype, shape) in array_layout(settings).items()}
 
     def write(self, teacher, hidden: torch.Tensor, expected_end: int) -> None:
         """Append one batch's rows, computed from the teacher's final hidden states [n, H] at its positions."""
@@ -288,14 +457,9 @@ class ShardWriter:
     def _rows(self, teacher, hidden: torch.Tensor) -> dict[str, np.ndarray]:
         if self.settings["mode"] == "hidden":
             return {"hidden": _to_float16(hidden)}
-        log_probs, indices = teacher_top_k(teacher, hidden, self.settings["k"], self.settings["temperature"],
-                                           self.settings["vocab_size"])
-        rows = {"indices": indices.cpu().numpy().astype(index_dtype(self.settings["vocab_size"]))}
-        if self.settings["value_dtype"] == "float16":
-            rows["values"] = log_probs.cpu().numpy().astype(np.float16)
-        else:
-            rows["values"], rows["ranges"] = quantize_log_probs(log_probs.cpu())
-        return rows
+        top_k = teacher_top_k(teacher, hidden, self.settings["k"], self.settings["temperature"],
+                              self.settings["vocab_size"])
+        return encode_top_k(*top_k, self.settings["vocab_size"], self.settings["value_dtype"])
 
     def close(self) -> None:
         for array in self.arrays.values():
@@ -311,55 +475,22 @@ def _to_float16(hidden: torch.Tensor) -> np.ndarray:
 
 
 def teacher_top_k(teacher, hidden: torch.Tensor, k: int, temperature: float,
-                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-k of log_softmax(logits / T) [n, k] fp32, descending, and their token ids [n, k], chunk by chunk."""
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`top_k_with_tail` of the teacher's logits at its final hidden states [n, H], chunk by chunk."""
     head = output_head(teacher, vocab_size)
-    log_probs, indices = [], []
-    for start in range(0, hidden.shape[0], HEAD_CHUNK_POSITIONS):
-        logits = head(hidden[start:start + HEAD_CHUNK_POSITIONS]).float()
-        top = torch.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
-        log_probs.append(top.values.clamp(min=LOG_PROB_FLOOR))
-        indices.append(top.indices)
-    if not log_probs:
-        return hidden.new_zeros((0, k), dtype=torch.float32), torch.zeros((0, k), dtype=torch.long)
-    return torch.cat(log_probs), torch.cat(indices)
-
-
-def quantize_log_probs(log_probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 codes [n, k] and each row's float16 (min, max) [n, 2]: value = min + code * (max - min) / 255.
-
-    The range is rounded outwards to float16 (min down, max up) before the codes are computed, so every value lies
-    inside the stored range and dequantizes within half a stored step of itself.
-    """
-    low = _float16_towards(log_probs.min(dim=-1).values.numpy(), -np.inf)
-    high = _float16_towards(log_probs.max(dim=-1).values.numpy(), np.inf)
-    ranges = np.stack([low, high], axis=-1)
-    low, high = (torch.from_numpy(bound.astype(np.float32)).unsqueeze(-1) for bound in (low, high))
-    step = (high - low) / QUANTIZATION_LEVELS
-    scaled = torch.where(step > 0, (log_probs - low) / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    codes = scaled.round().clamp(0, QUANTIZATION_LEVELS).to(torch.uint8)
-    return codes.numpy(), ranges
-
-
-def _float16_towards(values: np.ndarray, direction: float) -> np.ndarray:
-    """`values` as float16, rounded towards `direction` (-inf or inf) where float16 cannot hold them exactly."""
-    rounded = values.astype(np.float16)
-    overshoot = rounded > values if direction < 0 else rounded < values
-    return np.where(overshoot, np.nextafter(rounded, np.float16(direction)), rounded)
-
-
-def dequantize_log_probs(codes: np.ndarray, ranges: np.ndarray) -> torch.Tensor:
-    """The fp32 log-probabilities [n, k] that `quantize_log_probs` encoded."""
-    ranges = torch.from_numpy(np.asarray(ranges, dtype=np.float32))
-    low, high = ranges[:, :1], ranges[:, 1:]
-    return low + torch.from_numpy(np.asarray(codes, dtype=np.float32)) * ((high - low) / QUANTIZATION_LEVELS)
+    chunks = [top_k_with_tail(head(hidden[start:start + HEAD_CHUNK_POSITIONS]), k, temperature)
+              for start in range(0, hidden.shape[0], HEAD_CHUNK_POSITIONS)]
+    if not chunks:
+        return (torch.zeros((0, k)), torch.zeros((0, k), dtype=torch.long), torch.zeros(0))
+    return tuple(torch.cat(parts) for parts in zip(*chunks))
 
 
 def write_metadata(cache_dir, metadata: dict) -> None:
     """Finish the cache: check that every shard exists and was built with the same settings, write metadata.json.
 
     `metadata` is what was passed to `build_cache` (or any subset of the shards' settings); each of its fields must
-    agree with the shards'. Written last and atomically: a folder with metadata.json is a complete cache.
+    agree with the shards'. Written last and atomically (run_state.write_atomically: fsync, then rename): a folder
+    with metadata.json is a complete cache.
     """
     cache_dir = Path(cache_dir)
     records = _shard_records(cache_dir)
@@ -369,9 +500,7 @@ def write_metadata(cache_dir, metadata: dict) -> None:
     _check_shards(cache_dir, settings, records)
     check_expected(settings, metadata, cache_dir)
     complete = {**settings, "num_positions": sum(record["num_positions"] for record in records.values())}
-    temporary = cache_dir / f"{METADATA_FILE}.tmp"
-    temporary.write_text(json.dumps(complete, indent=2) + "\n")
-    os.replace(temporary, cache_dir / METADATA_FILE)
+    run_state.write_atomically(cache_dir / METADATA_FILE, json.dumps(complete, indent=2) + "\n")
 
 
 def _shard_records(cache_dir: Path) -> dict[int, dict]:
@@ -434,22 +563,16 @@ class TeacherCache:
     def topk_targets(self, example_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The teacher's (k + 1)-bucket targets at the examples' supervised positions, at the cached temperature.
 
-        Returns log_probs [N, k] fp32 (top-k log-probabilities, descending), indices [N, k] int64 (their token ids)
-        and tail_log_prob [N] fp32 (log of the mass of every other token), with N the examples' supervised positions
-        in the order given, position by position within each example: the rows of predictor_mask for a batch of
-        these examples. Each row's exp(log_probs).sum() + exp(tail_log_prob) is 1: the tail is 1 - (top-k mass),
-        at least TAIL_MASS_FLOOR when k < vocabulary (the top-k is scaled down when quantization pushed its mass
-        above that), and exactly 0 (-inf) when k = vocabulary.
+        Returns log_probs [N, k] fp32 (top-k log-probabilities, in ascending token id order), indices [N, k] int64
+        (their token ids) and tail_log_prob [N] fp32 (log of the mass of every other token, as computed when the
+        cache was built), with N the examples' supervised positions in the order given, position by position within
+        each example: the rows of predictor_mask for a batch of these examples. The top-k is rescaled so that each
+        row's exp(log_probs).sum() is exactly 1 - exp(tail_log_prob); the tail is -inf when k = vocabulary.
         """
         self._require_mode("topk")
-        indices = torch.from_numpy(self._gather("indices", example_ids).astype(np.int64))
-        values = self._gather("values", example_ids)
-        if self.metadata["value_dtype"] == "uint8":
-            log_probs = dequantize_log_probs(values, self._gather("ranges", example_ids))
-        else:
-            log_probs = torch.from_numpy(values.astype(np.float32))
-        log_probs, tail_log_prob = with_tail_bucket(log_probs, self.metadata["k"] == self.metadata["vocab_size"])
-        return log_probs, indices, tail_log_prob
+        ranges = self._position_ranges(example_ids)
+        rows = {name: self._gather(name, ranges) for name in array_layout(self.metadata)}
+        return decode_top_k(rows, self.metadata["value_dtype"])
 
     def hidden_states(self, example_ids: list[int]) -> torch.Tensor:
         """The teacher's final hidden states [N, H] fp32 at the examples' supervised positions (order: topk_targets).
@@ -457,34 +580,26 @@ class TeacherCache:
         Logits: train.output_head(teacher, vocab_size)(hidden_states).
         """
         self._require_mode("hidden")
-        return torch.from_numpy(self._gather("hidden", example_ids).astype(np.float32))
+        hidden = self._gather("hidden", self._position_ranges(example_ids))
+        return torch.from_numpy(hidden.astype(np.float32))
 
     def _require_mode(self, mode: str) -> None:
         if self.mode != mode:
             raise ValueError(f"{self.cache_dir} is a {self.mode!r} cache, not a {mode!r} one")
 
-    def _gather(self, name: str, example_ids: list[int]) -> np.ndarray:
-        """The rows of array `name` for the examples' positions, concatenated in the order of `example_ids`."""
-        parts = []
+    def _position_ranges(self, example_ids: list[int]) -> list[tuple[dict[str, np.ndarray], int, int]]:
+        """Each example's shard and rows [start, end) there, in the order of `example_ids`."""
+        ranges = []
         for example_id in example_ids:
             shard = self.shards[int(example_id) % len(self.shards)]
-            start, end = _position_range(shard, int(example_id), self.metadata["num_examples"])
-            parts.append(shard[name][start:end])
-        if not parts:
+            ranges.append((shard, *_position_range(shard, int(example_id), self.metadata["num_examples"])))
+        return ranges
+
+    def _gather(self, name: str, ranges: list[tuple[dict[str, np.ndarray], int, int]]) -> np.ndarray:
+        """The rows of array `name` for the examples' positions, concatenated in order."""
+        if not ranges:
             return np.asarray(self.shards[0][name][:0])
-        return np.concatenate(parts)
-
-
-def with_tail_bucket(log_probs: torch.Tensor, full_vocabulary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k log-probabilities [n, k] and the tail's [n], normalised so that the k + 1 buckets sum to 1.
-
-    Stored values only approximate the teacher's: their mass can exceed 1, or (k = vocabulary) fall short of it.
-    """
-    top_log_mass = torch.logsumexp(log_probs, dim=-1)
-    if full_vocabulary:
-        return log_probs - top_log_mass.unsqueeze(-1), torch.full_like(top_log_mass, float("-inf"))
-    tail_mass = (1 - top_log_mass.exp()).clamp(min=TAIL_MASS_FLOOR)
-    return log_probs + (torch.log1p(-tail_mass) - top_log_mass).unsqueeze(-1), tail_mass.log()
+        return np.concatenate([shard[name][start:end] for shard, start, end in ranges])
 
 
 def _read_metadata(cache_dir: Path) -> dict:
@@ -507,11 +622,7 @@ def check_expected(metadata: dict, expected: dict, cache_dir: Path) -> None:
 
 def _map_shard(shard_dir: Path, metadata: dict) -> dict[str, np.ndarray]:
     """A shard's arrays, memory-mapped read-only: reading a batch touches only its rows."""
-    names = ["example_ids", "offsets"]
-    if metadata["mode"] == "hidden":
-        names.append("hidden")
-    else:
-        names += ["indices", "values"] + (["ranges"] if metadata["value_dtype"] == "uint8" else [])
+    names = ["example_ids", "offsets", *array_layout(metadata)]
     missing = [name for name in names if not (shard_dir / f"{name}.npy").is_file()]
     if missing:
         raise CacheIncompleteError(f"{shard_dir}: missing {', '.join(missing)}.npy; rebuild the cache")
@@ -535,7 +646,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher", required=True, help="teacher folder or downloaded hub name (safetensors)")
     parser.add_argument("--data_dir", required=True, help="a folder written by preprocess_dataset.py")
     parser.add_argument("--split", default="train", help="split of the prepared dataset to cache")
-    parser.add_argument("--output_dir", required=True, help="the cache folder")
+    parser.add_argument("--output_dir", required=True, help="the cache folder; the teacher's weight hashes are "
+                        f"remembered next to it, in {FINGERPRINT_MEMO_FILE}")
     parser.add_argument("--mode", default="topk", choices=MODES)
     parser.add_argument("--k", type=int, default=64, help="topk: log-probabilities kept per position")
     parser.add_argument("--temperature", type=float, default=1.0, help="topk: the training temperature T")
@@ -556,10 +668,13 @@ def main(argv=None) -> None:
     data, data_metadata = preprocess_dataset.load_dataset_dir(args.data_dir)
     dataset = data[args.split]
     tokenizer = utils.load_tokenizer(args.teacher, args.trust_remote_code)
-    identity = cache_identity(args.teacher, tokenizer, dataset, data_metadata["max_length"])
+    teacher_dtype = utils.frozen_dtype(args.dtype, state.device)
+    with state.main_process_first():  # one process hashes the weights, the others read its memo
+        identity = cache_identity(args.teacher, tokenizer, dataset, data_metadata["max_length"], teacher_dtype,
+                                  Path(args.output_dir).resolve().parent / FINGERPRINT_MEMO_FILE)
     if identity["tokenizer_hash"] != data_metadata["tokenizer_sha256"]:
         raise SystemExit(f"error: {args.data_dir} was tokenized with another tokenizer than the teacher's")
-    teacher = utils.load_causal_lm(args.teacher, utils.frozen_dtype(args.dtype, state.device), args.trust_remote_code)
+    teacher = utils.load_causal_lm(args.teacher, teacher_dtype, args.trust_remote_code)
     build_cache(teacher.to(state.device), dataset, args.output_dir, mode=args.mode, k=args.k,
                 temperature=args.temperature, vocab_size=len(tokenizer), batch_size=args.batch_size,
                 collator=PaddingCollator(tokenizer.pad_token_id), metadata=identity, rank=state.process_index,

@@ -1,4 +1,4 @@
-"""evaluate: every metric against a computation written plainly here, chunked or not."""
+"""evaluate: every metric against a computation written plainly here, chunked or not, with the teacher run or cached."""
 
 import math
 
@@ -7,8 +7,9 @@ import torch
 from datasets import Dataset
 
 from conftest import build_tiny_llama
-from evaluation import WEIGHT_GRID, evaluate, fit_new_member_weight
+from evaluation import WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight
 from preprocess_dataset import tokenize_conversation
+from teacher_cache import TeacherCache, build_cache, write_metadata
 from train import PaddingCollator
 
 
@@ -101,3 +102,46 @@ def test_the_fitted_weight_is_the_best_candidate_and_never_worse_than_leaving_th
     assert ce[weight] == pytest.approx(direct["mix"]["ce"], rel=1e-6)
     alone = evaluate({"first": [first]}, teacher, test_split, collator, 4, len(tokenizer))
     assert ce[0.0] == pytest.approx(alone["first"]["ce"], rel=1e-6)
+
+
+def hidden_cache(teacher, dataset, collator, vocab_size, folder):
+    """A hidden-mode teacher cache of `dataset`, opened."""
+    build_cache(teacher, dataset, folder, mode="hidden", k=0, temperature=1.0, vocab_size=vocab_size, batch_size=4,
+                collator=collator, metadata={"dataset_fingerprint": dataset._fingerprint})
+    write_metadata(folder, {})
+    return TeacherCache.open(folder, {"mode": "hidden"})
+
+
+def never_run_the_body(model, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher's body ran, though its hidden states are cached")
+
+    monkeypatch.setattr(model.base_model, "forward", refuse)
+
+
+def test_a_teacher_cached_as_hidden_states_gives_the_models_metrics_without_running_its_body(tokenizer, test_split,
+                                                                                             tmp_path, monkeypatch):
+    teacher, first, second = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    predictors = {"teacher": [teacher], "student": [first], "ensemble": [first, second]}
+    online = evaluate(predictors, teacher, test_split, collator, batch_size=4, vocab_size=len(tokenizer))
+    other_split = test_split.select(range(3))
+    cached_teacher = CachedTeacher(teacher, (
+        hidden_cache(teacher, other_split, collator, len(tokenizer), tmp_path / "other"),
+        hidden_cache(teacher, test_split, collator, len(tokenizer), tmp_path / "test")))
+
+    never_run_the_body(teacher, monkeypatch)
+    cached = evaluate(predictors, cached_teacher, test_split, collator, batch_size=3, vocab_size=len(tokenizer),
+                      chunk_size=5)
+    for name, metrics in online.items():
+        assert metrics["num_tokens"] == cached[name]["num_tokens"]
+        for key in ("ce", "kl_teacher", "ece", "diversity"):  # the cached states are the model's, to fp16 rounding
+            assert cached[name][key] == pytest.approx(metrics[key], rel=1e-3, abs=1e-5), (name, key)
+        # fp16 rounding may flip one near tie between the teacher's two best tokens, no more.
+        assert cached[name]["top1_agreement"] == pytest.approx(metrics["top1_agreement"],
+                                                               abs=1.5 / metrics["num_tokens"]), name
+    assert cached["teacher"]["kl_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher against itself, exactly
+    weight, ce = fit_new_member_weight([first], [1.0], second, cached_teacher, test_split, collator, 4, len(tokenizer))
+    assert ce[0.0] == pytest.approx(online["student"]["ce"], rel=1e-6)  # the students' CE never depends on the teacher
+    with pytest.raises(ValueError, match="no teacher cache holds the split"):
+        evaluate(predictors, cached_teacher, test_split.select(range(4)), collator, 4, len(tokenizer))

@@ -1,5 +1,9 @@
 """The teacher cache: what it stores equals the teacher's outputs, its size, and that it is never misused."""
 
+import hashlib
+import json
+import math
+import os
 import shutil
 
 import numpy as np
@@ -13,12 +17,14 @@ from conftest import build_tiny_llama
 from losses import divergence_sum, predictor_mask, sparse_divergence_sum
 from preprocess_dataset import tokenize_conversation
 from teacher_cache import (CacheIncompleteError, CacheMismatchError, TeacherCache, build_cache, cache_identity,
-                           index_dtype, teacher_fingerprint, with_example_ids, with_tail_bucket, write_metadata)
+                           decode_token_ids, decode_top_k, encode_token_ids, encode_top_k, normalised_top_k,
+                           teacher_fingerprint, top_k_with_tail, with_example_ids, write_metadata)
 from train import PaddingCollator, hidden_at, logits_at, output_head
 
 NUM_EXAMPLES = 12
 MAX_LENGTH = 128
 KINDS = ("forward_kl", "reverse_kl", "jsd")
+QWEN_VOCAB = 151_936
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +51,11 @@ def collator(tokenizer):
 
 @pytest.fixture(scope="module")
 def identity(dataset):
-    return {"teacher": "tiny", "teacher_fingerprint": "f" * 64, "tokenizer_hash": "t" * 64,
-            "dataset_fingerprint": dataset._fingerprint, "max_length": MAX_LENGTH}
+    return {"teacher": "tiny", "teacher_fingerprint": "f" * 64, "teacher_dtype": "float32",
+            "tokenizer_hash": "t" * 64, "dataset_fingerprint": dataset._fingerprint, "max_length": MAX_LENGTH}
 
 
-@pytest.fixture(scope="module")
-def reference(teacher, dataset, collator, vocab_size):
+def reference_outputs(teacher, dataset, collator, vocab_size):
     """Per example: the teacher's logits [n, V] and final hidden states [n, H] at its supervised positions."""
     outputs = {}
     with torch.no_grad():
@@ -59,6 +64,11 @@ def reference(teacher, dataset, collator, vocab_size):
             args = (batch["input_ids"], batch["attention_mask"], predictor_mask(batch["labels"]))
             outputs[example_id] = (logits_at(teacher, *args, vocab_size).float(), hidden_at(teacher, *args).float())
     return outputs
+
+
+@pytest.fixture(scope="module")
+def reference(teacher, dataset, collator, vocab_size):
+    return reference_outputs(teacher, dataset, collator, vocab_size)
 
 
 def build(tmp_path, teacher, dataset, collator, identity, vocab_size, *, name="cache", world_size=1, ranks=None,
@@ -78,6 +88,29 @@ def reference_rows(reference, example_ids, which=0):
     return torch.cat([reference[example_id][which] for example_id in example_ids])
 
 
+def assert_close_to_the_teacher(log_probs, tail, true_log_probs, true_tail, value_dtype, noise=0.0):
+    """The cached top-k log-probabilities are the teacher's to their storage's precision: half a uint8 step or half a
+    float16 ulp each, as much again for the quantized values' own mass (rescaling removes it), plus the shift that
+    rescaling to the stored tail's complement adds. `noise`: the teacher's own float noise between batchings."""
+    rescaling = (torch.log1p(-tail.double().exp()) - torch.log1p(-true_tail.exp())).abs().unsqueeze(-1)
+    error = (log_probs.double() - true_log_probs).abs() - rescaling
+    if value_dtype == "uint8":
+        precision = (true_log_probs.max(-1, keepdim=True).values - true_log_probs.min(-1, keepdim=True).values) / 255
+    else:
+        precision = true_log_probs.abs().max(-1, keepdim=True).values * 2.0 ** -10
+    assert (error <= precision + noise).all()
+    return error
+
+
+def true_top_k(logits, k, temperature=1.0):
+    """In float64: the top-k log-probabilities and ids in ascending id order, and the log of the rest's mass."""
+    log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
+    ids = log_probs.topk(k, dim=-1).indices.sort(dim=-1).values
+    rest = torch.ones_like(log_probs, dtype=torch.bool).scatter_(-1, ids, False)
+    tail = torch.where(rest, log_probs, float("-inf")).logsumexp(dim=-1)
+    return log_probs.gather(-1, ids), ids, tail
+
+
 SHUFFLED_IDS = [7, 0, 11, 3, 4, 9, 1, 10, 2, 8, 6, 5]
 
 
@@ -90,23 +123,17 @@ def test_topk_targets_are_the_teachers_top_k_at_the_temperature(tmp_path, teache
     cache = TeacherCache.open(cache_dir, {"mode": "topk", "k": 16, "temperature": 2.0, "value_dtype": value_dtype})
     log_probs, indices, tail_log_prob = cache.topk_targets(SHUFFLED_IDS)
 
-    true_log_probs = torch.log_softmax(reference_rows(reference, SHUFFLED_IDS) / 2.0, dim=-1)
-    true_top = true_log_probs.topk(16, dim=-1)
+    true_log_probs, true_ids, true_tail = true_top_k(reference_rows(reference, SHUFFLED_IDS), 16, temperature=2.0)
     assert log_probs.shape == indices.shape == (true_log_probs.shape[0], 16)
     assert log_probs.dtype == torch.float32 and indices.dtype == torch.int64
     assert tail_log_prob.shape == (len(log_probs),)
-    assert torch.equal(indices, true_top.indices)
-    error = (log_probs - true_top.values).abs()
-    if value_dtype == "uint8":
-        step = (true_top.values[:, :1] - true_top.values[:, -1:]) / 255
-        assert (error <= step).all()  # half a step, on a range widened to float16 by at most a few step fractions
-        assert error.max() > 1e-4  # it really is quantized
-    else:
-        assert error.max() < 2e-3
-    true_tail = torch.log1p(-true_top.values.exp().sum(-1))
-    assert torch.allclose(tail_log_prob, true_tail, atol=2e-2)
-    total_mass = log_probs.exp().sum(-1) + tail_log_prob.exp()
+    assert torch.equal(indices, true_ids)
+    # The tail is the teacher's own, to float16's 11 significant bits of its log.
+    assert torch.allclose(tail_log_prob.double(), true_tail, rtol=2e-3, atol=1e-4)
+    total_mass = log_probs.double().exp().sum(-1) + tail_log_prob.double().exp()
     assert torch.allclose(total_mass, torch.ones_like(total_mass), atol=1e-5)
+    error = assert_close_to_the_teacher(log_probs, tail_log_prob, true_log_probs, true_tail, value_dtype)
+    assert error.max() > 1e-4  # it really is stored with less precision than fp32
 
 
 def test_hidden_states_reproduce_the_teachers_hidden_states_and_logits(tmp_path, teacher, dataset, collator, identity,
@@ -132,54 +159,153 @@ def test_full_vocabulary_topk_has_an_empty_tail_and_sums_to_one(tmp_path, teache
     log_probs, indices, tail_log_prob = TeacherCache.open(cache_dir, {}).topk_targets([2, 5])
     assert torch.isneginf(tail_log_prob).all()
     assert torch.allclose(log_probs.exp().sum(-1), torch.ones(len(log_probs)), atol=1e-5)
-    assert torch.equal(indices.sort(-1).values, torch.arange(vocab_size).expand_as(indices))
+    assert torch.equal(indices, torch.arange(vocab_size).expand_as(indices))
 
 
-def test_tail_is_floored_when_quantized_mass_exceeds_one():
-    log_probs = torch.log(torch.tensor([[0.7, 0.4], [0.5, 0.2]]))  # masses 1.1 and 0.7
-    top, tail = with_tail_bucket(log_probs, full_vocabulary=False)
-    assert tail.exp().tolist() == pytest.approx([teacher_cache.TAIL_MASS_FLOOR, 0.3], rel=1e-4)
-    assert (top.exp().sum(-1) + tail.exp()).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
-    assert top[1].exp().tolist() == pytest.approx([0.5, 0.2], rel=1e-5)  # untouched when the mass is below one
+def test_normalised_top_k_ignores_offsets_and_gives_the_top_k_the_mass_the_tail_leaves():
+    log_probs = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.3]]))
+    tail = torch.log(torch.tensor([0.3, 0.25]))
+    expected = torch.tensor([[0.5, 0.2], [0.375, 0.375]])  # row 2: 0.6 scaled to the 0.75 the tail leaves
+    for offset in (0.0, -7.5, 3.0):
+        top = normalised_top_k(log_probs + offset, tail)
+        assert torch.allclose(top.exp(), expected, atol=1e-6)
+    full = normalised_top_k(log_probs + 2.0, torch.full((2,), float("-inf")))
+    assert torch.allclose(full.exp(), torch.tensor([[5 / 7, 2 / 7], [0.5, 0.5]]), atol=1e-6)
+
+
+# --- token ids beyond 65,536 ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab", [400, 65_536, 65_537, QWEN_VOCAB, 4 * 65_536])
+def test_token_ids_round_trip_exactly_at_any_vocabulary(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    edges = [i for i in (0, 65_535, 65_536, 65_537, 131_071, 131_072, 131_073, vocab - 1) if i < vocab]
+    others = [i for i in torch.randperm(vocab, generator=generator)[:128].tolist() if i not in edges]
+    rows = [torch.randperm(vocab, generator=generator)[:64] for _ in range(20)]
+    rows.append(torch.tensor(edges + others[:64 - len(edges)]))  # every block boundary, both sides
+    rows.append(torch.arange(vocab - 64, vocab))  # the last ids only
+    ids = torch.stack([row.sort().values for row in rows])
+    low_bits, block_starts = encode_token_ids(ids, vocab)
+    assert low_bits.dtype == np.uint16 and block_starts.dtype == np.uint8
+    assert block_starts.shape == (len(ids), -(-vocab // 65_536) - 1)
+    assert torch.equal(decode_token_ids(low_bits, block_starts), ids)
+
+
+def test_block_starts_widen_beyond_k_255():
+    ids = torch.arange(65_536 - 100, 65_536 + 200).unsqueeze(0)  # 300 ids across the first block boundary
+    low_bits, block_starts = encode_token_ids(ids, 70_000)
+    assert block_starts.dtype == np.uint16 and block_starts.tolist() == [[100]]
+    assert torch.equal(decode_token_ids(low_bits, block_starts), ids)
+
+
+@pytest.fixture(scope="module")
+def qwen_sized(tokenizer, dataset, collator):
+    """A tiny teacher with Qwen's vocabulary, the first examples, and its logits there."""
+    teacher = build_tiny_llama(tokenizer, seed=5, vocab_size=QWEN_VOCAB)
+    examples = dataset.select(range(3))
+    return teacher, examples, reference_outputs(teacher, examples, collator, QWEN_VOCAB)
+
+
+def test_a_qwen_sized_vocabulary_caches_ids_above_65536_and_131072_exactly(tmp_path, qwen_sized, collator,
+                                                                           identity):
+    teacher, examples, reference = qwen_sized
+    identity = {**identity, "dataset_fingerprint": examples._fingerprint}
+    cache_dir = build(tmp_path, teacher, examples, collator, identity, QWEN_VOCAB, k=64, temperature=1.0)
+    log_probs, indices, tail = TeacherCache.open(cache_dir, {"vocab_size": QWEN_VOCAB}).topk_targets([2, 0, 1])
+    true_log_probs = torch.log_softmax(reference_rows(reference, [2, 0, 1]).double(), dim=-1)
+    assert (indices[:, 1:] > indices[:, :-1]).all()  # ascending, so the block starts can recover the high bits
+    assert ((indices >= 65_536) & (indices < 131_072)).any() and (indices >= 131_072).any()
+    # The ids are the teacher's top-64 (to the float noise of batching) and carry their own log-probabilities.
+    kth_largest = true_log_probs.topk(64, dim=-1).values[:, -1:]
+    assert (true_log_probs.gather(-1, indices) >= kth_largest - 1e-5).all()
+    rest = torch.ones_like(true_log_probs, dtype=torch.bool).scatter_(-1, indices, False)
+    true_tail = torch.where(rest, true_log_probs, float("-inf")).logsumexp(-1)
+    assert torch.allclose(tail.double(), true_tail, atol=1e-4)
+    assert_close_to_the_teacher(log_probs, tail, true_log_probs.gather(-1, indices), true_tail, "uint8", noise=1e-5)
 
 
 # --- size -------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("value_dtype", "payload_bytes"), [("uint8", 64 * 2 + 64 + 4), ("float16", 64 * 2 + 64 * 2)])
-def test_bytes_per_supervised_token_at_k_64(tmp_path, teacher, dataset, collator, identity, vocab_size, value_dtype,
-                                            payload_bytes):
-    cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size, k=64, value_dtype=value_dtype)
+@pytest.mark.parametrize("vocab", [400, 49_152, QWEN_VOCAB])
+@pytest.mark.parametrize("value_dtype", ["uint8", "float16"])
+def test_bytes_per_supervised_token_at_k_64(tmp_path, tokenizer, teacher, dataset, collator, identity, vocab,
+                                            value_dtype):
+    model, examples = (teacher, dataset) if vocab == len(tokenizer) else (
+        build_tiny_llama(tokenizer, seed=5, vocab_size=vocab), dataset.select(range(3)))
+    identity = {**identity, "dataset_fingerprint": examples._fingerprint}
+    cache_dir = build(tmp_path, model, examples, collator, identity, vocab, k=64, value_dtype=value_dtype)
     shard_dir = cache_dir / "shard_00000"
-    positions = TeacherCache.open(cache_dir, {}).metadata["num_positions"]
+    metadata = TeacherCache.open(cache_dir, {}).metadata
+    positions = metadata["num_positions"]
     arrays = [np.load(path, mmap_mode="r") for path in shard_dir.glob("*.npy")]
     payload = sum(array.nbytes for array in arrays if array.shape[0] == positions)
     files = sum(path.stat().st_size for path in shard_dir.iterdir())
-    assert payload / positions == payload_bytes
+    # ids: 16 low bits each, plus one byte per further block of 65,536 ids; values: 1 byte each and the row's
+    # float16 span, or float16 each; the tail's float16 log-mass.
+    id_bytes = 2 * 64 + (-(-vocab // 65_536) - 1)
+    expected = id_bytes + (64 + 2 if value_dtype == "uint8" else 2 * 64) + 2
+    assert payload / positions == expected == teacher_cache.bytes_per_position(metadata)
     # Besides the payload: 16 bytes per example (its id and offset) and under 2 KiB of .npy headers and shard.json.
-    assert files <= payload + 16 * (len(dataset) + 1) + 2048
-    print(f"{value_dtype}: {files / positions:.2f} bytes per supervised token over {positions} tokens")
+    assert files <= payload + 16 * (len(examples) + 1) + 2048
+    print(f"V = {vocab}, {value_dtype}: {payload / positions:.0f} bytes per supervised token "
+          f"({files / positions:.2f} with the fixed overhead of {positions} tokens)")
     if value_dtype == "uint8":
-        assert files / positions <= 200
+        assert payload / positions <= 200
 
 
-def test_index_dtype_is_the_narrowest_that_holds_the_vocabulary():
-    assert index_dtype(49_152) == np.uint16 and index_dtype(65_536) == np.uint16
-    assert index_dtype(65_537) == np.uint32 and index_dtype(152_064) == np.uint32
+# --- the tail ---------------------------------------------------------------------------------------------------------
+
+def float16_outwards(values, direction):
+    """`values` rounded to float16 towards `direction` (-inf or inf), back as float32."""
+    values = values.numpy()
+    rounded = values.astype(np.float16)
+    overshoot = rounded > values if direction < 0 else rounded < values
+    outwards = np.where(overshoot, np.nextafter(rounded, np.float16(direction)), rounded)
+    return torch.from_numpy(outwards.astype(np.float32))
+
+
+def tail_mass_as_rebuilt_before(top_log_probs):
+    """The tail as the previous format rebuilt it: 1 - the top-k's mass after uint8 quantization with a per-row
+    (min, max) range rounded outwards to float16, floored at 1e-6."""
+    low = float16_outwards(top_log_probs.min(-1).values, -np.inf)
+    high = float16_outwards(top_log_probs.max(-1).values, np.inf)
+    step = ((high - low) / 255).unsqueeze(-1)
+    codes = ((top_log_probs - low.unsqueeze(-1)) / step).round().clamp(0, 255)
+    return (1 - (low.unsqueeze(-1) + codes * step).double().exp().sum(-1)).clamp(min=1e-6)
+
+
+@pytest.mark.parametrize(("spread", "tail_range"), [(6.0, (1e-4, 1e-3)), (8.0, (1e-5, 1e-4))])
+def test_a_peaked_teachers_tail_mass_is_kept_to_a_few_percent(spread, tail_range):
+    """One token at 0.99; the others' logits spread like a trained LM's, so that the top-64 spans many nats."""
+    torch.manual_seed(0)
+    vocab, k, rows = 32_000, 64, 200
+    logits = torch.randn(rows, vocab) * spread
+    hot = torch.randint(vocab, (rows, 1))
+    logits.scatter_(-1, hot, float("-inf"))
+    # The hot token gets 0.99 of the mass: log(0.99 / 0.01) above the logsumexp of all the others.
+    logits.scatter_(-1, hot, logits.logsumexp(-1, keepdim=True) + math.log(0.99 / 0.01))
+    true_log_probs, _, true_tail = true_top_k(logits, k)
+    assert tail_range[0] < true_tail.exp().median() < tail_range[1]
+
+    log_probs, _, tail = decode_top_k(encode_top_k(*top_k_with_tail(logits, k, 1.0), vocab, "uint8"), "uint8")
+    error = ((tail.double() - true_tail).exp() - 1).abs()
+    error_before = (tail_mass_as_rebuilt_before(true_log_probs.float()) / true_tail.exp() - 1).abs()
+    print(f"true tail {true_tail.exp().median():.2e}: relative error of the stored tail median {error.median():.2%} "
+          f"(max {error.max():.2%}), of 1 - sum(top-k) median {error_before.median():.0%} "
+          f"(max {error_before.max():.0%})")
+    assert error.max() < 0.01
+    assert error.median() < error_before.median() / 10
+    total_mass = log_probs.double().exp().sum(-1) + tail.double().exp()
+    assert torch.allclose(total_mass, torch.ones(rows, dtype=torch.float64), atol=1e-6)
 
 
 # --- sparse divergences -----------------------------------------------------------------------------------------------
-
-def sparse_targets(teacher_logits, k, temperature):
-    top = torch.log_softmax(teacher_logits / temperature, dim=-1).topk(k, dim=-1)
-    return with_tail_bucket(top.values, full_vocabulary=k == teacher_logits.shape[-1])[0], top.indices
-
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_sparse_divergence_equals_the_dense_one_when_k_is_the_vocabulary(kind):
     torch.manual_seed(0)
     teacher_logits, model_logits = torch.randn(6, 50) * 3, torch.randn(6, 50) * 3
-    log_probs, indices = sparse_targets(teacher_logits, 50, temperature=2.0)
-    tail = torch.full((6,), float("-inf"))
+    log_probs, indices, tail = top_k_with_tail(teacher_logits, 50, temperature=2.0)
+    assert torch.isneginf(tail).all()
 
     dense_input = model_logits.clone().requires_grad_()
     dense = divergence_sum(teacher_logits, dense_input, kind, temperature=2.0, beta=0.3)
@@ -196,13 +322,11 @@ def test_sparse_divergence_is_a_close_lower_bound_at_small_k(kind):
     torch.manual_seed(1)
     teacher_logits = torch.randn(8, 200) * 4  # peaked, as trained LMs are: the top-32 holds most of the mass
     model_logits = (teacher_logits + torch.randn(8, 200)).requires_grad_()
-    full = sparse_targets(teacher_logits, 200, temperature=1.0)[0]
-    top_k = torch.log_softmax(teacher_logits, dim=-1).topk(32, dim=-1)
-    log_probs, tail = with_tail_bucket(top_k.values, full_vocabulary=False)
-    assert full.exp().sum(-1).allclose(torch.ones(8))
+    log_probs, indices, tail = top_k_with_tail(teacher_logits, 32, temperature=1.0)
+    assert torch.allclose(log_probs.exp().sum(-1) + tail.exp(), torch.ones(8))
 
     dense = divergence_sum(teacher_logits, model_logits, kind)
-    sparse = sparse_divergence_sum(log_probs, top_k.indices, tail, model_logits, kind)
+    sparse = sparse_divergence_sum(log_probs, indices, tail, model_logits, kind)
     assert 0 < sparse.item() <= dense.item() + 1e-5  # merging tokens into buckets never increases a divergence
     assert sparse.item() > 0.8 * dense.item()
     sparse.backward()
@@ -212,8 +336,7 @@ def test_sparse_divergence_is_a_close_lower_bound_at_small_k(kind):
 def test_sparse_divergence_gradients_are_finite_with_an_empty_tail():
     torch.manual_seed(2)
     teacher_logits, model_logits = torch.randn(3, 10), torch.randn(3, 10).requires_grad_()
-    log_probs, indices = sparse_targets(teacher_logits, 10, temperature=1.0)
-    tail = torch.full((3,), float("-inf"))
+    log_probs, indices, tail = top_k_with_tail(teacher_logits, 10, temperature=1.0)
     total = sum(sparse_divergence_sum(log_probs, indices, tail, model_logits, kind) for kind in KINDS)
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(model_logits.grad).all()
@@ -222,7 +345,9 @@ def test_sparse_divergence_gradients_are_finite_with_an_empty_tail():
 # --- refusals ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("field", "wanted"), [("temperature", 1.0), ("k", 32), ("teacher_fingerprint", "0" * 64),
-                                               ("dataset_fingerprint", "other"), ("mode", "hidden")])
+                                               ("dataset_fingerprint", "other"), ("mode", "hidden"),
+                                               ("tokenizer_hash", "0" * 64), ("max_length", 64),
+                                               ("teacher_dtype", "bfloat16")])
 def test_a_cache_built_for_other_settings_is_refused(tmp_path, teacher, dataset, collator, identity, vocab_size, field,
                                                      wanted):
     cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
@@ -232,6 +357,12 @@ def test_a_cache_built_for_other_settings_is_refused(tmp_path, teacher, dataset,
     cached = {**identity, "mode": "topk", "k": 16, "temperature": 2.0}[field]
     assert field in str(error.value) and repr(cached) in str(error.value) and repr(wanted) in str(error.value)
     assert "rebuild" in str(error.value)
+
+
+def test_a_teacher_dtype_other_than_the_teachers_is_refused_when_building(tmp_path, teacher, dataset, collator,
+                                                                          identity, vocab_size):
+    with pytest.raises(ValueError, match=r"teacher_dtype = 'bfloat16' .*\(teacher_dtype = 'float32'\)"):
+        build(tmp_path, teacher, dataset, collator, {**identity, "teacher_dtype": "bfloat16"}, vocab_size)
 
 
 def test_a_cache_without_metadata_or_with_a_missing_shard_is_refused(tmp_path, teacher, dataset, collator, identity,
@@ -269,6 +400,19 @@ def test_example_ids_that_are_not_row_indices_are_refused(tmp_path, teacher, dat
         build(tmp_path, teacher, with_example_ids(dataset).shuffle(seed=0), collator, identity, vocab_size)
 
 
+def test_metadata_is_written_through_the_projects_atomic_write(tmp_path, teacher, dataset, collator, identity,
+                                                               vocab_size, monkeypatch):
+    import run_state
+
+    written = []
+    atomic_write = run_state.write_atomically
+    monkeypatch.setattr(run_state, "write_atomically",
+                        lambda path, text: (written.append(path), atomic_write(path, text)))
+    cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
+    assert written == [cache_dir / "metadata.json"]
+    assert json.loads((cache_dir / "metadata.json").read_text())["k"] == 16
+
+
 # --- shards and memory maps -------------------------------------------------------------------------------------------
 
 def test_two_shards_read_back_as_one(tmp_path, teacher, dataset, collator, identity, vocab_size):
@@ -289,7 +433,8 @@ def test_two_shards_read_back_as_one(tmp_path, teacher, dataset, collator, ident
 def test_reading_uses_memory_maps(tmp_path, teacher, dataset, collator, identity, vocab_size):
     cache = TeacherCache.open(build(tmp_path, teacher, dataset, collator, identity, vocab_size), {})
     arrays = cache.shards[0]
-    assert set(arrays) == {"example_ids", "offsets", "indices", "values", "ranges"}
+    assert set(arrays) == {"example_ids", "offsets", "id_low_bits", "id_block_starts", "values", "value_spans",
+                           "tail_log_prob"}
     assert all(isinstance(array, np.memmap) for array in arrays.values())
     with pytest.raises(KeyError, match="example 99"):
         cache.topk_targets([99])
@@ -297,18 +442,68 @@ def test_reading_uses_memory_maps(tmp_path, teacher, dataset, collator, identity
 
 # --- fingerprint and command line -------------------------------------------------------------------------------------
 
+def weights_folder(folder, size=4 << 20, seed=0):
+    """A teacher folder as the fingerprint sees it: config.json and a weights file of `size` random bytes."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(seed).bytes(size))
+    return folder
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def test_teacher_fingerprint_follows_the_weights(tmp_path, teacher):
     teacher.save_pretrained(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert teacher_fingerprint(str(tmp_path / "a")) == teacher_fingerprint(str(tmp_path / "b"))
-    weights = next((tmp_path / "b").glob("*.safetensors"))
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_byte(next((tmp_path / "b").glob("*.safetensors")), -1)
     assert teacher_fingerprint(str(tmp_path / "a")) != teacher_fingerprint(str(tmp_path / "b"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .safetensors"):
         teacher_fingerprint(str(tmp_path / "empty"))
+
+
+def test_a_teacher_changed_only_in_the_middle_of_its_weights_is_refused(tmp_path, tokenizer, teacher, dataset,
+                                                                        collator, vocab_size):
+    original, changed = weights_folder(tmp_path / "original"), weights_folder(tmp_path / "changed")
+    flip_byte(changed / "model.safetensors", 2 << 20)  # 2 MiB from either end
+    built_for = cache_identity(str(original), tokenizer, dataset, MAX_LENGTH, torch.float32)
+    wanted = cache_identity(str(changed), tokenizer, dataset, MAX_LENGTH, torch.float32)
+    assert built_for["teacher_fingerprint"] != wanted["teacher_fingerprint"]
+    cache_dir = build(tmp_path, teacher, dataset, collator, {**built_for, "teacher": "tiny"}, vocab_size)
+    with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
+        TeacherCache.open(cache_dir, {**wanted, "teacher": "tiny"})
+
+
+def test_weight_hashes_are_remembered_by_path_size_and_modification_time(tmp_path):
+    folder, memo = weights_folder(tmp_path / "teacher"), tmp_path / "memo.json"
+    weights = folder / "model.safetensors"
+    first = teacher_fingerprint(str(folder), memo)
+    (entry,) = json.loads(memo.read_text()).values()
+    assert entry["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    stat = weights.stat()
+    flip_byte(weights, 100)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same path, size and time: the memo answers
+    assert teacher_fingerprint(str(folder), memo) == first
+    assert teacher_fingerprint(str(folder)) != first  # hashed again without the memo, the change shows
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert teacher_fingerprint(str(folder), memo) == teacher_fingerprint(str(folder)) != first
+
+
+def test_a_hub_snapshot_is_identified_by_its_commit(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshots = tmp_path / "models--org--teacher" / "snapshots"
+    snapshot = weights_folder(snapshots / commit, size=1024)
+    assert teacher_fingerprint(str(snapshot)) == f"hub-commit-{commit}"
+    assert teacher_fingerprint(str(weights_folder(snapshots / ("f" * 40), size=1024))) == f"hub-commit-{'f' * 40}"
+    shutil.copytree(snapshot, tmp_path / "copy")  # the same files outside a snapshot: their content decides
+    assert teacher_fingerprint(str(tmp_path / "copy")) == teacher_fingerprint(str(tmp_path / "copy"))
+    assert not teacher_fingerprint(str(tmp_path / "copy")).startswith("hub-commit")
 
 
 def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teacher, tokenizer, dataset):
@@ -323,8 +518,9 @@ def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teach
                         "--dtype", "float32"])
 
     train_split = preprocess_dataset.load_dataset_dir(data_dir)[0]["train"]
-    expected = {**cache_identity(str(teacher_dir), tokenizer, train_split, MAX_LENGTH), "mode": "topk", "k": 8,
-                "temperature": 1.5, "vocab_size": len(tokenizer)}
+    expected = {**cache_identity(str(teacher_dir), tokenizer, train_split, MAX_LENGTH, torch.float32), "mode": "topk",
+                "k": 8, "temperature": 1.5, "vocab_size": len(tokenizer)}
     log_probs, indices, _ = TeacherCache.open(tmp_path / "cache", expected).topk_targets([0, 1])
     supervised = sum(int((np.asarray(dataset[i]["labels"][1:]) != -100).sum()) for i in (0, 1))
     assert log_probs.shape == indices.shape == (supervised, 8)
+    assert (tmp_path / teacher_cache.FINGERPRINT_MEMO_FILE).is_file()  # next to the cache
