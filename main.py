@@ -3,7 +3,7 @@
 Each round trains a fresh student with the hybrid loss computed *through* the frozen ensemble of the earlier
 students (losses.py), adds it to the ensemble, and evaluates the student, the ensemble and (once) the teacher on
 the held-out split. Everything a run writes goes to runs/YYYY-MM-DD/run_N/:
-    config.yaml      the resolved configuration          manifest.json   rounds done, member folders
+    config.yaml      the resolved configuration          manifest.json   each round's status, members
     metrics.csv      one row per model and round          train_log.csv   hybrid, KL, NLL, lr, grad norm per log
     ensemble/        the ensemble (ModelEnsemble.from_pretrained), member_r/ = round r's student + tokenizer
     samples.csv      answers to fixed prompts per round   *.png           figures (plot.py), at the end
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from accelerate.utils import broadcast_object_list
 
 import config as config_lib
@@ -43,7 +44,7 @@ import run_state
 import teacher_cache
 import utils
 from ensemble import WEIGHTED_MODES, ModelEnsemble, training_mixture_weights, weights_with_new_member
-from evaluation import evaluate, fit_new_member_weight
+from evaluation import CachedTeacher, evaluate, fit_new_member_weight
 from losses import LossSettings
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, NonFiniteLossError, PaddingCollator,
                    check_logits_at, training_arguments)
@@ -51,46 +52,123 @@ from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, 
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
                   "gap_closed", "diversity", "num_tokens", "seconds"]
 SAMPLE_COLUMNS = ["round", "model", "prompt", "answer", "new_tokens"]
+DEFAULT_PRESET = "demo"
+SINGLE_MODEL_BASELINES = ("single_matched", "single_large")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # an abbreviation would pass for a key: --lr would silently set lr_scheduler
         usage="python main.py [--preset NAME] [--config FILE] [--resume RUN_DIR] [--dry_run] [--KEY VALUE ...]")
-    parser.add_argument("--preset", default="demo", choices=sorted(config_lib.PRESETS), help="base settings")
+    # No argparse default: a resume compares a --preset it is given with the run's settings, so "not given" must
+    # differ from "demo".
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"base settings: {', '.join(sorted(config_lib.PRESETS))} (default: {DEFAULT_PRESET})")
     parser.add_argument("--config", dest="config_file", default=None, help="YAML file of config overrides")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in this folder")
     parser.add_argument("--dry_run", action="store_true", help="validate the config, print the plan, and stop")
     parser.add_argument("--job_id", default=None, help="a scheduler's job id (train.sh passes SLURM's): a requeued "
                         "job with the same id resumes the run it started instead of starting a new one")
     config_lib.add_config_arguments(parser)
-    return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    refuse_unknown_arguments(unknown)
+    return args
+
+
+def refuse_unknown_arguments(unknown: list[str]) -> None:
+    """Arguments argparse did not recognise are a ConfigError naming them (exit 2, like a YAML file's unknown key)."""
+    if not unknown:
+        return
+    keys = [token[2:].split("=")[0] for token in unknown if token.startswith("--")]
+    config_lib.check_keys(dict.fromkeys(keys), "the command line")
+    raise config_lib.ConfigError(f"unexpected command-line argument(s) {unknown}: settings are given as --KEY VALUE; "
+                                 "`python main.py --help` lists them")
 
 
 def resolve_config(args: argparse.Namespace) -> config_lib.Config:
+    """The run's config: for a new run, the preset, YAML file and command line layered (config.build_config); for
+    --resume, the run's saved config.yaml (see resumed_config); for a requeued --job_id, that of the run the job
+    started, if it started one."""
     overrides = {key: value for key, value in vars(args).items()
                  if key not in ("preset", "config_file", "resume", "dry_run", "job_id")}
-    if args.resume is None and args.job_id is not None:
-        args.resume = run_state.find_run_of_job(overrides.get("output_root", config_lib.Config.output_root),
-                                                args.job_id)
+    if args.resume is not None:
+        return resumed_config(Path(args.resume), stated_settings(args, overrides))
+    config = config_lib.build_config(args.preset or DEFAULT_PRESET, args.config_file, overrides)
+    if args.job_id is not None:
+        # Looked for under the output_root the whole command line gives (a YAML file may set it).
+        args.resume = run_state.find_run_of_job(config.output_root, args.job_id)
         if args.resume is not None:
-            overrides = {}  # a requeued job repeats its command line: the run's saved config is the one that counts
-    if args.resume is None:
-        return config_lib.build_config(args.preset, args.config_file, overrides)
-    saved = Path(args.resume) / "config.yaml"
-    if not saved.is_file():
-        raise config_lib.ConfigError(f"--resume {args.resume!r} is not a run folder: it has no config.yaml")
-    if run_state.load_manifest(Path(args.resume)) is None:
-        raise config_lib.ConfigError(f"--resume {args.resume!r} has a config.yaml but no {run_state.MANIFEST}: "
+            # A requeued job repeats its command line: the run's saved config is the one that counts.
+            return resumed_config(Path(args.resume), {})
+    return config
+
+
+def stated_settings(args: argparse.Namespace, overrides: dict) -> dict[str, tuple[object, str]]:
+    """The settings a resume's --preset, --config and command line state, each with where it was stated (later
+    ones override earlier ones, as for a new run)."""
+    stated = {}
+    if args.preset is not None:
+        if args.preset not in config_lib.PRESETS:
+            raise config_lib.ConfigError(f"unknown preset {args.preset!r}: choose one of "
+                                         f"{', '.join(config_lib.PRESETS)}")
+        stated.update({key: (value, f"--preset {args.preset}")
+                       for key, value in config_lib.PRESETS[args.preset].items()})
+    if args.config_file is not None:
+        stated.update({key: (value, f"--config {args.config_file}")
+                       for key, value in config_lib.read_yaml(args.config_file).items()})
+    stated.update({key: (value, "the command line") for key, value in overrides.items()})
+    return stated
+
+
+def resumed_config(run_dir: Path, stated: dict[str, tuple[object, str]]) -> config_lib.Config:
+    """The saved config of the run in `run_dir`. A stated setting that differs from it is refused, naming the key:
+    a run continues with the settings it started with, except a total_rounds stated on the command line or in a
+    YAML file (see check_total_rounds_change). A preset's total_rounds is compared like the rest of it: restating
+    the preset a run started from must not add rounds to it."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise config_lib.ConfigError(
+            f"--resume {str(run_dir)!r} is not a run folder (it has no config.yaml): pass the folder of a run, "
+            f"runs/YYYY-MM-DD/run_N, which holds config.yaml and {run_state.MANIFEST}")
+    manifest = run_state.load_manifest(run_dir)
+    if manifest is None:
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {run_state.MANIFEST}: "
                                      "it did not get past its setup; start a new run instead")
-    values = config_lib.read_yaml(saved)
-    conflicting = sorted(k for k, v in overrides.items() if k != "total_rounds" and
-                         config_lib.coerce(k, v, config_lib.field_types()[k]) != values.get(k))
-    if conflicting:
-        raise config_lib.ConfigError(f"--resume {args.resume!r}: the command line changes {conflicting}, which the "
-                                     "run was started with; only total_rounds may change on resume")
-    values.update(overrides)
-    return config_lib.config_from_dict(values, source=str(saved))
+    saved = config_lib.load_saved_config(saved_path)
+    types_by_key = config_lib.field_types()
+    wanted = {key: (config_lib.coerce(key, value, types_by_key[key]), source)
+              for key, (value, source) in stated.items()}
+    new_total = None
+    if "total_rounds" in wanted and not wanted["total_rounds"][1].startswith("--preset"):
+        new_total = wanted.pop("total_rounds")[0]
+    conflicts = [f"{source} sets {key} = {value!r}, but the run was started with {key} = {getattr(saved, key)!r}"
+                 for key, (value, source) in wanted.items() if value != getattr(saved, key)]
+    if conflicts:
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
+                                     "settings it was started with (only total_rounds may change, on the command "
+                                     "line or in a YAML file); leave these out, or start a new run")
+    if new_total is None or new_total == saved.total_rounds:
+        return saved
+    check_total_rounds_change(run_dir, saved, new_total, manifest)
+    resumed = dataclasses.replace(saved, total_rounds=new_total)
+    resumed.validate()
+    print(f"total_rounds: {saved.total_rounds} -> {new_total}")
+    return resumed
+
+
+def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rounds: int, manifest: dict) -> None:
+    """A resumed run may get more rounds, or fewer down to the rounds it has started; not so a single-model
+    baseline, whose one student's step count (and size, for single_large) total_rounds sets."""
+    if saved.baseline in SINGLE_MODEL_BASELINES:
+        raise config_lib.ConfigError(
+            f"--resume {str(run_dir)!r}: total_rounds cannot change for the {saved.baseline} baseline: it sets the "
+            f"step count{' and size' if saved.baseline == 'single_large' else ''} of the baseline's one student; "
+            "start a new run")
+    started = [int(index) for index, status in manifest["rounds"].items() if status != "pending"]
+    if started and total_rounds <= max(started):
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: total_rounds = {total_rounds}, but the run has "
+                                     f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
 
 
 def print_plan(config: config_lib.Config, run_dir: Path | None) -> None:
@@ -129,23 +207,29 @@ def prepare_data(config, tokenizer):
         test_size=config.test_size, seed=config.seed, max_examples=config.max_examples, split=config.dataset_split)
 
 
-def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_split, collator, state):
-    """The teacher's targets for the training split, computed once and reused by every round (and every run with
-    the same teacher, data and settings); None for the online teacher."""
-    if config.teacher_mode == "online":
+def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state,
+                          mode: str | None = None, folder: str = "teacher_cache"):
+    """The teacher's outputs on `split`, computed once and reused by every round (and every run with the same
+    teacher, data and settings): in the config's teacher_mode for the training split (None for the online teacher),
+    in `mode` under `folder` for the evaluation splits (see evaluation_teacher)."""
+    mode = mode or config.teacher_mode
+    if mode == "online":
         return None
-    identity = teacher_cache.cache_identity(teacher_path, tokenizer, train_split, config.max_length)
-    expected = {**identity, "mode": config.teacher_mode, "vocab_size": len(tokenizer)}
-    if config.teacher_mode == "topk":
+    with state.main_process_first():  # one process hashes the teacher's weights, the others read its memo
+        identity = teacher_cache.cache_identity(teacher_path, tokenizer, split, config.max_length, teacher.dtype,
+                                                Path(config.cache_dir) / teacher_cache.FINGERPRINT_MEMO_FILE)
+    expected = {**identity, "mode": mode, "vocab_size": len(tokenizer)}
+    if mode == "topk":
         expected.update(k=config.cache_k, temperature=config.temperature, value_dtype=config.cache_value_dtype)
-    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
-    cache_dir = Path(config.cache_dir) / "teacher_cache" / f"{config.teacher_mode}-{key}"
+    key_fields = {**expected, "format_version": teacher_cache.FORMAT_VERSION}  # a new format gets a new folder
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(config.cache_dir) / folder / f"{mode}-{key}"
     try:
         return teacher_cache.TeacherCache.open(cache_dir, expected)
     except teacher_cache.CacheIncompleteError:
-        print(f"building the teacher cache ({config.teacher_mode}) in {cache_dir}")
-    teacher_cache.build_cache(teacher, teacher_cache.with_example_ids(train_split), cache_dir,
-                              mode=config.teacher_mode, k=config.cache_k, temperature=config.temperature,
+        print(f"building the teacher cache ({mode}) in {cache_dir}")
+    teacher_cache.build_cache(teacher, teacher_cache.with_example_ids(split), cache_dir,
+                              mode=mode, k=config.cache_k, temperature=config.temperature,
                               vocab_size=len(tokenizer), batch_size=config.eval_batch_size, collator=collator,
                               metadata=identity, rank=state.process_index, world_size=state.num_processes,
                               value_dtype=config.cache_value_dtype)
@@ -154,6 +238,17 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, train_s
         teacher_cache.write_metadata(cache_dir, identity)
     state.wait_for_everyone()
     return teacher_cache.TeacherCache.open(cache_dir, expected)
+
+
+def evaluation_teacher(config, teacher, teacher_path: str, tokenizer, data, collator, state):
+    """The teacher as the evaluation and the weight fit get it: with a cached teacher_mode, the model with its final
+    hidden states on the test split (and the weight-fit slice) cached once, so that no round runs its body again;
+    with the online teacher, the model."""
+    if config.teacher_mode == "online":
+        return teacher
+    return CachedTeacher(teacher, tuple(
+        prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data[name], collator, state, mode="hidden",
+                              folder="teacher_eval_cache") for name in ("test", "weight_fit") if name in data))
 
 
 def split_off_weight_fit(data, config) -> dict:
@@ -172,7 +267,7 @@ def split_off_weight_fit(data, config) -> dict:
 
 def rounds_to_run(config) -> int:
     """Single-model baselines train one student instead of total_rounds of them."""
-    return 1 if config.baseline in ("single_matched", "single_large") else config.total_rounds
+    return 1 if config.baseline in SINGLE_MODEL_BASELINES else config.total_rounds
 
 
 def baseline_round_config(config, teacher):
@@ -182,7 +277,7 @@ def baseline_round_config(config, teacher):
     single_large: that, with total_rounds times the layers (random init: student_num_layers; teacher_layers: as many
     teacher layers, spread from first to last, as the teacher has). Otherwise the config itself.
     """
-    if config.baseline not in ("single_matched", "single_large"):
+    if config.baseline not in SINGLE_MODEL_BASELINES:
         return config
     changes = {"steps_per_round": config.steps_per_round * config.total_rounds}
     if config.baseline == "single_large":
@@ -266,6 +361,29 @@ def print_final_table(metrics_path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """Run or resume a distillation; the exit code is 0 when done, EXIT_PREEMPTED when stopped by a signal.
+
+    The preemption handler is in place from the first line, so a signal during the setup (teacher, data, teacher
+    cache: minutes to hours) is not lost; the handlers main() replaced are back when it returns.
+    """
+    preemption = run_state.PreemptionSignal().install()
+    try:
+        return distil(argv, preemption)
+    finally:
+        preemption.restore()
+
+
+def preempted_during_setup(preemption: run_state.PreemptionSignal, device, next_step: str) -> bool:
+    """Whether a signal has come (to any process) before `next_step`: the run then stops, nothing written."""
+    if not preemption.received_anywhere(device):
+        return False
+    print(f"preempted during setup: stopping before {next_step}, with nothing written (exit code "
+          f"{run_state.EXIT_PREEMPTED}); run the same command again to continue")
+    return True
+
+
+def distil(argv, preemption: run_state.PreemptionSignal) -> int:
+    """main() once its preemption handler is in place."""
     # --- setup: everything that can refuse the run does so before any run folder is created or touched ---------
     args = parse_args(argv)
     config = resolve_config(args)
@@ -289,8 +407,11 @@ def main(argv=None) -> int:
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data = split_off_weight_fit(prepare_data(config, tokenizer), config)
     print(f"data: {len(data['train'])} training and {len(data['test'])} test examples")
+    if preempted_during_setup(preemption, device, "the rest of the setup"):
+        return run_state.EXIT_PREEMPTED
     collator = PaddingCollator(tokenizer.pad_token_id)
     cache = prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
+    evaluated_teacher = evaluation_teacher(config, teacher, teacher_path, tokenizer, data, collator, state)
     train_split = teacher_cache.with_example_ids(data["train"])
     settings = LossSettings(alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
                             jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine)
@@ -300,14 +421,15 @@ def main(argv=None) -> int:
     first_student = utils.build_student(round_config, teacher, tokenizer, 0)
     output_folder = Path(args.resume) if args.resume else Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
-    run_state.check_disk_space(output_folder, utils.count_parameters(first_student))
+    check_disk_for_a_round(output_folder, utils.count_parameters(first_student))
     del first_student
+    if preempted_during_setup(preemption, device, "the run folder is written"):
+        return run_state.EXIT_PREEMPTED
 
     run_dir, manifest = open_run(args, config, state)
     print_plan(config, run_dir)
-    preemption = run_state.PreemptionSignal().install()
     ensemble_dir = run_dir / "ensemble"
-    members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype).to(device).eval()
+    members = [utils.load_causal_lm(str(run_dir / path), frozen_dtype, config.trust_remote_code).to(device).eval()
                for path in manifest["members"]]
     weights = (manifest.get("weights") or []) if config.combine in WEIGHTED_MODES else None  # one per member
     # The baselines' students train alone (independent) or are one model (single_*); the method's train through the
@@ -333,10 +455,10 @@ def main(argv=None) -> int:
         member_dir = ensemble_dir / f"member_{round_index}"
         if (member_dir / "config.json").is_file():  # saved atomically: training finished, evaluation did not
             print(f"round {round_index}: trained earlier, evaluating {member_dir}")
-            student = utils.load_causal_lm(str(member_dir), torch.float32).to(device)
+            student = utils.load_causal_lm(str(member_dir), torch.float32, config.trust_remote_code).to(device)
         else:
-            run_state.check_disk_space(run_dir, utils.count_parameters(student))
-            resume_from = run_state.latest_complete_checkpoint(checkpoint_dir)
+            check_disk_for_a_round(run_dir, utils.count_parameters(student))
+            resume_from = run_state.latest_complete_checkpoint(checkpoint_dir, state.num_processes)
             if state.is_main_process:
                 manifest["rounds"][str(round_index)] = "training"
                 run_state.write_manifest(run_dir, manifest)
@@ -354,12 +476,15 @@ def main(argv=None) -> int:
                                         bf16=utils.use_bf16_autocast(config.dtype, device)),
                 train_dataset=train_split, processing_class=tokenizer,
                 callbacks=[CsvTrainLogCallback(run_dir / "train_log.csv", round_index),
-                           run_state.StopOnSignal(preemption)],
-                chunk_size=config.loss_chunk_size, teacher_cache=cache, round_index=round_index)
+                           run_state.StopOnSignal(preemption),  # before the disk check: it may decide to save
+                           run_state.CheckDiskBeforeSave(
+                               run_dir, run_state.checkpoint_bytes(utils.count_parameters(student)))],
+                chunk_size=config.loss_chunk_size, teacher_cache=cache, round_index=round_index,
+                compile_loss=config_lib.use_compiled_loss(config.compile_loss, device))
             if resume_from and run_state.checkpoint_step(resume_from) >= round_config.steps_per_round:
                 # Killed after the last step's checkpoint but before the member was saved: nothing left to train
                 # (resuming the Trainer from its final checkpoint would run one step more).
-                student = utils.load_causal_lm(str(resume_from), torch.float32).to(device)
+                student = utils.load_causal_lm(str(resume_from), torch.float32, config.trust_remote_code).to(device)
             else:
                 if resume_from:
                     print(f"round {round_index}: resuming from {resume_from.name}")
@@ -370,8 +495,8 @@ def main(argv=None) -> int:
                 run_state.save_member_atomically(student, tokenizer, member_dir)
         student = student.to(frozen_dtype).eval().requires_grad_(False)
         new_weights = weights_with_new_member(config.combine, weights or [],
-                                              new_member_weight(config, members, weights, student, teacher, data,
-                                                                collator, vocab_size, state))
+                                              new_member_weight(config, members, weights, student, evaluated_teacher,
+                                                                data, collator, vocab_size, state))
         members.append(student)
 
         predictors = {"student_untrained": [untrained], "student": [student], "ensemble": members}
@@ -381,8 +506,8 @@ def main(argv=None) -> int:
         eval_weights = None if new_weights is None else {
             **{name: [1.0] for name in predictors}, "ensemble": new_weights}
         started = time.time()
-        results = evaluate(predictors, teacher, data["test"], collator, config.eval_batch_size, vocab_size,
-                           config.combine, state=state, weights=eval_weights)
+        results = evaluate(predictors, evaluated_teacher, data["test"], collator, config.eval_batch_size,
+                           vocab_size, config.combine, state=state, weights=eval_weights)
         del untrained
         if state.is_main_process:
             # This round's rows replace any that an interrupted evaluation of it left behind.
@@ -433,18 +558,46 @@ def check_launcher() -> None:
             "targets come from its cache during training")
 
 
+def check_disk_for_a_round(folder: Path, parameters: int) -> None:
+    """Refuse to start a round whose checkpoints cannot be written: two at once (the newest is written before the
+    oldest is pruned). Each write is checked again just before it happens (run_state.CheckDiskBeforeSave)."""
+    run_state.check_disk_space(folder, 2 * run_state.checkpoint_bytes(parameters),
+                               f"the next checkpoints ({parameters:,} parameters with their optimizer state)",
+                               "free some space or point output_root elsewhere")
+
+
 def open_run(args, config, state) -> tuple[Path, dict]:
     """The run folder and its manifest: a new folder (never an existing one), or the one being resumed."""
     if args.resume:
-        return Path(args.resume), run_state.load_manifest(Path(args.resume))  # both checked by resolve_config
-    manifest = run_state.new_manifest(config.fingerprint(), config.seed, args.job_id)
+        return resume_run(Path(args.resume), config, state)
+    manifest = run_state.new_manifest(config.fingerprint(), config.seed, rounds_to_run(config), args.job_id)
     run_dir = None
     if state.is_main_process:  # one process picks the folder, so every process agrees on it
         run_dir = utils.new_run_dir(config.output_root)
-        config_lib.save_config(config, run_dir / "config.yaml")
+        write_run_config(config, run_dir)
         run_state.write_manifest(run_dir, manifest)
     (run_dir,) = broadcast_object_list([run_dir])
     return run_dir, manifest
+
+
+def resume_run(run_dir: Path, config, state) -> tuple[Path, dict]:
+    """The resumed run's folder and manifest (both checked by resolve_config). A total_rounds changed on this
+    command line is written into config.yaml and the manifest (fingerprint, pending rounds), so a later plain
+    --resume, after a preemption, still trains every round."""
+    manifest = run_state.load_manifest(run_dir)
+    updated = {**manifest, "config_fingerprint": config.fingerprint(),
+               "rounds": run_state.planned_rounds(manifest["rounds"], rounds_to_run(config))}
+    if updated != manifest and state.is_main_process:
+        # config.yaml first: after a kill between the two writes, the next resume finds the manifest out of date
+        # and writes both again.
+        write_run_config(config, run_dir)
+        run_state.write_manifest(run_dir, updated)
+    return run_dir, updated
+
+
+def write_run_config(config, run_dir: Path) -> None:
+    """config.yaml (as config.save_config writes it), atomically: a resume reads it back."""
+    run_state.write_atomically(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def run_from_command_line() -> int:

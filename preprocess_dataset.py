@@ -25,6 +25,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 from utils import publish_folder
@@ -84,6 +85,8 @@ def load_conversations(source: str, split: str = "train") -> datasets.Dataset:
     dataset or of a folder holding several splits; a single file is one split and is read whole.
     """
     dataset = _load_raw(source, split)
+    if len(dataset) == 0:
+        raise DataError(_no_conversations(source))
     column = _conversation_column(dataset, source)
     role_key, content_key = _turn_keys(dataset.features[column], source, column)
     roles = _distinct_roles(dataset, column, role_key)
@@ -112,10 +115,32 @@ def _load_raw(source: str, split: str) -> datasets.Dataset:
     if path.suffix in LOCAL_FILE_BUILDERS:
         if not path.is_file():
             raise DataError(f"{source}: no such file. Check the --dataset path.")
+        # `datasets` fails on a file without records with errors that do not say so (StopIteration, "corresponds
+        # to no data").
+        if _holds_no_records(path):
+            raise DataError(_no_conversations(source))
         return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     if _looks_like_local_path(source):
         raise DataError(f"{source}: no such file or folder. Check the --dataset path.")
     return datasets.load_dataset(source, split=split)
+
+
+def _holds_no_records(path: Path) -> bool:
+    """Whether a .json/.jsonl file is blank or an empty JSON list, or a .parquet file has no rows (reading only the
+    start of a JSON file, or a parquet file's footer)."""
+    if path.suffix == ".parquet":
+        return pq.read_metadata(path).num_rows == 0
+    start = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while len(start) < 2 and (chunk := f.read(1 << 16)):
+            start += "".join(chunk.split())[:2]
+    return start[:2] in ("", "[]")
+
+
+def _no_conversations(source: str) -> str:
+    return (f"{source}: holds no conversations (it is empty). Point --dataset at data with at least one "
+            f"conversation: records with a 'messages' list of role/content turns (or ShareGPT 'conversations'), "
+            f"one JSON object per line in a .jsonl file.")
 
 
 def _looks_like_local_path(source: str) -> bool:

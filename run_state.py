@@ -1,13 +1,14 @@
 """What lets a run be killed at any moment and resumed with nothing lost.
 
-- The manifest (manifest.json) records each round's status (training, done), the member folders, the config's
-  fingerprint and the data-order seed. It and every other file a resume relies on are written atomically: to a
-  temporary file, then renamed, so a half-written file is never taken for a whole one.
+- The manifest (manifest.json) records each planned round's status (pending, training, done), the member folders,
+  the config's fingerprint and the data-order seed. It and every other file a resume relies on are written
+  atomically: to a temporary file, then renamed, so a half-written file is never taken for a whole one.
 - Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them.
-- Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last).
+- Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last; with several processes,
+  each process's RNG state must be there too), and the disk is checked before each one is written.
 - SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption) ask the trainer to checkpoint at the
-  next step boundary and stop; the run then exits with EXIT_PREEMPTED, which a requeueing launcher can tell from
-  success (0) and failure (1, or 2 for bad input).
+  next step boundary and stop (one during setup stops the run before it writes anything); the run then exits with
+  EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
 """
 
 import csv
@@ -40,9 +41,14 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def new_manifest(config_fingerprint: str, data_seed: int, job_id: str | None = None) -> dict:
-    return {"config_fingerprint": config_fingerprint, "data_seed": data_seed, "job_id": job_id, "rounds": {},
-            "members": [], "teacher_evaluated": False}
+def new_manifest(config_fingerprint: str, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
+    return {"config_fingerprint": config_fingerprint, "data_seed": data_seed, "job_id": job_id,
+            "rounds": planned_rounds({}, rounds), "members": [], "teacher_evaluated": False}
+
+
+def planned_rounds(rounds: dict, count: int) -> dict:
+    """Rounds 0..count-1 with their statuses in `rounds`, "pending" for those not started (a grown total_rounds)."""
+    return {str(index): rounds.get(str(index), "pending") for index in range(count)}
 
 
 def find_run_of_job(output_root: str | Path, job_id: str) -> str | None:
@@ -94,58 +100,120 @@ def save_member_atomically(student, tokenizer, member_dir: Path) -> None:
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
-def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest checkpoint whose trainer_state.json (the Trainer's last write) exists and parses."""
+def latest_complete_checkpoint(checkpoint_dir: Path, num_processes: int = 1) -> Path | None:
+    """The newest complete checkpoint (see is_complete_checkpoint); older ones are the last good state when the
+    newest was cut short while being written."""
     if not checkpoint_dir.is_dir():
         return None
     candidates = [p for p in checkpoint_dir.iterdir()
                   if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    for candidate in sorted(candidates, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True):
-        try:
-            json.loads((candidate / "trainer_state.json").read_text())
+    for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
+        if is_complete_checkpoint(candidate, num_processes):
             return candidate
-        except (OSError, json.JSONDecodeError):
-            continue  # cut short while being written: an older one is the last good state
     return None
+
+
+def is_complete_checkpoint(checkpoint: Path, num_processes: int) -> bool:
+    """Whether the Trainer finished writing `checkpoint`.
+
+    One process writes trainer_state.json after everything else, so it parsing is enough. With several processes,
+    the main process writes it without waiting for the others' rng_state_{i}.pth (a resumed process without its
+    own RNG state silently draws other random numbers), so every one of those must be there too. A checkpoint
+    written by a single process (rng_state.pth) is complete without them.
+    """
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if num_processes == 1 or (checkpoint / "rng_state.pth").is_file():
+        return True
+    return all((checkpoint / f"rng_state_{index}.pth").is_file() for index in range(num_processes))
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
 
 
-def check_disk_space(folder: Path, parameters: int) -> None:
-    """Refuse to start a round whose checkpoints cannot be written: fp32 weights plus two AdamW moments, twice
-    over (the newest checkpoint is written before the oldest is pruned)."""
-    needed = parameters * 4 * 3 * 2
+def checkpoint_bytes(parameters: int) -> int:
+    """About one checkpoint of a model trained in fp32 with AdamW: the weights and the optimizer's two moments."""
+    return parameters * 4 * 3
+
+
+def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
+    """Raise DiskSpaceError, naming `folder` and the bytes free and needed, unless its disk can take `needed` more
+    bytes for `what`."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise DiskSpaceError(f"{folder}: {free:,} bytes free, but the next checkpoints need about {needed:,} bytes "
-                             f"({parameters:,} parameters with their optimizer state); free some space or point "
-                             "output_root elsewhere")
+        raise DiskSpaceError(f"{folder}: {free:,} bytes free, but about {needed:,} bytes are needed for {what}; "
+                             f"{advice}")
+
+
+class CheckDiskBeforeSave(TrainerCallback):
+    """Stops training before a checkpoint write the disk has no room for, rather than failing halfway through it.
+
+    Free space shrinks while a run trains (other jobs share the disk), so it is checked before every write, not
+    only when a round starts. Training stops with DiskSpaceError; the earlier checkpoints stay as they are.
+    Placed after the callbacks that decide to save, so it sees their decision.
+    """
+
+    def __init__(self, run_dir: Path, checkpoint_bytes: int):
+        self.run_dir = run_dir
+        self.checkpoint_bytes = checkpoint_bytes
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_save:
+            return control
+        error = None
+        try:
+            check_disk_space(self.run_dir, self.checkpoint_bytes, f"the checkpoint of step {state.global_step}",
+                             f"training stopped before writing it, the earlier checkpoints are kept: free some "
+                             f"space, then continue with `python main.py --resume {self.run_dir}`")
+        except DiskSpaceError as short:
+            error = short
+        if any_process(error is not None, args.device):  # processes stop together (see received_anywhere)
+            raise error or DiskSpaceError(f"another process found too little free disk for the checkpoint of step "
+                                          f"{state.global_step} in {self.run_dir}; see its message")
+        return control
 
 
 # --- signals ------------------------------------------------------------------------------------------------------
 
+def any_process(flag: bool, device) -> bool:
+    """Whether `flag` is true on any process; every process must call this at the same point."""
+    import torch
+    from accelerate.utils import reduce
+
+    return reduce(torch.tensor(int(flag), device=device), reduction="sum").item() > 0
+
+
 class PreemptionSignal:
     """Records SIGTERM/SIGUSR1; the training loop checkpoints and stops at the next step boundary.
 
-    The handler only sets a flag, so a second signal while a checkpoint is being written changes nothing.
+    The handler only sets a flag and writes one line straight to stderr's file descriptor, so a second signal
+    while a checkpoint is being written changes nothing. (print() from a handler can raise: the handler may run
+    while the main code is inside a write to the same buffered stdout.)
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received: int | None = None
+        self.previous_handlers: dict = {}
 
     def install(self) -> "PreemptionSignal":
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
+        self.previous_handlers = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
+
+    def restore(self) -> None:
+        """Put back the handlers that install() replaced (main() called in-process leaves none of its own)."""
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler)
+        self.previous_handlers = {}
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            print(f"\nsignal {signal.Signals(signum).name}: checkpointing at the next step, then exiting "
-                  f"with code {EXIT_PREEMPTED} (resume with --resume)", flush=True)
+            os.write(2, f"\nsignal {signal.Signals(signum).name}: checkpointing at the next step, then exiting with "
+                        f"code {EXIT_PREEMPTED} (resume with --resume)\n".encode())
         self.received = signum
 
     def received_anywhere(self, device) -> bool:
@@ -155,11 +223,7 @@ class PreemptionSignal:
         other waiting for a gradient all-reduce that never comes. A process that learns of another's signal
         counts it as its own.
         """
-        import torch
-        from accelerate.utils import reduce
-
-        count = reduce(torch.tensor(int(self.received is not None), device=device), reduction="sum")
-        if count.item() > 0 and self.received is None:
+        if any_process(self.received is not None, device) and self.received is None:
             self.received = signal.SIGUSR1
         return self.received is not None
 

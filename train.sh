@@ -15,6 +15,8 @@
 #
 # Time limits and preemption: 5 minutes before the limit SLURM sends SIGUSR1 to this script (--signal=B:...),
 # which passes it to main.py; main.py checkpoints at the next step and exits, and this script requeues the job.
+# A preemption's SIGTERM to this script is handled the same way, unless the job is being cancelled (scancel JOB):
+# then main.py checkpoints and stops, and the job is not requeued (resume it later with main.py --resume RUN_DIR).
 # The requeued job keeps its job id, and main.py --job_id finds and resumes the run folder it started.
 #SBATCH --job-name=slm-ensembles
 #SBATCH --output=logs/%x_%j.out
@@ -72,18 +74,27 @@ else
   launch+=(--config_file accelerate_configs/single_gpu.yaml)
 fi
 
-# The warning signal goes to main.py only: the launchers between here and main.py ignore it (an ignored signal
-# stays ignored across exec and fork; main.py installs its own handler), so none of them dies of it.
+# The warning signals go to main.py only: the launchers between here and main.py ignore them (an ignored signal
+# stays ignored across exec and fork; main.py installs its own handler), so none of them dies of one and takes
+# main.py down halfway through its checkpoint. A signal to this script marks the job for requeueing: the launcher
+# turns main.py's exit code 75 ("preempted") into 1, so that code alone cannot tell a preemption from a failure.
+# A cancelled job gets SIGTERM too, but is already COMPLETING (a preempted one is RUNNING until its grace time ends):
+# requeueing it would undo the cancel.
 warned=0
-pass_on_warning() {
-  warned=1
-  echo "time limit or preemption warning: asking main.py to checkpoint and stop"
+pass_on_warning() {  # $1: the signal
+  if [ "$1" = TERM ] && squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null | grep -qE 'COMPLETING|CANCELLED'; then
+    echo "job cancelled: asking main.py to checkpoint and stop; not requeueing (resume with main.py --resume)"
+  else
+    warned=1
+    echo "time limit or preemption warning ($1): asking main.py to checkpoint and stop"
+  fi
   scancel --signal=USR1 "$SLURM_JOB_ID"  # every process of the job's steps (not this script)
 }
-trap pass_on_warning USR1
+trap 'pass_on_warning USR1' USR1
+trap 'pass_on_warning TERM' TERM
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
-  'trap "" USR1; exec python -m accelerate.commands.launch --machine_rank "${SLURM_NODEID:-0}" "$@"' \
+  'trap "" USR1 TERM; exec python -m accelerate.commands.launch --machine_rank "${SLURM_NODEID:-0}" "$@"' \
   launcher "${launch[@]}" main.py "${args[@]}" &
 launcher=$!
 wait "$launcher"

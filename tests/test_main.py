@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import main
 import run_state
 from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,15 +80,104 @@ def test_resume_skips_finished_rounds_and_adds_new_ones(tiny_teacher_dir, tmp_pa
     assert len(ModelEnsemble.from_pretrained(run_dir / "ensemble")) == 2
 
 
-def test_resume_refuses_a_changed_setting_and_a_non_run_folder(tiny_teacher_dir, tmp_path):
+def test_resume_refuses_a_changed_setting_from_any_source_and_a_non_run_folder(tiny_teacher_dir, tmp_path):
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == 0
     run_dir = only_run_dir(tmp_path)
-    before = (run_dir / "metrics.csv").read_text()
-    with pytest.raises(main.config_lib.ConfigError, match="changes \\['alpha'\\]"):
-        main.main(["--resume", str(run_dir), "--alpha", "0.9"])
-    with pytest.raises(main.config_lib.ConfigError, match="is not a run folder"):
+    before = snapshot(run_dir)
+    assert {"config.yaml", "manifest.json", "metrics.csv", "train_log.csv"} <= set(before)
+    changed = tmp_path / "changed.yaml"
+    changed.write_text("alpha: 0.9\n")
+    refusals = {
+        ("--alpha", "0.9"): "the command line sets alpha = 0.9, but the run was started with alpha = 0.5",
+        ("--config", str(changed)): f"--config {changed} sets alpha = 0.9, but the run was started with alpha = 0.5",
+        ("--preset", "paper"): "--preset paper sets teacher = 'Qwen/Qwen2.5-7B-Instruct', but the run was started "
+                               f"with teacher = '{tiny_teacher_dir}'",
+        # Restating the preset the run started from does not add the preset's 2 rounds to it.
+        ("--preset", "test"): "--preset test sets total_rounds = 2, but the run was started with total_rounds = 1",
+    }
+    for extra, message in refusals.items():
+        with pytest.raises(main.config_lib.ConfigError, match="only total_rounds may change") as error:
+            main.main(["--resume", str(run_dir), *extra])
+        assert message in str(error.value)
+        assert snapshot(run_dir) == before
+    with pytest.raises(main.config_lib.ConfigError, match="is not a run folder \\(it has no config.yaml\\): pass "
+                                                          "the folder of a run, runs/YYYY-MM-DD/run_N, which holds "
+                                                          "config.yaml and manifest.json"):
         main.main(["--resume", str(tmp_path)])
-    assert (run_dir / "metrics.csv").read_text() == before
+    # The same settings restated change nothing: the finished run has nothing left to do.
+    same = tmp_path / "same.yaml"
+    same.write_text("alpha: 0.5\nsteps_per_round: 3\n")
+    assert main.main(["--resume", str(run_dir), "--preset", "test", "--config", str(same), "--total_rounds",
+                      "1"]) == 0
+    assert snapshot(run_dir) == before
+    assert run_dirs(tmp_path) == [run_dir]
+
+
+def fake_run(tmp_path, rounds: dict, **settings) -> Path:
+    """A run folder as a run leaves it (config.yaml and manifest), with the test preset and `settings`."""
+    run_dir = tmp_path / "runs" / "2026-01-01" / "run_1"
+    run_dir.mkdir(parents=True)
+    config = main.config_lib.build_config("test", overrides=settings)
+    main.config_lib.save_config(config, run_dir / "config.yaml")
+    manifest = run_state.new_manifest(config.fingerprint(), config.seed, len(rounds))
+    manifest["rounds"] = rounds
+    run_state.write_manifest(run_dir, manifest)
+    return run_dir
+
+
+def resolved(*argv) -> main.config_lib.Config:
+    return main.resolve_config(main.parse_args(list(argv)))
+
+
+def test_resume_may_change_total_rounds_down_to_the_rounds_it_has_started(tmp_path):
+    run_dir = fake_run(tmp_path, {"0": "done", "1": "training", "2": "pending"}, total_rounds=3)
+    before = snapshot(run_dir)
+    with pytest.raises(main.config_lib.ConfigError, match="total_rounds = 1, but the run has started 2 rounds; "
+                                                          "give at least 2"):
+        main.main(["--resume", str(run_dir), "--total_rounds", "1"])
+    assert snapshot(run_dir) == before
+    assert resolved("--resume", str(run_dir), "--total_rounds", "2").total_rounds == 2
+    grown = resolved("--resume", str(run_dir), "--total_rounds", "5")
+    assert grown == main.config_lib.build_config("test", overrides={"total_rounds": 5})  # nothing else changes
+    with pytest.raises(main.config_lib.ConfigError, match="--preset test sets total_rounds = 2, but the run was "
+                                                          "started with total_rounds = 3"):
+        resolved("--resume", str(run_dir), "--preset", "test")  # a preset's total is compared, not taken
+
+
+@pytest.mark.parametrize("baseline", ["single_matched", "single_large"])
+def test_resume_refuses_a_new_total_rounds_for_a_single_model_baseline(tmp_path, baseline):
+    run_dir = fake_run(tmp_path, {"0": "training"}, baseline=baseline)
+    before = snapshot(run_dir)
+    with pytest.raises(main.config_lib.ConfigError, match=f"total_rounds cannot change for the {baseline} "
+                                                          "baseline: it sets the step count"):
+        main.main(["--resume", str(run_dir), "--total_rounds", "3"])
+    assert snapshot(run_dir) == before
+    assert resolved("--resume", str(run_dir), "--total_rounds", "2").total_rounds == 2  # unchanged: fine
+
+
+BAD_SETTINGS = {
+    "an unknown key": (["--alpah", "1"], "unknown config key(s) 'alpah' in the command line"),
+    "an abbreviated key": (["--lr", "0.001"], "unknown config key(s) 'lr' in the command line"),
+    "an unknown preset": (["--preset", "huge"], "unknown preset 'huge': choose one of demo, paper, test"),
+    "an unknown key in a YAML file": (["--config", "{yaml}"], "unknown config key(s) 'alpah' in config file "
+                                                              "'{yaml}'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_bad_settings_are_refused_before_any_run_folder_changes(tiny_teacher_dir, tmp_path, existing_run, case):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("alpha: 0.5\nalpah: 1\n")
+    extra, message = BAD_SETTINGS[case]
+    extra = [arg.format(yaml=yaml_file) for arg in extra]
+    args = cli_args(tiny_teacher_dir, tmp_path, *extra)
+    if "--preset" in extra:  # the one given last would count: leave out cli_args' own
+        del args[:2]
+    with pytest.raises(main.config_lib.ConfigError) as error:
+        main.main(args)
+    assert message.format(yaml=yaml_file) in str(error.value)
+    assert snapshot(tmp_path / "runs") == existing_run
+    assert [p.name for p in run_dirs(tmp_path)] == ["run_1"]
 
 
 def test_bad_config_stops_with_a_message_and_no_run_folder(tiny_teacher_dir, tmp_path):
@@ -112,8 +203,20 @@ def final_metrics(tmp_path) -> pd.DataFrame:
     ["--teacher_mode", "topk", "--cache_k", "400", "--cache_value_dtype", "float16"],  # k = the whole vocabulary
     ["--teacher_mode", "hidden"],
 ])
-def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_path, cache_args):
+def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_path, cache_args, monkeypatch):
+    """...and once its caches (training split, and hidden states of the test split) exist, its body never runs."""
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "online")) == 0
+    real_evaluation_teacher = main.evaluation_teacher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher's body ran after its caches were built")
+
+    def evaluation_teacher_then_no_body(config, teacher, *args):
+        evaluated_teacher = real_evaluation_teacher(config, teacher, *args)
+        monkeypatch.setattr(teacher.base_model, "forward", refuse)
+        return evaluated_teacher
+
+    monkeypatch.setattr(main, "evaluation_teacher", evaluation_teacher_then_no_body)
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "cached", *cache_args)) == 0
     online, cached = final_metrics(tmp_path / "online"), final_metrics(tmp_path / "cached")
     assert list(cached.index) == list(online.index)
@@ -127,6 +230,8 @@ def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_p
         pd.testing.assert_series_equal(cached_log[column], online_log[column], rtol=1e-3)
     (cache_dir,) = (tmp_path / "cached" / "cache" / "teacher_cache").iterdir()
     assert (cache_dir / "metadata.json").is_file()
+    (test_cache_dir,) = (tmp_path / "cached" / "cache" / "teacher_eval_cache").iterdir()
+    assert json.loads((test_cache_dir / "metadata.json").read_text())["mode"] == "hidden"
 
 
 # --- surviving interruption ---------------------------------------------------------------------------------------
@@ -173,6 +278,20 @@ def wait_for(process: subprocess.Popen, condition, timeout: float = 300.0) -> No
         time.sleep(0.01)
 
 
+def pause_at(process: subprocess.Popen, moment, timeout: float = 300.0) -> None:
+    """Stop the process (SIGSTOP) at a moment when `moment()` holds. The run may move past the moment between a
+    check and the stop: it is then let go on and stopped again the next time the moment comes."""
+    deadline = time.time() + timeout
+    while True:
+        wait_for(process, moment, deadline - time.time())
+        process.send_signal(signal.SIGSTOP)
+        while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.001)  # the stop lands asynchronously
+        if moment():
+            return
+        process.send_signal(signal.SIGCONT)
+
+
 def run_dirs(tmp_path) -> list[Path]:
     return sorted((tmp_path / "runs").glob("*/run_*"))
 
@@ -189,11 +308,16 @@ def partial_checkpoint_exists(tmp_path) -> bool:
                               for c in (dirs[0] / "checkpoints").glob("round_*/checkpoint-*"))
 
 
-def round_done(tmp_path, round_index) -> bool:
+def round_status(tmp_path, round_index) -> str | None:
     dirs = run_dirs(tmp_path)
     manifest = dirs[0] / "manifest.json" if dirs else None
-    return bool(manifest and manifest.is_file() and
-                json.loads(manifest.read_text())["rounds"].get(str(round_index)) == "done")
+    if not (manifest and manifest.is_file()):
+        return None
+    return json.loads(manifest.read_text())["rounds"].get(str(round_index))
+
+
+def round_done(tmp_path, round_index) -> bool:
+    return round_status(tmp_path, round_index) == "done"
 
 
 def member_saved(tmp_path, round_index) -> bool:
@@ -201,64 +325,117 @@ def member_saved(tmp_path, round_index) -> bool:
     return bool(dirs) and (dirs[0] / "ensemble" / f"member_{round_index}" / "config.json").exists()
 
 
-KILL_MOMENTS = {
-    "during training": lambda tmp_path: train_log_rows(tmp_path) >= 2,
-    "during a checkpoint write": lambda tmp_path: partial_checkpoint_exists(tmp_path),
-    "during evaluation": lambda tmp_path: member_saved(tmp_path, 0),
-    "between rounds": lambda tmp_path: round_done(tmp_path, 0),
+def checkpoint_started(tmp_path, round_index) -> bool:
+    dirs = run_dirs(tmp_path)
+    return bool(dirs) and any((dirs[0] / "checkpoints" / f"round_{round_index}").glob("checkpoint-*"))
+
+
+KILL_MOMENTS = {  # each moment as the run folder shows it
+    "during training": lambda tmp_path: (round_status(tmp_path, 0) == "training" and train_log_rows(tmp_path) >= 2
+                                         and not member_saved(tmp_path, 0)),
+    "during a checkpoint write": partial_checkpoint_exists,
+    "during evaluation": lambda tmp_path: member_saved(tmp_path, 0) and not round_done(tmp_path, 0),
+    "between rounds": lambda tmp_path: round_done(tmp_path, 0) and not checkpoint_started(tmp_path, 1),
 }
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_metrics(tiny_teacher_dir, tmp_path_factory):
+def uninterrupted_run(tiny_teacher_dir, tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)) == 0
-    return final_metrics(tmp_path)
+    return only_run_dir(tmp_path)
 
 
-def assert_same_finished_run(tmp_path, reference: pd.DataFrame) -> None:
+TRAIN_LOG_COMPARED = ["hybrid", "kl", "nll", "learning_rate", "grad_norm"]
+
+
+def assert_same_finished_run(tmp_path, reference_dir: Path) -> None:
     (run_dir,) = run_dirs(tmp_path)
     metrics = final_metrics(tmp_path)
+    reference = pd.read_csv(reference_dir / "metrics.csv").set_index(["round", "model"])
     assert not metrics.index.duplicated().any()
     assert list(metrics.index) == list(reference.index)  # every round, every model, once
     pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), reference.drop(columns="seconds"), rtol=1e-4,
                                   atol=1e-3)  # gap_closed divides by the tiny teacher's small gap
     train_log = pd.read_csv(run_dir / "train_log.csv")
     assert list(zip(train_log["round"], train_log["step"])) == [(r, s) for r in (0, 1) for s in range(1, 7)]
+    # Resumed steps see the same batches, RNG and schedule as uninterrupted ones: the same losses, rates, norms.
+    pd.testing.assert_frame_equal(train_log[TRAIN_LOG_COMPARED],
+                                  pd.read_csv(reference_dir / "train_log.csv")[TRAIN_LOG_COMPARED], rtol=1e-4)
     assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "done", "1": "done"}
     assert len(ModelEnsemble.from_pretrained(run_dir / "ensemble")) == 2
     assert not (run_dir / "checkpoints" / "round_0").exists()  # a finished round keeps only its member
 
 
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
-def test_sigkill_at_any_moment_then_resume_finishes_the_same_run(tiny_teacher_dir, tmp_path, uninterrupted_metrics,
+def test_sigkill_at_any_moment_then_resume_finishes_the_same_run(tiny_teacher_dir, tmp_path, uninterrupted_run,
                                                                  moment):
     process = start_run(tiny_teacher_dir, tmp_path)
     try:
-        wait_for(process, lambda: KILL_MOMENTS[moment](tmp_path))
+        pause_at(process, lambda: KILL_MOMENTS[moment](tmp_path))
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    assert KILL_MOMENTS[moment](tmp_path), f"the run was not killed {moment}"
     (run_dir,) = run_dirs(tmp_path)
     resume_until_done(run_dir)
-    assert_same_finished_run(tmp_path, uninterrupted_metrics)
+    assert_same_finished_run(tmp_path, uninterrupted_run)
 
 
-def test_sigterm_checkpoints_exits_for_requeue_and_resumes(tiny_teacher_dir, tmp_path, uninterrupted_metrics):
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes(tiny_teacher_dir, tmp_path, uninterrupted_run):
     process = start_run(tiny_teacher_dir, tmp_path)
     wait_for(process, lambda: train_log_rows(tmp_path) >= 2)
     process.send_signal(signal.SIGTERM)
-    process.send_signal(signal.SIGUSR1)  # a second signal while it saves changes nothing
+    process.send_signal(signal.SIGUSR1)  # a second signal at once changes nothing
     assert process.wait(timeout=300) == run_state.EXIT_PREEMPTED
     (run_dir,) = run_dirs(tmp_path)
     assert run_state.latest_complete_checkpoint(run_dir / "checkpoints" / "round_0") is not None
-    assert json.loads((run_dir / "manifest.json").read_text())["rounds"]["0"] == "training"
+    assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "training", "1": "pending"}
     resume_until_done(run_dir)
-    assert_same_finished_run(tmp_path, uninterrupted_metrics)
+    assert_same_finished_run(tmp_path, uninterrupted_run)
+
+
+def test_signals_while_the_stop_checkpoint_is_written_change_nothing(tiny_teacher_dir, tmp_path, uninterrupted_run,
+                                                                      monkeypatch):
+    """SIGTERM at step 2; then SIGUSR1 and SIGTERM again halfway through the checkpoint write it asks for (model and
+    optimizer written, RNG state and trainer state not yet). In-process, so the second signals land exactly there."""
+    events = []
+
+    class SignalAtStep2(run_state.StopOnSignal):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not events:
+                os.kill(os.getpid(), signal.SIGTERM)
+                events.append("SIGTERM")
+            return super().on_step_end(args, state, control, **kwargs)
+
+    class SignalAgainWhileSaving(main.DistillationTrainer):
+        def _save_rng_state(self, output_dir):
+            if events == ["SIGTERM"]:
+                checkpoint = Path(output_dir)
+                assert (checkpoint / "model.safetensors").is_file()
+                assert not (checkpoint / "trainer_state.json").exists()  # the write is under way
+                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), signal.SIGTERM)
+                events.append(f"SIGUSR1 and SIGTERM while writing {checkpoint.name}")
+            super()._save_rng_state(output_dir)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(main.run_state, "StopOnSignal", SignalAtStep2)
+        patch.setattr(main, "DistillationTrainer", SignalAgainWhileSaving)
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)) == run_state.EXIT_PREEMPTED
+    assert events == ["SIGTERM", "SIGUSR1 and SIGTERM while writing checkpoint-2"]
+    run_dir = only_run_dir(tmp_path)
+    checkpoints = sorted((run_dir / "checkpoints" / "round_0").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    assert all((c / "trainer_state.json").is_file() and (c / "rng_state.pth").is_file() for c in checkpoints)
+    assert run_state.latest_complete_checkpoint(run_dir / "checkpoints" / "round_0") == checkpoints[-1]
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2]  # stopped at the step it was asked to
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert_same_finished_run(tmp_path, uninterrupted_run)
 
 
 def test_a_round_killed_after_its_last_checkpoint_is_not_trained_further(tiny_teacher_dir, tmp_path,
-                                                                          uninterrupted_metrics):
+                                                                          uninterrupted_run):
     process = start_run(tiny_teacher_dir, tmp_path)
     try:
         wait_for(process, lambda: any((c / "trainer_state.json").exists() for c in
@@ -270,7 +447,150 @@ def test_a_round_killed_after_its_last_checkpoint_is_not_trained_further(tiny_te
     if not round_done(tmp_path, 0):  # as if killed before the member's save (unless the round raced past that)
         shutil.rmtree(run_dir / "ensemble" / "member_0", ignore_errors=True)
     resume_until_done(run_dir)
-    assert_same_finished_run(tmp_path, uninterrupted_metrics)
+    assert_same_finished_run(tmp_path, uninterrupted_run)
+
+
+class StopAtStep(run_state.StopOnSignal):
+    """A preemption signal (as the handler records it) at the end of global step `step`."""
+
+    step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.preemption.received = signal.SIGUSR1
+        return super().on_step_end(args, state, control, **kwargs)
+
+
+def stop_at_step(step: int) -> type:
+    return type(f"StopAtStep{step}", (StopAtStep,), {"step": step})
+
+
+def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_every_round(
+        tiny_teacher_dir, tmp_path, monkeypatch):
+    """The manifest lists every planned round (pending, training, done), the members, the config's fingerprint and
+    the data seed. `--resume --total_rounds 3`, preempted, then a plain `--resume`: all 3 rounds, not 2. Every
+    model a resume loads is loaded with the run's trust_remote_code."""
+    def manifest():
+        return json.loads((run_dir / "manifest.json").read_text())
+
+    def saved_config():
+        return main.config_lib.load_saved_config(run_dir / "config.yaml")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--seed", "7", "--trust_remote_code", "true")) == 75
+    run_dir = only_run_dir(tmp_path)
+    assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "data_seed": 7, "job_id": None,
+                          "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False}
+
+    loads = []
+    real_load = main.utils.load_causal_lm
+
+    def recording_load(name, dtype=main.torch.float32, trust_remote_code=False):
+        loads.append((Path(name).name, trust_remote_code))
+        return real_load(name, dtype, trust_remote_code)
+
+    monkeypatch.setattr(main.utils, "load_causal_lm", recording_load)
+    with monkeypatch.context() as patch:
+        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(1))  # round 1's first step (round 0 resumes at 2)
+        assert main.main(["--resume", str(run_dir), "--total_rounds", "3"]) == 75
+    assert saved_config().total_rounds == 3
+    assert manifest()["config_fingerprint"] == saved_config().fingerprint()
+    assert manifest()["rounds"] == {"0": "done", "1": "training", "2": "pending"}
+    assert manifest()["members"] == ["ensemble/member_0"]
+
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert manifest()["rounds"] == {"0": "done", "1": "done", "2": "done"}
+    assert manifest()["members"] == ["ensemble/member_0", "ensemble/member_1", "ensemble/member_2"]
+    assert manifest()["data_seed"] == 7 and manifest()["config_fingerprint"] == saved_config().fingerprint()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert sorted(set(metrics["round"])) == [0, 1, 2] and not metrics.duplicated(["round", "model"]).any()
+    assert len(ModelEnsemble.from_pretrained(run_dir / "ensemble")) == 3
+    assert ("member_0", True) in loads and all(trust for _, trust in loads)
+
+
+def test_a_signal_during_setup_stops_before_anything_is_written(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the data is prepared: exit 75 with no new run folder, and a resumed run's folder untouched
+    (its grown total_rounds not yet written). main() puts back the SIGTERM handler it found."""
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == 0
+    run_dir = only_run_dir(tmp_path)
+    before = snapshot(tmp_path / "runs")
+    real_prepare_data = main.prepare_data
+
+    def prepare_data_then_signal(config, tokenizer):
+        data = real_prepare_data(config, tokenizer)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return data
+
+    monkeypatch.setattr(main, "prepare_data", prepare_data_then_signal)
+    signals_main_missed = []
+
+    def test_handler(signum, frame):
+        signals_main_missed.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, test_handler)
+    try:
+        for command in (cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1"),
+                        ["--resume", str(run_dir), "--total_rounds", "2"]):
+            assert main.main(command) == run_state.EXIT_PREEMPTED
+            assert "preempted during setup" in capsys.readouterr().out
+            assert signal.getsignal(signal.SIGTERM) is test_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signals_main_missed == []
+    assert run_dirs(tmp_path) == [run_dir] and snapshot(tmp_path / "runs") == before
+
+
+def test_a_disk_that_fills_up_mid_round_stops_before_the_next_checkpoint(tiny_teacher_dir, tmp_path, monkeypatch):
+    """Free space runs out once checkpoint-1 is written: step 2's checkpoint is refused before it starts, with the
+    bytes one checkpoint needs, and the run continues from checkpoint-1 once there is room again."""
+    real_disk_usage = shutil.disk_usage
+
+    def disk_full_after_checkpoint_1(path):
+        usage = real_disk_usage(path)
+        full = any(tmp_path.glob("runs/*/run_*/checkpoints/round_0/checkpoint-1/trainer_state.json"))
+        return usage._replace(free=1000) if full else usage
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_state.shutil, "disk_usage", disk_full_after_checkpoint_1)
+        with pytest.raises(run_state.DiskSpaceError) as error:
+            main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1"))
+    run_dir = only_run_dir(tmp_path)
+    checkpoint_1 = run_dir / "checkpoints" / "round_0" / "checkpoint-1"
+    parameters = sum(t.numel() for t in load_file(checkpoint_1 / "model.safetensors").values())
+    assert str(error.value).startswith(f"{run_dir}: 1,000 bytes free, but about {12 * parameters:,} bytes are "
+                                       "needed for the checkpoint of step 2")  # fp32 weights, two AdamW moments
+    assert f"python main.py --resume {run_dir}" in str(error.value)
+    assert sorted(p.name for p in checkpoint_1.parent.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert run_state.latest_complete_checkpoint(checkpoint_1.parent) == checkpoint_1
+    assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "training"}
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+
+def test_a_round_stopped_by_non_finite_steps_keeps_a_good_checkpoint_and_resumes(tiny_teacher_dir, tmp_path,
+                                                                               monkeypatch):
+    """From step 3 on the loss is NaN: steps 3-5 are skipped and the round stops; a complete checkpoint with finite
+    weights is kept, the round stays "training", and --resume finishes the run."""
+
+    class NaNFromStep3(main.DistillationTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss * float("nan") if self.state.global_step >= 2 else loss
+
+    args = cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--steps_per_round", "6")
+    with monkeypatch.context() as patch:
+        patch.setattr(main, "DistillationTrainer", NaNFromStep3)
+        with pytest.raises(main.NonFiniteLossError, match="round 0: 3 non-finite steps in a row up to step 5"):
+            main.main(args)
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = run_state.latest_complete_checkpoint(run_dir / "checkpoints" / "round_0")
+    assert checkpoint is not None
+    assert all(t.isfinite().all() for t in load_file(checkpoint / "model.safetensors").values())
+    assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "training"}
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "done"}
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].max() == 6
 
 
 # --- bad input: a clear error before any work, and nothing already written is lost -------------------------------
@@ -288,23 +608,29 @@ def existing_run(tmp_path):
     return snapshot(tmp_path / "runs")
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+def jsonl_text(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
 
 
-BAD_DATA = {
-    "a missing path": (None, "no such file"),
-    "no conversations": ([{"text": "hello"}] * 20, "no 'messages' (role/content turns) or 'conversations'"),
-    "an unknown role": ([{"messages": [{"role": "robot", "content": "beep"}]}] * 20, "unknown role value(s) ['robot']"),
-    "no assistant turn": ([{"messages": [{"role": "user", "content": "hi"}]}] * 20, "no example is left"),
+BAD_DATA = {  # file name, its text (None: no file), what the message says
+    "a missing path": ("missing.jsonl", None, "no such file"),
+    "an empty file": ("empty.jsonl", "", "holds no conversations"),
+    "an empty list": ("empty.json", "[]\n", "holds no conversations"),
+    "no conversations": ("bad.jsonl", jsonl_text([{"text": "hello"}] * 20),
+                         "no 'messages' (role/content turns) or 'conversations'"),
+    "an unknown role": ("bad.jsonl", jsonl_text([{"messages": [{"role": "robot", "content": "beep"}]}] * 20),
+                        "unknown role value(s) ['robot']"),
+    "no assistant turn": ("bad.jsonl", jsonl_text([{"messages": [{"role": "user", "content": "hi"}]}] * 20),
+                          "no example is left"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
 def test_bad_data_is_refused_before_any_run_folder_changes(tiny_teacher_dir, tmp_path, existing_run, case):
-    records, message = BAD_DATA[case]
-    dataset = tmp_path / "missing.jsonl" if records is None else write_jsonl(tmp_path / "bad.jsonl", records)
+    name, text, message = BAD_DATA[case]
+    dataset = tmp_path / name
+    if text is not None:
+        dataset.write_text(text)
     args = cli_args(tiny_teacher_dir, tmp_path)
     args[args.index("--dataset") + 1] = str(dataset)
     with pytest.raises(main.preprocess_dataset.DataError, match=f"{dataset}") as error:
@@ -347,7 +673,8 @@ def test_a_teacher_cache_built_for_other_settings_is_refused(tiny_teacher_dir, t
 def test_not_enough_disk_is_refused_before_a_run_folder_exists(tiny_teacher_dir, tmp_path, existing_run,
                                                                monkeypatch):
     monkeypatch.setattr(run_state.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
-    with pytest.raises(run_state.DiskSpaceError, match="1,000 bytes free, but the next checkpoints need about"):
+    with pytest.raises(run_state.DiskSpaceError, match="1,000 bytes free, but about [0-9,]+ bytes are needed for "
+                                                       "the next checkpoints"):
         main.main(cli_args(tiny_teacher_dir, tmp_path))
     assert snapshot(tmp_path / "runs") == existing_run
 
@@ -368,14 +695,18 @@ def test_resume_of_a_folder_that_never_finished_setup_is_refused(tmp_path):
 
 
 def test_a_requeued_job_resumes_the_run_it_started(tiny_teacher_dir, tmp_path):
-    command = cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--job_id", "4242")
-    assert main.main(command) == 0
+    """The run is looked for under the output_root of the whole command line: here a YAML file sets it."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"output_root: {tmp_path / 'runs'}\n")
+    args = cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--config", str(config_file))
+    del args[args.index("--output_root"):args.index("--output_root") + 2]
+    assert main.main([*args, "--job_id", "4242"]) == 0
     (run_dir,) = run_dirs(tmp_path)
     assert json.loads((run_dir / "manifest.json").read_text())["job_id"] == "4242"
-    before = (run_dir / "metrics.csv").read_text()
-    assert main.main(command) == 0  # the same job again: its run is found and has nothing left to do
-    assert run_dirs(tmp_path) == [run_dir] and (run_dir / "metrics.csv").read_text() == before
-    assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1", "--job_id", "4243")) == 0
+    before = snapshot(run_dir)
+    assert main.main([*args, "--job_id", "4242"]) == 0  # the same job again: its run is found, nothing left to do
+    assert run_dirs(tmp_path) == [run_dir] and snapshot(run_dir) == before
+    assert main.main([*args, "--job_id", "4243"]) == 0
     assert len(run_dirs(tmp_path)) == 2  # another job starts its own run
 
 
@@ -457,15 +788,8 @@ def test_single_model_baselines_train_one_student_for_the_ensembles_steps(tiny_t
 def test_a_preempted_single_model_baseline_resumes_to_its_full_step_count(tiny_teacher_dir, tmp_path, monkeypatch):
     """single_matched trains total_rounds x steps_per_round steps: a checkpoint at step steps_per_round is not
     the end of its round."""
-
-    class StopAtStep3(run_state.StopOnSignal):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                self.preemption.received = signal.SIGUSR1
-            return super().on_step_end(args, state, control, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", StopAtStep3)
+        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(3))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--baseline", "single_matched")) == 75
     run_dir = only_run_dir(tmp_path)
     assert main.main(["--resume", str(run_dir)]) == 0

@@ -247,6 +247,48 @@ def test_missing_local_path_is_named(name, tmp_path):
     assert missing in str(error.value)
 
 
+def save_text(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def rowless_messages() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"messages": []}, features=preprocess_dataset.MESSAGES_FEATURES)
+
+
+def save_rowless_parquet(path):
+    rowless_messages().to_parquet(str(path))
+    return str(path)
+
+
+def rowless_hub_dataset(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: rowless_messages())
+    return "someone/empty-chats"
+
+
+EMPTY_SOURCES = {  # each makes a source in tmp_path (or a hub name, with monkeypatch) and returns its name
+    "an empty .jsonl file": lambda tmp_path, monkeypatch: save_text(tmp_path / "empty.jsonl", ""),
+    "a .jsonl file of blank lines": lambda tmp_path, monkeypatch: save_text(tmp_path / "blank.jsonl", "\n  \n\n"),
+    "an empty list in a .json file": lambda tmp_path, monkeypatch: save_text(tmp_path / "empty.json", "[ \n]\n"),
+    "a .parquet file without rows": lambda tmp_path, monkeypatch: save_rowless_parquet(tmp_path / "empty.parquet"),
+    "a hub dataset without rows": lambda tmp_path, monkeypatch: rowless_hub_dataset(monkeypatch),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_SOURCES))
+def test_a_source_without_conversations_is_named_with_what_to_do(case, tmp_path, monkeypatch):
+    source = EMPTY_SOURCES[case](tmp_path, monkeypatch)
+    with pytest.raises(DataError) as error:
+        load_conversations(source)
+    assert str(error.value).startswith(f"{source}: holds no conversations")
+    assert "Point --dataset at data with at least one conversation" in str(error.value)
+
+
+def test_a_json_list_with_records_is_not_taken_for_an_empty_one(tmp_path, chats):
+    source = save_text(tmp_path / "spaced.json", "\n [\n" + json.dumps(chats[0])[:-1] + "}]\n")
+    assert load_conversations(source)["messages"] == [chats[0]["messages"]]
+
+
 def test_no_conversation_column_lists_the_columns_found(tmp_path):
     source = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "response": "Hello"}])
     with pytest.raises(DataError) as error:

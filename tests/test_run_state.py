@@ -23,6 +23,23 @@ def test_only_complete_checkpoints_count(tmp_path):
     assert run_state.latest_complete_checkpoint(tmp_path / "missing") is None
 
 
+def test_with_several_processes_a_checkpoint_needs_every_process_rng_state(tmp_path):
+    """Process 0 writes trainer_state.json without waiting for the others' RNG files: a kill can leave it without
+    rng_state_1.pth, and a process resumed without its RNG state would draw other random numbers."""
+    files = {2: ["rng_state_0.pth", "rng_state_1.pth"], 4: ["rng_state_0.pth"],  # 4: process 1's RNG never written
+             6: ["rng_state.pth"]}  # 6: written by a single process
+    for step, names in files.items():
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name in [*names, "trainer_state.json"]:
+            (folder / name).write_text("{}")
+    assert run_state.latest_complete_checkpoint(tmp_path, num_processes=2) == tmp_path / "checkpoint-6"
+    (tmp_path / "checkpoint-6" / "trainer_state.json").unlink()
+    assert run_state.latest_complete_checkpoint(tmp_path, num_processes=2) == tmp_path / "checkpoint-2"
+    assert run_state.latest_complete_checkpoint(tmp_path, num_processes=3) is None
+    assert run_state.latest_complete_checkpoint(tmp_path, num_processes=1) == tmp_path / "checkpoint-4"
+
+
 def test_replacing_rows_drops_a_round_and_a_cut_short_row(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("round,model,ce\n0,student,1.5\n1,student,1.2\n1,ensem")  # killed mid-row
@@ -32,28 +49,56 @@ def test_replacing_rows_drops_a_round_and_a_cut_short_row(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["metrics.csv"]  # no temporary file left
 
 
-def test_manifest_writes_are_atomic_and_round_status_defaults_to_pending(tmp_path):
-    manifest = run_state.new_manifest("abc", 3)
+def test_manifest_writes_are_atomic_and_list_every_planned_round(tmp_path):
+    manifest = run_state.new_manifest("abc", 3, rounds=2, job_id="42")
+    assert manifest["rounds"] == {"0": "pending", "1": "pending"}
     manifest["rounds"]["0"] = "done"
     run_state.write_manifest(tmp_path, manifest)
     assert run_state.load_manifest(tmp_path) == manifest
     assert run_state.round_status(manifest, 0) == "done" and run_state.round_status(manifest, 1) == "pending"
     assert sorted(os.listdir(tmp_path)) == ["manifest.json"]
     assert run_state.load_manifest(tmp_path / "elsewhere") is None
+    # A grown total_rounds adds pending rounds and keeps the statuses of the others.
+    assert run_state.planned_rounds({"0": "done", "1": "training"}, 3) == {"0": "done", "1": "training",
+                                                                          "2": "pending"}
 
 
-def test_not_enough_disk_names_the_bytes_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_state.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
-    with pytest.raises(run_state.DiskSpaceError, match="1,000 bytes free, but the next checkpoints need about "
-                                                       "240,000 bytes \\(10,000 parameters"):
-        run_state.check_disk_space(tmp_path, 10_000)
+def free_disk(free: int):
+    return lambda path: type("Usage", (), {"free": free})()
+
+
+def test_not_enough_disk_names_the_folder_and_the_bytes_needed(tmp_path, monkeypatch):
+    assert run_state.checkpoint_bytes(10_000) == 10_000 * (4 + 4 + 4)  # fp32 weights and two AdamW moments
+    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(1000))
+    with pytest.raises(run_state.DiskSpaceError) as error:
+        run_state.check_disk_space(tmp_path, 120_000, "one checkpoint", "free some space")
+    assert str(error.value) == (f"{tmp_path}: 1,000 bytes free, but about 120,000 bytes are needed for one "
+                                "checkpoint; free some space")
+    run_state.check_disk_space(tmp_path, 1000, "one checkpoint", "free some space")  # exactly enough
     monkeypatch.undo()
-    run_state.check_disk_space(tmp_path, 10)  # a real disk has room for 240 bytes
+    run_state.check_disk_space(tmp_path, 10, "one checkpoint", "free some space")  # a real disk has room for 10
+
+
+def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch):
+    callback = run_state.CheckDiskBeforeSave(tmp_path, checkpoint_bytes=5000)
+    args = type("Args", (), {"device": torch.device("cpu")})()
+    state = type("State", (), {"global_step": 7})()
+    control = type("Control", (), {"should_save": False, "should_training_stop": False})()
+    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(4999))
+    assert callback.on_step_end(args, state, control) is control  # no write this step: nothing to check
+    control.should_save = True
+    with pytest.raises(run_state.DiskSpaceError) as error:
+        callback.on_step_end(args, state, control)
+    assert str(error.value).startswith(f"{tmp_path}: 4,999 bytes free, but about 5,000 bytes are needed for the "
+                                       "checkpoint of step 7; training stopped before writing it, the earlier "
+                                       "checkpoints are kept")
+    assert f"python main.py --resume {tmp_path}" in str(error.value)
+    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(5000))
+    assert callback.on_step_end(args, state, control) is control and control.should_save
 
 
 def test_a_preemption_signal_stops_training_at_the_step_boundary():
     preemption = run_state.PreemptionSignal()
-    previous = {signum: signal.getsignal(signum) for signum in preemption.SIGNALS}
     try:
         preemption.install()
         callback = run_state.StopOnSignal(preemption)
@@ -67,8 +112,32 @@ def test_a_preemption_signal_stops_training_at_the_step_boundary():
         assert control.should_save and control.should_training_stop
         assert preemption.received == signal.SIGTERM
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        preemption.restore()
+
+
+def test_the_signal_handler_writes_without_print_and_main_gets_its_handlers_back(monkeypatch, capfd):
+    """print() inside a handler can raise (a reentrant write to the buffered stdout the main code was writing to):
+    the handler writes to the stderr file descriptor instead."""
+    def no_print(*args, **kwargs):
+        raise AssertionError("print() called from the signal handler")
+
+    def test_handler(signum, frame):
+        raise AssertionError("the test's own handler ran while PreemptionSignal was installed")
+
+    previous = signal.signal(signal.SIGUSR1, test_handler)
+    try:
+        preemption = run_state.PreemptionSignal().install()
+        monkeypatch.setattr("builtins.print", no_print)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # reported once
+        monkeypatch.undo()
+        preemption.restore()
+        assert preemption.received == signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is test_handler
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert capfd.readouterr().err.count(f"signal SIGUSR1: checkpointing at the next step, then exiting with code "
+                                        f"{run_state.EXIT_PREEMPTED}") == 1
 
 
 def test_saving_a_member_leaves_a_complete_folder_only(tmp_path, tokenizer, tiny_llama):

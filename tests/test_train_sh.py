@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import run_state
 from conftest import DATA_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,19 +73,21 @@ def test_a_submitted_job_completes_a_run(cluster, tmp_path, tiny_teacher_dir):
     assert len(pd.read_csv(run / "metrics.csv")) == 7  # teacher once, then 3 models per round
 
 
-def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_its_run(cluster, tmp_path, tiny_teacher_dir):
-    steps = 300
-    job = submit(tmp_path, tiny_teacher_dir, "--total_rounds", "1", "--steps_per_round", str(steps),
-                 "--save_steps", "20", "--logging_steps", "10")
-    train_log = None
-    deadline = time.time() + 300
-    while time.time() < deadline and train_log is None:  # wait until training is under way
-        logs = list((tmp_path / "runs").glob("*/run_*/train_log.csv"))
-        train_log = logs[0] if logs and len(logs[0].read_text().splitlines()) >= 3 else None
-        time.sleep(0.2)
-    assert train_log is not None, job_log(tmp_path, job)[-3000:]
+STOP_SIGNALS = {
     # What `#SBATCH --signal=B:USR1@300` does 5 minutes before the time limit: signal the batch script.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+    "the time-limit warning": ("--batch", "--signal=USR1"),
+    # A preemption's SIGTERM to the batch script and every process of the job, launchers included. main.py's exit
+    # code 75 does not come through `accelerate launch` (it exits 1): the script must requeue on the signal itself.
+    "a preemption's SIGTERM": ("--full", "--signal=TERM"),
+}
+
+
+@pytest.mark.parametrize("stop", list(STOP_SIGNALS))
+def test_a_stop_signal_checkpoints_requeues_and_the_job_resumes_its_run(cluster, tmp_path, tiny_teacher_dir, stop):
+    steps = 300
+    job = submit(tmp_path, tiny_teacher_dir, *long_round(steps))
+    train_log = wait_for_training(tmp_path, job)
+    subprocess.run(["scancel", *STOP_SIGNALS[stop], job], check=True, timeout=30)
     release_when_requeued(job)
     finished = wait(job)
     log = job_log(tmp_path, job)
@@ -95,6 +98,35 @@ def test_the_warning_signal_checkpoints_requeues_and_the_job_resumes_its_run(clu
     assert run == train_log.parents[0]
     logged = pd.read_csv(run / "train_log.csv")
     assert list(logged["step"]) == list(range(10, steps + 1, 10))  # every logged step once, none lost or repeated
+
+
+def long_round(steps: int) -> tuple[str, ...]:
+    return "--total_rounds", "1", "--steps_per_round", str(steps), "--save_steps", "20", "--logging_steps", "10"
+
+
+def wait_for_training(tmp_path, job: str) -> Path:
+    """The run's train_log.csv, once it has two rows (training is under way)."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        logs = list((tmp_path / "runs").glob("*/run_*/train_log.csv"))
+        if logs and len(logs[0].read_text().splitlines()) >= 3:
+            return logs[0]
+        time.sleep(0.2)
+    raise AssertionError(job_log(tmp_path, job)[-3000:])
+
+
+def test_a_cancelled_job_checkpoints_and_is_not_requeued(cluster, tmp_path, tiny_teacher_dir):
+    """scancel JOB sends SIGTERM too: the run stops at a checkpoint, and the job stays cancelled."""
+    job = submit(tmp_path, tiny_teacher_dir, *long_round(3000))
+    run = wait_for_training(tmp_path, job).parent
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    finished = wait(job, 60)  # a requeued job would be pending again: still active after 60 s
+    log = job_log(tmp_path, job)
+    assert "JobState=CANCELLED" in finished.stdout, finished.stdout + log[-3000:]
+    assert "job cancelled: asking main.py to checkpoint and stop; not requeueing" in log
+    assert "requeueing job" not in log
+    assert run_state.latest_complete_checkpoint(run / "checkpoints" / "round_0") is not None
+    assert json.loads((run / "manifest.json").read_text())["rounds"] == {"0": "training"}
 
 
 def release_when_requeued(job: str, seconds: int = 300) -> None:
