@@ -137,6 +137,12 @@ def _holds_no_records(path: Path) -> bool:
     return start[:2] in ("", "[]")
 
 
+def _saved_without_rows(path: Path) -> bool:
+    """Whether a `save_to_disk` Dataset folder holds no data file (`datasets` fails to load one with an IndexError)."""
+    state = path / "state.json"
+    return state.is_file() and not json.loads(state.read_text()).get("_data_files")
+
+
 def _no_conversations(source: str) -> str:
     return (f"{source}: holds no conversations (it is empty). Point --dataset at data with at least one "
             f"conversation: records with a 'messages' list of role/content turns (or ShareGPT 'conversations'), "
@@ -153,6 +159,8 @@ def _load_folder(path: Path, split: str, source: str) -> datasets.Dataset:
     if not written_by_save_to_disk:
         # A folder of data files, e.g. a local clone of a hub dataset repository.
         return datasets.load_dataset(str(path), split=split)
+    if _saved_without_rows(path):
+        raise DataError(_no_conversations(source))
     loaded = datasets.load_from_disk(str(path))
     if not isinstance(loaded, datasets.DatasetDict):
         return loaded

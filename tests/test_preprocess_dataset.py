@@ -261,6 +261,11 @@ def save_rowless_parquet(path):
     return str(path)
 
 
+def save_rowless_folder(path):
+    rowless_messages().save_to_disk(str(path))
+    return str(path)
+
+
 def rowless_hub_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: rowless_messages())
     return "someone/empty-chats"
@@ -272,6 +277,7 @@ EMPTY_SOURCES = {  # each makes a source in tmp_path (or a hub name, with monkey
     "an empty list in a .json file": lambda tmp_path, monkeypatch: save_text(tmp_path / "empty.json", "[ \n]\n"),
     "a .parquet file without rows": lambda tmp_path, monkeypatch: save_rowless_parquet(tmp_path / "empty.parquet"),
     "a hub dataset without rows": lambda tmp_path, monkeypatch: rowless_hub_dataset(monkeypatch),
+    "a save_to_disk folder without rows": lambda tmp_path, monkeypatch: save_rowless_folder(tmp_path / "saved"),
 }
 
 
