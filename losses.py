@@ -16,20 +16,25 @@ Both terms use the same shifted positions (position t predicts token t+1, for su
 fp32 whatever the model dtype, and are sums divided by the number of supervised tokens in the whole optimizer
 step, so gradient accumulation and micro-batch size do not change the loss or its gradients.
 
-`chunked_hybrid_loss_sums` computes the same sums from hidden states, chunk of positions by chunk: every model's
-output head runs on one chunk at a time, and the student's chunk is recomputed in the backward pass instead of
-stored, so no (positions x vocabulary) tensor larger than one chunk is ever held. The per-chunk function,
-`hybrid_loss_terms`, can run through torch.compile (`compile_loss_terms`).
+`chunked_hybrid_loss_sums` computes the same sums from hidden states, chunk of positions by chunk, together with the
+student's gradients (as fused linear cross-entropy does): each chunk's logits come from every model's output head
+once, the loss terms follow, and the chunk's gradients with respect to the student's hidden states and head
+parameters are taken at once, in the forward pass. The backward pass only scales the stored gradients; nothing is
+recomputed, so each frozen head runs once per chunk and so does the student's. The loss path holds one chunk's
+logits at a time, plus an [N, H] gradient of the hidden states and one the size of the student's head (fp32), never
+a (positions x vocabulary) tensor larger than one chunk. The per-chunk function, `hybrid_loss_terms`, can run
+through torch.compile (`compile_loss_terms`).
 """
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from ensemble import combine_logits
 
@@ -54,12 +59,14 @@ class LossSettings:
 class LossSums:
     """Sums over a micro-batch's supervised positions; divide by the step's token count to get the loss."""
 
-    total: torch.Tensor  # kl_term + nll_term, differentiable
+    total: torch.Tensor  # kl_scale * alpha * T^2 * divergence + (1 - alpha) * nll, differentiable
     divergence: torch.Tensor  # detached sum of D (without T^2 or alpha)
     nll: torch.Tensor  # detached sum of the NLL
     num_tokens: int
-    kl_term: torch.Tensor  # kl_scale * alpha * T^2 * divergence_sum, differentiable (for per-term gradient norms)
-    nll_term: torch.Tensor  # (1 - alpha) * nll_sum, differentiable
+    # Squared L2 norms of the gradients of the distillation and NLL terms of `total` at the student's hidden states
+    # (detached), when `chunked_hybrid_loss_sums` was asked for them; None otherwise.
+    kl_gradient_norm_sq: torch.Tensor | None = None
+    nll_gradient_norm_sq: torch.Tensor | None = None
 
 
 class LossTerms(NamedTuple):
@@ -76,7 +83,7 @@ class LossTerms(NamedTuple):
 
     def sums(self, num_tokens: int) -> LossSums:
         return LossSums(total=self.kl_term + self.nll_term, divergence=self.divergence, nll=self.nll,
-                        num_tokens=num_tokens, kl_term=self.kl_term, nll_term=self.nll_term)
+                        num_tokens=num_tokens)
 
 
 def predictor_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -212,40 +219,164 @@ def compile_loss_terms(backend: str | Callable = "inductor") -> LossTermsFunctio
 
 @dataclass
 class Projection:
-    """Hidden states at supervised positions [N, H] and the output head that turns rows of them into logits."""
+    """Hidden states at supervised positions [N, H] and the output head that turns rows of them into logits.
+
+    `module` owns the head's parameters (default: `head` itself when it is a module). For the student it must hold
+    every trainable parameter the head uses: the fused loss takes their gradients explicitly (see
+    `chunked_hybrid_loss_sums`), and refuses a head that uses others.
+    """
 
     hidden: torch.Tensor
     head: Callable[[torch.Tensor], torch.Tensor]
+    module: torch.nn.Module | None = None
 
     def logits(self, rows: slice) -> torch.Tensor:
         return self.head(self.hidden[rows])
 
+    def trainable_parameters(self) -> tuple[torch.nn.Parameter, ...]:
+        module = self.module if self.module is not None else self.head
+        if not isinstance(module, torch.nn.Module):
+            return ()
+        return tuple(parameter for parameter in module.parameters() if parameter.requires_grad)
+
+
+def loss_chunks(num_positions: int, chunk_size: int) -> list[slice]:
+    """The rows of each chunk of `chunk_size` positions; one chunk of all of them when chunk_size is 0 or larger."""
+    if chunk_size <= 0 or num_positions <= chunk_size:
+        return [slice(0, num_positions)]
+    return [slice(start, start + chunk_size) for start in range(0, num_positions, chunk_size)]
+
 
 def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTarget | None,
                              members: list[Projection], targets: torch.Tensor, settings: LossSettings,
-                             chunk_size: int, loss_terms: LossTermsFunction = hybrid_loss_terms) -> LossSums:
+                             chunk_size: int, loss_terms: LossTermsFunction = hybrid_loss_terms,
+                             term_gradient_norms: bool = False) -> LossSums:
     """`hybrid_loss_sums` over chunks of `chunk_size` positions (0: one chunk), equal to it up to rounding.
 
-    Each chunk's logits exist only while that chunk is computed; the student's are recomputed in the backward
-    pass (activation checkpointing), so the memory of the loss path grows with the chunk, not with N.
+    When gradients are wanted, each chunk's gradients with respect to the student's hidden states and its head's
+    trainable parameters are computed in the forward pass, right after the chunk's loss (`FusedHybridLoss`), and
+    the backward pass scales them by the gradient reaching `total`: no head runs twice. Memory: one chunk's logits
+    and their loss's intermediates at a time, plus the stored fp32 gradients ([N, H] and the head's size).
     `loss_terms` is the per-chunk function: `hybrid_loss_terms`, or the compiled one from `compile_loss_terms`.
+    `term_gradient_norms`: also return the squared norms of the distillation and NLL terms' gradients at the
+    student's hidden states (each term's gradient is then taken on its own: two gradient passes per chunk).
     """
-    num_positions = targets.numel()
-    if chunk_size <= 0 or num_positions <= chunk_size:
-        rows = slice(0, num_positions)
-        return loss_terms(student.logits(rows), teacher.logits(rows) if teacher is not None else None,
-                          [member.logits(rows) for member in members], targets, settings).sums(num_positions)
-
     def chunk_terms(student_hidden: torch.Tensor, rows: slice) -> LossTerms:
-        return loss_terms(student.head(student_hidden), teacher.logits(rows) if teacher is not None else None,
-                          [member.logits(rows) for member in members], targets[rows], settings)
+        with torch.no_grad():  # the frozen models' logits need no graph, whatever the caller's grad mode
+            teacher_logits = teacher.logits(rows) if teacher is not None else None
+            member_logits = [member.logits(rows) for member in members]
+        return loss_terms(student.head(student_hidden), teacher_logits, member_logits, targets[rows], settings)
 
-    total = None
-    for start in range(0, num_positions, chunk_size):
-        rows = slice(start, start + chunk_size)
-        terms = checkpoint(chunk_terms, student.hidden[rows], rows, use_reentrant=False)
-        total = terms if total is None else total + terms
-    return total.sums(num_positions)
+    chunks = loss_chunks(targets.numel(), chunk_size)
+    parameters = student.trainable_parameters()
+    if not torch.is_grad_enabled() or not (student.hidden.requires_grad or parameters):
+        with torch.no_grad():  # evaluation: the sums only
+            terms = functools.reduce(LossTerms.__add__, (chunk_terms(student.hidden[rows], rows) for rows in chunks))
+        return terms.sums(targets.numel())
+    total, divergence, nll, kl_norm_sq, nll_norm_sq = FusedHybridLoss.apply(
+        chunk_terms, chunks, term_gradient_norms, student.hidden, *parameters)
+    sums = LossSums(total=total, divergence=divergence, nll=nll, num_tokens=targets.numel())
+    if term_gradient_norms:
+        sums.kl_gradient_norm_sq, sums.nll_gradient_norm_sq = kl_norm_sq, nll_norm_sq
+    return sums
+
+
+ChunkTermsFunction = Callable[[torch.Tensor, slice], LossTerms]
+
+
+class FusedHybridLoss(torch.autograd.Function):
+    """The hybrid loss summed over chunks, its gradients computed chunk by chunk in the forward pass.
+
+    forward(chunk_terms, chunks, term_gradient_norms, hidden [N, H], *head_parameters) returns the total (the only
+    differentiable output), the divergence and NLL sums, and the squared gradient norms of the distillation and NLL
+    terms at `hidden` (zeros unless term_gradient_norms). chunk_terms(hidden rows, rows) gives one chunk's LossTerms
+    through the student's head. The loss is linear in its gradients, so backward returns the stored ones times the
+    incoming gradient. The head's parameters are inputs so that their gradients reach .grad the normal way, in the
+    backward pass (where DDP's all-reduce hooks fire, and where a head tied to the input embeddings adds its part to
+    theirs); autograd.grad inside forward leaves .grad alone.
+    """
+
+    @staticmethod
+    def forward(ctx, chunk_terms: ChunkTermsFunction, chunks: list[slice], term_gradient_norms: bool,
+                hidden: torch.Tensor, *parameters: torch.Tensor):
+        # fp32 accumulators whatever the inputs' dtypes; cast back to each input's dtype in backward.
+        hidden_gradient = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        parameter_gradients = [torch.zeros_like(parameter, dtype=torch.float32) for parameter in parameters]
+        # total, divergence, nll, kl gradient norm^2, nll gradient norm^2
+        sums = torch.zeros(5, dtype=torch.float32, device=hidden.device)
+        for index, rows in enumerate(chunks):
+            hidden_rows = hidden[rows].detach().requires_grad_()
+            with torch.enable_grad():  # forward runs with gradients off
+                terms = chunk_terms(hidden_rows, rows)
+            if index == 0:
+                refuse_untracked_parameters([terms.kl_term, terms.nll_term], [hidden_rows, *parameters])
+            gradients, kl_norm_sq, nll_norm_sq = chunk_gradients(terms, [hidden_rows, *parameters],
+                                                                 term_gradient_norms)
+            hidden_gradient[rows] = gradients[0]  # chunks are disjoint rows: each is written once
+            for accumulated, gradient in zip(parameter_gradients, gradients[1:]):
+                accumulated.add_(gradient)
+            sums += torch.stack([(terms.kl_term + terms.nll_term).detach().float(), terms.divergence.float(),
+                                 terms.nll.float(), kl_norm_sq, nll_norm_sq])
+        ctx.save_for_backward(hidden_gradient, *parameter_gradients)
+        ctx.input_dtypes = [hidden.dtype, *(parameter.dtype for parameter in parameters)]
+        total, *statistics = (value.clone() for value in sums.unbind())  # separate tensors, not views of one
+        ctx.mark_non_differentiable(*statistics)
+        return total, *statistics
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total: torch.Tensor, *unused_grads: torch.Tensor):
+        # Scaled in place: this runs first in the backward pass, while the body's saved activations are all alive,
+        # where a scaled copy would add a head-sized tensor to the step's peak memory. The stored gradients serve
+        # one backward; a second one through this graph (retain_graph) fails on autograd's in-place check.
+        gradients = [stored.mul_(grad_total).to(dtype) if needed else None
+                     for stored, dtype, needed in zip(ctx.saved_tensors, ctx.input_dtypes, ctx.needs_input_grad[3:])]
+        return None, None, None, *gradients
+
+
+def chunk_gradients(terms: LossTerms, inputs: Sequence[torch.Tensor],
+                    term_gradient_norms: bool) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The gradients of a chunk's total (kl_term + nll_term) with respect to `inputs` (the hidden rows first), and
+    the squared norms of each term's gradient at the hidden rows when asked (else zeros).
+
+    Autocast is off here, as it is for the usual loss.backward() after the autocast forward: the backward ops run in
+    the dtypes the forward ops ran in. Asked for the norms, each term's gradient is taken on its own (their sum is
+    the total's), which costs a second pass through the chunk's backward: callers ask on logged steps only.
+    """
+    zero = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
+    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+        if not term_gradient_norms:
+            return list(torch.autograd.grad(terms.kl_term + terms.nll_term, inputs)), zero, zero
+        kl_gradients = term_gradients(terms.kl_term, inputs, retain_graph=True)
+        nll_gradients = term_gradients(terms.nll_term, inputs, retain_graph=False)
+    gradients = [kl + nll for kl, nll in zip(kl_gradients, nll_gradients)]
+    return gradients, kl_gradients[0].float().pow(2).sum(), nll_gradients[0].float().pow(2).sum()
+
+
+def term_gradients(term: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
+    """d term / d input for each input; zeros for a term that does not depend on them (the distillation term when
+    alpha = 0)."""
+    if not term.requires_grad:
+        return [torch.zeros_like(tensor) for tensor in inputs]
+    return list(torch.autograd.grad(term, inputs, retain_graph=retain_graph))
+
+
+def refuse_untracked_parameters(losses: Sequence[torch.Tensor], tracked: Sequence[torch.Tensor]) -> None:
+    """Raise if `losses` depend on a tensor that requires gradients other than `tracked`: the fused loss would
+    silently give it none (a student head whose parameters its Projection's module does not hold)."""
+    seen, pending, untracked = set(), [loss.grad_fn for loss in losses], []
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad nodes hold the leaf tensor they accumulate into
+        if leaf is not None and not any(leaf is tensor for tensor in tracked):
+            untracked.append(tuple(leaf.shape))
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    if untracked:
+        raise ValueError(f"the student's output head uses trainable tensors of shapes {untracked} that its "
+                         "Projection does not list: pass the module that owns them as Projection(module=...)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

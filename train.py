@@ -209,15 +209,19 @@ class DistillationTrainer(SFTTrainer):
         positions = predictor_mask(labels)
         targets = next_token_targets(labels).to(self.accelerator.device)
         batch = (inputs["input_ids"], inputs["attention_mask"], positions)
+        # The per-term gradient norms cost a second gradient pass per chunk: only on steps that will be logged.
+        logged_step = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
         # hidden_at and the heads bypass the autocast wrapper that accelerate puts around model.forward for mixed
         # precision, so autocast is entered here (the loss itself is computed in fp32 inside it).
         with self.accelerator.autocast():
-            student = Projection(trained_hidden_at(model, *batch), output_head(unwrap_model(model), self.vocab_size))
+            head_module = unwrap_model(model).get_output_embeddings()  # its parameters get gradients (losses.py)
+            student = Projection(trained_hidden_at(model, *batch), output_head(unwrap_model(model), self.vocab_size),
+                                 module=head_module)
             with torch.no_grad():
                 teacher = self.teacher_target(inputs, batch, len(targets)) if self.teacher is not None else None
                 members = [self.frozen_projection(member, batch) for member in self.members]
             sums = chunked_hybrid_loss_sums(student, teacher, members, targets, self.settings, self.chunk_size,
-                                            self.loss_terms)
+                                            self.loss_terms, term_gradient_norms=logged_step)
 
         num_tokens = num_items_in_batch if num_items_in_batch is not None else sums.num_tokens
         num_tokens = torch.as_tensor(num_tokens, device=self.accelerator.device).clamp(min=1)
@@ -231,25 +235,25 @@ class DistillationTrainer(SFTTrainer):
             parts = self._parts_by_step.setdefault(self.state.global_step, {"kl": 0.0, "nll": 0.0})
             parts["kl"] += (sums.divergence / num_tokens * scale).item()
             parts["nll"] += (sums.nll / num_tokens * scale).item()
-            if (self.state.global_step + 1) % self.args.logging_steps == 0:  # a step that will be logged
-                self.add_term_gradient_norms(parts, sums, student.hidden, num_tokens)
+            if logged_step:
+                self.add_term_gradient_norms(parts, sums, num_tokens)
         return (loss, {"hidden_states": student.hidden}) if return_outputs else loss
 
     @staticmethod
-    def add_term_gradient_norms(parts: dict, sums, student_hidden: torch.Tensor, num_tokens) -> None:
+    def add_term_gradient_norms(parts: dict, sums, num_tokens: torch.Tensor) -> None:
         """Add this micro-batch's squared norms of each loss term's gradient at the student's final hidden states.
 
         How hard each term pulls the student: under logit averaging the distillation term's pull on a new member
-        shrinks like 1/(n+1) (kl_scale=ensemble_size undoes it). Taken at the hidden states, so only the output
-        head's backward runs again, on logged steps only. Micro-batches and processes hold different positions, so
-        squared norms add up.
+        shrinks like 1/(n+1) (kl_scale=ensemble_size undoes it). The gradient is that of term / num_tokens (the
+        step's supervised tokens), so its squared norm is the loss path's (see chunked_hybrid_loss_sums) divided by
+        num_tokens^2; 0 when the loss path computed no gradients. Micro-batches and processes hold different
+        positions, so squared norms add up.
         """
-        for name, term in (("kl", sums.kl_term), ("nll", sums.nll_term)):
+        for name, norm_sq in (("kl", sums.kl_gradient_norm_sq), ("nll", sums.nll_gradient_norm_sq)):
             key = f"grad_norm_{name}_sq"
             parts.setdefault(key, 0.0)
-            if term.requires_grad:
-                (gradient,) = torch.autograd.grad(term / num_tokens, student_hidden, retain_graph=True)
-                parts[key] += gradient.float().pow(2).sum().item()
+            if norm_sq is not None:
+                parts[key] += (norm_sq / num_tokens.float().pow(2)).item()
 
     def teacher_target(self, inputs, batch, num_positions: int) -> Projection | SparseTarget:
         """The teacher's side of the divergence for this batch: online, or read from the cache."""

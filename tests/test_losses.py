@@ -150,11 +150,11 @@ def test_loss_is_computed_in_fp32_from_bf16_logits():
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 64])
-def test_chunked_loss_equals_the_unchunked_loss_and_gradients(divergence, chunk_size):
+@pytest.mark.parametrize("chunk_size", [0, 1, 4, 5, 64])
+def test_chunked_loss_equals_plain_autograd_on_the_full_logits_in_value_and_gradients(divergence, chunk_size):
     torch.manual_seed(6)
     vocab, width, positions = 23, 8, 17
-    student_head = torch.nn.Linear(width, vocab, bias=False)
+    student_head = torch.nn.Linear(width, vocab)  # with a bias: it gets its gradient too
     # Frozen, as the trainer's teacher and members are.
     teacher_head = torch.nn.Linear(width, vocab).requires_grad_(False)
     member_head = torch.nn.Linear(width, vocab).requires_grad_(False)
@@ -162,26 +162,25 @@ def test_chunked_loss_equals_the_unchunked_loss_and_gradients(divergence, chunk_
     teacher_hidden, member_hidden = torch.randn(positions, width), torch.randn(positions, width)
     targets = torch.randint(0, vocab, (positions,))
     settings = LossSettings(alpha=0.6, temperature=1.5, divergence=divergence)
+    scale = 0.37  # what the trainer's division by the step's token count does to the gradient reaching the loss
 
-    def run(size):
-        student_hidden.grad, student_head.weight.grad = None, None
-        sums = chunked_hybrid_loss_sums(Projection(student_hidden, student_head),
-                                        Projection(teacher_hidden, teacher_head),
-                                        [Projection(member_hidden, member_head)], targets, settings, size)
-        sums.total.backward()
-        return sums, student_hidden.grad.clone(), student_head.weight.grad.clone()
+    def gradients():
+        grads = [student_hidden.grad.clone(), student_head.weight.grad.clone(), student_head.bias.grad.clone()]
+        student_hidden.grad, student_head.weight.grad, student_head.bias.grad = None, None, None
+        return grads
 
-    with torch.no_grad():
-        reference = hybrid_loss_sums(student_head(student_hidden), teacher_head(teacher_hidden),
-                                     [member_head(member_hidden)], targets, settings)
-    whole, hidden_grad, head_grad = run(0)
-    chunked, chunked_hidden_grad, chunked_head_grad = run(chunk_size)
-    assert whole.total.item() == pytest.approx(reference.total.item(), rel=1e-6)
-    assert chunked.total.item() == pytest.approx(whole.total.item(), rel=1e-5)
-    assert chunked.divergence.item() == pytest.approx(whole.divergence.item(), rel=1e-5)
-    assert chunked.nll.item() == pytest.approx(whole.nll.item(), rel=1e-5)
-    torch.testing.assert_close(chunked_hidden_grad, hidden_grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(chunked_head_grad, head_grad, atol=1e-5, rtol=1e-5)
+    reference = hybrid_loss_sums(student_head(student_hidden), teacher_head(teacher_hidden),
+                                 [member_head(member_hidden)], targets, settings)
+    (reference.total * scale).backward()
+    reference_gradients = gradients()
+    chunked = chunked_hybrid_loss_sums(Projection(student_hidden, student_head),
+                                       Projection(teacher_hidden, teacher_head),
+                                       [Projection(member_hidden, member_head)], targets, settings, chunk_size)
+    (chunked.total * scale).backward()
+    for name in ("total", "divergence", "nll"):
+        assert getattr(chunked, name).item() == pytest.approx(getattr(reference, name).item(), rel=1e-5)
+    for actual, expected in zip(gradients(), reference_gradients):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     assert teacher_head.weight.grad is None and member_head.weight.grad is None
 
 
@@ -224,9 +223,11 @@ MIXTURE_WEIGHTS = {"logits": None, "probs": None, "weighted": (0.5, 0.3, 0.2), "
 class ChunkedLossCase:
     """A student head on hidden states, a frozen teacher and two frozen members, all on the same positions."""
 
+    scale = 0.37  # the gradient reaching the loss (the trainer divides it by the step's token count)
+
     def __init__(self, teacher_kind, combine, divergence, positions=17, vocab=23, width=8, temperature=1.5):
         torch.manual_seed(7)
-        self.student_head = torch.nn.Linear(width, vocab, bias=False)
+        self.student_head = torch.nn.Linear(width, vocab)
         self.member_heads = [torch.nn.Linear(width, vocab).requires_grad_(False) for _ in range(2)]
         self.student_hidden = torch.randn(positions, width, requires_grad=True)
         self.member_hidden = [torch.randn(positions, width) for _ in range(2)]
@@ -241,34 +242,52 @@ class ChunkedLossCase:
         self.settings = LossSettings(alpha=0.6, temperature=temperature, divergence=divergence, combine=combine,
                                      mixture_weights=MIXTURE_WEIGHTS[combine])
 
+    def members(self):
+        return [Projection(hidden, head) for hidden, head in zip(self.member_hidden, self.member_heads)]
+
     def run(self, chunk_size, loss_terms=hybrid_loss_terms):
-        """The loss sums and the gradients of the student's hidden states and head."""
-        self.student_hidden.grad, self.student_head.weight.grad = None, None
-        members = [Projection(hidden, head) for hidden, head in zip(self.member_hidden, self.member_heads)]
-        sums = chunked_hybrid_loss_sums(Projection(self.student_hidden, self.student_head), self.teacher, members,
-                                        self.targets, self.settings, chunk_size, loss_terms)
-        sums.total.backward()
-        return sums, self.student_hidden.grad.clone(), self.student_head.weight.grad.clone()
+        """The loss sums and the gradients of the student's hidden states and head (weight and bias)."""
+        sums = chunked_hybrid_loss_sums(Projection(self.student_hidden, self.student_head), self.teacher,
+                                        self.members(), self.targets, self.settings, chunk_size, loss_terms)
+        (sums.total * self.scale).backward()
+        return sums, self.gradients()
+
+    def reference(self):
+        """The same from plain autograd through the full [N, V] logits."""
+        teacher = self.teacher
+        if isinstance(teacher, Projection):
+            teacher = teacher.head(teacher.hidden).detach()
+        members = [member.head(member.hidden).detach() for member in self.members()]
+        sums = hybrid_loss_sums(self.student_head(self.student_hidden), teacher, members, self.targets, self.settings)
+        (sums.total * self.scale).backward()
+        return sums, self.gradients()
+
+    def gradients(self):
+        parameters = [self.student_hidden, self.student_head.weight, self.student_head.bias]
+        gradients = [parameter.grad.clone() for parameter in parameters]
+        for parameter in parameters:
+            parameter.grad = None
+        return gradients
 
 
 def assert_same_loss_and_gradients(actual, expected):
-    (sums, hidden_grad, head_grad), (ref_sums, ref_hidden_grad, ref_head_grad) = actual, expected
+    (sums, gradients), (ref_sums, ref_gradients) = actual, expected
     for name in ("total", "divergence", "nll"):
         assert getattr(sums, name).item() == pytest.approx(getattr(ref_sums, name).item(), rel=1e-5, abs=1e-5)
-    torch.testing.assert_close(hidden_grad, ref_hidden_grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(head_grad, ref_head_grad, atol=1e-5, rtol=1e-5)
+    for gradient, ref_gradient in zip(gradients, ref_gradients, strict=True):
+        torch.testing.assert_close(gradient, ref_gradient, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 @pytest.mark.parametrize("combine", ["logits", "probs", "weighted", "additive"])
 @pytest.mark.parametrize("teacher_kind", ["dense", "top_k=V", "top_k<V"])
-def test_chunked_loss_equals_the_unchunked_one_for_every_teacher_target_and_combine_mode(teacher_kind, combine,
-                                                                                       divergence):
+def test_chunked_loss_equals_plain_autograd_for_every_teacher_target_and_combine_mode(teacher_kind, combine,
+                                                                                     divergence):
     case = ChunkedLossCase(teacher_kind, combine, divergence)
-    whole = case.run(chunk_size=0)
-    assert whole[0].divergence.item() > 0 and whole[1].abs().sum() > 0
-    for chunk_size in (4, 5):  # last chunks of 1 and 2 positions
-        assert_same_loss_and_gradients(case.run(chunk_size), whole)
+    reference = case.reference()
+    assert reference[0].divergence.item() > 0 and all(gradient.abs().sum() > 0 for gradient in reference[1])
+    for chunk_size in (0, 4, 5):  # one chunk; last chunks of 1 and 2 positions
+        assert_same_loss_and_gradients(case.run(chunk_size), reference)
 
 
 @pytest.mark.parametrize("teacher_kind,combine,divergence", [("dense", "logits", "forward_kl"),
@@ -287,6 +306,173 @@ def test_compiled_loss_equals_the_eager_loss_and_compiles_once_for_every_chunk_s
     # The compiled function ran, and its row dimension is dynamic: chunks of 5, 4, 3 and 17 rows share one graph
     # (chunk_size=4 leaves a last chunk of 1 row, a size torch.compile specialises: that adds one).
     assert counter.frame_count == 2
+
+
+class CountingHead:
+    """An output head that counts its calls."""
+
+    def __init__(self, head):
+        self.head, self.calls = head, 0
+
+    def __call__(self, hidden):
+        self.calls += 1
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("num_members", [0, 3])
+@pytest.mark.parametrize("chunk_size,num_chunks", [(0, 1), (5, 4), (17, 1), (4, 5)])
+@pytest.mark.parametrize("term_gradient_norms", [False, True])
+def test_each_head_runs_once_per_chunk_in_a_whole_step(num_members, chunk_size, num_chunks, term_gradient_norms):
+    """Forward and backward: every frozen head and the student's run once per chunk (no recomputation)."""
+    torch.manual_seed(10)
+    vocab, width, positions = 23, 8, 17
+    student_linear = torch.nn.Linear(width, vocab)
+    student = Projection(torch.randn(positions, width, requires_grad=True), CountingHead(student_linear),
+                         module=student_linear)
+    frozen_heads = [torch.nn.Linear(width, vocab).requires_grad_(False) for _ in range(num_members + 1)]
+    frozen = [Projection(torch.randn(positions, width), CountingHead(head)) for head in frozen_heads]
+    targets = torch.randint(0, vocab, (positions,))
+    sums = chunked_hybrid_loss_sums(student, frozen[0], frozen[1:], targets, LossSettings(), chunk_size,
+                                    term_gradient_norms=term_gradient_norms)
+    sums.total.backward()
+    assert student.hidden.grad.abs().sum() > 0 and student_linear.weight.grad.abs().sum() > 0
+    assert student.head.calls == num_chunks
+    assert [projection.head.calls for projection in frozen] == [num_chunks] * (num_members + 1)
+
+    with torch.no_grad():  # evaluation: the same, and no gradients
+        evaluated = chunked_hybrid_loss_sums(student, frozen[0], frozen[1:], targets, LossSettings(), chunk_size)
+    assert not evaluated.total.requires_grad
+    assert evaluated.total.item() == pytest.approx(sums.total.item(), rel=1e-6)
+    assert [projection.head.calls for projection in (student, *frozen)] == [2 * num_chunks] * (num_members + 2)
+
+
+def test_a_head_tied_to_the_input_embeddings_gets_both_gradients():
+    """The head's weight is the embedding table: its gradient is the head's part plus the embedding lookup's (which
+    reaches it through the hidden states), as plain autograd through the full logits gives."""
+    torch.manual_seed(11)
+    vocab, width, positions = 19, 6, 13
+    embedding = torch.nn.Embedding(vocab, width)
+    head = torch.nn.Linear(width, vocab, bias=False)
+    head.weight = embedding.weight
+    body = torch.nn.Linear(width, width)
+    token_ids, targets = torch.randint(0, vocab, (positions,)), torch.randint(0, vocab, (positions,))
+    teacher_logits = torch.randn(positions, vocab)
+    settings = LossSettings(alpha=0.5, temperature=2.0)
+
+    def step(loss_of_hidden):
+        embedding.zero_grad(set_to_none=True)
+        body.zero_grad(set_to_none=True)
+        hidden = torch.tanh(body(embedding(token_ids)))
+        loss_of_hidden(hidden).backward()
+        return [embedding.weight.grad.clone(), body.weight.grad.clone(), body.bias.grad.clone()]
+
+    teacher = top_k_target(teacher_logits, 5, settings.temperature)
+    reference = step(lambda hidden: hybrid_loss_sums(head(hidden), teacher, [], targets, settings).total)
+    chunked = step(lambda hidden: chunked_hybrid_loss_sums(Projection(hidden, head), teacher, [], targets, settings,
+                                                           chunk_size=4).total)
+    for actual, expected in zip(chunked, reference):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # Both parts are really there: the head's part alone differs from the sum.
+    embedding.zero_grad(set_to_none=True)
+    hybrid_loss_sums(head(torch.tanh(body(embedding(token_ids))).detach()), teacher, [], targets,
+                     settings).total.backward()
+    assert not torch.allclose(embedding.weight.grad, reference[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("teacher_kind,combine,divergence", [("dense", "logits", "forward_kl"),
+                                                              ("top_k<V", "probs", "jsd"),
+                                                              ("dense", "additive", "forward_kl")])
+def test_each_terms_gradient_norm_equals_plain_autograd_of_that_term(teacher_kind, combine, divergence):
+    case = ChunkedLossCase(teacher_kind, combine, divergence)
+    teacher = case.teacher.head(case.teacher.hidden).detach() if isinstance(case.teacher, Projection) else case.teacher
+    members = [member.head(member.hidden).detach() for member in case.members()]
+    terms = hybrid_loss_terms(case.student_head(case.student_hidden), teacher, members, case.targets, case.settings)
+    expected = [torch.autograd.grad(term, case.student_hidden, retain_graph=True)[0].pow(2).sum().item()
+                for term in (terms.kl_term, terms.nll_term)]
+    assert min(expected) > 0
+
+    reference = case.reference()
+    sums = chunked_hybrid_loss_sums(Projection(case.student_hidden, case.student_head), case.teacher, case.members(),
+                                    case.targets, case.settings, chunk_size=5, term_gradient_norms=True)
+    assert sums.kl_gradient_norm_sq.item() == pytest.approx(expected[0], rel=1e-5)
+    assert sums.nll_gradient_norm_sq.item() == pytest.approx(expected[1], rel=1e-5)
+    (sums.total * case.scale).backward()  # the total's gradients stay those of plain autograd
+    assert_same_loss_and_gradients((sums, case.gradients()), reference)
+
+    unasked = chunked_hybrid_loss_sums(Projection(case.student_hidden, case.student_head), case.teacher,
+                                       case.members(), case.targets, case.settings, chunk_size=5)
+    assert unasked.kl_gradient_norm_sq is None and unasked.nll_gradient_norm_sq is None
+
+
+def test_with_alpha_0_the_distillation_terms_gradient_norm_is_0():
+    torch.manual_seed(12)
+    head = torch.nn.Linear(8, 23)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    sums = chunked_hybrid_loss_sums(Projection(hidden, head), None, [], torch.randint(0, 23, (9,)),
+                                    LossSettings(alpha=0.0), chunk_size=4, term_gradient_norms=True)
+    assert sums.kl_gradient_norm_sq.item() == 0 and sums.nll_gradient_norm_sq.item() > 0
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_the_heads_run_in_bf16_the_loss_in_fp32_and_gradients_keep_their_inputs_dtypes(hidden_dtype):
+    torch.manual_seed(13)
+    vocab, width, positions = 29, 16, 11
+    student_head = torch.nn.Linear(width, vocab)
+    teacher_head = torch.nn.Linear(width, vocab).requires_grad_(False)
+    hidden = torch.randn(positions, width).to(hidden_dtype).requires_grad_()
+    teacher_hidden = torch.randn(positions, width)
+    targets = torch.randint(0, vocab, (positions,))
+    settings = LossSettings(alpha=0.5, temperature=2.0)
+    logit_dtypes = []
+
+    def recording_head(rows):
+        logits = student_head(rows)
+        logit_dtypes.append(logits.dtype)
+        return logits
+
+    def gradients():
+        grads = [hidden.grad, student_head.weight.grad, student_head.bias.grad]
+        hidden.grad, student_head.weight.grad, student_head.bias.grad = None, None, None
+        return grads
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = hybrid_loss_sums(student_head(hidden), teacher_head(teacher_hidden), [], targets, settings)
+    reference.total.backward()  # outside autocast, as the Trainer does
+    expected = gradients()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums = chunked_hybrid_loss_sums(Projection(hidden, recording_head, module=student_head),
+                                        Projection(teacher_hidden, teacher_head), [], targets, settings, chunk_size=4)
+    sums.total.backward()
+    assert logit_dtypes == [torch.bfloat16] * 3 and sums.total.dtype == torch.float32
+    assert sums.total.item() == pytest.approx(reference.total.item(), rel=1e-3)
+    for actual, wanted in zip(gradients(), expected):
+        assert actual.dtype == wanted.dtype
+        torch.testing.assert_close(actual.float(), wanted.float(), atol=1e-2, rtol=2e-2)
+    assert expected[0].dtype == hidden_dtype and expected[1].dtype == torch.float32
+
+
+def test_a_head_using_trainable_tensors_its_projection_does_not_hold_is_refused():
+    torch.manual_seed(14)
+    head = torch.nn.Linear(8, 23)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    unlisted = Projection(hidden, lambda rows: head(rows))  # a plain function: its parameters are not found
+    with pytest.raises(ValueError, match=r"shapes \[\(23, 8\), \(23,\)\].*Projection\(module=\.\.\.\)"):
+        chunked_hybrid_loss_sums(unlisted, None, [], torch.randint(0, 23, (9,)), LossSettings(alpha=0.0), 4)
+    listed = Projection(hidden, lambda rows: head(rows), module=head)
+    chunked_hybrid_loss_sums(listed, None, [], torch.randint(0, 23, (9,)), LossSettings(alpha=0.0), 4).total.backward()
+    assert head.weight.grad.abs().sum() > 0 and head.bias.grad.abs().sum() > 0
+
+
+def test_a_second_backward_through_the_same_loss_is_refused_not_scaled_twice():
+    """The stored gradients are scaled in place by the first backward: a second one must fail loudly."""
+    torch.manual_seed(15)
+    head = torch.nn.Linear(8, 23)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    sums = chunked_hybrid_loss_sums(Projection(hidden, head), None, [], torch.randint(0, 23, (9,)),
+                                    LossSettings(alpha=0.0), 4)
+    sums.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        sums.total.backward()
 
 
 def naive_hybrid_over_sequences(student, teacher, member, labels, alpha, temperature):

@@ -1,6 +1,7 @@
 """DistillationTrainer: the loss it trains on, what gets gradients, and invariance to how a step is split."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,11 @@ from datasets import Dataset
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import accelerate_launch, build_tiny_llama
-from losses import LossSettings, hybrid_loss_sums, next_token_targets, predictor_mask
+from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
 from preprocess_dataset import tokenize_conversation
 from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab,
                    gradients_are_finite, hidden_at, logits_at, output_head)
+import utils
 from trl import SFTConfig
 
 
@@ -167,19 +169,69 @@ def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tm
     assert seen == [True]
 
 
-def test_chunked_loss_path_equals_the_unchunked_one_in_value_and_gradients(tokenizer, examples, batch, tmp_path):
+def plain_autograd_loss_and_gradients(student, teacher, members, batch, settings, vocab_size):
+    """The loss per supervised token and every student parameter's gradient, by plain autograd through the full
+    forward's logits (the student's gradients are cleared afterwards)."""
+    positions = predictor_mask(batch["labels"])
+    targets = next_token_targets(batch["labels"])
+
+    def logits(model):
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return cut_to_vocab(full[positions], vocab_size)
+
+    with torch.no_grad():
+        frozen = [logits(model) for model in (teacher, *members)]
+    loss = hybrid_loss_sums(logits(student), frozen[0], frozen[1:], targets, settings).total / len(targets)
+    loss.backward()
+    gradients = {name: parameter.grad.clone() for name, parameter in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    return loss.item(), gradients
+
+
+@pytest.mark.parametrize("own_head", [False, True])
+def test_the_loss_path_equals_plain_autograd_in_value_and_gradients(tokenizer, examples, batch, tmp_path, own_head):
+    """Chunked or not: the loss and every student parameter's gradient, with the head tied to the input embeddings
+    (its gradient is the head's part plus the embeddings') or, for combine=additive, the student's own head that
+    starts at zero (utils.start_at_zero)."""
     teacher, member = build_tiny_llama(tokenizer, seed=1, hidden_size=48), build_tiny_llama(tokenizer, seed=2)
-    results = []
+    settings = LossSettings(alpha=0.5, temperature=2.0)
+    if own_head:
+        settings = LossSettings(alpha=0.5, temperature=2.0, combine="additive", mixture_weights=(1.0, 1.0))
+    assert predictor_mask(batch["labels"]).sum() % 4 != 0 and predictor_mask(batch["labels"]).sum() > 3 * 4
     for chunk_size in (0, 4):  # 4 does not divide the number of positions: the last chunk is partial
         student = build_tiny_llama(tokenizer, seed=3).train()
-        trainer = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path, chunk_size=chunk_size)
+        if own_head:
+            utils.start_at_zero(student)
+        head = student.get_output_embeddings().weight
+        assert (head is student.get_input_embeddings().weight) != own_head
+        expected_loss, expected = plain_autograd_loss_and_gradients(student, teacher, [member], batch, settings,
+                                                                     len(tokenizer))
+        trainer = make_trainer(student, teacher, [member], tokenizer, examples, tmp_path, chunk_size=chunk_size,
+                               settings=settings)
         loss = trainer.compute_loss(student, batch)
         loss.backward()
-        results.append((loss.item(), {name: p.grad.clone() for name, p in student.named_parameters()}))
-    assert predictor_mask(batch["labels"]).sum() % 4 != 0 and predictor_mask(batch["labels"]).sum() > 3 * 4
-    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-5)
+        assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+        for name, parameter in student.named_parameters():
+            torch.testing.assert_close(parameter.grad, expected[name], atol=1e-5, rtol=1e-5)
+        assert head.grad.abs().sum() > 0
+
+
+def test_every_head_runs_once_per_loss_chunk_in_a_training_step(tokenizer, examples, batch, tmp_path):
+    """Forward and backward of a logged step (per-term gradient norms included): each frozen head runs once per
+    chunk, and so does the student's, plus once in its wrapper's forward (logits_to_keep=1, ignored)."""
+    teacher = build_tiny_llama(tokenizer, seed=1, hidden_size=48)
+    members = [build_tiny_llama(tokenizer, seed=seed) for seed in (2, 3, 4)]
+    student = build_tiny_llama(tokenizer, seed=5).train()
+    calls = {}
+    for name, model in (("teacher", teacher), ("member", members[0]), ("member", members[1]), ("member", members[2]),
+                        ("student", student)):
+        model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output, name=name: calls.update({name: calls.get(name, 0) + 1}))
+    trainer = make_trainer(student, teacher, members, tokenizer, examples, tmp_path, chunk_size=4, logging_steps=1)
+    trainer.compute_loss(student, batch).backward()
+    num_chunks = math.ceil(predictor_mask(batch["labels"]).sum().item() / 4)
+    assert num_chunks > 3 and "grad_norm_kl_sq" in trainer._parts_by_step[0]
+    assert calls == {"teacher": num_chunks, "member": 3 * num_chunks, "student": num_chunks + 1}
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_round(tokenizer, examples, tmp_path,
@@ -280,8 +332,8 @@ def test_each_terms_gradient_norm_at_the_student_hidden_states_is_recorded_on_lo
     with torch.no_grad():
         frozen = [logits_at(m, batch["input_ids"], batch["attention_mask"], positions, len(tokenizer))
                   for m in (teacher, member)]
-    sums = hybrid_loss_sums(output_head(student, len(tokenizer))(hidden), frozen[0], [frozen[1]], targets, settings)
-    for name, term in (("kl", sums.kl_term), ("nll", sums.nll_term)):
+    terms = hybrid_loss_terms(output_head(student, len(tokenizer))(hidden), frozen[0], [frozen[1]], targets, settings)
+    for name, term in (("kl", terms.kl_term), ("nll", terms.nll_term)):
         (gradient,) = torch.autograd.grad(term / len(targets), hidden, retain_graph=True)
         assert parts[f"grad_norm_{name}_sq"] == pytest.approx(gradient.pow(2).sum().item(), rel=1e-4)
     assert parts["grad_norm_kl_sq"] > 0 and parts["grad_norm_nll_sq"] > 0
