@@ -61,7 +61,7 @@ class Config:
     weight_fit_examples: int = 32  # combine=weighted: training examples held out to fit each new member's weight
     eta: float = 1.0  # combine=additive: shrinkage, z_mix = z_prev + eta * z_new (the new member starts at 0)
     kl_scale: str = "none"  # none | ensemble_size: multiply the KL term by the ensemble's size (undoes 1/(n+1))
-    loss_chunk_size: int = 512  # supervised positions per loss chunk; bounds the loss's logits memory (0: no chunks)
+    loss_chunk_size: int = 128  # supervised positions per loss chunk: bounds logits memory; fastest on CPU (0: off)
     compile_loss: str = "auto"  # torch.compile the loss's chunks: auto (CUDA only; on CPU compiling costs more)|on|off
     teacher_mode: str = "online"  # online (run the teacher every step) | topk | hidden (cached once, for every round)
     cache_k: int = 64  # teacher_mode=topk: log-probabilities kept per position (plus one tail bucket)
