@@ -355,8 +355,11 @@ def assert_same_finished_run(tmp_path, reference_dir: Path) -> None:
     reference = pd.read_csv(reference_dir / "metrics.csv").set_index(["round", "model"])
     assert not metrics.index.duplicated().any()
     assert list(metrics.index) == list(reference.index)  # every round, every model, once
-    pd.testing.assert_frame_equal(metrics.drop(columns="seconds"), reference.drop(columns="seconds"), rtol=1e-4,
-                                  atol=1e-3)  # gap_closed divides by the tiny teacher's small gap
+    pd.testing.assert_frame_equal(metrics.drop(columns=["seconds", "gap_closed"]),
+                                  reference.drop(columns=["seconds", "gap_closed"]), rtol=1e-4, atol=1e-3)
+    # gap_closed divides CE differences by the tiny teacher's small gap, so CPU rounding noise of 1e-5 in a CE
+    # (seen in CI after a resume) shows as 1e-3 there: compared to what the CE tolerance implies.
+    pd.testing.assert_series_equal(metrics["gap_closed"], reference["gap_closed"], rtol=0, atol=1e-2)
     train_log = pd.read_csv(run_dir / "train_log.csv")
     assert list(zip(train_log["round"], train_log["step"])) == [(r, s) for r in (0, 1) for s in range(1, 7)]
     # Resumed steps see the same batches, RNG and schedule as uninterrupted ones: the same losses, rates, norms.
