@@ -240,11 +240,16 @@ def check_keys(overrides: dict, source: str) -> None:
                           f"valid keys are listed by `python main.py --help`")
 
 
-def build_config(preset: str = "demo", yaml_path: str | None = None, overrides: dict | None = None) -> Config:
-    """Defaults, then the preset, then the YAML file, then explicit overrides; validated."""
+def preset_values(preset: str) -> dict:
+    """The settings a preset overrides (a copy), or ConfigError for an unknown preset."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
+    return dict(PRESETS[preset])
+
+
+def build_config(preset: str = "demo", yaml_path: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults, then the preset, then the YAML file, then explicit overrides; validated."""
+    values = preset_values(preset)
     if yaml_path is not None:
         values.update(read_yaml(yaml_path))
     overrides = overrides or {}
@@ -274,9 +279,13 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
+def config_yaml(config: Config) -> str:
+    """The config as the YAML text a run folder's config.yaml holds (load_saved_config reads it back)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
 def save_config(config: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    Path(path).write_text(config_yaml(config))
 
 
 def load_saved_config(path: str | Path) -> Config:
@@ -307,7 +316,8 @@ def coerce(key: str, value, annotation):
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         if annotation is str and isinstance(value, bool):
-            # YAML 1.1 reads an unquoted on/off (also yes/no, true/false) as a boolean: give the word back.
+            # YAML 1.1 reads an unquoted on/off (also yes/no, true/false) as a boolean: map it back to on/off,
+            # the words that switch-like text keys (compile_loss) take.
             return "on" if value else "off"
         return annotation(value)
     except (TypeError, ValueError):

@@ -159,15 +159,16 @@ def _load_folder(path: Path, split: str, source: str) -> datasets.Dataset:
     if not written_by_save_to_disk:
         # A folder of data files, e.g. a local clone of a hub dataset repository.
         return datasets.load_dataset(str(path), split=split)
+    dataset_dict = path / "dataset_dict.json"
+    if dataset_dict.is_file():  # one save_to_disk folder per split: load only the one asked for
+        splits = json.loads(dataset_dict.read_text())["splits"]
+        if split not in splits:
+            raise DataError(f"{source}: has no split '{split}'; its splits are {sorted(splits)}. "
+                            f"Pass one of them as --split.")
+        path = path / split
     if _saved_without_rows(path):
         raise DataError(_no_conversations(source))
-    loaded = datasets.load_from_disk(str(path))
-    if not isinstance(loaded, datasets.DatasetDict):
-        return loaded
-    if split not in loaded:
-        raise DataError(f"{source}: has no split '{split}'; its splits are {sorted(loaded)}. "
-                        f"Pass one of them as --split.")
-    return loaded[split]
+    return datasets.load_from_disk(str(path))
 
 
 def _conversation_column(dataset: datasets.Dataset, source: str) -> str:

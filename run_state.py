@@ -17,8 +17,11 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
+import torch
+from accelerate.utils import reduce
 from transformers import TrainerCallback
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
@@ -33,12 +36,22 @@ class DiskSpaceError(RuntimeError):
 # --- atomic files -------------------------------------------------------------------------------------------------
 
 def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace `path` with `text` all at once: a reader sees the old file or the new one, never half of it.
+
+    The temporary file has a unique name, so writers in other processes (runs that share a cache folder) never
+    write into each other's temporary file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def new_manifest(config_fingerprint: str, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
@@ -179,10 +192,10 @@ class CheckDiskBeforeSave(TrainerCallback):
 # --- signals ------------------------------------------------------------------------------------------------------
 
 def any_process(flag: bool, device) -> bool:
-    """Whether `flag` is true on any process; every process must call this at the same point."""
-    import torch
-    from accelerate.utils import reduce
-
+    """Whether `flag` is true on any process; every process must call this at the same point. Called every step:
+    a single process answers at once, with no device tensor and no host sync."""
+    if not torch.distributed.is_initialized():
+        return flag
     return reduce(torch.tensor(int(flag), device=device), reduction="sum").item() > 0
 
 

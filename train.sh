@@ -104,7 +104,7 @@ while kill -0 "$launcher" 2>/dev/null; do  # a trapped signal interrupts `wait`:
   status=$?
 done
 
-if [ "$status" -ne 0 ] && { [ "$warned" = 1 ] || [ "$status" -eq 75 ]; } && [ -n "${SLURM_JOB_ID:-}" ]; then
+if [ "$status" -ne 0 ] && [ "$warned" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "stopped for the time limit or preemption: requeueing job $SLURM_JOB_ID to resume its run"
   scontrol requeue "$SLURM_JOB_ID"
 fi

@@ -266,6 +266,13 @@ def save_rowless_folder(path):
     return str(path)
 
 
+def save_dict_with_an_empty_train_split(path):
+    datasets.DatasetDict({"train": rowless_messages(), "test": datasets.Dataset.from_dict(
+        {"messages": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]},
+        features=preprocess_dataset.MESSAGES_FEATURES)}).save_to_disk(str(path))
+    return str(path)
+
+
 def rowless_hub_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: rowless_messages())
     return "someone/empty-chats"
@@ -278,6 +285,8 @@ EMPTY_SOURCES = {  # each makes a source in tmp_path (or a hub name, with monkey
     "a .parquet file without rows": lambda tmp_path, monkeypatch: save_rowless_parquet(tmp_path / "empty.parquet"),
     "a hub dataset without rows": lambda tmp_path, monkeypatch: rowless_hub_dataset(monkeypatch),
     "a save_to_disk folder without rows": lambda tmp_path, monkeypatch: save_rowless_folder(tmp_path / "saved"),
+    "an empty split of a saved DatasetDict": lambda tmp_path, monkeypatch: save_dict_with_an_empty_train_split(
+        tmp_path / "saved_dict"),
 }
 
 
