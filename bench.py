@@ -41,7 +41,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, TrainerCallb
 import teacher_cache
 import utils
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER, Config
-from losses import IGNORE_INDEX, LossSettings, divergence_sum, predictor_mask, sparse_divergence_sum
+from losses import LossSettings, divergence_sum, predictor_mask, sparse_divergence_sum
 from preprocess_dataset import tokenize_conversation
 from train import DistillationTrainer, PaddingCollator, hidden_at, logits_at, output_head, training_arguments
 
@@ -184,7 +184,7 @@ class SupervisedTokenCounter:
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collator(examples)
-        self.counts.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+        self.counts.append(int(predictor_mask(batch["labels"]).sum()))
         return batch
 
 
@@ -349,8 +349,10 @@ def build_bench_caches(options, teacher, dataset, tokenizer, cache_root: Path) -
 
 
 @torch.no_grad()
-def cache_kl_error(teacher, student, caches: dict, dataset, tokenizer, batch_size: int, vocab_size: int) -> dict:
-    """KL(teacher || student) per supervised token, from the dense online teacher and from each cache."""
+def cache_kl_error(teacher, student, caches: dict, dataset, tokenizer, batch_size: int, vocab_size: int,
+                   num_tokens: int) -> dict:
+    """KL(teacher || student) per supervised token (`num_tokens` of them in `dataset`), from the dense online
+    teacher and from each cache."""
     collator = PaddingCollator(tokenizer.pad_token_id)
     totals = {"dense": 0.0, **dict.fromkeys(caches, 0.0)}
     for start in range(0, len(dataset), batch_size):
@@ -363,14 +365,9 @@ def cache_kl_error(teacher, student, caches: dict, dataset, tokenizer, batch_siz
         totals["topk"] += sparse_divergence_sum(*caches["topk"].topk_targets(ids), student_logits).item()
         cached_logits = output_head(teacher, vocab_size)(caches["hidden"].hidden_states(ids))
         totals["hidden"] += divergence_sum(cached_logits, student_logits).item()
-    tokens = count_supervised(dataset)
-    dense = totals["dense"] / tokens
-    return {mode: {"dense": dense, "cache": totals[mode] / tokens,
-                   "relative_error": abs(totals[mode] / tokens - dense) / dense} for mode in caches}
-
-
-def count_supervised(dataset) -> int:
-    return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
+    dense = totals["dense"] / num_tokens
+    return {mode: {"dense": dense, "cache": totals[mode] / num_tokens,
+                   "relative_error": abs(totals[mode] / num_tokens - dense) / dense} for mode in caches}
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -408,11 +405,11 @@ def main(argv=None) -> dict:
         }
         for name in ("step_seconds", "tokens_per_second", "supervised_tokens"):
             results[name] = {trainer: figures[name] for trainer, figures in measured.items()}
-        tokens = count_supervised(dataset)
+        tokens = caches["topk"].metadata["num_positions"]  # every supervised position of the dataset
         results["cache_bytes_per_token"] = {mode: cache_bytes_per_token(Path(cache_root) / mode, tokens)
                                             for mode in caches}
         results["cache_kl_error"] = cache_kl_error(teacher, fresh_student(), caches, dataset, tokenizer,
-                                                   options.batch_size, options.vocab_size)
+                                                   options.batch_size, options.vocab_size, tokens)
 
         # 5. three rounds: cached (its build included) against online
         cached_rounds = three_rounds_seconds(options, fresh_student, teacher, members, dataset, tokenizer,
@@ -439,12 +436,6 @@ def main(argv=None) -> dict:
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
-
-def target_of(ratio_name: str) -> tuple[str, float]:
-    if ratio_name.startswith("chunked_memory_over_naive"):
-        return TARGETS["chunked_memory_over_naive"]
-    return TARGETS[ratio_name]
-
 
 def target_verdict(value: float, comparison: str, target: float) -> str:
     """'met', or 'MISSED by x%' relative to the target."""
@@ -486,7 +477,7 @@ def print_report(results: dict, json_path: str) -> None:
 
     print("\nratios (measured side by side in this run)")
     for name, value in results["ratios"].items():
-        comparison, target = target_of(name)
+        comparison, target = TARGETS[name.partition("_at_")[0]]  # chunked_memory_over_naive_at_<chunk size>
         print(f"   {name:<40} {value:7.3f}   target {comparison} {target}   "
               f"{target_verdict(value, comparison, target)}")
     print(f"\nresults written as JSON to {Path(json_path).resolve()}" if json_path else

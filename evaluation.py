@@ -108,11 +108,9 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
 
 def cached_hidden_states(cache: TeacherCache, batch: dict, positions: torch.Tensor) -> torch.Tensor:
     """The teacher's cached final hidden states [N, H] at the batch's supervised positions (`positions` [B, L])."""
-    states = cache.hidden_states(batch["example_id"].tolist())
-    if len(states) != int(positions.sum()):
-        raise ValueError(f"{cache.cache_dir} holds {len(states)} positions for examples "
-                         f"{batch['example_id'].tolist()}, the batch has {int(positions.sum())} supervised positions: "
-                         "the cache was built for other data; rebuild it")
+    example_ids = batch["example_id"].tolist()
+    states = cache.hidden_states(example_ids)
+    cache.check_positions(len(states), example_ids, int(positions.sum()))
     return states
 
 

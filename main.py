@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 from accelerate.utils import broadcast_object_list
 
 import config as config_lib
@@ -104,24 +103,30 @@ def resolve_config(args: argparse.Namespace) -> config_lib.Config:
     return config
 
 
-def stated_settings(args: argparse.Namespace, overrides: dict) -> dict[str, tuple[object, str]]:
-    """The settings a resume's --preset, --config and command line state, each with where it was stated (later
-    ones override earlier ones, as for a new run)."""
+@dataclasses.dataclass(frozen=True)
+class Stated:
+    """A setting a resume's --preset, --config or command line states, and where it was stated."""
+
+    value: object
+    source: str  # for messages: "--preset test", "--config FILE", "the command line"
+    from_preset: bool = False
+
+
+def stated_settings(args: argparse.Namespace, overrides: dict) -> dict[str, Stated]:
+    """The settings a resume's --preset, --config and command line state (later ones override earlier ones, as for
+    a new run)."""
     stated = {}
     if args.preset is not None:
-        if args.preset not in config_lib.PRESETS:
-            raise config_lib.ConfigError(f"unknown preset {args.preset!r}: choose one of "
-                                         f"{', '.join(config_lib.PRESETS)}")
-        stated.update({key: (value, f"--preset {args.preset}")
-                       for key, value in config_lib.PRESETS[args.preset].items()})
+        stated.update({key: Stated(value, f"--preset {args.preset}", from_preset=True)
+                       for key, value in config_lib.preset_values(args.preset).items()})
     if args.config_file is not None:
-        stated.update({key: (value, f"--config {args.config_file}")
+        stated.update({key: Stated(value, f"--config {args.config_file}")
                        for key, value in config_lib.read_yaml(args.config_file).items()})
-    stated.update({key: (value, "the command line") for key, value in overrides.items()})
+    stated.update({key: Stated(value, "the command line") for key, value in overrides.items()})
     return stated
 
 
-def resumed_config(run_dir: Path, stated: dict[str, tuple[object, str]]) -> config_lib.Config:
+def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Config:
     """The saved config of the run in `run_dir`. A stated setting that differs from it is refused, naming the key:
     a run continues with the settings it started with, except a total_rounds stated on the command line or in a
     YAML file (see check_total_rounds_change). A preset's total_rounds is compared like the rest of it: restating
@@ -137,13 +142,13 @@ def resumed_config(run_dir: Path, stated: dict[str, tuple[object, str]]) -> conf
                                      "it did not get past its setup; start a new run instead")
     saved = config_lib.load_saved_config(saved_path)
     types_by_key = config_lib.field_types()
-    wanted = {key: (config_lib.coerce(key, value, types_by_key[key]), source)
-              for key, (value, source) in stated.items()}
+    wanted = {key: dataclasses.replace(setting, value=config_lib.coerce(key, setting.value, types_by_key[key]))
+              for key, setting in stated.items()}
     new_total = None
-    if "total_rounds" in wanted and not wanted["total_rounds"][1].startswith("--preset"):
-        new_total = wanted.pop("total_rounds")[0]
-    conflicts = [f"{source} sets {key} = {value!r}, but the run was started with {key} = {getattr(saved, key)!r}"
-                 for key, (value, source) in wanted.items() if value != getattr(saved, key)]
+    if "total_rounds" in wanted and not wanted["total_rounds"].from_preset:
+        new_total = wanted.pop("total_rounds").value
+    conflicts = [f"{setting.source} sets {key} = {setting.value!r}, but the run was started with {key} = "
+                 f"{getattr(saved, key)!r}" for key, setting in wanted.items() if setting.value != getattr(saved, key)]
     if conflicts:
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
                                      "settings it was started with (only total_rounds may change, on the command "
@@ -207,18 +212,23 @@ def prepare_data(config, tokenizer):
         test_size=config.test_size, seed=config.seed, max_examples=config.max_examples, split=config.dataset_split)
 
 
-def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state,
-                          mode: str | None = None, folder: str = "teacher_cache"):
-    """The teacher's outputs on `split`, computed once and reused by every round (and every run with the same
-    teacher, data and settings): in the config's teacher_mode for the training split (None for the online teacher),
-    in `mode` under `folder` for the evaluation splits (see evaluation_teacher)."""
-    mode = mode or config.teacher_mode
-    if mode == "online":
+def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state):
+    """The teacher's outputs on the training split `split` in the config's teacher_mode (None for the online
+    teacher), computed once and reused by every round (and every run with the same teacher, data and settings)."""
+    if config.teacher_mode == "online":
         return None
     with state.main_process_first():  # one process hashes the teacher's weights, the others read its memo
         identity = teacher_cache.cache_identity(teacher_path, tokenizer, split, config.max_length, teacher.dtype,
                                                 Path(config.cache_dir) / teacher_cache.FINGERPRINT_MEMO_FILE)
-    expected = {**identity, "mode": mode, "vocab_size": len(tokenizer)}
+    return open_or_build_teacher_cache(config, teacher, identity, len(tokenizer), split, collator, state,
+                                       config.teacher_mode, "teacher_cache")
+
+
+def open_or_build_teacher_cache(config, teacher, identity: dict, vocab_size: int, split, collator, state, mode: str,
+                                folder: str):
+    """The cache of the teacher's outputs on `split` (whose cache_identity is `identity`) in `mode`, in a folder of
+    cache_dir/`folder` named by its settings: opened when it exists, else built by every process first."""
+    expected = {**identity, "mode": mode, "vocab_size": vocab_size}
     if mode == "topk":
         expected.update(k=config.cache_k, temperature=config.temperature, value_dtype=config.cache_value_dtype)
     key_fields = {**expected, "format_version": teacher_cache.FORMAT_VERSION}  # a new format gets a new folder
@@ -230,7 +240,7 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, split, 
         print(f"building the teacher cache ({mode}) in {cache_dir}")
     teacher_cache.build_cache(teacher, teacher_cache.with_example_ids(split), cache_dir,
                               mode=mode, k=config.cache_k, temperature=config.temperature,
-                              vocab_size=len(tokenizer), batch_size=config.eval_batch_size, collator=collator,
+                              vocab_size=vocab_size, batch_size=config.eval_batch_size, collator=collator,
                               metadata=identity, rank=state.process_index, world_size=state.num_processes,
                               value_dtype=config.cache_value_dtype)
     state.wait_for_everyone()
@@ -240,15 +250,20 @@ def prepare_teacher_cache(config, teacher, teacher_path: str, tokenizer, split, 
     return teacher_cache.TeacherCache.open(cache_dir, expected)
 
 
-def evaluation_teacher(config, teacher, teacher_path: str, tokenizer, data, collator, state):
-    """The teacher as the evaluation and the weight fit get it: with a cached teacher_mode, the model with its final
-    hidden states on the test split (and the weight-fit slice) cached once, so that no round runs its body again;
-    with the online teacher, the model."""
-    if config.teacher_mode == "online":
+def evaluation_teacher(config, teacher, train_cache, data, collator, state):
+    """The teacher as the evaluation and the weight fit get it: with a cached teacher_mode (`train_cache`, the
+    training split's cache, is not None), the model with its final hidden states on the test split (and the
+    weight-fit slice) cached once, so that no round runs its body again; with the online teacher, the model.
+
+    These caches belong to the training cache's teacher, tokenizer and max length: their identity is its own, with
+    each split's fingerprint, so nothing is hashed again."""
+    if train_cache is None:
         return teacher
     return CachedTeacher(teacher, tuple(
-        prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data[name], collator, state, mode="hidden",
-                              folder="teacher_eval_cache") for name in ("test", "weight_fit") if name in data))
+        open_or_build_teacher_cache(config, teacher, teacher_cache.identity_for_split(train_cache.metadata, data[name]),
+                                    train_cache.metadata["vocab_size"], data[name], collator, state, "hidden",
+                                    "teacher_eval_cache")
+        for name in ("test", "weight_fit") if name in data))
 
 
 def split_off_weight_fit(data, config) -> dict:
@@ -411,7 +426,7 @@ def distil(argv, preemption: run_state.PreemptionSignal) -> int:
         return run_state.EXIT_PREEMPTED
     collator = PaddingCollator(tokenizer.pad_token_id)
     cache = prepare_teacher_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
-    evaluated_teacher = evaluation_teacher(config, teacher, teacher_path, tokenizer, data, collator, state)
+    evaluated_teacher = evaluation_teacher(config, teacher, cache, data, collator, state)
     train_split = teacher_cache.with_example_ids(data["train"])
     settings = LossSettings(alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
                             jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine)
@@ -596,8 +611,8 @@ def resume_run(run_dir: Path, config, state) -> tuple[Path, dict]:
 
 
 def write_run_config(config, run_dir: Path) -> None:
-    """config.yaml (as config.save_config writes it), atomically: a resume reads it back."""
-    run_state.write_atomically(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """config.yaml, atomically: a resume reads it back."""
+    run_state.write_atomically(run_dir / "config.yaml", config_lib.config_yaml(config))
 
 
 def run_from_command_line() -> int:

@@ -77,8 +77,10 @@ LOG_PROB_FLOOR = -1e4
 # Positions whose logits exist at once while the top-k is taken: bounds the memory of a large-vocabulary head.
 HEAD_CHUNK_POSITIONS = 1024
 ID_BLOCK = 1 << 16  # token ids are stored as their low 16 bits plus where each block of 65,536 ids starts in a row
-HASH_READ_BYTES = 16 << 20
 HUB_SNAPSHOT = re.compile(r"[0-9a-f]{40}")  # a downloaded hub model lives in .../snapshots/<commit hash>/
+# The metadata fields that say which teacher, tokenizer and data a cache belongs to (see cache_identity).
+IDENTITY_FIELDS = ("teacher", "teacher_fingerprint", "teacher_dtype", "tokenizer_hash", "dataset_fingerprint",
+                   "max_length")
 
 
 class CacheMismatchError(ValueError):
@@ -153,10 +155,8 @@ def _file_sha256(path: Path, memo: dict) -> str:
     remembered = memo.get(key)
     if remembered and (remembered["size"], remembered["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
         return remembered["sha256"]
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(HASH_READ_BYTES):
-            digest.update(block)
+        digest = hashlib.file_digest(f, "sha256")
     memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     return memo[key]["sha256"]
 
@@ -186,6 +186,13 @@ def cache_identity(teacher_path: str, tokenizer, dataset, max_length: int, teach
     }
 
 
+def identity_for_split(metadata: dict, dataset) -> dict:
+    """The identity fields of `metadata` (a cache's, or cache_identity's) for another split of the same prepared
+    data, `dataset` (before with_example_ids): the same teacher, tokenizer and max length, without hashing any of
+    them again; only the dataset fingerprint differs."""
+    return {**{field: metadata[field] for field in IDENTITY_FIELDS}, "dataset_fingerprint": dataset._fingerprint}
+
+
 def with_example_ids(dataset):
     """The dataset with an `example_id` column holding each row's index: the key the cache is read with."""
     return dataset.add_column("example_id", list(range(len(dataset))))
@@ -204,12 +211,11 @@ def top_k_with_tail(logits: torch.Tensor, k: int, temperature: float
     mass) would cancel to a few significant bits, or to nothing.
     """
     log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    top = log_probs.topk(k, dim=-1)
-    ids, order = top.indices.sort(dim=-1)
-    top_log_probs = top.values.gather(-1, order).clamp(min=LOG_PROB_FLOOR)
+    ids = log_probs.topk(k, dim=-1).indices.sort(dim=-1).values
+    top_log_probs = log_probs.gather(-1, ids).clamp(min=LOG_PROB_FLOOR)
     if k == logits.shape[-1]:
         return top_log_probs, ids, torch.full(logits.shape[:-1], float("-inf"), device=logits.device)
-    tail = log_probs.scatter_(-1, top.indices, float("-inf")).logsumexp(dim=-1)
+    tail = log_probs.scatter_(-1, ids, float("-inf")).logsumexp(dim=-1)
     return top_log_probs, ids, tail.clamp(min=LOG_PROB_FLOOR)
 
 
@@ -313,11 +319,6 @@ def array_layout(settings: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         layout["value_spans"] = (np.dtype(np.float16), ())
     layout["tail_log_prob"] = (np.dtype(np.float16), ())
     return layout
-
-
-def bytes_per_position(settings: dict) -> int:
-    """The cache's size per supervised position (the per-example ids and offsets aside)."""
-    return sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in array_layout(settings).values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -582,6 +583,14 @@ class TeacherCache:
         self._require_mode("hidden")
         hidden = self._gather("hidden", self._position_ranges(example_ids))
         return torch.from_numpy(hidden.astype(np.float32))
+
+    def check_positions(self, rows: int, example_ids: list[int], expected: int) -> None:
+        """Refuse `rows` cached positions read for a batch of the examples `example_ids` whose labels supervise
+        `expected` positions: the cache was built for other data (another tokenization or max length)."""
+        if rows != expected:
+            raise ValueError(f"{self.cache_dir}: the teacher cache holds {rows} positions for examples {example_ids} "
+                             f"but the batch has {expected} supervised positions: the cache was built for other "
+                             "data; rebuild it")
 
     def _require_mode(self, mode: str) -> None:
         if self.mode != mode:

@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -17,8 +18,8 @@ from conftest import build_tiny_llama
 from losses import divergence_sum, predictor_mask, sparse_divergence_sum
 from preprocess_dataset import tokenize_conversation
 from teacher_cache import (CacheIncompleteError, CacheMismatchError, TeacherCache, build_cache, cache_identity,
-                           decode_token_ids, decode_top_k, encode_token_ids, encode_top_k, normalised_top_k,
-                           teacher_fingerprint, top_k_with_tail, with_example_ids, write_metadata)
+                           decode_token_ids, decode_top_k, encode_token_ids, encode_top_k, identity_for_split,
+                           normalised_top_k, teacher_fingerprint, top_k_with_tail, with_example_ids, write_metadata)
 from train import PaddingCollator, hidden_at, logits_at, output_head
 
 NUM_EXAMPLES = 12
@@ -243,7 +244,7 @@ def test_bytes_per_supervised_token_at_k_64(tmp_path, tokenizer, teacher, datase
     # float16 span, or float16 each; the tail's float16 log-mass.
     id_bytes = 2 * 64 + (-(-vocab // 65_536) - 1)
     expected = id_bytes + (64 + 2 if value_dtype == "uint8" else 2 * 64) + 2
-    assert payload / positions == expected == teacher_cache.bytes_per_position(metadata)
+    assert payload / positions == expected
     # Besides the payload: 16 bytes per example (its id and offset) and under 2 KiB of .npy headers and shard.json.
     assert files <= payload + 16 * (len(examples) + 1) + 2048
     print(f"V = {vocab}, {value_dtype}: {payload / positions:.0f} bytes per supervised token "
@@ -413,6 +414,22 @@ def test_metadata_is_written_through_the_projects_atomic_write(tmp_path, teacher
     assert json.loads((cache_dir / "metadata.json").read_text())["k"] == 16
 
 
+def test_a_batch_of_other_data_than_the_cached_is_refused(tmp_path, teacher, dataset, collator, identity, vocab_size):
+    cache = TeacherCache.open(build(tmp_path, teacher, dataset, collator, identity, vocab_size), {})
+    example_ids = [0, 1]
+    rows = len(cache.topk_targets(example_ids)[0])
+    supervised = int(predictor_mask(collator([dataset[i] for i in example_ids])["labels"]).sum())
+    cache.check_positions(rows, example_ids, supervised)
+    # The same examples cut to half their length, as a shorter max length would: other positions than were cached.
+    halves = collator([{key: value[:len(value) // 2] for key, value in dataset[i].items()} for i in example_ids])
+    fewer = int(predictor_mask(halves["labels"]).sum())
+    assert fewer != supervised
+    message = (rf"{re.escape(str(cache.cache_dir))}: .* holds {rows} positions for examples \[0, 1\] but the batch "
+               rf"has {fewer} ")
+    with pytest.raises(ValueError, match=message + "supervised positions: the cache was built for other data; rebuild"):
+        cache.check_positions(rows, example_ids, fewer)
+
+
 # --- shards and memory maps -------------------------------------------------------------------------------------------
 
 def test_two_shards_read_back_as_one(tmp_path, teacher, dataset, collator, identity, vocab_size):
@@ -477,6 +494,15 @@ def test_a_teacher_changed_only_in_the_middle_of_its_weights_is_refused(tmp_path
     cache_dir = build(tmp_path, teacher, dataset, collator, {**built_for, "teacher": "tiny"}, vocab_size)
     with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
         TeacherCache.open(cache_dir, {**wanted, "teacher": "tiny"})
+
+
+def test_the_identity_for_another_split_is_what_cache_identity_gives_that_split(tmp_path, tokenizer, dataset):
+    folder, other_split = weights_folder(tmp_path / "teacher", size=1024), dataset.select(range(3))
+    assert other_split._fingerprint != dataset._fingerprint
+    identity = cache_identity(str(folder), tokenizer, dataset, MAX_LENGTH, torch.float32)
+    metadata = {**identity, "mode": "topk", "k": 16, "num_positions": 5}  # a cache's metadata holds more fields
+    assert identity_for_split(metadata, other_split) == cache_identity(str(folder), tokenizer, other_split,
+                                                                       MAX_LENGTH, torch.float32)
 
 
 def test_weight_hashes_are_remembered_by_path_size_and_modification_time(tmp_path):
