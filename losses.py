@@ -259,7 +259,8 @@ def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTa
     and their loss's intermediates at a time, plus the stored fp32 gradients ([N, H] and the head's size).
     `loss_terms` is the per-chunk function: `hybrid_loss_terms`, or the compiled one from `compile_loss_terms`.
     `term_gradient_norms`: also return the squared norms of the distillation and NLL terms' gradients at the
-    student's hidden states (each term's gradient is then taken on its own: two gradient passes per chunk).
+    student's hidden states (each term's gradient is then also taken on its own, at the hidden rows only: two extra
+    backward passes through the chunk's loss, none through the head's weight gradients).
     """
     def chunk_terms(student_hidden: torch.Tensor, rows: slice) -> LossTerms:
         with torch.no_grad():  # the frozen models' logits need no graph, whatever the caller's grad mode
@@ -340,25 +341,27 @@ def chunk_gradients(terms: LossTerms, inputs: Sequence[torch.Tensor],
     the squared norms of each term's gradient at the hidden rows when asked (else zeros).
 
     Autocast is off here, as it is for the usual loss.backward() after the autocast forward: the backward ops run in
-    the dtypes the forward ops ran in. Asked for the norms, each term's gradient is taken on its own (their sum is
-    the total's), which costs a second pass through the chunk's backward: callers ask on logged steps only.
+    the dtypes the forward ops ran in. Asked for the norms, each term's gradient is first taken at the hidden rows
+    only (no weight-gradient product through the head), keeping the graph for the total's gradient, which is then
+    taken exactly as when the norms are not asked for: callers ask on logged steps only.
     """
     zero = torch.zeros((), dtype=torch.float32, device=inputs[0].device)
+    kl_norm_sq = nll_norm_sq = zero
     with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-        if not term_gradient_norms:
-            return list(torch.autograd.grad(terms.kl_term + terms.nll_term, inputs)), zero, zero
-        kl_gradients = term_gradients(terms.kl_term, inputs, retain_graph=True)
-        nll_gradients = term_gradients(terms.nll_term, inputs, retain_graph=False)
-    gradients = [kl + nll for kl, nll in zip(kl_gradients, nll_gradients)]
-    return gradients, kl_gradients[0].float().pow(2).sum(), nll_gradients[0].float().pow(2).sum()
+        if term_gradient_norms:
+            kl_norm_sq = hidden_gradient_norm_sq(terms.kl_term, inputs[0])
+            nll_norm_sq = hidden_gradient_norm_sq(terms.nll_term, inputs[0])
+        gradients = list(torch.autograd.grad(terms.kl_term + terms.nll_term, inputs))
+    return gradients, kl_norm_sq, nll_norm_sq
 
 
-def term_gradients(term: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool) -> list[torch.Tensor]:
-    """d term / d input for each input; zeros for a term that does not depend on them (the distillation term when
-    alpha = 0)."""
+def hidden_gradient_norm_sq(term: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The squared L2 norm (fp32) of d term / d hidden, keeping the graph for the total's gradient; 0 for a term that
+    does not depend on it (the distillation term when alpha = 0)."""
     if not term.requires_grad:
-        return [torch.zeros_like(tensor) for tensor in inputs]
-    return list(torch.autograd.grad(term, inputs, retain_graph=retain_graph))
+        return torch.zeros((), dtype=torch.float32, device=hidden.device)
+    (gradient,) = torch.autograd.grad(term, hidden, retain_graph=True)
+    return gradient.float().pow(2).sum()
 
 
 def refuse_untracked_parameters(losses: Sequence[torch.Tensor], tracked: Sequence[torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ from accelerate.utils import extract_model_from_parallel as unwrap_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from losses import (IGNORE_INDEX, LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
+from losses import (IGNORE_INDEX, LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums,
                     compile_loss_terms, hybrid_loss_terms, next_token_targets, predictor_mask)
 from utils import append_csv_rows
 
@@ -209,14 +209,16 @@ class DistillationTrainer(SFTTrainer):
         positions = predictor_mask(labels)
         targets = next_token_targets(labels).to(self.accelerator.device)
         batch = (inputs["input_ids"], inputs["attention_mask"], positions)
-        # The per-term gradient norms cost a second gradient pass per chunk: only on steps that will be logged.
+        # The per-term gradient norms cost two extra backward passes per chunk (each term's gradient at the hidden
+        # states alone): only on steps that will be logged.
         logged_step = model.training and (self.state.global_step + 1) % self.args.logging_steps == 0
         # hidden_at and the heads bypass the autocast wrapper that accelerate puts around model.forward for mixed
         # precision, so autocast is entered here (the loss itself is computed in fp32 inside it).
         with self.accelerator.autocast():
-            head_module = unwrap_model(model).get_output_embeddings()  # its parameters get gradients (losses.py)
-            student = Projection(trained_hidden_at(model, *batch), output_head(unwrap_model(model), self.vocab_size),
-                                 module=head_module)
+            inner_model = unwrap_model(model)
+            # module: the head's parameters get their gradients through the fused loss (losses.py)
+            student = Projection(trained_hidden_at(model, *batch), output_head(inner_model, self.vocab_size),
+                                 module=inner_model.get_output_embeddings())
             with torch.no_grad():
                 teacher = self.teacher_target(inputs, batch, len(targets)) if self.teacher is not None else None
                 members = [self.frozen_projection(member, batch) for member in self.members]
@@ -232,28 +234,27 @@ class DistillationTrainer(SFTTrainer):
             scale = self.accelerator.num_processes
             loss = loss * scale
         if model.training:
-            parts = self._parts_by_step.setdefault(self.state.global_step, {"kl": 0.0, "nll": 0.0})
-            parts["kl"] += (sums.divergence / num_tokens * scale).item()
-            parts["nll"] += (sums.nll / num_tokens * scale).item()
-            if logged_step:
-                self.add_term_gradient_norms(parts, sums, num_tokens)
+            self.add_loss_parts(sums, num_tokens, scale, logged_step)
         return (loss, {"hidden_states": student.hidden}) if return_outputs else loss
 
-    @staticmethod
-    def add_term_gradient_norms(parts: dict, sums, num_tokens: torch.Tensor) -> None:
-        """Add this micro-batch's squared norms of each loss term's gradient at the student's final hidden states.
+    def add_loss_parts(self, sums: LossSums, num_tokens: torch.Tensor, scale: float, logged_step: bool) -> None:
+        """Add this micro-batch's KL and NLL (and, on logged steps, each term's squared gradient norm at the student's
+        final hidden states) to its optimizer step's parts, read back from the device in one transfer.
 
-        How hard each term pulls the student: under logit averaging the distillation term's pull on a new member
-        shrinks like 1/(n+1) (kl_scale=ensemble_size undoes it). The gradient is that of term / num_tokens (the
-        step's supervised tokens), so its squared norm is the loss path's (see chunked_hybrid_loss_sums) divided by
-        num_tokens^2; 0 when the loss path computed no gradients. Micro-batches and processes hold different
-        positions, so squared norms add up.
+        The squared gradient norms say how hard each term pulls the student: under logit averaging the distillation
+        term's pull on a new member shrinks like 1/(n+1) (kl_scale=ensemble_size undoes it). The gradient is that of
+        term / num_tokens (the step's supervised tokens), so its squared norm is the loss path's (see
+        chunked_hybrid_loss_sums) divided by num_tokens^2; 0 when the loss path computed no gradients.
+        Micro-batches and processes hold different positions, so squared norms add up.
         """
-        for name, norm_sq in (("kl", sums.kl_gradient_norm_sq), ("nll", sums.nll_gradient_norm_sq)):
-            key = f"grad_norm_{name}_sq"
-            parts.setdefault(key, 0.0)
-            if norm_sq is not None:
-                parts[key] += (norm_sq / num_tokens.float().pow(2)).item()
+        values = {"kl": sums.divergence / num_tokens * scale, "nll": sums.nll / num_tokens * scale}
+        if logged_step:
+            for name, norm_sq in (("kl", sums.kl_gradient_norm_sq), ("nll", sums.nll_gradient_norm_sq)):
+                values[f"grad_norm_{name}_sq"] = (norm_sq / num_tokens.float().pow(2) if norm_sq is not None
+                                                  else torch.zeros_like(values["kl"]))
+        parts = self._parts_by_step.setdefault(self.state.global_step, {})
+        for key, value in zip(values, torch.stack(list(values.values())).tolist()):
+            parts[key] = parts.get(key, 0.0) + value
 
     def teacher_target(self, inputs, batch, num_positions: int) -> Projection | SparseTarget:
         """The teacher's side of the divergence for this batch: online, or read from the cache."""
@@ -270,9 +271,7 @@ class DistillationTrainer(SFTTrainer):
         else:
             target = SparseTarget(*(t.to(device) for t in self.teacher_cache.topk_targets(example_ids)))
             rows = len(target.log_probs)
-        if rows != num_positions:
-            raise ValueError(f"the teacher cache holds {rows} positions for examples {example_ids} but the batch has "
-                             f"{num_positions} supervised positions: the cache was built for other data")
+        self.teacher_cache.check_positions(rows, example_ids, num_positions)
         return target
 
     def frozen_projection(self, model, batch) -> Projection:
@@ -304,7 +303,7 @@ TRAIN_LOG_COLUMNS = ["round", "step", "hybrid", "kl", "nll", "learning_rate", "g
 
 class CsvTrainLogCallback(TrainerCallback):
     """Appends one row per training log to a CSV file: hybrid loss, KL, NLL, learning rate, the gradient norm over
-    the student's parameters, and each term's gradient norm at its final hidden states (see add_term_gradient_norms).
+    the student's parameters, and each term's gradient norm at its final hidden states (see add_loss_parts).
     """
 
     def __init__(self, path: str | Path, round_index: int):
