@@ -41,9 +41,11 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, TrainerCallb
 import teacher_cache
 import utils
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER, Config
-from losses import LossSettings, divergence_sum, predictor_mask, sparse_divergence_sum
+from losses import (LossSettings, Projection, chunked_hybrid_loss_sums, divergence_sum, predictor_mask,
+                    sparse_divergence_sum)
+from model_io import PaddingCollator, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
-from train import DistillationTrainer, PaddingCollator, hidden_at, logits_at, output_head, training_arguments
+from train import DistillationTrainer, training_arguments
 
 SIZES = {  # hidden, layers, heads, kv heads, MLP width
     "tiny": (128, 2, 2, 1, 344),
@@ -251,62 +253,67 @@ def three_rounds_seconds(options, make_student, teacher, members, dataset, token
 
 # --- 2: loss-path memory ------------------------------------------------------------------------------------------
 
-# Run in a fresh process, so that nothing another measurement freed can be reused unseen. Settings come as JSON in
-# argv[1]. The heads, the hidden states and the student head's weight gradient (which every training step holds,
-# whatever its loss path) are allocated before the peak is reset, so only the loss path's own memory is measured.
-# A warm-up on two positions runs first: the first backward pages in library code and sets up thread pools and
-# library workspaces, tens of MiB that are no part of the loss path's memory.
-# On CPU the peak is the resident set: Linux resets its peak (VmHWM) to the current size when "5" is written to
-# /proc/self/clear_refs. On CUDA it is the caching allocator's peak of allocated bytes.
-_LOSS_PATH_PROBE = """
-import json, sys
-import torch
-from losses import LossSettings, Projection, chunked_hybrid_loss_sums
+def resident_bytes(field: str) -> int:
+    """This process's resident memory of one /proc/self/status line: "VmRSS:" (now) or "VmHWM:" (its peak)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field))
 
-s = json.loads(sys.argv[1])
-device = torch.device(s["device"])
 
-def resident(field):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+def loss_path_probe(chunk_size: int, positions: int, student_hidden: int, teacher_hidden: int, vocab_size: int,
+                    device: str) -> int:
+    """Peak memory added by one forward and backward of the hybrid loss, in this process; loss_path_peak_bytes runs
+    it alone in a fresh process (_PROBE_CHILD), so that nothing another measurement freed can be reused unseen.
 
-torch.manual_seed(0)
-student_head = torch.nn.Linear(s["student_hidden"], s["vocab_size"], bias=False, device=device)
-teacher_head = torch.nn.Linear(s["teacher_hidden"], s["vocab_size"], bias=False, device=device).requires_grad_(False)
-student_hidden = torch.randn(s["positions"], s["student_hidden"], device=device, requires_grad=True)
-teacher_hidden = torch.randn(s["positions"], s["teacher_hidden"], device=device)
-targets = torch.randint(0, s["vocab_size"], (s["positions"],), device=device)
-student_head.weight.grad = torch.zeros_like(student_head.weight)
+    The heads, the hidden states and the student head's weight gradient (which every training step holds, whatever
+    its loss path) are allocated before the peak is reset, so only the loss path's own memory is measured. A warm-up
+    on two positions runs first: the first backward pages in library code and sets up thread pools and library
+    workspaces, tens of MiB that are no part of the loss path's memory. On CPU the peak is the resident set: Linux
+    resets its peak (VmHWM) to the current size when "5" is written to /proc/self/clear_refs. On CUDA it is the
+    caching allocator's peak of allocated bytes.
+    """
+    device = torch.device(device)
+    torch.manual_seed(0)
+    student_head = torch.nn.Linear(student_hidden, vocab_size, bias=False, device=device)
+    teacher_head = torch.nn.Linear(teacher_hidden, vocab_size, bias=False, device=device).requires_grad_(False)
+    student_states = torch.randn(positions, student_hidden, device=device, requires_grad=True)
+    teacher_states = torch.randn(positions, teacher_hidden, device=device)
+    targets = torch.randint(0, vocab_size, (positions,), device=device)
+    student_head.weight.grad = torch.zeros_like(student_head.weight)
 
-def loss_path(student_hidden, teacher_hidden, targets, chunk_size):
-    sums = chunked_hybrid_loss_sums(Projection(student_hidden, student_head), Projection(teacher_hidden, teacher_head),
-                                    [], targets, LossSettings(), chunk_size)
-    sums.total.backward()
+    def loss_path(student_states, teacher_states, targets, chunk_size):
+        sums = chunked_hybrid_loss_sums(Projection(student_states, student_head),
+                                        Projection(teacher_states, teacher_head), [], targets, LossSettings(),
+                                        chunk_size)
+        sums.total.backward()
 
-loss_path(student_hidden[:2].detach().requires_grad_(), teacher_hidden[:2], targets[:2], min(s["chunk_size"], 1))
-if device.type == "cuda":
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-else:
-    student_head.weight.grad.fill_(1.0).zero_()  # touch every page: zeros_like may map them lazily
-    before = resident("VmRSS:")
-    open("/proc/self/clear_refs", "w").write("5")
-loss_path(student_hidden, teacher_hidden, targets, s["chunk_size"])
-if device.type == "cuda":
-    torch.cuda.synchronize(device)
-    print(torch.cuda.max_memory_allocated(device) - before)
-else:
-    print(resident("VmHWM:") - before)
-"""
+    loss_path(student_states[:2].detach().requires_grad_(), teacher_states[:2], targets[:2], min(chunk_size, 1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        student_head.weight.grad.fill_(1.0).zero_()  # touch every page: zeros_like may map them lazily
+        before = resident_bytes("VmRSS:")
+        Path("/proc/self/clear_refs").write_text("5")
+    loss_path(student_states, teacher_states, targets, chunk_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    return resident_bytes("VmHWM:") - before
+
+
+# What the fresh process of each measurement runs: loss_path_probe's keyword arguments come as JSON in argv[1], the
+# peak goes to stdout as JSON.
+_PROBE_CHILD = "import json, sys, bench; print(json.dumps(bench.loss_path_probe(**json.loads(sys.argv[1]))))"
 
 
 def loss_path_peak_bytes(chunk_size: int, positions: int, student_hidden: int, teacher_hidden: int,
                          vocab_size: int = QWEN_VOCAB, device: str = "cpu") -> int:
     """Peak memory added by one forward and backward of the hybrid loss over `positions` supervised positions,
-    measured in a fresh process (see _LOSS_PATH_PROBE); chunk_size 0 is the naive path (full logits)."""
+    measured in a fresh process (see loss_path_probe); chunk_size 0 is the naive path (full logits)."""
     settings = {"chunk_size": chunk_size, "positions": positions, "student_hidden": student_hidden,
                 "teacher_hidden": teacher_hidden, "vocab_size": vocab_size, "device": device}
-    result = subprocess.run([sys.executable, "-c", _LOSS_PATH_PROBE, json.dumps(settings)], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", _PROBE_CHILD, json.dumps(settings)], capture_output=True,
                             text=True, cwd=Path(__file__).parent)
     if result.returncode != 0:
         raise RuntimeError(f"the loss-path memory probe failed for {settings}:\n{result.stderr[-2000:]}")

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ensemble import combine_logits
+from ensemble import combine_logits, training_mixture_weights
+from model_io import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
@@ -53,6 +53,15 @@ class LossSettings:
     # combine="weighted"/"additive": the coefficients of (student, member_1, ..., member_n), in that order.
     mixture_weights: tuple[float, ...] | None = None
     kl_scale: float = 1.0  # multiplies the distillation term (the ensemble's size undoes averaging's 1/(n+1))
+
+    @classmethod
+    def for_round(cls, config, frozen_weights, num_frozen: int) -> "LossSettings":
+        """The loss of a round whose student trains through `num_frozen` frozen members, whose coefficients are
+        `frozen_weights` (weighted and additive combine modes), from a run config (config.py)."""
+        return cls(alpha=config.alpha, temperature=config.temperature, divergence=config.divergence,
+                   jsd_beta=config.jsd_beta, nll_target=config.nll_target, combine=config.combine,
+                   mixture_weights=training_mixture_weights(config.combine, frozen_weights, config.eta),
+                   kl_scale=float(num_frozen + 1) if config.kl_scale == "ensemble_size" else 1.0)
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 The trainer keeps everything the Trainer gives (optimizer, scheduler, accelerate devices and processes, gradient
 accumulation, clipping, logging, callbacks, progress bar) and replaces only the loss: see losses.py. Logits are
-computed only at supervised positions (hidden states selected before the output head), so a batch never holds
-(batch x length x vocabulary) logits for the prompt tokens.
+computed only at supervised positions (hidden states selected before the output head: model_io.py), so a batch never
+holds (batch x length x vocabulary) logits for the prompt tokens.
 """
 
 from pathlib import Path
@@ -13,111 +13,10 @@ from accelerate.utils import extract_model_from_parallel as unwrap_model
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from losses import (IGNORE_INDEX, LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums,
-                    compile_loss_terms, hybrid_loss_terms, next_token_targets, predictor_mask)
+from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
+                    hybrid_loss_terms, next_token_targets, predictor_mask)
+from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
 from utils import append_csv_rows
-
-
-class PaddingCollator:
-    """Pads a list of {"input_ids", "labels"} examples on the right, to the longest in the batch."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(example["input_ids"]) for example in examples)
-        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
-            labels[row, :n] = torch.as_tensor(example["labels"])
-            attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        if "example_id" in examples[0]:  # the row index a teacher cache is keyed by
-            batch["example_id"] = torch.tensor([example["example_id"] for example in examples])
-        return batch
-
-
-def cut_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Drop logit columns beyond the tokenizer's vocabulary (padded embedding rows), never pad with zeros."""
-    if logits.shape[-1] < vocab_size:
-        raise ValueError(f"a model produces {logits.shape[-1]} logits but the tokenizer has {vocab_size} tokens: "
-                         "teacher and students must share one tokenizer")
-    return logits[..., :vocab_size]
-
-
-def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The model's final hidden states [N, H] (after its last norm) at the True entries of `positions` [B, L]."""
-    device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              use_cache=False).last_hidden_state
-    return hidden[positions.to(device)]
-
-
-def trained_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      positions: torch.Tensor) -> torch.Tensor:
-    """hidden_at for the model being trained, which the Trainer may have wrapped (DDP, FSDP).
-
-    The wrapper's own forward must run: DDP arms its gradient all-reduce there, so calling the inner model directly
-    would leave every process with its own, unsynchronised gradients. The final hidden states are read off the base
-    model's output by a hook; the model's head runs on one position only (logits_to_keep=1) and is ignored.
-    """
-    base = unwrap_model(model).base_model
-    captured = []
-    hook = base.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
-    try:
-        device = next(model.parameters()).device
-        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
-              logits_to_keep=1)
-    finally:
-        hook.remove()
-    return captured[-1][positions.to(device)]
-
-
-def output_head(model, vocab_size: int):
-    """hidden [n, H] -> logits [n, vocab_size]: the model's head, its output transforms, cut to the vocabulary."""
-    head = model.get_output_embeddings()
-
-    def project(hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.to(device=head.weight.device, dtype=head.weight.dtype)  # cached states are fp32
-        return cut_to_vocab(apply_logit_transforms(model.config, head(hidden)), vocab_size)
-
-    return project
-
-
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-              vocab_size: int) -> torch.Tensor:
-    """The model's logits [N, vocab_size] at the True entries of `positions` [B, L] only.
-
-    The body runs on the whole batch; the output head only on the selected hidden states, which saves the head's
-    compute and the logits memory for every unsupervised position.
-    """
-    return output_head(model, vocab_size)(hidden_at(model, input_ids, attention_mask, positions))
-
-
-def apply_logit_transforms(config, logits: torch.Tensor) -> torch.Tensor:
-    """What some architectures do to the head's output inside forward (Cohere scales, Gemma soft-caps)."""
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def check_logits_at(model, vocab_size: int) -> None:
-    """Refuse a model for which the selected-head path differs from its own forward (an unknown output transform)."""
-    probe = torch.arange(1, 9).unsqueeze(0) % vocab_size
-    mask = torch.ones_like(probe, dtype=torch.bool)
-    with torch.no_grad():
-        full = cut_to_vocab(model(input_ids=probe.to(model.device)).logits[0], vocab_size).float()
-        selected = logits_at(model, probe, torch.ones_like(probe), mask, vocab_size).float()
-    if not torch.allclose(full, selected, atol=1e-3, rtol=1e-3):
-        raise ValueError(f"{type(model).__name__}: logits from its hidden states and output head differ from its "
-                         "forward's; this architecture applies an output transform the trainer does not know")
 
 
 def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:

@@ -8,7 +8,8 @@ import torch
 
 import bench
 from conftest import build_tokenizer
-from losses import IGNORE_INDEX, next_token_targets
+from losses import next_token_targets
+from model_io import IGNORE_INDEX
 
 SMOKE_ARGS = ["--student_size", "tiny", "--teacher_size", "tiny", "--batch_size", "2", "--max_length", "64",
               "--steps", "2", "--round_steps", "2", "--mem_tokens", "512", "--mem_vocab_size", "8192",

@@ -1,5 +1,6 @@
 """The hybrid loss against references written plainly here, from the textbook formulas."""
 
+import itertools
 import math
 
 import pytest
@@ -126,17 +127,31 @@ def test_probability_averaging_uses_the_mixture_of_probabilities():
     assert sums.total.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_only_the_student_receives_gradients():
+def test_the_chunked_loss_gives_no_gradient_to_teacher_and_members_even_when_they_require_one():
+    """chunked_hybrid_loss_sums (the trainer's loss) computes the frozen models' logits without a graph itself, so
+    teacher and members that require gradients get none, and the student's gradients are those of plain autograd
+    with them detached. (hybrid_loss_sums leaves that to its caller: its teacher and members must not require any.)"""
     torch.manual_seed(4)
-    student = torch.randn(5, 8, requires_grad=True)
-    teacher = torch.randn(5, 8, requires_grad=True)
-    members = [torch.randn(5, 8, requires_grad=True) for _ in range(2)]
-    targets = torch.randint(0, 8, (5,))
-    # The trainer computes teacher and members under no_grad; detaching here is the same contract.
-    sums = hybrid_loss_sums(student, teacher.detach(), [m.detach() for m in members], targets, LossSettings())
+    vocab, width, positions = 8, 6, 5
+    student_head = torch.nn.Linear(width, vocab)
+    student_hidden = torch.randn(positions, width, requires_grad=True)
+    frozen_heads = [torch.nn.Linear(width, vocab) for _ in range(3)]  # teacher, members: all requiring gradients
+    frozen_hidden = [torch.randn(positions, width, requires_grad=True) for _ in range(3)]
+    targets = torch.randint(0, vocab, (positions,))
+    frozen = [Projection(hidden, head) for hidden, head in zip(frozen_hidden, frozen_heads)]
+    sums = chunked_hybrid_loss_sums(Projection(student_hidden, student_head), frozen[0], frozen[1:], targets,
+                                    LossSettings(), chunk_size=2)
     sums.total.backward()
-    assert student.grad is not None and student.grad.abs().sum() > 0
-    assert teacher.grad is None and all(m.grad is None for m in members)
+    assert student_hidden.grad.abs().sum() > 0 and student_head.weight.grad.abs().sum() > 0
+    assert all(tensor.grad is None for tensor in [*frozen_hidden, *(p for h in frozen_heads for p in h.parameters())])
+    gradients = [student_hidden.grad.clone(), student_head.weight.grad.clone()]
+    student_hidden.grad = student_head.weight.grad = None
+    frozen_logits = [head(hidden).detach() for hidden, head in zip(frozen_hidden, frozen_heads)]
+    reference = hybrid_loss_sums(student_head(student_hidden), frozen_logits[0], frozen_logits[1:], targets,
+                                 LossSettings())
+    reference.total.backward()
+    assert sums.total.item() == pytest.approx(reference.total.item(), rel=1e-6)
+    torch.testing.assert_close(gradients, [student_hidden.grad, student_head.weight.grad], atol=1e-6, rtol=1e-5)
 
 
 def test_loss_is_computed_in_fp32_from_bf16_logits():
@@ -278,9 +293,14 @@ def assert_same_loss_and_gradients(actual, expected):
         torch.testing.assert_close(gradient, ref_gradient, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-@pytest.mark.parametrize("combine", ["logits", "probs", "weighted", "additive"])
-@pytest.mark.parametrize("teacher_kind", ["dense", "top_k=V", "top_k<V"])
+TEACHER_KINDS = ["dense", "top_k=V", "top_k<V"]
+# Every teacher target and combine mode under forward KL and JSD, and under reverse KL (whose terms are weighted by
+# the mixture's probabilities, not the teacher's) every teacher target with combine=probs and combine=additive.
+CHUNKED_CASES = [*itertools.product(TEACHER_KINDS, list(MIXTURE_WEIGHTS), ["forward_kl", "jsd"]),
+                 *itertools.product(TEACHER_KINDS, ["probs", "additive"], ["reverse_kl"])]
+
+
+@pytest.mark.parametrize("teacher_kind,combine,divergence", CHUNKED_CASES)
 def test_chunked_loss_equals_plain_autograd_for_every_teacher_target_and_combine_mode(teacher_kind, combine,
                                                                                      divergence):
     case = ChunkedLossCase(teacher_kind, combine, divergence)

@@ -11,9 +11,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import accelerate_launch, build_tiny_llama
 from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
+from model_io import PaddingCollator, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
-from train import (CsvTrainLogCallback, DistillationTrainer, PaddingCollator, check_logits_at, cut_to_vocab,
-                   gradients_are_finite, hidden_at, logits_at, output_head)
+from train import CsvTrainLogCallback, DistillationTrainer, gradients_are_finite
 import utils
 from trl import SFTConfig
 
@@ -40,44 +40,32 @@ def make_trainer(student, teacher, members, tokenizer, dataset, tmp_path, **args
                                chunk_size=chunk_size, compile_loss=compile_loss)
 
 
-def test_collator_pads_right_and_masks_padding(tokenizer, examples):
-    batch = PaddingCollator(tokenizer.pad_token_id)([examples[0], examples[1]])
-    lengths = [len(examples[0]["input_ids"]), len(examples[1]["input_ids"])]
-    assert batch["input_ids"].shape == (2, max(lengths))
-    for row, n in enumerate(lengths):
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
-        assert (batch["labels"][row, n:] == -100).all()
-        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+def with_attention_dropout(model, probability: float):
+    """`model` in train mode with attention dropout (tiny models are built in eval mode, and without dropout)."""
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = probability
+    return model.train()
 
 
-def test_selected_head_logits_equal_the_full_forward(tokenizer, batch):
-    model = build_tiny_llama(tokenizer, vocab_size=len(tokenizer) + 8)  # padded embedding rows, as in Qwen2.5
-    positions = predictor_mask(batch["labels"])
-    with torch.no_grad():
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        selected = logits_at(model, batch["input_ids"], batch["attention_mask"], positions, len(tokenizer))
-    assert selected.shape == (positions.sum().item(), len(tokenizer))
-    torch.testing.assert_close(selected, full[positions][:, : len(tokenizer)], atol=1e-5, rtol=1e-5)
-    check_logits_at(model, len(tokenizer))  # passes for a known architecture
-
-
-def test_logits_are_cut_to_the_vocabulary_and_never_padded():
-    logits = torch.randn(3, 12)
-    assert cut_to_vocab(logits, 10).shape == (3, 10)
-    with pytest.raises(ValueError, match="share one tokenizer"):
-        cut_to_vocab(logits, 13)
-
-
-def test_with_members_only_the_student_gets_gradients(tokenizer, examples, batch, tmp_path):
+def test_with_members_only_the_student_gets_gradients_and_frozen_models_run_without_dropout(tokenizer, examples,
+                                                                                             batch, tmp_path):
     teacher = build_tiny_llama(tokenizer, seed=1, hidden_size=48)
     members = [build_tiny_llama(tokenizer, seed=2), build_tiny_llama(tokenizer, seed=3)]
     student = build_tiny_llama(tokenizer, seed=4).train()
+    # The loss with the same frozen models, built without dropout.
+    expected = make_trainer(student, copy.deepcopy(teacher), copy.deepcopy(members), tokenizer, examples,
+                            tmp_path / "reference").compute_loss(student, batch).item()
+    # Handed over in train mode with dropout: the trainer's freezing must switch it off.
+    teacher, *members = (with_attention_dropout(model, 0.5) for model in (teacher, *members))
     trainer = make_trainer(student, teacher, members, tokenizer, examples, tmp_path)
+    assert not any(module.training for model in (teacher, *members) for module in model.modules())
     loss = trainer.compute_loss(student, batch)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert trainer.compute_loss(student, batch).item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None and not p.requires_grad for m in [teacher, *members] for p in m.parameters())
-    assert not teacher.training and not any(m.training for m in members)
 
 
 def test_trainer_loss_is_the_hybrid_loss_per_supervised_token(tokenizer, examples, batch, tmp_path):
