@@ -15,15 +15,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedConfig,
+                          PreTrainedModel)
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from model_io import IGNORE_INDEX, cut_to_vocab
+
 COMBINE_MODES = ("logits", "probs", "weighted", "additive")
 WEIGHTED_MODES = ("weighted", "additive")  # combinations with one coefficient per member
-IGNORE_INDEX = -100  # label of positions excluded from the loss, as in Hugging Face models
 
 
 def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits",
@@ -115,6 +117,16 @@ class EnsembleConfig(PreTrainedConfig):
         if self.combine in WEIGHTED_MODES and self.weights is None:
             raise ValueError(f"combine={self.combine!r} needs `weights`, one per member")
         super().__post_init__(**kwargs)
+
+
+# Known to AutoConfig, so that loaders reading any folder's config.json through it recognise an ensemble's: unknown,
+# AutoTokenizer.from_pretrained(ensemble folder) falls back to the bare PreTrainedConfig, whose model_type is "", and
+# warns "You are using a model of type `slm_ensemble` to instantiate a model of type ``".
+AutoConfig.register(EnsembleConfig.model_type, EnsembleConfig, exist_ok=True)
+
+
+class NotAnEnsembleError(ValueError):
+    """A folder given as a saved ensemble holds something else: a single model's folder, or no member at all."""
 
 
 class EnsembleCache(Cache):
@@ -294,14 +306,9 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         return output.logits.to(self.device)
 
     def _cut_to_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """A member's logits cut to `config.vocab_size` (model_io.cut_to_vocab); uncut when it is None."""
         vocab_size = self.config.vocab_size
-        if vocab_size is None:
-            return logits
-        if logits.shape[-1] < vocab_size:
-            raise ValueError(
-                f"a member's logits are {logits.shape[-1]} wide, narrower than the vocabulary ({vocab_size})"
-            )
-        return logits[..., :vocab_size]
+        return logits if vocab_size is None else cut_to_vocab(logits, vocab_size)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -343,7 +350,7 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         keyword arguments (e.g. `dtype`) go to every member's `from_pretrained`.
         """
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
-        config = EnsembleConfig.from_pretrained(pretrained_model_name_or_path)
+        config = _saved_ensemble_config(pretrained_model_name_or_path)
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [
             AutoModelForCausalLM.from_pretrained(
@@ -354,6 +361,22 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         ensemble = cls(config, members)
         ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
         return ensemble
+
+
+def _saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
+    """The EnsembleConfig saved in `folder`; NotAnEnsembleError when its config.json is another model's (a member's
+    folder, say) or lists no member folder."""
+    config_dict, kwargs = EnsembleConfig.get_config_dict(folder)
+    model_type = config_dict.get("model_type")
+    if model_type != EnsembleConfig.model_type:
+        raise NotAnEnsembleError(
+            f"{folder}: not a saved ensemble: its config.json has model_type {model_type!r}, where an ensemble's has "
+            f"{EnsembleConfig.model_type!r} and lists its member folders (load a single model with "
+            "AutoModelForCausalLM.from_pretrained)")
+    config = EnsembleConfig.from_dict(config_dict, **kwargs)
+    if not config.member_subfolders:
+        raise NotAnEnsembleError(f"{folder}: the ensemble's config.json lists no member folder (member_subfolders)")
+    return config
 
 
 def _one_per_member(device_map, member_count: int) -> list:

@@ -1,16 +1,18 @@
 """Tests of the ensemble: the combine primitive, forward and loss, vocabulary cutting, freezing, save/load, generate."""
 
+import logging
 import math
+import re
 
 import pytest
 import torch
 from conftest import build_tiny_llama
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from ensemble import (EnsembleCache, EnsembleConfig, ModelEnsemble, combine_logits, training_mixture_weights,
-                      weights_with_new_member)
+from ensemble import (EnsembleCache, EnsembleConfig, ModelEnsemble, NotAnEnsembleError, combine_logits,
+                      training_mixture_weights, weights_with_new_member)
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
 
@@ -246,6 +248,35 @@ def test_saved_members_load_alone(tmp_path, tokenizer, members, prompt_ids):
     for index, member in enumerate(members):
         alone = AutoModelForCausalLM.from_pretrained(tmp_path / f"member_{index}")
         torch.testing.assert_close(alone(prompt_ids).logits, member(prompt_ids).logits, rtol=0, atol=0)
+
+
+def test_loading_a_folder_that_holds_no_ensemble_is_refused_naming_it(tmp_path, tokenizer, members):
+    ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer)).save_pretrained(tmp_path / "ensemble")
+    member_folder = tmp_path / "ensemble" / "member_0"
+    with pytest.raises(NotAnEnsembleError, match=f"{re.escape(str(member_folder))}: not a saved ensemble: "
+                                                 ".*model_type 'llama'.*'slm_ensemble'"):
+        ModelEnsemble.from_pretrained(member_folder)
+    EnsembleConfig().save_pretrained(tmp_path / "empty")
+    with pytest.raises(NotAnEnsembleError, match=f"{re.escape(str(tmp_path / 'empty'))}: .* lists no member folder"):
+        ModelEnsemble.from_pretrained(tmp_path / "empty")
+
+
+def test_an_ensemble_folder_is_known_to_auto_config_so_its_tokenizer_loads_without_a_warning(tmp_path, tokenizer,
+                                                                                             members):
+    """AutoTokenizer reads a folder's config.json through AutoConfig; an unknown model type made it fall back to the
+    bare PreTrainedConfig, which warned "You are using a model of type `slm_ensemble` to instantiate ... ``"."""
+    ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path, tokenizer=tokenizer)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate to caplog's
+    try:
+        loaded = AutoTokenizer.from_pretrained(tmp_path)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    assert not [message for message in warnings if "model of type" in message]
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), EnsembleConfig)
 
 
 def test_load_places_members_by_device_map(tmp_path, tokenizer, members, prompt_ids):

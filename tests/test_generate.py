@@ -1,5 +1,7 @@
 """generate.py: chat with a saved ensemble or one member, streamed."""
 
+import logging
+
 import pytest
 import torch
 
@@ -40,3 +42,38 @@ def test_one_member_answers_alone_and_a_missing_ensemble_is_explained(run_dir, t
     assert isinstance(alone, str)
     with pytest.raises(FileNotFoundError, match="no saved ensemble here"):
         generate.main([str(tmp_path), "Hello"])
+
+
+def test_a_member_folder_is_loaded_as_the_single_model_it_is(run_dir):
+    member_folder = run_dir / "ensemble" / "member_0"
+    alone = generate.main([str(member_folder), "Hello", "--max_new_tokens", "6"])
+    assert alone == generate.main([str(run_dir), "Hello", "--member", "0", "--max_new_tokens", "6"])
+    with pytest.raises(generate.MemberError, match=r"--member 0: .*member_0 holds a single 'llama' model"):
+        generate.main([str(member_folder), "Hello", "--member", "0"])
+
+
+def test_a_member_that_does_not_exist_is_refused_naming_those_that_do(run_dir):
+    with pytest.raises(generate.MemberError, match=r"--member 5: the ensemble in .* has 2 member\(s\), numbered 0 to"):
+        generate.main([str(run_dir), "Hello", "--member", "5"])
+    with pytest.raises(generate.MemberError, match="--member -1"):
+        generate.main([str(run_dir), "Hello", "--member", "-1"])
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_generating_logs_no_warning_about_the_ensembles_model_type(run_dir):
+    """transformers' loggers do not propagate to the root logger (caplog's): listen on theirs."""
+    handler = RecordingHandler()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        generate.main([str(run_dir), "Hello", "--max_new_tokens", "2"])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [message for message in handler.messages if "to instantiate a model of type" in message]
