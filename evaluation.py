@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from ensemble import combine_logits
 from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
-from teacher_cache import TeacherCache, with_example_ids
-from train import hidden_at, output_head
+from model_io import hidden_at, output_head
+from teacher_cache import TeacherCache, evaluation_caches, with_example_ids
 
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
@@ -50,6 +50,16 @@ class CachedTeacher:
         cached = ", ".join(str(cache.cache_dir) for cache in self.caches) or "none"
         raise ValueError(f"no teacher cache holds the split being evaluated (fingerprint {dataset._fingerprint}; "
                          f"cached splits: {cached}): cache it (hidden mode) or evaluate with the teacher model")
+
+
+def evaluation_teacher(config, teacher, train_cache: TeacherCache | None, data: dict, collator, state):
+    """The teacher as a run's evaluation and weight fit get it: with a cached teacher_mode (a `train_cache`), the
+    model with its final hidden states on the held-out splits of `data` cached once (teacher_cache.py), so that
+    no round runs its body again; with the online teacher, the model."""
+    if train_cache is None:
+        return teacher
+    held_out = {name: split for name, split in data.items() if name != "train"}
+    return CachedTeacher(teacher, evaluation_caches(config, teacher, train_cache, held_out, collator, state))
 
 
 @torch.no_grad()
@@ -174,6 +184,30 @@ def sum_over_processes(sums: dict, num_tokens: int) -> tuple[dict, int]:
     return {name: total[i] for i, name in enumerate(names)}, int(total[-1][0].item())
 
 
+SAMPLE_PROMPTS = ("What is the capital of France?", "Give me three tips for a good night's sleep.",
+                  "Write a short poem about the sea.", "Explain what a neural network is in two sentences.")
+
+
+@torch.no_grad()
+def sample_answers(models: dict, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
+    """Each named model's greedy answer to each prompt (a user turn in the tokenizer's chat template): rows of
+    model, prompt, answer and new_tokens. An answer that ends at once (end of turn first) is empty: its token
+    count tells it from a failure."""
+    rows = []
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        for name, model in models.items():
+            inputs = inputs.to(next(model.parameters()).device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+            new_tokens = output[0, inputs["input_ids"].shape[1]:]
+            rows.append({"model": name, "prompt": prompt, "answer": tokenizer.decode(new_tokens,
+                                                                                     skip_special_tokens=True).strip(),
+                         "new_tokens": len(new_tokens)})
+    return rows
+
+
 WEIGHT_GRID = tuple(i / 20 for i in range(21))  # candidate weights of a new member, 0 included
 
 
@@ -192,3 +226,19 @@ def fit_new_member_weight(previous: list, previous_weights: list[float], new_mem
                        weights={names[w]: [*((1 - w) * p for p in previous_weights), w] for w in WEIGHT_GRID})
     ce = {w: results[names[w]]["ce"] for w in WEIGHT_GRID}
     return min(WEIGHT_GRID, key=ce.__getitem__), ce
+
+
+def new_member_weight(config, members: list, weights: list[float] | None, student, teacher, weight_fit, collator,
+                      vocab_size: int, state=None) -> float:
+    """A run's new member's coefficient among `members` (with `weights`): fitted on the `weight_fit` split
+    (combine=weighted, see fit_new_member_weight), eta (additive, after the first member), or 1. (Additive runs
+    always train through the ensemble: the config refuses additive with the independent baseline.)"""
+    if config.combine == "weighted" and members:
+        weight, candidates = fit_new_member_weight(members, weights, student, teacher, weight_fit, collator,
+                                                   config.eval_batch_size, vocab_size, state)
+        print(f"new member's weight {weight:.2f}: CE {candidates[weight]:.4f} on the weight-fit slice "
+              f"(previous ensemble {candidates[0.0]:.4f})")
+        return weight
+    if config.combine == "additive" and members:
+        return config.eta
+    return 1.0

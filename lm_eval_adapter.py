@@ -51,6 +51,9 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+import run_state
+from model_io import cut_to_vocab
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
 LM_EVAL_MISSING = "lm-eval is not installed: pip install lm-eval"
@@ -186,7 +189,7 @@ class CausalLMAdapter:
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                 use_cache=False).logits
             if self.vocab_size is not None:
-                logits = logits[..., :self.vocab_size]
+                logits = cut_to_vocab(logits, self.vocab_size)
             for row, i in enumerate(chunk):
                 tokens, n = windows[i]
                 length = len(tokens) - 1
@@ -517,7 +520,7 @@ def best_member(run_dir: str | Path) -> tuple[int, Path]:
     if students.empty:
         raise ValueError(f"{path}: no row with model == 'student' and a ce value")
     round_index = int(students.loc[students["ce"].idxmin(), "round"])
-    folder = run_dir / "ensemble" / f"member_{round_index}"
+    folder = run_state.member_folder(run_dir, round_index)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: the best member (round {round_index}) is not saved")
     return round_index, folder

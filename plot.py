@@ -38,6 +38,8 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from config import SINGLE_MODEL_BASELINES
+
 CE_LABEL = "held-out CE (nats/token)"
 SIZE_LABEL = "ensemble size (members)"
 STEP_LABEL = "training step"
@@ -45,7 +47,6 @@ LOSS_LABEL = "training loss (nats/token)"
 GAP_LABEL = "share of teacher gap closed\n(0 = untrained student, 1 = teacher)"
 DPI = 100
 
-ONE_ROUND_BASELINES = ("single_matched", "single_large")
 # Keys that change where or how a run is stored, logged or computed, not what it learns: runs that differ only in
 # these are seeds of one configuration, and labels never mention them. A key that one of two runs lacks (an older
 # run, written before the key existed) is not compared either.
@@ -116,11 +117,22 @@ def start_ce(metrics: pd.DataFrame) -> float | None:
 
 
 def gap_closed(metrics: pd.DataFrame) -> pd.Series:
-    """(CE_start - CE) / (CE_start - CE_teacher) of every row; NaN when the run lacks either end of the gap."""
+    """(CE_start - CE) / (CE_start - CE_teacher) of every row: the share of the teacher gap closed, 0 at round 0's
+    untrained student, 1 at the teacher. NaN when the run lacks either end of the gap, or the two ends are equal
+    (the gap is empty). The one definition: main.py writes it into metrics.csv through rows_with_gap_closed."""
     start, teacher = start_ce(metrics), teacher_ce(metrics)
     if start is None or teacher is None or start == teacher:
         return pd.Series(math.nan, index=metrics.index, dtype=float)
     return (start - metrics["ce"].astype(float)) / (start - teacher)
+
+
+def rows_with_gap_closed(rows: list[dict], metrics_path: Path) -> list[dict]:
+    """New metric rows (dicts) with their gap_closed, whose ends (round 0's untrained student, the teacher) are in
+    `rows` or in the rows already written to `metrics_path`."""
+    table = pd.DataFrame(rows)
+    if Path(metrics_path).is_file():  # the new rows first: they replace the written rows of their round
+        table = pd.concat([table, pd.read_csv(metrics_path)], ignore_index=True)
+    return [{**row, "gap_closed": gap} for row, gap in zip(rows, gap_closed(table))]
 
 
 def with_gap_closed(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -165,6 +177,22 @@ def gap_closed_bars(metrics: pd.DataFrame) -> pd.DataFrame:
     bars = pd.merge(students.drop_duplicates("ensemble_size", keep="last"),
                     ensembles.drop_duplicates("ensemble_size", keep="last"), on="ensemble_size", how="outer")
     return bars.sort_values("ensemble_size").reset_index(drop=True)
+
+
+def metrics_summary(metrics: pd.DataFrame) -> str:
+    """A run's metrics as main.py prints them at the end: the table, then each ensemble against its best member."""
+    shown = metrics[["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement"]]
+    lines = ["Metrics on the held-out split (ce and kl_teacher in nats per supervised token)",
+             shown.to_string(index=False, formatters={"ce": "{:.4f}".format, "perplexity": "{:.4g}".format,
+                                                      "kl_teacher": "{:.4f}".format,
+                                                      "top1_agreement": "{:.4f}".format}),
+             "", "The ensemble against its best single member (ce; a positive gain means the ensemble is better)"]
+    members = metrics[metrics["model"] == "student"].set_index("round")["ce"]
+    for round_index, row in metrics[metrics["model"] == "ensemble"].set_index("round").iterrows():
+        best = members.loc[:round_index].min()
+        lines.append(f"  {int(row['ensemble_size'])} member(s): ensemble {row['ce']:.4f}, best member {best:.4f}, "
+                     f"gain {best - row['ce']:+.4f}")
+    return "\n".join(lines)
 
 
 def mean_and_spread(curves) -> pd.DataFrame:
@@ -361,7 +389,7 @@ def compare_ce_figure(runs) -> Figure:
         color = f"C{i % 10}"
         baseline = group[0].config.get("baseline", "none")
         seeds = f" ({len(group)} seeds; band: min-max)" if len(group) > 1 else ""
-        if baseline in ONE_ROUND_BASELINES:
+        if baseline in SINGLE_MODEL_BASELINES:
             values = [v for v in (final_ensemble_ce(r.metrics) for r in group) if v is not None]
             if values:
                 value = sum(values) / len(values)

@@ -28,11 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
+from model_io import IGNORE_INDEX
+import embedded
 from utils import publish_folder
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # the label value that Hugging Face losses skip
 
 # Bump when the tokenization or labelling rules change, so folders written by older code are rebuilt, not reused.
 FORMAT_VERSION = 1
@@ -311,6 +311,7 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
     if max_examples is not None:
         # Sample before tokenizing, so that a small run over a large source stays cheap.
         conversations = conversations.select(range(min(max_examples, len(conversations))))
+    without_assistant = len(conversations) - _count_with_assistant_turn(conversations)
     tokenized = conversations.map(
         _tokenize_batch, batched=True, input_columns=["messages"], remove_columns=["messages"],
         features=TOKENIZED_FEATURES, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
@@ -326,7 +327,12 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
     counts = {
         "loaded": loaded,
         "dropped_not_user_first": loaded - len(user_first),
+        "not_sampled": len(user_first) - len(conversations),
         "dropped_no_supervised_tokens": len(conversations) - len(tokenized),
+        "dropped_no_assistant_turn": without_assistant,
+        "dropped_too_long": len(conversations) - len(tokenized) - without_assistant,
+        "kept": len(tokenized),
+        "cut_at_max_length": _count_at_length(tokenized, max_length),
         "train": len(dataset["train"]),
         "test": len(dataset["test"]),
         "supervised_tokens": {name: _count_supervised_tokens(part) for name, part in dataset.items()},
@@ -338,16 +344,42 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
 
 def _user_first_indices(conversations: datasets.Dataset) -> list[int]:
     """Indices of the conversations whose first non-system turn is a user turn (reads only the roles)."""
-    indices = []
-    position = 0
+    return [position for position, roles in enumerate(_roles(conversations))
+            if next((role for role in roles if role != "system"), None) == "user"]
+
+
+def _count_with_assistant_turn(conversations: datasets.Dataset) -> int:
+    return sum("assistant" in roles for roles in _roles(conversations))
+
+
+def _roles(conversations: datasets.Dataset):
+    """Each conversation's list of roles, in order, read without decoding the messages' contents."""
     for chunk in conversations.with_format("arrow")["messages"].chunks:
-        roles = pa.ListArray.from_arrays(chunk.offsets, pc.struct_field(chunk.values, "role")).to_pylist()
-        for conversation_roles in roles:
-            first_speaker = next((role for role in conversation_roles if role != "system"), None)
-            if first_speaker == "user":
-                indices.append(position)
-            position += 1
-    return indices
+        yield from pa.ListArray.from_arrays(chunk.offsets, pc.struct_field(chunk.values, "role")).to_pylist()
+
+
+def _count_at_length(tokenized: datasets.Dataset, max_length: int) -> int:
+    """Examples of exactly max_length tokens: cut there (or, rarely, exactly that long)."""
+    lengths = pc.list_value_length(tokenized.with_format("arrow")["input_ids"])
+    return pc.sum(pc.equal(lengths, max_length)).as_py() or 0
+
+
+def describe_counts(counts: dict) -> str:
+    """What preparing the data kept and dropped, by reason, from metadata.json's counts (older folders lack the
+    finer counts: they show the reasons they recorded)."""
+    dropped = {"not opening with a user turn": counts["dropped_not_user_first"]}
+    if "dropped_no_assistant_turn" in counts:
+        dropped.update({"without an assistant turn": counts["dropped_no_assistant_turn"],
+                        "too long (no assistant token within max_length)": counts["dropped_too_long"]})
+    else:
+        dropped["without a supervised token"] = counts["dropped_no_supervised_tokens"]
+    kept = counts.get("kept", counts["train"] + counts["test"])
+    text = (f"{counts['loaded']} conversations loaded, {kept} kept"
+            + (f" ({counts['not_sampled']} not sampled: max_examples)" if counts.get("not_sampled") else "")
+            + "; dropped: " + ", ".join(f"{number} {reason}" for reason, number in dropped.items()))
+    if "cut_at_max_length" in counts:
+        text += f"; {counts['cut_at_max_length']} kept examples cut at max_length"
+    return text
 
 
 def _split(tokenized: datasets.Dataset, test_size: int | float, seed: int, source: str) -> datasets.DatasetDict:
@@ -418,6 +450,11 @@ def load_dataset_dir(output_dir) -> tuple[datasets.DatasetDict, dict]:
     return datasets.load_from_disk(str(output_dir)), metadata
 
 
+def prepared_counts(output_dir) -> dict:
+    """The counts (loaded, kept, dropped by reason, per split) of the prepared dataset in `output_dir`."""
+    return _read_metadata(Path(output_dir))["counts"]
+
+
 def _read_metadata(output_dir: Path) -> dict | None:
     path = output_dir / METADATA_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -443,6 +480,33 @@ def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size
                                       max_examples=max_examples, split=split)
     _save_atomically(dataset, metadata, output_dir)
     return datasets.load_from_disk(str(output_dir))
+
+
+def prepare_for_run(config, tokenizer) -> tuple[dict, dict]:
+    """A run's splits (train, test, and weight_fit for combine=weighted) of its config's data source, prepared
+    once per (source, tokenizer, settings) in a folder of cache_dir/datasets, and the counts of what preparing them
+    kept and dropped (see describe_counts)."""
+    source = embedded.resolve_dataset(config.dataset, config.cache_dir)
+    key = json.dumps([source, tokenizer.name_or_path, config.max_length, config.test_size, config.seed,
+                      config.max_examples, config.dataset_split])
+    name = Path(source.rstrip("/")).name.replace(".", "_") + "-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    folder = Path(config.cache_dir) / "datasets" / name
+    data = prepare_dataset(source, tokenizer, folder, max_length=config.max_length, test_size=config.test_size,
+                           seed=config.seed, max_examples=config.max_examples, split=config.dataset_split)
+    return split_off_weight_fit(data, config), prepared_counts(folder)
+
+
+def split_off_weight_fit(data, config) -> dict:
+    """combine=weighted: the last `weight_fit_examples` training examples become the slice new members' weights are
+    fitted on (they are not trained on); otherwise the data as it is."""
+    if config.combine != "weighted":
+        return data
+    train, held_out = data["train"], config.weight_fit_examples
+    if len(train) <= held_out:
+        raise DataError(f"combine=weighted holds out weight_fit_examples={held_out} training examples, but the "
+                        f"training split has {len(train)}: lower weight_fit_examples or raise max_examples")
+    return {**data, "train": train.select(range(len(train) - held_out)),
+            "weight_fit": train.select(range(len(train) - held_out, len(train)))}
 
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:
@@ -492,10 +556,9 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     prepare_dataset(args.dataset, tokenizer, args.output_dir, max_length=args.max_length, test_size=args.test_size,
                     seed=args.seed, max_examples=args.max_examples, split=args.split)
-    counts = _read_metadata(Path(args.output_dir))["counts"]
+    counts = prepared_counts(args.output_dir)
     print(f"{args.dataset} -> {args.output_dir}")
-    print(f"loaded {counts['loaded']} conversations; dropped {counts['dropped_not_user_first']} not starting with a "
-          f"user turn and {counts['dropped_no_supervised_tokens']} without a supervised token")
+    print(describe_counts(counts))
     for split_name in ("train", "test"):
         supervised = counts["supervised_tokens"][split_name]
         print(f"{split_name}: {counts[split_name]} examples, {supervised} supervised tokens")

@@ -1,5 +1,7 @@
 """What lets a run be killed at any moment and resumed with nothing lost.
 
+- A run folder is opened new or resumed here: a resume continues with the settings saved in its config.yaml, and
+  refuses any other setting it is given (only total_rounds may change).
 - The manifest (manifest.json) records each planned round's status (pending, training, done), the member folders,
   the config's fingerprint and the data-order seed. It and every other file a resume relies on are written
   atomically: to a temporary file, then renamed, so a half-written file is never taken for a whole one.
@@ -12,6 +14,7 @@
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -21,8 +24,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from accelerate.utils import reduce
+from accelerate.utils import broadcast_object_list, reduce
 from transformers import TrainerCallback
+
+import config as config_lib
+import utils
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
@@ -85,6 +91,23 @@ def round_status(manifest: dict, round_index: int) -> str:
     return manifest["rounds"].get(str(round_index), "pending")
 
 
+def mark_round_training(run_dir: Path, manifest: dict, round_index: int, resume_from: Path | None,
+                        log_columns: list[str]) -> None:
+    """Write the manifest with the round marked as training, and drop the training log's (train_log.csv, with
+    `log_columns`) rows written after the checkpoint the round resumes from: the resumed steps log them again."""
+    write_manifest(run_dir, {**manifest, "rounds": {**manifest["rounds"], str(round_index): "training"}})
+    last_step = checkpoint_step(resume_from) if resume_from else 0
+    replace_csv_rows(run_dir / "train_log.csv", log_columns,
+                     lambda row: int(row["round"]) != round_index or int(row["step"]) <= last_step, [])
+
+
+def finished_round(manifest: dict, round_index: int, member: str, weights: list[float] | None) -> dict:
+    """The manifest once round `round_index` is done: its member folder (relative to the run) added, the members'
+    weights, and the teacher evaluated (round 0 evaluates it)."""
+    return {**manifest, "members": [*manifest["members"], member], "weights": weights,
+            "rounds": {**manifest["rounds"], str(round_index): "done"}, "teacher_evaluated": True}
+
+
 def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict]) -> None:
     """Rewrite a CSV with the existing rows for which keep(row) is true, then `new_rows`; atomically.
 
@@ -109,6 +132,134 @@ def save_member_atomically(student, tokenizer, member_dir: Path) -> None:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(member_dir, ignore_errors=True)
     os.replace(tmp, member_dir)
+
+
+# --- opening or resuming a run folder ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Stated:
+    """A setting a resume's --preset, --config or command line states, and where it was stated."""
+
+    value: object
+    source: str  # for messages: "--preset test", "--config FILE", "the command line"
+    from_preset: bool = False
+
+
+def stated_settings(preset: str | None, config_file: str | None, overrides: dict) -> dict[str, Stated]:
+    """The settings a resume's --preset, --config and command line state (later ones override earlier ones, as for
+    a new run)."""
+    stated = {}
+    if preset is not None:
+        stated.update({key: Stated(value, f"--preset {preset}", from_preset=True)
+                       for key, value in config_lib.preset_values(preset).items()})
+    if config_file is not None:
+        stated.update({key: Stated(value, f"--config {config_file}")
+                       for key, value in config_lib.read_yaml(config_file).items()})
+    stated.update({key: Stated(value, "the command line") for key, value in overrides.items()})
+    return stated
+
+
+def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Config:
+    """The saved config of the run in `run_dir`. A stated setting that differs from it is refused, naming the key:
+    a run continues with the settings it started with, except a total_rounds stated on the command line or in a
+    YAML file (see check_total_rounds_change). A preset's total_rounds is compared like the rest of it: restating
+    the preset a run started from must not add rounds to it."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise config_lib.ConfigError(
+            f"--resume {str(run_dir)!r} is not a run folder (it has no config.yaml): pass the folder of a run, "
+            f"runs/YYYY-MM-DD/run_N, which holds config.yaml and {MANIFEST}")
+    manifest = load_manifest(run_dir)
+    if manifest is None:
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {MANIFEST}: it did not "
+                                     "get past its setup; start a new run instead")
+    saved = config_lib.load_saved_config(saved_path)
+    types_by_key = config_lib.field_types()
+    wanted = {key: dataclasses.replace(setting, value=config_lib.coerce(key, setting.value, types_by_key[key]))
+              for key, setting in stated.items()}
+    new_total = None
+    if "total_rounds" in wanted and not wanted["total_rounds"].from_preset:
+        new_total = wanted.pop("total_rounds").value
+    conflicts = [f"{setting.source} sets {key} = {setting.value!r}, but the run was started with {key} = "
+                 f"{getattr(saved, key)!r}" for key, setting in wanted.items() if setting.value != getattr(saved, key)]
+    if conflicts:
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
+                                     "settings it was started with (only total_rounds may change, on the command "
+                                     "line or in a YAML file); leave these out, or start a new run")
+    if new_total is None or new_total == saved.total_rounds:
+        return saved
+    check_total_rounds_change(run_dir, saved, new_total, manifest)
+    resumed = dataclasses.replace(saved, total_rounds=new_total)
+    resumed.validate()
+    print(f"total_rounds: {saved.total_rounds} -> {new_total}")
+    return resumed
+
+
+def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rounds: int, manifest: dict) -> None:
+    """A resumed run may get more rounds, or fewer down to the rounds it has started; not so a single-model
+    baseline, whose one student's step count (and size, for single_large) total_rounds sets."""
+    if saved.baseline in config_lib.SINGLE_MODEL_BASELINES:
+        raise config_lib.ConfigError(
+            f"--resume {str(run_dir)!r}: total_rounds cannot change for the {saved.baseline} baseline: it sets the "
+            f"step count{' and size' if saved.baseline == 'single_large' else ''} of the baseline's one student; "
+            "start a new run")
+    started = [int(index) for index, status in manifest["rounds"].items() if status != "pending"]
+    if started and total_rounds <= max(started):
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: total_rounds = {total_rounds}, but the run has "
+                                     f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
+
+
+def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state) -> tuple[Path, dict]:
+    """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
+    folder, never an existing one, picked by one process so that every process agrees on it."""
+    if resume_dir is not None:
+        return resume_dir, resumed_manifest(resume_dir, config, state)
+    manifest = new_manifest(config.fingerprint(), config.seed, config.rounds_to_run(), job_id)
+    run_dir = None
+    if state.is_main_process:
+        run_dir = utils.new_run_dir(config.output_root)
+        write_run_config(config, run_dir)
+        write_manifest(run_dir, manifest)
+    (run_dir,) = broadcast_object_list([run_dir])
+    return run_dir, manifest
+
+
+def resumed_manifest(run_dir: Path, config: config_lib.Config, state) -> dict:
+    """The resumed run's manifest. A total_rounds changed on this command line is written into config.yaml and the
+    manifest (fingerprint, pending rounds), so a later plain --resume, after a preemption, still trains every
+    round."""
+    manifest = load_manifest(run_dir)
+    updated = {**manifest, "config_fingerprint": config.fingerprint(),
+               "rounds": planned_rounds(manifest["rounds"], config.rounds_to_run())}
+    if updated != manifest and state.is_main_process:
+        # config.yaml first: after a kill between the two writes, the next resume finds the manifest out of date
+        # and writes both again.
+        write_run_config(config, run_dir)
+        write_manifest(run_dir, updated)
+    return updated
+
+
+def write_run_config(config: config_lib.Config, run_dir: Path) -> None:
+    """config.yaml, atomically: a resume reads it back."""
+    write_atomically(run_dir / "config.yaml", config_lib.config_yaml(config))
+
+
+def member_folder(run_dir: Path, round_index: int) -> Path:
+    """Where round `round_index`'s student is saved: a member of the run's ensemble folder."""
+    return Path(run_dir) / "ensemble" / f"member_{round_index}"
+
+
+def checkpoint_folder(run_dir: Path, round_index: int) -> Path:
+    """Where round `round_index`'s Trainer checkpoints go while it trains."""
+    return Path(run_dir) / "checkpoints" / f"round_{round_index}"
+
+
+def remove_finished_rounds_checkpoints(run_dir: Path, manifest: dict) -> None:
+    """Drop the checkpoints of rounds the manifest marks done: a kill right after the manifest write leaves them
+    behind, and a finished round's state is its member."""
+    for index, status in manifest["rounds"].items():
+        if status == "done":
+            shutil.rmtree(checkpoint_folder(run_dir, int(index)), ignore_errors=True)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
@@ -159,6 +310,14 @@ def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
     if free < needed:
         raise DiskSpaceError(f"{folder}: {free:,} bytes free, but about {needed:,} bytes are needed for {what}; "
                              f"{advice}")
+
+
+def check_disk_for_a_round(folder: Path, parameters: int) -> None:
+    """Refuse to start a round whose checkpoints cannot be written: two at once (the newest is written before the
+    oldest is pruned). Each write is checked again just before it happens (CheckDiskBeforeSave)."""
+    check_disk_space(folder, 2 * checkpoint_bytes(parameters),
+                     f"the next checkpoints ({parameters:,} parameters with their optimizer state)",
+                     "free some space or point output_root elsewhere")
 
 
 class CheckDiskBeforeSave(TrainerCallback):
@@ -216,6 +375,12 @@ class PreemptionSignal:
     def install(self) -> "PreemptionSignal":
         self.previous_handlers = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
+
+    def __enter__(self) -> "PreemptionSignal":
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.restore()
 
     def restore(self) -> None:
         """Put back the handlers that install() replaced (main() called in-process leaves none of its own)."""

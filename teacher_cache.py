@@ -16,7 +16,7 @@ Usage:
           k = 64 with uint8 values: 196 for a vocabulary of up to 65,536 tokens, one more per further block of
           65,536 (198 for Qwen's 151,936, 199 up to 262,144); float16 values (`--value_dtype float16`) take 62 more.
   hidden  the teacher's final hidden states (after its last norm) as float16; the trainer applies the teacher's
-          output head to them (train.output_head), which reproduces its logits up to fp16 rounding, at any T.
+          output head to them (model_io.output_head), which reproduces its logits up to fp16 rounding, at any T.
 
 The cache folder holds metadata.json (written last: a folder without it is not a finished cache) and one folder
 per writing process, shard_00000/, ... Process `rank` of `world_size` caches the dataset rows i with
@@ -60,8 +60,8 @@ import numpy as np
 import torch
 
 import run_state
-from losses import IGNORE_INDEX, predictor_mask
-from train import hidden_at, output_head
+from losses import predictor_mask
+from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
 
 FORMAT_VERSION = 2
 MODES = ("topk", "hidden")
@@ -504,6 +504,79 @@ def write_metadata(cache_dir, metadata: dict) -> None:
     run_state.write_atomically(cache_dir / METADATA_FILE, json.dumps(complete, indent=2) + "\n")
 
 
+def cache_settings(mode: str, vocab_size: int, k: int, temperature: float, value_dtype: str) -> dict:
+    """The settings a cache is built with, as metadata.json records them: k, temperature and the value dtype only
+    apply to top-k caches (hidden ones are exact at any temperature)."""
+    settings = {"mode": mode, "vocab_size": vocab_size}
+    if mode == "topk":
+        settings.update(k=k, temperature=temperature, value_dtype=value_dtype)
+    return settings
+
+
+def cache_folder(root: Path, identity: dict, settings: dict) -> Path:
+    """The folder under `root` of the cache with this identity (cache_identity) and these settings
+    (cache_settings): named by their hash, so that every run with the same teacher, data and settings shares it,
+    and a new format version gets a new folder."""
+    key_fields = {**identity, **settings, "format_version": FORMAT_VERSION}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / f"{settings['mode']}-{key}"
+
+
+def open_or_build(cache_dir, teacher, dataset, identity: dict, settings: dict, *, batch_size: int, collator,
+                  state) -> "TeacherCache":
+    """The cache in `cache_dir` of the teacher's outputs on `dataset` (the split as prepared, without example
+    ids), whose identity is `identity` (cache_identity), in `settings` (cache_settings): opened when it is
+    complete and built for them; otherwise built by every process of `state` (one shard each), finished by the
+    main process, and opened. A finished cache built for anything else is refused (CacheMismatchError names the
+    field), never overwritten."""
+    cache_dir = Path(cache_dir)
+    expected = {**identity, **settings}
+    try:
+        return TeacherCache.open(cache_dir, expected)
+    except CacheIncompleteError:
+        print(f"building the teacher cache ({settings['mode']}) in {cache_dir}")
+    build_cache(teacher, with_example_ids(dataset), cache_dir, mode=settings["mode"], k=settings.get("k"),
+                temperature=settings.get("temperature"), vocab_size=settings["vocab_size"], batch_size=batch_size,
+                collator=collator, metadata=identity, rank=state.process_index, world_size=state.num_processes,
+                value_dtype=settings.get("value_dtype", "uint8"))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_metadata(cache_dir, identity)
+    state.wait_for_everyone()
+    return TeacherCache.open(cache_dir, expected)
+
+
+def training_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state) -> "TeacherCache | None":
+    """A run's cache of the teacher's outputs on its training split `split` in the config's teacher_mode (None for
+    the online teacher), built once and shared by every round and every run with the same teacher, data and
+    settings (in cache_dir/teacher_cache)."""
+    if config.teacher_mode == "online":
+        return None
+    with state.main_process_first():  # one process hashes the teacher's weights, the others read its memo
+        identity = cache_identity(teacher_path, tokenizer, split, config.max_length, teacher.dtype,
+                                  Path(config.cache_dir) / FINGERPRINT_MEMO_FILE)
+    return _run_cache(config, teacher, identity, len(tokenizer), split, collator, state, config.teacher_mode,
+                      "teacher_cache")
+
+
+def evaluation_caches(config, teacher, train_cache: "TeacherCache", splits: dict, collator,
+                      state) -> tuple["TeacherCache", ...]:
+    """The teacher's final hidden states on each of `splits` (the held-out ones: test, weight_fit), cached once in
+    cache_dir/teacher_eval_cache, so that evaluating a run never runs the teacher's body. They share the training
+    cache's identity, each with its split's fingerprint, so nothing is hashed again."""
+    return tuple(_run_cache(config, teacher, identity_for_split(train_cache.metadata, split),
+                            train_cache.metadata["vocab_size"], split, collator, state, "hidden", "teacher_eval_cache")
+                 for split in splits.values())
+
+
+def _run_cache(config, teacher, identity: dict, vocab_size: int, split, collator, state, mode: str,
+               folder: str) -> "TeacherCache":
+    """The cache of `split` in `mode`, in the folder of cache_dir/`folder` that its identity and settings name."""
+    settings = cache_settings(mode, vocab_size, config.cache_k, config.temperature, config.cache_value_dtype)
+    return open_or_build(cache_folder(Path(config.cache_dir) / folder, identity, settings), teacher, split, identity,
+                         settings, batch_size=config.eval_batch_size, collator=collator, state=state)
+
+
 def _shard_records(cache_dir: Path) -> dict[int, dict]:
     """Each finished shard's shard.json, by rank (staging folders of unfinished shards are not listed)."""
     records = {}
@@ -578,7 +651,7 @@ class TeacherCache:
     def hidden_states(self, example_ids: list[int]) -> torch.Tensor:
         """The teacher's final hidden states [N, H] fp32 at the examples' supervised positions (order: topk_targets).
 
-        Logits: train.output_head(teacher, vocab_size)(hidden_states).
+        Logits: model_io.output_head(teacher, vocab_size)(hidden_states).
         """
         self._require_mode("hidden")
         hidden = self._gather("hidden", self._position_ranges(example_ids))
@@ -670,7 +743,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     import preprocess_dataset
     import utils
-    from train import PaddingCollator
 
     args = parse_args(argv)
     state = utils.process_state()
@@ -684,19 +756,18 @@ def main(argv=None) -> None:
     if identity["tokenizer_hash"] != data_metadata["tokenizer_sha256"]:
         raise SystemExit(f"error: {args.data_dir} was tokenized with another tokenizer than the teacher's")
     teacher = utils.load_causal_lm(args.teacher, teacher_dtype, args.trust_remote_code)
-    build_cache(teacher.to(state.device), dataset, args.output_dir, mode=args.mode, k=args.k,
-                temperature=args.temperature, vocab_size=len(tokenizer), batch_size=args.batch_size,
-                collator=PaddingCollator(tokenizer.pad_token_id), metadata=identity, rank=state.process_index,
-                world_size=state.num_processes, value_dtype=args.value_dtype)
-    state.wait_for_everyone()
+    settings = cache_settings(args.mode, len(tokenizer), args.k, args.temperature, args.value_dtype)
+    open_or_build(args.output_dir, teacher.to(state.device), dataset, identity, settings, batch_size=args.batch_size,
+                  collator=PaddingCollator(tokenizer.pad_token_id), state=state)
     if state.is_main_process:
-        write_metadata(args.output_dir, identity)
-        print(f"teacher cache ({args.mode}) of {len(dataset)} examples written to {args.output_dir}")
+        print(f"teacher cache ({args.mode}) of {len(dataset)} examples in {args.output_dir}")
 
 
 if __name__ == "__main__":
     try:
         main()
+    except CacheMismatchError as error:  # a finished cache for other settings: kept, and named
+        raise SystemExit(f"error: {error}") from None
     finally:
         import utils
 

@@ -1,6 +1,7 @@
 """Helpers shared by the scripts: devices and dtypes, model and tokenizer loading, students, run folders, CSV rows."""
 
 import csv
+import dataclasses
 import datetime
 import os
 import shutil
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from config import SINGLE_MODEL_BASELINES, ConfigError
 
 
 class TokenizerMismatchError(ValueError):
@@ -33,6 +36,13 @@ def process_state(device_name: str = "auto"):
     """
     from accelerate import PartialState
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # The student's output head runs outside its forward and members are saved by one process: both need the
+        # whole, unsharded weights.
+        raise ConfigError(
+            "FSDP is not supported: launch with accelerate_configs/ddp.yaml (data parallel). Students up to a few "
+            "billion parameters fit one GPU with their optimizer states; with --teacher_mode topk the teacher's "
+            "targets come from its cache during training")
     return PartialState(cpu=select_device(device_name).type == "cpu")
 
 
@@ -66,11 +76,13 @@ def use_bf16_autocast(name: str, device: torch.device) -> bool:
 
 # --- models and tokenizers ----------------------------------------------------------------------------------------
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, require_chat_template: bool = True):
+    """`name`'s tokenizer; with `require_chat_template`, refused unless it has a chat template (the one that formats
+    conversations: the teacher's)."""
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked out of every loss anyway
-    if not tokenizer.chat_template:
+    if require_chat_template and not tokenizer.chat_template:
         raise ValueError(f"the tokenizer of {name!r} has no chat template; use an instruct/chat model's tokenizer")
     return tokenizer
 
@@ -90,6 +102,23 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str
             f"teacher {teacher_name!r} ({len(teacher_vocab)} tokens) and student {student_name!r} "
             f"({len(student_vocab)} tokens) have different tokenizers (e.g. {differing}); pick a student from the "
             "teacher's model family")
+
+
+def check_student_tokenizer(teacher_tokenizer, student_model: str, teacher_name: str, trust_remote_code: bool) -> None:
+    """Refuse a pretrained student (hub name or folder) whose tokenizer is not the teacher's, or that has none.
+
+    Only the teacher's chat template ever formats conversations, so the student's tokenizer needs none (a base model
+    with the teacher's vocabulary is a fine student): only the vocabularies are compared (check_same_tokenizer).
+    """
+    try:
+        student_tokenizer = load_tokenizer(student_model, trust_remote_code, require_chat_template=False)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())  # transformers' messages span several lines
+        raise TokenizerMismatchError(
+            f"cannot load the tokenizer of student {student_model!r} ({reason}); a pretrained student needs the "
+            f"tokenizer of teacher {teacher_name!r} (its vocabulary; no chat template needed) saved with its weights: "
+            "tokenizer.save_pretrained(folder)") from error
+    check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_model)
 
 
 def check_vocab_fits(model, vocab_size: int, name: str) -> None:
@@ -112,15 +141,51 @@ def build_student(config, teacher, tokenizer, round_index: int):
     if config.student_init == "pretrained":
         return load_causal_lm(config.student_model, torch.float32, config.trust_remote_code)
     if config.student_init == "random":
-        return random_student(config, teacher, tokenizer)
+        return AutoModelForCausalLM.from_config(random_student_config(config, teacher.config, tokenizer),
+                                                dtype=torch.float32)
     return teacher_layers_student(teacher, student_layer_indices(config, round_index,
                                                                  teacher.config.num_hidden_layers))
 
 
-def random_student(config, teacher, tokenizer):
-    """A small randomly initialised model of the teacher's architecture and vocabulary."""
-    student_config = AutoConfig.for_model(
-        teacher.config.model_type,
+def baseline_round_config(config, num_teacher_layers: int):
+    """The settings each round's student is built and trained with.
+
+    single_matched: one student trained for the ensemble's total steps (total_rounds x steps_per_round).
+    single_large: that, with total_rounds times the layers (random init: student_num_layers; teacher_layers: as many
+    teacher layers, spread from first to last, as the teacher has). Otherwise the config itself.
+    """
+    if config.baseline not in SINGLE_MODEL_BASELINES:
+        return config
+    changes = {"steps_per_round": config.steps_per_round * config.total_rounds}
+    if config.baseline == "single_large":
+        if config.student_init == "random":
+            changes["student_num_layers"] = config.student_num_layers * config.total_rounds
+        else:
+            changes["teacher_layers"] = spread_layer_indices(len(config.teacher_layers) * config.total_rounds,
+                                                             num_teacher_layers)
+            changes["teacher_layers_shift"] = 0
+    return dataclasses.replace(config, **changes)
+
+
+def student_parameter_count(config, teacher, tokenizer, round_index: int = 0) -> int:
+    """The parameters of `round_index`'s student, counted from its model config on the meta device: no weight is
+    allocated or loaded."""
+    if config.student_init == "pretrained":
+        model_config = AutoConfig.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
+    elif config.student_init == "random":
+        model_config = random_student_config(config, teacher.config, tokenizer)
+    else:
+        model_config = teacher_layers_config(teacher.config, student_layer_indices(config, round_index,
+                                                                                   teacher.config.num_hidden_layers))
+    with torch.device("meta"):
+        return count_parameters(AutoModelForCausalLM.from_config(model_config,
+                                                                 trust_remote_code=config.trust_remote_code))
+
+
+def random_student_config(config, teacher_config, tokenizer):
+    """The model config of a small randomly initialised model of the teacher's architecture and vocabulary."""
+    return AutoConfig.for_model(
+        teacher_config.model_type,
         vocab_size=len(tokenizer),
         hidden_size=config.student_hidden_size,
         num_hidden_layers=config.student_num_layers,
@@ -133,7 +198,6 @@ def random_student(config, teacher, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    return AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
 
 
 def start_at_zero(model) -> None:
@@ -176,13 +240,18 @@ def student_layer_indices(config, round_index: int, num_teacher_layers: int) -> 
     return sorted(set(shifted))
 
 
-def teacher_layers_student(teacher, layers: list[int]):
-    """A student of the teacher's architecture with its embeddings, final norm, head and a subset of its layers."""
-    student_config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+def teacher_layers_config(teacher_config, layers: list[int]):
+    """The teacher's model config with only the given layers."""
+    student_config = teacher_config.__class__.from_dict(teacher_config.to_dict())
     student_config.num_hidden_layers = len(layers)
     if getattr(student_config, "layer_types", None) is not None:
-        student_config.layer_types = [teacher.config.layer_types[i] for i in layers]
-    student = AutoModelForCausalLM.from_config(student_config, dtype=torch.float32)
+        student_config.layer_types = [teacher_config.layer_types[i] for i in layers]
+    return student_config
+
+
+def teacher_layers_student(teacher, layers: list[int]):
+    """A student of the teacher's architecture with its embeddings, final norm, head and a subset of its layers."""
+    student = AutoModelForCausalLM.from_config(teacher_layers_config(teacher.config, layers), dtype=torch.float32)
     teacher_state = teacher.state_dict()
     student_state = {}
     for key in student.state_dict():

@@ -23,14 +23,15 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, when run as a script
 
-import main  # noqa: E402
+import teacher_cache  # noqa: E402
 from config import build_config  # noqa: E402
 from conftest import build_tiny_llama, build_tokenizer, load_chats  # noqa: E402
 from losses import LossSettings  # noqa: E402
+from model_io import PaddingCollator  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
 from run_state import PreemptionSignal, StopOnSignal  # noqa: E402
 from teacher_cache import with_example_ids  # noqa: E402
-from train import DistillationTrainer, PaddingCollator  # noqa: E402
+from train import DistillationTrainer  # noqa: E402
 from utils import leave_process_group, process_state  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
@@ -84,8 +85,8 @@ def main_probe():
         state.wait_for_everyone()
         config = build_config("test", overrides=dict(teacher_mode="topk", cache_k=16, cache_value_dtype="float16",
                                                      cache_dir=str(work_dir / "cache"), eval_batch_size=3))
-        cache = main.prepare_teacher_cache(config, teacher, str(teacher_path), tokenizer, dataset,
-                                           PaddingCollator(tokenizer.pad_token_id), state)
+        cache = teacher_cache.training_cache(config, teacher, str(teacher_path), tokenizer, dataset,
+                                             PaddingCollator(tokenizer.pad_token_id), state)
 
     arguments = SFTConfig(
         output_dir=str(work_dir / f"out_{state.num_processes}"), use_cpu=True, report_to=[], save_strategy="no",

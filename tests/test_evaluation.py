@@ -7,10 +7,10 @@ import torch
 from datasets import Dataset
 
 from conftest import build_tiny_llama
-from evaluation import WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight
+from evaluation import WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight, sample_answers
+from model_io import PaddingCollator
 from preprocess_dataset import tokenize_conversation
 from teacher_cache import TeacherCache, build_cache, write_metadata
-from train import PaddingCollator
 
 
 @pytest.fixture
@@ -145,3 +145,21 @@ def test_a_teacher_cached_as_hidden_states_gives_the_models_metrics_without_runn
     assert ce[0.0] == pytest.approx(online["student"]["ce"], rel=1e-6)  # the students' CE never depends on the teacher
     with pytest.raises(ValueError, match="no teacher cache holds the split"):
         evaluate(predictors, cached_teacher, test_split.select(range(4)), collator, 4, len(tokenizer))
+
+
+def test_sample_answers_are_each_models_greedy_continuation_of_the_chat_prompt(tokenizer):
+    models = {"a": build_tiny_llama(tokenizer, seed=1), "b": build_tiny_llama(tokenizer, seed=2)}
+    rows = sample_answers(models, tokenizer, ["Hello there", "Why?"], max_new_tokens=5)
+    assert [(row["model"], row["prompt"]) for row in rows] == [("a", "Hello there"), ("b", "Hello there"),
+                                                                ("a", "Why?"), ("b", "Why?")]
+    for row in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        tokens = prompt["input_ids"]
+        for _ in range(5):  # greedy decoding, step by step
+            tokens = torch.cat([tokens, models[row["model"]](input_ids=tokens).logits[:, -1:].argmax(-1)], 1)
+        new = tokens[0, prompt["input_ids"].shape[1]:]
+        if tokenizer.eos_token_id in new.tolist():
+            new = new[:new.tolist().index(tokenizer.eos_token_id) + 1]
+        assert row["new_tokens"] == len(new)
+        assert row["answer"] == tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -126,7 +126,9 @@ def fake_run(tmp_path, rounds: dict, **settings) -> Path:
 
 
 def resolved(*argv) -> main.config_lib.Config:
-    return main.resolve_config(main.parse_args(list(argv)))
+    config, resume_dir = main.resolve_config(main.parse_args(list(argv)))
+    assert resume_dir == Path(argv[argv.index("--resume") + 1])  # the folder it resolved, returned, not stored
+    return config
 
 
 def test_resume_may_change_total_rounds_down_to_the_rounds_it_has_started(tmp_path):
@@ -518,14 +520,14 @@ def test_a_signal_during_setup_stops_before_anything_is_written(tiny_teacher_dir
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == 0
     run_dir = only_run_dir(tmp_path)
     before = snapshot(tmp_path / "runs")
-    real_prepare_data = main.prepare_data
+    real_prepare_for_run = main.preprocess_dataset.prepare_for_run
 
     def prepare_data_then_signal(config, tokenizer):
-        data = real_prepare_data(config, tokenizer)
+        prepared = real_prepare_for_run(config, tokenizer)
         os.kill(os.getpid(), signal.SIGTERM)
-        return data
+        return prepared
 
-    monkeypatch.setattr(main, "prepare_data", prepare_data_then_signal)
+    monkeypatch.setattr(main.preprocess_dataset, "prepare_for_run", prepare_data_then_signal)
     signals_main_missed = []
 
     def test_handler(signum, frame):

@@ -274,3 +274,35 @@ def test_main_names_a_folder_without_metrics(runs, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written
     with pytest.raises(FileNotFoundError, match="not_a_run"):
         plot.load_run(empty)
+
+
+def test_gap_closed_is_nan_when_the_untrained_student_already_scores_as_the_teacher():
+    metrics = pd.DataFrame([dict(round=0, model="teacher", ce=2.0), dict(round=0, model="student_untrained", ce=2.0),
+                            dict(round=0, model="student", ce=1.5)])
+    assert plot.gap_closed(metrics).isna().all()  # the gap is empty: no share of it can be closed
+
+
+def test_metrics_summary_sets_each_ensemble_against_its_best_member_so_far():
+    metrics = pd.DataFrame([dict(round=r, model=m, ensemble_size=n, ce=ce, perplexity=math.exp(ce), kl_teacher=0.1,
+                                 top1_agreement=0.5)
+                            for r, m, n, ce in [(0, "student", 1, 3.0), (0, "ensemble", 1, 3.0),
+                                                (1, "student", 1, 3.5), (1, "ensemble", 2, 2.75)]])
+    summary = plot.metrics_summary(metrics)
+    assert "  1 member(s): ensemble 3.0000, best member 3.0000, gain +0.0000" in summary
+    assert "  2 member(s): ensemble 2.7500, best member 3.0000, gain +0.2500" in summary
+    assert summary.startswith("Metrics on the held-out split") and "2.7500" in summary.splitlines()[1 + 4]
+
+
+def test_new_rows_get_gap_closed_from_the_ends_written_before_or_given_with_them(tmp_path):
+    path = tmp_path / "metrics.csv"
+    first = plot.rows_with_gap_closed([dict(round=0, model="teacher", ce=TEACHER),
+                                       dict(round=0, model="student_untrained", ce=START),
+                                       dict(round=0, model="student", ce=3.0)], path)
+    assert [row["gap_closed"] for row in first] == [1.0, 0.0, 0.5]
+    pd.DataFrame(first).to_csv(path, index=False)
+    later = plot.rows_with_gap_closed([dict(round=1, model="ensemble", ce=2.0)], path)
+    assert later == [dict(round=1, model="ensemble", ce=2.0, gap_closed=0.75)]
+    # A round evaluated again: its new rows count, not those it replaces.
+    again = plot.rows_with_gap_closed([dict(round=0, model="student_untrained", ce=4.0),
+                                       dict(round=0, model="teacher", ce=TEACHER)], path)
+    assert [row["gap_closed"] for row in again] == [0.0, 1.0]

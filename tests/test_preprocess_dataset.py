@@ -13,6 +13,7 @@ import preprocess_dataset
 from preprocess_dataset import (
     DataError,
     build_dataset,
+    describe_counts,
     load_conversations,
     load_dataset_dir,
     main,
@@ -349,7 +350,9 @@ def test_build_counts_drops_and_supervised_tokens(tmp_path, tokenizer, chats):
     dataset, metadata = build_dataset(source, tokenizer, max_length=LONG_ENOUGH, test_size=5, seed=0)
 
     assert metadata["counts"] == {
-        "loaded": 51, "dropped_not_user_first": 2, "dropped_no_supervised_tokens": 1, "train": 43, "test": 5,
+        "loaded": 51, "dropped_not_user_first": 2, "not_sampled": 0, "dropped_no_supervised_tokens": 1,
+        "dropped_no_assistant_turn": 1, "dropped_too_long": 0, "kept": 48, "cut_at_max_length": 0,
+        "train": 43, "test": 5,
         "supervised_tokens": {name: sum(label != -100 for labels in dataset[name]["labels"] for label in labels)
                               for name in ("train", "test")},
     }
@@ -374,7 +377,15 @@ def test_examples_whose_answer_is_cut_off_are_dropped(chats_file, tokenizer, cha
     dataset, metadata = build_dataset(chats_file, tokenizer, max_length=max_length, test_size=2, seed=0)
 
     assert metadata["counts"]["dropped_no_supervised_tokens"] == expected_dropped
+    assert metadata["counts"]["dropped_too_long"] == expected_dropped
+    assert metadata["counts"]["dropped_no_assistant_turn"] == 0
     assert metadata["counts"]["train"] + metadata["counts"]["test"] == len(chats) - expected_dropped
+    cut = sum(len(ids) == max_length for part in dataset.values() for ids in part["input_ids"])
+    assert metadata["counts"]["cut_at_max_length"] == cut > 0
+    assert describe_counts(metadata["counts"]) == (
+        f"{len(chats)} conversations loaded, {len(chats) - expected_dropped} kept; dropped: 0 not opening with a "
+        f"user turn, 0 without an assistant turn, {expected_dropped} too long (no assistant token within "
+        f"max_length); {cut} kept examples cut at max_length")
     for part in dataset.values():
         assert max(len(ids) for ids in part["input_ids"]) == max_length
         assert all(any(label != -100 for label in labels) for labels in part["labels"])

@@ -1,5 +1,6 @@
 """run_state: atomic files, complete checkpoints only, disk-space refusal, preemption signals."""
 
+import csv
 import json
 import os
 import signal
@@ -157,3 +158,27 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     result = torch.load(out)
     assert result["steps_done"] == [1, 1]
     assert result["stopped_by_signal"] == [True, True]
+
+
+def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoint_dropped(tmp_path):
+    manifest = run_state.new_manifest("abc", 0, 2)
+    columns = ["round", "step", "loss"]
+    run_state.replace_csv_rows(tmp_path / "train_log.csv", columns, lambda row: True,
+                               [{"round": r, "step": s, "loss": 1.0} for r in (0, 1) for s in (1, 2, 3)])
+    run_state.mark_round_training(tmp_path, manifest, 1, tmp_path / "checkpoint-2", columns)
+    assert run_state.load_manifest(tmp_path)["rounds"] == {"0": "pending", "1": "training"}
+    assert manifest["rounds"] == {"0": "pending", "1": "pending"}  # the caller's manifest is not changed
+    with open(tmp_path / "train_log.csv") as f:
+        kept = [(row["round"], row["step"]) for row in csv.DictReader(f)]
+    assert kept == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2")]
+
+
+def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
+    manifest = run_state.new_manifest("abc", 0, 2)
+    done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0])
+    assert done["rounds"] == {"0": "done", "1": "pending"} and done["members"] == ["ensemble/member_0"]
+    assert done["weights"] == [1.0] and done["teacher_evaluated"] and not manifest["teacher_evaluated"]
+    for index in (0, 1):
+        (tmp_path / "checkpoints" / f"round_{index}" / "checkpoint-1").mkdir(parents=True)
+    run_state.remove_finished_rounds_checkpoints(tmp_path, done)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["round_1"]

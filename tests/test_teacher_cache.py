@@ -16,11 +16,11 @@ import preprocess_dataset
 import teacher_cache
 from conftest import build_tiny_llama
 from losses import divergence_sum, predictor_mask, sparse_divergence_sum
+from model_io import PaddingCollator, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from teacher_cache import (CacheIncompleteError, CacheMismatchError, TeacherCache, build_cache, cache_identity,
                            decode_token_ids, decode_top_k, encode_token_ids, encode_top_k, identity_for_split,
                            normalised_top_k, teacher_fingerprint, top_k_with_tail, with_example_ids, write_metadata)
-from train import PaddingCollator, hidden_at, logits_at, output_head
 
 NUM_EXAMPLES = 12
 MAX_LENGTH = 128
@@ -550,3 +550,43 @@ def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teach
     supervised = sum(int((np.asarray(dataset[i]["labels"][1:]) != -100).sum()) for i in (0, 1))
     assert log_probs.shape == indices.shape == (supervised, 8)
     assert (tmp_path / teacher_cache.FINGERPRINT_MEMO_FILE).is_file()  # next to the cache
+
+
+def test_command_line_reuses_a_matching_cache_and_refuses_another(tmp_path, teacher, tokenizer, dataset,
+                                                                   monkeypatch):
+    teacher_dir, data_dir = tmp_path / "teacher", tmp_path / "data"
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    data_metadata = {"tokenizer_sha256": preprocess_dataset._tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
+    preprocess_dataset.save_dataset(DatasetDict({"train": dataset}), data_metadata, data_dir)
+
+    def command(k: str) -> list[str]:
+        return ["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "cache"),
+                "--k", k, "--batch_size", "4", "--dtype", "float32"]
+
+    builds = []
+    real_build = teacher_cache.build_cache
+    monkeypatch.setattr(teacher_cache, "build_cache", lambda *args, **kwargs: builds.append(kwargs["k"]) or
+                        real_build(*args, **kwargs))
+    teacher_cache.main(command("8"))
+    teacher_cache.main(command("8"))  # the same settings: opened, not built again
+    assert builds == [8]
+    before = {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*")}
+    with pytest.raises(teacher_cache.CacheMismatchError, match="built with k = 8, but this run wants k = 4"):
+        teacher_cache.main(command("4"))  # other settings in the same folder: refused, the cache kept
+    assert builds == [8]
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*")} == before
+
+
+def test_a_cache_folder_is_named_by_every_setting_and_the_format(tmp_path):
+    identity = {"teacher": "t", "teacher_fingerprint": "f", "dataset_fingerprint": "d"}
+    settings = teacher_cache.cache_settings("topk", 100, 8, 1.0, "uint8")
+    folder = teacher_cache.cache_folder(tmp_path, identity, settings)
+    assert folder.parent == tmp_path and folder.name.startswith("topk-")
+    assert teacher_cache.cache_folder(tmp_path, identity, dict(settings)) == folder
+    others = [teacher_cache.cache_folder(tmp_path, {**identity, "dataset_fingerprint": "e"}, settings),
+              teacher_cache.cache_folder(tmp_path, identity, {**settings, "k": 16}),
+              teacher_cache.cache_folder(tmp_path, identity, teacher_cache.cache_settings("hidden", 100, 8, 1.0,
+                                                                                          "uint8"))]
+    assert len({folder, *others}) == 4
+    assert teacher_cache.cache_settings("hidden", 100, 8, 1.0, "uint8") == {"mode": "hidden", "vocab_size": 100}

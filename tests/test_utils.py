@@ -1,6 +1,7 @@
 """utils: students, safe loading, tokenizer checks, run folders."""
 
 import datetime
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,34 @@ def test_tokenizers_must_match_but_padded_heads_are_fine(tokenizer):
     utils.check_vocab_fits(build_tiny_llama(tokenizer, vocab_size=len(tokenizer) + 8), len(tokenizer), "padded")
     with pytest.raises(utils.TokenizerMismatchError, match="has 300 output rows but the tokenizer has 400"):
         utils.check_vocab_fits(build_tiny_llama(tokenizer, vocab_size=300), len(tokenizer), "small")
+
+
+def save_student(folder, tokenizer=None):
+    """A tiny pretrained student folder: the model's weights and config, and `tokenizer` when given."""
+    model_tokenizer = tokenizer or build_tokenizer("chatml")
+    build_tiny_llama(model_tokenizer).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_student_tokenizer_without_chat_template_is_accepted_when_its_vocabulary_is_the_teachers(tmp_path,
+                                                                                                 tokenizer):
+    base = build_tokenizer("chatml")
+    base.chat_template = None  # a base model's tokenizer: the teacher's vocabulary, no template
+    student = save_student(tmp_path / "base", base)
+    utils.check_student_tokenizer(tokenizer, student, "teacher", trust_remote_code=False)
+    other = build_tokenizer("llama3")
+    other.chat_template = None
+    with pytest.raises(utils.TokenizerMismatchError, match="'teacher' .* and student '.*other' .* have different"):
+        utils.check_student_tokenizer(tokenizer, save_student(tmp_path / "other", other), "teacher", False)
+
+
+def test_a_student_folder_without_a_tokenizer_is_refused_naming_it(tmp_path, tokenizer):
+    student = save_student(tmp_path / "weights_only")
+    with pytest.raises(utils.TokenizerMismatchError,
+                       match=f"cannot load the tokenizer of student '{re.escape(student)}'.*teacher 'teacher'"):
+        utils.check_student_tokenizer(tokenizer, student, "teacher", trust_remote_code=False)
 
 
 def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
@@ -114,3 +143,31 @@ def test_spread_layer_indices_spans_the_teacher():
     assert utils.spread_layer_indices(4, 30) == [0, 10, 19, 29]
     assert utils.spread_layer_indices(40, 30) == list(range(30))
     assert utils.spread_layer_indices(1, 30) == [0]
+
+
+@pytest.mark.parametrize("student_init", ["random", "teacher_layers", "pretrained"])
+def test_a_students_parameters_are_counted_from_its_config_without_building_it(tmp_path, tokenizer, student_init,
+                                                                               monkeypatch):
+    teacher = build_tiny_llama(tokenizer, hidden_size=48, num_layers=4)
+    pretrained = tmp_path / "student"
+    build_tiny_llama(tokenizer, hidden_size=40, num_layers=3).save_pretrained(pretrained)
+    config = build_config("test", overrides=dict(student_init=student_init, teacher_layers=[0, 2, 3],
+                                                 student_model=str(pretrained)))
+    built = [utils.count_parameters(utils.build_student(config, teacher, tokenizer, r)) for r in (0, 1)]
+    monkeypatch.setattr(utils, "load_causal_lm", lambda *args, **kwargs: pytest.fail("weights were loaded"))
+    assert [utils.student_parameter_count(config, teacher, tokenizer, r) for r in (0, 1)] == built
+    assert len(set(built)) == 1 and built[0] > 0
+
+
+def test_single_model_baselines_get_the_ensembles_steps_and_single_large_its_depth(tokenizer):
+    config = build_config("test", overrides=dict(total_rounds=3, steps_per_round=5))
+    assert utils.baseline_round_config(config, 30) is config
+    matched = utils.baseline_round_config(build_config("test", overrides=dict(
+        total_rounds=3, steps_per_round=5, baseline="single_matched")), 30)
+    assert (matched.steps_per_round, matched.student_num_layers) == (15, 1)
+    large = utils.baseline_round_config(build_config("test", overrides=dict(
+        total_rounds=3, steps_per_round=5, baseline="single_large")), 30)
+    assert (large.steps_per_round, large.student_num_layers) == (15, 3)
+    copied = utils.baseline_round_config(build_config("test", overrides=dict(
+        total_rounds=3, baseline="single_large", student_init="teacher_layers", teacher_layers=[0, 29])), 30)
+    assert copied.teacher_layers == utils.spread_layer_indices(6, 30) and copied.teacher_layers_shift == 0
