@@ -1,0 +1,177 @@
+"""compute.py against hand counts: parameters and forward FLOPs of tiny Llamas, a measured forward, and the round,
+run, inference and FLOP-matched arithmetic written out by hand."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import compute
+from compute import ModelShape
+
+
+def tiny_llama_config(**changes) -> LlamaConfig:
+    settings = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, vocab_size=16, intermediate_size=12,
+                    tie_word_embeddings=True)
+    return LlamaConfig(**{**settings, **changes})
+
+
+# --- parameters, by hand --------------------------------------------------------------------------------------------
+
+# hidden 8, 2 heads of 4, 2 key/value heads, vocabulary 16, MLP 12, tied head:
+EMBEDDING = 16 * 8  # 128, the head shares it
+ATTENTION = 8 * 8 + 8 * 8 + 8 * 8 + 8 * 8  # q, k, v (2 kv heads x 4 = 8 wide), o: 256
+MLP = 8 * 12 + 8 * 12 + 12 * 8  # gate, up, down: 288
+NORMS = 8 + 8  # input and post-attention RMSNorm weights
+LAYER = ATTENTION + MLP + NORMS  # 560
+FINAL_NORM = 8
+TIED_TOTAL = EMBEDDING + 2 * LAYER + FINAL_NORM  # 1256
+NON_EMBEDDING = 2 * LAYER + FINAL_NORM  # 1128
+
+
+def test_parameters_of_a_tiny_tied_llama_by_hand():
+    assert (TIED_TOTAL, NON_EMBEDDING) == (1256, 1128)
+    shape = compute.model_shape(tiny_llama_config())
+    assert shape == ModelShape(parameters=1256, embedding_parameters=128, head_parameters=128, num_layers=2,
+                               attention_width=8)
+    assert compute.parameter_count(tiny_llama_config()) == 1256
+    assert compute.non_embedding_parameter_count(tiny_llama_config()) == 1128
+
+
+def test_an_untied_head_is_an_embedding_and_a_model_counts_like_its_config():
+    config = tiny_llama_config(tie_word_embeddings=False)
+    assert compute.parameter_count(config) == 1256 + 16 * 8  # the head's own 128
+    assert compute.non_embedding_parameter_count(config) == 1128  # unchanged: the head is not counted in N
+    torch.manual_seed(0)
+    assert compute.model_shape(AutoModelForCausalLM.from_config(config)) == compute.model_shape(config)
+
+
+def test_parameters_with_grouped_query_attention_and_a_set_head_dim_by_hand():
+    # 2 query heads of 6 (d_attn 12, wider than hidden 8), 1 key/value head, untied head.
+    config = tiny_llama_config(num_key_value_heads=1, head_dim=6, tie_word_embeddings=False)
+    layer = (8 * 12 + 8 * 6 + 8 * 6 + 12 * 8) + (8 * 12 + 8 * 12 + 12 * 8) + (8 + 8)  # 288 + 288 + 16 = 592
+    assert compute.model_shape(config) == ModelShape(parameters=16 * 8 * 2 + 2 * layer + 8,  # 1448
+                                                     embedding_parameters=256, head_parameters=128, num_layers=2,
+                                                     attention_width=12)
+
+
+# --- forward FLOPs ---------------------------------------------------------------------------------------------------
+
+def test_forward_flops_per_token_by_hand():
+    shape = compute.model_shape(tiny_llama_config())
+    # context 10: 2 N = 2 * 1128; attention 2 * 2 layers * 10 * 8 = 320; head 2 * 16 * 8 = 256
+    assert compute.body_forward_flops_per_token(shape, context=10) == 2256 + 320
+    assert compute.head_forward_flops_per_token(shape) == 256
+    assert compute.forward_flops_per_token(shape, context=10) == 2832
+    # the body on 7 padded tokens, the head on 3 supervised ones
+    assert compute.forward_flops(shape, sequence_tokens=7, supervised_tokens=3, context=10) == 2576 * 7 + 256 * 3
+
+
+@pytest.mark.parametrize("changes", [{}, {"num_key_value_heads": 1, "head_dim": 6, "tie_word_embeddings": False}])
+def test_the_formula_matches_a_measured_forward(changes):
+    """torch's FlopCounterMode counts a real forward's matmuls (eager attention). They are our count, less the norms'
+    weights (2 FLOPs each per token in 2 N, no matmul), with the attention over the full masked square: 4 * d_attn
+    per layer and position pair, i.e. our Kaplan term at twice the sequence length (docs/compute.md)."""
+    config = tiny_llama_config(attn_implementation="eager", **changes)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    length = 5
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, 16, (1, length)))
+    norm_weights = 2 * (8 + 8) + 8
+    shape = compute.model_shape(model)
+    assert counter.get_total_flops() == (compute.forward_flops(shape, length, length, context=2 * length)
+                                         - 2 * norm_weights * length)
+
+
+# --- rounds and runs, by hand ---------------------------------------------------------------------------------------
+
+# Shapes chosen for round numbers. At context 10:
+#   student: body 2 * 50 + 2 * 2 * 10 * 4 = 260 a token, head 2 * 20 = 40 a supervised token
+#   teacher: body 2 * 500 + 2 * 4 * 10 * 8 = 1640 a token, head 2 * 100 = 200 a supervised token
+STUDENT = ModelShape(parameters=70, embedding_parameters=20, head_parameters=20, num_layers=2, attention_width=4)
+TEACHER = ModelShape(parameters=600, embedding_parameters=100, head_parameters=100, num_layers=4, attention_width=8)
+TOKENS = dict(sequence_tokens=1000, supervised_tokens=300, context=10)  # one round's
+CACHE = dict(cache_sequence_tokens=1100, cache_supervised_tokens=300)  # the build's batches pad differently
+
+STUDENT_ROUND = 816_000  # 3 * (260 * 1000 + 40 * 300)
+MEMBER = 272_000  # 260 * 1000 + 40 * 300
+ONLINE_TEACHER = 1_700_000  # 1640 * 1000 + 200 * 300
+TOPK_BUILD = 1_864_000  # 1640 * 1100 + 200 * 300
+HIDDEN_BUILD = 1_804_000  # 1640 * 1100, no head
+HIDDEN_HEAD = 60_000  # 200 * 300, every round
+
+
+def test_one_round_by_hand():
+    flops = compute.round_training_flops(STUDENT, members=[STUDENT, STUDENT], teacher=TEACHER, **TOKENS)
+    assert flops == (816_000, 2 * 272_000, 1_700_000)
+    assert flops.total == 816_000 + 544_000 + 1_700_000
+    alone = compute.round_training_flops(STUDENT, **TOKENS)  # alpha = 0: no teacher
+    assert alone == (STUDENT_ROUND, 0, 0)
+
+
+def test_a_three_round_method_run_against_the_independent_baseline_online():
+    method = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, **TOKENS)
+    rounds = [STUDENT_ROUND + members * MEMBER + ONLINE_TEACHER for members in (0, 1, 2)]
+    assert rounds == [2_516_000, 2_788_000, 3_060_000]
+    assert method == [2_516_000, 5_304_000, 8_364_000]
+    independent = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, through_ensemble=False, **TOKENS)
+    assert independent == [2_516_000, 5_032_000, 7_548_000]
+    assert method[-1] - independent[-1] == 3 * MEMBER  # rounds 1 and 2 run 1 and 2 frozen members
+
+
+def test_a_cached_teacher_is_built_once_and_shared_by_the_rounds():
+    topk = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, teacher_mode="topk", **TOKENS, **CACHE)
+    share = TOPK_BUILD / 3
+    assert topk == pytest.approx([816_000 + share, 2 * 816_000 + 272_000 + 2 * share,
+                                  3 * 816_000 + 3 * 272_000 + TOPK_BUILD])
+    hidden = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, teacher_mode="hidden", through_ensemble=False,
+                                        **TOKENS, **CACHE)
+    assert hidden[-1] == pytest.approx(3 * (816_000 + HIDDEN_HEAD) + HIDDEN_BUILD)
+    # Six rounds (two runs) reading one cache: each round bears a sixth of the build.
+    shared = compute.round_training_flops(STUDENT, teacher=TEACHER, teacher_mode="hidden", rounds_sharing_cache=6,
+                                          **TOKENS, **CACHE)
+    assert shared.teacher == pytest.approx(1_804_000 / 6 + 60_000)
+    with pytest.raises(ValueError, match="cache_sequence_tokens"):
+        compute.round_training_flops(STUDENT, teacher=TEACHER, teacher_mode="topk", **TOKENS)
+
+
+def test_a_single_model_and_per_round_token_counts():
+    # single_matched: one student over the three rounds' tokens, teacher online.
+    single = compute.single_model_training_flops(STUDENT, teacher=TEACHER, sequence_tokens=3000,
+                                                 supervised_tokens=900, context=10)
+    assert single == 3 * (260 * 3000 + 40 * 900) + (1640 * 3000 + 200 * 900) == 7_548_000
+    # rounds whose padded batches differ
+    run = compute.run_training_flops([STUDENT] * 2, sequence_tokens=[1000, 900], supervised_tokens=300, context=10)
+    assert run == [816_000, 816_000 + 3 * (260 * 900 + 40 * 300) + (260 * 900 + 40 * 300)]
+
+
+def test_flop_matched_steps():
+    # A single model matched to the online method run: a step of 100 padded and 30 supervised tokens costs
+    # 3 * (260 * 100 + 40 * 30) + (1640 * 100 + 200 * 30) = 81_600 + 170_000.
+    step = compute.round_training_flops(STUDENT, teacher=TEACHER, sequence_tokens=100, supervised_tokens=30,
+                                        context=10).total
+    assert step == 251_600
+    assert compute.flop_matched_steps(8_364_000, step) == 33  # 33.24 rounded down (the method took 30 steps)
+    assert compute.flop_matched_steps(5 * step, step) == 5
+    assert compute.flop_matched_steps(5 * step - 1, step) == 4
+    assert compute.flop_matched_steps(0.3, 0.1) == 3  # 2.9999999999999996 in floats
+    # a one-off cost (a teacher cache build) comes off the budget first
+    assert compute.flop_matched_steps(7 * step + 1000, step, fixed_flops=2 * step) == 5
+    assert compute.flop_matched_steps(3 * step, step, fixed_flops=4 * step) == 0
+    with pytest.raises(ValueError):
+        compute.flop_matched_steps(1000, 0)
+
+
+# --- inference ------------------------------------------------------------------------------------------------------
+
+def test_inference_flops_and_critical_path_of_members_of_different_depths():
+    shallow = ModelShape(parameters=70, embedding_parameters=20, head_parameters=20, num_layers=2, attention_width=4)
+    deep = ModelShape(parameters=170, embedding_parameters=20, head_parameters=20, num_layers=5, attention_width=4)
+    middle = ModelShape(parameters=120, embedding_parameters=20, head_parameters=20, num_layers=3, attention_width=4)
+    # per token at context 10: 2 N + 2 L 10 4 + 2 V H
+    assert compute.ensemble_inference_flops_per_token([shallow, deep, middle], context=10) == (
+        (100 + 160 + 40) + (300 + 400 + 40) + (200 + 240 + 40))
+    assert compute.critical_path_depth([shallow, deep, middle]) == 5
+    assert compute.critical_path_depth([shallow]) == 2
+    assert compute.ensemble_inference_flops_per_token([shallow], context=10) == 300
