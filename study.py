@@ -1,0 +1,862 @@
+"""A scaling study: does an ensemble of small students beat one model at equal parameters or training FLOPs, and
+how does quality scale with the ensemble's size?
+
+A study spec (YAML, see docs/study.md) names base settings and families of runs: ensemble families (the method,
+each combine mode a curve) and single-model families (models of growing size), each a grid of settings crossed
+with seeds. Every grid point is one main.py run with its own output_root, STUDY/runs/NAME, so it can be found,
+skipped when finished and resumed when not.
+
+Usage:
+    python study.py SPEC.yaml                  # run every unfinished grid point here, one after another; collect
+    python study.py SPEC.yaml --dry_run        # list the grid points and which are finished
+    python study.py SPEC.yaml --print_sbatch   # the sbatch lines that run the same grid as SLURM arrays (train.sh)
+    python study.py SPEC.yaml --collect        # only collect: rows, fits, figures and summary of finished runs
+
+What collecting writes into the study folder:
+    rows.csv         every finished run's metrics.csv rows, with run, family, series, kind, seed and its settings
+    runs.csv         every grid point: its status and run folder
+    summary.csv      per series and point: mean and std of held-out CE over seeds, the x values
+    fits.csv         L(x) = L_inf + A x^-alpha of CE against each x, with bootstrap intervals over seeds
+    comparison.csv   ensemble CE minus single-model CE at matched x, and whether it exceeds 2 std of the seeds
+    summary.md       the three tables above, short, and the notes (fits skipped, and why)
+    ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the fitted curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import re
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+from scipy.optimize import OptimizeWarning, curve_fit
+
+import config as config_lib
+import plot
+
+REPO = Path(__file__).resolve().parent
+MAIN = REPO / "main.py"
+KINDS = ("ensemble", "single")
+# The x axes a law is fitted against: metrics.csv column -> label. All but ensemble_size are columns that main.py
+# may or may not write yet; a missing one skips its fits with a note.
+X_AXES = {"ensemble_size": "ensemble size (members)", "parameters": "parameters",
+          "train_flops": "training FLOPs", "critical_path_layers": "critical-path depth (layers)"}
+COMPARED_X = ("parameters", "train_flops", "critical_path_layers")  # where ensemble and single model are matched
+EQUAL_X_RTOL = 0.01  # x values this close (relative) are the same grid point
+ALPHA_BOUNDS = (1e-4, 10.0)
+ALPHA_GRID = np.geomspace(*ALPHA_BOUNDS, 400)
+INTERVAL = (2.5, 97.5)  # percentiles of the bootstrap: a 95% interval
+STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families"}
+FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by"}
+SET_BY_STUDY = {"seed", "output_root"}  # each run's seed comes from `seeds`, its output_root from its name
+NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+
+
+class StudyError(ValueError):
+    """A spec or a study folder the driver cannot use; the message says what to change."""
+
+
+class FitError(ValueError):
+    """Too few distinct x values (or none usable) to fit the 3-parameter law."""
+
+
+# --- the spec and its grid ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One grid point: one main.py run."""
+
+    name: str
+    family: str
+    kind: str  # ensemble: every ensemble size of the run is a point of the curve; single: the run's final model
+    series: str  # the curve it belongs to: the family, split by its split_by keys
+    label: str  # the point on its curve (single kind): its grid values other than split_by, or the family name
+    preset: str
+    settings: dict  # every stated setting (study, family, grid), seed excluded
+    seed: int
+    output_root: Path
+    config: config_lib.Config  # what main.py resolves the run's command line to
+
+    @property
+    def expected_rounds(self) -> int:
+        return self.config.rounds_to_run()
+
+    def run_args(self) -> list[str]:
+        """main.py's arguments for a new run of this point."""
+        args = ["--preset", self.preset, "--output_root", str(self.output_root)]
+        for key, value in self.settings.items():
+            args += [f"--{key}", cli_value(value)]
+        return args + ["--seed", str(self.seed)]
+
+    def run_yaml(self) -> dict:
+        """This point's settings as a main.py --config file (the preset is given on the command line)."""
+        return {**self.settings, "seed": self.seed, "output_root": str(self.output_root)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    folder: Path
+    points: list[Point]
+
+    @property
+    def families(self) -> list[str]:
+        return list(dict.fromkeys(p.family for p in self.points))
+
+
+def cli_value(value) -> str:
+    """A setting as main.py's command line takes it (config.coerce reads it back)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def name_part(value) -> str:
+    """A value as it appears in a run's name: safe in a folder name and in train.sh's comma-separated sweep."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", cli_value(value))
+
+
+def _mapping(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StudyError(f"{what} must be a mapping of key: value, not {value!r}")
+    return dict(value)
+
+
+def _seeds(value, what: str) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise StudyError(f"{what} must be a non-empty list of integers, not {value!r}")
+    if len(set(values)) != len(values):
+        raise StudyError(f"{what} repeats a seed: {value!r}")
+    return values
+
+
+def _check_keys(keys, what: str) -> None:
+    try:
+        config_lib.check_keys(dict.fromkeys(keys), what)
+    except config_lib.ConfigError as error:
+        raise StudyError(str(error)) from error
+    reserved = sorted(SET_BY_STUDY & set(keys))
+    if reserved:
+        raise StudyError(f"{what} sets {', '.join(reserved)}: the study sets these per run (seeds come from "
+                         f"`seeds`, output_root is STUDY/runs/NAME)")
+
+
+def load_spec(path) -> Study:
+    """Read and check a study spec; every grid point's config is built (config.build_config) so a bad key or value
+    fails here, before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study spec {str(path)!r} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise StudyError(f"study spec {str(path)!r} must hold a mapping")
+    unknown = sorted(set(spec) - STUDY_KEYS)
+    if unknown:
+        raise StudyError(f"unknown key(s) {unknown} in {path}; a spec has {sorted(STUDY_KEYS)}")
+    name = str(spec.get("name") or "")
+    if not NAME.fullmatch(name):
+        raise StudyError(f"the spec's name {name!r} must be letters, digits and _.+- only")
+    folder = Path(spec.get("output") or Path("studies") / name).resolve()
+    base = _mapping(spec.get("settings"), "settings")
+    _check_keys(base, f"{path}: settings")
+    seeds = _seeds(spec.get("seeds", [0]), "seeds")
+    families = spec.get("families")
+    if not isinstance(families, list) or not families:
+        raise StudyError(f"{path}: `families` must be a non-empty list")
+    points = []
+    for family in families:
+        points += family_points(family, spec.get("preset", config_lib.DEFAULT_PRESET), base, seeds, folder)
+    names = [p.name for p in points]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise StudyError(f"run names repeat: {repeated} (two families with one name, or grid values that read the "
+                         f"same in a folder name)")
+    return Study(name=name, folder=folder, points=points)
+
+
+def family_points(family: dict, preset: str, base: dict, seeds: list[int], folder: Path) -> list[Point]:
+    """The grid points of one family: the cartesian product of its grid's lists, crossed with its seeds."""
+    family = _mapping(family, "a family")
+    unknown = sorted(set(family) - FAMILY_KEYS)
+    if unknown:
+        raise StudyError(f"unknown key(s) {unknown} in family {family.get('name')!r}; a family has "
+                         f"{sorted(FAMILY_KEYS)}")
+    name = str(family.get("name") or "")
+    if not NAME.fullmatch(name):
+        raise StudyError(f"family name {name!r} must be letters, digits and _.+- only")
+    what = f"family {name!r}"
+    settings = _mapping(family.get("settings"), f"{what}: settings")
+    grid = {key: values if isinstance(values, list) else [values]
+            for key, values in _mapping(family.get("grid"), f"{what}: grid").items()}
+    _check_keys([*settings, *grid], what)
+    if any(not values for values in grid.values()):
+        raise StudyError(f"{what}: every grid key needs at least one value")
+    preset = family.get("preset", preset)
+    seeds = _seeds(family["seeds"], f"{what}: seeds") if "seeds" in family else seeds
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    baselines = {str({**base, **settings, **combo}.get("baseline", "none")) for combo in combos}
+    kind = family.get("kind") or ("single" if baselines <= set(config_lib.SINGLE_MODEL_BASELINES) else "ensemble")
+    if kind not in KINDS:
+        raise StudyError(f"{what}: kind {kind!r} must be one of {', '.join(KINDS)}")
+    default_split = [key for key in grid if key != "total_rounds"] if kind == "ensemble" else []
+    split_by = family.get("split_by", default_split)
+    if not isinstance(split_by, list) or set(split_by) - set(grid):
+        raise StudyError(f"{what}: split_by must list grid keys, not {split_by!r}")
+    points = []
+    for combo in combos:
+        stated = {**base, **settings, **combo}
+        split = [f"{key}={cli_value(combo[key])}" for key in split_by]
+        rest = [f"{key}={cli_value(value)}" for key, value in combo.items() if key not in split_by]
+        for seed in seeds:
+            run_name = "__".join([name, *(f"{key}-{name_part(value)}" for key, value in combo.items()),
+                                  f"seed-{seed}"])
+            try:
+                config = config_lib.build_config(preset, overrides={k: cli_value(v) for k, v in
+                                                                    {**stated, "seed": seed}.items()})
+            except config_lib.ConfigError as error:
+                raise StudyError(f"run {run_name}: {error}") from error
+            points.append(Point(
+                name=run_name, family=name, kind=kind,
+                series=f"{name} ({', '.join(split)})" if split else name,
+                label=", ".join(rest) if kind == "single" and rest else name, preset=preset, settings=stated,
+                seed=seed, output_root=folder / "runs" / run_name, config=config))
+    return points
+
+
+# --- the state of a grid point --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    state: str  # finished | unfinished | missing
+    run_dir: Path | None = None
+    resume_args: tuple = ()  # main.py's arguments that continue an unfinished run
+
+
+def _run_folders(output_root: Path) -> list[Path]:
+    """Run folders with a manifest under output_root, oldest first (by date folder, then run number)."""
+    folders = [m.parent for m in output_root.glob("*/run_*/manifest.json")]
+
+    def order(folder: Path):
+        number = folder.name.removeprefix("run_")
+        return folder.parent.name, int(number) if number.isdigit() else -1
+    return sorted(folders, key=order)
+
+
+def _rounds_done(run_dir: Path) -> tuple[int, bool]:
+    """(rounds planned, whether every one is done) from the run's manifest."""
+    rounds = json.loads((run_dir / "manifest.json").read_text()).get("rounds", {})
+    return len(rounds), bool(rounds) and all(status == "done" for status in rounds.values())
+
+
+def point_status(point: Point) -> Status:
+    """Finished (a run folder whose every planned round is done, as many as the point needs), unfinished (the newest
+    run folder otherwise: resume it) or missing. A run folder made with other settings than the spec's is an
+    error, so that a changed spec never mixes old runs in."""
+    folders = _run_folders(point.output_root)
+    for run_dir in folders:
+        check_settings(point, run_dir)
+    finished = [d for d in folders if _rounds_done(d)[1] and _rounds_done(d)[0] >= point.expected_rounds]
+    if finished:
+        return Status("finished", finished[-1])
+    if not folders:
+        return Status("missing")
+    run_dir = folders[-1]
+    grown = _rounds_done(run_dir)[0] < point.expected_rounds
+    return Status("unfinished", run_dir, ("--resume", str(run_dir),
+                                          *(("--total_rounds", str(point.expected_rounds)) if grown else ())))
+
+
+def check_settings(point: Point, run_dir: Path) -> None:
+    """The saved config.yaml agrees with the config the point resolves to, in every key both have, seed included
+    (where and how a run is stored and logged is not compared: plot.NOT_COMPARED, as for seed groups). An ensemble
+    run may have fewer rounds than the point: it is resumed with more."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    wanted = point.config
+    keys = set(config_lib.field_types()) - (plot.NOT_COMPARED - {"seed"})
+    grown = saved.get("total_rounds", 0) < wanted.total_rounds
+    if grown and wanted.baseline not in config_lib.SINGLE_MODEL_BASELINES:
+        keys.discard("total_rounds")
+    differ = sorted(key for key in keys if key in saved and
+                    json.dumps(saved[key], default=str) != json.dumps(getattr(wanted, key), default=str))
+    if differ:
+        details = ", ".join(f"{key}: run {saved[key]!r}, spec {getattr(wanted, key)!r}" for key in differ)
+        raise StudyError(f"{run_dir} was made with other settings than the spec gives run {point.name} ({details}): "
+                         f"move that folder away or fix the spec")
+
+
+# --- run mode ---------------------------------------------------------------------------------------------------------
+
+def launch(args: list[str], log_path: Path) -> int:
+    """Run main.py with `args` in a subprocess (from the current folder, as `python main.py` would be), its output
+    into log_path; its exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ python main.py {shlex.join(args)}\n")
+        log.flush()
+        return subprocess.run([sys.executable, str(MAIN), *args], stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def run_study(study: Study) -> list[str]:
+    """Run every grid point that is not finished, one after another: new ones started, unfinished ones resumed.
+    The names of those that did not finish. Every point's run folders are checked first (point_status), so a
+    folder made with other settings stops the study before anything runs."""
+    for point in study.points:
+        point_status(point)
+    failed = []
+    for index, point in enumerate(study.points, 1):
+        status = point_status(point)
+        prefix = f"[{index}/{len(study.points)}] {point.name}"
+        if status.state == "finished":
+            print(f"{prefix}: finished ({status.run_dir}), skipped")
+            continue
+        args = list(status.resume_args) if status.state == "unfinished" else point.run_args()
+        log_path = study.folder / "logs" / f"{point.name}.log"
+        print(f"{prefix}: {'resuming ' + str(status.run_dir) if status.resume_args else 'running'} "
+              f"(log: {log_path})", flush=True)
+        started = time.monotonic()
+        code = launch(args, log_path)
+        if code == 0 and point_status(point).state == "finished":
+            print(f"{prefix}: done in {time.monotonic() - started:.0f} s", flush=True)
+        else:
+            failed.append(point.name)
+            tail = log_path.read_text().splitlines()[-5:] if log_path.is_file() else []
+            print(f"{prefix}: not finished (main.py exit code {code}); the end of its log:\n    "
+                  + "\n    ".join(tail), flush=True)
+    return failed
+
+
+def dry_run_lines(study: Study) -> list[str]:
+    statuses = [point_status(p) for p in study.points]
+    counts = {state: sum(s.state == state for s in statuses) for state in ("finished", "unfinished", "missing")}
+    lines = [f"Study {study.name}: {len(study.points)} runs in {study.folder} ({counts['finished']} finished, "
+             f"{counts['unfinished']} unfinished, {counts['missing']} not started)"]
+    width = max(len(p.name) for p in study.points)
+    for point, status in zip(study.points, statuses):
+        where = status.run_dir or point.output_root
+        lines.append(f"  {status.state:<10} {point.name:<{width}}  {point.kind:<8} {where}")
+    return lines
+
+
+def sbatch_lines(study: Study) -> list[str]:
+    """One `sbatch --array` line per preset for the runs not started, each array task given its settings as a
+    main.py --config file (train.sh --sweep config=...); one per resume arguments for the unfinished runs. The
+    config files are written into STUDY/slurm/."""
+    pending = [(p, point_status(p)) for p in study.points]
+    new = [p for p, s in pending if s.state == "missing"]
+    resumed = [(p, s) for p, s in pending if s.state == "unfinished"]
+    lines = [f"# study {study.name}: {len(new)} to start, {len(resumed)} to resume, "
+             f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:", "mkdir -p logs"]
+    slurm = study.folder / "slurm"
+    for preset in dict.fromkeys(p.preset for p in new):
+        files = []
+        for point in (p for p in new if p.preset == preset):
+            slurm.mkdir(parents=True, exist_ok=True)
+            files.append(slurm / f"{point.name}.yaml")
+            files[-1].write_text(yaml.safe_dump(point.run_yaml(), sort_keys=False))
+        lines.append(array_line(study.name, ["--preset", preset], "config", files))
+    groups: dict[tuple, list[Path]] = {}
+    for point, status in resumed:
+        groups.setdefault(tuple(status.resume_args[2:]), []).append(status.run_dir)
+    for extra, run_dirs in groups.items():
+        lines.append(array_line(study.name, list(extra), "resume", run_dirs))
+    return lines
+
+
+def array_line(job_name: str, args: list[str], key: str, values: list[Path]) -> str:
+    bad = [str(v) for v in values if "," in str(v)]
+    if bad:
+        raise StudyError(f"train.sh --sweep splits its values at commas; these paths hold one: {bad}")
+    return shlex.join(["sbatch", f"--array=0-{len(values) - 1}", f"--job-name={job_name}",
+                       str(REPO / "train.sh"), *args, "--sweep", f"{key}={','.join(map(str, values))}"])
+
+
+# --- collecting -------------------------------------------------------------------------------------------------------
+
+def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows, runs): every finished run's metrics rows with its name, family, series, kind, seed, run folder and
+    stated settings as columns; and every grid point's status."""
+    frames, runs = [], []
+    setting_keys = list(dict.fromkeys(k for p in study.points for k in ["preset", *p.settings]))
+    for point in study.points:
+        status = point_status(point)
+        runs.append(dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
+                         seed=point.seed, status=status.state, run_dir=str(status.run_dir or "")))
+        if status.state != "finished":
+            continue
+        metrics = plot.load_run(status.run_dir).metrics
+        study_columns = dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
+                             point=point.label, seed=point.seed, run_dir=str(status.run_dir))
+        values = {"preset": point.preset, **{k: cli_value(v) for k, v in point.settings.items()}}
+        for key in setting_keys:
+            column = key if key not in metrics.columns and key not in study_columns else f"setting.{key}"
+            study_columns[column] = values.get(key, "")
+        frames.append(metrics.assign(**study_columns)[[*study_columns, *metrics.columns]])
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["run", "family", "series", "kind", "point", "seed", "run_dir"])
+    return rows, pd.DataFrame(runs)
+
+
+def observations(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per series, point and seed: held-out CE and the x columns there are. An ensemble run gives a point
+    per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
+    same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
+    x_columns = [x for x in X_AXES if x in rows.columns]
+    if rows.empty:
+        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", *x_columns])
+    models = rows[rows["model"] == "ensemble"].drop_duplicates(["run", "ensemble_size"], keep="last")
+    models = models.sort_values(["run", "ensemble_size"], kind="stable")
+    single = models["kind"] == "single"
+    models = pd.concat([models[~single], models[single].groupby("run", sort=False).tail(1)])
+    is_ensemble = models["kind"] == "ensemble"
+    size = models["ensemble_size"].astype(int)
+    series_rank = {series: i for i, series in enumerate(dict.fromkeys(rows["series"]))}
+    models = models.assign(point=models["point"].where(~is_ensemble, size.map(lambda k: f"{k} member(s)")),
+                           order=np.where(is_ensemble, size, 0), rank=models["series"].map(series_rank),
+                           first=np.arange(len(models)))
+    table = (models.groupby(["series", "kind", "point", "order", "seed"], sort=False)[
+        ["ce", *x_columns, "rank", "first"]].mean().reset_index())
+    table = table.sort_values(["rank", "order", "first"], kind="stable")
+    return table.drop(columns=["rank", "first"]).reset_index(drop=True)
+
+
+def point_table(obs: pd.DataFrame) -> pd.DataFrame:
+    """Per series and point: seeds, mean and std of CE across seeds, and the mean of each x column."""
+    x_columns = [x for x in X_AXES if x in obs.columns]
+    if obs.empty:
+        return pd.DataFrame(columns=["series", "kind", "point", "seeds", "ce_mean", "ce_std", *x_columns])
+    grouped = obs.groupby(["series", "kind", "point"], sort=False)
+    table = grouped["ce"].agg(seeds="count", ce_mean="mean", ce_std="std").reset_index()
+    for x in x_columns:
+        table[x] = grouped[x].mean().to_numpy()
+    return table
+
+
+# --- the power law ----------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PowerLaw:
+    """L(x) = l_inf + a * x^-alpha, fitted to n points at n_x distinct x."""
+
+    l_inf: float
+    a: float
+    alpha: float
+    rss: float
+    n: int
+    n_x: int
+
+    def __call__(self, x):
+        return self.l_inf + self.a * np.power(np.asarray(x, dtype=float), -self.alpha)
+
+    @property
+    def underdetermined(self) -> bool:
+        return self.n_x <= 3
+
+
+def _law(u, l_inf, a, alpha):
+    return l_inf + a * np.power(u, -alpha)
+
+
+def _law_jacobian(u, l_inf, a, alpha):
+    power = np.power(u, -alpha)
+    return np.stack([np.ones_like(u), power, -a * power * np.log(u)], axis=1)
+
+
+def fit_power_law(x, y) -> PowerLaw:
+    """Least-squares fit of L(x) = L_inf + A x^-alpha with L_inf >= 0 and alpha in ALPHA_BOUNDS (A free: a negative
+    A is CE rising with x). x is scaled by its geometric mean first, so FLOPs and sizes are fitted alike. For each
+    alpha on a log grid, L_inf and A are a linear least-squares problem (L_inf clipped at 0); the best grid alpha
+    starts scipy's curve_fit, whose result is kept when it is better. FitError with fewer than 3 distinct x."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    x, y = x[keep], y[keep]
+    n_x = len(np.unique(x))
+    if n_x < 3:
+        raise FitError(f"{n_x} distinct x value(s) for 3 parameters: underdetermined, not fitted")
+    scale = float(np.exp(np.log(x).mean()))
+    u = x / scale
+    powers = u[None, :] ** -ALPHA_GRID[:, None]
+    centred = powers - powers.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = centred @ (y - y.mean()) / (centred ** 2).sum(axis=1)
+        l_inf = y.mean() - a * powers.mean(axis=1)
+        clipped = ~(l_inf >= 0)
+        a[clipped] = powers[clipped] @ y / (powers[clipped] ** 2).sum(axis=1)
+        l_inf[clipped] = 0.0
+        rss = ((y[None, :] - l_inf[:, None] - a[:, None] * powers) ** 2).sum(axis=1)
+    best = int(np.nanargmin(rss))
+    params, best_rss = np.array([l_inf[best], a[best], ALPHA_GRID[best]]), float(rss[best])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)  # no covariance: the intervals come from the seeds
+            refined, _ = curve_fit(_law, u, y, p0=params, jac=_law_jacobian, max_nfev=20_000,
+                                   bounds=([0.0, -np.inf, ALPHA_BOUNDS[0]], [np.inf, np.inf, ALPHA_BOUNDS[1]]),
+                                   ftol=1e-15, xtol=1e-15, gtol=1e-15)
+        refined_rss = float(((y - _law(u, *refined)) ** 2).sum())
+        if refined_rss <= best_rss:
+            params, best_rss = refined, refined_rss
+    except (RuntimeError, ValueError):
+        pass  # the grid's best stands
+    l_inf_fit, a_scaled, alpha = (float(v) for v in params)
+    return PowerLaw(l_inf=l_inf_fit, a=a_scaled * scale ** alpha, alpha=alpha, rss=best_rss, n=len(x), n_x=n_x)
+
+
+def bootstrap_laws(obs: pd.DataFrame, x: str, replicates: int, seed: int = 0) -> np.ndarray:
+    """(k, 3) rows of l_inf, a, alpha: the law refitted to `replicates` resamples of the seeds (with replacement;
+    each seed brings all its points), resamples that cannot be fitted left out. Empty with one seed."""
+    seeds = list(dict.fromkeys(obs["seed"]))
+    if len(seeds) < 2 or replicates < 1:
+        return np.empty((0, 3))
+    by_seed = {s: (obs.loc[obs["seed"] == s, x].to_numpy(float), obs.loc[obs["seed"] == s, "ce"].to_numpy(float))
+               for s in seeds}
+    rng = np.random.default_rng(seed)
+    fitted: dict[tuple, tuple | None] = {}  # a resample is a multiset of seeds: few seeds give few distinct ones
+    laws = []
+    for _ in range(replicates):
+        picked = tuple(sorted(rng.integers(len(seeds), size=len(seeds))))
+        if picked not in fitted:
+            try:
+                law = fit_power_law(np.concatenate([by_seed[seeds[i]][0] for i in picked]),
+                                    np.concatenate([by_seed[seeds[i]][1] for i in picked]))
+                fitted[picked] = (law.l_inf, law.a, law.alpha)
+            except FitError:
+                fitted[picked] = None
+        if fitted[picked] is not None:
+            laws.append(fitted[picked])
+    return np.array(laws).reshape(-1, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    """A series' law against one x, or why there is none (law None)."""
+
+    series: str
+    x: str
+    law: PowerLaw | None
+    note: str
+    boot: np.ndarray  # bootstrap l_inf, a, alpha
+
+    def interval(self, index: int) -> tuple[float, float]:
+        if len(self.boot) < 2:
+            return math.nan, math.nan
+        low, high = np.percentile(self.boot[:, index], INTERVAL)
+        return float(low), float(high)
+
+    def predict_std(self, x: float) -> float:
+        """Std of the bootstrap laws' predictions at x (NaN without a bootstrap)."""
+        if len(self.boot) < 2:
+            return math.nan
+        return float(np.std(self.boot[:, 0] + self.boot[:, 1] * x ** -self.boot[:, 2], ddof=1))
+
+
+def fit_all(obs: pd.DataFrame, rows_columns, replicates: int) -> tuple[list[Fitted], list[str]]:
+    """Every series' law against every x axis; notes for the fits skipped (a missing column, too few points)."""
+    fits, notes = [], []
+    for x in X_AXES:
+        if x not in rows_columns:
+            notes.append(f"x = {x}: metrics.csv has no `{x}` column, so no fit against {X_AXES[x]} and no "
+                         f"figure (a main.py that writes it fills this in on the next --collect)")
+            continue
+        for series, part in obs.groupby("series", sort=False):
+            if x == "ensemble_size" and (part["kind"] == "single").all():
+                continue  # a single model has size 1
+            part = part.dropna(subset=[x, "ce"])
+            try:
+                law = fit_power_law(part[x], part["ce"])
+            except FitError as error:
+                fits.append(Fitted(series, x, None, str(error), np.empty((0, 3))))
+                notes.append(f"{series}, x = {x}: {error}")
+                continue
+            boot = bootstrap_laws(part, x, replicates)
+            note = []
+            if law.underdetermined:
+                note.append(f"underdetermined: {law.n_x} distinct x for 3 parameters, the curve passes through "
+                            f"the means")
+            if not ALPHA_BOUNDS[0] * 1.001 < law.alpha < ALPHA_BOUNDS[1] * 0.999:
+                note.append(f"alpha at its bound {law.alpha:g}")
+            if law.l_inf == 0:
+                note.append("L_inf at its bound 0")
+            if law.a < 0:
+                note.append("A < 0: CE rises with x")
+            if len(boot) < 2:
+                note.append("one seed: no interval")
+            fits.append(Fitted(series, x, law, "; ".join(note), boot))
+    return fits, notes
+
+
+def fits_table(fits: list[Fitted]) -> pd.DataFrame:
+    rows = []
+    for fit in fits:
+        law = fit.law
+        row = dict(series=fit.series, x=fit.x, points=law.n if law else 0, distinct_x=law.n_x if law else 0,
+                   fitted=law is not None)
+        for i, name in enumerate(("l_inf", "a", "alpha")):
+            low, high = fit.interval(i)
+            row.update({name: getattr(law, name) if law else math.nan, f"{name}_low": low, f"{name}_high": high})
+        row.update(rss=law.rss if law else math.nan, bootstrap_fits=len(fit.boot), note=fit.note)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["series", "x", "points", "distinct_x", "fitted", "l_inf", "l_inf_low",
+                                       "l_inf_high", "a", "a_low", "a_high", "alpha", "alpha_low", "alpha_high",
+                                       "rss", "bootstrap_fits", "note"])
+
+
+# --- the comparison at matched x ------------------------------------------------------------------------------------
+
+def single_at(points: pd.DataFrame, fit: Fitted | None, x: str, value: float) -> tuple[float, float, str] | None:
+    """A single-model series' CE and its std at x = value: the grid point there (the best, when several share that
+    x), else its law (bootstrap std of
+    the prediction), else log-linear interpolation between its neighbouring points; None outside its range
+    without a law. `points`: the series' rows of point_table."""
+    points = points.dropna(subset=[x]).sort_values(x)
+    if points.empty:
+        return None
+    xs = points[x].to_numpy(float)
+    equal = np.isclose(xs, value, rtol=EQUAL_X_RTOL, atol=0)
+    if equal.any():  # several grid points at this x (single_matched's lengths at one size): the best of them
+        row = points[equal].sort_values("ce_mean", kind="stable").iloc[0]
+        best_of = f", best of {int(equal.sum())} there" if equal.sum() > 1 else ""
+        return float(row["ce_mean"]), float(row["ce_std"]), f"grid point {row['point']}{best_of}"
+    inside = xs[0] <= value <= xs[-1]
+    if fit is not None and fit.law is not None:
+        return (float(fit.law(value)), fit.predict_std(value),
+                "fit" if inside else "fit, extrapolated")
+    if inside and len(xs) >= 2:
+        log_x = np.log(xs)
+        return (float(np.interp(math.log(value), log_x, points["ce_mean"].to_numpy(float))),
+                float(np.interp(math.log(value), log_x, points["ce_std"].to_numpy(float))), "interpolated")
+    return None
+
+
+def comparison_table(points: pd.DataFrame, fits: list[Fitted]) -> pd.DataFrame:
+    """Each ensemble point against each single-model series at the same x (parameters, training FLOPs, depth):
+    ensemble CE minus single CE (negative: the ensemble is better), the std of that difference from the seeds
+    (sqrt of the two variances), and whether |difference| > 2 std."""
+    by_key = {(f.series, f.x): f for f in fits}
+    singles = [s for s in dict.fromkeys(points["series"]) if (points.loc[points["series"] == s, "kind"]
+                                                                 == "single").all()]
+    rows = []
+    for x in (x for x in COMPARED_X if x in points.columns):
+        for ensemble in points[(points["kind"] == "ensemble") & points[x].notna()].itertuples(index=False):
+            for single in singles:
+                value = float(getattr(ensemble, x))
+                found = single_at(points[points["series"] == single], by_key.get((single, x)), x, value)
+                if found is None:
+                    continue
+                single_ce, single_std, how = found
+                diff = float(ensemble.ce_mean) - single_ce
+                std = math.sqrt(float(ensemble.ce_std) ** 2 + single_std ** 2)
+                significant = bool(abs(diff) > 2 * std) if math.isfinite(std) else None
+                verdict = ("n/a (one seed)" if significant is None else "within 2 std" if not significant
+                           else "ensemble better" if diff < 0 else "single better")
+                rows.append(dict(x=x, x_value=value, ensemble=ensemble.series, point=ensemble.point,
+                                 ensemble_ce=float(ensemble.ce_mean), ensemble_std=float(ensemble.ce_std),
+                                 single=single, single_ce=single_ce, single_std=single_std, single_from=how,
+                                 difference=diff, difference_std=std, exceeds_2std=significant, verdict=verdict))
+    return pd.DataFrame(rows, columns=["x", "x_value", "ensemble", "point", "ensemble_ce", "ensemble_std", "single",
+                                       "single_ce", "single_std", "single_from", "difference", "difference_std",
+                                       "exceeds_2std", "verdict"])
+
+
+# --- figures ----------------------------------------------------------------------------------------------------------
+
+def ce_figure(points: pd.DataFrame, fits: list[Fitted], x: str, teacher: float | None) -> Figure:
+    """Mean CE against x (log axis) per series, seed std as error bars, each fitted law as a dashed curve; the
+    teacher as a dotted line. Against ensemble size, single-model series are their best point, a dashed line."""
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    ax = fig.subplots()
+    by_key = {(f.series, f.x): f for f in fits}
+    for i, series in enumerate(dict.fromkeys(points["series"])):
+        color = f"C{i % 10}"
+        part = points[points["series"] == series].dropna(subset=[x]).sort_values(x)
+        if part.empty:
+            continue
+        if x == "ensemble_size" and (part["kind"] == "single").all():
+            best = part.loc[part["ce_mean"].idxmin()]
+            ax.axhline(best["ce_mean"], color=color, linestyle="--",
+                       label=f"{series}, best ({best['point']}): {best['ce_mean']:.3f}")
+            continue
+        ax.errorbar(part[x], part["ce_mean"], yerr=part["ce_std"].fillna(0.0), color=color, marker="o",
+                    linestyle="none", capsize=3, label=f"{series} (mean ± std over seeds)")
+        fit = by_key.get((series, x))
+        if fit is not None and fit.law is not None:
+            grid = np.geomspace(part[x].min(), part[x].max(), 100)
+            ax.plot(grid, fit.law(grid), color=color, linestyle="--",
+                    label=f"fit: {fit.law.l_inf:.3g} + {fit.law.a:.3g} x^-{fit.law.alpha:.3g}")
+    if teacher is not None:
+        ax.axhline(teacher, color="gray", linestyle=":", label=f"teacher: {teacher:.3f}")
+    ax.set_xscale("log")
+    if x == "ensemble_size":
+        sizes = sorted(points["ensemble_size"].dropna().unique())
+        ax.set_xticks(sizes, labels=[f"{int(s)}" for s in sizes])
+        ax.minorticks_off()
+    ax.set_xlabel(f"{X_AXES[x]} (log scale)")
+    ax.set_ylabel(plot.CE_LABEL)
+    ax.set_title(f"Held-out CE against {X_AXES[x]}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def study_figures(points: pd.DataFrame, fits: list[Fitted], teacher: float | None) -> dict[str, Figure]:
+    """ce_vs_<x> for each x axis metrics.csv has."""
+    return {f"ce_vs_{x}": ce_figure(points, fits, x, teacher) for x in X_AXES
+            if x in points.columns and points[x].notna().any()}
+
+
+# --- summary ----------------------------------------------------------------------------------------------------------
+
+def _number(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if float(value).is_integer() and abs(value) < 1e6:
+        return f"{int(value)}"
+    return f"{value:.{digits}g}"
+
+
+def _interval(row, name: str) -> str:
+    value, low, high = row[name], row[f"{name}_low"], row[f"{name}_high"]
+    if not math.isfinite(value):
+        return "–"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return _number(value)
+    return f"{_number(value)} [{_number(low)}, {_number(high)}]"
+
+
+def _markdown(table: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return lines
+
+
+def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
+                     comparison: pd.DataFrame, notes: list[str], teacher: float | None) -> str:
+    counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
+    lines = [f"# Study {study.name}", "",
+             f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
+             f"{counts.get('missing', 0)} not started; only finished runs count below. CE is held-out "
+             f"cross-entropy, nats per supervised token."
+             + (f" Teacher: {teacher:.4f}." if teacher is not None else ""), "",
+             "## CE per point (mean ± std over seeds)", ""]
+    x_columns = [x for x in X_AXES if x in points.columns]
+    shown = pd.DataFrame({"series": points["series"], "point": points["point"], "seeds": points["seeds"],
+                          "CE": [f"{m:.4f} ± {_number(s, 2)}" for m, s in zip(points["ce_mean"], points["ce_std"])],
+                          **{X_AXES[x]: points[x].map(_number) for x in x_columns if x != "ensemble_size"}})
+    lines += _markdown(shown) if len(shown) else ["No finished run yet."]
+    lines += ["", "## Fits: CE = L_inf + A x^-alpha (95% bootstrap intervals over seeds)", ""]
+    fitted = fits[fits["fitted"]]
+    if len(fitted):
+        lines += _markdown(pd.DataFrame({
+            "series": fitted["series"], "x": fitted["x"], "points (distinct x)": [
+                f"{p} ({d})" for p, d in zip(fitted["points"], fitted["distinct_x"])],
+            "L_inf": [_interval(r, "l_inf") for _, r in fitted.iterrows()],
+            "A": [_interval(r, "a") for _, r in fitted.iterrows()],
+            "alpha": [_interval(r, "alpha") for _, r in fitted.iterrows()],
+            "note": fitted["note"]}))
+    else:
+        lines.append("No law could be fitted (see the notes).")
+    lines += ["", "## Ensemble against single model at matched x", "",
+              "Ensemble CE minus the single model's at the same x: negative means the ensemble is better. The "
+              "single model's CE is its grid point at that x (within 1%), else its fitted law, else interpolated "
+              "between its points; std combines both sides' seed std (the law's from its bootstrap).", ""]
+    if len(comparison):
+        lines += _markdown(pd.DataFrame({
+            "x": comparison["x"], "at": comparison["x_value"].map(_number), "ensemble": comparison["ensemble"],
+            "point": comparison["point"], "single": comparison["single"],
+            "single CE (from)": [f"{c:.4f} ({h})" for c, h in zip(comparison["single_ce"],
+                                                                  comparison["single_from"])],
+            "ensemble − single": [f"{d:+.4f}" for d in comparison["difference"]],
+            "2 std": [_number(2 * s, 3) for s in comparison["difference_std"]], "verdict": comparison["verdict"]}))
+    else:
+        lines.append("No comparison: it needs ensemble and single-model runs with a parameters, train_flops or "
+                     "critical_path_layers column in metrics.csv, at x values the single models cover or fit.")
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def collect(study: Study, replicates: int = 500) -> list[Path]:
+    """Write the study folder's tables, figures and summary from the finished runs; the paths written."""
+    study.folder.mkdir(parents=True, exist_ok=True)
+    rows, runs = collect_rows(study)
+    obs = observations(rows)
+    points = point_table(obs)
+    fits, notes = fit_all(obs, rows.columns, replicates)
+    fits_frame = fits_table(fits)
+    comparison = comparison_table(points, fits)
+    teachers = [plot.teacher_ce(part) for _, part in rows.groupby("run")] if len(rows) else []
+    teachers = [t for t in teachers if t is not None]
+    teacher = float(np.mean(teachers)) if teachers else None
+    tables = {"rows.csv": rows, "runs.csv": runs, "summary.csv": points, "fits.csv": fits_frame,
+              "comparison.csv": comparison}
+    paths = []
+    for name, table in tables.items():
+        table.to_csv(study.folder / name, index=False)
+        paths.append(study.folder / name)
+    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, comparison, notes,
+                                                              teacher))
+    paths.append(study.folder / "summary.md")
+    return paths + plot.save_figures(study_figures(points, fits, teacher), study.folder)
+
+
+# --- command line -----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("spec", type=Path, help="the study spec (YAML; see docs/study.md)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry_run", action="store_true", help="list the grid points and which are finished; run nothing")
+    mode.add_argument("--print_sbatch", action="store_true",
+                      help="write each unstarted run's settings to STUDY/slurm/ and print the sbatch lines")
+    mode.add_argument("--collect", action="store_true", help="only collect the finished runs; run nothing")
+    parser.add_argument("--bootstrap", type=int, default=500, metavar="N",
+                        help="bootstrap resamples of the seeds for the fits' intervals (default: 500; 0: none)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """0 when every run asked for finished (or nothing ran), 1 when one did not, 2 for a spec it cannot use."""
+    args = parse_args(argv)
+    try:
+        study = load_spec(args.spec)
+        if args.dry_run:
+            print("\n".join(dry_run_lines(study)))
+            return 0
+        if args.print_sbatch:
+            print("\n".join(sbatch_lines(study)))
+            return 0
+        failed = [] if args.collect else run_study(study)
+        for path in collect(study, args.bootstrap):
+            print(path)
+    except StudyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"{len(failed)} run(s) did not finish: {', '.join(failed)}; run the same command again to resume",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""study.py: the power-law fit on points of known exponent, the spec's grid, skipping and resuming runs, the sbatch
+lines, collecting synthetic run folders of known laws, and a real tiny study of `test`-preset runs end to end."""
+
+import json
+import math
+import shlex
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import config as config_lib
+import study
+from conftest import DATA_DIR
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# --- the fit ----------------------------------------------------------------------------------------------------------
+
+def test_exact_points_are_recovered_exactly():
+    x = np.array([1, 2, 4, 8, 16, 32], dtype=float)
+    law = study.fit_power_law(x, 1.5 + 3 * x ** -0.7)
+    assert (law.l_inf, law.a, law.alpha) == pytest.approx((1.5, 3.0, 0.7), abs=1e-8)
+    assert law.rss < 1e-20 and law.n == law.n_x == 6 and not law.underdetermined
+
+
+def test_exact_points_at_flops_scale_are_recovered():
+    """x of 1e15 to 1e18 (training FLOPs): A is in x's own units, A = 3 * 1e15^0.7."""
+    x = np.geomspace(1e15, 1e18, 7)
+    law = study.fit_power_law(x, 1.5 + 3 * (x / 1e15) ** -0.7)
+    assert law.alpha == pytest.approx(0.7, abs=1e-8) and law.l_inf == pytest.approx(1.5, abs=1e-8)
+    assert law.a == pytest.approx(3 * 1e15 ** 0.7, rel=1e-6)
+    assert law(1e15) == pytest.approx(4.5, abs=1e-8)
+
+
+def test_noisy_points_recover_the_exponent_and_the_bootstrap_covers_it():
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1, 1000, 10)
+    obs = pd.DataFrame([dict(seed=seed, x=xi, ce=1.5 + 3 * xi ** -0.7 + rng.normal(0, 0.005))
+                        for seed in range(4) for xi in x])
+    law = study.fit_power_law(obs["x"], obs["ce"])
+    assert law.alpha == pytest.approx(0.7, abs=0.03) and law.l_inf == pytest.approx(1.5, abs=0.03)
+    assert law.a == pytest.approx(3.0, abs=0.05)
+    boot = study.bootstrap_laws(obs, "x", replicates=100)
+    assert boot.shape == (100, 3)
+    low, high = np.percentile(boot[:, 2], study.INTERVAL)
+    assert low < 0.7 < high and high - low < 0.1
+    assert study.bootstrap_laws(obs[obs["seed"] == 0], "x", replicates=100).shape == (0, 3)  # one seed: none
+
+
+def test_bounds_hold_and_few_points_are_underdetermined():
+    law = study.fit_power_law([1, 2, 4, 8, 16], [5.0, 4.0, 3.0, 2.0, 1.0])  # linear in log x: no asymptote
+    assert law.l_inf >= 0 and law.alpha >= study.ALPHA_BOUNDS[0]
+    three = study.fit_power_law([1, 2, 4], 1.5 + 3 * np.array([1, 2, 4]) ** -0.7)
+    assert three.underdetermined and three(2) == pytest.approx(1.5 + 3 * 2 ** -0.7, abs=1e-6)
+    with pytest.raises(study.FitError, match="2 distinct x"):
+        study.fit_power_law([1, 1, 2, 2], [3.0, 3.1, 2.0, 2.1])
+
+
+# --- the spec and the grid ------------------------------------------------------------------------------------------
+
+def write_spec(path, families, **top):
+    spec = dict(name="scaling", output=str(path.parent / "study"), preset="test", seeds=[0, 1], families=families)
+    spec.update(top)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+ENSEMBLE_AND_SINGLE = [
+    dict(name="method", settings=dict(total_rounds=4), grid=dict(combine=["logits", "additive"])),
+    dict(name="single", kind="single", settings=dict(total_rounds=1), grid=dict(student_num_layers=[1, 3, 5, 8])),
+]
+
+
+def test_spec_grid_names_series_and_run_arguments(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, settings=dict(alpha=0.7))
+    loaded = study.load_spec(spec)
+    assert loaded.folder == (tmp_path / "study").resolve() and loaded.families == ["method", "single"]
+    assert len(loaded.points) == (2 + 4) * 2
+    first = loaded.points[0]
+    assert first.name == "method__combine-logits__seed-0" and first.series == "method (combine=logits)"
+    assert first.kind == "ensemble" and first.expected_rounds == 4
+    assert first.output_root == loaded.folder / "runs" / first.name
+    assert first.run_args() == ["--preset", "test", "--output_root", str(first.output_root), "--alpha", "0.7",
+                                "--total_rounds", "4", "--combine", "logits", "--seed", "0"]
+    single = [p for p in loaded.points if p.family == "single"]
+    assert {p.series for p in single} == {"single"} and single[2].label == "student_num_layers=3"
+    assert single[0].kind == "single" and single[0].expected_rounds == 1
+    # A baseline family is single by default; its rounds are one.
+    matched = write_spec(tmp_path / "m.yaml", [dict(name="m", settings=dict(baseline="single_matched"))])
+    (point, _) = study.load_spec(matched).points
+    assert point.kind == "single" and point.expected_rounds == 1 and point.label == "m"
+
+
+@pytest.mark.parametrize("families, message", [
+    ([dict(name="a", grid=dict(seed=[0, 1]))], "sets seed"),
+    ([dict(name="a", settings=dict(output_root="x"))], "sets output_root"),
+    ([dict(name="a", grid=dict(alpah=[0.1]))], "alpah"),
+    ([dict(name="a", grid=dict(alpha=[2.0]))], "run a__alpha-2.0__seed-0: config key 'alpha'"),
+    ([dict(name="a"), dict(name="a")], "run names repeat"),
+    ([dict(name="a", split_by=["combine"])], "split_by"),
+    ([dict(name="a b")], "family name"),
+])
+def test_bad_specs_are_refused_by_name(tmp_path, families, message):
+    with pytest.raises(study.StudyError, match=message):
+        study.load_spec(write_spec(tmp_path / "spec.yaml", families))
+    assert study.main([str(tmp_path / "spec.yaml"), "--dry_run"]) == 2
+
+
+# --- fake run folders -------------------------------------------------------------------------------------------------
+
+def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", **config_changes):
+    """A run folder as main.py writes it for `point`: the teacher row, then per round the untrained student, the
+    student and the ensemble of `ensemble_ce[r]` (one number per size); `extra` maps a column to a function of the
+    size. rounds_done: how many rounds the manifest marks done (default: all)."""
+    run_dir = point.output_root / "2026-12-01" / run_name
+    run_dir.mkdir(parents=True)
+    rows = [dict(round=0, model="teacher", ensemble_size=0, ce=1.0)]
+    for r, ce in enumerate(ensemble_ce):
+        size = r + 1 if point.kind == "ensemble" else 1
+        rows += [dict(round=r, model="student_untrained", ensemble_size=1, ce=9.0),
+                 dict(round=r, model="student", ensemble_size=1, ce=ce + 0.1),
+                 dict(round=r, model="ensemble", ensemble_size=size, ce=ce)]
+    for row in rows:
+        row.update(perplexity=math.exp(row["ce"]), kl_teacher=row["ce"] - 1.0, top1_agreement=0.5, ece=0.1,
+                   diversity=0.0, num_tokens=100, seconds=1.0)
+        for column, of_size in (extra or {}).items():
+            row[column] = of_size(row["ensemble_size"])
+    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+    saved = {**point.config.to_dict(), "output_root": str(point.output_root), **config_changes}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    planned = saved["total_rounds"] if saved["baseline"] not in config_lib.SINGLE_MODEL_BASELINES and \
+        point.kind == "ensemble" else len(ensemble_ce)
+    done = planned if rounds_done is None else rounds_done
+    manifest = {"rounds": {str(i): "done" if i < done else "training" for i in range(planned)}}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return run_dir
+
+
+def test_skips_finished_resumes_unfinished_starts_missing_then_runs_nothing(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=2))], seeds=[0, 1, 2])
+    finished, unfinished, missing = study.load_spec(spec).points
+    fake_run(finished, [3.0, 2.5])
+    half = fake_run(unfinished, [3.0], rounds_done=1)
+    calls = []
+
+    def fake_launch(args, log_path):  # plays main.py: the run it is asked for ends finished
+        calls.append(args)
+        if args[0] == "--resume":
+            manifest = json.loads((half / "manifest.json").read_text())
+            manifest["rounds"] = {k: "done" for k in manifest["rounds"]}
+            (half / "manifest.json").write_text(json.dumps(manifest))
+        else:
+            fake_run(missing, [3.1, 2.6])
+        return 0
+
+    monkeypatch.setattr(study, "launch", fake_launch)
+    assert study.main([str(spec), "--bootstrap", "0"]) == 0
+    assert calls == [["--resume", str(half)], missing.run_args()]
+    folder = study.load_spec(spec).folder
+    assert set(pd.read_csv(folder / "runs.csv")["status"]) == {"finished"}
+    calls.clear()
+    assert study.main([str(spec), "--bootstrap", "0"]) == 0
+    assert calls == []  # everything finished: nothing runs again
+
+
+def test_grown_rounds_resume_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=3))], seeds=[0, 1])
+    grown, other = study.load_spec(spec).points
+    run_dir = fake_run(grown, [3.0, 2.5], total_rounds=2)  # finished with 2 rounds; the spec now asks for 3
+    assert study.point_status(grown).resume_args == ("--resume", str(run_dir), "--total_rounds", "3")
+    fake_run(other, [3.0, 2.5, 2.2], alpha=0.9)  # made with another alpha than the spec's
+    with pytest.raises(study.StudyError, match=r"alpha: run 0.9, spec 0.5"):
+        study.point_status(other)
+    monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("nothing may run"))
+    assert study.main([str(spec)]) == 2 and "other settings" in capsys.readouterr().err
+
+
+def test_failed_run_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))])
+    first, second = study.load_spec(spec).points
+    ran = []
+
+    def fake_launch(args, log_path):
+        ran.append(args)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("boom\n")
+        if first.name not in " ".join(args):
+            fake_run(second, [2.0])
+            return 0
+        return 1
+
+    monkeypatch.setattr(study, "launch", fake_launch)
+    assert study.main([str(spec), "--bootstrap", "0"]) == 1
+    assert len(ran) == 2
+    captured = capsys.readouterr()
+    assert "not finished (main.py exit code 1)" in captured.out and "boom" in captured.out
+    assert first.name in captured.err
+    runs = pd.read_csv(study.load_spec(spec).folder / "runs.csv").set_index("run")["status"]
+    assert runs[first.name] == "missing" and runs[second.name] == "finished"
+
+
+def test_dry_run_lists_points_and_their_state(tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))])
+    fake_run(study.load_spec(spec).points[0], [2.0])
+    assert study.main([str(spec), "--dry_run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 runs" in lines[0] and "1 finished" in lines[0] and "1 not started" in lines[0]
+    assert lines[1].split()[:2] == ["finished", "method__seed-0"]
+    assert lines[2].split()[:2] == ["missing", "method__seed-1"]
+    assert not (study.load_spec(spec).folder / "rows.csv").exists()  # a dry run writes nothing
+
+
+def test_print_sbatch_gives_each_array_task_its_settings(tmp_path, capsys):
+    families = [dict(name="method", settings=dict(total_rounds=2), grid=dict(combine=["logits", "weighted"])),
+                dict(name="big", preset="demo", settings=dict(baseline="single_large", total_rounds=2))]
+    spec = write_spec(tmp_path / "spec.yaml", families, settings=dict(steps_per_round=5))
+    loaded = study.load_spec(spec)
+    half = fake_run(loaded.points[0], [3.0], rounds_done=1)
+    assert study.main([str(spec), "--print_sbatch"]) == 0
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("sbatch")]
+    assert len(lines) == 3  # the test preset's new runs, the demo preset's, the resumed one
+
+    def tasks(words):
+        """What train.sh gives main.py for each array task: the arguments, then --KEY V_i of the sweep."""
+        array = next(w for w in words if w.startswith("--array="))
+        first, last = map(int, array.removeprefix("--array=").split("-"))
+        sweep = words[words.index("--sweep") + 1]
+        key, values = sweep.split("=", 1)
+        values = values.split(",")
+        assert (first, last) == (0, len(values) - 1)
+        script = next(i for i, w in enumerate(words) if w.endswith("train.sh"))
+        rest = [w for w in words[script + 1:] if w not in ("--sweep", sweep)]
+        return [(rest, key, value) for value in values]
+
+    started = {}
+    for rest, key, value in tasks(lines[0]) + tasks(lines[1]):
+        assert key == "config" and rest[0] == "--preset"
+        config = config_lib.build_config(rest[1], value)  # what main.py builds from it
+        started[config.output_root] = (rest[1], config)
+    wanted = {str(p.output_root): p for p in loaded.points[1:]}
+    assert set(started) == set(wanted)
+    for root, (preset, config) in started.items():
+        point = wanted[root]
+        assert preset == point.preset and config.seed == point.seed and config.steps_per_round == 5
+        assert config.combine == point.settings.get("combine", "logits") and config.baseline == point.config.baseline
+    assert tasks(lines[2]) == [([], "resume", str(half))]
+
+
+# --- collecting synthetic runs of known laws ----------------------------------------------------------------------
+
+P0, F0 = 1e6, 1e12  # parameters and training FLOPs of one unit (one student, one layer)
+
+
+def ensemble_law(k):
+    return 1.5 + 3 * k ** -0.7
+
+
+def single_law(n):
+    return 1.2 + 3 * n ** -0.5
+
+
+@pytest.fixture
+def synthetic_study(tmp_path):
+    """Ensembles of 1-4 students (CE 1.5 + 3 k^-0.7; additive 0.2 lower) and single models of 1, 3, 5, 8 layers
+    (CE 1.2 + 3 n^-0.5), k students or n layers having k or n times P0 parameters and F0 FLOPs; 3 seeds, noise
+    0.002. No critical_path_layers column."""
+    spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, seeds=[0, 1, 2])
+    loaded = study.load_spec(spec)
+    rng = np.random.default_rng(0)
+    for point in loaded.points:
+        if point.kind == "ensemble":
+            shift = -0.2 if point.settings["combine"] == "additive" else 0.0
+            ce = [ensemble_law(k) + shift + rng.normal(0, 0.002) for k in range(1, 5)]
+            fake_run(point, ce, extra=dict(parameters=lambda k: k * P0, train_flops=lambda k: k * F0))
+        else:
+            n = point.settings["student_num_layers"]
+            fake_run(point, [single_law(n) + rng.normal(0, 0.002)],
+                     extra=dict(parameters=lambda k, n=n: n * P0, train_flops=lambda k, n=n: n * F0))
+    return spec
+
+
+def test_collect_writes_rows_fits_comparison_summary_and_figures(synthetic_study):
+    assert study.main([str(synthetic_study), "--collect", "--bootstrap", "40"]) == 0
+    folder = study.load_spec(synthetic_study).folder
+
+    rows = pd.read_csv(folder / "rows.csv")
+    assert len(rows) == 6 * (1 + 3 * 4) + 12 * (1 + 3)  # every row of the 18 runs: teacher, then 3 per round
+    assert {"run", "family", "series", "kind", "seed", "preset", "total_rounds", "combine", "student_num_layers",
+            "ce", "parameters", "train_flops"} <= set(rows.columns)
+    one = rows[(rows["run"] == "method__combine-additive__seed-2") & (rows["model"] == "ensemble")]
+    assert list(one["ensemble_size"]) == [1, 2, 3, 4] and set(one["combine"]) == {"additive"}
+    assert set(one["seed"]) == {2} and set(one["family"]) == {"method"}
+
+    points = pd.read_csv(folder / "summary.csv").set_index(["series", "point"])
+    assert points.loc[("method (combine=logits)", "2 member(s)"), "seeds"] == 3
+    assert points.loc[("method (combine=logits)", "2 member(s)"), "ce_mean"] == pytest.approx(ensemble_law(2),
+                                                                                              abs=0.01)
+    assert points.loc[("single", "student_num_layers=5"), "parameters"] == 5 * P0
+    assert 0 < points.loc[("single", "student_num_layers=5"), "ce_std"] < 0.01
+
+    fits = pd.read_csv(folder / "fits.csv").set_index(["series", "x"])
+    for x in ("ensemble_size", "parameters", "train_flops"):
+        assert fits.loc[("method (combine=logits)", x), "alpha"] == pytest.approx(0.7, abs=0.1)
+        assert fits.loc[("method (combine=additive)", x), "alpha"] == pytest.approx(0.7, abs=0.1)
+    assert fits.loc[("method (combine=logits)", "parameters"), "a"] == pytest.approx(3 * P0 ** 0.7, rel=0.3)
+    single = fits.loc[("single", "parameters")]
+    assert single["alpha"] == pytest.approx(0.5, abs=0.15) and single["alpha_low"] <= single["alpha"]
+    assert single["alpha"] <= single["alpha_high"] and single["bootstrap_fits"] > 0
+    assert ("single", "ensemble_size") not in fits.index  # a single model has one size
+    assert "underdetermined" not in str(fits.loc[("single", "parameters"), "note"])
+
+    comparison = pd.read_csv(folder / "comparison.csv")
+    logits = comparison[(comparison["ensemble"] == "method (combine=logits)") & (comparison["x"] == "parameters")]
+    by_point = logits.set_index("point")
+    assert by_point.loc["1 member(s)", "single_from"] == "grid point student_num_layers=1"
+    assert by_point.loc["3 member(s)", "single_from"] == "grid point student_num_layers=3"
+    assert by_point.loc["2 member(s)", "single_from"] == "fit"
+    assert by_point.loc["4 member(s)", "difference"] == pytest.approx(ensemble_law(4) - single_law(4), abs=0.02)
+    assert by_point.loc["4 member(s)", "verdict"] == "ensemble better"  # 2.26 against 2.70
+    assert by_point.loc["1 member(s)", "verdict"] == "single better"  # 4.50 against 4.20
+    assert set(comparison["x"]) == {"parameters", "train_flops"}
+
+    summary = (folder / "summary.md").read_text()
+    assert "18 runs: 18 finished" in summary and "Teacher: 1.0000" in summary
+    assert "| method (combine=logits) | 4 member(s) | 3 |" in summary
+    assert "ensemble better" in summary and "single better" in summary
+    assert "no `critical_path_layers` column" in summary
+    for name in ("ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_train_flops"):
+        assert (folder / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(folder / f"{name}.png").shape[:2] == (480, 720)
+    assert not (folder / "ce_vs_critical_path_layers.png").exists()
+
+
+def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
+    loaded = study.load_spec(synthetic_study)
+    rows, _ = study.collect_rows(loaded)
+    obs = study.observations(rows)
+    points = study.point_table(obs)
+    fits, _ = study.fit_all(obs, rows.columns, replicates=0)
+    figures = study.study_figures(points, fits, teacher=1.0)
+    assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_train_flops"}
+    (ax,) = figures["ce_vs_parameters"].axes
+    assert ax.get_xscale() == "log" and "parameters" in ax.get_xlabel()
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert sum("mean ± std over seeds" in label for label in labels) == 3  # two combine modes, the single family
+    assert sum(label.startswith("fit: ") for label in labels) == 3 and "teacher: 1.000" in labels
+    assert len(ax.containers) == 3  # the error bars
+    single_bars = ax.containers[2]
+    assert len(single_bars.lines[0].get_xdata()) == 4  # the 4 single models
+    (size_ax,) = figures["ce_vs_ensemble_size"].axes
+    size_labels = [text.get_text() for text in size_ax.get_legend().get_texts()]
+    assert any(label.startswith("single, best (student_num_layers=8)") for label in size_labels)
+    assert [t.get_text() for t in size_ax.get_xticklabels()] == ["1", "2", "3", "4"]
+
+
+def test_collect_with_one_seed_and_no_runs(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=3))], seeds=[0])
+    assert study.main([str(spec), "--collect"]) == 0  # nothing finished yet
+    folder = study.load_spec(spec).folder
+    assert "No finished run yet." in (folder / "summary.md").read_text()
+    fake_run(study.load_spec(spec).points[0], [3.0, 2.0, 1.8])
+    assert study.main([str(spec), "--collect"]) == 0
+    fits = pd.read_csv(folder / "fits.csv").set_index("x")
+    assert "underdetermined" in fits.loc["ensemble_size", "note"] and "one seed" in fits.loc["ensemble_size", "note"]
+    assert math.isnan(fits.loc["ensemble_size", "alpha_low"])
+    assert "no `parameters` column" in (folder / "summary.md").read_text()
+
+
+# --- a real tiny study ------------------------------------------------------------------------------------------------
+
+def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    settings = dict(teacher=str(tiny_teacher_dir), dataset=str(DATA_DIR / "chats.jsonl"),
+                    cache_dir=str(tmp_path / "cache"), steps_per_round=2)
+    families = [dict(name="method", settings=dict(total_rounds=2)),
+                dict(name="matched", settings=dict(baseline="single_matched", total_rounds=2), seeds=[0])]
+    spec = write_spec(tmp_path / "spec.yaml", families, settings=settings)
+    launched = []
+    real_launch = study.launch
+    monkeypatch.setattr(study, "launch", lambda args, log: launched.append(args) or real_launch(args, log))
+
+    assert study.main([str(spec), "--bootstrap", "20"]) == 0
+    assert len(launched) == 3
+    loaded = study.load_spec(spec)
+    statuses = {p.name: study.point_status(p) for p in loaded.points}
+    assert {s.state for s in statuses.values()} == {"finished"}
+    for point in loaded.points:
+        assert statuses[point.name].run_dir.parent.parent == point.output_root  # each point in its own root
+        assert (loaded.folder / "logs" / f"{point.name}.log").is_file()
+
+    rows = pd.read_csv(loaded.folder / "rows.csv")
+    assert set(rows["run"]) == {"method__seed-0", "method__seed-1", "matched__seed-0"}
+    method = rows[rows["run"] == "method__seed-1"]
+    metrics = pd.read_csv(statuses["method__seed-1"].run_dir / "metrics.csv")
+    assert list(method["ce"]) == pytest.approx(list(metrics["ce"]))
+    assert set(method["seed"]) == {1} and set(method["family"]) == {"method"} and set(method["kind"]) == {"ensemble"}
+    matched = rows[rows["run"] == "matched__seed-0"]
+    assert set(matched["baseline"]) == {"single_matched"} and set(matched["kind"]) == {"single"}
+    assert list(matched.loc[matched["model"] == "ensemble", "ensemble_size"]) == [1]
+
+    points = pd.read_csv(loaded.folder / "summary.csv")
+    assert list(points["point"]) == ["1 member(s)", "2 member(s)", "matched"]
+    assert list(points["seeds"]) == [2, 2, 1]
+    summary = (loaded.folder / "summary.md").read_text()
+    assert "3 runs: 3 finished" in summary
+    assert "method, x = ensemble_size: 2 distinct x value(s) for 3 parameters: underdetermined" in summary
+    assert (loaded.folder / "ce_vs_ensemble_size.png").read_bytes()[:8] == PNG_SIGNATURE
+    for x in ("parameters", "train_flops"):  # figures and fits wherever main.py writes these columns
+        assert (loaded.folder / f"ce_vs_{x}.png").exists() == (x in rows.columns)
+        assert (f"no `{x}` column" in summary) == (x not in rows.columns)
+
+    written = {p: p.stat().st_mtime_ns for p in loaded.folder.glob("runs/*/*/run_*/metrics.csv")}
+    launched.clear()
+    capsys.readouterr()
+    assert study.main([str(spec), "--bootstrap", "20"]) == 0
+    assert launched == []  # a second invocation runs nothing
+    assert capsys.readouterr().out.count("finished") >= 3
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert len(list(loaded.folder.glob("runs/*/*/run_*"))) == 3  # and starts no new run folder
