@@ -156,6 +156,7 @@ def bench_args(options, output_dir, steps):
         steps_per_round, batch_size, grad_accum, learning_rate = steps, options.batch_size, 1, 1e-4
         lr_scheduler, warmup_ratio, weight_decay, max_grad_norm = "constant", 0.0, 0.0, 1.0
         logging_steps, seed, gradient_checkpointing, save_steps, keep_checkpoints = 1000, 0, False, 10_000, 1
+        report_to = "none"
     device = utils.select_device("auto")
     return training_arguments(Knobs, output_dir, 0, use_cpu=device.type == "cpu",
                               bf16=utils.use_bf16_autocast("auto", device))

@@ -74,6 +74,11 @@ class Config:
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
     steps_per_round: int = 60  # optimizer steps per round
     seed: int = 0  # base seed; round r uses seed + r for its student's init and data order
+    data_seed: int = 0  # the data: which conversations are sampled, the train/test split (and so the teacher cache)
+    eval_steps: int = 0  # early stopping: held-out CE every eval_steps steps, steps_per_round the cap (0: off)
+    early_stopping_patience: int = 3  # evaluations without improvement before a round stops at its best state
+    early_stopping_min_delta: float = 0.0  # an improvement lowers the held-out CE by more than this (nats)
+    early_stopping_examples: int = 32  # training examples held out for early stopping (never trained on)
     baseline: str = "none"  # none (the method) | independent | single_matched | single_large (see main.py)
 
     # --- optimisation -------------------------------------------------------------------------------------------
@@ -98,6 +103,8 @@ class Config:
 
     # --- output -------------------------------------------------------------------------------------------------
     output_root: str = "runs"  # runs go to output_root/YYYY-MM-DD/run_N/
+    report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, trackio, ... (tracking.py)
+    tracker_project: str = "slm-ensembles"  # the tracker project that groups runs (a study's), where trackers have one
 
     def validate(self) -> None:
         """Raise ConfigError naming the first key whose value is out of range."""
@@ -137,6 +144,11 @@ class Config:
             ("weight_fit_examples", self.combine != "weighted" or self.weight_fit_examples >= 1,
              "must be >= 1 with combine=weighted"),
             ("eta", self.eta > 0, "must be > 0"),
+            ("eval_steps", self.eval_steps >= 0, "must be >= 0 (0 turns early stopping off)"),
+            ("early_stopping_patience", self.early_stopping_patience >= 1, "must be >= 1"),
+            ("early_stopping_min_delta", self.early_stopping_min_delta >= 0, "must be >= 0"),
+            ("early_stopping_examples", self.eval_steps == 0 or self.early_stopping_examples >= 1,
+             "must be >= 1 with eval_steps > 0"),
             ("kl_scale", self.kl_scale in ("none", "ensemble_size"), "must be none or ensemble_size"),
             ("baseline", self.baseline in ("none", "independent", "single_matched", "single_large"),
              "must be none, independent, single_matched or single_large"),
@@ -259,6 +271,7 @@ PRESETS: dict[str, dict] = {
         save_steps=1,
         eval_batch_size=4,
         weight_fit_examples=4,
+        early_stopping_examples=4,
         sample_answers=1,
         sample_max_new_tokens=8,
         plots=False,

@@ -43,15 +43,18 @@ import plot
 import preprocess_dataset
 import run_state
 import teacher_cache
+import tracking
 import utils
 from ensemble import WEIGHTED_MODES, ModelEnsemble, weights_with_new_member
 from evaluation import SAMPLE_PROMPTS, evaluate, evaluation_teacher, new_member_weight, sample_answers
 from losses import LossSettings
 from model_io import PaddingCollator, check_logits_at
-from train import TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, NonFiniteLossError, training_arguments
+from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
+                   resumed_state, training_arguments)
 
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
-                  "gap_closed", "diversity", "num_tokens", "seconds"]
+                  "gap_closed", "diversity", "num_tokens", "seconds", "steps_run", "member_step", "stop_reason"]
+TRAINED_ROWS = ("student", "ensemble")  # the rows of a round that its training record (steps, stop) belongs to
 SAMPLE_COLUMNS = ["round", "model", "prompt", "answer", "new_tokens"]
 
 
@@ -71,6 +74,7 @@ class Run:
     collator: PaddingCollator
     folder: Path
     manifest: dict
+    trackers: list  # experiment trackers that take each round's metric rows (main process; tracking.py)
     members: tuple = ()  # the frozen students of the rounds done
     weights: list | None = None  # one coefficient per member (weighted and additive combine modes)
 
@@ -119,6 +123,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     folder (new or resumed), earlier members. Whatever can refuse the run (config, data, disk) does so before a run
     folder is created or touched. An exit code instead of a run for a dry run or a signal during setup."""
     config, resume_dir = resolve_config(args)
+    tracking.tracker_names(config.report_to)  # an unknown tracker is refused before anything loads
     if args.dry_run:
         print_plan(config, resume_dir)
         return 0
@@ -142,12 +147,14 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     print_plan(config, folder, counts, data)
     if state.is_main_process:
         run_state.remove_finished_rounds_checkpoints(folder, manifest)
+    trackers = (tracking.round_trackers(config.report_to, config.tracker_project, folder, run_name(folder, config))
+                if state.is_main_process else [])
     frozen_dtype = utils.frozen_dtype(config.dtype, state.device)
     members = tuple(utils.load_causal_lm(str(folder / path), frozen_dtype, config.trust_remote_code)
                     .to(state.device).eval() for path in manifest["members"])
     return Run(config=config, round_config=round_config, state=state, preemption=preemption, tokenizer=tokenizer,
                teacher=teacher, evaluated_teacher=evaluated_teacher, cache=cache, data=data, collator=collator,
-               folder=folder, manifest=manifest, members=members,
+               folder=folder, manifest=manifest, trackers=trackers, members=members,
                weights=(manifest.get("weights") or []) if config.combine in WEIGHTED_MODES else None)
 
 
@@ -200,6 +207,11 @@ def print_plan(config: config_lib.Config, run_dir: Path | None, counts: dict | N
     print("\n".join(config_lib.plan_lines(config, run_dir, summary)))
 
 
+def run_name(folder: Path, config: config_lib.Config) -> str:
+    """The run's name in trackers: its folder below output_root (YYYY-MM-DD/run_N)."""
+    return str(folder.relative_to(config.output_root)) if folder.is_relative_to(config.output_root) else folder.name
+
+
 # --- a round --------------------------------------------------------------------------------------------------------
 
 def new_student(run: Run, round_index: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -216,30 +228,65 @@ def new_student(run: Run, round_index: int) -> tuple[torch.nn.Module, torch.nn.M
 
 def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> torch.nn.Module | None:
     """The round's trained student, whichever way it comes to exist: its saved member (training finished earlier,
-    evaluation did not), its final checkpoint (killed before the member was saved), or `student` trained now (from
-    the round's newest checkpoint, if any). None when a signal stopped the training; it checkpointed first."""
+    evaluation did not), its final state (killed before the member was saved), or `student` trained now (from the
+    round's newest checkpoint, if any). With early stopping, the final state is the best one evaluated. None when a
+    signal stopped the training; it checkpointed first."""
     member_dir = run_state.member_folder(run.folder, round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
         return utils.load_causal_lm(str(member_dir), torch.float32, run.config.trust_remote_code).to(run.device)
     run_state.check_disk_for_a_round(run.folder, utils.count_parameters(student))
-    resume_from = run_state.latest_complete_checkpoint(run_state.checkpoint_folder(run.folder, round_index), run.state.num_processes)
+    resume_from = run_state.latest_complete_checkpoint(run_state.checkpoint_folder(run.folder, round_index),
+                                                       run.state.num_processes)
     if run.state.is_main_process:
         run_state.mark_round_training(run.folder, run.manifest, round_index, resume_from, TRAIN_LOG_COLUMNS)
-    if resume_from and run_state.checkpoint_step(resume_from) >= run.round_config.steps_per_round:
-        # Resuming the Trainer from its final checkpoint would run one step more.
-        final = utils.load_causal_lm(str(resume_from), torch.float32, run.config.trust_remote_code).to(run.device)
-        return saved_member(run, round_index, final)
+    stopper = early_stopping(run, round_index, resume_from)
+    steps = run_state.checkpoint_step(resume_from) if resume_from else 0
+    if steps >= run.round_config.steps_per_round or (stopper and stopper.stop_reason):
+        # Finished before the kill: resuming the Trainer from its final checkpoint would run one step more.
+        return saved_member(run, round_index, final_state(run, round_index, resume_from), steps, stopper)
     if resume_from:
         print(f"round {round_index}: resuming from {resume_from.name}")
-    distillation_trainer(run, round_index, student).train(
-        resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer = distillation_trainer(run, round_index, student, stopper)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if run.preemption.received_anywhere(run.device):
         return None
-    return saved_member(run, round_index, student)
+    run.state.wait_for_everyone()  # the best state is saved by the main process
+    best = final_state(run, round_index, None) if stopper else student
+    return saved_member(run, round_index, best, trainer.state.global_step, stopper)
 
 
-def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module) -> DistillationTrainer:
+def early_stopping(run: Run, round_index: int, resume_from: Path | None) -> EarlyStopping | None:
+    """The round's early stopping (None when eval_steps is 0), resumed in the state `resume_from` holds: it watches
+    the held-out CE (the early_stop slice) of the mixture the student trains in, and keeps its best weights."""
+    if not run.config.eval_steps:
+        return None
+    frozen = list(run.members) if run.config.baseline == "none" else []
+    weights = LossSettings.for_round(run.config, run.weights if frozen else [], len(frozen)).mixture_weights
+
+    def heldout_ce(student) -> float:
+        ce = evaluate({"mixture": [student, *frozen]}, run.evaluated_teacher, run.data["early_stop"], run.collator,
+                      run.config.eval_batch_size, run.vocab_size, run.config.combine, state=run.state,
+                      weights=None if weights is None else {"mixture": list(weights)})["mixture"]["ce"]
+        student.train()  # evaluate() left it in eval mode
+        return ce
+
+    def save_best(student) -> None:
+        if run.state.is_main_process:
+            run_state.save_member_atomically(student, run.tokenizer, run_state.best_folder(run.folder, round_index))
+
+    return EarlyStopping(run.config.eval_steps, run.config.early_stopping_patience,
+                         run.config.early_stopping_min_delta, heldout_ce, save_best, **resumed_state(resume_from))
+
+
+def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn.Module:
+    """The round's final student: the best weights early stopping kept, or else `checkpoint`'s."""
+    folder = run_state.best_folder(run.folder, round_index) if run.config.eval_steps else checkpoint
+    return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
+
+
+def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
+                         stopper: EarlyStopping | None) -> DistillationTrainer:
     """The Trainer of the round's student: through the frozen members (the method), or alone (the baselines)."""
     frozen = list(run.members) if run.config.baseline == "none" else []
     settings = LossSettings.for_round(run.config, run.weights if frozen else [], len(frozen))
@@ -247,20 +294,32 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module) -
         model=student, teacher=run.teacher, members=frozen, settings=settings, vocab_size=run.vocab_size,
         args=training_arguments(run.round_config, run_state.checkpoint_folder(run.folder, round_index), round_index,
                                 use_cpu=run.device.type == "cpu",
-                                bf16=utils.use_bf16_autocast(run.config.dtype, run.device)),
+                                bf16=utils.use_bf16_autocast(run.config.dtype, run.device),
+                                run_name=run_name(run.folder, run.config)),
         train_dataset=teacher_cache.with_example_ids(run.data["train"]), processing_class=run.tokenizer,
-        callbacks=[CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
+        callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
+                   CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
                    run_state.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
                    run_state.CheckDiskBeforeSave(run.folder,
-                                                 run_state.checkpoint_bytes(utils.count_parameters(student)))],
+                                                 run_state.checkpoint_bytes(utils.count_parameters(student))),
+                   *tracking.trainer_callbacks(run.config.report_to, run.folder, round_index,
+                                               run.state.is_main_process)],
         chunk_size=run.config.loss_chunk_size, teacher_cache=run.cache, round_index=round_index,
         compile_loss=config_lib.use_compiled_loss(run.config.compile_loss, run.device))
 
 
-def saved_member(run: Run, round_index: int, student: torch.nn.Module) -> torch.nn.Module:
-    """`student`, once saved (by one process) as the round's member folder."""
+def saved_member(run: Run, round_index: int, student: torch.nn.Module, steps_run: int,
+                 stopper: EarlyStopping | None) -> torch.nn.Module:
+    """`student`, once saved (by one process) as the round's member folder, with the record of its training: the
+    steps run, the step whose weights it has, and why the round stopped (plateau, or the steps_per_round cap)."""
+    reason = stopper.stop_reason if stopper else None
+    training = {"steps_run": steps_run, "member_step": stopper.best_step if stopper else steps_run,
+                "stop_reason": reason or "cap"}
     if run.state.is_main_process:
-        run_state.save_member_atomically(student, run.tokenizer, run_state.member_folder(run.folder, round_index))
+        run_state.save_member_atomically(student, run.tokenizer, run_state.member_folder(run.folder, round_index),
+                                         training)
+    print(f"round {round_index}: {training['steps_run']} steps, stopped by the "
+          f"{'plateau' if reason else 'cap'}; the member is step {training['member_step']}'s student")
     return student
 
 
@@ -296,7 +355,10 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     manifest = run_state.finished_round(run.manifest, round_index,
                                         str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)), run.weights)
     if run.state.is_main_process:
+        training = run_state.training_record(run_state.member_folder(run.folder, round_index))
+        rows = [{**row, **training} if row["model"] in TRAINED_ROWS else row for row in rows]
         rows = plot.rows_with_gap_closed(rows, run.folder / "metrics.csv")
+        tracking.log_round(run.trackers, round_index, rows)
         # This round's rows replace any that an interrupted evaluation of it left behind.
         run_state.replace_csv_rows(run.folder / "metrics.csv", METRIC_COLUMNS,
                                    lambda row: int(row["round"]) != round_index, rows)
@@ -333,6 +395,7 @@ def report(run: Run) -> None:
         for figure in plot.plot_run(run.folder) if run.config.plots else []:
             print(f"figure: {figure}")
         print(f"\nrun folder: {run.folder}")
+    tracking.finish(run.trackers)
     run.state.wait_for_everyone()
 
 

@@ -254,7 +254,8 @@ def run_label(run: Run, others) -> str:
 
 def group_seeds(runs) -> dict[str, list[Run]]:
     """Runs equal in config except seed (same_config) form one group, keyed by its label (run_label among the
-    groups), groups and runs in the order given."""
+    groups), groups and runs in the order given. data_seed is compared like any setting: seeds form a band only
+    when they were scored on the same test set."""
     grouped: list[list[Run]] = []
     for run in runs:
         group = next((g for g in grouped if same_config(g[0], run)), None)

@@ -483,30 +483,37 @@ def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size
 
 
 def prepare_for_run(config, tokenizer) -> tuple[dict, dict]:
-    """A run's splits (train, test, and weight_fit for combine=weighted) of its config's data source, prepared
-    once per (source, tokenizer, settings) in a folder of cache_dir/datasets, and the counts of what preparing them
-    kept and dropped (see describe_counts)."""
+    """A run's splits of its config's data source, prepared once per (source, tokenizer, settings) in a folder of
+    cache_dir/datasets, and the counts of what preparing them kept and dropped (see describe_counts): train, test,
+    and the slices held out of train (see held_out_slices). data_seed picks the sample and the split, so runs
+    that differ only in their seed share them (and the teacher cache built on them)."""
     source = embedded.resolve_dataset(config.dataset, config.cache_dir)
-    key = json.dumps([source, tokenizer.name_or_path, config.max_length, config.test_size, config.seed,
+    key = json.dumps([source, tokenizer.name_or_path, config.max_length, config.test_size, config.data_seed,
                       config.max_examples, config.dataset_split])
     name = Path(source.rstrip("/")).name.replace(".", "_") + "-" + hashlib.sha256(key.encode()).hexdigest()[:10]
     folder = Path(config.cache_dir) / "datasets" / name
     data = prepare_dataset(source, tokenizer, folder, max_length=config.max_length, test_size=config.test_size,
-                           seed=config.seed, max_examples=config.max_examples, split=config.dataset_split)
-    return split_off_weight_fit(data, config), prepared_counts(folder)
+                           seed=config.data_seed, max_examples=config.max_examples, split=config.dataset_split)
+    return held_out_slices(data, config), prepared_counts(folder)
 
 
-def split_off_weight_fit(data, config) -> dict:
-    """combine=weighted: the last `weight_fit_examples` training examples become the slice new members' weights are
-    fitted on (they are not trained on); otherwise the data as it is."""
-    if config.combine != "weighted":
-        return data
-    train, held_out = data["train"], config.weight_fit_examples
-    if len(train) <= held_out:
-        raise DataError(f"combine=weighted holds out weight_fit_examples={held_out} training examples, but the "
-                        f"training split has {len(train)}: lower weight_fit_examples or raise max_examples")
-    return {**data, "train": train.select(range(len(train) - held_out)),
-            "weight_fit": train.select(range(len(train) - held_out, len(train)))}
+def held_out_slices(data, config) -> dict:
+    """The data with slices of the training split held out (never trained on), taken from its end: weight_fit, the
+    last `weight_fit_examples` (combine=weighted: new members' weights are fitted on it), then early_stop, the
+    `early_stopping_examples` before them (eval_steps > 0: the held-out CE early stopping watches)."""
+    wanted = {"weight_fit": config.weight_fit_examples if config.combine == "weighted" else 0,
+              "early_stop": config.early_stopping_examples if config.eval_steps > 0 else 0}
+    train, slices = data["train"], {}
+    for name, size in wanted.items():
+        if not size:
+            continue
+        if len(train) <= size:
+            raise DataError(f"{name} holds out {size} training examples, but the training split has {len(train)} "
+                            f"left: lower {'weight_fit_examples' if name == 'weight_fit' else 'early_stopping_examples'}"
+                            " or raise max_examples")
+        slices[name] = train.select(range(len(train) - size, len(train)))
+        train = train.select(range(len(train) - size))
+    return {**data, "train": train, **slices}
 
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:

@@ -3,8 +3,9 @@
 - A run folder is opened new or resumed here: a resume continues with the settings saved in its config.yaml, and
   refuses any other setting it is given (only total_rounds may change).
 - The manifest (manifest.json) records each planned round's status (pending, training, done), the member folders,
-  the config's fingerprint and the data-order seed. It and every other file a resume relies on are written
-  atomically: to a temporary file, then renamed, so a half-written file is never taken for a whole one.
+  the config's fingerprint, the seed (initialisation, data order) and the data seed (sample, split). It and every
+  other file a resume relies on are written atomically: to a temporary file, then renamed, so a half-written file
+  is never taken for a whole one.
 - Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them.
 - Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last; with several processes,
   each process's RNG state must be there too), and the disk is checked before each one is written.
@@ -60,8 +61,8 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def new_manifest(config_fingerprint: str, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
-    return {"config_fingerprint": config_fingerprint, "data_seed": data_seed, "job_id": job_id,
+def new_manifest(config_fingerprint: str, seed: int, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
+    return {"config_fingerprint": config_fingerprint, "seed": seed, "data_seed": data_seed, "job_id": job_id,
             "rounds": planned_rounds({}, rounds), "members": [], "teacher_evaluated": False}
 
 
@@ -124,14 +125,26 @@ def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict])
     write_atomically(path, text.getvalue())
 
 
-def save_member_atomically(student, tokenizer, member_dir: Path) -> None:
-    """A clean `save_pretrained` folder with the tokenizer, moved into place only when complete."""
+TRAINING_RECORD = "training.json"  # in a member folder: how its round's training went (see main.Training)
+
+
+def save_member_atomically(student, tokenizer, member_dir: Path, training: dict | None = None) -> None:
+    """A clean `save_pretrained` folder with the tokenizer (and `training`, the record of how the round trained,
+    as training.json), moved into place only when complete."""
     tmp = member_dir.with_name(member_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if training is not None:
+        (tmp / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
     shutil.rmtree(member_dir, ignore_errors=True)
     os.replace(tmp, member_dir)
+
+
+def training_record(member_dir: Path) -> dict:
+    """What save_member_atomically recorded of a member's training ({} for a member saved without a record)."""
+    path = Path(member_dir) / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # --- opening or resuming a run folder ----------------------------------------------------------------------------
@@ -214,7 +227,7 @@ def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | N
     folder, never an existing one, picked by one process so that every process agrees on it."""
     if resume_dir is not None:
         return resume_dir, resumed_manifest(resume_dir, config, state)
-    manifest = new_manifest(config.fingerprint(), config.seed, config.rounds_to_run(), job_id)
+    manifest = new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id)
     run_dir = None
     if state.is_main_process:
         run_dir = utils.new_run_dir(config.output_root)
@@ -252,6 +265,11 @@ def member_folder(run_dir: Path, round_index: int) -> Path:
 def checkpoint_folder(run_dir: Path, round_index: int) -> Path:
     """Where round `round_index`'s Trainer checkpoints go while it trains."""
     return Path(run_dir) / "checkpoints" / f"round_{round_index}"
+
+
+def best_folder(run_dir: Path, round_index: int) -> Path:
+    """Where early stopping keeps the best weights of round `round_index` seen so far (the member it ends with)."""
+    return checkpoint_folder(run_dir, round_index) / "best"
 
 
 def remove_finished_rounds_checkpoints(run_dir: Path, manifest: dict) -> None:

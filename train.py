@@ -6,16 +6,20 @@ computed only at supervised positions (hidden states selected before the output 
 holds (batch x length x vocabulary) logits for the prompt tokens.
 """
 
+import json
+import math
 from pathlib import Path
 
 import torch
 from accelerate.utils import extract_model_from_parallel as unwrap_model
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from trl import SFTConfig, SFTTrainer
 
 from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
                     hybrid_loss_terms, next_token_targets, predictor_mask)
 from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
+from tracking import trainer_report_to
 from utils import append_csv_rows
 
 
@@ -192,12 +196,70 @@ class DistillationTrainer(SFTTrainer):
                 kl_norm, nll_norm = self.accelerator.reduce(squares, reduction="sum").sqrt().tolist()
                 logs["grad_norm_kl"], logs["grad_norm_nll"] = round(kl_norm, 6), round(nll_norm, 6)
             self._parts_by_step.clear()
+        for callback in self.callback_handler.callbacks:  # before any callback's on_log: every tracker gets them
+            if isinstance(callback, EarlyStopping) and "loss" in logs:  # a step's log, not the closing summary
+                logs.update(callback.logged_values(self.state.global_step))
         # SFTTrainer.log adds its own token metrics, which our compute_loss does not collect.
         super(SFTTrainer, self).log(logs, start_time)
 
 
 TRAIN_LOG_COLUMNS = ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm", "grad_norm_kl",
-                     "grad_norm_nll", "epoch"]
+                     "grad_norm_nll", "epoch", "heldout_ce"]
+
+
+class EarlyStopping(TrainerCallback, ExportableState):
+    """Stops a round once the student has stopped improving, keeping its best state.
+
+    Every `eval_steps` optimizer steps, and at the last step, `score(model)` gives the held-out CE the round is
+    judged by (lower is better). An improvement of more than `min_delta` nats saves the weights (`save_best`); after
+    `patience` evaluations in a row without one, training stops with stop_reason "plateau", checkpointing first so a
+    resumed run knows the round has finished. Its state goes into every checkpoint (trainer_state.json's
+    stateful_callbacks), and a resumed round starts from it (`resumed_state`). Each score also goes into the
+    training logs (heldout_ce: DistillationTrainer.log), and so to the CSV log and any tracker.
+    """
+
+    def __init__(self, eval_steps: int, patience: int, min_delta: float, score=None, save_best=None,
+                 best_score: float = math.inf, best_step: int = 0, bad_evaluations: int = 0,
+                 stop_reason: str | None = None):
+        self.eval_steps, self.patience, self.min_delta = eval_steps, patience, min_delta
+        self.score, self.save_best = score, save_best
+        self.best_score, self.best_step, self.bad_evaluations = best_score, best_step, bad_evaluations
+        self.stop_reason = stop_reason
+        self.latest: tuple[int, float] | None = None  # (step, score) of the newest evaluation, for the log
+
+    def state(self) -> dict:
+        return {"args": {"eval_steps": self.eval_steps, "patience": self.patience, "min_delta": self.min_delta},
+                "attributes": {"best_score": self.best_score, "best_step": self.best_step,
+                               "bad_evaluations": self.bad_evaluations, "stop_reason": self.stop_reason}}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.eval_steps and state.global_step < state.max_steps:
+            return control
+        score = self.score(model)
+        self.latest = (state.global_step, score)
+        control.should_log = True
+        if score < self.best_score - self.min_delta:
+            self.best_score, self.best_step, self.bad_evaluations = score, state.global_step, 0
+            self.save_best(model)
+        else:
+            self.bad_evaluations += 1
+        if self.bad_evaluations >= self.patience:
+            self.stop_reason = "plateau"
+            control.should_training_stop = True
+            control.should_save = True  # the checkpoint that tells a resumed run the round has finished
+        return control
+
+    def logged_values(self, step: int) -> dict:
+        """What the training log gets at `step`: the held-out CE, when it was evaluated then."""
+        return {"heldout_ce": round(self.latest[1], 6)} if self.latest and self.latest[0] == step else {}
+
+
+def resumed_state(checkpoint: Path | None) -> dict:
+    """The EarlyStopping attributes a checkpoint holds (none when it has none: a round without early stopping)."""
+    if checkpoint is None:
+        return {}
+    saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+    return saved.get(EarlyStopping.__name__, {}).get("attributes", {})
 
 
 class CsvTrainLogCallback(TrainerCallback):
@@ -216,10 +278,12 @@ class CsvTrainLogCallback(TrainerCallback):
         append_csv_rows(self.path, [row], TRAIN_LOG_COLUMNS)
 
 
-def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu: bool, bf16: bool) -> SFTConfig:
-    """The Trainer settings for one round, from the run config."""
+def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu: bool, bf16: bool,
+                       run_name: str | None = None) -> SFTConfig:
+    """The Trainer settings for one round, from the run config; `run_name` names the run in trackers."""
     return SFTConfig(
         output_dir=str(output_dir),
+        run_name=run_name,
         max_steps=config.steps_per_round,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -237,7 +301,7 @@ def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.keep_checkpoints,
-        report_to=[],
+        report_to=trainer_report_to(config.report_to),
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # examples are truncated at preprocessing time

@@ -42,7 +42,8 @@ NEEDS_RUN = "needs a run folder"
 # Scripts with a command line: the module whose parse_args parses it.
 SCRIPTS = {name: name.removesuffix(".py") for name in (
     "main.py", "generate.py", "plot.py", "bench.py", "preprocess_dataset.py", "teacher_cache.py",
-    "lm_eval_adapter.py")}
+    "lm_eval_adapter.py", "study.py")}
+TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
 SHELL_PROGRAMS = {"cd", "mkdir", "ls", "head", "tail", ".", "source", "export", "cat", "echo"}  # harmless
 SBATCH_OPTIONS = {"--array", "--chdir", "--cpus-per-task", "--dependency", "--gres", "--job-name", "--mem",
@@ -239,6 +240,8 @@ class Check:
             for flag, value in zip(arguments, arguments[1:]):
                 if flag in ("-r", "--requirement"):
                     self.exists(value, "requirements file")
+        elif program == "tensorboard":  # installed with requirements.txt (report_to=tensorboard)
+            self.known_flags(arguments, TENSORBOARD_OPTIONS, "tensorboard")
         elif program not in SHELL_PROGRAMS:
             self.problems.append(f"{program}: not a program tests/test_docs.py knows")
 

@@ -16,6 +16,7 @@ import yaml
 
 import main
 import run_state
+import train
 from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
 from safetensors.torch import load_file
@@ -55,9 +56,10 @@ def test_main_runs_end_to_end_from_the_command_line(tiny_teacher_dir, tmp_path):
 
     train_log = pd.read_csv(run_dir / "train_log.csv")
     assert list(train_log.columns) == ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm",
-                                       "grad_norm_kl", "grad_norm_nll", "epoch"]
+                                       "grad_norm_kl", "grad_norm_nll", "epoch", "heldout_ce"]
     assert list(train_log["round"]) == [0, 0, 0, 1, 1, 1] and list(train_log["step"]) == [1, 2, 3, 1, 2, 3]
-    assert train_log.notna().all().all()
+    assert train_log.drop(columns="heldout_ce").notna().all().all()
+    assert train_log["heldout_ce"].isna().all()  # no early stopping: nothing held out is scored
     assert (train_log[["grad_norm_kl", "grad_norm_nll"]] > 0).all().all()
 
     ensemble = ModelEnsemble.from_pretrained(run_dir / "ensemble")
@@ -119,7 +121,7 @@ def fake_run(tmp_path, rounds: dict, **settings) -> Path:
     run_dir.mkdir(parents=True)
     config = main.config_lib.build_config("test", overrides=settings)
     main.config_lib.save_config(config, run_dir / "config.yaml")
-    manifest = run_state.new_manifest(config.fingerprint(), config.seed, len(rounds))
+    manifest = run_state.new_manifest(config.fingerprint(), config.seed, config.data_seed, len(rounds))
     manifest["rounds"] = rounds
     run_state.write_manifest(run_dir, manifest)
     return run_dir
@@ -485,7 +487,8 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
         patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--seed", "7", "--trust_remote_code", "true")) == 75
     run_dir = only_run_dir(tmp_path)
-    assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "data_seed": 7, "job_id": None,
+    assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "seed": 7, "data_seed": 0,
+                          "job_id": None,
                           "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False}
 
     loads = []
@@ -507,7 +510,7 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
     assert main.main(["--resume", str(run_dir)]) == 0
     assert manifest()["rounds"] == {"0": "done", "1": "done", "2": "done"}
     assert manifest()["members"] == ["ensemble/member_0", "ensemble/member_1", "ensemble/member_2"]
-    assert manifest()["data_seed"] == 7 and manifest()["config_fingerprint"] == saved_config().fingerprint()
+    assert manifest()["seed"] == 7 and manifest()["config_fingerprint"] == saved_config().fingerprint()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert sorted(set(metrics["round"])) == [0, 1, 2] and not metrics.duplicated(["round", "model"]).any()
     assert len(ModelEnsemble.from_pretrained(run_dir / "ensemble")) == 3
@@ -729,8 +732,13 @@ def test_metrics_have_one_numeric_schema_with_calibration_gap_closed_and_diversi
                                                        "gap_closed.png"}
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics.columns) == main.METRIC_COLUMNS
-    numeric = metrics.drop(columns="model")
-    assert all(pd.api.types.is_numeric_dtype(numeric[c]) for c in numeric) and not numeric.isna().any().any()
+    numeric = metrics.drop(columns=["model", "stop_reason"])
+    assert all(pd.api.types.is_numeric_dtype(numeric[c]) for c in numeric)
+    trained = metrics["model"].isin(main.TRAINED_ROWS)
+    assert not numeric[trained].isna().any().any() and not numeric[~trained].drop(
+        columns=["steps_run", "member_step"]).isna().any().any()
+    assert (metrics[trained]["stop_reason"] == "cap").all() and (metrics[trained]["steps_run"] == 3).all()
+    assert metrics[~trained][["steps_run", "member_step", "stop_reason"]].isna().all().all()
     row = metrics.set_index(["round", "model"])
     assert row.loc[(0, "teacher"), "gap_closed"] == pytest.approx(1.0)
     assert row.loc[(0, "student_untrained"), "gap_closed"] == pytest.approx(0.0)
@@ -799,3 +807,75 @@ def test_a_preempted_single_model_baseline_resumes_to_its_full_step_count(tiny_t
     run_dir = only_run_dir(tmp_path)
     assert main.main(["--resume", str(run_dir)]) == 0
     assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+EARLY_STOPPING = ("--eval_steps", "1", "--early_stopping_patience", "2", "--early_stopping_examples", "4",
+                  "--steps_per_round", "6", "--total_rounds", "1")
+
+
+def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(tiny_teacher_dir, tmp_path):
+    """An improvement must lower the held-out CE by more than 1 nat: after step 1's first evaluation none does, so
+    the round stops at step 3 (patience 2), and its member is step 1's student, scored as the log says."""
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, *EARLY_STOPPING, "--early_stopping_min_delta", "1")) == 0
+    run_dir = only_run_dir(tmp_path)
+    log = pd.read_csv(run_dir / "train_log.csv")
+    assert list(log["step"]) == [1, 2, 3] and log["heldout_ce"].notna().all()
+    metrics = pd.read_csv(run_dir / "metrics.csv").set_index("model")
+    for model in main.TRAINED_ROWS:
+        assert (metrics.loc[model, "steps_run"], metrics.loc[model, "member_step"],
+                metrics.loc[model, "stop_reason"]) == (3, 1, "plateau")
+    config = main.config_lib.load_saved_config(run_dir / "config.yaml")
+    tokenizer = main.utils.load_tokenizer(str(tiny_teacher_dir))
+    data, _ = main.preprocess_dataset.prepare_for_run(config, tokenizer)
+    assert len(data["early_stop"]) == 4 and len(data["train"]) == 32 - 4
+    member = main.utils.load_causal_lm(str(run_dir / "ensemble" / "member_0"))
+    teacher = main.utils.load_causal_lm(str(tiny_teacher_dir))
+    ce = main.evaluate({"member": [member]}, teacher, data["early_stop"], main.PaddingCollator(tokenizer.pad_token_id),
+                       4, len(tokenizer))["member"]["ce"]
+    assert ce == pytest.approx(log["heldout_ce"].iloc[0], abs=2e-6) != pytest.approx(log["heldout_ce"].iloc[2])
+
+
+def test_early_stopping_without_a_plateau_runs_to_the_cap(tiny_teacher_dir, tmp_path):
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, *EARLY_STOPPING, "--early_stopping_patience", "6")) == 0
+    metrics = pd.read_csv(only_run_dir(tmp_path) / "metrics.csv").set_index("model")
+    assert (metrics.loc["student", "steps_run"], metrics.loc["student", "stop_reason"]) == (6, "cap")
+
+
+def test_a_round_resumed_mid_way_keeps_its_early_stopping_state(tiny_teacher_dir, tmp_path, monkeypatch):
+    """Preempted at step 2 (one evaluation without improvement so far), resumed: it stops at step 3 as an
+    uninterrupted run does; killed after the plateau's checkpoint but before the member's save, a resume trains no
+    further step and keeps step 1's student."""
+    settings = (*EARLY_STOPPING, "--early_stopping_min_delta", "1")
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "whole", *settings)) == 0
+    whole = final_metrics(tmp_path / "whole")
+    with monkeypatch.context() as patch:
+        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path / "resumed", *settings)) == run_state.EXIT_PREEMPTED
+    run_dir = only_run_dir(tmp_path / "resumed")
+    assert train.resumed_state(run_dir / "checkpoints" / "round_0" / "checkpoint-2")["bad_evaluations"] == 1
+    assert main.main(["--resume", str(run_dir)]) == 0
+    pd.testing.assert_frame_equal(final_metrics(tmp_path / "resumed").drop(columns="seconds"),
+                                  whole.drop(columns="seconds"))
+
+    with monkeypatch.context() as patch:  # the plateau's checkpoint is written, then the process dies
+        patch.setattr(main, "saved_member", lambda *args: (_ for _ in ()).throw(SystemExit("killed")))
+        with pytest.raises(SystemExit, match="killed"):
+            main.main(cli_args(tiny_teacher_dir, tmp_path / "killed", *settings))
+    run_dir = only_run_dir(tmp_path / "killed")
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert list(pd.read_csv(run_dir / "train_log.csv")["step"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(final_metrics(tmp_path / "killed").drop(columns="seconds"),
+                                  whole.drop(columns="seconds"))
+
+
+def test_runs_that_differ_only_in_seed_share_the_test_set_and_the_teacher_cache(tiny_teacher_dir, tmp_path):
+    for seed, data_seed in ((0, 0), (1, 0), (0, 1)):
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--teacher_mode", "topk", "--cache_k", "8",
+                                  "--total_rounds", "1", "--seed", str(seed), "--data_seed", str(data_seed))) == 0
+    runs = sorted(run_dirs(tmp_path), key=lambda path: int(path.name[4:]))
+    teacher_rows = [pd.read_csv(run / "metrics.csv").set_index("model").loc["teacher"] for run in runs]
+    assert teacher_rows[0]["ce"] == teacher_rows[1]["ce"] != teacher_rows[2]["ce"]  # the same test set, or not
+    students = [pd.read_csv(run / "metrics.csv").set_index("model").loc["student", "ce"] for run in runs]
+    assert students[0] != students[1]  # the seed still changes the initialisation and the order
+    assert len(list((tmp_path / "cache" / "teacher_cache").iterdir())) == 2  # seeds 0 and 1 share one cache
+    assert [json.loads((run / "manifest.json").read_text())["data_seed"] for run in runs] == [0, 0, 1]

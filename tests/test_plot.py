@@ -306,3 +306,10 @@ def test_new_rows_get_gap_closed_from_the_ends_written_before_or_given_with_them
     again = plot.rows_with_gap_closed([dict(round=0, model="student_untrained", ce=4.0),
                                        dict(round=0, model="teacher", ce=TEACHER)], path)
     assert [row["gap_closed"] for row in again] == [0.0, 1.0]
+
+
+def test_seeds_form_a_group_only_when_their_data_seed_and_so_test_set_is_the_same(tmp_path):
+    paths = [write_run(tmp_path / name, [3.0], [2.5], base_config(seed=seed, data_seed=data_seed))
+             for name, seed, data_seed in (("a", 0, 0), ("b", 1, 0), ("c", 2, 1))]
+    groups = plot.group_seeds(plot.load_runs(paths))
+    assert [[run.path for run in group] for group in groups.values()] == [paths[:2], paths[2:]]

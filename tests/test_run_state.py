@@ -51,7 +51,7 @@ def test_replacing_rows_drops_a_round_and_a_cut_short_row(tmp_path):
 
 
 def test_manifest_writes_are_atomic_and_list_every_planned_round(tmp_path):
-    manifest = run_state.new_manifest("abc", 3, rounds=2, job_id="42")
+    manifest = run_state.new_manifest("abc", 3, 5, rounds=2, job_id="42")
     assert manifest["rounds"] == {"0": "pending", "1": "pending"}
     manifest["rounds"]["0"] = "done"
     run_state.write_manifest(tmp_path, manifest)
@@ -161,7 +161,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
 
 
 def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoint_dropped(tmp_path):
-    manifest = run_state.new_manifest("abc", 0, 2)
+    manifest = run_state.new_manifest("abc", 0, 0, 2)
     columns = ["round", "step", "loss"]
     run_state.replace_csv_rows(tmp_path / "train_log.csv", columns, lambda row: True,
                                [{"round": r, "step": s, "loss": 1.0} for r in (0, 1) for s in (1, 2, 3)])
@@ -174,7 +174,7 @@ def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoin
 
 
 def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
-    manifest = run_state.new_manifest("abc", 0, 2)
+    manifest = run_state.new_manifest("abc", 0, 0, 2)
     done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0])
     assert done["rounds"] == {"0": "done", "1": "pending"} and done["members"] == ["ensemble/member_0"]
     assert done["weights"] == [1.0] and done["teacher_evaluated"] and not manifest["teacher_evaluated"]

@@ -133,7 +133,7 @@ def test_training_log_rows_reach_the_csv(tokenizer, examples, tmp_path):
     trainer.add_callback(callback)
     trainer.train()
     lines = (tmp_path / "train_log.csv").read_text().strip().splitlines()
-    assert lines[0] == "round,step,hybrid,kl,nll,learning_rate,grad_norm,grad_norm_kl,grad_norm_nll,epoch"
+    assert lines[0] == "round,step,hybrid,kl,nll,learning_rate,grad_norm,grad_norm_kl,grad_norm_nll,epoch,heldout_ce"
     assert [line.split(",")[1] for line in lines[1:]] == ["2", "4"]
     hybrid, kl, nll = (float(v) for v in lines[1].split(",")[2:5])
     assert hybrid == pytest.approx(0.5 * 4.0 * kl + 0.5 * nll, rel=1e-4)  # alpha 0.5, T = 2
@@ -330,3 +330,43 @@ def test_each_terms_gradient_norm_at_the_student_hidden_states_is_recorded_on_lo
                               logging_steps=5)
     not_logged.compute_loss(student, batch)
     assert "grad_norm_kl_sq" not in not_logged._parts_by_step[0]  # only steps that are logged pay for it
+
+
+def test_early_stopping_keeps_the_best_and_stops_after_patience_evaluations_without_improvement():
+    from transformers import TrainerControl, TrainerState
+
+    from train import EarlyStopping
+
+    scores = iter([5.0, 4.0, 3.95, 3.99, 3.9, 4.5])
+    saved = []
+    stopper = EarlyStopping(eval_steps=2, patience=2, min_delta=0.1, score=lambda model: next(scores),
+                            save_best=lambda model: saved.append(model))
+    state, stops = TrainerState(max_steps=100), []
+    for step in range(1, 13):
+        state.global_step = step
+        control = stopper.on_step_end(None, state, TrainerControl(), model=f"weights at {step}")
+        if control.should_training_stop:
+            stops.append(step)
+            assert control.should_save  # the checkpoint that tells a resumed run the round is over
+            break
+    # 5.0 (step 2) and 4.0 (step 4) improve; 3.95 and 3.99 are within min_delta: stop at step 8.
+    assert stops == [8] and saved == ["weights at 2", "weights at 4"]
+    assert (stopper.best_score, stopper.best_step, stopper.stop_reason) == (4.0, 4, "plateau")
+    assert stopper.logged_values(8) == {"heldout_ce": 3.99} and stopper.logged_values(7) == {}
+    restored = EarlyStopping(**stopper.state()["args"], **stopper.state()["attributes"])
+    assert restored.state() == stopper.state()
+
+
+def test_early_stopping_evaluates_at_the_last_step_too():
+    from transformers import TrainerControl, TrainerState
+
+    from train import EarlyStopping
+
+    evaluated = []
+    stopper = EarlyStopping(eval_steps=4, patience=3, min_delta=0.0, score=lambda model: evaluated.append(model) or 1.0,
+                            save_best=lambda model: None)
+    state = TrainerState(max_steps=6)
+    for step in range(1, 7):
+        state.global_step = step
+        stopper.on_step_end(None, state, TrainerControl(), model=step)
+    assert evaluated == [4, 6]
