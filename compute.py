@@ -249,3 +249,39 @@ def _per_round(tokens: int | Sequence[int], rounds: int, name: str) -> list[int]
             raise ValueError(f"{name} gives {len(tokens)} counts for {rounds} rounds")
         return list(tokens)
     return [tokens] * rounds
+
+
+# --- a run's metric rows ------------------------------------------------------------------------------------------
+
+COLUMNS = ("parameters", "member_parameters", "train_flops", "inference_flops_per_token", "critical_path_layers")
+
+
+def metric_columns(members: Sequence[ModelShape], round_tokens: Sequence[tuple[int, int]], *, context: int,
+                   through_ensemble: bool, teacher: ModelShape | None, teacher_mode: str,
+                   cache_tokens: tuple[int, int], rounds_sharing_cache: int) -> dict[str, dict]:
+    """The compute columns (COLUMNS) of the metric rows of the round that added members[-1], by row model.
+
+    members[r] is round r's student; round_tokens[r] its (sequence_tokens, supervised_tokens) trained on;
+    cache_tokens the training split's, over which a cached teacher was run once. The teacher's row has no
+    train_flops (it was trained elsewhere); the untrained student's is 0; the student's is its own round's training
+    (its frozen members' forwards and its share of the teacher included); the ensemble's, every round's so far.
+    """
+    def flops_of_round(index: int) -> float:
+        return round_training_flops(
+            members[index], sequence_tokens=round_tokens[index][0], supervised_tokens=round_tokens[index][1],
+            context=context, members=members[:index] if through_ensemble else (), teacher=teacher,
+            teacher_mode=teacher_mode, cache_sequence_tokens=cache_tokens[0], cache_supervised_tokens=cache_tokens[1],
+            rounds_sharing_cache=rounds_sharing_cache).total
+
+    def of(models: Sequence[ModelShape], train_flops: float | None) -> dict:
+        return {"parameters": sum(m.parameters for m in models),
+                "member_parameters": max(m.parameters for m in models), "train_flops": train_flops,
+                "inference_flops_per_token": ensemble_inference_flops_per_token(models, context),
+                "critical_path_layers": critical_path_depth(models)}
+
+    student = members[-1]
+    columns = {"student_untrained": of([student], 0), "student": of([student], flops_of_round(len(members) - 1)),
+               "ensemble": of(members, sum(flops_of_round(index) for index in range(len(members))))}
+    if teacher is not None:
+        columns["teacher"] = of([teacher], None)
+    return columns

@@ -80,6 +80,7 @@ class Config:
     early_stopping_min_delta: float = 0.0  # an improvement lowers the held-out CE by more than this (nats)
     early_stopping_examples: int = 32  # training examples held out for early stopping (never trained on)
     baseline: str = "none"  # none (the method) | independent | single_matched | single_large (see main.py)
+    baseline_budget: str = "steps"  # single_*: the ensemble's total steps, or its training FLOPs (flops; compute.py)
 
     # --- optimisation -------------------------------------------------------------------------------------------
     batch_size: int = 4  # examples per micro-batch (per process)
@@ -157,6 +158,7 @@ class Config:
              "the layers; a pretrained student has a fixed size)"),
             ("baseline", self.baseline != "independent" or self.combine != "additive",
              "independent needs a combine other than additive (students trained alone are averaged, not added)"),
+            ("baseline_budget", self.baseline_budget in ("steps", "flops"), "must be steps or flops"),
             ("sample_answers", self.sample_answers >= 0, "must be >= 0"),
             ("teacher_mode", self.teacher_mode in ("online", "topk", "hidden"), "must be online, topk or hidden"),
             ("cache_k", self.cache_k >= 1, "must be >= 1"),
@@ -203,6 +205,8 @@ def plan_lines(config: Config, run_dir: Path | None = None, data_summary: str | 
     baseline = {"independent": "each student distilled alone, then combined",
                 "single_matched": f"one student, {steps} steps",
                 "single_large": f"one student {config.total_rounds}x as deep, {steps} steps"}.get(config.baseline)
+    if config.baseline_budget == "flops" and config.baseline in SINGLE_MODEL_BASELINES:
+        baseline = baseline.replace(f"{steps} steps", "the ensemble's training FLOPs in steps")
     loss = (f"{config.alpha} * T^2 * {config.divergence}(teacher || mixture) + {1 - config.alpha:g} * "
             f"NLL({config.nll_target}), T = {config.temperature}, members combined by {config.combine}"
             + (f" (eta {config.eta})" if config.combine == "additive" else "")
@@ -250,6 +254,36 @@ PRESETS: dict[str, dict] = {
         logging_steps=20,
         save_steps=200,
         eval_batch_size=16,
+    ),
+    # The scaling study on a 2-core CPU (studies/cpu.yaml): small random students that reach their plateau within
+    # the cap, because the transfer set is fixed and small (600 conversations, seen for several epochs: a
+    # legitimate distillation regime, where a student's capacity, not its data, limits it); the embedded teacher
+    # through one top-k cache that every run of the study shares (same data_seed and settings).
+    "study": dict(
+        student_init="random",
+        student_hidden_size=64,
+        student_num_layers=2,
+        student_num_heads=2,
+        student_num_kv_heads=1,
+        student_intermediate_size=176,
+        max_examples=600,
+        test_size=64,
+        max_length=192,
+        teacher_mode="topk",
+        total_rounds=4,
+        steps_per_round=400,
+        eval_steps=25,
+        early_stopping_patience=3,
+        early_stopping_min_delta=0.005,
+        early_stopping_examples=48,
+        batch_size=8,
+        learning_rate=3e-3,
+        warmup_ratio=0.05,
+        logging_steps=25,
+        save_steps=100,
+        eval_batch_size=16,
+        sample_answers=0,
+        plots=False,
     ),
     # Tiny and fast, for the test suite: a random-init student, a handful of steps. The tests point `teacher`
     # and `dataset` at models and data they build themselves.

@@ -37,6 +37,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+import compute
 import config as config_lib
 import embedded
 import plot
@@ -53,7 +54,8 @@ from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, 
                    resumed_state, training_arguments)
 
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
-                  "gap_closed", "diversity", "num_tokens", "seconds", "steps_run", "member_step", "stop_reason"]
+                  "gap_closed", "diversity", "num_tokens", "seconds", "steps_run", "member_step", "stop_reason",
+                  *compute.COLUMNS]
 TRAINED_ROWS = ("student", "ensemble")  # the rows of a round that its training record (steps, stop) belongs to
 SAMPLE_COLUMNS = ["round", "model", "prompt", "answer", "new_tokens"]
 
@@ -137,6 +139,9 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     cache = teacher_cache.training_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
     evaluated_teacher = evaluation_teacher(config, teacher, cache, data, collator, state)
     round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
+    if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
+        round_config = utils.flop_matched_config(config, round_config, teacher, tokenizer, (
+            *preprocess_dataset.token_totals(data["train"]), len(data["train"])), state.num_processes)
     output_folder = resume_dir or Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
     # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
@@ -357,6 +362,8 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     if run.state.is_main_process:
         training = run_state.training_record(run_state.member_folder(run.folder, round_index))
         rows = [{**row, **training} if row["model"] in TRAINED_ROWS else row for row in rows]
+        columns = compute_columns(run, [run.folder / path for path in manifest["members"]])
+        rows = [{**row, **columns.get(row["model"], {})} for row in rows]
         rows = plot.rows_with_gap_closed(rows, run.folder / "metrics.csv")
         tracking.log_round(run.trackers, round_index, rows)
         # This round's rows replace any that an interrupted evaluation of it left behind.
@@ -373,6 +380,23 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     print(f"round {round_index}: student ce {ce['student']:.4f} (untrained {ce['student_untrained']:.4f}), "
           f"ensemble of {len(run.members)} ce {ce['ensemble']:.4f}")
     return dataclasses.replace(run, manifest=manifest)
+
+
+def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
+    """The compute columns of the round's rows (compute.metric_columns), by model. The tokens each round trained on
+    are its steps run x the examples of a step x the training split's mean example (padding not counted)."""
+    sequence, supervised = preprocess_dataset.token_totals(run.data["train"])
+    examples = len(run.data["train"])
+    per_step = run.config.batch_size * run.config.grad_accum * run.state.num_processes
+    steps = [run_state.training_record(folder).get("steps_run", run.round_config.steps_per_round)
+             for folder in member_folders]
+    return compute.metric_columns(
+        [compute.model_shape(member) for member in run.members],
+        [(n * per_step * sequence // examples, n * per_step * supervised // examples) for n in steps],
+        context=round(sequence / examples), through_ensemble=run.config.baseline == "none",
+        teacher=compute.model_shape(run.teacher) if run.config.alpha > 0 else None,
+        teacher_mode=run.config.teacher_mode, cache_tokens=(sequence, supervised),
+        rounds_sharing_cache=run.config.rounds_to_run())
 
 
 def write_sample_answers(run: Run, round_index: int, models: dict) -> None:

@@ -391,6 +391,12 @@ def _split(tokenized: datasets.Dataset, test_size: int | float, seed: int, sourc
     return tokenized.train_test_split(test_size=test_size, seed=seed)
 
 
+def token_totals(dataset: datasets.Dataset) -> tuple[int, int]:
+    """The tokens of every example of `dataset`, and the supervised ones among them."""
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"])
+    return pc.sum(lengths).as_py() or 0, _count_supervised_tokens(dataset)
+
+
 def _count_supervised_tokens(dataset: datasets.Dataset) -> int:
     total = 0
     for batch in dataset.with_format("arrow").iter(batch_size=10_000):

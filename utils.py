@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import compute
 from config import SINGLE_MODEL_BASELINES, ConfigError
 
 
@@ -167,19 +168,46 @@ def baseline_round_config(config, num_teacher_layers: int):
     return dataclasses.replace(config, **changes)
 
 
+def student_model_config(config, teacher, tokenizer, round_index: int = 0):
+    """The transformers config of `round_index`'s student, without building it."""
+    if config.student_init == "pretrained":
+        return AutoConfig.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
+    if config.student_init == "random":
+        return random_student_config(config, teacher.config, tokenizer)
+    return teacher_layers_config(teacher.config, student_layer_indices(config, round_index,
+                                                                       teacher.config.num_hidden_layers))
+
+
 def student_parameter_count(config, teacher, tokenizer, round_index: int = 0) -> int:
     """The parameters of `round_index`'s student, counted from its model config on the meta device: no weight is
     allocated or loaded."""
-    if config.student_init == "pretrained":
-        model_config = AutoConfig.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
-    elif config.student_init == "random":
-        model_config = random_student_config(config, teacher.config, tokenizer)
-    else:
-        model_config = teacher_layers_config(teacher.config, student_layer_indices(config, round_index,
-                                                                                   teacher.config.num_hidden_layers))
-    with torch.device("meta"):
-        return count_parameters(AutoModelForCausalLM.from_config(model_config,
-                                                                 trust_remote_code=config.trust_remote_code))
+    return compute.parameter_count(student_model_config(config, teacher, tokenizer, round_index),
+                                   config.trust_remote_code)
+
+
+def flop_matched_config(config, round_config, teacher, tokenizer, tokens: tuple[int, int, int], num_processes: int):
+    """A single-model baseline's `round_config` with the steps that spend the training FLOPs of the ensemble it
+    stands for (compute.py): total_rounds students of `config`, each steps_per_round steps through the frozen
+    earlier ones, with the same teacher (its cache build a fixed cost both pay). `tokens`: the training split's
+    tokens, supervised tokens and examples; a step's tokens are its examples x the mean example's."""
+    sequence, supervised, examples = tokens
+    per_step = config.batch_size * config.grad_accum * num_processes
+    step_tokens = (per_step * sequence // examples, per_step * supervised // examples)
+    context = round(sequence / examples)
+    teacher_shape = compute.model_shape(teacher) if config.alpha > 0 else None
+    shared = dict(context=context, teacher=teacher_shape, teacher_mode=config.teacher_mode,
+                  cache_sequence_tokens=sequence, cache_supervised_tokens=supervised)
+    members = [compute.model_shape(student_model_config(config, teacher, tokenizer, index))
+               for index in range(config.total_rounds)]
+    budget = compute.run_training_flops(members, sequence_tokens=config.steps_per_round * step_tokens[0],
+                                        supervised_tokens=config.steps_per_round * step_tokens[1], **shared)[-1]
+    build = (compute.teacher_cache_build_flops(teacher_shape, config.teacher_mode, sequence, supervised, context)
+             if teacher_shape else 0)
+    single = compute.model_shape(student_model_config(round_config, teacher, tokenizer))
+    one_step = compute.round_training_flops(single, sequence_tokens=step_tokens[0], supervised_tokens=step_tokens[1],
+                                            rounds_sharing_cache=1, **shared).total - build
+    steps = compute.flop_matched_steps(budget, one_step, fixed_flops=build)
+    return dataclasses.replace(round_config, steps_per_round=max(steps, 1))
 
 
 def random_student_config(config, teacher_config, tokenizer):

@@ -736,7 +736,18 @@ def test_metrics_have_one_numeric_schema_with_calibration_gap_closed_and_diversi
     assert all(pd.api.types.is_numeric_dtype(numeric[c]) for c in numeric)
     trained = metrics["model"].isin(main.TRAINED_ROWS)
     assert not numeric[trained].isna().any().any() and not numeric[~trained].drop(
-        columns=["steps_run", "member_step"]).isna().any().any()
+        columns=["steps_run", "member_step", "train_flops"]).isna().any().any()
+    compute = metrics.set_index(["round", "model"])
+    ensemble, students = compute.xs("ensemble", level="model"), compute.xs("student", level="model")
+    assert (ensemble["parameters"] == students["parameters"].cumsum()).all()  # members add up
+    assert (ensemble["train_flops"] == students["train_flops"].cumsum()).all()  # so does their training
+    assert (ensemble["inference_flops_per_token"] == students["inference_flops_per_token"].cumsum()).all()
+    assert (ensemble["critical_path_layers"] == 1).all() and (ensemble["member_parameters"] == 22112).all()
+    # Round 1 trains through round 0's frozen member: one forward more than round 0 on the same tokens.
+    assert students.loc[1, "train_flops"] > students.loc[0, "train_flops"] > 0
+    assert compute.loc[(0, "teacher"), "parameters"] > compute.loc[(0, "student"), "parameters"]
+    assert pd.isna(compute.loc[(0, "teacher"), "train_flops"]) and compute.loc[(0, "student_untrained"),
+                                                                                "train_flops"] == 0
     assert (metrics[trained]["stop_reason"] == "cap").all() and (metrics[trained]["steps_run"] == 3).all()
     assert metrics[~trained][["steps_run", "member_step", "stop_reason"]].isna().all().all()
     row = metrics.set_index(["round", "model"])
@@ -879,3 +890,18 @@ def test_runs_that_differ_only_in_seed_share_the_test_set_and_the_teacher_cache(
     assert students[0] != students[1]  # the seed still changes the initialisation and the order
     assert len(list((tmp_path / "cache" / "teacher_cache").iterdir())) == 2  # seeds 0 and 1 share one cache
     assert [json.loads((run / "manifest.json").read_text())["data_seed"] for run in runs] == [0, 0, 1]
+
+
+@pytest.mark.parametrize("baseline", ["single_matched", "single_large"])
+def test_a_flop_matched_baseline_spends_the_ensembles_training_flops(tiny_teacher_dir, tmp_path, baseline):
+    """baseline_budget=flops: the one student takes as many steps as fit the training FLOPs of the ensemble it
+    stands for (which spends more than its steps alone: it runs its frozen members), and no more."""
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "ensemble")) == 0
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "single", "--baseline", baseline,
+                              "--baseline_budget", "flops")) == 0
+    ensemble = final_metrics(tmp_path / "ensemble").xs("ensemble", level="model").iloc[-1]
+    single = final_metrics(tmp_path / "single").loc[(0, "ensemble")]
+    per_step = single["train_flops"] / single["steps_run"]
+    assert single["train_flops"] <= ensemble["train_flops"] < single["train_flops"] + per_step * 1.01
+    if baseline == "single_large":
+        assert single["parameters"] > ensemble["parameters"] / 2 and single["steps_run"] < 6  # deeper: fewer
