@@ -1,7 +1,7 @@
 """Every knob of a distillation run, in one typed dataclass, with presets.
 
 A run's configuration is resolved in this order, each layer overriding the one before:
-    defaults below  ->  preset (--preset demo|paper|test)  ->  YAML file (--config run.yaml)  ->  command line
+    defaults below  ->  preset (--preset demo|paper|study|test)  ->  YAML file (--config run.yaml)  ->  command line
         python main.py --preset paper --alpha 0.7 --total_rounds 6
 Unknown keys and out-of-range values are errors that name the key. The resolved config is written into the run
 folder as config.yaml, so every run can be reproduced from its own folder.
@@ -75,6 +75,7 @@ class Config:
     steps_per_round: int = 60  # optimizer steps per round
     seed: int = 0  # base seed; round r uses seed + r for its student's init and data order
     data_seed: int = 0  # the data: which conversations are sampled, the train/test split (and so the teacher cache)
+    member_data: str = "all"  # each round's training data: all | shard (disjoint, 1/total_rounds each) | bootstrap
     eval_steps: int = 0  # early stopping: held-out CE every eval_steps steps, steps_per_round the cap (0: off)
     early_stopping_patience: int = 3  # evaluations without improvement before a round stops at its best state
     early_stopping_min_delta: float = 0.0  # an improvement lowers the held-out CE by more than this (nats)
@@ -159,6 +160,7 @@ class Config:
             ("baseline", self.baseline != "independent" or self.combine != "additive",
              "independent needs a combine other than additive (students trained alone are averaged, not added)"),
             ("baseline_budget", self.baseline_budget in ("steps", "flops"), "must be steps or flops"),
+            ("member_data", self.member_data in ("all", "shard", "bootstrap"), "must be all, shard or bootstrap"),
             ("sample_answers", self.sample_answers >= 0, "must be >= 0"),
             ("teacher_mode", self.teacher_mode in ("online", "topk", "hidden"), "must be online, topk or hidden"),
             ("cache_k", self.cache_k >= 1, "must be >= 1"),
@@ -255,10 +257,11 @@ PRESETS: dict[str, dict] = {
         save_steps=200,
         eval_batch_size=16,
     ),
-    # The scaling study on a 2-core CPU (studies/cpu.yaml): small random students that reach their plateau within
-    # the cap, because the transfer set is fixed and small (600 conversations, seen for several epochs: a
+    # The scaling study on a 2-core CPU (studies/cpu.yaml): small random students meant to reach their plateau
+    # within the cap, because the transfer set is fixed and small (600 conversations, seen for several epochs: a
     # legitimate distillation regime, where a student's capacity, not its data, limits it); the embedded teacher
-    # through one top-k cache that every run of the study shares (same data_seed and settings).
+    # through one top-k cache that every run of the study shares (same data_seed and settings). Not yet tuned: a
+    # pilot's first round took about 1 s a step and was still improving at step 150 of 400.
     "study": dict(
         student_init="random",
         student_hidden_size=64,

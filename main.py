@@ -53,9 +53,9 @@ from model_io import PaddingCollator, check_logits_at
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
                    resumed_state, training_arguments)
 
+TRAINING_COLUMNS = ("steps_run", "member_step", "stop_reason")  # from a member's training record
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
-                  "gap_closed", "diversity", "num_tokens", "seconds", "steps_run", "member_step", "stop_reason",
-                  *compute.COLUMNS]
+                  "gap_closed", "diversity", "num_tokens", "seconds", *TRAINING_COLUMNS, *compute.COLUMNS]
 TRAINED_ROWS = ("student", "ensemble")  # the rows of a round that its training record (steps, stop) belongs to
 SAMPLE_COLUMNS = ["round", "model", "prompt", "answer", "new_tokens"]
 
@@ -301,7 +301,7 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
                                 use_cpu=run.device.type == "cpu",
                                 bf16=utils.use_bf16_autocast(run.config.dtype, run.device),
                                 run_name=run_name(run.folder, run.config)),
-        train_dataset=teacher_cache.with_example_ids(run.data["train"]), processing_class=run.tokenizer,
+        train_dataset=member_data(run, round_index), processing_class=run.tokenizer,
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
                    CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
                    run_state.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
@@ -311,6 +311,18 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
                                                run.state.is_main_process)],
         chunk_size=run.config.loss_chunk_size, teacher_cache=run.cache, round_index=round_index,
         compile_loss=config_lib.use_compiled_loss(run.config.compile_loss, run.device))
+
+
+def member_data(run: Run, round_index: int):
+    """The round's training data (config member_data), with the example ids that key the teacher cache."""
+    print(f"round {round_index} trains on: {member_data_description(run, round_index)}")
+    return preprocess_dataset.member_split(teacher_cache.with_example_ids(run.data["train"]), run.config.member_data,
+                                           round_index, run.config.rounds_to_run(), run.config.data_seed)
+
+
+def member_data_description(run: Run, round_index: int) -> str:
+    return preprocess_dataset.describe_member_data(run.config.member_data, round_index, run.config.rounds_to_run(),
+                                                   run.config.data_seed)
 
 
 def saved_member(run: Run, round_index: int, student: torch.nn.Module, steps_run: int,
@@ -358,10 +370,12 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     done), and the run with that manifest: every process keeps it in memory (it decides what the next round
     evaluates); one writes the files."""
     manifest = run_state.finished_round(run.manifest, round_index,
-                                        str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)), run.weights)
+                                        str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
+                                        run.weights, member_data_description(run, round_index))
     if run.state.is_main_process:
         training = run_state.training_record(run_state.member_folder(run.folder, round_index))
-        rows = [{**row, **training} if row["model"] in TRAINED_ROWS else row for row in rows]
+        rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
+                if row["model"] in TRAINED_ROWS else row for row in rows]
         columns = compute_columns(run, [run.folder / path for path in manifest["members"]])
         rows = [{**row, **columns.get(row["model"], {})} for row in rows]
         rows = plot.rows_with_gap_closed(rows, run.folder / "metrics.csv")

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -520,6 +521,26 @@ def held_out_slices(data, config) -> dict:
         slices[name] = train.select(range(len(train) - size, len(train)))
         train = train.select(range(len(train) - size))
     return {**data, "train": train, **slices}
+
+
+def member_split(train: datasets.Dataset, member_data: str, round_index: int, rounds: int,
+                 data_seed: int) -> datasets.Dataset:
+    """Round `round_index`'s training data (see describe_member_data): `all` of `train`; its `shard` (the rows,
+    shuffled once by data_seed, cut into `rounds` disjoint parts); or a `bootstrap` sample (as many rows, drawn with
+    replacement by data_seed + round_index). Members that start from one model then still differ by their data.
+    Rows keep their columns (a teacher cache's example_id among them)."""
+    if member_data == "shard":
+        return train.select(np.array_split(np.random.default_rng(data_seed).permutation(len(train)),
+                                           rounds)[round_index])
+    if member_data == "bootstrap":
+        return train.select(np.random.default_rng(data_seed + round_index).integers(0, len(train), len(train)))
+    return train
+
+
+def describe_member_data(member_data: str, round_index: int, rounds: int, data_seed: int) -> str:
+    """Which data member_split gives round `round_index`, in words (the manifest records it)."""
+    return {"all": "all", "shard": f"shard {round_index} of {rounds} (order seed {data_seed})",
+            "bootstrap": f"bootstrap sample (seed {data_seed + round_index})"}[member_data]
 
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:

@@ -102,10 +102,12 @@ def mark_round_training(run_dir: Path, manifest: dict, round_index: int, resume_
                      lambda row: int(row["round"]) != round_index or int(row["step"]) <= last_step, [])
 
 
-def finished_round(manifest: dict, round_index: int, member: str, weights: list[float] | None) -> dict:
+def finished_round(manifest: dict, round_index: int, member: str, weights: list[float] | None,
+                   member_data: str = "all") -> dict:
     """The manifest once round `round_index` is done: its member folder (relative to the run) added, the members'
-    weights, and the teacher evaluated (round 0 evaluates it)."""
+    weights, which data the member trained on, and the teacher evaluated (round 0 evaluates it)."""
     return {**manifest, "members": [*manifest["members"], member], "weights": weights,
+            "member_data": {**manifest.get("member_data", {}), str(round_index): member_data},
             "rounds": {**manifest["rounds"], str(round_index): "done"}, "teacher_evaluated": True}
 
 

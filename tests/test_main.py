@@ -162,7 +162,7 @@ def test_resume_refuses_a_new_total_rounds_for_a_single_model_baseline(tmp_path,
 BAD_SETTINGS = {
     "an unknown key": (["--alpah", "1"], "unknown config key(s) 'alpah' in the command line"),
     "an abbreviated key": (["--lr", "0.001"], "unknown config key(s) 'lr' in the command line"),
-    "an unknown preset": (["--preset", "huge"], "unknown preset 'huge': choose one of demo, paper, test"),
+    "an unknown preset": (["--preset", "huge"], "unknown preset 'huge': choose one of demo, paper, study, test"),
     "an unknown key in a YAML file": (["--config", "{yaml}"], "unknown config key(s) 'alpah' in config file "
                                                               "'{yaml}'"),
 }
@@ -905,3 +905,20 @@ def test_a_flop_matched_baseline_spends_the_ensembles_training_flops(tiny_teache
     assert single["train_flops"] <= ensemble["train_flops"] < single["train_flops"] + per_step * 1.01
     if baseline == "single_large":
         assert single["parameters"] > ensemble["parameters"] / 2 and single["steps_run"] < 6  # deeper: fewer
+
+
+def test_members_train_on_disjoint_shards_and_the_manifest_says_which(tiny_teacher_dir, tmp_path, monkeypatch):
+    seen = []
+
+    class RecordingTrainer(main.DistillationTrainer):
+        def __init__(self, *args, train_dataset, **kwargs):
+            seen.append(sorted(list(train_dataset["example_id"])))
+            super().__init__(*args, train_dataset=train_dataset, **kwargs)
+
+    monkeypatch.setattr(main, "DistillationTrainer", RecordingTrainer)
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--member_data", "shard", "--teacher_mode", "topk",
+                              "--cache_k", "8")) == 0
+    assert [len(ids) for ids in seen] == [16, 16] and not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(32))  # the cache's keys: rows of the whole training split
+    manifest = json.loads((only_run_dir(tmp_path) / "manifest.json").read_text())
+    assert manifest["member_data"] == {"0": "shard 0 of 2 (order seed 0)", "1": "shard 1 of 2 (order seed 0)"}

@@ -553,3 +553,22 @@ def test_command_line_prepares_and_prints_the_counts(tmp_path, chats_file, token
     assert "train: 36 examples" in printed
     assert "test: 12 examples" in printed
     assert f"{metadata['counts']['supervised_tokens']['train']} supervised tokens" in printed
+
+
+def test_members_train_on_all_the_data_on_disjoint_shards_or_on_bootstrap_samples():
+    from datasets import Dataset
+
+    from preprocess_dataset import describe_member_data, member_split
+
+    train = Dataset.from_dict({"example_id": list(range(10))})
+    def ids(member_data, round_index, data_seed=0):
+        return list(member_split(train, member_data, round_index, 3, data_seed)["example_id"])
+
+    assert ids("all", 2) == list(range(10))
+    shards = [ids("shard", r) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]  # disjoint, whole
+    assert shards != [ids("shard", r, data_seed=1) for r in range(3)]  # data_seed decides
+    samples = [ids("bootstrap", r) for r in range(2)]
+    assert all(len(sample) == 10 and len(set(sample)) < 10 for sample in samples) and samples[0] != samples[1]
+    assert ids("bootstrap", 1) == samples[1]  # reproducible
+    assert describe_member_data("shard", 1, 3, 0) == "shard 1 of 3 (order seed 0)"

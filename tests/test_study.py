@@ -4,6 +4,7 @@ lines, collecting synthetic run folders of known laws, and a real tiny study of 
 import json
 import math
 import shlex
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -420,3 +421,17 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
     assert capsys.readouterr().out.count("finished") >= 3
     assert {p: p.stat().st_mtime_ns for p in written} == written
     assert len(list(loaded.folder.glob("runs/*/*/run_*"))) == 3  # and starts no new run folder
+
+
+def test_the_shipped_cpu_study_is_a_valid_spec_whose_runs_share_their_data_and_teacher_cache():
+    spec = study.load_spec(Path(__file__).resolve().parents[1] / "studies" / "cpu.yaml")
+    configs = [point.config for point in spec.points]
+    assert {point.seed for point in spec.points} == {0, 1, 2}
+    assert {(c.data_seed, c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {
+        (0, "topk", 600, 64, 64)}  # one test set, one teacher cache for every run
+    method = [c for c in configs if c.baseline == "none"]
+    assert sorted({c.combine for c in method}) == ["additive", "logits"] and {c.total_rounds for c in method} == {4}
+    large = [c for c in configs if c.baseline == "single_large"]
+    assert sorted({c.total_rounds for c in large}) == [1, 2, 3, 4] and all(c.eval_steps > 0 for c in large)
+    matched = [c for c in configs if c.baseline == "single_matched"]
+    assert matched and all(c.baseline_budget == "flops" for c in matched)
