@@ -428,7 +428,7 @@ def test_the_shipped_cpu_study_is_a_valid_spec_whose_runs_share_their_data_and_t
     configs = [point.config for point in spec.points]
     assert {point.seed for point in spec.points} == {0, 1, 2}
     assert {(c.data_seed, c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {
-        (0, "topk", 600, 64, 64)}  # one test set, one teacher cache for every run
+        (0, "topk", 360, 64, 64)}  # one test set, one teacher cache for every run
     method = [c for c in configs if c.baseline == "none"]
     assert sorted({c.combine for c in method}) == ["additive", "logits"] and {c.total_rounds for c in method} == {4}
     large = [c for c in configs if c.baseline == "single_large"]
