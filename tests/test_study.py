@@ -429,9 +429,11 @@ def test_the_shipped_cpu_study_is_a_valid_spec_whose_runs_share_their_data_and_t
     assert {point.seed for point in spec.points} == {0, 1, 2}
     assert {(c.data_seed, c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {
         (0, "topk", 360, 64, 64)}  # one test set, one teacher cache for every run
-    method = [c for c in configs if c.baseline == "none"]
+    method = [c for c in configs if c.baseline == "none" and c.total_rounds > 1]
     assert sorted({c.combine for c in method}) == ["additive", "logits"] and {c.total_rounds for c in method} == {4}
-    large = [c for c in configs if c.baseline == "single_large"]
-    assert sorted({c.total_rounds for c in large}) == [1, 2, 3, 4] and all(c.eval_steps > 0 for c in large)
+    wide = [c for c in configs if c.baseline == "none" and c.total_rounds == 1]
+    assert sorted({c.student_hidden_size for c in wide}) == [64, 128, 256] and all(c.eval_steps > 0 for c in wide)
+    deep = [c for c in configs if c.baseline == "single_large"]
+    assert sorted({c.total_rounds for c in deep}) == [2, 4] and all(c.eval_steps > 0 for c in deep)
     matched = [c for c in configs if c.baseline == "single_matched"]
-    assert matched and all(c.baseline_budget == "flops" for c in matched)
+    assert matched and all(c.baseline_budget == "flops" and c.eval_steps > 0 for c in matched)
