@@ -127,7 +127,7 @@ def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict])
     write_atomically(path, text.getvalue())
 
 
-TRAINING_RECORD = "training.json"  # in a member folder: how its round's training went (see main.Training)
+TRAINING_RECORD = "training.json"  # in a member folder: steps run, the member's step, why its round stopped
 
 
 def save_member_atomically(student, tokenizer, member_dir: Path, training: dict | None = None) -> None:
