@@ -72,7 +72,8 @@ class Run:
     teacher: torch.nn.Module
     evaluated_teacher: object  # what evaluation reads: the teacher, or its hidden states cached (CachedTeacher)
     cache: teacher_cache.TeacherCache | None  # the teacher's outputs on the training split (topk/hidden mode)
-    data: dict  # train, test and (combine=weighted) weight_fit splits
+    data: dict  # train, test and the slices held out of train (weight_fit, early_stop)
+    train_tokens: tuple[int, int]  # the training split's tokens and supervised tokens
     collator: PaddingCollator
     folder: Path
     manifest: dict
@@ -139,9 +140,10 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     cache = teacher_cache.training_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
     evaluated_teacher = evaluation_teacher(config, teacher, cache, data, collator, state)
     round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
+    train_tokens = preprocess_dataset.token_totals(data["train"])  # for the compute accounting
     if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
-        round_config = utils.flop_matched_config(config, round_config, teacher, tokenizer, (
-            *preprocess_dataset.token_totals(data["train"]), len(data["train"])), state.num_processes)
+        round_config = utils.flop_matched_config(config, round_config, teacher, tokenizer,
+                                                 (*train_tokens, len(data["train"])), state.num_processes)
     output_folder = resume_dir or Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
     # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
@@ -158,7 +160,8 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     members = tuple(utils.load_causal_lm(str(folder / path), frozen_dtype, config.trust_remote_code)
                     .to(state.device).eval() for path in manifest["members"])
     return Run(config=config, round_config=round_config, state=state, preemption=preemption, tokenizer=tokenizer,
-               teacher=teacher, evaluated_teacher=evaluated_teacher, cache=cache, data=data, collator=collator,
+               teacher=teacher, evaluated_teacher=evaluated_teacher, cache=cache, data=data,
+               train_tokens=train_tokens, collator=collator,
                folder=folder, manifest=manifest, trackers=trackers, members=members,
                weights=(manifest.get("weights") or []) if config.combine in WEIGHTED_MODES else None)
 
@@ -261,13 +264,20 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     return saved_member(run, round_index, best, trainer.state.global_step, stopper)
 
 
+def round_loss(run: Run) -> tuple[list, LossSettings]:
+    """The frozen members a round's student trains through (the method: every earlier member; the baselines:
+    none), and the loss it trains with."""
+    frozen = list(run.members) if run.config.baseline == "none" else []
+    return frozen, LossSettings.for_round(run.config, run.weights if frozen else [], len(frozen))
+
+
 def early_stopping(run: Run, round_index: int, resume_from: Path | None) -> EarlyStopping | None:
     """The round's early stopping (None when eval_steps is 0), resumed in the state `resume_from` holds: it watches
     the held-out CE (the early_stop slice) of the mixture the student trains in, and keeps its best weights."""
     if not run.config.eval_steps:
         return None
-    frozen = list(run.members) if run.config.baseline == "none" else []
-    weights = LossSettings.for_round(run.config, run.weights if frozen else [], len(frozen)).mixture_weights
+    frozen, settings = round_loss(run)
+    weights = settings.mixture_weights
 
     def heldout_ce(student) -> float:
         ce = evaluate({"mixture": [student, *frozen]}, run.evaluated_teacher, run.data["early_stop"], run.collator,
@@ -293,8 +303,7 @@ def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn
 def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
                          stopper: EarlyStopping | None) -> DistillationTrainer:
     """The Trainer of the round's student: through the frozen members (the method), or alone (the baselines)."""
-    frozen = list(run.members) if run.config.baseline == "none" else []
-    settings = LossSettings.for_round(run.config, run.weights if frozen else [], len(frozen))
+    frozen, settings = round_loss(run)
     return DistillationTrainer(
         model=student, teacher=run.teacher, members=frozen, settings=settings, vocab_size=run.vocab_size,
         args=training_arguments(run.round_config, run_state.checkpoint_folder(run.folder, round_index), round_index,
@@ -399,7 +408,7 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
 def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
     """The compute columns of the round's rows (compute.metric_columns), by model. The tokens each round trained on
     are its steps run x the examples of a step x the training split's mean example (padding not counted)."""
-    sequence, supervised = preprocess_dataset.token_totals(run.data["train"])
+    sequence, supervised = run.train_tokens
     examples = len(run.data["train"])
     per_step = run.config.batch_size * run.config.grad_accum * run.state.num_processes
     steps = [run_state.training_record(folder).get("steps_run", run.round_config.steps_per_round)
