@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from model_io import IGNORE_INDEX, cut_to_vocab
+from model_io import IGNORE_INDEX, cut_to_vocab, hidden_at, output_head
 
 COMBINE_MODES = ("logits", "probs", "weighted", "additive")
 WEIGHTED_MODES = ("weighted", "additive")  # combinations with one coefficient per member
@@ -279,10 +279,21 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             self._cut_to_vocab(self._run_member(member, member_cache, input_ids, attention_mask, **member_kwargs))
             for member, member_cache in zip(self.members, member_caches, strict=True)
         ]
-        widths = {z.shape[-1] for z in logits}
-        if len(widths) > 1:
-            raise ValueError(f"members' logits have different widths {sorted(widths)}: set the config's vocab_size")
-        return logits
+        return _same_width(logits)
+
+    def member_hidden_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
+                             positions: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's final hidden states [N, H_k] at the True entries of `positions` [B, L] (model_io.hidden_at),
+        on the member's own device: what `logits_from_hidden` turns into the combined logits a chunk at a time."""
+        return [hidden_at(member, input_ids, attention_mask, positions) for member in self.members]
+
+    def logits_from_hidden(self, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The combined logits [n, V] (fp32, on the ensemble's device) at n positions, from each member's final
+        hidden states [n, H_k] there: each member's output head (model_io.output_head, cut to `config.vocab_size`),
+        then `combine_logits`. Equal to `forward`'s logits at those positions, but only n x V of them are made."""
+        logits = [output_head(member, self.config.vocab_size)(states).to(self.device)
+                  for member, states in zip(self.members, hidden, strict=True)]
+        return combine_logits(_same_width(logits), self.config.combine, self.config.weights)
 
     def _run_member(
         self,
@@ -361,6 +372,14 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         ensemble = cls(config, members)
         ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
         return ensemble
+
+
+def _same_width(logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Members' logits, refused when their widths differ (padded heads and no config vocab_size to cut them to)."""
+    widths = {z.shape[-1] for z in logits}
+    if len(widths) > 1:
+        raise ValueError(f"members' logits have different widths {sorted(widths)}: set the config's vocab_size")
+    return logits
 
 
 def _saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:

@@ -31,7 +31,11 @@ What the three request types compute (single process; the model stays where it i
 - generate_until (context, gen_kwargs): the model's own `generate()`, greedy, at most `max_gen_toks` new tokens,
   stopped as soon as every row has produced one of the `until` strings (or EOS); the answer is cut before the
   first `until` string. Prompts are left-padded; the context is cut from the left to max_length - max_gen_toks.
-Scoring batches are right-padded with attention masks; requests are sorted by length to limit padding.
+Scoring batches are right-padded with attention masks; requests are sorted by length to limit padding. Each model
+(each member, for an ensemble) runs its body on the batch and its output head only on the positions scored (the
+continuation; every target of a rolling window), `chunk_size` positions at a time, combining members as the
+ensemble's forward does: the logits held at once are chunk_size x vocabulary per member, never length x vocabulary.
+max_length defaults to the models' own limit capped at the run's training length (config key max_length).
 
 Nothing is imported from lm-eval until it is needed: without it, `EnsembleLM`, `task_manager` and the command
 raise "lm-eval is not installed: pip install lm-eval". The `CausalLMAdapter` core works without it.
@@ -45,6 +49,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
@@ -52,7 +57,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import run_state
-from model_io import cut_to_vocab
+from ensemble import ModelEnsemble
+from model_io import check_logits_at, cut_to_vocab, hidden_at, output_head
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
@@ -60,6 +66,9 @@ LM_EVAL_MISSING = "lm-eval is not installed: pip install lm-eval"
 MODEL_KINDS = ("teacher", "best_member", "ensemble")
 RESULT_COLUMNS = ["model", "path", "task", "metric", "filter", "value", "stderr", "samples"]
 DEFAULT_MAX_LENGTH = 2048  # when neither the argument nor the model's config gives one
+# Scored positions per output-head call: the logits held at once are chunk x vocabulary per member (at 151,936
+# tokens, 0.6 GB in fp32), whatever the length of the text.
+DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -79,13 +88,18 @@ def require_lm_eval():
 class CausalLMAdapter:
     """lm-eval's three request types on a causal LM and its tokenizer, with no dependency on lm-eval itself.
 
-    `model` is called as model(input_ids=..., attention_mask=..., use_cache=False).logits and generates with
-    model.generate(...): a ModelEnsemble or any Hugging Face causal LM. Requests are lm-eval `Instance`s or
-    anything with `.args`, or the bare argument tuples.
+    `model` is a ModelEnsemble or any Hugging Face causal LM. It scores through its final hidden states and its
+    output head (for an ensemble, every member's, combined as its forward combines them), applied only to the
+    positions being scored, `chunk_size` at a time; it generates with model.generate(...). Requests are lm-eval
+    `Instance`s or anything with `.args`, or the bare argument tuples.
 
     - batch_size: sequences per forward pass (and per generate call).
     - max_length: the longest input fed to the model; default: the smallest max_position_embeddings of the
-      model (of every member, for an ensemble), else DEFAULT_MAX_LENGTH.
+      model (of every member, for an ensemble), else DEFAULT_MAX_LENGTH, capped at train_max_length.
+    - train_max_length: the length the model was trained on (a run's max_length): it caps the default max_length,
+      and an explicit max_length beyond it is kept with a warning.
+    - chunk_size: scored positions per output-head call, which bounds the logits held at once to chunk_size x
+      vocabulary (per member) however long the input.
     - vocab_size: cut the logits to this many columns before the softmax (an ensemble already cuts to its config's
       vocab_size); give it to compare single models with padded embedding rows to the ensemble on equal terms.
     - add_bos_token: put the tokenizer's BOS token before every context (off: chat models' tokenizers add none).
@@ -93,10 +107,13 @@ class CausalLMAdapter:
 
     def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, vocab_size: int | None = None,
-                 add_bos_token: bool = False, name: str | None = None):
+                 add_bos_token: bool = False, name: str | None = None, train_max_length: int | None = None,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__()  # lm-eval's LM.__init__ when mixed into EnsembleLM
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         if add_bos_token and tokenizer.bos_token_id is None:
             raise ValueError("add_bos_token=True but the tokenizer has no BOS token")
         self.model = model
@@ -104,9 +121,13 @@ class CausalLMAdapter:
             model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
-        self._max_length = int(max_length) if max_length else model_max_length(model)
+        self._max_length = resolve_max_length(max_length, model, train_max_length)
         self.max_gen_toks = int(max_gen_toks)
         self.vocab_size = vocab_size
+        self.chunk_size = int(chunk_size)
+        for part in _parts(model):
+            # Scores come from hidden states and heads, not the forward: refuse an output transform they would miss.
+            check_logits_at(part, part.get_output_embeddings().weight.shape[0])
         self.add_bos_token = add_bos_token
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
 
@@ -168,7 +189,8 @@ class CausalLMAdapter:
     @torch.no_grad()
     def score_windows(self, windows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """For each (tokens, n): the summed log-probability of the last n tokens given all tokens before them, and
-        whether each of those n tokens is the argmax at its position. len(tokens) - 1 is what the model reads."""
+        whether each of those n tokens is the argmax at its position. len(tokens) - 1 is what the model reads;
+        the output heads run on the n scored positions only (see target_log_probs)."""
         for tokens, n in windows:
             if not 0 <= n < len(tokens) or len(tokens) - 1 > self.max_length:
                 raise ValueError(f"cannot score the last {n} of {len(tokens)} tokens with at most "
@@ -178,27 +200,56 @@ class CausalLMAdapter:
         order = sorted((i for i, (_, n) in enumerate(windows) if n > 0), key=lambda i: -len(windows[i][0]))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            width = max(len(windows[i][0]) - 1 for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                inputs = windows[i][0][:-1]
-                input_ids[row, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-                attention_mask[row, :len(inputs)] = 1
-            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                use_cache=False).logits
-            if self.vocab_size is not None:
-                logits = cut_to_vocab(logits, self.vocab_size)
-            for row, i in enumerate(chunk):
+            batch = order[start:start + self.batch_size]
+            width = max(len(windows[i][0]) - 1 for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            positions = torch.zeros((len(batch), width), dtype=torch.bool)
+            targets = []
+            for row, i in enumerate(batch):
                 tokens, n = windows[i]
                 length = len(tokens) - 1
-                log_probs = torch.log_softmax(logits[row, length - n:length].float(), dim=-1)
-                targets = torch.tensor(tokens[-n:], dtype=torch.long, device=log_probs.device)
-                total = log_probs.gather(-1, targets[:, None]).sum().item()
-                greedy = bool((log_probs.argmax(dim=-1) == targets).all())
-                results[i] = (float(total), greedy)
+                input_ids[row, :length] = torch.tensor(tokens[:-1], dtype=torch.long)
+                attention_mask[row, :length] = 1
+                positions[row, length - n:length] = True
+                targets.extend(tokens[-n:])
+            hidden = self.final_hidden_states(input_ids, attention_mask, positions)
+            log_probs, greedy = self.target_log_probs(hidden, torch.tensor(targets, dtype=torch.long))
+            # Scored positions come row by row, so each window's are the next n of them.
+            counts = [windows[i][1] for i in batch]
+            for i, row_log_probs, row_greedy in zip(batch, log_probs.split(counts), greedy.split(counts),
+                                                    strict=True):
+                results[i] = (float(row_log_probs.sum().item()), bool(row_greedy.all()))
         return results
+
+    def final_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            positions: torch.Tensor) -> list[torch.Tensor]:
+        """The final hidden states [N, H] at the True entries of `positions` [B, L]: one tensor per member of an
+        ensemble, one for a single model (what `logits_from_hidden` reads)."""
+        if isinstance(self.model, ModelEnsemble):
+            return self.model.member_hidden_states(input_ids, attention_mask, positions)
+        return [hidden_at(self.model, input_ids, attention_mask, positions)]
+
+    def logits_from_hidden(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """The model's fp32 logits [n, V] at n positions from their final_hidden_states (an ensemble's combined as
+        its forward combines them), cut to vocab_size when one is given."""
+        if isinstance(self.model, ModelEnsemble):
+            logits = self.model.logits_from_hidden(hidden)
+            return logits if self.vocab_size is None else cut_to_vocab(logits, self.vocab_size)
+        (states,) = hidden
+        return output_head(self.model, self.vocab_size)(states).float()
+
+    def target_log_probs(self, hidden: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(target) [N], whether each target is the argmax [N]) at N positions, from their final hidden
+        states, chunk_size positions at a time: no logits tensor larger than chunk_size x vocabulary exists."""
+        log_probs, greedy = [], []
+        for start in range(0, len(targets), self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            chunk_log_probs = torch.log_softmax(self.logits_from_hidden([states[rows] for states in hidden]), dim=-1)
+            chunk_targets = targets[rows].to(chunk_log_probs.device)
+            log_probs.append(chunk_log_probs.gather(-1, chunk_targets[:, None])[:, 0])
+            greedy.append(chunk_log_probs.argmax(dim=-1) == chunk_targets)
+        return torch.cat(log_probs).cpu(), torch.cat(greedy).cpu()
 
     def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is greedy) for token-level (context, continuation) pairs."""
@@ -327,10 +378,28 @@ def _request_args(request) -> tuple:
     return tuple(request.args) if hasattr(request, "args") else tuple(request)
 
 
+def _parts(model) -> list:
+    """The models whose bodies and heads compute `model`'s predictions: an ensemble's members, else the model."""
+    return list(model.members) if isinstance(model, ModelEnsemble) else [model]
+
+
+def resolve_max_length(max_length: int | None, model, train_max_length: int | None) -> int:
+    """The adapter's max_length: an explicit `max_length` as given (with a warning beyond `train_max_length`), else
+    the model's own limit capped at `train_max_length`: a Qwen2.5 config allows 32,768 positions, far beyond the
+    length a run trains on, and a window that long costs memory in the model's body for nothing it learned."""
+    if max_length:
+        if train_max_length and max_length > train_max_length:
+            warnings.warn(f"max_length {max_length} exceeds the run's training length ({train_max_length} tokens): "
+                          "the students never trained on the positions beyond it", stacklevel=2)
+        return int(max_length)
+    limit = model_max_length(model)
+    return min(limit, int(train_max_length)) if train_max_length else limit
+
+
 def model_max_length(model) -> int:
     """The smallest max_position_embeddings (or n_positions) of the model, of every member for an ensemble."""
     lengths = []
-    for part in getattr(model, "members", None) or [model]:
+    for part in _parts(model):
         config = getattr(part, "config", None)
         if config is None:
             continue
@@ -583,12 +652,13 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
 def evaluate_run(run_dir: str | Path, tasks: list[str], include_path=DEFAULT_TASKS_DIR, limit: int | float | None = None,
                  batch_size: int = 8, models=MODEL_KINDS, device: str = "auto", dtype: str | None = None,
                  max_length: int | None = None, num_fewshot: int | None = None, include_defaults: bool = True,
-                 bootstrap_iters: int = 1000):
+                 bootstrap_iters: int = 1000, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Evaluate the teacher, the best member and the ensemble of a run folder on lm-eval tasks.
 
     Returns a pandas DataFrame with one row per (model, task, metric): RESULT_COLUMNS. `dtype` defaults to the
     run's own (config key dtype, "auto": bf16 where the hardware computes it natively); logits are cut to the
-    ensemble's vocab_size for every model, so all three normalise over the same tokens. Models are loaded one
+    ensemble's vocab_size for every model, so all three normalise over the same tokens. `max_length` defaults to
+    the run's own (config key max_length; see resolve_max_length), for all three models. Models are loaded one
     at a time and freed before the next.
     """
     import pandas as pd
@@ -608,7 +678,7 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], include_path=DEFAULT_TAS
     rows = []
     for kind, path, model, tokenizer in run_models(run_dir, torch_dtype, torch_device, kinds=models):
         lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, vocab_size=vocab_size,
-                     name=f"{kind}:{path}")
+                     name=f"{kind}:{path}", train_max_length=config.get("max_length"), chunk_size=chunk_size)
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=False,
                                           bootstrap_iters=bootstrap_iters)
@@ -650,7 +720,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODEL_KINDS), help=f"comma-separated, from {MODEL_KINDS}")
     parser.add_argument("--output", default=None, help="CSV to write (default RUN_DIR/lm_eval.csv)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=None, help="longest input (default: the models')")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="longest input (default: the run's max_length, or the models' own limit if smaller)")
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="scored positions per output-head call: bounds the logits held at once")
     parser.add_argument("--num_fewshot", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: the run's)")
@@ -673,7 +746,8 @@ def main(argv=None):
     table = evaluate_run(args.run_dir, tasks, include_path=args.include_path or None, limit=args.limit,
                          batch_size=args.batch_size, models=models, device=args.device, dtype=args.dtype,
                          max_length=args.max_length, num_fewshot=args.num_fewshot,
-                         include_defaults=not args.no_default_tasks, bootstrap_iters=args.bootstrap_iters)
+                         include_defaults=not args.no_default_tasks, bootstrap_iters=args.bootstrap_iters,
+                         chunk_size=args.chunk_size)
     output = Path(args.output) if args.output else Path(args.run_dir) / "lm_eval.csv"
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)

@@ -67,13 +67,15 @@ def trained_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return captured[-1][positions.to(device)]
 
 
-def output_head(model, vocab_size: int):
-    """hidden [n, H] -> logits [n, vocab_size]: the model's head, its output transforms, cut to the vocabulary."""
+def output_head(model, vocab_size: int | None):
+    """hidden [n, H] -> logits [n, vocab_size]: the model's head, its output transforms, cut to the vocabulary
+    (None: the head's full width, as the model's forward returns it)."""
     head = model.get_output_embeddings()
 
     def project(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.to(device=head.weight.device, dtype=head.weight.dtype)  # cached states are fp32
-        return cut_to_vocab(apply_logit_transforms(model.config, head(hidden)), vocab_size)
+        logits = apply_logit_transforms(model.config, head(hidden))
+        return logits if vocab_size is None else cut_to_vocab(logits, vocab_size)
 
     return project
 

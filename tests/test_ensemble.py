@@ -189,6 +189,25 @@ def test_different_widths_without_a_vocabulary_are_an_error(members, prompt_ids)
     ensemble = ModelEnsemble.from_members(members[:2])
     with pytest.raises(ValueError, match="different widths"):
         ensemble(prompt_ids)
+    hidden = ensemble.member_hidden_states(prompt_ids, torch.ones_like(prompt_ids), torch.ones_like(prompt_ids).bool())
+    with pytest.raises(ValueError, match="different widths"):
+        ensemble.logits_from_hidden(hidden)
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs", "weighted", "additive"])
+def test_logits_from_hidden_states_equal_the_forwards_at_the_chosen_positions(tokenizer, members, mode):
+    weights = [0.2, 0.5, 0.3] if mode in ("weighted", "additive") else None
+    ensemble = ModelEnsemble.from_members(members, combine=mode, vocab_size=len(tokenizer), weights=weights)
+    input_ids = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    positions = input_ids.attention_mask.bool()
+    positions[0, :2] = False  # some positions only, across both rows
+    with torch.no_grad():
+        full = ensemble(**input_ids).logits
+        hidden = ensemble.member_hidden_states(input_ids.input_ids, input_ids.attention_mask, positions)
+        selected = ensemble.logits_from_hidden([states[3:] for states in hidden])  # a chunk of the positions
+    assert [states.shape[0] for states in hidden] == [int(positions.sum())] * 3
+    assert selected.dtype == torch.float32 and selected.shape == (int(positions.sum()) - 3, len(tokenizer))
+    torch.testing.assert_close(selected, full[positions][3:], rtol=1e-5, atol=1e-5)
 
 
 # --- membership ---------------------------------------------------------------------------------------------------
@@ -288,6 +307,7 @@ def test_load_places_members_by_device_map(tmp_path, tokenizer, members, prompt_
         ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu", "cpu"])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device next to the CPU")
 def test_members_on_different_devices_predict_and_generate_as_on_one(tmp_path, tokenizer, members, prompt_ids):
     ensemble = ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer))

@@ -5,6 +5,7 @@ import math
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ import yaml
 
 import lm_eval_adapter
 from conftest import build_tiny_llama, build_tokenizer
-from ensemble import ModelEnsemble
+from ensemble import COMBINE_MODES, WEIGHTED_MODES, ModelEnsemble
 from lm_eval_adapter import DEFAULT_TASKS_DIR, CausalLMAdapter, cut_at_stop, make_lm, task_manager
 from utils import load_causal_lm
 
@@ -58,13 +59,21 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def manual_log_prob(model, tokens, n):
-    """log p of the last n of `tokens` given the ones before, from one unpadded forward pass."""
+def full_forward_score(model, tokens, n, vocab_size=None):
+    """(log p of the last n of `tokens` given the ones before, whether each of them is the argmax), from one
+    unpadded forward pass and its full [length, vocabulary] logits (cut to `vocab_size` when given)."""
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0].float()
+        logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0, :, :vocab_size].float()
     log_probs = torch.log_softmax(logits, dim=-1)
     length = len(tokens) - 1
-    return sum(log_probs[length - n + j, tokens[-n + j]].item() for j in range(n))
+    total = sum(log_probs[length - n + j, tokens[-n + j]].item() for j in range(n))
+    greedy = all(int(log_probs[length - n + j].argmax()) == tokens[-n + j] for j in range(n))
+    return total, greedy
+
+
+def manual_log_prob(model, tokens, n):
+    """log p of the last n of `tokens` given the ones before, from one unpadded forward pass."""
+    return full_forward_score(model, tokens, n)[0]
 
 
 # --- loglikelihood ------------------------------------------------------------------------------------------------
@@ -125,6 +134,97 @@ def test_a_context_longer_than_max_length_is_cut_from_the_left(tokenizer, ensemb
     assert log_prob == pytest.approx(manual_log_prob(ensemble, kept, len(continuation)), abs=1e-5)
     with pytest.raises(ValueError, match="longer than max_length"):
         adapter.loglikelihood_tokens([(context, context)])
+
+
+# --- scoring through the chunked output heads ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [*COMBINE_MODES, "single model"])
+def test_chunked_scores_equal_the_full_logits_path(tokenizer, members, kind):
+    """Every combine mode, and a single model with a padded head cut to the vocabulary: the same log-likelihoods
+    and greedy flags as from the full logits of a plain forward."""
+    vocab_size = len(tokenizer)
+    if kind == "single model":
+        model = build_tiny_llama(tokenizer, seed=5, vocab_size=vocab_size + 8)
+    else:
+        weights = [0.3, 0.9] if kind in WEIGHTED_MODES else None
+        model = ModelEnsemble.from_members(members, combine=kind, vocab_size=vocab_size, weights=weights)
+    # Chunks of 5 positions straddle the rows of a batch; max_length 24 cuts contexts and rolls windows.
+    adapter = CausalLMAdapter(model, tokenizer, batch_size=3, max_length=24, chunk_size=5, vocab_size=vocab_size)
+    context, greedy = ids(tokenizer, "What is 2 + 3?"), []  # short enough not to be cut
+    for _ in range(3):
+        with torch.no_grad():
+            greedy.append(int(model(input_ids=torch.tensor([context + greedy])).logits[0, -1, :vocab_size].argmax()))
+    pairs = [adapter.encode_pair(*pair) for pair in PAIRS] + [(context, greedy)]
+    expected = [full_forward_score(model, (c + k)[-(adapter.max_length + 1):], len(k), vocab_size) for c, k in pairs]
+    results = adapter.loglikelihood_tokens(pairs)
+    assert results[-1][1] is True  # the greedy continuation is recognised as such
+    for (log_prob, flag), (reference, reference_flag) in zip(results, expected, strict=True):
+        assert log_prob == pytest.approx(reference, abs=1e-4) and flag == reference_flag
+    windows = adapter.rolling_windows(ids(tokenizer, LONG_TEXT))
+    assert len(windows) > 1
+    (rolling,) = adapter.loglikelihood_rolling([(LONG_TEXT,)])
+    assert rolling == pytest.approx(sum(full_forward_score(model, tokens, n, vocab_size)[0] for tokens, n in windows),
+                                    abs=1e-3)
+
+
+def test_scoring_never_makes_more_than_a_chunk_of_logits_however_long_the_text(tokenizer):
+    """Every call of a member's output head is recorded: a long rolling text and a long context are scored with
+    at most chunk_size positions of logits at a time, where the full forward makes length x vocabulary at once."""
+    members = [build_tiny_llama(tokenizer, seed=seed, vocab_size=4096) for seed in (3, 4)]  # wide padded heads
+    ensemble = ModelEnsemble.from_members(members, combine="probs", vocab_size=len(tokenizer))
+    chunk_size = 16
+    adapter = CausalLMAdapter(ensemble, tokenizer, batch_size=2, chunk_size=chunk_size)
+    head_calls = []  # (positions, width) of the logits each call of a member's head makes
+    hooks = [member.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_calls.append((output.shape[:-1].numel(), output.shape[-1])))
+        for member in members]
+    try:
+        text = " ".join([LONG_TEXT] * 12)
+        tokens = ids(tokenizer, text)
+        assert len(tokens) > adapter.max_length > 10 * chunk_size  # several long windows
+        adapter.loglikelihood_rolling([(text,)])
+        assert max(positions for positions, _ in head_calls) == chunk_size
+        assert {width for _, width in head_calls} == {4096}
+        assert sum(positions for positions, _ in head_calls) == 2 * len(tokens)  # each token once, per member
+        head_calls.clear()
+        adapter.loglikelihood_tokens([(tokens[:200], tokens[200:230])])
+        assert max(positions for positions, _ in head_calls) <= chunk_size
+        assert sum(positions for positions, _ in head_calls) == 2 * 30  # the continuation's positions only
+        head_calls.clear()
+        with torch.no_grad():
+            ensemble(input_ids=torch.tensor([tokens[:adapter.max_length]]))
+        assert max(positions for positions, _ in head_calls) == adapter.max_length  # what the full path makes
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_a_model_whose_forward_changes_its_logits_beyond_its_head_is_refused(tokenizer, monkeypatch):
+    model = build_tiny_llama(tokenizer)
+    forward = model.forward
+
+    def doubled(*args, **kwargs):  # an output transform that scoring through the head would miss
+        output = forward(*args, **kwargs)
+        output.logits = output.logits * 2
+        return output
+
+    monkeypatch.setattr(model, "forward", doubled)
+    with pytest.raises(ValueError, match="output transform"):
+        CausalLMAdapter(model, tokenizer)
+
+
+# --- max_length ---------------------------------------------------------------------------------------------------
+
+def test_the_default_max_length_is_capped_at_the_training_length_and_a_longer_one_is_kept_with_a_warning(tokenizer,
+                                                                                                      ensemble):
+    assert CausalLMAdapter(ensemble, tokenizer).max_length == 256  # the members' max_position_embeddings
+    assert CausalLMAdapter(ensemble, tokenizer, train_max_length=64).max_length == 64
+    assert CausalLMAdapter(ensemble, tokenizer, train_max_length=1024).max_length == 256  # never past the model's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CausalLMAdapter(ensemble, tokenizer, max_length=48, train_max_length=64).max_length == 48
+    with pytest.warns(UserWarning, match=r"max_length 128 exceeds the run's training length \(64 tokens\)"):
+        assert CausalLMAdapter(ensemble, tokenizer, max_length=128, train_max_length=64).max_length == 128
 
 
 # --- loglikelihood_rolling ----------------------------------------------------------------------------------------
@@ -311,18 +411,27 @@ def run_dir(tmp_path_factory, tiny_teacher_dir):
         rows += [(round_index, "student", 1, ce), (round_index, "ensemble", round_index + 1, ce - 0.3)]
     pd.DataFrame(rows, columns=["round", "model", "ensemble_size", "ce"]).to_csv(run / "metrics.csv", index=False)
     config = {"teacher": str(tiny_teacher_dir), "cache_dir": str(run.parent / "cache"), "dtype": "float32",
-              "trust_remote_code": False}
+              "trust_remote_code": False, "max_length": 128}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run
 
 
 def test_evaluate_run_writes_one_table_for_teacher_best_member_and_ensemble(lm_eval, run_dir, tiny_teacher_dir,
-                                                                             capsys):
+                                                                             capsys, monkeypatch):
     assert lm_eval_adapter.best_member(run_dir) == (1, run_dir / "ensemble" / "member_1")
+    max_lengths = []  # of each model's lm: the run's max_length (128), not the models' 256 positions
+
+    def recording_make_lm(*args, **kwargs):
+        lm = make_lm(*args, **kwargs)
+        max_lengths.append(lm.max_length)
+        return lm
+
+    monkeypatch.setattr(lm_eval_adapter, "make_lm", recording_make_lm)
     assert lm_eval_adapter.main([str(run_dir), "--tasks", ",".join(LOCAL_TASKS), "--limit", "3",
                                  "--no_default_tasks", "--device", "cpu", "--bootstrap_iters", "10"]) == 0
     printed = capsys.readouterr().out
     assert "best_member" in printed and "slm_tiny_mc" in printed
+    assert max_lengths == [128] * 3
     table = pd.read_csv(run_dir / "lm_eval.csv")
     assert list(table.columns) == lm_eval_adapter.RESULT_COLUMNS
     paths = table.groupby("model")["path"].first().to_dict()

@@ -5,7 +5,7 @@ import torch
 
 from conftest import build_tiny_llama
 from losses import predictor_mask
-from model_io import PaddingCollator, check_logits_at, cut_to_vocab, logits_at
+from model_io import PaddingCollator, check_logits_at, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 
 
@@ -36,6 +36,17 @@ def test_selected_head_logits_equal_the_full_forward(tokenizer, examples):
     assert selected.shape == (positions.sum().item(), len(tokenizer))
     torch.testing.assert_close(selected, full[positions][:, : len(tokenizer)], atol=1e-5, rtol=1e-5)
     check_logits_at(model, len(tokenizer))  # passes for a known architecture
+
+
+def test_an_output_head_without_a_vocabulary_keeps_the_heads_full_width(tokenizer, examples):
+    batch = PaddingCollator(tokenizer.pad_token_id)(examples[:2])
+    model = build_tiny_llama(tokenizer, vocab_size=len(tokenizer) + 8)
+    positions = batch["attention_mask"].bool()
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        uncut = output_head(model, None)(hidden_at(model, batch["input_ids"], batch["attention_mask"], positions))
+    assert uncut.shape == (positions.sum().item(), len(tokenizer) + 8)
+    torch.testing.assert_close(uncut, full[positions], atol=1e-5, rtol=1e-5)
 
 
 def test_logits_are_cut_to_the_vocabulary_and_never_padded():
