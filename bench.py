@@ -15,7 +15,9 @@
 3. teacher-cache bytes per supervised token (from the files on disk), and the KL error of the cache against the
    dense teacher;
 4. step time with 3 frozen members (round 4) relative to none (round 1);
-5. wall time of 3 rounds with the cached teacher (cache build included) against the online teacher.
+5. wall time of 3 rounds with the cached teacher (cache build included) against the online teacher;
+6. the loss path's forward and backward time at several chunk sizes, side by side, and the fastest: the best
+   loss_chunk_size on the machine the bench runs on.
 
 Models are random-weight Llamas built from a config (no download), at the sizes the flags choose; the data is
 real chat data (the embedded ShareGPT when installed, else the test fixture) tokenized with a real chat template.
@@ -41,8 +43,8 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, TrainerCallb
 import teacher_cache
 import utils
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER, Config
-from losses import (LossSettings, Projection, chunked_hybrid_loss_sums, divergence_sum, predictor_mask,
-                    sparse_divergence_sum)
+from losses import (LossSettings, Projection, chunked_hybrid_loss_sums, compile_loss_terms, divergence_sum,
+                    hybrid_loss_terms, predictor_mask, sparse_divergence_sum)
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import DistillationTrainer, training_arguments
@@ -63,6 +65,8 @@ TARGETS = {  # ratio: (comparison, target), from the issue; the memory target ap
     "round4_step_over_round1_step": ("<=", 1.5),
     "online_3_rounds_over_cached_3_rounds": (">=", 2.0),
 }
+SWEEP_CHUNK_SIZES = (64, 128, 256, 512, 1024, 2048)  # item 6's sizes, besides 0 (one chunk)
+SWEEP_REPEATS = 2  # item 6's timed runs per chunk size, after a warm-up; the fastest counts
 
 
 def parse_args(argv=None):
@@ -84,6 +88,10 @@ def parse_args(argv=None):
     parser.add_argument("--mem_vocab_size", type=int, default=QWEN_VOCAB, help="vocabulary of the memory test")
     parser.add_argument("--chunk_sizes", type=int, nargs="+", default=sorted({128, 256, default_chunk}),
                         help="chunk sizes of the memory test (default: 128, 256 and the config's loss_chunk_size)")
+    parser.add_argument("--sweep_chunk_sizes", type=int, nargs="+", default=None,
+                        help="chunk sizes whose loss-path time item 6 compares (0: one chunk; default: 0 and each of "
+                             f"{', '.join(map(str, SWEEP_CHUNK_SIZES))} below a micro-batch's batch_size x max_length "
+                             "positions)")
     parser.add_argument("--round_steps", type=int, default=0,
                         help="steps per round for the 3-round wall time (0: one pass over the cached data, as a real "
                              "round makes)")
@@ -91,6 +99,8 @@ def parse_args(argv=None):
     options = parser.parse_args(argv)
     if any(size <= 0 for size in options.chunk_sizes):
         parser.error(f"--chunk_sizes {options.chunk_sizes}: every size must be > 0 (the naive path is always measured)")
+    if any(size < 0 for size in options.sweep_chunk_sizes or ()):
+        parser.error(f"--sweep_chunk_sizes {options.sweep_chunk_sizes}: every size must be >= 0 (0: one chunk)")
     return options
 
 
@@ -332,6 +342,65 @@ def loss_path_memory(options) -> dict:
             "chunked": {str(chunk): loss_path_peak_bytes(chunk, **sizes) for chunk in options.chunk_sizes}}
 
 
+# --- 6: the fastest chunk size ------------------------------------------------------------------------------------
+
+def swept_chunk_sizes(requested: list[int] | None, positions: int) -> list[int]:
+    """The chunk sizes item 6 times: those requested, else 0 (one chunk) and each of SWEEP_CHUNK_SIZES that splits
+    `positions` into several chunks (a larger one would time the same single chunk as 0)."""
+    return requested or [0, *(size for size in SWEEP_CHUNK_SIZES if size < positions)]
+
+
+def fastest_seconds(run, device: torch.device) -> float:
+    """The fastest of SWEEP_REPEATS timed calls of run(), after one untimed warm-up (which also compiles)."""
+    run()
+    times = []
+    for _ in range(SWEEP_REPEATS):
+        if device.type == "cuda":  # kernels run asynchronously: time them, not their launches
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def chunk_size_sweep(options, dtype) -> dict:
+    """Item 6: seconds of one forward and backward of the loss path at each chunk size, and the fastest size.
+
+    The loss path is a training step's without members: the student's head under the training's autocast, the
+    frozen teacher's head in its dtype, the loss (compiled with --compile) and its gradients, over a full
+    micro-batch's positions (batch_size x max_length) at the bench's vocabulary and hidden sizes. A size that runs
+    out of GPU memory gets None, and is no candidate.
+    """
+    device = utils.select_device("auto")
+    positions = options.batch_size * options.max_length
+    torch.manual_seed(0)
+    student_head = torch.nn.Linear(SIZES[options.student_size][0], options.vocab_size, bias=False, device=device)
+    teacher_head = torch.nn.Linear(SIZES[options.teacher_size][0], options.vocab_size, bias=False, device=device,
+                                   dtype=dtype).requires_grad_(False)
+    student_states = torch.randn(positions, student_head.in_features, device=device, requires_grad=True)
+    teacher = Projection(torch.randn(positions, teacher_head.in_features, device=device, dtype=dtype), teacher_head)
+    targets = torch.randint(0, options.vocab_size, (positions,), device=device)
+    loss_terms = compile_loss_terms() if options.compile else hybrid_loss_terms
+
+    def loss_path(chunk_size: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=utils.use_bf16_autocast("auto", device)):
+            sums = chunked_hybrid_loss_sums(Projection(student_states, student_head), teacher, [], targets,
+                                            LossSettings(), chunk_size, loss_terms)
+        sums.total.backward()
+
+    seconds = {}
+    for chunk_size in swept_chunk_sizes(options.sweep_chunk_sizes, positions):
+        try:
+            seconds[str(chunk_size)] = fastest_seconds(lambda: loss_path(chunk_size), device)
+        except torch.OutOfMemoryError:  # one chunk of a GPU-sized micro-batch may not fit
+            seconds[str(chunk_size)] = None
+    fitting = {int(size): time_taken for size, time_taken in seconds.items() if time_taken is not None}
+    return {"positions": positions, "vocab_size": options.vocab_size, "seconds": seconds,
+            "best_chunk_size": min(fitting, key=fitting.get)}
+
+
 # --- 3: cache size and error --------------------------------------------------------------------------------------
 
 def cache_bytes_per_token(cache_dir: Path, num_tokens: int) -> float:
@@ -428,6 +497,8 @@ def main(argv=None) -> dict:
 
     # 2. memory
     results["loss_path_peak_bytes"] = memory = loss_path_memory(options)
+    # 6. the fastest chunk size
+    results["loss_chunk_size_sweep"] = chunk_size_sweep(options, dtype)
 
     step, rate = results["step_seconds"], results["tokens_per_second"]
     results["ratios"] = {
@@ -482,6 +553,15 @@ def print_report(results: dict, json_path: str) -> None:
     rounds = results["three_rounds_seconds"]
     print(f"\n5. three rounds: online {rounds['online']:.1f} s, cached {rounds['cached_with_build']:.1f} s "
           f"(of which cache build {rounds['cache_build']:.1f} s)")
+
+    sweep = results["loss_chunk_size_sweep"]
+    print(f"\n6. loss path by chunk size (one forward and backward over {sweep['positions']} positions, vocabulary "
+          f"{sweep['vocab_size']}; fastest of {SWEEP_REPEATS} runs after a warm-up)")
+    for chunk, seconds in sweep["seconds"].items():
+        timing = f"{seconds:8.3f} s" if seconds is not None else "out of memory"
+        note = "   (the config's default)" if int(chunk) == default_chunk else ""
+        print(f"   chunk size {'0 (one chunk)' if chunk == '0' else chunk:>13}  {timing}{note}")
+    print(f"   best loss_chunk_size on this machine: {sweep['best_chunk_size']}")
 
     print("\nratios (measured side by side in this run)")
     for name, value in results["ratios"].items():

@@ -28,6 +28,7 @@ through torch.compile (`compile_loss_terms`).
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -198,7 +199,7 @@ LossTermsFunction = Callable[[torch.Tensor, "torch.Tensor | SparseTarget | None"
                               LossSettings], LossTerms]
 
 
-def compile_loss_terms(backend: str | Callable = "inductor") -> LossTermsFunction:
+def compile_loss_terms(backend: str | Callable = "inductor") -> "CompiledLossTerms":
     """`hybrid_loss_terms` through torch.compile, which fuses its memory-bound passes over the vocabulary (the
     softmaxes, exponentials, the divergence's products and sums, and their backward) into a few kernels.
 
@@ -207,11 +208,28 @@ def compile_loss_terms(backend: str | Callable = "inductor") -> LossTermsFunctio
     of sharing one with every earlier round of the run. The row dimension is marked dynamic, so a shorter last
     chunk, or another micro-batch's number of positions, reuses the same compiled code. The output heads' matrix
     products stay outside: each is one library call already. fullgraph: a construct torch.compile cannot capture
-    whole is an error here, not a silent slow path.
+    whole is an error here, not a silent slow path; that and any other failure of the compiled code, at any step,
+    hand the loss to the eager `hybrid_loss_terms` for good (`CompiledLossTerms`).
     """
-    compiled = torch.compile(hybrid_loss_terms, backend=backend, fullgraph=True, isolate_recompiles=True)
+    return CompiledLossTerms(torch.compile(hybrid_loss_terms, backend=backend, fullgraph=True,
+                                           isolate_recompiles=True))
 
-    def compiled_loss_terms(student_logits: torch.Tensor, teacher_logits: "torch.Tensor | SparseTarget | None",
+
+class CompiledLossTerms:
+    """A compiled `hybrid_loss_terms` (from `compile_loss_terms`) that gives way to the eager one when it fails.
+
+    Compiled code can fail at any step, not only the first: a new chunk length or member count recompiles, the
+    backward is compiled when it first runs, and a compiled kernel can fail when it first runs on the device. None
+    of that should stop a run whose eager loss works, so `chunked_hybrid_loss_sums` computes each micro-batch's sums
+    through `with_eager_fallback`. Forward and backward both run there: the fused loss takes its gradients in the
+    forward pass.
+    """
+
+    def __init__(self, compiled: LossTermsFunction):
+        self.compiled = compiled
+        self.failure: Exception | None = None  # the compiled code's first failure; eager for good once set
+
+    def compiled_loss_terms(self, student_logits: torch.Tensor, teacher_logits: "torch.Tensor | SparseTarget | None",
                             member_logits: list[torch.Tensor], targets: torch.Tensor,
                             settings: LossSettings) -> LossTerms:
         row_tensors = [student_logits, *member_logits, targets]
@@ -221,9 +239,26 @@ def compile_loss_terms(backend: str | Callable = "inductor") -> LossTermsFunctio
             row_tensors.append(teacher_logits)
         for tensor in row_tensors:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return compiled(student_logits, teacher_logits, member_logits, targets, settings)
+        return self.compiled(student_logits, teacher_logits, member_logits, targets, settings)
 
-    return compiled_loss_terms
+    def with_eager_fallback(self, compute: Callable[[LossTermsFunction], LossSums]) -> LossSums:
+        """compute(the compiled function) until it first fails; then, and from then on, compute(hybrid_loss_terms).
+
+        The failed call is recomputed eagerly, so no step is lost, and one warning names the error. `compute` must
+        leave nothing behind when it fails (the fused loss writes no .grad before its backward pass). An error the
+        eager recompute raises too comes from the inputs, not the compiler: it is raised, and compiling stays on.
+        """
+        if self.failure is not None:
+            return compute(hybrid_loss_terms)
+        try:
+            return compute(self.compiled_loss_terms)
+        except Exception as error:
+            result = compute(hybrid_loss_terms)
+            self.failure = error
+            warnings.warn(f"the compiled loss failed ({type(error).__name__}: {str(error).strip()}); that "
+                          "micro-batch was recomputed with the eager loss, which is used from now on",
+                          RuntimeWarning, stacklevel=2)
+            return result
 
 
 @dataclass
@@ -258,7 +293,7 @@ def loss_chunks(num_positions: int, chunk_size: int) -> list[slice]:
 
 def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTarget | None,
                              members: list[Projection], targets: torch.Tensor, settings: LossSettings,
-                             chunk_size: int, loss_terms: LossTermsFunction = hybrid_loss_terms,
+                             chunk_size: int, loss_terms: LossTermsFunction | CompiledLossTerms = hybrid_loss_terms,
                              term_gradient_norms: bool = False) -> LossSums:
     """`hybrid_loss_sums` over chunks of `chunk_size` positions (0: one chunk), equal to it up to rounding.
 
@@ -266,11 +301,16 @@ def chunked_hybrid_loss_sums(student: Projection, teacher: Projection | SparseTa
     trainable parameters are computed in the forward pass, right after the chunk's loss (`FusedHybridLoss`), and
     the backward pass scales them by the gradient reaching `total`: no head runs twice. Memory: one chunk's logits
     and their loss's intermediates at a time, plus the stored fp32 gradients ([N, H] and the head's size).
-    `loss_terms` is the per-chunk function: `hybrid_loss_terms`, or the compiled one from `compile_loss_terms`.
-    `term_gradient_norms`: also return the squared norms of the distillation and NLL terms' gradients at the
-    student's hidden states (each term's gradient is then also taken on its own, at the hidden rows only: two extra
-    backward passes through the chunk's loss, none through the head's weight gradients).
+    `loss_terms` is the per-chunk function: `hybrid_loss_terms`, or the compiled one from `compile_loss_terms`
+    (which falls back to `hybrid_loss_terms` if it fails). `term_gradient_norms`: also return the squared norms of
+    the distillation and NLL terms' gradients at the student's hidden states (each term's gradient is then also
+    taken on its own, at the hidden rows only: two extra backward passes through the chunk's loss, none through the
+    head's weight gradients).
     """
+    if isinstance(loss_terms, CompiledLossTerms):
+        return loss_terms.with_eager_fallback(lambda terms_function: chunked_hybrid_loss_sums(
+            student, teacher, members, targets, settings, chunk_size, terms_function, term_gradient_norms))
+
     def chunk_terms(student_hidden: torch.Tensor, rows: slice) -> LossTerms:
         with torch.no_grad():  # the frozen models' logits need no graph, whatever the caller's grad mode
             teacher_logits = teacher.logits(rows) if teacher is not None else None

@@ -57,7 +57,8 @@ class DistillationTrainer(SFTTrainer):
         self.settings = settings
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size  # supervised positions per loss chunk (0: the whole micro-batch at once)
-        # Built once: compiled code is kept per compiled function, and each step reuses it.
+        # Built once: compiled code is kept per compiled function, and each step reuses it. If the compiled code
+        # fails, at any step, the rest of this trainer's steps use the eager loss (losses.CompiledLossTerms).
         self.loss_terms = compile_loss_terms() if compile_loss else hybrid_loss_terms
         self.teacher = self.freeze(teacher) if settings.alpha > 0 else None
         self.teacher_cache = teacher_cache

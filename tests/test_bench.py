@@ -45,8 +45,9 @@ def test_every_item_is_measured_with_finite_positive_numbers(smoke):
     measured = {key: value for key, value in results.items() if key not in ("settings", "teacher")}
     for path, value in numeric_leaves(measured):
         assert math.isfinite(value), path
-        # A cache can reproduce the dense KL exactly (relative error 0); every other figure is a size or a rate.
-        assert value >= 0 if path.endswith("relative_error") else value > 0, path
+        # A cache can reproduce the dense KL exactly (relative error 0), and the fastest chunk size can be 0 (one
+        # chunk); every other figure is a size or a rate.
+        assert value >= 0 if path.endswith(("relative_error", "best_chunk_size")) else value > 0, path
 
 
 def test_every_trainer_is_timed_on_the_same_supervised_tokens(smoke):
@@ -66,6 +67,17 @@ def test_the_memory_and_cache_figures_are_plausible(smoke):
     # The hidden cache stores the teacher's final hidden states as float16: 2 bytes per dimension, plus indexes.
     teacher_hidden = bench.SIZES["tiny"][0]
     assert 2 * teacher_hidden <= results["cache_bytes_per_token"]["hidden"] < 2.2 * teacher_hidden
+
+
+def test_the_chunk_size_sweep_reports_the_fastest_swept_size(smoke, capsys):
+    results, _ = smoke
+    sweep = results["loss_chunk_size_sweep"]
+    # 2 x 64 positions: one chunk (0), and the default sweep's only size that splits them
+    assert (sweep["positions"], list(sweep["seconds"])) == (128, ["0", "64"])
+    best = sweep["best_chunk_size"]
+    assert sweep["seconds"][str(best)] == min(sweep["seconds"].values())
+    bench.print_report(results, "")
+    assert f"best loss_chunk_size on this machine: {best}\n" in capsys.readouterr().out
 
 
 def test_the_json_file_holds_the_returned_results(smoke):

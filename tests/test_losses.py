@@ -1,11 +1,14 @@
 """The hybrid loss against references written plainly here, from the textbook formulas."""
 
+import dataclasses
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from losses import (LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
@@ -326,6 +329,92 @@ def test_compiled_loss_equals_the_eager_loss_and_compiles_once_for_every_chunk_s
     # The compiled function ran, and its row dimension is dynamic: chunks of 5, 4, 3 and 17 rows share one graph
     # (chunk_size=4 leaves a last chunk of 1 row, a size torch.compile specialises: that adds one).
     assert counter.frame_count == 2
+    assert compiled.failure is None  # the compiled code gave those results: nothing fell back to the eager loss
+
+
+def fallback_warnings(record):
+    return [warning for warning in record if "the compiled loss failed" in str(warning.message)]
+
+
+def test_a_loss_that_fails_to_compile_falls_back_to_the_eager_loss_with_one_warning_and_no_retry():
+    case = ChunkedLossCase("dense", "logits", "forward_kl")
+    compile_attempts = []
+
+    def failing_backend(graph, example_inputs):
+        compile_attempts.append(graph)
+        raise RuntimeError("boom")
+
+    compiled = compile_loss_terms(backend=failing_backend)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for chunk_size in (5, 4, 0):  # later steps, and new row counts that would otherwise recompile
+            assert_same_loss_and_gradients(case.run(chunk_size, loss_terms=compiled), case.run(chunk_size))
+    assert len(compile_attempts) == 1
+    (warning,) = fallback_warnings(record)
+    assert issubclass(warning.category, RuntimeWarning)
+    assert "BackendCompilerFailed" in str(warning.message) and "boom" in str(warning.message)
+
+
+def forward_failing_on_second_run(runs):
+    """A backend whose compiled forward works once and then fails, as a kernel failing on the device would."""
+    def backend(graph, example_inputs):
+        def run(*args):
+            runs.append(len(runs) + 1)
+            if len(runs) == 2:
+                raise RuntimeError("kernel failed")
+            return graph.forward(*args)
+        return run
+    return backend
+
+
+def failing_backward_compile(runs):
+    """A backend whose forward compiles and runs, but whose backward fails to compile (when it first runs)."""
+    def forward_compiler(graph, example_inputs):
+        def run(args):
+            runs.append(len(runs) + 1)
+            return graph(*args)
+        run._boxed_call = True  # AOTAutograd's calling convention: one list of arguments
+        return run
+
+    def backward_compiler(graph, example_inputs):
+        raise RuntimeError("backward failed to compile")
+
+    return aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+
+
+@pytest.mark.parametrize("failing_backend,failure,failing_step,compiled_runs", [
+    (forward_failing_on_second_run, "kernel failed", 2, 2),  # works at step 1, fails at step 2's forward
+    (failing_backward_compile, "backward failed to compile", 1, 1),  # fails in step 1's gradients
+])
+def test_a_compiled_loss_that_fails_when_run_falls_back_from_that_step_on(failing_backend, failure, failing_step,
+                                                                         compiled_runs):
+    case = ChunkedLossCase("dense", "logits", "forward_kl")
+    runs = []
+    compiled = compile_loss_terms(backend=failing_backend(runs))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in (1, 2, 3):
+            # One chunk a step, so that the compiled function runs once a step, each step the same shapes.
+            assert_same_loss_and_gradients(case.run(chunk_size=0, loss_terms=compiled), case.run(chunk_size=0))
+            assert len(fallback_warnings(record)) == (step >= failing_step), step
+    assert len(runs) == compiled_runs  # nothing ran compiled after the failure
+    assert failure in str(fallback_warnings(record)[0].message)
+
+
+def test_an_error_the_eager_loss_raises_too_is_raised_and_the_compiled_loss_stays_on():
+    case = ChunkedLossCase("dense", "logits", "forward_kl")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = compile_loss_terms(backend=counter)
+    settings = case.settings
+    case.settings = dataclasses.replace(settings, divergence="no_such_divergence")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="unknown divergence 'no_such_divergence'"):
+            case.run(chunk_size=0, loss_terms=compiled)
+        case.settings = settings
+        assert_same_loss_and_gradients(case.run(chunk_size=0, loss_terms=compiled), case.run(chunk_size=0))
+    assert fallback_warnings(record) == [] and compiled.failure is None
+    assert counter.frame_count == 1  # the good inputs ran compiled
 
 
 class CountingHead:
