@@ -96,6 +96,9 @@ def parse_args(argv=None):
                         help="steps per round for the 3-round wall time (0: one pass over the cached data, as a real "
                              "round makes)")
     parser.add_argument("--json", default="bench.json", help="write the results here ('' to skip)")
+    parser.add_argument("--save_random_teacher", metavar="DIR", default=None,
+                        help="only save a random-weight teacher of --teacher_size and --vocab_size, with the bench's "
+                             "chat tokenizer, as a model folder main.py can load (gpu_check.sh's paper-shaped run)")
     options = parser.parse_args(argv)
     if any(size <= 0 for size in options.chunk_sizes):
         parser.error(f"--chunk_sizes {options.chunk_sizes}: every size must be > 0 (the naive path is always measured)")
@@ -449,10 +452,23 @@ def cache_kl_error(teacher, student, caches: dict, dataset, tokenizer, batch_siz
 
 # --- the run ------------------------------------------------------------------------------------------------------
 
+def save_random_teacher(folder, size: str, vocab_size: int, tokenizer) -> Path:
+    """A random-weight teacher of `size` saved with `tokenizer` as a model folder: a paper-shaped run needs no
+    download."""
+    folder = Path(folder)
+    random_llama(size, vocab_size, tokenizer, seed=1, dtype=torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def main(argv=None) -> dict:
     options = parse_args(argv)
     tokenizer, chats, teacher_dir = bench_assets(num_chats=options.batch_size * (options.steps + 2) * 3)
     options.vocab_size = checked_vocab_size(options.vocab_size, tokenizer)
+    if options.save_random_teacher:
+        folder = save_random_teacher(options.save_random_teacher, options.teacher_size, options.vocab_size, tokenizer)
+        print(f"saved a random {options.teacher_size} teacher ({options.vocab_size} tokens) in {folder}")
+        return {"saved_teacher": str(folder)}
     results = {"settings": vars(options)}
     dataset = bench_dataset(chats, tokenizer, options.max_length)
     dtype = utils.frozen_dtype("auto", utils.select_device("auto"))

@@ -243,15 +243,16 @@ class ChunkedLossCase:
 
     scale = 0.37  # the gradient reaching the loss (the trainer divides it by the step's token count)
 
-    def __init__(self, teacher_kind, combine, divergence, positions=17, vocab=23, width=8, temperature=1.5):
-        torch.manual_seed(7)
-        self.student_head = torch.nn.Linear(width, vocab)
-        self.member_heads = [torch.nn.Linear(width, vocab).requires_grad_(False) for _ in range(2)]
-        self.student_hidden = torch.randn(positions, width, requires_grad=True)
-        self.member_hidden = [torch.randn(positions, width) for _ in range(2)]
-        self.targets = torch.randint(0, vocab, (positions,))
-        teacher_head = torch.nn.Linear(width, vocab).requires_grad_(False)
-        teacher_hidden = torch.randn(positions, width)
+    def __init__(self, teacher_kind, combine, divergence, positions=17, vocab=23, width=8, temperature=1.5,
+                 device="cpu"):
+        torch.manual_seed(7)  # drawn on the CPU, so a CUDA case holds the same numbers
+        self.student_head = torch.nn.Linear(width, vocab).to(device)
+        self.member_heads = [torch.nn.Linear(width, vocab).requires_grad_(False).to(device) for _ in range(2)]
+        self.student_hidden = torch.randn(positions, width).to(device).requires_grad_()
+        self.member_hidden = [torch.randn(positions, width).to(device) for _ in range(2)]
+        self.targets = torch.randint(0, vocab, (positions,)).to(device)
+        teacher_head = torch.nn.Linear(width, vocab).requires_grad_(False).to(device)
+        teacher_hidden = torch.randn(positions, width).to(device)
         if teacher_kind == "dense":
             self.teacher = Projection(teacher_hidden, teacher_head)
         else:
@@ -330,6 +331,24 @@ def test_compiled_loss_equals_the_eager_loss_and_compiles_once_for_every_chunk_s
     # (chunk_size=4 leaves a last chunk of 1 row, a size torch.compile specialises: that adds one).
     assert counter.frame_count == 2
     assert compiled.failure is None  # the compiled code gave those results: nothing fell back to the eager loss
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("teacher_kind", ["dense", "top_k<V"])
+def test_the_loss_compiled_by_inductor_on_cuda_under_bf16_autocast_equals_the_eager_loss(teacher_kind):
+    """What compile_loss=auto turns on for a paper run: inductor on the GPU, inside training's bf16 autocast."""
+    case = ChunkedLossCase(teacher_kind, "logits", "forward_kl", positions=300, vocab=4096, width=64,
+                           device="cuda")
+    compiled = compile_loss_terms()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = case.run(chunk_size=128)
+        sums, gradients = case.run(chunk_size=128, loss_terms=compiled)
+    assert compiled.failure is None  # inductor compiled and ran it: nothing fell back
+    for name in ("total", "divergence", "nll"):
+        assert getattr(sums, name).item() == pytest.approx(getattr(eager[0], name).item(), rel=1e-3)
+    for gradient, eager_gradient in zip(gradients, eager[1], strict=True):
+        torch.testing.assert_close(gradient, eager_gradient, atol=1e-3, rtol=1e-2)
 
 
 def fallback_warnings(record):

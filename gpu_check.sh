@@ -1,0 +1,81 @@
+#!/bin/bash
+# The GPU check: what no CPU test can show, in one short script for the moment a CUDA GPU is at hand (under
+# 10 minutes on one H100/H200-class GPU). Each step's figures go to results/gpu_*.json; the script goes on after a
+# failed step and exits 1 if any failed.
+#
+#   bash gpu_check.sh                          # on a machine with one CUDA GPU, from the project folder
+#   GPU_CHECK_SIZE=tiny bash gpu_check.sh      # the same steps at toy sizes, on CPU (the test suite runs this)
+#
+# 1. the CUDA-only tests (pytest -m cuda)                                  -> results/gpu_tests.json
+# 2. bench.py at GPU sizes: Qwen2.5-1.5B- and 0.5B-shaped random-weight models at Qwen's vocabulary (no download),
+#    the compiled loss, the best loss_chunk_size on this GPU                -> results/gpu_bench.json
+# 3. a paper-shaped run: a random 1.5B-shaped teacher through the top-k cache, 0.5B-shaped students, bf16, the
+#    compiled loss, gradient checkpointing, batch 8 x 1024 tokens, 2 rounds of a few steps -> results/gpu_run.json
+set -uo pipefail
+cd "$(dirname "$0")" || exit 1
+SIZE=${GPU_CHECK_SIZE:-paper}
+OUT=${GPU_CHECK_OUT:-results}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+failed=()
+
+if [ "$SIZE" = "paper" ]; then
+  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: run this on a GPU, or GPU_CHECK_SIZE=tiny on CPU')" || exit 2
+  BENCH=(--teacher_size 1.5b --student_size 0.5b --vocab_size 151936 --max_length 1024 --batch_size 8 --compile
+         --chunk_sizes 512 1024 2048 4096)
+  TEACHER=(1.5b 151936)
+  RUN=(--student_hidden_size 896 --student_num_layers 24 --student_num_heads 14 --student_num_kv_heads 2
+       --student_intermediate_size 4864 --max_length 1024 --batch_size 8 --max_examples 600 --test_size 64
+       --steps_per_round 8 --device cuda --dtype bfloat16 --compile_loss on --eval_batch_size 16)
+else
+  BENCH=(--teacher_size tiny --student_size tiny --vocab_size 50000 --max_length 64 --batch_size 2 --steps 1
+         --mem_tokens 256 --mem_vocab_size 2048 --chunk_sizes 64 128)
+  TEACHER=(tiny 50000)
+  RUN=(--student_hidden_size 32 --student_num_layers 1 --student_num_heads 2 --student_num_kv_heads 1
+       --student_intermediate_size 64 --max_length 64 --batch_size 2 --max_examples 40 --test_size 8
+       --steps_per_round 2 --device cpu --dtype float32 --compile_loss off --eval_batch_size 8)
+fi
+
+echo "== 1/3 CUDA-only tests"
+python -m pytest -q -m cuda -p no:cacheprovider --junitxml="$WORK/tests.xml" tests || failed+=(tests)
+python - "$WORK/tests.xml" "$OUT/gpu_tests.json" <<'EOF' || failed+=(tests-report)
+import json, sys, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot().iter("testsuite").__next__()
+counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+json.dump({**counts, "seconds": float(suite.get("time", 0))}, open(sys.argv[2], "w"), indent=2)
+print(counts)
+EOF
+
+echo "== 2/3 bench.py at ${SIZE} sizes"
+python bench.py "${BENCH[@]}" --json "$OUT/gpu_bench.json" || failed+=(bench)
+
+echo "== 3/3 a paper-shaped run"
+python bench.py --save_random_teacher "$WORK/teacher" --teacher_size "${TEACHER[0]}" --vocab_size "${TEACHER[1]}" \
+  || failed+=(teacher)
+start=$(date +%s)
+python main.py --teacher "$WORK/teacher" --student_init random --teacher_mode topk --gradient_checkpointing true \
+  --total_rounds 2 --eval_steps 0 --sample_answers 0 --plots false --save_steps 4 --logging_steps 1 \
+  --cache_dir "$WORK/cache" --output_root "$WORK/runs" "${RUN[@]}" || failed+=(run)
+python - "$WORK/runs" "$OUT/gpu_run.json" "$(( $(date +%s) - start ))" <<'EOF' || failed+=(run-report)
+import json, sys
+from pathlib import Path
+import pandas as pd
+(run_dir,) = sorted(Path(sys.argv[1]).glob("*/run_*"))
+metrics = pd.read_csv(run_dir / "metrics.csv")
+log = pd.read_csv(run_dir / "train_log.csv")
+final = metrics[(metrics["round"] == metrics["round"].max()) | (metrics["model"] == "teacher")]  # teacher: round 0
+report = {"wall_seconds": int(sys.argv[3]), "rounds": int(metrics["round"].max()) + 1,
+          "steps": int(log.groupby("round")["step"].max().sum()),
+          "finite_losses": bool(log[["hybrid", "kl", "nll"]].notna().all().all()),
+          "ce": dict(zip(final["model"], final["ce"].round(4))),
+          "round_seconds": {int(r): float(s) for r, s in metrics.groupby("round")["seconds"].max().items()}}
+json.dump(report, open(sys.argv[2], "w"), indent=2)
+print(json.dumps(report, indent=2))
+EOF
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: failed steps: ${failed[*]} (figures so far in $OUT/gpu_*.json)" >&2
+  exit 1
+fi
+echo "gpu_check: every step passed; figures in $OUT/gpu_*.json"
