@@ -6,6 +6,10 @@ Usage:
         --mode topk --k 64 --temperature 1.0 --batch_size 8
     accelerate launch --num_processes 4 teacher_cache.py ...     # one shard per process, same arguments
 
+A run uses the cache in DIR with `main.py --teacher_cache_dir DIR` when it was built for the run's teacher (the same
+--teacher and --dtype), data (--data_dir: the folder `main.py --prepare_only` prints) and settings (--mode, --k,
+--temperature, --value_dtype); otherwise the run refuses it, naming the field.
+
 `--data_dir` is a folder written by preprocess_dataset.py; `--split` (default train) picks its split. Two modes:
 
   topk    for every supervised position, the teacher's top-k log-probabilities at the training temperature T
@@ -36,7 +40,8 @@ i % world_size == rank. A shard holds .npy files that are memory-mapped when rea
                                                   which removes any common offset
     tail_log_prob.npy    float16 [P]              topk: log of the mass outside the top-k (-inf when k = V)
     hidden.npy           float16 [P, H]           hidden: final hidden states
-    shard.json           the settings the shard was built with, its example and position counts
+    shard.json           the settings the shard was built with, its example and position counts, and the size and
+                         sha256 of each of its files, checked when a process first opens the cache
 
 The cache is keyed by dataset row index, and a position's row is its rank in the row-major order of
 losses.predictor_mask, example by example. So that the trainer knows which rows a batch holds, give the dataset an
@@ -46,24 +51,36 @@ adding that column, both when building and when opening the cache (`cache_identi
 `TeacherCache.open` compares the settings the trainer expects (teacher fingerprint and dtype, tokenizer, dataset,
 max length, mode, k, temperature, ...) with metadata.json and refuses any difference: a cache is never reused for
 another setting.
+
+A shard is built in pieces of PIECE_EXAMPLES examples, in a staging folder .shard_00000.partial/ whose arrays are
+allocated whole at the start. A piece is published when its rows are flushed and the staging shard.json, rewritten
+atomically, counts it; a build that is killed resumes at the first piece not counted, and a preemption signal
+(SIGTERM, SIGUSR1) stops it between pieces with exit code 75. The finished staging folder is renamed into place.
+While a process builds a shard it holds the lock .shard_00000.lock, so another run sharing the cache folder waits
+for it (and takes over its staging folder if it dies) instead of building the same shard beside it.
 """
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
-import tempfile
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import reduce
 
 import run_state
 from losses import predictor_mask
 from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: shard.json records each file's size and sha256
 MODES = ("topk", "hidden")
 VALUE_DTYPES = ("uint8", "float16")
 METADATA_FILE = "metadata.json"
@@ -78,6 +95,11 @@ LOG_PROB_FLOOR = -1e4
 HEAD_CHUNK_POSITIONS = 1024
 ID_BLOCK = 1 << 16  # token ids are stored as their low 16 bits plus where each block of 65,536 ids starts in a row
 HUB_SNAPSHOT = re.compile(r"[0-9a-f]{40}")  # a downloaded hub model lives in .../snapshots/<commit hash>/
+# Examples of a shard built and published at once. At paper scale (a 7B teacher, 1,024 tokens, ~0.1 s an example on
+# one GPU) a piece takes about two minutes: it finishes within the five minutes SLURM's warning signal leaves
+# (train.sh), and a kill loses at most that much work.
+PIECE_EXAMPLES = 1024
+LOCK_POLL_SECONDS = 10  # how often a build waiting for another process's build of the same shard tries again
 # The metadata fields that say which teacher, tokenizer and data a cache belongs to (see cache_identity).
 IDENTITY_FIELDS = ("teacher", "teacher_fingerprint", "teacher_dtype", "tokenizer_hash", "dataset_fingerprint",
                    "max_length")
@@ -87,8 +109,17 @@ class CacheMismatchError(ValueError):
     """The cache was built for other settings than the ones it is opened for."""
 
 
+class CacheCorruptError(CacheMismatchError):
+    """A file of the cache no longer holds the bytes recorded when it was published (a disk or copy error, or an
+    overwrite): a mismatch between the cache and itself, refused like one with the run's settings."""
+
+
 class CacheIncompleteError(RuntimeError):
     """The cache folder is not a finished cache: metadata.json or some shards are missing or inconsistent."""
+
+
+class BuildPreempted(Exception):
+    """A preemption signal stopped a build between two pieces; the pieces published are kept for the next build."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -327,38 +358,172 @@ def array_layout(settings: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
 
 def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: float, vocab_size: int,
                 batch_size: int, collator, metadata: dict, rank: int = 0, world_size: int = 1,
-                value_dtype: str = "uint8") -> Path:
+                value_dtype: str = "uint8", piece_examples: int = PIECE_EXAMPLES,
+                preemption: "run_state.PreemptionSignal | None" = None) -> Path:
     """Run the teacher (eval, no grad) over this rank's rows of `dataset` and write shard_{rank:05d}; return it.
 
     `metadata` holds the identity fields (see `cache_identity`); the cache's own settings (mode, k, temperature,
     value_dtype, vocab_size, hidden_size, teacher_dtype, num_examples, world_size) are added here. In hidden mode k
     and the temperature do not apply and are recorded as null. After every rank's shard exists, call
-    `write_metadata` once to finish the cache. A stale metadata.json is removed first, so a cache being rebuilt
-    cannot be opened.
+    `write_metadata` once to finish the cache. A stale metadata.json is removed before a shard is (re)built, so a
+    cache being rebuilt cannot be opened.
+
+    The shard is built in pieces of `piece_examples` examples (see the module docstring): a shard already published
+    for the same settings is kept, a killed build is continued at its first missing piece, and `preemption` (checked
+    by every process at the same points: before each piece) raises BuildPreempted between two pieces. Too little
+    free disk for what is left to write raises run_state.DiskSpaceError before anything is written.
     """
     settings = _shard_settings(teacher, dataset, mode=mode, k=k, temperature=temperature, vocab_size=vocab_size,
                                metadata=metadata, world_size=world_size, value_dtype=value_dtype)
     _check_example_ids(dataset)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / METADATA_FILE).unlink(missing_ok=True)
     example_ids = np.arange(rank, len(dataset), world_size, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(_supervised_position_counts(dataset, example_ids))]).astype(np.int64)
+    plan = {"rank": rank, "settings": settings, "num_examples": len(example_ids), "num_positions": int(offsets[-1]),
+            "piece_examples": piece_examples}
+    # As many pieces as the largest shard (rank 0's) has, on every process: they check for a preemption together.
+    num_pieces = -(-len(range(0, len(dataset), world_size)) // piece_examples)
+    shard_dir, staging = cache_dir / shard_name(rank), cache_dir / f".{shard_name(rank)}.partial"
+    with _shard_lock(cache_dir / f".{shard_name(rank)}.lock", preemption, teacher.device):
+        published = _plan(_read_record(shard_dir)) == plan
+        done = num_pieces if published else _resumable_pieces(cache_dir, staging, plan)
+        positions_left = int(offsets[-1] - offsets[min(done * piece_examples, len(example_ids))])
+        index_bytes = 0 if done else example_ids.nbytes + offsets.nbytes  # written as the build starts
+        _check_disk(cache_dir, _payload_bytes(settings, positions_left) + index_bytes, teacher.device)
+        if not published:
+            (cache_dir / METADATA_FILE).unlink(missing_ok=True)
+            if not done:
+                _new_staging(staging, plan, example_ids, offsets)
+            elif done < num_pieces:
+                print(f"{cache_dir}: continuing {shard_name(rank)} at piece {done + 1} of {num_pieces}")
+        for piece in range(num_pieces):
+            if preemption is not None and preemption.received_anywhere(teacher.device):
+                raise BuildPreempted(f"{cache_dir}: preempted with {max(done, piece)} of {num_pieces} pieces of "
+                                     f"{shard_name(rank)} built, which are kept: run the same command again to "
+                                     "continue the build")
+            if piece >= done:
+                start, end = (min(bound * piece_examples, len(example_ids)) for bound in (piece, piece + 1))
+                _build_piece(teacher, dataset, staging, settings, example_ids[start:end], offsets[start:end + 1],
+                             batch_size, collator)
+                run_state.write_atomically(staging / SHARD_RECORD_FILE,
+                                           json.dumps({**plan, "pieces_done": piece + 1}, indent=2) + "\n")
+        return shard_dir if published else _publish(staging, shard_dir, plan)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{shard_name(rank)}.partial-", dir=cache_dir))
+
+@contextlib.contextmanager
+def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", device):
+    """Hold the lock file `path` while this process builds the shard it guards; while another process holds it (a
+    run sharing the cache folder), wait. The processes of a job take their shards' locks together, all or none, so
+    that they stay in step (every call here is collective) and two jobs never each hold half.
+
+    An flock: the kernel releases it when its holder ends, however it ends (SIGKILL included), so a held lock is a
+    live build and a free one means any staging folder left is a dead build's, with no guessing from process ids
+    (reused, or another node's) or from ages. (On a file system that keeps flocks local to a node, such as Lustre
+    mounted with localflock, jobs on different nodes should not build one cache folder at the same time.)
+    """
+    waiting = False
+    while True:
+        fd = _try_lock(path)
+        if not run_state.any_process(fd is None, device):
+            break
+        if fd is not None:
+            os.close(fd)
+        if preemption is not None and preemption.received_anywhere(device):
+            raise BuildPreempted(f"{path.parent}: preempted while waiting for another build of this cache")
+        if not waiting:
+            print(f"{path.parent}: another process is building this cache (it holds {path.name}); waiting for it")
+        waiting = True
+        time.sleep(LOCK_POLL_SECONDS)
     try:
-        np.save(staging / "example_ids.npy", example_ids)
-        np.save(staging / "offsets.npy", offsets)
-        writer = ShardWriter(staging, settings, num_positions=int(offsets[-1]))
-        _run_teacher(teacher, dataset, example_ids, offsets, batch_size, collator, writer)
-        writer.close()
-        record = {"rank": rank, "settings": settings, "num_examples": len(example_ids),
-                  "num_positions": int(offsets[-1])}
-        (staging / SHARD_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        return _publish(staging, cache_dir / shard_name(rank))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # removed while held: see _try_lock
+        os.close(fd)
+
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor of the file `path` (created if need be) that holds its lock, or None while another process holds
+    it. A holder removes the file before it lets go, so a lock taken on a file no longer at `path` is let go and
+    taken again on the new file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
+
+
+def _sum_over_processes(value: int, device) -> int:
+    """`value` summed over every process; each calls this at the same point."""
+    if not torch.distributed.is_initialized():
+        return value
+    return int(reduce(torch.tensor(value, device=device), reduction="sum").item())
+
+
+def _payload_bytes(settings: dict, num_positions: int) -> int:
+    """What `num_positions` rows of the per-position arrays of a shard built with `settings` take on disk."""
+    return num_positions * sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in array_layout(settings).values())
+
+
+def _check_disk(cache_dir: Path, needed: int, device) -> None:
+    """Refuse (run_state.DiskSpaceError) a build whose processes together need more than the free disk: they share
+    the cache folder, since each of them reads every shard."""
+    run_state.check_disk_space(cache_dir, _sum_over_processes(needed, device),
+                               "the teacher cache's pieces still to be written",
+                               "free some space, or build the cache on a larger disk (teacher_cache.py "
+                               "--output_dir) and point teacher_cache_dir at it")
+
+
+def _read_record(folder: Path) -> dict | None:
+    """The shard.json of a shard or of a staging folder, if it has one."""
+    path = folder / SHARD_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _plan(record: dict | None) -> dict | None:
+    """What a shard record says was (or is being) built, without how far the build got or its files' checksums."""
+    return None if record is None else {key: value for key, value in record.items()
+                                        if key not in ("pieces_done", "files")}
+
+
+def _resumable_pieces(cache_dir: Path, staging: Path, plan: dict) -> int:
+    """How many pieces of `plan` the staging folder a dead build left holds (0 when there is none). Called with the
+    shard's lock held, so every staging folder of the shard is a dead build's: any other (for another plan, with no
+    piece done, or a .partial-* of an older version) is removed."""
+    done = 0
+    for leftover in cache_dir.glob(f"{staging.name}*"):
+        record = _read_record(leftover)
+        if leftover == staging and _plan(record) == plan and record["pieces_done"]:
+            done = record["pieces_done"]
+        else:
+            shutil.rmtree(leftover)
+    return done
+
+
+def _new_staging(staging: Path, plan: dict, example_ids: np.ndarray, offsets: np.ndarray) -> None:
+    """The staging folder of a shard: its example ids and offsets, its arrays allocated whole (sparse files, filled
+    piece by piece), and last its record with no piece done: a folder without one is never continued."""
+    staging.mkdir()
+    np.save(staging / "example_ids.npy", example_ids)
+    np.save(staging / "offsets.npy", offsets)
+    for name, (dtype, shape) in array_layout(plan["settings"]).items():  # created here, filled by ShardWriter
+        np.lib.format.open_memmap(staging / f"{name}.npy", "w+", dtype, (plan["num_positions"], *shape))
+    run_state.write_atomically(staging / SHARD_RECORD_FILE, json.dumps({**plan, "pieces_done": 0}, indent=2) + "\n")
+
+
+def _build_piece(teacher, dataset, staging: Path, settings: dict, example_ids: np.ndarray, offsets: np.ndarray,
+                 batch_size: int, collator) -> None:
+    """The teacher's rows for `example_ids` (whose positions start at offsets[0]), written into the staging folder's
+    arrays and flushed to its files."""
+    writer = ShardWriter(staging, settings, int(offsets[0]))
+    _run_teacher(teacher, dataset, example_ids, offsets, batch_size, collator, writer)
+    writer.close()
 
 
 def _run_teacher(teacher, dataset, example_ids: np.ndarray, offsets: np.ndarray, batch_size: int, collator,
@@ -421,28 +586,34 @@ def shard_name(rank: int) -> str:
     return f"shard_{rank:05d}"
 
 
-def _publish(staging: Path, shard_dir: Path) -> Path:
-    """Move the finished shard into place (a rename: readers never see half a shard); a shard another process
-    finished first for the same settings is kept."""
+def _publish(staging: Path, shard_dir: Path, plan: dict) -> Path:
+    """Record the size and sha256 of each file of the finished staging folder in its shard.json, and move it into
+    place (a rename: readers never see half a shard); a shard another process finished first for the same plan is
+    kept."""
     from utils import publish_folder
 
-    def is_same_build(folder: Path) -> bool:
-        record = folder / SHARD_RECORD_FILE
-        return record.is_file() and json.loads(record.read_text()) == json.loads(
-            (staging / SHARD_RECORD_FILE).read_text())
-
-    publish_folder(staging, shard_dir, is_same_build)
+    files = {path.name: _file_record(path) for path in sorted(staging.glob("*.npy"))}
+    record = {**_read_record(staging), "files": files}
+    run_state.write_atomically(staging / SHARD_RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
     return shard_dir
 
 
-class ShardWriter:
-    """Fills a shard's preallocated, memory-mapped arrays batch by batch with the teacher's outputs."""
+def _file_record(path: Path) -> dict:
+    """The size and sha256 of a file, read in a stream."""
+    with open(path, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
-    def __init__(self, folder: Path, settings: dict, num_positions: int):
+
+class ShardWriter:
+    """Fills a staging folder's preallocated, memory-mapped arrays batch by batch with the teacher's outputs, from
+    row `cursor` on."""
+
+    def __init__(self, folder: Path, settings: dict, cursor: int):
         self.settings = settings
-        self.cursor = 0
-        self.arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", "w+", dtype, (num_positions, *shape))
-                       for name, (dtype, shape) in array_layout(settings).items()}
+        self.cursor = cursor
+        self.arrays = {name: np.lib.format.open_memmap(folder / f"{name}.npy", "r+")
+                       for name in array_layout(settings)}
 
     def write(self, teacher, hidden: torch.Tensor, expected_end: int) -> None:
         """Append one batch's rows, computed from the teacher's final hidden states [n, H] at its positions."""
@@ -463,6 +634,7 @@ class ShardWriter:
         return encode_top_k(*top_k, self.settings["vocab_size"], self.settings["value_dtype"])
 
     def close(self) -> None:
+        """Flush the rows written to the files (msync): a piece is counted only once they are there."""
         for array in self.arrays.values():
             array.flush()
         self.arrays.clear()
@@ -523,12 +695,13 @@ def cache_folder(root: Path, identity: dict, settings: dict) -> Path:
 
 
 def open_or_build(cache_dir, teacher, dataset, identity: dict, settings: dict, *, batch_size: int, collator,
-                  state) -> "TeacherCache":
+                  state, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache":
     """The cache in `cache_dir` of the teacher's outputs on `dataset` (the split as prepared, without example
     ids), whose identity is `identity` (cache_identity), in `settings` (cache_settings): opened when it is
-    complete and built for them; otherwise built by every process of `state` (one shard each), finished by the
-    main process, and opened. A finished cache built for anything else is refused (CacheMismatchError names the
-    field), never overwritten."""
+    complete and built for them; otherwise built (or its build continued) by every process of `state` (one shard
+    each), finished by the main process, and opened. A finished cache built for anything else is refused
+    (CacheMismatchError names the field), never overwritten. A signal `preemption` records stops the build between
+    two pieces (BuildPreempted)."""
     cache_dir = Path(cache_dir)
     expected = {**identity, **settings}
     try:
@@ -538,7 +711,8 @@ def open_or_build(cache_dir, teacher, dataset, identity: dict, settings: dict, *
     build_cache(teacher, with_example_ids(dataset), cache_dir, mode=settings["mode"], k=settings.get("k"),
                 temperature=settings.get("temperature"), vocab_size=settings["vocab_size"], batch_size=batch_size,
                 collator=collator, metadata=identity, rank=state.process_index, world_size=state.num_processes,
-                value_dtype=settings.get("value_dtype", "uint8"))
+                value_dtype=settings.get("value_dtype", "uint8"), piece_examples=PIECE_EXAMPLES,
+                preemption=preemption)
     state.wait_for_everyone()
     if state.is_main_process:
         write_metadata(cache_dir, identity)
@@ -546,17 +720,20 @@ def open_or_build(cache_dir, teacher, dataset, identity: dict, settings: dict, *
     return TeacherCache.open(cache_dir, expected)
 
 
-def training_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state) -> "TeacherCache | None":
+def training_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state,
+                   preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache | None":
     """A run's cache of the teacher's outputs on its training split `split` in the config's teacher_mode (None for
     the online teacher), built once and shared by every round and every run with the same teacher, data and
-    settings (in cache_dir/teacher_cache)."""
+    settings: in cache_dir/teacher_cache, or in the folder teacher_cache_dir names (one teacher_cache.py built in
+    another job, say), which must hold a cache of this run's teacher, data and settings or none yet. `preemption`
+    stops a build between two pieces (BuildPreempted)."""
     if config.teacher_mode == "online":
         return None
     with state.main_process_first():  # one process hashes the teacher's weights, the others read its memo
         identity = cache_identity(teacher_path, tokenizer, split, config.max_length, teacher.dtype,
                                   Path(config.cache_dir) / FINGERPRINT_MEMO_FILE)
     return _run_cache(config, teacher, identity, len(tokenizer), split, collator, state, config.teacher_mode,
-                      "teacher_cache")
+                      "teacher_cache", config.teacher_cache_dir, preemption)
 
 
 def evaluation_caches(config, teacher, train_cache: "TeacherCache", splits: dict, collator,
@@ -569,12 +746,14 @@ def evaluation_caches(config, teacher, train_cache: "TeacherCache", splits: dict
                  for split in splits.values())
 
 
-def _run_cache(config, teacher, identity: dict, vocab_size: int, split, collator, state, mode: str,
-               folder: str) -> "TeacherCache":
-    """The cache of `split` in `mode`, in the folder of cache_dir/`folder` that its identity and settings name."""
+def _run_cache(config, teacher, identity: dict, vocab_size: int, split, collator, state, mode: str, root: str,
+               folder: str | None = None, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache":
+    """The cache of `split` in `mode`: in `folder` when one is given, else in the folder of cache_dir/`root` that
+    its identity and settings name."""
     settings = cache_settings(mode, vocab_size, config.cache_k, config.temperature, config.cache_value_dtype)
-    return open_or_build(cache_folder(Path(config.cache_dir) / folder, identity, settings), teacher, split, identity,
-                         settings, batch_size=config.eval_batch_size, collator=collator, state=state)
+    folder = Path(folder) if folder else cache_folder(Path(config.cache_dir) / root, identity, settings)
+    return open_or_build(folder, teacher, split, identity, settings, batch_size=config.eval_batch_size,
+                         collator=collator, state=state, preemption=preemption)
 
 
 def _shard_records(cache_dir: Path) -> dict[int, dict]:
@@ -626,8 +805,11 @@ class TeacherCache:
         metadata = _read_metadata(cache_dir)
         check_expected(metadata, {"format_version": FORMAT_VERSION, **expected}, cache_dir)
         settings = {key: value for key, value in metadata.items() if key != "num_positions"}
-        _check_shards(cache_dir, settings, _shard_records(cache_dir))
+        records = _shard_records(cache_dir)
+        _check_shards(cache_dir, settings, records)
         shards = [_map_shard(cache_dir / shard_name(rank), metadata) for rank in range(metadata["world_size"])]
+        for rank in range(metadata["world_size"]):
+            _verify_once(cache_dir / shard_name(rank), records[rank]["files"])
         return cls(cache_dir, metadata, shards)
 
     @property
@@ -698,8 +880,31 @@ def check_expected(metadata: dict, expected: dict, cache_dir: Path) -> None:
         cached = metadata.get(field)
         if cached != wanted:
             raise CacheMismatchError(f"{cache_dir}: the teacher cache was built with {field} = {cached!r}, but this "
-                                     f"run wants {field} = {wanted!r}; rebuild the cache for these settings "
-                                     "(teacher_cache.py) or point to another one")
+                                     f"run wants {field} = {wanted!r}; point teacher_cache_dir at a cache built for "
+                                     "this run's settings, or rebuild this one for them (delete the folder, then run "
+                                     "again or build it with teacher_cache.py)")
+
+
+# The shards this process has checked against their checksums, as (folder, the files' records): each once.
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def _verify_once(shard_dir: Path, files: dict[str, dict]) -> None:
+    """Refuse (CacheCorruptError, naming the file) a shard file whose size or sha256 is not what was recorded when
+    the shard was published; a shard is read in full once per process (and again if it is rebuilt), so that a disk
+    or copy error, or an overwrite, is never trained on silently."""
+    key = (str(shard_dir.resolve()), json.dumps(files, sort_keys=True))
+    if key in _VERIFIED:
+        return
+    for name, recorded in files.items():
+        found = _file_record(shard_dir / name)
+        if found != recorded:
+            raise CacheCorruptError(
+                f"{shard_dir / name}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but "
+                f"{recorded['size']:,} bytes with sha256 {recorded['sha256']} when it was built: the file changed "
+                f"since (a disk or copy error, or an overwrite). Nothing was read from it; delete {shard_dir.parent} "
+                "to rebuild the cache, or point teacher_cache_dir at an intact copy")
+    _VERIFIED.add(key)
 
 
 def _map_shard(shard_dir: Path, metadata: dict) -> dict[str, np.ndarray]:
@@ -726,49 +931,69 @@ def _position_range(shard: dict[str, np.ndarray], example_id: int, num_examples:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="teacher folder or downloaded hub name (safetensors)")
-    parser.add_argument("--data_dir", required=True, help="a folder written by preprocess_dataset.py")
+    parser.add_argument("--data_dir", required=True, help="a folder written by preprocess_dataset.py, or the one "
+                        "`main.py --prepare_only` prints, for a run's cache")
     parser.add_argument("--split", default="train", help="split of the prepared dataset to cache")
-    parser.add_argument("--output_dir", required=True, help="the cache folder; the teacher's weight hashes are "
-                        f"remembered next to it, in {FINGERPRINT_MEMO_FILE}")
+    parser.add_argument("--output_dir", required=True, help="the cache folder (a run reads it with "
+                        "--teacher_cache_dir); the teacher's weight hashes are remembered next to it, in "
+                        f"{FINGERPRINT_MEMO_FILE}")
     parser.add_argument("--mode", default="topk", choices=MODES)
     parser.add_argument("--k", type=int, default=64, help="topk: log-probabilities kept per position")
     parser.add_argument("--temperature", type=float, default=1.0, help="topk: the training temperature T")
     parser.add_argument("--value_dtype", default="uint8", choices=VALUE_DTYPES, help="topk: storage of the values")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32, bfloat16 or float16 (for a "
+                        "run's cache, the run's dtype: auto picks by device)")
     parser.add_argument("--trust_remote_code", action="store_true")
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Open the cache the arguments describe, or build it (or continue its build): 0 once it is complete,
+    run_state.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
     import preprocess_dataset
     import utils
 
-    args = parse_args(argv)
-    state = utils.process_state()
-    data, data_metadata = preprocess_dataset.load_dataset_dir(args.data_dir)
-    dataset = data[args.split]
-    tokenizer = utils.load_tokenizer(args.teacher, args.trust_remote_code)
-    teacher_dtype = utils.frozen_dtype(args.dtype, state.device)
-    with state.main_process_first():  # one process hashes the weights, the others read its memo
-        identity = cache_identity(args.teacher, tokenizer, dataset, data_metadata["max_length"], teacher_dtype,
-                                  Path(args.output_dir).resolve().parent / FINGERPRINT_MEMO_FILE)
-    if identity["tokenizer_hash"] != data_metadata["tokenizer_sha256"]:
-        raise SystemExit(f"error: {args.data_dir} was tokenized with another tokenizer than the teacher's")
-    teacher = utils.load_causal_lm(args.teacher, teacher_dtype, args.trust_remote_code)
-    settings = cache_settings(args.mode, len(tokenizer), args.k, args.temperature, args.value_dtype)
-    open_or_build(args.output_dir, teacher.to(state.device), dataset, identity, settings, batch_size=args.batch_size,
-                  collator=PaddingCollator(tokenizer.pad_token_id), state=state)
+    with run_state.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
+        args = parse_args(argv)
+        state = utils.process_state()
+        data, data_metadata = preprocess_dataset.load_dataset_dir(args.data_dir)
+        dataset = data[args.split]
+        tokenizer = utils.load_tokenizer(args.teacher, args.trust_remote_code)
+        teacher_dtype = utils.frozen_dtype(args.dtype, state.device)
+        with state.main_process_first():  # one process hashes the weights, the others read its memo
+            identity = cache_identity(args.teacher, tokenizer, dataset, data_metadata["max_length"], teacher_dtype,
+                                      Path(args.output_dir).resolve().parent / FINGERPRINT_MEMO_FILE)
+        if identity["tokenizer_hash"] != data_metadata["tokenizer_sha256"]:
+            raise SystemExit(f"error: {args.data_dir} was tokenized with another tokenizer than the teacher's")
+        teacher = utils.load_causal_lm(args.teacher, teacher_dtype, args.trust_remote_code)
+        settings = cache_settings(args.mode, len(tokenizer), args.k, args.temperature, args.value_dtype)
+        try:
+            open_or_build(args.output_dir, teacher.to(state.device), dataset, identity, settings,
+                          batch_size=args.batch_size, collator=PaddingCollator(tokenizer.pad_token_id), state=state,
+                          preemption=preemption)
+        except BuildPreempted as stopped:
+            print(stopped)
+            return run_state.EXIT_PREEMPTED
     if state.is_main_process:
-        print(f"teacher cache ({args.mode}) of {len(dataset)} examples in {args.output_dir}")
+        print(f"teacher cache ({args.mode}) of {len(dataset)} examples in {args.output_dir}: runs read it with "
+              f"--teacher_cache_dir {args.output_dir}")
+    return 0
+
+
+def run_from_command_line(argv=None) -> int:
+    """main() with the exit codes a launcher acts on, as main.py's: 0 done, 2 bad input (a cache built for other
+    settings, which is kept, or too little disk), 75 preempted."""
+    import utils
+
+    try:
+        return main(argv)
+    except (CacheMismatchError, run_state.DiskSpaceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        utils.leave_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CacheMismatchError as error:  # a finished cache for other settings: kept, and named
-        raise SystemExit(f"error: {error}") from None
-    finally:
-        import utils
-
-        utils.leave_process_group()
+    sys.exit(run_from_command_line())

@@ -1,27 +1,39 @@
 """The teacher cache: what it stores equals the teacher's outputs, its size, and that it is never misused."""
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+import config as config_lib
+import main
 import preprocess_dataset
+import run_state
 import teacher_cache
-from conftest import build_tiny_llama
+import utils
+from conftest import DATA_DIR, build_tiny_llama
 from losses import divergence_sum, predictor_mask, sparse_divergence_sum
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
-from teacher_cache import (CacheIncompleteError, CacheMismatchError, TeacherCache, build_cache, cache_identity,
-                           decode_token_ids, decode_top_k, encode_token_ids, encode_top_k, identity_for_split,
-                           normalised_top_k, teacher_fingerprint, top_k_with_tail, with_example_ids, write_metadata)
+from teacher_cache import (BuildPreempted, CacheCorruptError, CacheIncompleteError, CacheMismatchError, TeacherCache,
+                           build_cache, cache_identity, decode_token_ids, decode_top_k, encode_token_ids, encode_top_k,
+                           identity_for_split, normalised_top_k, teacher_fingerprint, top_k_with_tail,
+                           with_example_ids, write_metadata)
 
+ROOT = Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 12
 MAX_LENGTH = 128
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -245,8 +257,9 @@ def test_bytes_per_supervised_token_at_k_64(tmp_path, tokenizer, teacher, datase
     id_bytes = 2 * 64 + (-(-vocab // 65_536) - 1)
     expected = id_bytes + (64 + 2 if value_dtype == "uint8" else 2 * 64) + 2
     assert payload / positions == expected
-    # Besides the payload: 16 bytes per example (its id and offset) and under 2 KiB of .npy headers and shard.json.
-    assert files <= payload + 16 * (len(examples) + 1) + 2048
+    # Besides the payload: 16 bytes per example (its id and offset) and under 4 KiB of .npy headers and shard.json
+    # (settings, and each file's size and sha256).
+    assert files <= payload + 16 * (len(examples) + 1) + 4096
     print(f"V = {vocab}, {value_dtype}: {payload / positions:.0f} bytes per supervised token "
           f"({files / positions:.2f} with the fixed overhead of {positions} tokens)")
     if value_dtype == "uint8":
@@ -410,7 +423,9 @@ def test_metadata_is_written_through_the_projects_atomic_write(tmp_path, teacher
     monkeypatch.setattr(run_state, "write_atomically",
                         lambda path, text: (written.append(path), atomic_write(path, text)))
     cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
-    assert written == [cache_dir / "metadata.json"]
+    # The staging shard's record (one write as it starts, one per piece, one with its files' checksums), then it is
+    # renamed into place; metadata.json last.
+    assert written == [cache_dir / ".shard_00000.partial" / "shard.json"] * 3 + [cache_dir / "metadata.json"]
     assert json.loads((cache_dir / "metadata.json").read_text())["k"] == 16
 
 
@@ -532,16 +547,27 @@ def test_a_hub_snapshot_is_identified_by_its_commit(tmp_path):
     assert not teacher_fingerprint(str(tmp_path / "copy")).startswith("hub-commit")
 
 
-def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teacher, tokenizer, dataset):
-    teacher_dir, data_dir = tmp_path / "teacher", tmp_path / "data"
-    teacher.save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
+def saved_teacher(folder, teacher, tokenizer):
+    """The teacher saved as a model folder with its tokenizer."""
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def command_line_inputs(tmp_path, teacher, tokenizer, dataset):
+    """The teacher saved as a folder with its tokenizer, and `dataset` as the train split of a prepared folder."""
+    teacher_dir, data_dir = saved_teacher(tmp_path / "teacher", teacher, tokenizer), tmp_path / "data"
     data_metadata = {"tokenizer_sha256": preprocess_dataset._tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
     preprocess_dataset.save_dataset(DatasetDict({"train": dataset, "test": dataset.select(range(2))}), data_metadata,
                                     data_dir)
-    teacher_cache.main(["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir",
-                        str(tmp_path / "cache"), "--k", "8", "--temperature", "1.5", "--batch_size", "4",
-                        "--dtype", "float32"])
+    return teacher_dir, data_dir
+
+
+def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teacher, tokenizer, dataset):
+    teacher_dir, data_dir = command_line_inputs(tmp_path, teacher, tokenizer, dataset)
+    assert teacher_cache.main(["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir",
+                               str(tmp_path / "cache"), "--k", "8", "--temperature", "1.5", "--batch_size", "4",
+                               "--dtype", "float32"]) == 0
 
     train_split = preprocess_dataset.load_dataset_dir(data_dir)[0]["train"]
     expected = {**cache_identity(str(teacher_dir), tokenizer, train_split, MAX_LENGTH, torch.float32), "mode": "topk",
@@ -554,11 +580,7 @@ def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teach
 
 def test_command_line_reuses_a_matching_cache_and_refuses_another(tmp_path, teacher, tokenizer, dataset,
                                                                    monkeypatch):
-    teacher_dir, data_dir = tmp_path / "teacher", tmp_path / "data"
-    teacher.save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    data_metadata = {"tokenizer_sha256": preprocess_dataset._tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
-    preprocess_dataset.save_dataset(DatasetDict({"train": dataset}), data_metadata, data_dir)
+    teacher_dir, data_dir = command_line_inputs(tmp_path, teacher, tokenizer, dataset)
 
     def command(k: str) -> list[str]:
         return ["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "cache"),
@@ -590,3 +612,275 @@ def test_a_cache_folder_is_named_by_every_setting_and_the_format(tmp_path):
                                                                                           "uint8"))]
     assert len({folder, *others}) == 4
     assert teacher_cache.cache_settings("hidden", 100, 8, 1.0, "uint8") == {"mode": "hidden", "vocab_size": 100}
+
+
+# --- building in pieces: kills, preemption signals, other builds ------------------------------------------------------
+
+PIECE = 3  # examples per piece here: the 12 examples make 4 pieces of 2 batches (batch size 2)
+
+
+def piece_command(teacher_dir, data_dir, output_dir):
+    return ["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--k", "8",
+            "--batch_size", "2", "--dtype", "float32"]
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """Pieces of PIECE examples, and the batches the teacher's body runs on, counted: one entry per batch."""
+    monkeypatch.setattr(teacher_cache, "PIECE_EXAMPLES", PIECE)
+    calls = []
+    real_hidden_at = teacher_cache.hidden_at
+    monkeypatch.setattr(teacher_cache, "hidden_at", lambda *args: calls.append(1) or real_hidden_at(*args))
+    return calls
+
+
+def files_in(folder):
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def pieces_done(cache_dir):
+    return json.loads((cache_dir / ".shard_00000.partial" / "shard.json").read_text())["pieces_done"]
+
+
+KILLED_BUILD = """
+import sys
+import time
+
+import teacher_cache
+
+teacher_cache.PIECE_EXAMPLES = {piece}
+real_hidden_at = teacher_cache.hidden_at
+calls = []
+
+
+def hidden_at_then_hang(*args):
+    calls.append(1)
+    if len(calls) == {hang_at}:  # the first batch of the third piece: two pieces are published; wait to be killed
+        open(sys.argv[1], "w").close()
+        time.sleep(600)
+    return real_hidden_at(*args)
+
+
+teacher_cache.hidden_at = hidden_at_then_hang
+sys.exit(teacher_cache.run_from_command_line(sys.argv[2:]))
+"""
+
+
+def test_a_killed_build_continues_at_its_first_missing_piece_and_equals_an_uninterrupted_one(
+        tmp_path, teacher, tokenizer, dataset, teacher_calls):
+    teacher_dir, data_dir = command_line_inputs(tmp_path, teacher, tokenizer, dataset)
+    assert teacher_cache.main(piece_command(teacher_dir, data_dir, tmp_path / "uninterrupted")) == 0
+    assert len(teacher_calls) == 8
+
+    cache_dir, hanging = tmp_path / "cache", tmp_path / "hanging"
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # this process's float sums
+    build = subprocess.Popen([sys.executable, "-c", KILLED_BUILD.format(piece=PIECE, hang_at=5), str(hanging),
+                              *piece_command(teacher_dir, data_dir, cache_dir)], cwd=ROOT, env=environment)
+    try:
+        deadline = time.monotonic() + 180
+        while not hanging.exists():
+            assert build.poll() is None and time.monotonic() < deadline, "the build never reached its third piece"
+            time.sleep(0.1)
+    finally:
+        build.kill()  # SIGKILL
+        build.wait(timeout=60)
+    assert pieces_done(cache_dir) == 2
+    assert not (cache_dir / "shard_00000").exists() and not (cache_dir / "metadata.json").exists()
+
+    teacher_calls.clear()
+    assert teacher_cache.main(piece_command(teacher_dir, data_dir, cache_dir)) == 0
+    assert len(teacher_calls) == 4  # pieces 3 and 4: the two published before the kill are kept, not recomputed
+    assert sorted(path.name for path in cache_dir.iterdir()) == ["metadata.json", "shard_00000"]
+    assert files_in(cache_dir) == files_in(tmp_path / "uninterrupted")
+
+
+def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_waited_for(
+        tmp_path, teacher, tokenizer, dataset, teacher_calls, monkeypatch, capsys):
+    teacher_dir, data_dir = command_line_inputs(tmp_path, teacher, tokenizer, dataset)
+    cache_dir = tmp_path / "cache"
+    command = piece_command(teacher_dir, data_dir, cache_dir)
+    counted_hidden_at = teacher_cache.hidden_at
+
+    def signal_in_the_second_piece(*args):
+        if len(teacher_calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return counted_hidden_at(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(teacher_cache, "hidden_at", signal_in_the_second_piece)
+        assert teacher_cache.run_from_command_line(command) == run_state.EXIT_PREEMPTED
+    assert len(teacher_calls) == 4 and pieces_done(cache_dir) == 2  # the second piece finished, the third not begun
+    assert "preempted with 2 of 4 pieces of shard_00000 built, which are kept" in capsys.readouterr().out
+    assert not (cache_dir / "metadata.json").exists()
+
+    # Another process holds the shard's lock: it is building it now. A build waits (here until it is preempted
+    # too) and leaves that build's staging folder as it is.
+    kept = files_in(cache_dir / ".shard_00000.partial")
+    live_build = os.open(cache_dir / ".shard_00000.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(live_build, fcntl.LOCK_EX)
+    real_try_lock = teacher_cache._try_lock
+
+    def signal_while_waiting(path):
+        held = real_try_lock(path)
+        if held is None:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return held
+
+    with monkeypatch.context() as patch:
+        patch.setattr(teacher_cache, "_try_lock", signal_while_waiting)
+        assert teacher_cache.run_from_command_line(command) == run_state.EXIT_PREEMPTED
+    os.close(live_build)  # that build ends
+    assert f"{cache_dir}: preempted while waiting for another build of this cache" in capsys.readouterr().out
+    assert len(teacher_calls) == 4 and files_in(cache_dir / ".shard_00000.partial") == kept
+
+    assert teacher_cache.run_from_command_line(command) == 0
+    assert len(teacher_calls) == 8  # 4 more: the last two pieces
+    assert sorted(path.name for path in cache_dir.iterdir()) == ["metadata.json", "shard_00000"]
+
+
+class SignalAfter:
+    """A preemption signal that has come after `checks` checks (received_anywhere, as PreemptionSignal's)."""
+
+    def __init__(self, checks):
+        self.checks = checks
+
+    def received_anywhere(self, device):
+        self.checks -= 1
+        return self.checks < 0
+
+
+def test_a_leftover_for_other_settings_is_removed_and_a_published_shard_kept(tmp_path, teacher, dataset, collator,
+                                                                            identity, vocab_size, teacher_calls):
+    cache_dir = tmp_path / "cache"
+    arguments = dict(mode="topk", k=16, vocab_size=vocab_size, batch_size=2, collator=collator, metadata=identity,
+                     piece_examples=PIECE)
+    with pytest.raises(BuildPreempted, match="with 2 of 4 pieces"):
+        build_cache(teacher, dataset, cache_dir, temperature=2.0, preemption=SignalAfter(2), **arguments)
+    (cache_dir / ".shard_00000.partial-k2b9x").mkdir()  # a staging folder an earlier version left behind
+    teacher_calls.clear()
+    build_cache(teacher, dataset, cache_dir, temperature=1.0, **arguments)
+    assert len(teacher_calls) == 8  # nothing of the build at T = 2 was taken
+    assert sorted(path.name for path in cache_dir.iterdir()) == ["shard_00000"]
+    assert json.loads((cache_dir / "shard_00000" / "shard.json").read_text())["settings"]["temperature"] == 1.0
+    build_cache(teacher, dataset, cache_dir, temperature=1.0, **arguments)
+    assert len(teacher_calls) == 8  # published for the same settings: kept as it is
+
+
+def test_a_preemption_while_main_builds_the_cache_exits_75_before_the_run_folder(tiny_teacher_dir, tmp_path,
+                                                                                   teacher_calls, monkeypatch,
+                                                                                   capsys):
+    counted_hidden_at = teacher_cache.hidden_at
+
+    def signal_in_the_first_piece(*args):
+        if not teacher_calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return counted_hidden_at(*args)
+
+    monkeypatch.setattr(teacher_cache, "hidden_at", signal_in_the_first_piece)
+    assert main.main(["--preset", "test", "--teacher", str(tiny_teacher_dir), "--dataset",
+                      str(DATA_DIR / "chats.jsonl"), "--output_root", str(tmp_path / "runs"), "--cache_dir",
+                      str(tmp_path / "cache"), "--teacher_mode", "topk"]) == run_state.EXIT_PREEMPTED
+    assert "preempted with 1 of 11 pieces of shard_00000 built" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+    (cache_dir,) = (tmp_path / "cache" / "teacher_cache").iterdir()
+    assert pieces_done(cache_dir) == 1
+
+
+# --- integrity and disk -----------------------------------------------------------------------------------------------
+
+def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, teacher, dataset, collator, identity,
+                                                                     vocab_size, monkeypatch):
+    cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
+    values = cache_dir / "shard_00000" / "values.npy"
+    intact = values.read_bytes()
+    values.write_bytes(intact[:-64] + bytes(255 - code for code in intact[-64:]))  # other codes, the same size
+    with pytest.raises(CacheCorruptError) as error:
+        TeacherCache.open(cache_dir, {})
+    assert str(error.value).startswith(f"{values}: holds {len(intact):,} bytes with sha256 ")
+    assert f"delete {cache_dir} to rebuild the cache" in str(error.value)
+    assert isinstance(error.value, CacheMismatchError)  # bad input: main.py exits with code 2
+
+    values.write_bytes(intact)
+    hashed = []
+    real_file_record = teacher_cache._file_record
+    monkeypatch.setattr(teacher_cache, "_file_record", lambda path: hashed.append(path.name) or real_file_record(path))
+    TeacherCache.open(cache_dir, {})
+    TeacherCache.open(cache_dir, {})
+    assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process
+
+
+@pytest.mark.parametrize("mode", ["topk", "hidden"])
+def test_a_build_the_free_disk_cannot_hold_is_refused_before_it_writes(tmp_path, teacher, dataset, collator,
+                                                                       identity, vocab_size, mode, monkeypatch):
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=1000))
+    with pytest.raises(run_state.DiskSpaceError) as error:
+        build(tmp_path, teacher, dataset, collator, identity, vocab_size, mode=mode)
+    positions = sum(int(np.count_nonzero(np.asarray(labels[1:]) != -100)) for labels in dataset["labels"])
+    # k = 16: the ids' low bits 2 x 16 B, uint8 values 16 B, the span and the tail 2 B each; hidden: 32 float16s.
+    per_position = 52 if mode == "topk" else 64
+    needed = per_position * positions + 8 * (2 * len(dataset) + 1)  # and each example's id and offset
+    assert str(error.value).startswith(f"{tmp_path / 'cache'}: 1,000 bytes free, but about {needed:,} bytes are "
+                                       "needed for the teacher cache's pieces still to be written")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+# --- a run's cache in a folder of its own: teacher_cache_dir ----------------------------------------------------------
+
+def run_with_cache_dir(tmp_path, teacher, tokenizer):
+    """A run's config (the test preset, top-k at k = 8 and T = 1.5, the training cache in teacher_cache_dir); its
+    teacher, tokenizer and training split, as main.py loads and prepares them; the folder of that prepared data."""
+    config = config_lib.build_config("test", None, {
+        "teacher": str(saved_teacher(tmp_path / "teacher", teacher, tokenizer)),
+        "dataset": str(DATA_DIR / "chats.jsonl"), "cache_dir": str(tmp_path / "cache"), "teacher_mode": "topk",
+        "cache_k": 8, "temperature": 1.5, "dtype": "float32", "teacher_cache_dir": str(tmp_path / "built")})
+    teacher_path, run_tokenizer, run_teacher = main.load_teacher(config, utils.process_state())
+    train = preprocess_dataset.prepare_for_run(config, run_tokenizer)[0]["train"]
+    return config, (teacher_path, run_tokenizer, run_teacher, train), preprocess_dataset.run_data_folder(
+        config, run_tokenizer)
+
+
+def build_for_the_run(config, data_dir, *options):
+    """teacher_cache.py into the run's teacher_cache_dir, as a job before the run would: with the run's teacher,
+    dtype and prepared data (main.py --prepare_only says where it is)."""
+    assert teacher_cache.main(["--teacher", config.teacher, "--data_dir", str(data_dir), "--output_dir",
+                               config.teacher_cache_dir, "--dtype", config.dtype, "--batch_size", "4", *options]) == 0
+
+
+def test_a_cache_the_command_line_built_is_the_one_a_run_opens_from_teacher_cache_dir(tmp_path, teacher, tokenizer,
+                                                                                      monkeypatch):
+    config, (teacher_path, run_tokenizer, run_teacher, train), data_dir = run_with_cache_dir(tmp_path, teacher,
+                                                                                             tokenizer)
+    build_for_the_run(config, data_dir, "--k", "8", "--temperature", "1.5")
+    monkeypatch.setattr(teacher_cache, "build_cache", lambda *args, **kwargs: pytest.fail("the run built a cache"))
+    cache = teacher_cache.training_cache(config, run_teacher, teacher_path, run_tokenizer, train,
+                                         PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
+    assert cache.cache_dir == Path(config.teacher_cache_dir)
+    assert cache.metadata["num_examples"] == len(train) and cache.metadata["k"] == 8
+    assert not (tmp_path / "cache" / "teacher_cache").exists()
+
+
+@pytest.mark.parametrize(("option", "field", "built", "wanted"), [("--k", "k", 4, 8),
+                                                                  ("--temperature", "temperature", 1.0, 1.5)])
+def test_a_teacher_cache_dir_built_with_another_k_or_temperature_is_refused_naming_it(tmp_path, teacher, tokenizer,
+                                                                                       option, field, built, wanted):
+    config, (teacher_path, run_tokenizer, run_teacher, train), data_dir = run_with_cache_dir(tmp_path, teacher,
+                                                                                             tokenizer)
+    options = {"--k": "8", "--temperature": "1.5", option: str(built)}  # the run's, but for one
+    build_for_the_run(config, data_dir, *[word for pair in options.items() for word in pair])
+    kept = files_in(Path(config.teacher_cache_dir))
+    with pytest.raises(CacheMismatchError) as error:
+        teacher_cache.training_cache(config, run_teacher, teacher_path, run_tokenizer, train,
+                                     PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
+    message = str(error.value)
+    assert message.startswith(f"{config.teacher_cache_dir}: the teacher cache was built with {field} = {built!r}, but "
+                              f"this run wants {field} = {wanted!r}; point teacher_cache_dir at a cache built for")
+    assert "rebuild this one" in message
+    assert files_in(Path(config.teacher_cache_dir)) == kept
+
+
+def test_teacher_cache_dir_needs_a_cached_teacher_mode():
+    with pytest.raises(config_lib.ConfigError, match="'teacher_cache_dir' = 'x' must name a folder, and needs "
+                                                     "teacher_mode topk or hidden"):
+        config_lib.build_config("test", None, {"teacher_cache_dir": "x"})
