@@ -53,6 +53,7 @@ class Config:
     max_examples: int | None = 1200  # conversations sampled from the source before tokenizing (None: all)
     test_size: int = 64  # held-out examples for evaluation
     max_length: int = 256  # tokens per example (longer ones are truncated)
+    num_proc: int = 0  # processes that tokenize the data (0: the job's CPUs, up to 16; one for under 5,000 chats)
 
     # --- loss ---------------------------------------------------------------------------------------------------
     alpha: float = 0.5  # weight of the distillation term (1 = pure KL, 0 = pure NLL)
@@ -69,6 +70,7 @@ class Config:
     teacher_mode: str = "online"  # online (run the teacher every step) | topk | hidden (cached once, for every round)
     cache_k: int = 64  # teacher_mode=topk: log-probabilities kept per position (plus one tail bucket)
     cache_value_dtype: str = "uint8"  # teacher_mode=topk: uint8 (196 B/token at k=64) | float16 (258 B/token)
+    teacher_cache_dir: str | None = None  # the training cache's folder (teacher_cache.py --output_dir); None: cache_dir
 
     # --- rounds -------------------------------------------------------------------------------------------------
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
@@ -96,6 +98,7 @@ class Config:
     save_steps: int = 20  # optimizer steps between checkpoints (a killed round resumes from the newest)
     keep_checkpoints: int = 2  # newest checkpoints kept per round; a finished round keeps only its member
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    process_group_timeout_minutes: int = 60  # how long processes wait in a collective (data preparation included)
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     eval_batch_size: int = 8  # examples per evaluation batch
@@ -165,8 +168,13 @@ class Config:
             ("teacher_mode", self.teacher_mode in ("online", "topk", "hidden"), "must be online, topk or hidden"),
             ("cache_k", self.cache_k >= 1, "must be >= 1"),
             ("cache_value_dtype", self.cache_value_dtype in ("uint8", "float16"), "must be uint8 or float16"),
+            ("teacher_cache_dir", self.teacher_cache_dir is None or (bool(self.teacher_cache_dir)
+                                                                     and self.teacher_mode != "online"),
+             "must name a folder, and needs teacher_mode topk or hidden (the online teacher has no cache)"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
+            ("num_proc", self.num_proc >= 0, "must be >= 0 (0: decide from the job's CPUs)"),
+            ("process_group_timeout_minutes", self.process_group_timeout_minutes >= 1, "must be >= 1"),
         ]
         for key, ok, requirement in checks:
             if not ok:
@@ -240,13 +248,25 @@ PRESETS: dict[str, dict] = {
         student_init="pretrained",
         student_model="Qwen/Qwen2.5-0.5B-Instruct",
         dataset="allenai/tulu-3-sft-mixture",
+        # The teacher through a top-k cache, not online: 8 rounds x 2,000 steps x 32 sequences = 512k teacher
+        # forwards online, against one pass over the ~198k training conversations for the cache (2.6x fewer
+        # teacher FLOPs: ~2 x 7.6e9 x 1.2e8 tokens = 1.8e18 instead of 4.8e18), and no 15 GB teacher on each GPU
+        # while students train. Its size: 196 B per supervised token at k = 64, about 20 GB for ~1e8 tokens.
+        teacher_mode="topk",
         max_examples=200_000,
         test_size=2_000,
         max_length=1024,
+        # From arithmetic, not measured on a GPU (none at hand): the eager loss holds ~33 B per position and vocabulary
+        # entry in the last round (7 members, top-k teacher; measured on CPU under bf16 autocast), so a chunk of 1,024
+        # x 151,936 holds ~5 GB, 6% of an 80 GB GPU (less compiled). Its head products then have 1,024 rows, enough to
+        # fill a GPU; the fixed cost per chunk (writing and adding a 0.5 GB fp32 head gradient, ~1 ms) comes at most
+        # 8 times per 8 x 1,024-token micro-batch, a few % of its step. `python bench.py` on the GPU sweeps the size.
+        loss_chunk_size=1024,
         dtype="bfloat16",
         device="cuda",
         total_rounds=8,
         steps_per_round=2_000,
+        weight_fit_examples=1_024,  # combine=weighted: a member's weight fitted on ~0.5M tokens, not 32 examples' noise
         batch_size=8,
         grad_accum=4,
         learning_rate=2e-5,
@@ -411,7 +431,8 @@ def coerce(key: str, value, annotation):
         raise ConfigError(f"config key {key!r} = {value!r} is not a valid {getattr(annotation, '__name__', annotation)}")
 
 
-RUN_OPTIONS = ("preset", "config_file", "resume", "dry_run", "job_id")  # main.py's options that are not settings
+# main.py's options that are not settings
+RUN_OPTIONS = ("preset", "config_file", "resume", "dry_run", "prepare_only", "job_id")
 
 
 def parse_command_line(argv, description: str) -> argparse.Namespace:
@@ -420,7 +441,8 @@ def parse_command_line(argv, description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # an abbreviation would pass for a key: --lr would silently set lr_scheduler
-        usage="python main.py [--preset NAME] [--config FILE] [--resume RUN_DIR] [--dry_run] [--KEY VALUE ...]")
+        usage="python main.py [--preset NAME] [--config FILE] [--resume RUN_DIR] [--dry_run] [--prepare_only] "
+              "[--KEY VALUE ...]")
     # No argparse default: a resume compares a --preset it is given with the run's settings, so "not given" must
     # differ from the default preset.
     parser.add_argument("--preset", default=None, metavar="NAME",
@@ -428,6 +450,8 @@ def parse_command_line(argv, description: str) -> argparse.Namespace:
     parser.add_argument("--config", dest="config_file", default=None, help="YAML file of config overrides")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in this folder")
     parser.add_argument("--dry_run", action="store_true", help="validate the config, print the plan, and stop")
+    parser.add_argument("--prepare_only", action="store_true", help="prepare the run's data (tokenize it into "
+                        "cache_dir), print where it went, and stop: a CPU job can do it before the GPU job")
     parser.add_argument("--job_id", default=None, help="a scheduler's job id (train.sh passes SLURM's): a requeued "
                         "job with the same id resumes the run it started instead of starting a new one")
     add_config_arguments(parser)

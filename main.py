@@ -12,6 +12,7 @@ Every setting and its default is in config.py (presets: demo, the default, for a
 Usage:
     python main.py                                   # the demo: embedded SmolLM2 teacher + ShareGPT, on CPU
     python main.py --preset paper --dry_run          # validate the full-scale config and print its plan
+    python main.py --preset paper --prepare_only     # only prepare (tokenize) its data: a CPU job before the GPUs
     python main.py --preset paper --alpha 0.7 --total_rounds 6     # one GPU
     python main.py --config my_run.yaml --steps_per_round 200
     python main.py --resume runs/2026-11-29/run_3    # continue a run; completed rounds are skipped
@@ -124,20 +125,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> Run | int:
     """Everything the rounds need, built once: config, processes, teacher and tokenizer, data, teacher caches, run
     folder (new or resumed), earlier members. Whatever can refuse the run (config, data, disk) does so before a run
-    folder is created or touched. An exit code instead of a run for a dry run or a signal during setup."""
+    folder is created or touched. An exit code instead of a run for a dry run, --prepare_only or a signal during
+    setup."""
     config, resume_dir = resolve_config(args)
     tracking.tracker_names(config.report_to)  # an unknown tracker is refused before anything loads
     if args.dry_run:
         print_plan(config, resume_dir)
         return 0
-    state = utils.process_state(config.device)
+    if args.prepare_only:
+        return prepare_only(config)
+    state = utils.process_state(config.device, config.process_group_timeout_minutes)
     teacher_path, tokenizer, teacher = load_teacher(config, state)
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
     if preempted_during_setup(preemption, state.device, "the rest of the setup"):
         return run_state.EXIT_PREEMPTED
     collator = PaddingCollator(tokenizer.pad_token_id)
-    cache = teacher_cache.training_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state)
+    try:
+        cache = teacher_cache.training_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state,
+                                             preemption)
+    except teacher_cache.BuildPreempted as stopped:  # stopped between two pieces, which are kept for the next run
+        print(f"{stopped} (exit code {run_state.EXIT_PREEMPTED})")
+        return run_state.EXIT_PREEMPTED
     evaluated_teacher = evaluation_teacher(config, teacher, cache, data, collator, state)
     round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
     train_tokens = preprocess_dataset.token_totals(data["train"])  # for the compute accounting
@@ -181,6 +190,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path | 
         if started is not None:  # a requeued job repeats its command line: the run's saved config counts
             return run_state.resumed_config(Path(started), {}), Path(started)
     return config, None
+
+
+def prepare_only(config: config_lib.Config) -> int:
+    """--prepare_only: the run's data prepared into the folder setup reads it from, by this process alone and with
+    the teacher's tokenizer only (no weights, no GPU), so that a CPU job can do it before the GPU job; exit code 0."""
+    tokenizer = utils.load_tokenizer(embedded.resolve_teacher(config.teacher, config.cache_dir),
+                                     config.trust_remote_code)
+    _, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
+    print(f"prepared data: {preprocess_dataset.run_data_folder(config, tokenizer)}")
+    print(preprocess_dataset.describe_counts(counts))
+    return 0
 
 
 def load_teacher(config: config_lib.Config, state) -> tuple[str, object, torch.nn.Module]:

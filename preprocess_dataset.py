@@ -8,7 +8,8 @@ Usage:
 `--dataset` is a hub dataset name or a local path: a .json, .jsonl or .parquet file, or a folder (one written by
 `save_to_disk`, or a folder of data files). Conversations are read from a `messages` column (role/content, as in
 allenai/tulu-3-sft-mixture) or a ShareGPT `conversations` column (from/value). `--test_size` is a count (2000) or a
-fraction (0.05). Rerunning with the same settings reuses the existing output folder.
+fraction (0.05). Rerunning with the same settings reuses the existing output folder. `--num_proc` sets the processes
+that tokenize (default 0: the CPUs the job may use, one for small data); it changes the speed, never the output.
 
 The output folder holds a DatasetDict {"train", "test"} with columns `input_ids` and `labels` (-100 on every token
 that is not part of an assistant turn; no padding, the collator pads) and a metadata.json with the settings and counts.
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,8 +69,17 @@ TOKENIZED_FEATURES = datasets.Features(
 )
 
 # The settings that decide a prepared folder's content: prepare_dataset reuses a folder only when all of them match.
+# The number of tokenizing processes is not one of them: the examples are the same whatever it is.
 REUSE_KEYS = ("format_version", "source", "split", "chat_template_sha256", "tokenizer_sha256", "max_length",
               "test_size", "seed", "max_examples")
+
+
+# num_proc=0 (auto): below this many conversations a map runs in this process, since starting workers (each
+# receiving a copy of the tokenizer) costs more than they save on small data such as the demo's and the tests'.
+PARALLEL_MIN_CONVERSATIONS = 5_000
+# num_proc=0 (auto): the most workers started. At ~300 conversations/s each, 16 tokenize 200k conversations in under
+# a minute; more mostly add start-up, memory (a tokenizer each) and shard files.
+MAX_AUTO_PROCESSES = 16
 
 
 class DataError(ValueError):
@@ -79,11 +90,12 @@ class DataError(ValueError):
 # Loading conversations
 # ---------------------------------------------------------------------------------------------------------------------
 
-def load_conversations(source: str, split: str = "train") -> datasets.Dataset:
+def load_conversations(source: str, split: str = "train", num_proc: int = 0) -> datasets.Dataset:
     """Load `source` as a Dataset with one column "messages": lists of {"role", "content"} turns.
 
     `source` is a hub dataset name or a local .json/.jsonl/.parquet file or folder. `split` picks the split of a hub
-    dataset or of a folder holding several splits; a single file is one split and is read whole.
+    dataset or of a folder holding several splits; a single file is one split and is read whole. `num_proc`: the
+    processes that rename ShareGPT turns (see map_num_proc).
     """
     dataset = _load_raw(source, split)
     if len(dataset) == 0:
@@ -105,8 +117,26 @@ def load_conversations(source: str, split: str = "train") -> datasets.Dataset:
     return dataset.map(
         _to_messages_batch, batched=True, input_columns=[column], remove_columns=dataset.column_names,
         features=MESSAGES_FEATURES, fn_kwargs={"role_key": role_key, "content_key": content_key},
-        desc="Normalising conversations",
+        num_proc=map_num_proc(num_proc, len(dataset)), desc="Normalising conversations",
     )
+
+
+def map_num_proc(num_proc: int, conversations: int) -> int | None:
+    """datasets' map `num_proc` for a map over `conversations` conversations: `num_proc` workers when it is set
+    (>= 1); when it is 0 (auto), the CPUs this job may use, up to MAX_AUTO_PROCESSES, or none for fewer than
+    PARALLEL_MIN_CONVERSATIONS conversations. None (no workers) instead of 1: datasets starts a pool even for one."""
+    if num_proc < 0:
+        raise ValueError(f"num_proc = {num_proc} must be >= 0 (0: decide from the job's CPUs)")
+    if num_proc == 0:
+        num_proc = 1 if conversations < PARALLEL_MIN_CONVERSATIONS else min(_usable_cpus(), MAX_AUTO_PROCESSES)
+    return num_proc if num_proc > 1 else None
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: a SLURM job's or container's share, not the whole machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS has no affinity mask
 
 
 def _load_raw(source: str, split: str) -> datasets.Dataset:
@@ -303,9 +333,11 @@ def _tokenize_batch(messages_batch: list, tokenizer, max_length: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float, seed: int,
-                  max_examples: int | None = None, split: str = "train") -> tuple[datasets.DatasetDict, dict]:
-    """Load, filter, sample, tokenize and split `source`; returns the {"train", "test"} DatasetDict and its metadata."""
-    conversations = load_conversations(source, split)
+                  max_examples: int | None = None, split: str = "train",
+                  num_proc: int = 0) -> tuple[datasets.DatasetDict, dict]:
+    """Load, filter, sample, tokenize and split `source`; returns the {"train", "test"} DatasetDict and its metadata.
+    `num_proc` processes tokenize (see map_num_proc); the result is the same for any number."""
+    conversations = load_conversations(source, split, num_proc)
     loaded = len(conversations)
     user_first = _user_first_indices(conversations)
     conversations = conversations.select(user_first).shuffle(seed=seed)
@@ -316,7 +348,7 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
     tokenized = conversations.map(
         _tokenize_batch, batched=True, input_columns=["messages"], remove_columns=["messages"],
         features=TOKENIZED_FEATURES, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-        desc="Tokenizing",
+        num_proc=map_num_proc(num_proc, len(conversations)), desc="Tokenizing",
     )
     if len(tokenized) == 0:
         raise DataError(
@@ -468,8 +500,9 @@ def _read_metadata(output_dir: Path) -> dict | None:
 
 
 def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size: int | float, seed: int,
-                    max_examples: int | None = None, split: str = "train") -> datasets.DatasetDict:
-    """Return the prepared dataset in `output_dir`, building and saving it unless a matching one is already there."""
+                    max_examples: int | None = None, split: str = "train", num_proc: int = 0) -> datasets.DatasetDict:
+    """Return the prepared dataset in `output_dir`, building and saving it (tokenized by `num_proc` processes)
+    unless a matching one is already there."""
     output_dir = Path(output_dir)
     wanted = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
                        max_examples=max_examples, split=split)
@@ -484,24 +517,31 @@ def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size
         changed = [key for key in REUSE_KEYS if existing.get(key) != wanted[key]]
         logger.info("Rebuilding the prepared dataset in %s: %s changed", output_dir, ", ".join(changed))
     dataset, metadata = build_dataset(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
-                                      max_examples=max_examples, split=split)
+                                      max_examples=max_examples, split=split, num_proc=num_proc)
     _save_atomically(dataset, metadata, output_dir)
     return datasets.load_from_disk(str(output_dir))
 
 
 def prepare_for_run(config, tokenizer) -> tuple[dict, dict]:
-    """A run's splits of its config's data source, prepared once per (source, tokenizer, settings) in a folder of
-    cache_dir/datasets, and the counts of what preparing them kept and dropped (see describe_counts): train, test,
-    and the slices held out of train (see held_out_slices). data_seed picks the sample and the split, so runs
-    that differ only in their seed share them (and the teacher cache built on them)."""
+    """A run's splits of its config's data source, prepared once in its run_data_folder, and the counts of what
+    preparing them kept and dropped (see describe_counts): train, test, and the slices held out of train (see
+    held_out_slices)."""
+    folder = run_data_folder(config, tokenizer)
+    data = prepare_dataset(embedded.resolve_dataset(config.dataset, config.cache_dir), tokenizer, folder,
+                           max_length=config.max_length, test_size=config.test_size, seed=config.data_seed,
+                           max_examples=config.max_examples, split=config.dataset_split, num_proc=config.num_proc)
+    return held_out_slices(data, config), prepared_counts(folder)
+
+
+def run_data_folder(config, tokenizer) -> Path:
+    """The folder of cache_dir/datasets that holds a run's prepared data: one per (source, tokenizer, settings).
+    data_seed picks the sample and the split, so runs that differ only in their seed share it (and the teacher
+    cache built on it); num_proc changes only how fast it is made, so it is not part of the name."""
     source = embedded.resolve_dataset(config.dataset, config.cache_dir)
     key = json.dumps([source, tokenizer.name_or_path, config.max_length, config.test_size, config.data_seed,
                       config.max_examples, config.dataset_split])
     name = Path(source.rstrip("/")).name.replace(".", "_") + "-" + hashlib.sha256(key.encode()).hexdigest()[:10]
-    folder = Path(config.cache_dir) / "datasets" / name
-    data = prepare_dataset(source, tokenizer, folder, max_length=config.max_length, test_size=config.test_size,
-                           seed=config.data_seed, max_examples=config.max_examples, split=config.dataset_split)
-    return held_out_slices(data, config), prepared_counts(folder)
+    return Path(config.cache_dir) / "datasets" / name
 
 
 def held_out_slices(data, config) -> dict:
@@ -581,7 +621,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the train/test split")
     parser.add_argument("--max_examples", type=int, default=None, help="sample this many conversations first")
     parser.add_argument("--split", default="train", help="split of the source to read")
-    return parser.parse_args(argv)
+    parser.add_argument("--num_proc", type=int, default=0, help="processes that tokenize (0: the job's CPUs, up to "
+                        f"{MAX_AUTO_PROCESSES}; one below {PARALLEL_MIN_CONVERSATIONS} conversations)")
+    args = parser.parse_args(argv)
+    if args.num_proc < 0:
+        parser.error(f"--num_proc {args.num_proc}: must be >= 0 (0: decide from the job's CPUs)")
+    return args
 
 
 def main(argv=None) -> None:
@@ -589,7 +634,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     prepare_dataset(args.dataset, tokenizer, args.output_dir, max_length=args.max_length, test_size=args.test_size,
-                    seed=args.seed, max_examples=args.max_examples, split=args.split)
+                    seed=args.seed, max_examples=args.max_examples, split=args.split, num_proc=args.num_proc)
     counts = prepared_counts(args.output_dir)
     print(f"{args.dataset} -> {args.output_dir}")
     print(describe_counts(counts))

@@ -6,6 +6,8 @@
 #   sbatch --gres=gpu:4 train.sh --preset paper         # more GPUs: DDP, one process each
 #   sbatch --nodes=2 train.sh --preset paper            # several nodes: one launcher per node
 #   sbatch --gres=none --partition=cpu train.sh         # CPU-only nodes (the demo preset)
+#   sbatch --gres=none --partition=cpu --cpus-per-task=16 train.sh --preset paper --prepare_only
+#                                                       # big data: tokenize it first on CPUs, then the GPU job
 #   sbatch --array=0-2 train.sh --sweep seed=0,1,2 --preset paper      # one run folder per array task
 #   sbatch --array=0-3 train.sh --sweep alpha=0.2,0.5,0.8,1.0 --preset paper
 #

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import compute
-from config import SINGLE_MODEL_BASELINES, ConfigError
+from config import SINGLE_MODEL_BASELINES, Config, ConfigError
 
 
 class TokenizerMismatchError(ValueError):
@@ -29,11 +29,14 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def process_state(device_name: str = "auto"):
+def process_state(device_name: str = "auto",
+                  timeout_minutes: int = Config.process_group_timeout_minutes):
     """This process's accelerate state (process index, count, device) under any launcher.
 
     Several CPU processes need cpu=True to form a (gloo) process group: accelerate's default groups GPU processes
     only, and would leave each CPU process alone. On GPUs each process gets its own device, `state.device`.
+    The group's collectives fail after `timeout_minutes`: long enough for the others to wait while the first
+    process prepares the data (NCCL's default, 10 minutes, is not for 200k conversations).
     """
     from accelerate import PartialState
 
@@ -44,7 +47,8 @@ def process_state(device_name: str = "auto"):
             "FSDP is not supported: launch with accelerate_configs/ddp.yaml (data parallel). Students up to a few "
             "billion parameters fit one GPU with their optimizer states; with --teacher_mode topk the teacher's "
             "targets come from its cache during training")
-    return PartialState(cpu=select_device(device_name).type == "cpu")
+    return PartialState(cpu=select_device(device_name).type == "cpu",
+                        timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def leave_process_group() -> None:

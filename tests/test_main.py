@@ -240,11 +240,15 @@ def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_p
 
 # --- surviving interruption ---------------------------------------------------------------------------------------
 
-def test_two_processes_give_the_run_of_one_process(tiny_teacher_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_two_processes_give_the_run_of_one_process(tiny_teacher_dir, tmp_path, checkpointing):
     """accelerate launch on 2 processes x 1 micro-batch = 1 process x 2 micro-batches (the same global batches): the
     same training log and the same metrics (evaluation scores each of the 7 test examples once, split 4 + 3), in
-    one run folder written by the main process; both processes build the teacher cache, one shard each."""
-    common = ("--teacher_mode", "topk", "--cache_k", "400", "--cache_value_dtype", "float16", "--test_size", "7")
+    one run folder written by the main process; both processes build the teacher cache, one shard each. With
+    gradient checkpointing too (the paper preset's): recomputed activations under DDP, next to the frozen members'
+    single-position (logits_to_keep=1) forwards, must give the same steps."""
+    common = ("--teacher_mode", "topk", "--cache_k", "400", "--cache_value_dtype", "float16", "--test_size", "7",
+              "--gradient_checkpointing", checkpointing)
     accelerate_launch(["main.py", *cli_args(tiny_teacher_dir, tmp_path / "two", *common)], 2, REPO)
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "one", *common, "--grad_accum", "2")) == 0
     (cache_dir,) = (tmp_path / "two" / "cache" / "teacher_cache").iterdir()

@@ -540,11 +540,12 @@ def test_prepare_refuses_to_replace_a_folder_it_did_not_write(tmp_path, chats_fi
 # Command line
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_command_line_prepares_and_prints_the_counts(tmp_path, chats_file, tokenizer, capsys):
+def test_command_line_prepares_and_prints_the_counts(tmp_path, chats_file, tokenizer, capsys, monkeypatch):
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    mapped = fresh_datasets_cache(monkeypatch, tmp_path / "datasets_cache")
 
     main(["--dataset", chats_file, "--tokenizer", str(tmp_path / "tokenizer"), "--output_dir", str(tmp_path / "out"),
-          "--max_length", "128", "--test_size", "0.25", "--seed", "3"])
+          "--max_length", "128", "--test_size", "0.25", "--seed", "3", "--num_proc", "2"])
 
     dataset, metadata = load_dataset_dir(tmp_path / "out")
     assert (len(dataset["train"]), len(dataset["test"])) == (36, 12)
@@ -553,6 +554,7 @@ def test_command_line_prepares_and_prints_the_counts(tmp_path, chats_file, token
     assert "train: 36 examples" in printed
     assert "test: 12 examples" in printed
     assert f"{metadata['counts']['supervised_tokens']['train']} supervised tokens" in printed
+    assert maps_run_by_two_workers(mapped) == 1  # --num_proc 2 tokenized in two workers
 
 
 def test_members_train_on_all_the_data_on_disjoint_shards_or_on_bootstrap_samples():
@@ -572,3 +574,119 @@ def test_members_train_on_all_the_data_on_disjoint_shards_or_on_bootstrap_sample
     assert all(len(sample) == 10 and len(set(sample)) < 10 for sample in samples) and samples[0] != samples[1]
     assert ids("bootstrap", 1) == samples[1]  # reproducible
     assert describe_member_data("shard", 1, 3, 0) == "shard 1 of 3 (order seed 0)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizing in several processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+def fresh_datasets_cache(monkeypatch, folder: Path) -> Path:
+    """Point datasets' cache of mapped data at the new `folder`: nothing mapped earlier is reused, and the files a
+    map's workers write there can be counted (maps_run_by_two_workers)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    return folder
+
+
+def maps_run_by_two_workers(datasets_cache: Path) -> int:
+    """The maps whose two workers each wrote their shard (CACHE_0000i_of_00002.arrow) into `datasets_cache`."""
+    return len(list(datasets_cache.rglob("*_00001_of_00002.arrow")))
+
+
+# The ShareGPT source is mapped twice (its turns renamed, then tokenized), the messages one once (tokenized).
+@pytest.mark.parametrize("source, maps", [(DATA_DIR / "chats.jsonl", 1), (DATA_DIR / "sharegpt.json", 2)],
+                         ids=["messages", "sharegpt"])
+def test_two_tokenizing_processes_give_the_examples_and_fingerprints_of_one(source, maps, tmp_path, tokenizer,
+                                                                            monkeypatch):
+    def build(num_proc: int):
+        mapped = fresh_datasets_cache(monkeypatch, tmp_path / f"datasets_cache_{num_proc}")
+        return (*build_dataset(str(source), tokenizer, max_length=96, test_size=4, seed=0, num_proc=num_proc), mapped)
+
+    one, one_metadata, _ = build(1)
+    two, two_metadata, mapped = build(2)
+
+    assert maps_run_by_two_workers(mapped) == maps
+    assert two_metadata == one_metadata  # counts included: the workers drop what one process drops
+    for split in ("train", "test"):
+        assert two[split]["input_ids"] == one[split]["input_ids"]
+        assert two[split]["labels"] == one[split]["labels"]
+        assert two[split]._fingerprint == one[split]._fingerprint
+
+
+def test_a_runs_prepared_folder_does_not_depend_on_the_number_of_processes(tmp_path, tiny_teacher_dir,
+                                                                          counted_builds, monkeypatch):
+    from config import build_config
+    from utils import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_teacher_dir))
+    configs = [build_config("test", None, {"dataset": str(DATA_DIR / "chats.jsonl"), "num_proc": num_proc,
+                                           "cache_dir": str(tmp_path / "cache")}) for num_proc in (2, 1)]
+    mapped = fresh_datasets_cache(monkeypatch, tmp_path / "datasets_cache")
+
+    assert preprocess_dataset.run_data_folder(configs[0], tokenizer) == preprocess_dataset.run_data_folder(
+        configs[1], tokenizer)
+    first, _ = preprocess_dataset.prepare_for_run(configs[0], tokenizer)
+    assert maps_run_by_two_workers(mapped) == 1  # the config's num_proc reached the tokenizing
+    second, _ = preprocess_dataset.prepare_for_run(configs[1], tokenizer)
+    assert len(counted_builds) == 1  # the second found the first's folder
+    assert second["train"]["input_ids"] == first["train"]["input_ids"]
+
+
+def test_auto_tokenizes_in_this_process_for_small_data_and_on_the_jobs_cpus_for_large(monkeypatch):
+    from preprocess_dataset import MAX_AUTO_PROCESSES, PARALLEL_MIN_CONVERSATIONS, map_num_proc
+
+    large = PARALLEL_MIN_CONVERSATIONS
+    monkeypatch.setattr(preprocess_dataset.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert map_num_proc(0, large) == 6  # the CPUs this job may use (its affinity), not the machine's
+    assert map_num_proc(0, large - 1) is None  # small data: no workers to start
+    assert map_num_proc(3, 10) == 3 and map_num_proc(1, large) is None  # a set number is kept; 1 means no workers
+    monkeypatch.setattr(preprocess_dataset.os, "sched_getaffinity", lambda pid: set(range(256)), raising=False)
+    assert map_num_proc(0, large) == MAX_AUTO_PROCESSES
+    monkeypatch.setattr(preprocess_dataset.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert map_num_proc(0, large) is None
+    with pytest.raises(ValueError, match="num_proc = -1 must be >= 0"):
+        map_num_proc(-1, large)
+
+
+def test_a_negative_num_proc_is_refused_naming_the_key(capsys):
+    from config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="'num_proc' = -2 must be >= 0"):
+        build_config("demo", None, {"num_proc": -2})
+    with pytest.raises(SystemExit):
+        preprocess_dataset.parse_args(["--dataset", "d", "--tokenizer", "t", "--output_dir", "o", "--num_proc", "-1"])
+    assert "--num_proc -1: must be >= 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing a run's data first: main.py --prepare_only
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_prepare_only_writes_the_data_a_following_run_reads_without_tokenizing_again(tmp_path, tiny_teacher_dir,
+                                                                                     counted_builds, monkeypatch,
+                                                                                     capsys):
+    import main
+    import run_state
+    import utils
+
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(json.dumps({"teacher": str(tiny_teacher_dir), "dataset": str(DATA_DIR / "chats.jsonl"),
+                                    "cache_dir": str(tmp_path / "cache"), "output_root": str(tmp_path / "runs")}))
+    arguments = ["--preset", "test", "--config", str(run_yaml)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--prepare_only must not load model weights or start processes")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "load_causal_lm", refuse)
+        patch.setattr(utils, "process_state", refuse)
+        assert main.main([*arguments, "--prepare_only"]) == 0
+    printed = capsys.readouterr().out
+    folder = Path(printed.split("prepared data: ", 1)[1].splitlines()[0])
+    prepared, _ = load_dataset_dir(folder)
+    assert folder.parent == tmp_path / "cache" / "datasets" and "conversations loaded" in printed
+    assert len(counted_builds) == 1 and not (tmp_path / "runs").exists()  # prepared the data, started no run
+
+    with run_state.PreemptionSignal() as preemption:
+        run = main.setup(main.parse_args(arguments), preemption)
+    assert len(counted_builds) == 1  # the run found the prepared data: nothing was tokenized again
+    assert run.data["test"]["input_ids"] == prepared["test"]["input_ids"]

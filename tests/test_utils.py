@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utils
-from config import build_config
+from config import ConfigError, build_config
 from conftest import build_tiny_llama, build_tokenizer
 
 
@@ -171,3 +171,43 @@ def test_single_model_baselines_get_the_ensembles_steps_and_single_large_its_dep
     copied = utils.baseline_round_config(build_config("test", overrides=dict(
         total_rounds=3, baseline="single_large", student_init="teacher_layers", teacher_layers=[0, 29])), 30)
     assert copied.teacher_layers == utils.spread_layer_indices(6, 30) and copied.teacher_layers_shift == 0
+
+
+class _ProcessGroupStarted(Exception):
+    """Raised by the stand-in for accelerate's PartialState: the test has what it was given."""
+
+
+@pytest.fixture
+def process_group_settings(monkeypatch):
+    """What accelerate's PartialState is created with (it starts the process group); creating it stops the caller."""
+    import accelerate
+
+    given = {}
+
+    def capture(**kwargs):
+        given.update(kwargs)
+        raise _ProcessGroupStarted
+
+    monkeypatch.setattr(accelerate, "PartialState", capture)
+    return given
+
+
+def test_the_process_group_times_out_after_the_configured_minutes(process_group_settings):
+    with pytest.raises(_ProcessGroupStarted):
+        utils.process_state("cpu", timeout_minutes=90)
+    assert process_group_settings == {"cpu": True, "timeout": datetime.timedelta(minutes=90)}
+
+
+def test_a_run_sets_up_its_processes_with_its_configs_time_out(process_group_settings):
+    import main
+
+    with pytest.raises(_ProcessGroupStarted):
+        main.main(["--preset", "test", "--process_group_timeout_minutes", "7"])
+    assert process_group_settings["timeout"] == datetime.timedelta(minutes=7)
+    assert build_config().process_group_timeout_minutes == 60  # the default covers preparing the paper's data
+
+
+@pytest.mark.parametrize("minutes", [0, -5])
+def test_a_process_group_timeout_under_a_minute_is_refused_naming_the_key(minutes):
+    with pytest.raises(ConfigError, match=f"'process_group_timeout_minutes' = {minutes} must be >= 1"):
+        build_config("demo", None, {"process_group_timeout_minutes": minutes})
