@@ -52,14 +52,16 @@ class CachedTeacher:
                          f"cached splits: {cached}): cache it (hidden mode) or evaluate with the teacher model")
 
 
-def evaluation_teacher(config, teacher, train_cache: TeacherCache | None, data: dict, collator, state):
+def evaluation_teacher(config, teacher, load_teacher, train_cache: TeacherCache | None, data: dict, collator,
+                       state):
     """The teacher as a run's evaluation and weight fit get it: with a cached teacher_mode (a `train_cache`), the
     model with its final hidden states on the held-out splits of `data` cached once (teacher_cache.py), so that
-    no round runs its body again; with the online teacher, the model."""
+    no round runs its body again (`load_teacher()` gives the whole teacher to build them); with the online teacher,
+    the model."""
     if train_cache is None:
         return teacher
     held_out = {name: split for name, split in data.items() if name != "train"}
-    return CachedTeacher(teacher, evaluation_caches(config, teacher, train_cache, held_out, collator, state))
+    return CachedTeacher(teacher, evaluation_caches(config, load_teacher, train_cache, held_out, collator, state))
 
 
 @torch.no_grad()

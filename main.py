@@ -29,6 +29,7 @@ Usage:
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -135,19 +136,22 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     if args.prepare_only:
         return prepare_only(config)
     state = utils.process_state(config.device, config.process_group_timeout_minutes)
-    teacher_path, tokenizer, teacher = load_teacher(config, state)
+    teacher_path, tokenizer = teacher_tokenizer(config, state)
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
     if preempted_during_setup(preemption, state.device, "the rest of the setup"):
         return run_state.EXIT_PREEMPTED
+    # Loaded at most once, and only where the rounds run it or a teacher cache is still to be built.
+    load_whole_teacher = functools.cache(functools.partial(whole_teacher, config, teacher_path, tokenizer, state))
+    teacher = rounds_teacher(config, teacher_path, tokenizer, state, load_whole_teacher)
     collator = PaddingCollator(tokenizer.pad_token_id)
     try:
-        cache = teacher_cache.training_cache(config, teacher, teacher_path, tokenizer, data["train"], collator, state,
-                                             preemption)
+        cache = teacher_cache.training_cache(config, load_whole_teacher, teacher.dtype, teacher_path, tokenizer,
+                                             data["train"], collator, state, preemption)
     except teacher_cache.BuildPreempted as stopped:  # stopped between two pieces, which are kept for the next run
         print(f"{stopped} (exit code {run_state.EXIT_PREEMPTED})")
         return run_state.EXIT_PREEMPTED
-    evaluated_teacher = evaluation_teacher(config, teacher, cache, data, collator, state)
+    evaluated_teacher = evaluation_teacher(config, teacher, load_whole_teacher, cache, data, collator, state)
     round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
     train_tokens = preprocess_dataset.token_totals(data["train"])  # for the compute accounting
     if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
@@ -203,19 +207,37 @@ def prepare_only(config: config_lib.Config) -> int:
     return 0
 
 
-def load_teacher(config: config_lib.Config, state) -> tuple[str, object, torch.nn.Module]:
-    """The teacher's local folder, its tokenizer (the run's), and the model, frozen on this process's device. A
-    pretrained student's vocabulary is checked against the tokenizer here, before anything else loads."""
+def teacher_tokenizer(config: config_lib.Config, state) -> tuple[str, object]:
+    """The teacher's local folder and its tokenizer (the run's). A pretrained student's vocabulary is checked
+    against the tokenizer here, before anything else loads."""
     with state.main_process_first():  # a first-use conversion of the embedded teacher happens once
         teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
     tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
     if config.student_init == "pretrained":
         utils.check_student_tokenizer(tokenizer, config.student_model, config.teacher, config.trust_remote_code)
+    return teacher_path, tokenizer
+
+
+def whole_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state) -> torch.nn.Module:
+    """The teacher, frozen, its weights loaded straight onto this process's device."""
     teacher = utils.load_causal_lm(teacher_path, utils.frozen_dtype(config.dtype, state.device),
-                                   config.trust_remote_code).to(state.device).eval()
+                                   config.trust_remote_code, state.device).eval()
     utils.check_vocab_fits(teacher, len(tokenizer), config.teacher)
     check_logits_at(teacher, len(tokenizer))
-    return teacher_path, tokenizer, teacher
+    return teacher
+
+
+def rounds_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state,
+                   load_whole_teacher) -> torch.nn.Module:
+    """The teacher as the rounds need it: the whole model when they run it (online, or students copied from its
+    layers); with a cached teacher_mode, its output head alone (model_io.OutputHeadOnly), which projects the cached
+    hidden states: a 7B teacher then costs its head's 1 GB on each GPU, not 15 GB."""
+    if config.teacher_mode == "online" or config.student_init == "teacher_layers":
+        return load_whole_teacher()
+    head = utils.load_output_head(teacher_path, utils.frozen_dtype(config.dtype, state.device), state.device,
+                                  config.trust_remote_code)
+    utils.check_vocab_fits(head, len(tokenizer), config.teacher)
+    return head
 
 
 def preempted_during_setup(preemption: run_state.PreemptionSignal, device, next_step: str) -> bool:
@@ -437,7 +459,8 @@ def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
         [compute.model_shape(member) for member in run.members],
         [(n * per_step * sequence // examples, n * per_step * supervised // examples) for n in steps],
         context=round(sequence / examples), through_ensemble=run.config.baseline == "none",
-        teacher=compute.model_shape(run.teacher) if run.config.alpha > 0 else None,
+        teacher=(compute.model_shape(run.teacher.config, run.config.trust_remote_code) if run.config.alpha > 0
+                 else None),
         teacher_mode=run.config.teacher_mode, cache_tokens=(sequence, supervised),
         rounds_sharing_cache=run.config.rounds_to_run())
 

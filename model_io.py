@@ -67,6 +67,32 @@ def trained_hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return captured[-1][positions.to(device)]
 
 
+class OutputHeadOnly(torch.nn.Module):
+    """A causal LM's output head and config without its body: all a run needs of a teacher whose outputs on every
+    split are cached (the head projects the cached hidden states; shapes and FLOPs come from the config), at a
+    fraction of the teacher's memory. Running its body is an error."""
+
+    def __init__(self, config, head: torch.nn.Module):
+        super().__init__()
+        self.config = config
+        self.lm_head = head
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("only the teacher's output head is loaded (its outputs are cached); nothing should run "
+                           "its body: load the whole teacher (utils.load_causal_lm) for that")
+
+
 def output_head(model, vocab_size: int | None):
     """hidden [n, H] -> logits [n, vocab_size]: the model's head, its output transforms, cut to the vocabulary
     (None: the head's full width, as the model's forward returns it)."""

@@ -694,21 +694,22 @@ def cache_folder(root: Path, identity: dict, settings: dict) -> Path:
     return Path(root) / f"{settings['mode']}-{key}"
 
 
-def open_or_build(cache_dir, teacher, dataset, identity: dict, settings: dict, *, batch_size: int, collator,
+def open_or_build(cache_dir, load_teacher, dataset, identity: dict, settings: dict, *, batch_size: int, collator,
                   state, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache":
     """The cache in `cache_dir` of the teacher's outputs on `dataset` (the split as prepared, without example
     ids), whose identity is `identity` (cache_identity), in `settings` (cache_settings): opened when it is
     complete and built for them; otherwise built (or its build continued) by every process of `state` (one shard
-    each), finished by the main process, and opened. A finished cache built for anything else is refused
-    (CacheMismatchError names the field), never overwritten. A signal `preemption` records stops the build between
-    two pieces (BuildPreempted)."""
+    each), finished by the main process, and opened. `load_teacher()` returns the whole teacher on this process's
+    device; it is called only for a build, so a finished cache never loads the teacher's weights. A finished cache
+    built for anything else is refused (CacheMismatchError names the field), never overwritten. A signal
+    `preemption` records stops the build between two pieces (BuildPreempted)."""
     cache_dir = Path(cache_dir)
     expected = {**identity, **settings}
     try:
         return TeacherCache.open(cache_dir, expected)
     except CacheIncompleteError:
         print(f"building the teacher cache ({settings['mode']}) in {cache_dir}")
-    build_cache(teacher, with_example_ids(dataset), cache_dir, mode=settings["mode"], k=settings.get("k"),
+    build_cache(load_teacher(), with_example_ids(dataset), cache_dir, mode=settings["mode"], k=settings.get("k"),
                 temperature=settings.get("temperature"), vocab_size=settings["vocab_size"], batch_size=batch_size,
                 collator=collator, metadata=identity, rank=state.process_index, world_size=state.num_processes,
                 value_dtype=settings.get("value_dtype", "uint8"), piece_examples=PIECE_EXAMPLES,
@@ -720,39 +721,40 @@ def open_or_build(cache_dir, teacher, dataset, identity: dict, settings: dict, *
     return TeacherCache.open(cache_dir, expected)
 
 
-def training_cache(config, teacher, teacher_path: str, tokenizer, split, collator, state,
-                   preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache | None":
+def training_cache(config, load_teacher, teacher_dtype: torch.dtype, teacher_path: str, tokenizer, split, collator,
+                   state, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache | None":
     """A run's cache of the teacher's outputs on its training split `split` in the config's teacher_mode (None for
     the online teacher), built once and shared by every round and every run with the same teacher, data and
     settings: in cache_dir/teacher_cache, or in the folder teacher_cache_dir names (one teacher_cache.py built in
     another job, say), which must hold a cache of this run's teacher, data and settings or none yet. `preemption`
-    stops a build between two pieces (BuildPreempted)."""
+    stops a build between two pieces (BuildPreempted). `load_teacher()` gives the whole teacher (in
+    `teacher_dtype`) for a build; an existing cache needs none of its weights."""
     if config.teacher_mode == "online":
         return None
     with state.main_process_first():  # one process hashes the teacher's weights, the others read its memo
-        identity = cache_identity(teacher_path, tokenizer, split, config.max_length, teacher.dtype,
+        identity = cache_identity(teacher_path, tokenizer, split, config.max_length, teacher_dtype,
                                   Path(config.cache_dir) / FINGERPRINT_MEMO_FILE)
-    return _run_cache(config, teacher, identity, len(tokenizer), split, collator, state, config.teacher_mode,
+    return _run_cache(config, load_teacher, identity, len(tokenizer), split, collator, state, config.teacher_mode,
                       "teacher_cache", config.teacher_cache_dir, preemption)
 
 
-def evaluation_caches(config, teacher, train_cache: "TeacherCache", splits: dict, collator,
+def evaluation_caches(config, load_teacher, train_cache: "TeacherCache", splits: dict, collator,
                       state) -> tuple["TeacherCache", ...]:
     """The teacher's final hidden states on each of `splits` (the held-out ones: test, weight_fit), cached once in
     cache_dir/teacher_eval_cache, so that evaluating a run never runs the teacher's body. They share the training
     cache's identity, each with its split's fingerprint, so nothing is hashed again."""
-    return tuple(_run_cache(config, teacher, identity_for_split(train_cache.metadata, split),
+    return tuple(_run_cache(config, load_teacher, identity_for_split(train_cache.metadata, split),
                             train_cache.metadata["vocab_size"], split, collator, state, "hidden", "teacher_eval_cache")
                  for split in splits.values())
 
 
-def _run_cache(config, teacher, identity: dict, vocab_size: int, split, collator, state, mode: str, root: str,
+def _run_cache(config, load_teacher, identity: dict, vocab_size: int, split, collator, state, mode: str, root: str,
                folder: str | None = None, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache":
     """The cache of `split` in `mode`: in `folder` when one is given, else in the folder of cache_dir/`root` that
     its identity and settings name."""
     settings = cache_settings(mode, vocab_size, config.cache_k, config.temperature, config.cache_value_dtype)
     folder = Path(folder) if folder else cache_folder(Path(config.cache_dir) / root, identity, settings)
-    return open_or_build(folder, teacher, split, identity, settings, batch_size=config.eval_batch_size,
+    return open_or_build(folder, load_teacher, split, identity, settings, batch_size=config.eval_batch_size,
                          collator=collator, state=state, preemption=preemption)
 
 
@@ -966,10 +968,12 @@ def main(argv=None) -> int:
                                       Path(args.output_dir).resolve().parent / FINGERPRINT_MEMO_FILE)
         if identity["tokenizer_hash"] != data_metadata["tokenizer_sha256"]:
             raise SystemExit(f"error: {args.data_dir} was tokenized with another tokenizer than the teacher's")
-        teacher = utils.load_causal_lm(args.teacher, teacher_dtype, args.trust_remote_code)
         settings = cache_settings(args.mode, len(tokenizer), args.k, args.temperature, args.value_dtype)
         try:
-            open_or_build(args.output_dir, teacher.to(state.device), dataset, identity, settings,
+            open_or_build(args.output_dir,
+                          lambda: utils.load_causal_lm(args.teacher, teacher_dtype, args.trust_remote_code,
+                                                       state.device),
+                          dataset, identity, settings,
                           batch_size=args.batch_size, collator=PaddingCollator(tokenizer.pad_token_id), state=state,
                           preemption=preemption)
         except BuildPreempted as stopped:

@@ -3,16 +3,20 @@
 import csv
 import dataclasses
 import datetime
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 import compute
 from config import SINGLE_MODEL_BASELINES, Config, ConfigError
+from model_io import OutputHeadOnly
 
 
 class TokenizerMismatchError(ValueError):
@@ -92,10 +96,46 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, require_chat_temp
     return tokenizer
 
 
-def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """A causal LM from a hub name or a folder, from safetensors only (no pickle)."""
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   device: torch.device | str | None = None):
+    """A causal LM from a hub name or a folder, from safetensors only (no pickle); with a `device`, its weights are
+    loaded straight onto it (a 7B teacher never passes through host memory whole)."""
     return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+                                                trust_remote_code=trust_remote_code,
+                                                device_map=None if device is None else str(device))
+
+
+def load_output_head(name: str, dtype: torch.dtype, device: torch.device | str,
+                     trust_remote_code: bool = False) -> OutputHeadOnly:
+    """The output head of the causal LM `name` alone (model_io.OutputHeadOnly), read from its safetensors file
+    onto `device`: the rest of the weights are never read. The head's tensor is found under any name the model
+    gives it (a tied head is stored as the input embedding)."""
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    meta_head = skeleton.get_output_embeddings()
+    names = [key for key, parameter in skeleton.named_parameters(remove_duplicate=False)
+             if parameter is meta_head.weight]
+    weight = read_safetensors_tensor(name, names)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    return OutputHeadOnly(config, head).eval()
+
+
+def read_safetensors_tensor(name: str, candidates: list[str]) -> torch.Tensor:
+    """The first of the tensor names `candidates` found in the safetensors weights of model `name` (a folder or a
+    downloaded hub model; sharded or not), read alone."""
+    index_file = cached_file(name, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
+    if index_file is not None:
+        weight_map = json.loads(Path(index_file).read_text())["weight_map"]
+        files = {key: weight_map[key] for key in candidates if key in weight_map}
+    else:
+        files = dict.fromkeys(candidates, SAFE_WEIGHTS_NAME)
+    for key, file_name in files.items():
+        with safe_open(cached_file(name, file_name), framework="pt") as weights:
+            if key in weights.keys():
+                return weights.get_tensor(key)
+    raise ValueError(f"{name}: none of {', '.join(candidates)} is in its safetensors weights; load the whole model")
 
 
 def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
@@ -198,7 +238,7 @@ def flop_matched_config(config, round_config, teacher, tokenizer, tokens: tuple[
     per_step = config.batch_size * config.grad_accum * num_processes
     step_tokens = (per_step * sequence // examples, per_step * supervised // examples)
     context = round(sequence / examples)
-    teacher_shape = compute.model_shape(teacher) if config.alpha > 0 else None
+    teacher_shape = compute.model_shape(teacher.config, config.trust_remote_code) if config.alpha > 0 else None
     shared = dict(context=context, teacher=teacher_shape, teacher_mode=config.teacher_mode,
                   cache_sequence_tokens=sequence, cache_supervised_tokens=supervised)
     members = [compute.model_shape(student_model_config(config, teacher, tokenizer, index))

@@ -85,8 +85,8 @@ def main_probe():
         state.wait_for_everyone()
         config = build_config("test", overrides=dict(teacher_mode="topk", cache_k=16, cache_value_dtype="float16",
                                                      cache_dir=str(work_dir / "cache"), eval_batch_size=3))
-        cache = teacher_cache.training_cache(config, teacher, str(teacher_path), tokenizer, dataset,
-                                             PaddingCollator(tokenizer.pad_token_id), state)
+        cache = teacher_cache.training_cache(config, lambda: teacher, teacher.dtype, str(teacher_path), tokenizer,
+                                             dataset, PaddingCollator(tokenizer.pad_token_id), state)
 
     arguments = SFTConfig(
         output_dir=str(work_dir / f"out_{state.num_processes}"), use_cpu=True, report_to=[], save_strategy="no",

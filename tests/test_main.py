@@ -17,8 +17,10 @@ import yaml
 import main
 import run_state
 import train
+import utils
 from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
+from model_io import OutputHeadOnly
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,20 +210,21 @@ def final_metrics(tmp_path) -> pd.DataFrame:
     ["--teacher_mode", "hidden"],
 ])
 def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_path, cache_args, monkeypatch):
-    """...and once its caches (training split, and hidden states of the test split) exist, its body never runs."""
+    """...with only its output head in the rounds (its body, loaded to build the caches, is let go), and a second
+    run on the same caches never loads the teacher's weights beyond its head."""
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "online")) == 0
-    real_evaluation_teacher = main.evaluation_teacher
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the teacher's body ran after its caches were built")
-
-    def evaluation_teacher_then_no_body(config, teacher, *args):
-        evaluated_teacher = real_evaluation_teacher(config, teacher, *args)
-        monkeypatch.setattr(teacher.base_model, "forward", refuse)
-        return evaluated_teacher
-
-    monkeypatch.setattr(main, "evaluation_teacher", evaluation_teacher_then_no_body)
+    real_rounds_teacher = main.rounds_teacher
+    rounds_teachers = []
+    monkeypatch.setattr(main, "rounds_teacher", lambda *args: rounds_teachers.append(real_rounds_teacher(*args))
+                        or rounds_teachers[-1])
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "cached", *cache_args)) == 0
+    assert isinstance(rounds_teachers[0], OutputHeadOnly)  # running its body would raise
+    real_load_causal_lm = utils.load_causal_lm
+    monkeypatch.setattr(utils, "load_causal_lm", lambda name, *args, **kwargs: pytest.fail(f"{name} was loaded")
+                        if name == str(tiny_teacher_dir) else real_load_causal_lm(name, *args, **kwargs))
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "cached", *cache_args,  # the same caches, a new folder
+                              "--output_root", str(tmp_path / "again" / "runs"))) == 0
+    assert final_metrics(tmp_path / "again")["ce"].equals(final_metrics(tmp_path / "cached")["ce"])
     online, cached = final_metrics(tmp_path / "online"), final_metrics(tmp_path / "cached")
     assert list(cached.index) == list(online.index)
     # gap_closed divides by the tiny teacher's small gap: it follows from ce, compared here.

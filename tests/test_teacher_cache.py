@@ -835,7 +835,9 @@ def run_with_cache_dir(tmp_path, teacher, tokenizer):
         "teacher": str(saved_teacher(tmp_path / "teacher", teacher, tokenizer)),
         "dataset": str(DATA_DIR / "chats.jsonl"), "cache_dir": str(tmp_path / "cache"), "teacher_mode": "topk",
         "cache_k": 8, "temperature": 1.5, "dtype": "float32", "teacher_cache_dir": str(tmp_path / "built")})
-    teacher_path, run_tokenizer, run_teacher = main.load_teacher(config, utils.process_state())
+    state = utils.process_state()
+    teacher_path, run_tokenizer = main.teacher_tokenizer(config, state)
+    run_teacher = main.whole_teacher(config, teacher_path, run_tokenizer, state)
     train = preprocess_dataset.prepare_for_run(config, run_tokenizer)[0]["train"]
     return config, (teacher_path, run_tokenizer, run_teacher, train), preprocess_dataset.run_data_folder(
         config, run_tokenizer)
@@ -854,8 +856,8 @@ def test_a_cache_the_command_line_built_is_the_one_a_run_opens_from_teacher_cach
                                                                                              tokenizer)
     build_for_the_run(config, data_dir, "--k", "8", "--temperature", "1.5")
     monkeypatch.setattr(teacher_cache, "build_cache", lambda *args, **kwargs: pytest.fail("the run built a cache"))
-    cache = teacher_cache.training_cache(config, run_teacher, teacher_path, run_tokenizer, train,
-                                         PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
+    cache = teacher_cache.training_cache(config, lambda: run_teacher, run_teacher.dtype, teacher_path, run_tokenizer,
+                                         train, PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
     assert cache.cache_dir == Path(config.teacher_cache_dir)
     assert cache.metadata["num_examples"] == len(train) and cache.metadata["k"] == 8
     assert not (tmp_path / "cache" / "teacher_cache").exists()
@@ -871,8 +873,8 @@ def test_a_teacher_cache_dir_built_with_another_k_or_temperature_is_refused_nami
     build_for_the_run(config, data_dir, *[word for pair in options.items() for word in pair])
     kept = files_in(Path(config.teacher_cache_dir))
     with pytest.raises(CacheMismatchError) as error:
-        teacher_cache.training_cache(config, run_teacher, teacher_path, run_tokenizer, train,
-                                     PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
+        teacher_cache.training_cache(config, lambda: run_teacher, run_teacher.dtype, teacher_path, run_tokenizer,
+                                     train, PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
     message = str(error.value)
     assert message.startswith(f"{config.teacher_cache_dir}: the teacher cache was built with {field} = {built!r}, but "
                               f"this run wants {field} = {wanted!r}; point teacher_cache_dir at a cache built for")

@@ -211,3 +211,26 @@ def test_a_run_sets_up_its_processes_with_its_configs_time_out(process_group_set
 def test_a_process_group_timeout_under_a_minute_is_refused_naming_the_key(minutes):
     with pytest.raises(ConfigError, match=f"'process_group_timeout_minutes' = {minutes} must be >= 1"):
         build_config("demo", None, {"process_group_timeout_minutes": minutes})
+
+
+@pytest.mark.parametrize(("tied", "shard_size"), [(True, None), (False, None), (False, "20KB")])
+def test_the_output_head_alone_is_the_models_head_read_without_its_other_weights(tmp_path, monkeypatch, tied,
+                                                                                  shard_size):
+    """A tied head is stored as the input embedding, an untied one as lm_head; a sharded model is found through its
+    index. Nothing else is loaded: the whole-model loader is never called, and its body cannot run."""
+    tokenizer = build_tokenizer("chatml")
+    model = build_tiny_llama(tokenizer, seed=4, vocab_size=len(tokenizer) + 8)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard_size} if shard_size else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard_size is not None)
+    monkeypatch.setattr(utils.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("the whole model was loaded"))
+    head = utils.load_output_head(str(tmp_path), torch.bfloat16, "cpu")
+    assert head.dtype == torch.bfloat16 and head.config.num_hidden_layers == model.config.num_hidden_layers
+    torch.testing.assert_close(head.get_output_embeddings().weight, model.lm_head.weight.to(torch.bfloat16),
+                               rtol=0, atol=0)
+    assert sum(p.numel() for p in head.parameters()) == model.lm_head.weight.numel()
+    with pytest.raises(RuntimeError, match="only the teacher's output head is loaded"):
+        head(input_ids=torch.tensor([[1, 2]]))
