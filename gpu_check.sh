@@ -3,8 +3,13 @@
 # 10 minutes on one H100/H200-class GPU). Each step's figures go to results/gpu_*.json; the script goes on after a
 # failed step and exits 1 if any failed.
 #
+#   bash gpu_check.sh --pack                   # here, first: what the GPU machine lacks, into .gpu_check/
 #   bash gpu_check.sh                          # on a machine with one CUDA GPU, from the project folder
 #   GPU_CHECK_SIZE=tiny bash gpu_check.sh      # the same steps at toy sizes, on CPU (the test suite runs this)
+#
+# The GPU machine may have no network and its own Python (3.12) with its own torch, but not our transformers, TRL
+# or datasets: --pack downloads those wheels (for CPython 3.12, manylinux) and 600 of the embedded chats into
+# .gpu_check/, which travels with the project; the check installs the wheels over that Python's own torch.
 #
 # 1. the CUDA-only tests (pytest -m cuda)                                  -> results/gpu_tests.json
 # 2. bench.py at GPU sizes: Qwen2.5-1.5B- and 0.5B-shaped random-weight models at Qwen's vocabulary (no download),
@@ -13,6 +18,30 @@
 #    compiled loss, gradient checkpointing, batch 8 x 1024 tokens, 2 rounds of a few steps -> results/gpu_run.json
 set -uo pipefail
 cd "$(dirname "$0")" || exit 1
+PACK=${GPU_CHECK_PACK:-.gpu_check}  # where --pack puts what travels to the GPU machine
+# Ours where the GPU machine's differ (transformers, huggingface_hub) or are missing (the rest): pure-Python wheels
+# but for the two compiled ones. torch, numpy, pandas, pyarrow, scipy, tokenizers, safetensors are the machine's.
+WHEELS=(transformers==5.24.0 trl==1.16.0 datasets==5.2.0 accelerate==1.15.0 huggingface_hub==2.4.0 dill==0.4.1
+        multiprocess==0.70.19 xxhash==4.1.0 fsspec==2026.9.0 pyyaml==6.0.3)
+if [ "${1:-}" = "--pack" ]; then
+  mkdir -p "$PACK/wheels"
+  if [ "${GPU_CHECK_PACK_WHEELS:-1}" = 1 ]; then
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$PACK/wheels" "${WHEELS[@]}" || exit 1
+  fi
+  python -c "import embedded, itertools, sys; lines = open(embedded.resolve_dataset(embedded.EMBEDDED_DATASET, '.cache'))
+open(sys.argv[1], 'w').writelines(itertools.islice(lines, 600))" "$PACK/chats.jsonl" || exit 1
+  echo "packed into $PACK: $(ls "$PACK/wheels" | wc -l) wheels, $(wc -l < "$PACK/chats.jsonl") chats ($(du -sh "$PACK" | cut -f1))"
+  exit 0
+fi
+if ls "$PACK"/wheels/*.whl >/dev/null 2>&1; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+    "$PACK"/wheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+DATA=()
+if [ -f "$PACK/chats.jsonl" ]; then DATA=(--dataset "$PACK/chats.jsonl"); fi
 SIZE=${GPU_CHECK_SIZE:-paper}
 OUT=${GPU_CHECK_OUT:-results}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
@@ -56,7 +85,7 @@ python bench.py --save_random_teacher "$WORK/teacher" --teacher_size "${TEACHER[
 start=$(date +%s)
 python main.py --teacher "$WORK/teacher" --student_init random --teacher_mode topk --gradient_checkpointing true \
   --total_rounds 2 --eval_steps 0 --sample_answers 0 --plots false --save_steps 4 --logging_steps 1 \
-  --cache_dir "$WORK/cache" --output_root "$WORK/runs" "${RUN[@]}" || failed+=(run)
+  --cache_dir "$WORK/cache" --output_root "$WORK/runs" "${DATA[@]}" "${RUN[@]}" || failed+=(run)
 python - "$WORK/runs" "$OUT/gpu_run.json" "$(( $(date +%s) - start ))" <<'EOF' || failed+=(run-report)
 import json, sys
 from pathlib import Path

@@ -19,8 +19,16 @@ def run_check(tmp_path, **environment) -> subprocess.CompletedProcess:
 
 
 def test_the_gpu_check_runs_every_step_at_toy_sizes_and_writes_its_figures(tmp_path):
-    result = run_check(tmp_path, GPU_CHECK_SIZE="tiny")
+    """Rehearsed as on the GPU machine: packed first (the chats it trains on; the wheels are left out here, since
+    they are for another Python), then run with that pack."""
+    pack = {"GPU_CHECK_PACK": str(tmp_path / "pack")}
+    packed = subprocess.run(["bash", str(REPO / "gpu_check.sh"), "--pack"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **pack, "GPU_CHECK_PACK_WHEELS": "0"}, timeout=600)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert len((tmp_path / "pack" / "chats.jsonl").read_text().splitlines()) == 600
+    result = run_check(tmp_path, GPU_CHECK_SIZE="tiny", **pack)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"data          {tmp_path / 'pack' / 'chats.jsonl'} (" in result.stdout  # the run's plan: packed chats
     results = tmp_path / "results"
     tests = json.loads((results / "gpu_tests.json").read_text())
     assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0  # the cuda tests, skipped on CPU
