@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ class Config:
             ("num_proc", self.num_proc >= 0, "must be >= 0 (0: decide from the job's CPUs)"),
             ("process_group_timeout_minutes", self.process_group_timeout_minutes >= 1, "must be >= 1"),
         ]
+        # Ranges alone let inf and nan through (inf > 0), and a run with them skips every step as non-finite.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {field.name!r} = {value!r} must be a finite number")
         for key, ok, requirement in checks:
             if not ok:
                 raise ConfigError(f"config key {key!r} = {getattr(self, key)!r} {requirement}")

@@ -65,6 +65,7 @@ class DistillationTrainer(SFTTrainer):
         self.round_index = round_index
         self.max_bad_steps = max_bad_steps
         self.bad_steps_in_a_row = 0
+        self.good_steps = 0  # optimizer steps taken by this trainer (a resumed round counts from its checkpoint)
         self.members = [self.freeze(member) for member in members]
         # Our loss is already normalised by the optimizer step's supervised-token count (num_items_in_batch):
         # the Trainer must neither divide it by the accumulation steps nor skip counting the tokens.
@@ -73,6 +74,16 @@ class DistillationTrainer(SFTTrainer):
         # The loss's parts of each optimizer step since the last log, keyed by the step they belong to (so that the
         # average is right however many micro-batches a step has, and after resuming from a checkpoint).
         self._parts_by_step: dict[int, dict[str, float]] = {}
+
+    def train(self, *args, **kwargs):
+        """Trainer.train, refusing a round in which every step was skipped as non-finite (fewer steps than
+        `max_bad_steps`): its student is the untrained one, which must not become a member."""
+        output = super().train(*args, **kwargs)
+        if self.good_steps == 0 and self.bad_steps_in_a_row > 0:
+            raise NonFiniteLossError(f"round {self.round_index}: every one of its {self.bad_steps_in_a_row} steps was "
+                                     "non-finite and skipped, so nothing was trained; lower the learning rate or "
+                                     "check the data and settings")
+        return output
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with a step that skips non-finite gradients (see `guarded_step`)."""
@@ -90,6 +101,7 @@ class DistillationTrainer(SFTTrainer):
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradients_are_finite(gradients):
             self.bad_steps_in_a_row = 0
+            self.good_steps += 1
             return unguarded_step(*args, **kwargs)
         self.bad_steps_in_a_row += 1
         step = self.state.global_step + 1

@@ -101,3 +101,10 @@ def test_compile_loss_reads_unquoted_on_and_off_from_yaml(tmp_path):
         assert config.compile_loss == word
         save_config(config, tmp_path / "saved.yaml")
         assert load_saved_config(tmp_path / "saved.yaml").compile_loss == word
+
+
+@pytest.mark.parametrize("key", ["temperature", "alpha", "learning_rate", "eta", "early_stopping_min_delta"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_non_finite_float_is_refused_naming_its_key(key, value):
+    with pytest.raises(ConfigError, match=rf"config key '{key}' = {value} must be a finite number"):
+        build_config("test", None, {key: value})

@@ -247,6 +247,21 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_round(token
     assert any(not torch.equal(snapshots[3][key], snapshots[2][key]) for key in snapshots[2])
 
 
+def test_a_round_whose_every_step_was_skipped_is_refused_not_finished(tokenizer, examples, tmp_path, monkeypatch):
+    """Two steps, both non-finite: fewer than the three in a row that stop a round, but nothing was trained, so the
+    untrained student must not become a member."""
+    import train
+
+    teacher, student = build_tiny_llama(tokenizer, seed=1), build_tiny_llama(tokenizer, seed=2)
+    trainer = make_trainer(student, teacher, [], tokenizer, examples, tmp_path, per_device_train_batch_size=2,
+                           max_steps=2, disable_tqdm=True)
+    original = train.DistillationTrainer.compute_loss
+    monkeypatch.setattr(train.DistillationTrainer, "compute_loss",
+                        lambda self, model, inputs, **kwargs: original(self, model, inputs, **kwargs) * float("nan"))
+    with pytest.raises(train.NonFiniteLossError, match="round 0: every one of its 2 steps was non-finite"):
+        trainer.train()
+
+
 def test_gradients_are_finite_flags_any_nan_or_infinite_entry():
     finite = [torch.randn(3, 4), torch.randn(5).bfloat16(), torch.zeros(2, dtype=torch.float64)]
     assert gradients_are_finite(finite) and gradients_are_finite([])
