@@ -356,7 +356,8 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
             f"user turn first, the rest without an assistant token within max_length={max_length}). Raise "
             f"--max_length, or check that the conversations' roles are user/assistant."
         )
-    dataset = _split(tokenized, test_size, seed, source)
+    dataset = datasets.DatasetDict({name: with_content_fingerprint(part)
+                                    for name, part in _split(tokenized, test_size, seed, source).items()})
     counts = {
         "loaded": loaded,
         "dropped_not_user_first": loaded - len(user_first),
@@ -373,6 +374,27 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
     settings = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
                          max_examples=max_examples, split=split)
     return dataset, {**settings, "tokenizer": tokenizer.name_or_path, "counts": counts}
+
+
+def content_fingerprint(table: pa.Table) -> str:
+    """A hash of the examples themselves (every token of input_ids and labels, in order), the same however they
+    are chunked. `datasets` fingerprints a split by how it was made (the source file's path and time included), so
+    the same data prepared again would otherwise orphan the teacher caches keyed by it."""
+    digest = hashlib.sha256()
+    for name in TOKENIZED_FEATURES:
+        column = table.column(name)
+        digest.update(name.encode())
+        for part in (pc.list_value_length(column), pc.list_flatten(column)):  # lengths, then tokens
+            for chunk in part.chunks:
+                digest.update(np.asarray(chunk, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def with_content_fingerprint(dataset: datasets.Dataset) -> datasets.Dataset:
+    """`dataset` (its rows in order, made contiguous) fingerprinted by its content (content_fingerprint)."""
+    contiguous = dataset.flatten_indices() if dataset._indices is not None else dataset
+    return datasets.Dataset(contiguous.data, info=contiguous.info, split=contiguous.split,
+                            fingerprint=content_fingerprint(contiguous.data.table))
 
 
 def _user_first_indices(conversations: datasets.Dataset) -> list[int]:

@@ -3,13 +3,17 @@
 import copy
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 from conftest import DATA_DIR, build_tokenizer
 
 import preprocess_dataset
+from config import build_config
 from preprocess_dataset import (
     DataError,
     build_dataset,
@@ -690,3 +694,31 @@ def test_prepare_only_writes_the_data_a_following_run_reads_without_tokenizing_a
         run = main.setup(main.parse_args(arguments), preemption)
     assert len(counted_builds) == 1  # the run found the prepared data: nothing was tokenized again
     assert run.data["test"]["input_ids"] == prepared["test"]["input_ids"]
+
+
+def test_the_same_data_prepared_again_from_another_file_keeps_its_fingerprint(tmp_path):
+    """The teacher caches are keyed by the splits' fingerprints: a copy of the source (another path, another time)
+    prepared again must find them, and other content must not."""
+    tokenizer = build_tokenizer("chatml")
+    fingerprints = []
+    for name, mtime in (("a", 1_000_000_000), ("b", 1_500_000_000)):
+        source = tmp_path / name / "chats.jsonl"
+        source.parent.mkdir()
+        shutil.copy(DATA_DIR / "chats.jsonl", source)
+        os.utime(source, (mtime, mtime))
+        config = build_config("test", None, {"dataset": str(source), "cache_dir": str(tmp_path / name / "cache")})
+        data, _ = preprocess_dataset.prepare_for_run(config, tokenizer)
+        fingerprints.append({split: part._fingerprint for split, part in data.items()})
+    assert fingerprints[0] == fingerprints[1]
+    assert fingerprints[0]["train"] != fingerprints[0]["test"]
+
+
+def test_a_content_fingerprint_ignores_chunking_and_sees_one_changed_token():
+    table = pa.table({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [-100, 5]]})
+    rechunked = pa.Table.from_batches(table.to_batches(max_chunksize=1))
+    assert rechunked.column("input_ids").num_chunks == 2
+    assert preprocess_dataset.content_fingerprint(rechunked) == preprocess_dataset.content_fingerprint(table)
+    moved = pa.table({"input_ids": [[1, 2], [3, 4, 5]], "labels": [[-100, 2], [3, -100, 5]]})  # same tokens, split
+    changed = pa.table({"input_ids": [[1, 2, 3], [4, 6]], "labels": [[-100, 2, 3], [-100, 5]]})
+    assert preprocess_dataset.content_fingerprint(moved) != preprocess_dataset.content_fingerprint(table)
+    assert preprocess_dataset.content_fingerprint(changed) != preprocess_dataset.content_fingerprint(table)
