@@ -1,4 +1,5 @@
-"""Compute accounting: the FLOPs of training and running an ensemble of students, against single models at equal cost.
+"""Compute accounting: the FLOPs of training and running an ensemble of students, against single models at equal cost;
+and the teacher cache's size and a training process's GPU memory, predicted before a run (main.py --dry_run).
 
 Pure functions of model shapes (parameter counts, depth, attention width) and token counts; nothing here runs a
 model. The conventions (docs/compute.md states them once):
@@ -42,17 +43,27 @@ BACKWARD_FACTOR = 3  # forward + backward of a trained model, in forwards
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """What the FLOP formulas need of one decoder LM (see `model_shape`)."""
+    """What the FLOP and memory formulas need of one decoder LM (see `model_shape`)."""
 
     parameters: int  # distinct parameters, embeddings included (a tied head counts once)
     embedding_parameters: int  # embedding tables (token, learned positions) and an untied output head
     head_parameters: int  # the output head's matmul: vocab x hidden, counted whether tied or not
     num_layers: int  # decoder layers (num_hidden_layers)
     attention_width: int  # d_attn = num_attention_heads x head_dim
+    # The widths the activation memory depends on; FLOP counts need none of them, so hand-made shapes for FLOPs
+    # may leave them 0.
+    hidden_size: int = 0
+    intermediate_size: int = 0  # the MLP's width
+    key_value_width: int = 0  # num_key_value_heads x head_dim: the width of the keys, and of the values
 
     @property
     def non_embedding_parameters(self) -> int:
         return self.parameters - self.embedding_parameters
+
+    @property
+    def vocab_size(self) -> int:
+        """The output head's rows: the width of the logits."""
+        return self.head_parameters // self.hidden_size
 
 
 class RoundFlops(NamedTuple):
@@ -89,9 +100,14 @@ def model_shape(model_or_config, trust_remote_code: bool = False) -> ModelShape:
     embedding.update({id(p): p.numel() for p in head.parameters(recurse=False)})
     config = model.config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    key_value_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return ModelShape(parameters=sum(p.numel() for p in model.parameters()),
                       embedding_parameters=sum(embedding.values()), head_parameters=head.weight.numel(),
-                      num_layers=config.num_hidden_layers, attention_width=config.num_attention_heads * head_dim)
+                      num_layers=config.num_hidden_layers, attention_width=config.num_attention_heads * head_dim,
+                      hidden_size=config.hidden_size,
+                      # 0 for a config that names its MLP's width otherwise: the FLOP counts never need it
+                      intermediate_size=getattr(config, "intermediate_size", 0),
+                      key_value_width=key_value_heads * head_dim)
 
 
 def parameter_count(model_or_config, trust_remote_code: bool = False) -> int:
@@ -285,3 +301,111 @@ def metric_columns(members: Sequence[ModelShape], round_tokens: Sequence[tuple[i
     if teacher is not None:
         columns["teacher"] = of([teacher], None)
     return columns
+
+
+# --- disk and GPU memory --------------------------------------------------------------------------------------------
+
+GB = 1e9  # the unit predictions are printed in
+# Before the data is prepared, the share of an example's max_length tokens assumed supervised (assistant tokens):
+# the paper preset's ~1e8 supervised tokens in ~198k conversations of up to 1,024 tokens are about half.
+ASSUMED_SUPERVISED_SHARE = 0.5
+INDEX_BYTES_PER_EXAMPLE = 16  # a cache shard's example_ids.npy and offsets.npy hold one int64 each per example
+STUDENT_BYTES_PER_PARAMETER = 16  # the trained student's fp32 weights (4), gradients (4), AdamW's two moments (8)
+# bf16 autocast casts each weight once per forward and keeps the cast until the autocast region ends (or, without
+# gradient checkpointing, until backward, which reads it); gradients accumulated over micro-batches are alive then.
+AUTOCAST_COPY_BYTES_PER_PARAMETER = 2
+# The chunked loss's memory per supervised position and vocabulary entry: every member's, the student's and the
+# mixture's logits and their gradients. Measured on CPU under bf16 autocast in the last round of 8 (7 members, top-k
+# teacher): see the paper preset's loss_chunk_size in config.py.
+LOSS_BYTES_PER_LOGIT = 33
+# What one decoder layer saves for its backward, in bytes per token: a * hidden + b * MLP width + c * (attention
+# width + key/value width), with (a, b, c) by precision. Counted with torch's saved-tensor hooks on Llama layers with
+# SDPA attention (transformers' default: a fused kernel keeps no sequence x sequence matrix), where it fits the
+# counts exactly but for 4 bytes per attention head (the log-sum-exp) and per norm (the inverse RMS), under 1% left
+# out; tests/test_compute.py checks it. Under bf16 autocast the norms' inputs and outputs stay fp32 and the matmuls'
+# inputs are bf16 copies (queries, keys, values and the attention's output: c = 2 + 2); in fp32 all are 4 bytes.
+LAYER_ACTIVATION_BYTES = {"bf16": (26, 8, 4), "fp32": (24, 16, 8)}
+# With gradient checkpointing a layer keeps only its input, the fp32 residual stream, and rebuilds the rest in its
+# backward, one layer at a time.
+LAYER_INPUT_BYTES_PER_WIDTH = 4
+
+
+class ProcessMemory(NamedTuple):
+    """A training process's GPU memory by part, in bytes; `total` is their sum."""
+
+    teacher: int  # the whole teacher, or its output head alone when its outputs are cached
+    student: int  # the trained student: fp32 weights, gradients, AdamW moments (and its bf16 copy under autocast)
+    members: int  # the frozen members of the last round
+    activations: int  # what the student's forward keeps for backward, at a full micro-batch
+    loss_chunk: int  # the chunked loss at one chunk of supervised positions
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+
+def cache_bytes_per_position(teacher_mode: str, *, vocab_size: int, hidden_size: int, k: int,
+                             value_dtype: str) -> int:
+    """Bytes one supervised position takes in a teacher cache: its row of each per-position array that
+    teacher_cache.array_layout lists. topk: k token ids (16 low bits each, plus a byte per further block of 65,536
+    ids), k values (uint8 with a float16 span per row, or float16) and the float16 tail log-mass; hidden:
+    hidden_size float16 values."""
+    import teacher_cache  # not at the top: teacher_cache imports run_state, which imports utils, which imports this
+
+    if teacher_mode not in teacher_cache.MODES:
+        raise ValueError(f"teacher_mode {teacher_mode!r} has no cache: use one of {teacher_cache.MODES}")
+    settings = {"mode": teacher_mode, "k": k, "vocab_size": vocab_size, "value_dtype": value_dtype,
+                "hidden_size": hidden_size}
+    return teacher_cache.payload_bytes(settings, 1)
+
+
+def predicted_cache_bytes(bytes_per_position: int, positions: int, examples: int) -> int:
+    """positions x bytes_per_position + 16 B per example: a teacher cache of `positions` supervised positions in
+    `examples` examples. Left out: the few KiB of .npy headers and JSON records."""
+    return positions * bytes_per_position + examples * INDEX_BYTES_PER_EXAMPLE
+
+
+def estimated_supervised_positions(examples: int, max_length: int) -> int:
+    """examples x max_length x ASSUMED_SUPERVISED_SHARE: the supervised positions of data not yet prepared."""
+    return round(examples * max_length * ASSUMED_SUPERVISED_SHARE)
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, bf16: bool) -> int:
+    """a * hidden + b * MLP width + c * (attention width + key/value width): what one decoder layer keeps for
+    backward per token (LAYER_ACTIVATION_BYTES)."""
+    a, b, c = LAYER_ACTIVATION_BYTES["bf16" if bf16 else "fp32"]
+    return (a * shape.hidden_size + b * shape.intermediate_size
+            + c * (shape.attention_width + shape.key_value_width))
+
+
+def activation_bytes(shape: ModelShape, tokens: int, gradient_checkpointing: bool, bf16: bool) -> int:
+    """What the trained model's forward over `tokens` keeps for backward:
+        tokens x layers x layer                                   without gradient checkpointing
+        tokens x (layers x 4 x hidden + layer)                    with it: every layer's fp32 input, and one layer
+                                                                  rebuilt at a time
+    with layer = layer_activation_bytes_per_token."""
+    layer = layer_activation_bytes_per_token(shape, bf16)
+    if gradient_checkpointing:
+        return tokens * (shape.num_layers * LAYER_INPUT_BYTES_PER_WIDTH * shape.hidden_size + layer)
+    return tokens * shape.num_layers * layer
+
+
+def predicted_memory_per_process(student: ModelShape, teacher: ModelShape, *, whole_teacher: bool,
+                                 members: Sequence[ModelShape], batch_size: int, max_length: int,
+                                 gradient_checkpointing: bool, loss_chunk_size: int, bf16: bool) -> ProcessMemory:
+    """The GPU memory of a process training the last round's student through its frozen `members`:
+        teacher     = teacher parameters (whole_teacher) or its head's V x H x frozen bytes
+        student     = student parameters x (16 + 2 under bf16 autocast)
+        members     = sum of members' parameters x frozen bytes
+        activations = activation_bytes at batch_size x max_length tokens (a micro-batch padded to the full length)
+        loss_chunk  = loss_chunk_size (0: a whole micro-batch's positions) x the student's vocabulary x 33
+    with frozen bytes 2 in bf16 (which also means the student trains under bf16 autocast), else 4."""
+    frozen_bytes = 2 if bf16 else 4
+    teacher_weights = teacher.parameters if whole_teacher else teacher.head_parameters
+    student_bytes = STUDENT_BYTES_PER_PARAMETER + (AUTOCAST_COPY_BYTES_PER_PARAMETER if bf16 else 0)
+    tokens = batch_size * max_length
+    return ProcessMemory(
+        teacher=teacher_weights * frozen_bytes, student=student.parameters * student_bytes,
+        members=sum(member.parameters for member in members) * frozen_bytes,
+        activations=activation_bytes(student, tokens, gradient_checkpointing, bf16),
+        loss_chunk=(loss_chunk_size or tokens) * student.vocab_size * LOSS_BYTES_PER_LOGIT)

@@ -186,6 +186,11 @@ class Config:
             if not ok:
                 raise ConfigError(f"config key {key!r} = {getattr(self, key)!r} {requirement}")
 
+    def rounds_run_the_teacher(self) -> bool:
+        """Whether the rounds need the whole teacher (it runs online, or students copy its layers); otherwise its
+        cached outputs and its output head are all they read."""
+        return self.teacher_mode == "online" or self.student_init == "teacher_layers"
+
     def rounds_to_run(self) -> int:
         """Students trained: one per round, or one in all for the single-model baselines."""
         return 1 if self.baseline in SINGLE_MODEL_BASELINES else self.total_rounds

@@ -390,7 +390,7 @@ def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: 
         done = num_pieces if published else _resumable_pieces(cache_dir, staging, plan)
         positions_left = int(offsets[-1] - offsets[min(done * piece_examples, len(example_ids))])
         index_bytes = 0 if done else example_ids.nbytes + offsets.nbytes  # written as the build starts
-        _check_disk(cache_dir, _payload_bytes(settings, positions_left) + index_bytes, teacher.device)
+        _check_disk(cache_dir, payload_bytes(settings, positions_left) + index_bytes, teacher.device)
         if not published:
             (cache_dir / METADATA_FILE).unlink(missing_ok=True)
             if not done:
@@ -466,7 +466,7 @@ def _sum_over_processes(value: int, device) -> int:
     return int(reduce(torch.tensor(value, device=device), reduction="sum").item())
 
 
-def _payload_bytes(settings: dict, num_positions: int) -> int:
+def payload_bytes(settings: dict, num_positions: int) -> int:
     """What `num_positions` rows of the per-position arrays of a shard built with `settings` take on disk."""
     return num_positions * sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in array_layout(settings).values())
 

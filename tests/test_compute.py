@@ -1,13 +1,20 @@
 """compute.py against hand counts: parameters and forward FLOPs of tiny Llamas, a measured forward, and the round,
 run, inference and FLOP-matched arithmetic written out by hand."""
 
+import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import compute
+import preprocess_dataset
+import teacher_cache
 from compute import ModelShape
+from conftest import build_tiny_llama
+from model_io import PaddingCollator
+from preprocess_dataset import tokenize_conversation
 
 
 def tiny_llama_config(**changes) -> LlamaConfig:
@@ -33,7 +40,8 @@ def test_parameters_of_a_tiny_tied_llama_by_hand():
     assert (TIED_TOTAL, NON_EMBEDDING) == (1256, 1128)
     shape = compute.model_shape(tiny_llama_config())
     assert shape == ModelShape(parameters=1256, embedding_parameters=128, head_parameters=128, num_layers=2,
-                               attention_width=8)
+                               attention_width=8, hidden_size=8, intermediate_size=12, key_value_width=8)
+    assert shape.vocab_size == 16
     assert compute.parameter_count(tiny_llama_config()) == 1256
     assert compute.non_embedding_parameter_count(tiny_llama_config()) == 1128
 
@@ -52,7 +60,8 @@ def test_parameters_with_grouped_query_attention_and_a_set_head_dim_by_hand():
     layer = (8 * 12 + 8 * 6 + 8 * 6 + 12 * 8) + (8 * 12 + 8 * 12 + 12 * 8) + (8 + 8)  # 288 + 288 + 16 = 592
     assert compute.model_shape(config) == ModelShape(parameters=16 * 8 * 2 + 2 * layer + 8,  # 1448
                                                      embedding_parameters=256, head_parameters=128, num_layers=2,
-                                                     attention_width=12)
+                                                     attention_width=12, hidden_size=8, intermediate_size=12,
+                                                     key_value_width=6)
 
 
 # --- forward FLOPs ---------------------------------------------------------------------------------------------------
@@ -175,3 +184,98 @@ def test_inference_flops_and_critical_path_of_members_of_different_depths():
     assert compute.critical_path_depth([shallow, deep, middle]) == 5
     assert compute.critical_path_depth([shallow]) == 2
     assert compute.ensemble_inference_flops_per_token([shallow], context=10) == 300
+
+
+# --- disk and GPU memory --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [dict(mode="topk", k=64, value_dtype="uint8"),
+                                      dict(mode="topk", k=16, value_dtype="float16"),
+                                      dict(mode="hidden", k=None, value_dtype="float16")])
+def test_the_predicted_cache_size_is_the_size_of_a_cache_built(tmp_path, tokenizer, chats, settings):
+    """Predicted from the supervised-token count the dry run reads off prepared data (token_totals)."""
+    rows = [tokenize_conversation(chat["messages"], tokenizer, max_length=128) for chat in chats]
+    dataset = Dataset.from_list([row for row in rows if row is not None])
+    identity = {"teacher": "tiny", "teacher_fingerprint": "f" * 64, "teacher_dtype": "float32",
+                "tokenizer_hash": "t" * 64, "dataset_fingerprint": dataset._fingerprint, "max_length": 128}
+    teacher_cache.build_cache(build_tiny_llama(tokenizer, hidden_size=64), dataset, tmp_path, temperature=1.0,
+                              vocab_size=len(tokenizer), batch_size=8,
+                              collator=PaddingCollator(tokenizer.pad_token_id), metadata=identity, **settings)
+    teacher_cache.write_metadata(tmp_path, identity)
+    per_position = compute.cache_bytes_per_position(settings["mode"], vocab_size=len(tokenizer), hidden_size=64,
+                                                     k=settings["k"], value_dtype=settings["value_dtype"])
+    assert per_position == {"uint8": 2 * 64 + 64 + 2 + 2, "float16": 2 * 16 + 2 * 16 + 2}[settings["value_dtype"]] \
+        if settings["mode"] == "topk" else 2 * 64
+    predicted = compute.predicted_cache_bytes(per_position, preprocess_dataset.token_totals(dataset)[1],
+                                              len(dataset))
+    arrays = sum(np.load(path, mmap_mode="r").nbytes for path in tmp_path.rglob("*.npy"))
+    assert arrays - predicted == 8  # offsets.npy holds one entry more than the shard's examples
+    files = sum(path.stat().st_size for path in tmp_path.rglob("*") if path.is_file())
+    assert predicted == pytest.approx(files, rel=0.03)  # the rest: .npy headers, shard.json, metadata.json
+
+
+def test_the_supervised_positions_of_data_not_yet_prepared_are_estimated_at_half_of_max_length():
+    assert compute.estimated_supervised_positions(198_000, 1024) == 101_376_000
+
+
+def test_the_memory_of_a_training_process_by_hand():
+    student = compute.model_shape(tiny_llama_config())  # 1256 parameters, hidden 8, MLP 12, keys/values 8, V 16
+    teacher = compute.model_shape(tiny_llama_config(num_hidden_layers=4, tie_word_embeddings=False))
+    assert (teacher.parameters, teacher.head_parameters) == (128 + 4 * LAYER + FINAL_NORM + 128, 128) == (2504, 128)
+    # bf16: a cached teacher's head, 2 members, a micro-batch of 2 x 10 tokens, chunks of 4 positions
+    cached = compute.predicted_memory_per_process(
+        student, teacher, whole_teacher=False, members=[student, student], batch_size=2, max_length=10,
+        gradient_checkpointing=False, loss_chunk_size=4, bf16=True)
+    layer = 26 * 8 + 8 * 12 + 4 * (8 + 8)  # 368 bytes a token: hidden, MLP, attention and key/value widths
+    assert cached == (128 * 2, 1256 * (16 + 2), 2 * 1256 * 2, 20 * 2 * layer, 4 * 16 * 33)
+    assert cached.total == 256 + 22_608 + 5_024 + 14_720 + 2_112
+    # fp32: the whole teacher, no members, gradient checkpointing, no loss chunks (a micro-batch's 20 positions)
+    online = compute.predicted_memory_per_process(
+        student, teacher, whole_teacher=True, members=[], batch_size=2, max_length=10, gradient_checkpointing=True,
+        loss_chunk_size=0, bf16=False)
+    layer = 24 * 8 + 16 * 12 + 8 * (8 + 8)  # 512 bytes a token
+    assert online == (2504 * 4, 1256 * 16, 0, 20 * (2 * 4 * 8 + layer), 20 * 16 * 33)
+
+
+def saved_for_backward(config, layers: int, length: int, bf16: bool, checkpointing: bool) -> int:
+    """Bytes of the tensors a forward of `layers` layers over 2 x `length` tokens keeps for backward (torch's
+    saved-tensor hooks), each storage once, the model's own weights left out."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config.__class__(**{**config.to_dict(), "num_hidden_layers": layers}))
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.train().parameters()}
+    saved = {}
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor  # kept alive: no address is reused while counting
+        return tensor
+
+    with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+          torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor)):
+        model.base_model(input_ids=torch.randint(0, config.vocab_size, (2, length)), use_cache=False)
+    return sum(tensor.untyped_storage().nbytes() for pointer, tensor in saved.items() if pointer not in weights)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("changes", [{}, {"num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 12}])
+def test_the_activation_formula_matches_what_a_forward_keeps_for_backward(bf16, changes):
+    """Per layer and token: the difference between 2 layers and 1 (embeddings and final norm cancel), at two lengths
+    (a constant cancels: bf16 autocast's copies of the weights, counted with the student's parameters instead)."""
+    config = tiny_llama_config(**{"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "vocab_size": 64, "attn_implementation": "sdpa",
+                                  **changes})
+    shape = compute.model_shape(config)
+
+    def per_layer_token(checkpointing):
+        def layer(length):
+            return (saved_for_backward(config, 2, length, bf16, checkpointing)
+                    - saved_for_backward(config, 1, length, bf16, checkpointing))
+        return (layer(32) - layer(16)) / (2 * 16)
+
+    assert compute.layer_activation_bytes_per_token(shape, bf16) == pytest.approx(per_layer_token(False), rel=0.02)
+    # With checkpointing a layer keeps only its input: the formula's stored part, one rebuilt layer aside.
+    stored = (compute.activation_bytes(shape, 1, gradient_checkpointing=True, bf16=bf16)
+              - compute.layer_activation_bytes_per_token(shape, bf16))
+    assert stored == shape.num_layers * per_layer_token(True)
+    assert compute.activation_bytes(shape, 10, gradient_checkpointing=False, bf16=bf16) == (
+        10 * shape.num_layers * compute.layer_activation_bytes_per_token(shape, bf16))
