@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate.utils import broadcast_object_list, reduce
 from transformers import TrainerCallback
 
@@ -80,8 +81,20 @@ def find_run_of_job(output_root: str | Path, job_id: str) -> str | None:
 
 
 def load_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest, None when it has none; a damaged one (cut short, emptied, overwritten) is refused by name:
+    the run's progress is unknown without it."""
     path = run_dir / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        problem = None if isinstance(manifest, dict) and isinstance(manifest.get("rounds"), dict) else "not a manifest"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = str(error)
+    if problem is not None:
+        raise config_lib.ConfigError(f"{path} is damaged ({problem}): the run's progress cannot be read. Restore it "
+                                     "from a copy, or start a new run; nothing was changed")
+    return manifest
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
@@ -188,6 +201,7 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
     if manifest is None:
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {MANIFEST}: it did not "
                                      "get past its setup; start a new run instead")
+    check_saved_config(run_dir, manifest)
     saved = config_lib.load_saved_config(saved_path)
     types_by_key = config_lib.field_types()
     wanted = {key: dataclasses.replace(setting, value=config_lib.coerce(key, setting.value, types_by_key[key]))
@@ -210,6 +224,41 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
     return resumed
 
 
+def check_saved_config(run_dir: Path, manifest: dict) -> None:
+    """Refuse a config.yaml that is not the one the run wrote: unreadable, or with a key missing or changed against
+    the settings its manifest recorded when it was written (a cut, emptied or edited file would otherwise be filled
+    in with defaults and train another run). total_rounds may differ: a resume that changes it writes config.yaml
+    first, and a kill before the manifest follows leaves them one apart. Runs whose manifest predates the recorded
+    settings are not checked."""
+    recorded = manifest.get("config")
+    if recorded is None:
+        return
+    path = run_dir / "config.yaml"
+    try:
+        written = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError):
+        written = None
+    if not isinstance(written, dict):
+        problems = ["it is not a YAML mapping of settings"]
+    else:
+        types_by_key = config_lib.field_types()
+
+        def value(key, settings):
+            try:
+                return config_lib.coerce(key, settings[key], types_by_key[key])
+            except (config_lib.ConfigError, KeyError):
+                return settings.get(key)
+        problems = [f"{key} is missing" for key in sorted(recorded.keys() - written.keys())]
+        problems += [f"{key} = {written[key]!r}, but the run was written with {key} = {recorded[key]!r}"
+                     for key in sorted(recorded.keys() & written.keys())
+                     if key != "total_rounds" and value(key, written) != value(key, recorded)]
+    if problems:
+        raise config_lib.ConfigError(
+            f"{path} is not the configuration this run was written with ({'; '.join(problems)}): it was damaged or "
+            f"edited. The settings it started with are in {run_dir / MANIFEST} under \"config\": restore config.yaml "
+            "from them, or start a new run; nothing was changed")
+
+
 def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rounds: int, manifest: dict) -> None:
     """A resumed run may get more rounds, or fewer down to the rounds it has started; not so a single-model
     baseline, whose one student's step count (and size, for single_large) total_rounds sets."""
@@ -229,7 +278,8 @@ def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | N
     folder, never an existing one, picked by one process so that every process agrees on it."""
     if resume_dir is not None:
         return resume_dir, resumed_manifest(resume_dir, config, state)
-    manifest = new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id)
+    manifest = {**new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id),
+                "config": config.to_dict()}  # what check_saved_config compares config.yaml with on resume
     run_dir = None
     if state.is_main_process:
         run_dir = utils.new_run_dir(config.output_root)
@@ -244,7 +294,7 @@ def resumed_manifest(run_dir: Path, config: config_lib.Config, state) -> dict:
     manifest (fingerprint, pending rounds), so a later plain --resume, after a preemption, still trains every
     round."""
     manifest = load_manifest(run_dir)
-    updated = {**manifest, "config_fingerprint": config.fingerprint(),
+    updated = {**manifest, "config_fingerprint": config.fingerprint(), "config": config.to_dict(),
                "rounds": planned_rounds(manifest["rounds"], config.rounds_to_run())}
     if updated != manifest and state.is_main_process:
         # config.yaml first: after a kill between the two writes, the next resume finds the manifest out of date

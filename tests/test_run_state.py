@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import config as config_lib
 import run_state
 from conftest import accelerate_launch
 
@@ -182,3 +183,57 @@ def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
         (tmp_path / "checkpoints" / f"round_{index}" / "checkpoint-1").mkdir(parents=True)
     run_state.remove_finished_rounds_checkpoints(tmp_path, done)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["round_1"]
+
+
+class OneProcess:
+    is_main_process = True
+
+
+def written_run(tmp_path, **settings):
+    """A run folder as open_run writes it (config.yaml and a manifest recording the settings), test preset."""
+    config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), **settings})
+    run_dir, _ = run_state.open_run(config, None, None, OneProcess())
+    return run_dir
+
+
+def files(run_dir: Path) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(run_dir.iterdir())}
+
+
+CONFIG_DAMAGE = {
+    "emptied": (lambda text: "", "it is not a YAML mapping of settings"),
+    "cut to its first lines": (lambda text: "\n".join(text.splitlines()[:5]) + "\n", "max_examples is missing"),
+    "overwritten with other bytes": (lambda text: "\x00\xff" * (len(text) // 2), "not a YAML mapping"),
+    "edited": (lambda text: text.replace("learning_rate: 0.", "learning_rate: 9."), "learning_rate = 9."),
+}
+
+
+@pytest.mark.parametrize("damage", list(CONFIG_DAMAGE))
+def test_a_damaged_config_yaml_is_refused_by_name_on_resume_and_nothing_is_rewritten(tmp_path, damage):
+    run_dir = written_run(tmp_path)
+    change, problem = CONFIG_DAMAGE[damage]
+    path = run_dir / "config.yaml"
+    path.write_bytes(change(path.read_text()).encode("latin-1"))
+    before = files(run_dir)
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.resumed_config(run_dir, {})
+    assert str(error.value).startswith(f"{path} is not the configuration this run was written with")
+    assert problem in str(error.value) and 'under "config": restore config.yaml' in str(error.value)
+    assert files(run_dir) == before
+
+
+def test_an_intact_config_yaml_resumes_and_a_changed_total_rounds_is_not_damage(tmp_path):
+    run_dir = written_run(tmp_path, total_rounds=2)
+    assert run_state.resumed_config(run_dir, {}).total_rounds == 2
+    path = run_dir / "config.yaml"  # as a resume growing the run leaves it when killed before its manifest
+    path.write_text(path.read_text().replace("total_rounds: 2", "total_rounds: 3"))
+    assert run_state.resumed_config(run_dir, {}).total_rounds == 3
+
+
+@pytest.mark.parametrize("damage", ["", '{"rounds": {"0": "do', "[]", "\x00\xff\x00"])
+def test_a_damaged_manifest_is_refused_by_name(tmp_path, damage):
+    run_dir = written_run(tmp_path)
+    (run_dir / "manifest.json").write_bytes(damage.encode("latin-1"))
+    with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'manifest.json'} is damaged .*: the run's progress "
+                                                     "cannot be read"):
+        run_state.resumed_config(run_dir, {})
