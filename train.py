@@ -245,6 +245,16 @@ class EarlyStopping(TrainerCallback, ExportableState):
                 "attributes": {"best_score": self.best_score, "best_step": self.best_step,
                                "bad_evaluations": self.bad_evaluations, "stop_reason": self.stop_reason}}
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """The round's starting point is scored and kept as the best so far, so a round that never improves on it
+        ends where it began: with combine=additive (a new member starting at zero) the ensemble is then unchanged,
+        never made worse by a member that only overfits. A resumed round has its best already."""
+        if state.global_step == 0 and self.best_score == math.inf:
+            self.best_score, self.best_step = self.score(model), 0
+            self.latest = (0, self.best_score)
+            self.save_best(model)
+        return control
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.eval_steps and state.global_step < state.max_steps:
             return control

@@ -832,16 +832,17 @@ EARLY_STOPPING = ("--eval_steps", "1", "--early_stopping_patience", "2", "--earl
 
 
 def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(tiny_teacher_dir, tmp_path):
-    """An improvement must lower the held-out CE by more than 1 nat: after step 1's first evaluation none does, so
-    the round stops at step 3 (patience 2), and its member is step 1's student, scored as the log says."""
+    """An improvement must lower the held-out CE by more than 1 nat: the starting student is the first candidate and
+    no evaluation beats it so, so the round stops at step 2 (patience 2), and its member is the starting student,
+    scored as the log's step 1 says (step 1 trains at the warm-up's learning rate of 0, changing nothing)."""
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, *EARLY_STOPPING, "--early_stopping_min_delta", "1")) == 0
     run_dir = only_run_dir(tmp_path)
     log = pd.read_csv(run_dir / "train_log.csv")
-    assert list(log["step"]) == [1, 2, 3] and log["heldout_ce"].notna().all()
+    assert list(log["step"]) == [1, 2] and log["heldout_ce"].notna().all()
     metrics = pd.read_csv(run_dir / "metrics.csv").set_index("model")
     for model in main.TRAINED_ROWS:
         assert (metrics.loc[model, "steps_run"], metrics.loc[model, "member_step"],
-                metrics.loc[model, "stop_reason"]) == (3, 1, "plateau")
+                metrics.loc[model, "stop_reason"]) == (2, 0, "plateau")
     config = main.config_lib.load_saved_config(run_dir / "config.yaml")
     tokenizer = main.utils.load_tokenizer(str(tiny_teacher_dir))
     data, _ = main.preprocess_dataset.prepare_for_run(config, tokenizer)
@@ -850,7 +851,7 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
     teacher = main.utils.load_causal_lm(str(tiny_teacher_dir))
     ce = main.evaluate({"member": [member]}, teacher, data["early_stop"], main.PaddingCollator(tokenizer.pad_token_id),
                        4, len(tokenizer))["member"]["ce"]
-    assert ce == pytest.approx(log["heldout_ce"].iloc[0], abs=2e-6) != pytest.approx(log["heldout_ce"].iloc[2])
+    assert ce == pytest.approx(log["heldout_ce"].iloc[0], abs=2e-6) != pytest.approx(log["heldout_ce"].iloc[1])
 
 
 def test_early_stopping_without_a_plateau_runs_to_the_cap(tiny_teacher_dir, tmp_path):
@@ -860,17 +861,17 @@ def test_early_stopping_without_a_plateau_runs_to_the_cap(tiny_teacher_dir, tmp_
 
 
 def test_a_round_resumed_mid_way_keeps_its_early_stopping_state(tiny_teacher_dir, tmp_path, monkeypatch):
-    """Preempted at step 2 (one evaluation without improvement so far), resumed: it stops at step 3 as an
-    uninterrupted run does; killed after the plateau's checkpoint but before the member's save, a resume trains no
-    further step and keeps step 1's student."""
-    settings = (*EARLY_STOPPING, "--early_stopping_min_delta", "1")
+    """Preempted at step 2 (two evaluations without improvement on the start so far), resumed: it stops at step 3
+    (patience 3) as an uninterrupted run does; killed after the plateau's checkpoint but before the member's save,
+    a resume trains no further step and keeps the starting student."""
+    settings = (*EARLY_STOPPING, "--early_stopping_min_delta", "1", "--early_stopping_patience", "3")
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "whole", *settings)) == 0
     whole = final_metrics(tmp_path / "whole")
     with monkeypatch.context() as patch:
         patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path / "resumed", *settings)) == run_state.EXIT_PREEMPTED
     run_dir = only_run_dir(tmp_path / "resumed")
-    assert train.resumed_state(run_dir / "checkpoints" / "round_0" / "checkpoint-2")["bad_evaluations"] == 1
+    assert train.resumed_state(run_dir / "checkpoints" / "round_0" / "checkpoint-2")["bad_evaluations"] == 2
     assert main.main(["--resume", str(run_dir)]) == 0
     pd.testing.assert_frame_equal(final_metrics(tmp_path / "resumed").drop(columns="seconds"),
                                   whole.drop(columns="seconds"))

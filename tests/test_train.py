@@ -372,6 +372,32 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience_evaluations_with
     assert restored.state() == stopper.state()
 
 
+def test_early_stopping_keeps_the_start_when_no_evaluation_beats_it_and_not_on_resume():
+    """A round's starting point is its first candidate: with an additive member starting at zero, a round that only
+    overfits leaves the ensemble as it was. A resumed round keeps the best its checkpoint recorded."""
+    from transformers import TrainerControl, TrainerState
+
+    from train import EarlyStopping
+
+    scores = iter([6.4, 6.45, 6.5, 6.6])
+    saved = []
+    stopper = EarlyStopping(eval_steps=2, patience=3, min_delta=0.0, score=lambda model: next(scores),
+                            save_best=lambda model: saved.append(model))
+    state = TrainerState(max_steps=100)
+    stopper.on_train_begin(None, state, TrainerControl(), model="weights at 0")
+    assert stopper.logged_values(0) == {"heldout_ce": 6.4}
+    for step in range(1, 7):
+        state.global_step = step
+        control = stopper.on_step_end(None, state, TrainerControl(), model=f"weights at {step}")
+    assert control.should_training_stop and saved == ["weights at 0"]
+    assert (stopper.best_score, stopper.best_step) == (6.4, 0)
+    resumed = EarlyStopping(eval_steps=2, patience=3, min_delta=0.0, score=lambda model: pytest.fail("scored"),
+                            save_best=lambda model: pytest.fail("saved"), best_score=6.3, best_step=4)
+    state.global_step = 4
+    resumed.on_train_begin(None, state, TrainerControl(), model="weights at 4")
+    assert (resumed.best_score, resumed.best_step) == (6.3, 4)
+
+
 def test_early_stopping_evaluates_at_the_last_step_too():
     from transformers import TrainerControl, TrainerState
 
