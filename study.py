@@ -625,9 +625,10 @@ def fits_table(fits: list[Fitted]) -> pd.DataFrame:
 
 def single_at(points: pd.DataFrame, fit: Fitted | None, x: str, value: float) -> tuple[float, float, str] | None:
     """A single-model series' CE and its std at x = value: the grid point there (the best, when several share that
-    x), else its law (bootstrap std of
-    the prediction), else log-linear interpolation between its neighbouring points; None outside its range
-    without a law. `points`: the series' rows of point_table."""
+    x); else, inside the range of its points, its law (bootstrap std of the prediction) when the law is determined
+    by more points than parameters, else log-linear interpolation between its neighbouring points. None outside its
+    range: a law extrapolated from a few points can say anything (a 3-point fit once predicted 12,000 nats).
+    `points`: the series' rows of point_table."""
     points = points.dropna(subset=[x]).sort_values(x)
     if points.empty:
         return None
@@ -637,11 +638,11 @@ def single_at(points: pd.DataFrame, fit: Fitted | None, x: str, value: float) ->
         row = points[equal].sort_values("ce_mean", kind="stable").iloc[0]
         best_of = f", best of {int(equal.sum())} there" if equal.sum() > 1 else ""
         return float(row["ce_mean"]), float(row["ce_std"]), f"grid point {row['point']}{best_of}"
-    inside = xs[0] <= value <= xs[-1]
-    if fit is not None and fit.law is not None:
-        return (float(fit.law(value)), fit.predict_std(value),
-                "fit" if inside else "fit, extrapolated")
-    if inside and len(xs) >= 2:
+    if not xs[0] <= value <= xs[-1]:
+        return None
+    if fit is not None and fit.law is not None and not fit.law.underdetermined:
+        return float(fit.law(value)), fit.predict_std(value), "fit"
+    if len(xs) >= 2:
         log_x = np.log(xs)
         return (float(np.interp(math.log(value), log_x, points["ce_mean"].to_numpy(float))),
                 float(np.interp(math.log(value), log_x, points["ce_std"].to_numpy(float))), "interpolated")
