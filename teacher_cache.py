@@ -62,7 +62,6 @@ for it (and takes over its staging folder if it dies) instead of building the sa
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -77,6 +76,7 @@ import torch
 from accelerate.utils import reduce
 
 import run_state
+import utils
 from losses import predictor_mask
 from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
 
@@ -417,14 +417,11 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     run sharing the cache folder), wait. The processes of a job take their shards' locks together, all or none, so
     that they stay in step (every call here is collective) and two jobs never each hold half.
 
-    An flock: the kernel releases it when its holder ends, however it ends (SIGKILL included), so a held lock is a
-    live build and a free one means any staging folder left is a dead build's, with no guessing from process ids
-    (reused, or another node's) or from ages. (On a file system that keeps flocks local to a node, such as Lustre
-    mounted with localflock, jobs on different nodes should not build one cache folder at the same time.)
+    A held lock is a live build, and a free one means any staging folder left is a dead build's (utils.try_lock).
     """
     waiting = False
     while True:
-        fd = _try_lock(path)
+        fd = utils.try_lock(path)
         if not run_state.any_process(fd is None, device):
             break
         if fd is not None:
@@ -438,24 +435,7 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # removed while held: see _try_lock
-        os.close(fd)
-
-
-def _try_lock(path: Path) -> int | None:
-    """A descriptor of the file `path` (created if need be) that holds its lock, or None while another process holds
-    it. A holder removes the file before it lets go, so a lock taken on a file no longer at `path` is let go and
-    taken again on the new file."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
+        path.unlink(missing_ok=True)  # removed while held: see utils.try_lock
         os.close(fd)
 
 
@@ -954,7 +934,6 @@ def main(argv=None) -> int:
     """Open the cache the arguments describe, or build it (or continue its build): 0 once it is complete,
     run_state.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
     import preprocess_dataset
-    import utils
 
     with run_state.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
         args = parse_args(argv)
@@ -988,8 +967,6 @@ def main(argv=None) -> int:
 def run_from_command_line(argv=None) -> int:
     """main() with the exit codes a launcher acts on, as main.py's: 0 done, 2 bad input (a cache built for other
     settings, which is kept, or too little disk), 75 preempted."""
-    import utils
-
     try:
         return main(argv)
     except (CacheMismatchError, run_state.DiskSpaceError) as error:
