@@ -570,19 +570,11 @@ def _publish(staging: Path, shard_dir: Path, plan: dict) -> Path:
     """Record the size and sha256 of each file of the finished staging folder in its shard.json, and move it into
     place (a rename: readers never see half a shard); a shard another process finished first for the same plan is
     kept."""
-    from utils import publish_folder
-
-    files = {path.name: _file_record(path) for path in sorted(staging.glob("*.npy"))}
+    files = {path.name: run_state.file_record(path) for path in sorted(staging.glob("*.npy"))}
     record = {**_read_record(staging), "files": files}
     run_state.write_atomically(staging / SHARD_RECORD_FILE, json.dumps(record, indent=2) + "\n")
-    publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
+    utils.publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
     return shard_dir
-
-
-def _file_record(path: Path) -> dict:
-    """The size and sha256 of a file, read in a stream."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 class ShardWriter:
@@ -879,13 +871,11 @@ def _verify_once(shard_dir: Path, files: dict[str, dict]) -> None:
     if key in _VERIFIED:
         return
     for name, recorded in files.items():
-        found = _file_record(shard_dir / name)
-        if found != recorded:
+        problem = run_state.file_damage(shard_dir / name, recorded)
+        if problem is not None:
             raise CacheCorruptError(
-                f"{shard_dir / name}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but "
-                f"{recorded['size']:,} bytes with sha256 {recorded['sha256']} when it was built: the file changed "
-                f"since (a disk or copy error, or an overwrite). Nothing was read from it; delete {shard_dir.parent} "
-                "to rebuild the cache, or point teacher_cache_dir at an intact copy")
+                f"{problem}: the file changed since (a disk or copy error, or an overwrite). Nothing was read from "
+                f"it; delete {shard_dir.parent} to rebuild the cache, or point teacher_cache_dir at an intact copy")
     _VERIFIED.add(key)
 
 

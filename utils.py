@@ -227,11 +227,10 @@ def student_model_config(config, teacher, tokenizer, round_index: int = 0):
                                                                        teacher.config.num_hidden_layers))
 
 
-def student_parameter_count(config, teacher, tokenizer, round_index: int = 0) -> int:
-    """The parameters of `round_index`'s student, counted from its model config on the meta device: no weight is
-    allocated or loaded."""
-    return compute.parameter_count(student_model_config(config, teacher, tokenizer, round_index),
-                                   config.trust_remote_code)
+def student_skeleton(config, teacher, tokenizer, round_index: int = 0):
+    """`round_index`'s student built from its model config on the meta device: its parameters' shapes, with no
+    weight allocated or loaded."""
+    return compute.meta_model(student_model_config(config, teacher, tokenizer, round_index), config.trust_remote_code)
 
 
 def flop_matched_config(config, round_config, teacher, tokenizer, tokens: tuple[int, int, int], num_processes: int):

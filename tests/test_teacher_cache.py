@@ -803,8 +803,8 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
 
     values.write_bytes(intact)
     hashed = []
-    real_file_record = teacher_cache._file_record
-    monkeypatch.setattr(teacher_cache, "_file_record", lambda path: hashed.append(path.name) or real_file_record(path))
+    real_file_record = run_state.file_record
+    monkeypatch.setattr(run_state, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
     TeacherCache.open(cache_dir, {})
     TeacherCache.open(cache_dir, {})
     assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process

@@ -196,8 +196,7 @@ def test_spread_layer_indices_spans_the_teacher():
 
 
 @pytest.mark.parametrize("student_init", ["random", "teacher_layers", "pretrained"])
-def test_a_students_parameters_are_counted_from_its_config_without_building_it(tmp_path, tokenizer, student_init,
-                                                                               monkeypatch):
+def test_a_students_skeleton_has_its_parameters_and_no_weights(tmp_path, tokenizer, student_init, monkeypatch):
     teacher = build_tiny_llama(tokenizer, hidden_size=48, num_layers=4)
     pretrained = tmp_path / "student"
     build_tiny_llama(tokenizer, hidden_size=40, num_layers=3).save_pretrained(pretrained)
@@ -205,7 +204,9 @@ def test_a_students_parameters_are_counted_from_its_config_without_building_it(t
                                                  student_model=str(pretrained)))
     built = [utils.count_parameters(utils.build_student(config, teacher, tokenizer, r)) for r in (0, 1)]
     monkeypatch.setattr(utils, "load_causal_lm", lambda *args, **kwargs: pytest.fail("weights were loaded"))
-    assert [utils.student_parameter_count(config, teacher, tokenizer, r) for r in (0, 1)] == built
+    skeletons = [utils.student_skeleton(config, teacher, tokenizer, r) for r in (0, 1)]
+    assert [utils.count_parameters(skeleton) for skeleton in skeletons] == built
+    assert all(p.is_meta for skeleton in skeletons for p in skeleton.parameters())
     assert len(set(built)) == 1 and built[0] > 0
 
 
