@@ -163,7 +163,8 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     output_folder = resume_dir or Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
     # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
-    run_state.check_disk_for_a_round(output_folder, utils.student_parameter_count(round_config, teacher, tokenizer))
+    run_state.check_disk_for_a_round(output_folder, utils.student_skeleton(round_config, teacher, tokenizer),
+                                     tokenizer, config)
     if preempted_during_setup(preemption, state.device, "the run folder is written"):
         return run_state.EXIT_PREEMPTED
     folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state)
@@ -409,9 +410,11 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     signal stopped the training; it checkpointed first."""
     member_dir = run_state.member_folder(run.folder, round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
+        run_state.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
+                                           "its checkpoints")
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
         return utils.load_causal_lm(str(member_dir), torch.float32, run.config.trust_remote_code).to(run.device)
-    run_state.check_disk_for_a_round(run.folder, utils.count_parameters(student))
+    run_state.check_disk_for_a_round(run.folder, student, run.tokenizer, run.config)
     resume_from = run_state.latest_complete_checkpoint(run_state.checkpoint_folder(run.folder, round_index),
                                                        run.state.num_processes)
     if run.state.is_main_process:
@@ -463,8 +466,14 @@ def early_stopping(run: Run, round_index: int, resume_from: Path | None) -> Earl
 
 
 def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn.Module:
-    """The round's final student: the best weights early stopping kept, or else `checkpoint`'s."""
-    folder = run_state.best_folder(run.folder, round_index) if run.config.eval_steps else checkpoint
+    """The round's final student: the best weights early stopping kept, or else `checkpoint`'s (checked when it was
+    chosen: run_state.latest_complete_checkpoint)."""
+    folder = checkpoint
+    if run.config.eval_steps:
+        folder = run_state.best_folder(run.folder, round_index)
+        run_state.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
+                                       f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains "
+                                       "the round again")
     return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
 
 
@@ -482,8 +491,8 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
                    CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
                    run_state.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
-                   run_state.CheckDiskBeforeSave(run.folder,
-                                                 run_state.checkpoint_bytes(utils.count_parameters(student))),
+                   run_state.CheckDiskBeforeSave(run.folder, run_state.checkpoint_bytes(student, run.tokenizer)),
+                   run_state.RecordChecksums(),
                    *tracking.trainer_callbacks(run.config.report_to, run.folder, round_index,
                                                run.state.is_main_process)],
         chunk_size=run.config.loss_chunk_size, teacher_cache=run.cache, round_index=round_index,

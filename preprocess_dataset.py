@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -33,7 +31,7 @@ from transformers import AutoTokenizer
 
 from model_io import IGNORE_INDEX
 import embedded
-from utils import publish_folder
+from utils import publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
 
@@ -526,6 +524,7 @@ def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size
     """Return the prepared dataset in `output_dir`, building and saving it (tokenized by `num_proc` processes)
     unless a matching one is already there."""
     output_dir = Path(output_dir)
+    remove_dead_staging(output_dir)
     wanted = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
                        max_examples=max_examples, split=split)
     existing = _read_metadata(output_dir)
@@ -606,20 +605,16 @@ def describe_member_data(member_data: str, round_index: int, rounds: int, data_s
 
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:
-    """Save into a temporary sibling folder, then rename it: a killed run leaves no complete-looking folder."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        save_dataset(dataset, metadata, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Save into a staging folder beside it, then rename that: a killed run leaves no complete-looking folder, and
+    the next preparation removes what it left (utils.remove_dead_staging)."""
 
     def is_same_build(folder: Path) -> bool:
         existing = _read_metadata(folder)
         return existing is not None and all(existing.get(key) == metadata.get(key) for key in REUSE_KEYS)
 
-    publish_folder(staging, output_dir, is_same_build)
+    with staging(output_dir, folder=True) as staging_dir:
+        save_dataset(dataset, metadata, staging_dir)
+        publish_folder(staging_dir, output_dir, is_same_build)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

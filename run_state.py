@@ -9,13 +9,22 @@
 - Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them.
 - Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last; with several processes,
   each process's RNG state must be there too), and the disk is checked before each one is written.
+- Checkpoints, early stopping's best weights and members record each of their files' size and sha256 in
+  checksums.json when they are written; a resume checks them before it uses the folder: a damaged checkpoint is
+  passed over for the newest intact one, a damaged member or best folder is refused by name.
+- A write that fails for want of disk stops the run with DiskSpaceError (exit code 2), naming the folder and the
+  bytes needed; the files written before it stay as they were.
 - SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption) ask the trainer to checkpoint at the
   next step boundary and stop (one during setup stops the run before it writes anything); the run then exits with
   EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
 """
 
+import contextlib
 import csv
 import dataclasses
+import errno
+import functools
+import hashlib
 import io
 import json
 import os
@@ -26,6 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 from transformers import TrainerCallback
 
@@ -35,10 +45,12 @@ import utils
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKSUMS = "checksums.json"  # in a checkpoint, best or member folder: each of its files' size and sha256
 
 
 class DiskSpaceError(RuntimeError):
-    """Not enough free disk for the next checkpoint; the message gives the bytes needed and available."""
+    """Not enough free disk for what the run writes next (found before the write, or by a write that failed); the
+    message gives the folder and the bytes needed."""
 
 
 # --- atomic files -------------------------------------------------------------------------------------------------
@@ -50,16 +62,70 @@ def write_atomically(path: Path, text: str) -> None:
     write into each other's temporary file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with refuse_full_disk(path.parent, len(text.encode()), path.name,
+                          "its previous version is kept: free some space, then run the same command again"):
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# --- checksums: damage found before a saved folder is used ------------------------------------------------------
+
+def file_record(path: Path) -> dict:
+    """The size and sha256 of a file, read in a stream."""
+    with open(path, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def file_damage(path: Path, recorded: dict) -> str | None:
+    """How the file at `path` differs from `recorded`, its file_record when it was written (missing, cut short or
+    grown, or overwritten with other bytes of the same size); None when it does not."""
+    if not path.is_file():
+        return f"{path} is missing"
+    found = file_record(path)
+    if found["size"] != recorded["size"]:
+        return f"{path}: holds {found['size']:,} bytes, but {recorded['size']:,} when it was written"
+    if found["sha256"] != recorded["sha256"]:
+        return (f"{path}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but had sha256 "
+                f"{recorded['sha256']} when it was written")
+    return None
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the size and sha256 of each file of `folder` in its checksums.json, written after them (atomically):
+    folder_damage checks them before the folder is used again."""
+    files = {path.name: file_record(path) for path in sorted(folder.iterdir())
+             if path.is_file() and path.name != CHECKSUMS}
+    write_atomically(folder / CHECKSUMS, json.dumps(files, indent=2) + "\n")
+
+
+def folder_damage(folder: Path) -> str | None:
+    """What is wrong with `folder` against its checksums.json (the first file that is not as recorded, or the record
+    itself unreadable); None when nothing is, or when it has no checksums.json: a folder saved before they were
+    recorded is taken as it is."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
     try:
-        with os.fdopen(fd, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        recorded = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{path} is unreadable ({error})"
+    problems = (file_damage(folder / name, record) for name, record in recorded.items())
+    return next((problem for problem in problems if problem is not None), None)
+
+
+def check_intact(folder: Path, what_to_do: str) -> None:
+    """Refuse (ConfigError) a folder that folder_damage finds damaged, naming the file and what was wrong with it."""
+    problem = folder_damage(folder)
+    if problem is not None:
+        raise config_lib.ConfigError(f"{problem}: {folder} is damaged and nothing was loaded from it; {what_to_do}")
 
 
 def new_manifest(config_fingerprint: str, seed: int, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
@@ -145,15 +211,19 @@ TRAINING_RECORD = "training.json"  # in a member folder: steps run, the member's
 
 def save_member_atomically(student, tokenizer, member_dir: Path, training: dict | None = None) -> None:
     """A clean `save_pretrained` folder with the tokenizer (and `training`, the record of how the round trained,
-    as training.json), moved into place only when complete."""
+    as training.json) and the checksums of its files, moved into place only when complete."""
     tmp = member_dir.with_name(member_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if training is not None:
-        (tmp / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
-    shutil.rmtree(member_dir, ignore_errors=True)
-    os.replace(tmp, member_dir)
+    with refuse_full_disk(member_dir.parent, member_bytes(student, tokenizer), member_dir.name,
+                          "what was saved before is kept: free some space, then continue the run with "
+                          "`python main.py --resume` and its run folder"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if training is not None:
+            (tmp / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
+        write_checksums(tmp)
+        shutil.rmtree(member_dir, ignore_errors=True)
+        os.replace(tmp, member_dir)
 
 
 def training_record(member_dir: Path) -> dict:
@@ -202,6 +272,9 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {MANIFEST}: it did not "
                                      "get past its setup; start a new run instead")
     check_saved_config(run_dir, manifest)
+    for member in manifest["members"]:  # verified before anything is rewritten, and before the rounds load them
+        check_intact(run_dir / member, "later rounds were trained with it: restore it from a copy (its checksums.json "
+                                       "says what it held), or start a new run")
     saved = config_lib.load_saved_config(saved_path)
     types_by_key = config_lib.field_types()
     wanted = {key: dataclasses.replace(setting, value=config_lib.coerce(key, setting.value, types_by_key[key]))
@@ -335,26 +408,37 @@ def remove_finished_rounds_checkpoints(run_dir: Path, manifest: dict) -> None:
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 def latest_complete_checkpoint(checkpoint_dir: Path, num_processes: int = 1) -> Path | None:
-    """The newest complete checkpoint (see is_complete_checkpoint); older ones are the last good state when the
-    newest was cut short while being written."""
+    """The newest complete and intact checkpoint (see is_complete_checkpoint and folder_damage); older ones are the
+    last good state when the newest was cut short while being written, or damaged since. A damaged one is passed
+    over with a warning that names it and what is wrong."""
     if not checkpoint_dir.is_dir():
         return None
     candidates = [p for p in checkpoint_dir.iterdir()
                   if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
-        if is_complete_checkpoint(candidate, num_processes):
+        if not is_complete_checkpoint(candidate, num_processes):
+            continue
+        problem = folder_damage(candidate)
+        if problem is None:
             return candidate
+        print(f"warning: {problem}: checkpoint {candidate} is damaged, so the round resumes from an older one (or "
+              "from its start) and writes it again", flush=True)
     return None
 
 
 def is_complete_checkpoint(checkpoint: Path, num_processes: int) -> bool:
     """Whether the Trainer finished writing `checkpoint`.
 
-    One process writes trainer_state.json after everything else, so it parsing is enough. With several processes,
-    the main process writes it without waiting for the others' rng_state_{i}.pth (a resumed process without its
-    own RNG state silently draws other random numbers), so every one of those must be there too. A checkpoint
-    written by a single process (rng_state.pth) is complete without them.
+    A checkpoint with checksums.json is: it is written last, once every process has written its files
+    (RecordChecksums); whether they are still intact is folder_damage's question. Without it (a checkpoint of an
+    earlier version, or one killed just before its checksums were written), the rule is the Trainer's: one process
+    writes trainer_state.json after everything else, so it parsing is enough. With several processes, the main
+    process writes it without waiting for the others' rng_state_{i}.pth (a resumed process without its own RNG
+    state silently draws other random numbers), so every one of those must be there too. A checkpoint written by a
+    single process (rng_state.pth) is complete without them.
     """
+    if (checkpoint / CHECKSUMS).is_file():
+        return True
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -368,9 +452,61 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
 
 
-def checkpoint_bytes(parameters: int) -> int:
-    """About one checkpoint of a model trained in fp32 with AdamW: the weights and the optimizer's two moments."""
-    return parameters * 4 * 3
+class RecordChecksums(TrainerCallback):
+    """Writes each checkpoint's checksums.json once every process has written its part of it, so that a resume
+    tells a damaged checkpoint from an intact one (latest_complete_checkpoint)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # every process's RNG state is written
+        if state.is_world_process_zero:
+            write_checksums(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+        return control
+
+
+# --- disk -----------------------------------------------------------------------------------------------------------
+
+# What a checkpoint's and a member's files hold besides the weights (fp32: students train with fp32 master weights),
+# the optimizer's two fp32 AdamW moments and the tokenizer's files, set above what a tiny model's files take (in
+# brackets; docs/resume.md compares the whole estimate with real checkpoints):
+WEIGHTS_HEADER_BYTES = 256  # per tensor, in the safetensors weights file (~100)
+OPTIMIZER_HEADER_BYTES = 1024  # per tensor, in optimizer.pt: the records of its moments and step (~820)
+CONFIG_BYTES = 8 * 1024  # the model and generation configs, checksums.json, a member's training.json (~3 kB)
+# A checkpoint's RNG states, scheduler, trainer state and training arguments (~22 kB). The trainer state's log
+# history grows by ~0.3 kB per log: a round of many thousand logged steps outgrows this, by little beside its weights.
+TRAINER_FILES_BYTES = 64 * 1024
+
+
+@functools.cache  # measured once per tokenizer
+def saved_tokenizer_bytes(tokenizer) -> int:
+    """What the tokenizer's files take in each checkpoint and member folder, measured by saving it once to a
+    temporary folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return sum(path.stat().st_size for path in Path(folder).iterdir())
+
+
+def member_bytes(model, tokenizer) -> int:
+    """About a member folder (or early stopping's best weights) of `model`: its fp32 weights, each distinct tensor
+    once, the tokenizer and the configs."""
+    parameters = list(model.parameters())  # distinct: a tied head is saved once
+    return (4 * sum(p.numel() for p in parameters) + WEIGHTS_HEADER_BYTES * len(parameters)
+            + saved_tokenizer_bytes(tokenizer) + CONFIG_BYTES)
+
+
+def checkpoint_bytes(model, tokenizer) -> int:
+    """About one Trainer checkpoint of `model` trained with AdamW: what a member folder holds, the optimizer's two
+    fp32 moments, and the trainer's own files."""
+    parameters = list(model.parameters())
+    return (member_bytes(model, tokenizer) + 8 * sum(p.numel() for p in parameters)
+            + OPTIMIZER_HEADER_BYTES * len(parameters) + TRAINER_FILES_BYTES)
+
+
+def round_bytes(model, tokenizer, config: config_lib.Config) -> int:
+    """About the most a round of `model` holds on disk at once: keep_checkpoints + 1 checkpoints (the Trainer writes
+    the newest before it removes the oldest), early stopping's best weights (eval_steps), and its member, which is
+    saved while the checkpoints are still there."""
+    return ((config.keep_checkpoints + 1) * checkpoint_bytes(model, tokenizer)
+            + (2 if config.eval_steps else 1) * member_bytes(model, tokenizer))
 
 
 def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
@@ -382,12 +518,34 @@ def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
                              f"{advice}")
 
 
-def check_disk_for_a_round(folder: Path, parameters: int) -> None:
-    """Refuse to start a round whose checkpoints cannot be written: two at once (the newest is written before the
-    oldest is pruned). Each write is checked again just before it happens (CheckDiskBeforeSave)."""
-    check_disk_space(folder, 2 * checkpoint_bytes(parameters),
-                     f"the next checkpoints ({parameters:,} parameters with their optimizer state)",
+def check_disk_for_a_round(folder: Path, model, tokenizer, config: config_lib.Config) -> None:
+    """Refuse to start a round of `model` (a student, or its skeleton on the meta device) whose files the disk
+    cannot hold (round_bytes). Each checkpoint write is checked again just before it happens
+    (CheckDiskBeforeSave)."""
+    check_disk_space(folder, round_bytes(model, tokenizer, config),
+                     f"a round's checkpoints, best weights and member ({utils.count_parameters(model):,} parameters "
+                     f"with their optimizer state, {config.keep_checkpoints} checkpoints kept)",
                      "free some space or point output_root elsewhere")
+
+
+@contextlib.contextmanager
+def refuse_full_disk(folder: Path, needed: int, what: str, advice: str):
+    """Turn a write of `what` into `folder` that fails for want of disk into DiskSpaceError, naming the folder and
+    `needed`, the bytes the write takes (estimated), with `advice`.
+
+    Python's own writes say so (OSError ENOSPC), but torch.save reports only that its write failed (a RuntimeError)
+    and safetensors raises an error of its own: any failure counts when the disk has less than `needed` bytes free.
+    """
+    try:
+        yield
+    except DiskSpaceError:  # from a write inside this one, which names itself
+        raise
+    except Exception as error:
+        free = shutil.disk_usage(folder).free
+        if free >= needed and not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            raise
+        raise DiskSpaceError(f"{folder}: the disk is full: writing {what} failed ({error}); about {needed:,} bytes "
+                             f"are needed there, {free:,} are free; {advice}") from error
 
 
 class CheckDiskBeforeSave(TrainerCallback):
