@@ -495,15 +495,15 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--seed", "7", "--trust_remote_code", "true")) == 75
     run_dir = only_run_dir(tmp_path)
     assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "seed": 7, "data_seed": 0,
-                          "job_id": None,
+                          "job_id": None, "config": saved_config().to_dict(),
                           "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False}
 
     loads = []
     real_load = main.utils.load_causal_lm
 
-    def recording_load(name, dtype=main.torch.float32, trust_remote_code=False):
+    def recording_load(name, dtype=main.torch.float32, trust_remote_code=False, device=None):
         loads.append((Path(name).name, trust_remote_code))
-        return real_load(name, dtype, trust_remote_code)
+        return real_load(name, dtype, trust_remote_code, device)
 
     monkeypatch.setattr(main.utils, "load_causal_lm", recording_load)
     with monkeypatch.context() as patch:
