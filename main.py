@@ -132,6 +132,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     setup."""
     config, resume_dir = resolve_config(args)
     tracking.tracker_names(config.report_to)  # an unknown tracker is refused before anything loads
+    check_model_folders(config)
     if args.dry_run:
         print_plan(config, resume_dir)
         print("\n".join(prediction_lines(config)))
@@ -140,6 +141,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
         return prepare_only(config)
     state = utils.process_state(config.device, config.process_group_timeout_minutes)
     teacher_path, tokenizer = teacher_tokenizer(config, state)
+    check_fits_teacher(config, teacher_path, len(tokenizer))
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
     if preempted_during_setup(preemption, state.device, "the rest of the setup"):
@@ -199,6 +201,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path | 
     return config, None
 
 
+def check_model_folders(config: config_lib.Config) -> None:
+    """Refuse a teacher or student_model meant as a local folder that is not one, before anything loads (the hub
+    would be asked for it instead, and answer with a message about repository names)."""
+    utils.check_model_folder("teacher", config.teacher)
+    if config.student_init == "pretrained":
+        utils.check_model_folder("student_model", config.student_model)
+
+
 def prepare_only(config: config_lib.Config) -> int:
     """--prepare_only: the run's data prepared into the folder setup reads it from, by this process alone and with
     the teacher's tokenizer only (no weights, no GPU), so that a CPU job can do it before the GPU job; exit code 0."""
@@ -219,6 +229,19 @@ def teacher_tokenizer(config: config_lib.Config, state) -> tuple[str, object]:
     if config.student_init == "pretrained":
         utils.check_student_tokenizer(tokenizer, config.student_model, config.teacher, config.trust_remote_code)
     return teacher_path, tokenizer
+
+
+def check_fits_teacher(config: config_lib.Config, teacher_path: str, vocab_size: int) -> None:
+    """Refuse settings the teacher cannot meet, from its tokenizer (`vocab_size` tokens) and its config.json, before
+    the data is prepared and any weights load: a top-k cache of more entries than the vocabulary, and students that
+    copy layers the teacher lacks."""
+    if config.teacher_mode == "topk" and config.cache_k > vocab_size:
+        raise config_lib.ConfigError(f"config key 'cache_k' = {config.cache_k} is more than the teacher's vocabulary "
+                                     f"of {vocab_size} tokens: give at most {vocab_size}")
+    if config.student_init == "teacher_layers":
+        layers = AutoConfig.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code).num_hidden_layers
+        # The layers the rounds copy: a single_large baseline spreads its own over the teacher.
+        utils.check_teacher_layers(utils.baseline_round_config(config, layers).teacher_layers, layers)
 
 
 def whole_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state) -> torch.nn.Module:

@@ -654,6 +654,65 @@ def test_bad_data_is_refused_before_any_run_folder_changes(tiny_teacher_dir, tmp
     assert snapshot(tmp_path / "runs") == existing_run
 
 
+def refused_from_the_command_line(monkeypatch, capsys, argv: list[str]) -> str:
+    """main.py's message for `argv`, which it must refuse as bad input (exit code 2) before loading any weights: the
+    last line it writes to stderr, without a traceback."""
+    refuse_to_load_weights(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["main.py", *argv])
+    assert main.run_from_command_line() == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_a_malformed_jsonl_file_is_refused_naming_its_first_bad_line(tiny_teacher_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    lines = (DATA_DIR / "chats.jsonl").read_text().splitlines()
+    dataset = tmp_path / "chats.jsonl"
+    dataset.write_text("\n".join([*lines[:6], lines[6][:-10], *lines[7:], "not json"]) + "\n")  # line 7 cut short
+    args = cli_args(tiny_teacher_dir, tmp_path)
+    args[args.index("--dataset") + 1] = str(dataset)
+    assert refused_from_the_command_line(monkeypatch, capsys, args) == (
+        f"error: {dataset}: invalid JSON at line 7 (Unterminated string starting at: column 130). Fix or remove that "
+        "line: each record must be a JSON object (one per line in a .jsonl file).")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key", ["teacher", "student_model"])
+def test_a_model_folder_that_does_not_exist_is_refused_before_anything_loads(tiny_teacher_dir, tmp_path, monkeypatch,
+                                                                             capsys, key):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    # Both look like paths: the first starts with "/"; "models/student" is no hub name, as "models" is a folder here.
+    missing = {"teacher": str(tmp_path / "models" / "teacher"), "student_model": "models/student"}[key]
+    args = cli_args(tiny_teacher_dir, tmp_path, "--student_init", "pretrained", "--student_model",
+                    str(tiny_teacher_dir))
+    args[args.index(f"--{key}") + 1] = missing
+    assert (f"error: config key {key!r} = {missing!r}: no such folder. Give the folder of a saved model (its "
+            "config.json, weights and tokenizer) or a hub name (owner/name)"
+            ) == refused_from_the_command_line(monkeypatch, capsys, args)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+FITS_TEACHER = {  # settings the tiny teacher (400 tokens, 2 layers) cannot meet, and the message
+    "cache_k above the vocabulary": (["--teacher_mode", "topk", "--cache_k", "401"],
+                                     "config key 'cache_k' = 401 is more than the teacher's vocabulary of 400 "
+                                     "tokens: give at most 400"),
+    "teacher_layers out of range": (["--student_init", "teacher_layers", "--teacher_layers", "0,2"],
+                                    "config key 'teacher_layers' = [0, 2] names layer(s) [2] outside the teacher's 2 "
+                                    "layers: give indices from 0 to 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(FITS_TEACHER))
+def test_settings_the_teacher_cannot_meet_are_refused_before_the_data_and_its_weights(tiny_teacher_dir, tmp_path,
+                                                                                      monkeypatch, capsys, case):
+    extra, message = FITS_TEACHER[case]
+    assert f"error: {message}" == refused_from_the_command_line(monkeypatch, capsys,
+                                                                  cli_args(tiny_teacher_dir, tmp_path, *extra))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache" / "datasets").exists()
+
+
 def test_nothing_left_after_truncation_is_refused(tiny_teacher_dir, tmp_path, existing_run):
     with pytest.raises(main.preprocess_dataset.DataError, match="Raise --max_length"):
         main.main(cli_args(tiny_teacher_dir, tmp_path, "--max_length", "8"))
