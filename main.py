@@ -172,6 +172,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     print_plan(config, folder, counts, data)
     if state.is_main_process:
         run_state.remove_finished_rounds_checkpoints(folder, manifest)
+        run_state.restore_metric_rows(folder, METRIC_COLUMNS, manifest)
     trackers = (tracking.round_trackers(config.report_to, config.tracker_project, folder, run_name(folder, config))
                 if state.is_main_process else [])
     frozen_dtype = utils.frozen_dtype(config.dtype, state.device)
@@ -567,22 +568,18 @@ def evaluate_round(run: Run, round_index: int, untrained: torch.nn.Module) -> li
 
 def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     """The round written down (metric rows, the ensemble's configs, sample answers, then the manifest that marks it
-    done), and the run with that manifest: every process keeps it in memory (it decides what the next round
-    evaluates); one writes the files."""
+    done, with the rows as written: the journal a damaged metrics.csv is restored from), and the run with that
+    manifest: every process keeps it in memory (it decides what the next round evaluates); one writes the files."""
+    rows = recorded_rows(run, round_index, rows)
+    written = run_state.csv_text_rows(METRIC_COLUMNS, rows)
     manifest = run_state.finished_round(run.manifest, round_index,
                                         str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
-                                        run.weights, member_data_description(run, round_index))
+                                        run.weights, written, member_data_description(run, round_index))
     if run.state.is_main_process:
-        training = run_state.training_record(run_state.member_folder(run.folder, round_index))
-        rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
-                if row["model"] in TRAINED_ROWS else row for row in rows]
-        columns = compute_columns(run, [run.folder / path for path in manifest["members"]])
-        rows = [{**row, **columns.get(row["model"], {})} for row in rows]
-        rows = plot.rows_with_gap_closed(rows, run.folder / "metrics.csv")
         tracking.log_round(run.trackers, round_index, rows)
         # This round's rows replace any that an interrupted evaluation of it left behind.
-        run_state.replace_csv_rows(run.folder / "metrics.csv", METRIC_COLUMNS,
-                                   lambda row: int(row["round"]) != round_index, rows)
+        run_state.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
+                                   lambda row: int(row["round"]) != round_index, written)
         # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
                                               weights=run.weights)
@@ -594,6 +591,19 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     print(f"round {round_index}: student ce {ce['student']:.4f} (untrained {ce['student_untrained']:.4f}), "
           f"ensemble of {len(run.members)} ce {ce['ensemble']:.4f}")
     return dataclasses.replace(run, manifest=manifest)
+
+
+def recorded_rows(run: Run, round_index: int, rows: list[dict]) -> list[dict]:
+    """The round's evaluation rows as metrics.csv records them: with the trained rows' training record (steps,
+    stop), every row's compute columns and gap_closed. Every process computes them (the manifest it keeps holds
+    them); the files they read are written before the evaluation's collectives, which every process has passed."""
+    training = run_state.training_record(run_state.member_folder(run.folder, round_index))
+    rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
+            if row["model"] in TRAINED_ROWS else row for row in rows]
+    columns = compute_columns(run, [*(run.folder / path for path in run.manifest["members"]),
+                                    run_state.member_folder(run.folder, round_index)])
+    rows = [{**row, **columns.get(row["model"], {})} for row in rows]
+    return plot.rows_with_gap_closed(rows, run.folder / run_state.METRICS)
 
 
 def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
@@ -630,7 +640,7 @@ def report(run: Run) -> None:
     """The metrics table, the ensemble against its best member, and the figures; then processes leave together
     (one leaving early can abort the other)."""
     if run.state.is_main_process:
-        print("\n" + plot.metrics_summary(pd.read_csv(run.folder / "metrics.csv")))
+        print("\n" + plot.metrics_summary(pd.read_csv(run.folder / run_state.METRICS)))
         for figure in plot.plot_run(run.folder) if run.config.plots else []:
             print(f"figure: {figure}")
         print(f"\nrun folder: {run.folder}")

@@ -1,5 +1,6 @@
 """main.py end to end with the `test` preset: rounds, run folder, metrics, resume, and refusals."""
 
+import csv
 import json
 import math
 import os
@@ -125,6 +126,7 @@ def fake_run(tmp_path, rounds: dict, **settings) -> Path:
     main.config_lib.save_config(config, run_dir / "config.yaml")
     manifest = run_state.new_manifest(config.fingerprint(), config.seed, config.data_seed, len(rounds))
     manifest["rounds"] = rounds
+    manifest["metric_rows"] = {index: [] for index, status in rounds.items() if status == "done"}
     run_state.write_manifest(run_dir, manifest)
     return run_dir
 
@@ -462,6 +464,65 @@ def test_a_round_killed_after_its_last_checkpoint_is_not_trained_further(tiny_te
         shutil.rmtree(run_dir / "ensemble" / "member_0", ignore_errors=True)
     resume_until_done(run_dir)
     assert_same_finished_run(tmp_path, uninterrupted_run)
+
+
+METRICS_DAMAGE = {  # what is done to a finished run's metrics.csv, and how the resume's warning describes it
+    "cut mid-row": (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) * 2 // 3]),
+                    "a row is cut short"),
+    "emptied": (lambda path: path.write_bytes(b""), "it holds no rows"),
+    "overwritten with other bytes of the same size": (
+        lambda path: path.write_bytes(b"\x00\xff" * (path.stat().st_size // 2) + b"\xff" * (path.stat().st_size % 2)),
+        "it is not CSV text"),
+    "deleted": (lambda path: path.unlink(), "it is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(METRICS_DAMAGE))
+def test_a_damaged_metrics_csv_is_restored_from_the_manifest_before_the_resumed_rounds(tmp_path, uninterrupted_run,
+                                                                                       damage, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run_dir)
+    path = run_dir / "metrics.csv"
+    original = path.read_text()
+    with open(path, newline="") as f:
+        original_rows = list(csv.DictReader(f))
+    spoil, problem = METRICS_DAMAGE[damage]
+    spoil(path)
+    kept = run_state.read_csv_rows(path) or []
+    lost = [row for row in original_rows if row not in kept]
+    assert lost  # the damage lost rows: a resume without the journal could not bring them back
+    capsys.readouterr()
+    assert main.main(["--resume", str(run_dir), "--total_rounds", "3"]) == 0
+    assert (f"warning: {path}: {problem}; rewritten from the rows manifest.json recorded for the finished rounds, "
+            "restoring " + ", ".join(f"round {row['round']} {row['model']}" for row in lost) + "\n"
+            ) in capsys.readouterr().err
+    restored = path.read_text()
+    assert restored.startswith(original)  # every earlier row, byte for byte, then the new round's
+    metrics = pd.read_csv(path)
+    assert list(metrics.loc[metrics["round"] == 2, "model"]) == ["student_untrained", "student", "ensemble"]
+    assert len(metrics) == len(original_rows) + 3
+
+
+def test_resume_refuses_lost_metric_rows_of_a_run_older_than_the_journal(tmp_path, uninterrupted_run, capsys,
+                                                                        monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    del manifest["metric_rows"]  # as a run started before manifests kept a journal of metric rows
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    path = run_dir / "metrics.csv"
+    path.write_text(path.read_text()[:-20])  # round 1's last row cut short
+    before = snapshot(run_dir)
+    monkeypatch.setattr(sys, "argv", ["main.py", "--resume", str(run_dir), "--total_rounds", "3"])
+    assert main.run_from_command_line() == 2
+    assert (f"error: {path}: the rows of round(s) 1 are lost (a row is cut short), and {run_dir / 'manifest.json'} "
+            "predates the journal of metric rows that would restore them. Restore metrics.csv from a copy, or "
+            "recompute them in a new run with this run's settings (`python main.py --config "
+            f"{run_dir / 'config.yaml'}`); nothing was changed\n") in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+    path.unlink()
+    with pytest.raises(main.config_lib.ConfigError, match="the rows of round\\(s\\) 0, 1 are lost \\(it is missing\\)"):
+        main.main(["--resume", str(run_dir)])
 
 
 class StopAtStep(run_state.StopOnSignal):
