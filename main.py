@@ -168,7 +168,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     run_state.check_disk_for_a_round(output_folder, utils.student_parameter_count(round_config, teacher, tokenizer))
     if preempted_during_setup(preemption, state.device, "the run folder is written"):
         return run_state.EXIT_PREEMPTED
-    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state)
+    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, chosen_preset(args))
     print_plan(config, folder, counts, data)
     if state.is_main_process:
         run_state.remove_finished_rounds_checkpoints(folder, manifest)
@@ -192,14 +192,19 @@ def resolve_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path | 
     overrides = config_lib.command_line_settings(args)
     if args.resume is not None:
         stated = run_state.stated_settings(args.preset, args.config_file, overrides)
-        return run_state.resumed_config(Path(args.resume), stated), Path(args.resume)
-    config = config_lib.build_config(args.preset or config_lib.DEFAULT_PRESET, args.config_file, overrides)
+        return run_state.resumed_config(Path(args.resume), stated, args.preset), Path(args.resume)
+    config = config_lib.build_config(chosen_preset(args), args.config_file, overrides)
     if args.job_id is not None:
         # Looked for under the output_root the whole command line gives (a YAML file may set it).
         started = run_state.find_run_of_job(config.output_root, args.job_id)
         if started is not None:  # a requeued job repeats its command line: the run's saved config counts
             return run_state.resumed_config(Path(started), {}), Path(started)
     return config, None
+
+
+def chosen_preset(args: argparse.Namespace) -> str:
+    """The preset a new run starts from: --preset, or the default one."""
+    return args.preset or config_lib.DEFAULT_PRESET
 
 
 def check_model_folders(config: config_lib.Config) -> None:

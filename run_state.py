@@ -290,12 +290,13 @@ def stated_settings(preset: str | None, config_file: str | None, overrides: dict
     return stated
 
 
-def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Config:
+def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None = None) -> config_lib.Config:
     """The saved config of the run in `run_dir`. A stated setting that differs from it is refused, naming the key:
     a run continues with the settings it started with, except a total_rounds stated on the command line or in a
     YAML file (see check_total_rounds_change). A preset's total_rounds is compared like the rest of it: restating
-    the preset a run started from must not add rounds to it. Damage that would stop the run
-    later (its config.yaml, metric rows no journal restores) is refused now, by name."""
+    the preset a run started from must not add rounds to it. A `preset` other than the one the manifest records the
+    run was started from is refused too, even when its settings agree (the demo preset states none). Damage that
+    would stop the run later (its config.yaml, metric rows no journal restores) is refused now, by name."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise config_lib.ConfigError(
@@ -316,6 +317,9 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
         new_total = wanted.pop("total_rounds").value
     conflicts = [f"{setting.source} sets {key} = {setting.value!r}, but the run was started with {key} = "
                  f"{getattr(saved, key)!r}" for key, setting in wanted.items() if setting.value != getattr(saved, key)]
+    started_from = manifest.get("preset")  # None: a run from before manifests recorded it
+    if preset is not None and started_from is not None and preset != started_from:
+        conflicts.insert(0, f"--preset {preset} is given, but the run was started from --preset {started_from}")
     if conflicts:
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
                                      "settings it was started with (only total_rounds may change, on the command "
@@ -378,13 +382,16 @@ def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rou
                                      f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
 
 
-def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state) -> tuple[Path, dict]:
+def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state,
+             preset: str) -> tuple[Path, dict]:
     """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
-    folder, never an existing one, picked by one process so that every process agrees on it."""
+    folder, never an existing one, picked by one process so that every process agrees on it. A new run's manifest
+    records the `preset` it was started from (a resume refuses another)."""
     if resume_dir is not None:
         return resume_dir, resumed_manifest(resume_dir, config, state)
     manifest = {**new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id),
-                "config": config.to_dict()}  # what check_saved_config compares config.yaml with on resume
+                "config": config.to_dict(),  # what check_saved_config compares config.yaml with on resume
+                "preset": preset}
     run_dir = None
     if state.is_main_process:
         run_dir = utils.new_run_dir(config.output_root)

@@ -99,6 +99,8 @@ def test_resume_refuses_a_changed_setting_from_any_source_and_a_non_run_folder(t
                                f"with teacher = '{tiny_teacher_dir}'",
         # Restating the preset the run started from does not add the preset's 2 rounds to it.
         ("--preset", "test"): "--preset test sets total_rounds = 2, but the run was started with total_rounds = 1",
+        # The demo preset states no setting, so none conflicts: the preset the run started from is compared.
+        ("--preset", "demo"): "--preset demo is given, but the run was started from --preset test",
     }
     for extra, message in refusals.items():
         with pytest.raises(main.config_lib.ConfigError, match="only total_rounds may change") as error:
@@ -556,7 +558,7 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--seed", "7", "--trust_remote_code", "true")) == 75
     run_dir = only_run_dir(tmp_path)
     assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "seed": 7, "data_seed": 0,
-                          "job_id": None, "config": saved_config().to_dict(),
+                          "job_id": None, "config": saved_config().to_dict(), "preset": "test",
                           "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False}
 
     loads = []

@@ -194,7 +194,7 @@ class OneProcess:
 def written_run(tmp_path, **settings):
     """A run folder as open_run writes it (config.yaml and a manifest recording the settings), test preset."""
     config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), **settings})
-    run_dir, _ = run_state.open_run(config, None, None, OneProcess())
+    run_dir, _ = run_state.open_run(config, None, None, OneProcess(), "test")
     return run_dir
 
 
