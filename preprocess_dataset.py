@@ -27,11 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer
 
 from model_io import IGNORE_INDEX
 import embedded
-from utils import publish_folder, remove_dead_staging, staging
+from utils import looks_like_local_path, publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,16 @@ def _load_raw(source: str, split: str) -> datasets.Dataset:
         # to no data").
         if _holds_no_records(path):
             raise DataError(_no_conversations(source))
-        return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    if _looks_like_local_path(source):
+        try:
+            return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except (DatasetGenerationError, ValueError) as error:  # pyarrow's parse errors are ValueErrors
+            bad = _first_bad_json_line(path) if path.suffix in (".json", ".jsonl") else None
+            if bad is None:
+                raise
+            line, reason = bad
+            raise DataError(f"{source}: invalid JSON at line {line} ({reason}). Fix or remove that line: each record "
+                            "must be a JSON object (one per line in a .jsonl file).") from error
+    if looks_like_local_path(source):
         raise DataError(f"{source}: no such file or folder. Check the --dataset path.")
     return datasets.load_dataset(source, split=split)
 
@@ -166,6 +175,33 @@ def _holds_no_records(path: Path) -> bool:
     return start[:2] in ("", "[]")
 
 
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The number of the first line of a JSON file that does not parse, and why: the first line of a JSON Lines file
+    that is not one JSON object, or the line of a JSON array file's first syntax error; None when it parses (it is
+    read only when `datasets` failed to, so a large file costs nothing here otherwise)."""
+    data = path.read_bytes()
+    if data.lstrip().startswith(b"["):  # one JSON document, an array of records
+        try:
+            json.loads(data)
+        except UnicodeDecodeError as error:
+            return data[:error.start].count(b"\n") + 1, str(error)
+        except json.JSONDecodeError as error:
+            return error.lineno, f"{error.msg}: column {error.colno}"
+        return None
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError as error:
+            return number, str(error)
+        except json.JSONDecodeError as error:
+            return number, f"{error.msg}: column {error.colno}"
+        if not isinstance(record, dict):
+            return number, "a JSON value that is not an object"
+    return None
+
+
 def _saved_without_rows(path: Path) -> bool:
     """Whether a `save_to_disk` Dataset folder holds no data file (`datasets` fails to load one with an IndexError)."""
     state = path / "state.json"
@@ -176,11 +212,6 @@ def _no_conversations(source: str) -> str:
     return (f"{source}: holds no conversations (it is empty). Point --dataset at data with at least one "
             f"conversation: records with a 'messages' list of role/content turns (or ShareGPT 'conversations'), "
             f"one JSON object per line in a .jsonl file.")
-
-
-def _looks_like_local_path(source: str) -> bool:
-    """Whether `source` can only be meant as a path (hub names are "name" or "owner/name")."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
 def _load_folder(path: Path, split: str, source: str) -> datasets.Dataset:

@@ -7,6 +7,8 @@
   other file a resume relies on are written atomically: to a temporary file, then renamed, so a half-written file
   is never taken for a whole one.
 - Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them.
+  The manifest keeps a journal of each finished round's metrics.csv rows: a resume restores a metrics.csv that was
+  lost, emptied, overwritten or cut short from it, before any training.
 - Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last; with several processes,
   each process's RNG state must be there too), and the disk is checked before each one is written.
 - Checkpoints, early stopping's best weights and members record each of their files' size and sha256 in
@@ -30,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,6 +47,8 @@ import utils
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
+METRICS = "metrics.csv"
+METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKSUMS = "checksums.json"  # in a checkpoint, best or member folder: each of its files' size and sha256
 
@@ -182,12 +187,19 @@ def mark_round_training(run_dir: Path, manifest: dict, round_index: int, resume_
 
 
 def finished_round(manifest: dict, round_index: int, member: str, weights: list[float] | None,
-                   member_data: str = "all") -> dict:
+                   metric_rows: list[dict], member_data: str = "all") -> dict:
     """The manifest once round `round_index` is done: its member folder (relative to the run) added, the members'
-    weights, which data the member trained on, and the teacher evaluated (round 0 evaluates it)."""
+    weights, which data the member trained on, its metrics.csv rows (csv_text_rows: the journal a damaged metrics.csv
+    is restored from), and the teacher evaluated (round 0 evaluates it)."""
     return {**manifest, "members": [*manifest["members"], member], "weights": weights,
             "member_data": {**manifest.get("member_data", {}), str(round_index): member_data},
+            METRIC_JOURNAL: {**manifest.get(METRIC_JOURNAL, {}), str(round_index): metric_rows},
             "rounds": {**manifest["rounds"], str(round_index): "done"}, "teacher_evaluated": True}
+
+
+def done_rounds(manifest: dict) -> list[str]:
+    """The indices (as the manifest keys them) of the rounds marked done, in order."""
+    return sorted((index for index, status in manifest["rounds"].items() if status == "done"), key=int)
 
 
 def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict]) -> None:
@@ -198,12 +210,103 @@ def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict])
     rows = []
     if path.is_file():
         with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if None not in row.values() and keep(row)]
+            rows = [row for row in csv.DictReader(f) if is_complete_row(row) and keep(row)]
+    write_csv_rows(path, columns, rows + new_rows)
+
+
+def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace the CSV file `path` with `rows` under a header of `columns`, atomically."""
+    write_atomically(path, csv_text(columns, rows))
+
+
+def csv_text(columns: list[str], rows: list[dict]) -> str:
+    """The text of a CSV file of `columns` holding `rows`."""
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows + new_rows)
-    write_atomically(path, text.getvalue())
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def csv_text_rows(columns: list[str], rows: list[dict]) -> list[dict]:
+    """`rows` as a CSV file of `columns` holds them, read back: every value as its text ("" for None). Written again,
+    they give the same bytes; compared with a file's rows (read_csv_rows), they tell whether it still holds them."""
+    return list(csv.DictReader(io.StringIO(csv_text(columns, rows), newline="")))
+
+
+def read_csv_rows(path: Path) -> list[dict] | None:
+    """The rows of the CSV file `path` as csv.DictReader reads them (text values; a row cut short has None for the
+    fields it lost, a row too long a None key), or None when it cannot be read: missing, or not CSV text."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):  # csv.Error: a NUL byte, say
+        return None
+
+
+def is_complete_row(row: dict) -> bool:
+    """Whether a row read by csv.DictReader has exactly its header's fields (one cut short has fewer)."""
+    return None not in row and None not in row.values()
+
+
+def metrics_damage(path: Path, rows: list[dict] | None) -> str:
+    """In words, what is wrong with the metrics.csv at `path`, read as `rows` (read_csv_rows), when it does not hold
+    the rows of the run's finished rounds."""
+    if not path.exists():
+        return "it is missing"
+    if rows is None:
+        return "it is not CSV text"
+    if not rows:
+        return "it holds no rows"
+    if not all(map(is_complete_row, rows)):
+        return "a row is cut short"
+    return "rows of finished rounds are missing or differ from the ones written"
+
+
+def check_metric_rows_recoverable(run_dir: Path, manifest: dict) -> None:
+    """Refuse to resume a run whose metrics.csv lost rows that its manifest cannot restore: rows of rounds that
+    finished before manifests kept a journal of them (METRIC_JOURNAL). Rows in the journal are restored later, by
+    restore_metric_rows; without this check, a run whose metrics.csv is unreadable would fail after its next round's
+    training, and one cut short would lose rows for good."""
+    journal = manifest.get(METRIC_JOURNAL, {})
+    unjournaled = [index for index in done_rounds(manifest) if index not in journal]
+    if not unjournaled:
+        return
+    path = run_dir / METRICS
+    written = read_csv_rows(path)
+    whole = {row.get("round") for row in written or [] if is_complete_row(row)}
+    cut = {row.get("round") for row in written or [] if not is_complete_row(row)}
+    lost = [index for index in unjournaled if index not in whole or index in cut]
+    if lost:
+        raise config_lib.ConfigError(
+            f"{path}: the rows of round(s) {', '.join(lost)} are lost ({metrics_damage(path, written)}), and "
+            f"{run_dir / MANIFEST} predates the journal of metric rows that would restore them. Restore {METRICS} "
+            f"from a copy, or recompute them in a new run with this run's settings (`python main.py --config "
+            f"{run_dir / 'config.yaml'}`); nothing was changed")
+
+
+def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> None:
+    """Rewrite the run's metrics.csv from the manifest's journal unless it holds the finished rounds' rows as they
+    were written (missing, emptied, overwritten, cut short, rows lost or changed), with a warning naming the rows
+    it restores. Rows of rounds not finished are dropped with it: those rounds are evaluated again. Rows of rounds
+    finished before the journal existed are kept as the file holds them (check_metric_rows_recoverable refused the
+    resume if any are lost)."""
+    path = run_dir / METRICS
+    written = read_csv_rows(path)
+    whole = [row for row in written or [] if is_complete_row(row)]
+    journal = manifest.get(METRIC_JOURNAL, {})
+    finished = done_rounds(manifest)
+    wanted = [row for index in finished
+              for row in journal.get(index, [row for row in whole if row.get("round") == index])]
+    if not path.exists() and not wanted:
+        return  # no round has finished: nothing was written yet
+    if written is not None and [row for row in whole if row.get("round") in finished] == wanted:
+        return
+    damage = metrics_damage(path, written)
+    restored = ", ".join(f"round {row['round']} {row['model']}" for row in wanted if row not in whole)
+    write_csv_rows(path, columns, wanted)
+    print(f"warning: {path}: {damage}; rewritten from the rows {MANIFEST} recorded for the finished rounds, "
+          f"restoring {restored or 'no row'}", file=sys.stderr)
 
 
 TRAINING_RECORD = "training.json"  # in a member folder: steps run, the member's step, why its round stopped
@@ -257,11 +360,13 @@ def stated_settings(preset: str | None, config_file: str | None, overrides: dict
     return stated
 
 
-def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Config:
+def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None = None) -> config_lib.Config:
     """The saved config of the run in `run_dir`. A stated setting that differs from it is refused, naming the key:
     a run continues with the settings it started with, except a total_rounds stated on the command line or in a
     YAML file (see check_total_rounds_change). A preset's total_rounds is compared like the rest of it: restating
-    the preset a run started from must not add rounds to it."""
+    the preset a run started from must not add rounds to it. A `preset` other than the one the manifest records the
+    run was started from is refused too, even when its settings agree (the demo preset states none). Damage that
+    would stop the run later (its config.yaml, metric rows no journal restores) is refused now, by name."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise config_lib.ConfigError(
@@ -275,6 +380,7 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
     for member in manifest["members"]:  # verified before anything is rewritten, and before the rounds load them
         check_intact(run_dir / member, "later rounds were trained with it: restore it from a copy (its checksums.json "
                                        "says what it held), or start a new run")
+    check_metric_rows_recoverable(run_dir, manifest)
     saved = config_lib.load_saved_config(saved_path)
     types_by_key = config_lib.field_types()
     wanted = {key: dataclasses.replace(setting, value=config_lib.coerce(key, setting.value, types_by_key[key]))
@@ -284,6 +390,9 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
         new_total = wanted.pop("total_rounds").value
     conflicts = [f"{setting.source} sets {key} = {setting.value!r}, but the run was started with {key} = "
                  f"{getattr(saved, key)!r}" for key, setting in wanted.items() if setting.value != getattr(saved, key)]
+    started_from = manifest.get("preset")  # None: a run from before manifests recorded it
+    if preset is not None and started_from is not None and preset != started_from:
+        conflicts.insert(0, f"--preset {preset} is given, but the run was started from --preset {started_from}")
     if conflicts:
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
                                      "settings it was started with (only total_rounds may change, on the command "
@@ -346,13 +455,16 @@ def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rou
                                      f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
 
 
-def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state) -> tuple[Path, dict]:
+def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state,
+             preset: str) -> tuple[Path, dict]:
     """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
-    folder, never an existing one, picked by one process so that every process agrees on it."""
+    folder, never an existing one, picked by one process so that every process agrees on it. A new run's manifest
+    records the `preset` it was started from (a resume refuses another)."""
     if resume_dir is not None:
         return resume_dir, resumed_manifest(resume_dir, config, state)
     manifest = {**new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id),
-                "config": config.to_dict()}  # what check_saved_config compares config.yaml with on resume
+                "config": config.to_dict(),  # what check_saved_config compares config.yaml with on resume
+                "preset": preset}
     run_dir = None
     if state.is_main_process:
         run_dir = utils.new_run_dir(config.output_root)
@@ -400,9 +512,8 @@ def best_folder(run_dir: Path, round_index: int) -> Path:
 def remove_finished_rounds_checkpoints(run_dir: Path, manifest: dict) -> None:
     """Drop the checkpoints of rounds the manifest marks done: a kill right after the manifest write leaves them
     behind, and a finished round's state is its member."""
-    for index, status in manifest["rounds"].items():
-        if status == "done":
-            shutil.rmtree(checkpoint_folder(run_dir, int(index)), ignore_errors=True)
+    for index in done_rounds(manifest):
+        shutil.rmtree(checkpoint_folder(run_dir, int(index)), ignore_errors=True)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------

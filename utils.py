@@ -171,6 +171,21 @@ def check_student_tokenizer(teacher_tokenizer, student_model: str, teacher_name:
     check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_model)
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model or data `name` can only be meant as a local path: hub names are "name" or "owner/name",
+    and "owner" is no folder here."""
+    parent = Path(name).parent
+    return name.startswith(("/", ".", "~")) or name.count(os.sep) > 1 or (parent != Path(".") and parent.is_dir())
+
+
+def check_model_folder(key: str, name: str) -> None:
+    """Refuse the model setting `key` = `name` when it is meant as a local folder (looks_like_local_path) that is
+    not one: loading would ask the hub for it instead."""
+    if looks_like_local_path(name) and not Path(name).is_dir():
+        raise ConfigError(f"config key {key!r} = {name!r}: no such folder. Give the folder of a saved model (its "
+                          "config.json, weights and tokenizer) or a hub name (owner/name)")
+
+
 def check_vocab_fits(model, vocab_size: int, name: str) -> None:
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < vocab_size:
@@ -307,13 +322,19 @@ def student_layer_indices(config, round_index: int, num_teacher_layers: int) -> 
     shifted so members start from different sub-networks.
     """
     layers = list(config.teacher_layers)
-    if any(not 0 <= i < num_teacher_layers for i in layers):
-        raise ValueError(f"config key 'teacher_layers' = {layers} has indices outside the teacher's "
-                         f"{num_teacher_layers} layers")
+    check_teacher_layers(layers, num_teacher_layers)
     shift = round_index * config.teacher_layers_shift
     inner = [min(max(i + shift, layers[0] + 1), layers[-1] - 1) for i in layers[1:-1]]
     shifted = [layers[0], *inner, layers[-1]] if len(layers) > 1 else layers
     return sorted(set(shifted))
+
+
+def check_teacher_layers(layers: list[int], num_teacher_layers: int) -> None:
+    """Refuse teacher_layers that name a layer the teacher (of `num_teacher_layers` layers) lacks."""
+    outside = [i for i in layers if not 0 <= i < num_teacher_layers]
+    if outside:
+        raise ConfigError(f"config key 'teacher_layers' = {layers} names layer(s) {outside} outside the teacher's "
+                          f"{num_teacher_layers} layers: give indices from 0 to {num_teacher_layers - 1}")
 
 
 def teacher_layers_config(teacher_config, layers: list[int]):

@@ -320,9 +320,11 @@ def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoin
 
 def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
     manifest = run_state.new_manifest("abc", 0, 0, 2)
-    done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0])
+    rows = run_state.csv_text_rows(["round", "model", "ce"], [{"round": 0, "model": "student", "ce": 1.5}])
+    done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0], rows)
     assert done["rounds"] == {"0": "done", "1": "pending"} and done["members"] == ["ensemble/member_0"]
     assert done["weights"] == [1.0] and done["teacher_evaluated"] and not manifest["teacher_evaluated"]
+    assert done["metric_rows"] == {"0": [{"round": "0", "model": "student", "ce": "1.5"}]}  # as metrics.csv holds them
     for index in (0, 1):
         (tmp_path / "checkpoints" / f"round_{index}" / "checkpoint-1").mkdir(parents=True)
     run_state.remove_finished_rounds_checkpoints(tmp_path, done)
@@ -336,7 +338,7 @@ class OneProcess:
 def written_run(tmp_path, **settings):
     """A run folder as open_run writes it (config.yaml and a manifest recording the settings), test preset."""
     config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), **settings})
-    run_dir, _ = run_state.open_run(config, None, None, OneProcess())
+    run_dir, _ = run_state.open_run(config, None, None, OneProcess(), "test")
     return run_dir
 
 
@@ -381,3 +383,25 @@ def test_a_damaged_manifest_is_refused_by_name(tmp_path, damage):
     with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'manifest.json'} is damaged .*: the run's progress "
                                                      "cannot be read"):
         run_state.resumed_config(run_dir, {})
+
+
+def test_metrics_csv_is_rewritten_only_when_rows_of_finished_rounds_are_lost_or_changed(tmp_path, capsys):
+    run_dir = written_run(tmp_path)
+    manifest = run_state.load_manifest(run_dir)
+    path = run_dir / "metrics.csv"
+    columns = ["round", "model", "ce"]
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert not path.exists() and capsys.readouterr().err == ""  # no round has finished: nothing to write
+    rows = run_state.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
+    manifest = run_state.finished_round(manifest, 0, "ensemble/member_0", None, rows)
+    # Round 1 evaluated, killed before its manifest write: its row is no damage (the round is evaluated again).
+    run_state.write_csv_rows(path, columns, [*rows, {"round": 1, "model": "student", "ce": 1.25}])
+    whole = path.read_bytes()
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert path.read_bytes() == whole and capsys.readouterr().err == ""
+    path.write_text("round,model,ce\n0,student,1.25\n")  # edited
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert path.read_text() == "round,model,ce\n0,student,1.5\n"
+    assert capsys.readouterr().err == (f"warning: {path}: rows of finished rounds are missing or differ from the ones "
+                                       "written; rewritten from the rows manifest.json recorded for the finished "
+                                       "rounds, restoring round 0 student\n")
