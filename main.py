@@ -132,6 +132,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     setup."""
     config, resume_dir = resolve_config(args)
     tracking.tracker_names(config.report_to)  # an unknown tracker is refused before anything loads
+    check_model_folders(config)
     if args.dry_run:
         print_plan(config, resume_dir)
         print("\n".join(prediction_lines(config)))
@@ -140,6 +141,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
         return prepare_only(config)
     state = utils.process_state(config.device, config.process_group_timeout_minutes)
     teacher_path, tokenizer = teacher_tokenizer(config, state)
+    check_fits_teacher(config, teacher_path, len(tokenizer))
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
     if preempted_during_setup(preemption, state.device, "the rest of the setup"):
@@ -163,13 +165,15 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     output_folder = resume_dir or Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
     # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
-    run_state.check_disk_for_a_round(output_folder, utils.student_parameter_count(round_config, teacher, tokenizer))
+    run_state.check_disk_for_a_round(output_folder, utils.student_skeleton(round_config, teacher, tokenizer),
+                                     tokenizer, config)
     if preempted_during_setup(preemption, state.device, "the run folder is written"):
         return run_state.EXIT_PREEMPTED
-    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state)
+    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, chosen_preset(args))
     print_plan(config, folder, counts, data)
     if state.is_main_process:
         run_state.remove_finished_rounds_checkpoints(folder, manifest)
+        run_state.restore_metric_rows(folder, METRIC_COLUMNS, manifest)
     trackers = (tracking.round_trackers(config.report_to, config.tracker_project, folder, run_name(folder, config))
                 if state.is_main_process else [])
     frozen_dtype = utils.frozen_dtype(config.dtype, state.device)
@@ -189,14 +193,27 @@ def resolve_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path | 
     overrides = config_lib.command_line_settings(args)
     if args.resume is not None:
         stated = run_state.stated_settings(args.preset, args.config_file, overrides)
-        return run_state.resumed_config(Path(args.resume), stated), Path(args.resume)
-    config = config_lib.build_config(args.preset or config_lib.DEFAULT_PRESET, args.config_file, overrides)
+        return run_state.resumed_config(Path(args.resume), stated, args.preset), Path(args.resume)
+    config = config_lib.build_config(chosen_preset(args), args.config_file, overrides)
     if args.job_id is not None:
         # Looked for under the output_root the whole command line gives (a YAML file may set it).
         started = run_state.find_run_of_job(config.output_root, args.job_id)
         if started is not None:  # a requeued job repeats its command line: the run's saved config counts
             return run_state.resumed_config(Path(started), {}), Path(started)
     return config, None
+
+
+def chosen_preset(args: argparse.Namespace) -> str:
+    """The preset a new run starts from: --preset, or the default one."""
+    return args.preset or config_lib.DEFAULT_PRESET
+
+
+def check_model_folders(config: config_lib.Config) -> None:
+    """Refuse a teacher or student_model meant as a local folder that is not one, before anything loads (the hub
+    would be asked for it instead, and answer with a message about repository names)."""
+    utils.check_model_folder("teacher", config.teacher)
+    if config.student_init == "pretrained":
+        utils.check_model_folder("student_model", config.student_model)
 
 
 def prepare_only(config: config_lib.Config) -> int:
@@ -219,6 +236,19 @@ def teacher_tokenizer(config: config_lib.Config, state) -> tuple[str, object]:
     if config.student_init == "pretrained":
         utils.check_student_tokenizer(tokenizer, config.student_model, config.teacher, config.trust_remote_code)
     return teacher_path, tokenizer
+
+
+def check_fits_teacher(config: config_lib.Config, teacher_path: str, vocab_size: int) -> None:
+    """Refuse settings the teacher cannot meet, from its tokenizer (`vocab_size` tokens) and its config.json, before
+    the data is prepared and any weights load: a top-k cache of more entries than the vocabulary, and students that
+    copy layers the teacher lacks."""
+    if config.teacher_mode == "topk" and config.cache_k > vocab_size:
+        raise config_lib.ConfigError(f"config key 'cache_k' = {config.cache_k} is more than the teacher's vocabulary "
+                                     f"of {vocab_size} tokens: give at most {vocab_size}")
+    if config.student_init == "teacher_layers":
+        layers = AutoConfig.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code).num_hidden_layers
+        # The layers the rounds copy: a single_large baseline spreads its own over the teacher.
+        utils.check_teacher_layers(utils.baseline_round_config(config, layers).teacher_layers, layers)
 
 
 def whole_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state) -> torch.nn.Module:
@@ -409,9 +439,11 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     signal stopped the training; it checkpointed first."""
     member_dir = run_state.member_folder(run.folder, round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
+        run_state.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
+                                           "its checkpoints")
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
         return utils.load_causal_lm(str(member_dir), torch.float32, run.config.trust_remote_code).to(run.device)
-    run_state.check_disk_for_a_round(run.folder, utils.count_parameters(student))
+    run_state.check_disk_for_a_round(run.folder, student, run.tokenizer, run.config)
     resume_from = run_state.latest_complete_checkpoint(run_state.checkpoint_folder(run.folder, round_index),
                                                        run.state.num_processes)
     if run.state.is_main_process:
@@ -463,8 +495,14 @@ def early_stopping(run: Run, round_index: int, resume_from: Path | None) -> Earl
 
 
 def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn.Module:
-    """The round's final student: the best weights early stopping kept, or else `checkpoint`'s."""
-    folder = run_state.best_folder(run.folder, round_index) if run.config.eval_steps else checkpoint
+    """The round's final student: the best weights early stopping kept, or else `checkpoint`'s (checked when it was
+    chosen: run_state.latest_complete_checkpoint)."""
+    folder = checkpoint
+    if run.config.eval_steps:
+        folder = run_state.best_folder(run.folder, round_index)
+        run_state.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
+                                       f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains "
+                                       "the round again")
     return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
 
 
@@ -482,8 +520,8 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
                    CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
                    run_state.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
-                   run_state.CheckDiskBeforeSave(run.folder,
-                                                 run_state.checkpoint_bytes(utils.count_parameters(student))),
+                   run_state.CheckDiskBeforeSave(run.folder, run_state.checkpoint_bytes(student, run.tokenizer)),
+                   run_state.RecordChecksums(),
                    *tracking.trainer_callbacks(run.config.report_to, run.folder, round_index,
                                                run.state.is_main_process)],
         chunk_size=run.config.loss_chunk_size, teacher_cache=run.cache, round_index=round_index,
@@ -544,22 +582,18 @@ def evaluate_round(run: Run, round_index: int, untrained: torch.nn.Module) -> li
 
 def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     """The round written down (metric rows, the ensemble's configs, sample answers, then the manifest that marks it
-    done), and the run with that manifest: every process keeps it in memory (it decides what the next round
-    evaluates); one writes the files."""
+    done, with the rows as written: the journal a damaged metrics.csv is restored from), and the run with that
+    manifest: every process keeps it in memory (it decides what the next round evaluates); one writes the files."""
+    rows = recorded_rows(run, round_index, rows)
+    written = run_state.csv_text_rows(METRIC_COLUMNS, rows)
     manifest = run_state.finished_round(run.manifest, round_index,
                                         str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
-                                        run.weights, member_data_description(run, round_index))
+                                        run.weights, written, member_data_description(run, round_index))
     if run.state.is_main_process:
-        training = run_state.training_record(run_state.member_folder(run.folder, round_index))
-        rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
-                if row["model"] in TRAINED_ROWS else row for row in rows]
-        columns = compute_columns(run, [run.folder / path for path in manifest["members"]])
-        rows = [{**row, **columns.get(row["model"], {})} for row in rows]
-        rows = plot.rows_with_gap_closed(rows, run.folder / "metrics.csv")
         tracking.log_round(run.trackers, round_index, rows)
         # This round's rows replace any that an interrupted evaluation of it left behind.
-        run_state.replace_csv_rows(run.folder / "metrics.csv", METRIC_COLUMNS,
-                                   lambda row: int(row["round"]) != round_index, rows)
+        run_state.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
+                                   lambda row: int(row["round"]) != round_index, written)
         # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
                                               weights=run.weights)
@@ -571,6 +605,19 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     print(f"round {round_index}: student ce {ce['student']:.4f} (untrained {ce['student_untrained']:.4f}), "
           f"ensemble of {len(run.members)} ce {ce['ensemble']:.4f}")
     return dataclasses.replace(run, manifest=manifest)
+
+
+def recorded_rows(run: Run, round_index: int, rows: list[dict]) -> list[dict]:
+    """The round's evaluation rows as metrics.csv records them: with the trained rows' training record (steps,
+    stop), every row's compute columns and gap_closed. Every process computes them (the manifest it keeps holds
+    them); the files they read are written before the evaluation's collectives, which every process has passed."""
+    training = run_state.training_record(run_state.member_folder(run.folder, round_index))
+    rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
+            if row["model"] in TRAINED_ROWS else row for row in rows]
+    columns = compute_columns(run, [*(run.folder / path for path in run.manifest["members"]),
+                                    run_state.member_folder(run.folder, round_index)])
+    rows = [{**row, **columns.get(row["model"], {})} for row in rows]
+    return plot.rows_with_gap_closed(rows, run.folder / run_state.METRICS)
 
 
 def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
@@ -607,7 +654,7 @@ def report(run: Run) -> None:
     """The metrics table, the ensemble against its best member, and the figures; then processes leave together
     (one leaving early can abort the other)."""
     if run.state.is_main_process:
-        print("\n" + plot.metrics_summary(pd.read_csv(run.folder / "metrics.csv")))
+        print("\n" + plot.metrics_summary(pd.read_csv(run.folder / run_state.METRICS)))
         for figure in plot.plot_run(run.folder) if run.config.plots else []:
             print(f"figure: {figure}")
         print(f"\nrun folder: {run.folder}")

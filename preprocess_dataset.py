@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -29,11 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer
 
 from model_io import IGNORE_INDEX
 import embedded
-from utils import publish_folder
+from utils import looks_like_local_path, publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +149,16 @@ def _load_raw(source: str, split: str) -> datasets.Dataset:
         # to no data").
         if _holds_no_records(path):
             raise DataError(_no_conversations(source))
-        return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    if _looks_like_local_path(source):
+        try:
+            return datasets.load_dataset(LOCAL_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except (DatasetGenerationError, ValueError) as error:  # pyarrow's parse errors are ValueErrors
+            bad = _first_bad_json_line(path) if path.suffix in (".json", ".jsonl") else None
+            if bad is None:
+                raise
+            line, reason = bad
+            raise DataError(f"{source}: invalid JSON at line {line} ({reason}). Fix or remove that line: each record "
+                            "must be a JSON object (one per line in a .jsonl file).") from error
+    if looks_like_local_path(source):
         raise DataError(f"{source}: no such file or folder. Check the --dataset path.")
     return datasets.load_dataset(source, split=split)
 
@@ -168,6 +175,33 @@ def _holds_no_records(path: Path) -> bool:
     return start[:2] in ("", "[]")
 
 
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The number of the first line of a JSON file that does not parse, and why: the first line of a JSON Lines file
+    that is not one JSON object, or the line of a JSON array file's first syntax error; None when it parses (it is
+    read only when `datasets` failed to, so a large file costs nothing here otherwise)."""
+    data = path.read_bytes()
+    if data.lstrip().startswith(b"["):  # one JSON document, an array of records
+        try:
+            json.loads(data)
+        except UnicodeDecodeError as error:
+            return data[:error.start].count(b"\n") + 1, str(error)
+        except json.JSONDecodeError as error:
+            return error.lineno, f"{error.msg}: column {error.colno}"
+        return None
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError as error:
+            return number, str(error)
+        except json.JSONDecodeError as error:
+            return number, f"{error.msg}: column {error.colno}"
+        if not isinstance(record, dict):
+            return number, "a JSON value that is not an object"
+    return None
+
+
 def _saved_without_rows(path: Path) -> bool:
     """Whether a `save_to_disk` Dataset folder holds no data file (`datasets` fails to load one with an IndexError)."""
     state = path / "state.json"
@@ -178,11 +212,6 @@ def _no_conversations(source: str) -> str:
     return (f"{source}: holds no conversations (it is empty). Point --dataset at data with at least one "
             f"conversation: records with a 'messages' list of role/content turns (or ShareGPT 'conversations'), "
             f"one JSON object per line in a .jsonl file.")
-
-
-def _looks_like_local_path(source: str) -> bool:
-    """Whether `source` can only be meant as a path (hub names are "name" or "owner/name")."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1
 
 
 def _load_folder(path: Path, split: str, source: str) -> datasets.Dataset:
@@ -526,6 +555,7 @@ def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size
     """Return the prepared dataset in `output_dir`, building and saving it (tokenized by `num_proc` processes)
     unless a matching one is already there."""
     output_dir = Path(output_dir)
+    remove_dead_staging(output_dir)
     wanted = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
                        max_examples=max_examples, split=split)
     existing = _read_metadata(output_dir)
@@ -606,20 +636,16 @@ def describe_member_data(member_data: str, round_index: int, rounds: int, data_s
 
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:
-    """Save into a temporary sibling folder, then rename it: a killed run leaves no complete-looking folder."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        save_dataset(dataset, metadata, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Save into a staging folder beside it, then rename that: a killed run leaves no complete-looking folder, and
+    the next preparation removes what it left (utils.remove_dead_staging)."""
 
     def is_same_build(folder: Path) -> bool:
         existing = _read_metadata(folder)
         return existing is not None and all(existing.get(key) == metadata.get(key) for key in REUSE_KEYS)
 
-    publish_folder(staging, output_dir, is_same_build)
+    with staging(output_dir, folder=True) as staging_dir:
+        save_dataset(dataset, metadata, staging_dir)
+        publish_folder(staging_dir, output_dir, is_same_build)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

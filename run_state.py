@@ -7,25 +7,38 @@
   other file a resume relies on are written atomically: to a temporary file, then renamed, so a half-written file
   is never taken for a whole one.
 - Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them.
+  The manifest keeps a journal of each finished round's metrics.csv rows: a resume restores a metrics.csv that was
+  lost, emptied, overwritten or cut short from it, before any training.
 - Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last; with several processes,
   each process's RNG state must be there too), and the disk is checked before each one is written.
+- Checkpoints, early stopping's best weights and members record each of their files' size and sha256 in
+  checksums.json when they are written; a resume checks them before it uses the folder: a damaged checkpoint is
+  passed over for the newest intact one, a damaged member or best folder is refused by name.
+- A write that fails for want of disk stops the run with DiskSpaceError (exit code 2), naming the folder and the
+  bytes needed; the files written before it stay as they were.
 - SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption) ask the trainer to checkpoint at the
   next step boundary and stop (one during setup stops the run before it writes anything); the run then exits with
   EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
 """
 
+import contextlib
 import csv
 import dataclasses
+import errno
+import functools
+import hashlib
 import io
 import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 from transformers import TrainerCallback
 
@@ -34,11 +47,15 @@ import utils
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
+METRICS = "metrics.csv"
+METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKSUMS = "checksums.json"  # in a checkpoint, best or member folder: each of its files' size and sha256
 
 
 class DiskSpaceError(RuntimeError):
-    """Not enough free disk for the next checkpoint; the message gives the bytes needed and available."""
+    """Not enough free disk for what the run writes next (found before the write, or by a write that failed); the
+    message gives the folder and the bytes needed."""
 
 
 # --- atomic files -------------------------------------------------------------------------------------------------
@@ -50,16 +67,70 @@ def write_atomically(path: Path, text: str) -> None:
     write into each other's temporary file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with refuse_full_disk(path.parent, len(text.encode()), path.name,
+                          "its previous version is kept: free some space, then run the same command again"):
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# --- checksums: damage found before a saved folder is used ------------------------------------------------------
+
+def file_record(path: Path) -> dict:
+    """The size and sha256 of a file, read in a stream."""
+    with open(path, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def file_damage(path: Path, recorded: dict) -> str | None:
+    """How the file at `path` differs from `recorded`, its file_record when it was written (missing, cut short or
+    grown, or overwritten with other bytes of the same size); None when it does not."""
+    if not path.is_file():
+        return f"{path} is missing"
+    found = file_record(path)
+    if found["size"] != recorded["size"]:
+        return f"{path}: holds {found['size']:,} bytes, but {recorded['size']:,} when it was written"
+    if found["sha256"] != recorded["sha256"]:
+        return (f"{path}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but had sha256 "
+                f"{recorded['sha256']} when it was written")
+    return None
+
+
+def write_checksums(folder: Path) -> None:
+    """Record the size and sha256 of each file of `folder` in its checksums.json, written after them (atomically):
+    folder_damage checks them before the folder is used again."""
+    files = {path.name: file_record(path) for path in sorted(folder.iterdir())
+             if path.is_file() and path.name != CHECKSUMS}
+    write_atomically(folder / CHECKSUMS, json.dumps(files, indent=2) + "\n")
+
+
+def folder_damage(folder: Path) -> str | None:
+    """What is wrong with `folder` against its checksums.json (the first file that is not as recorded, or the record
+    itself unreadable); None when nothing is, or when it has no checksums.json: a folder saved before they were
+    recorded is taken as it is."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
     try:
-        with os.fdopen(fd, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        recorded = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{path} is unreadable ({error})"
+    problems = (file_damage(folder / name, record) for name, record in recorded.items())
+    return next((problem for problem in problems if problem is not None), None)
+
+
+def check_intact(folder: Path, what_to_do: str) -> None:
+    """Refuse (ConfigError) a folder that folder_damage finds damaged, naming the file and what was wrong with it."""
+    problem = folder_damage(folder)
+    if problem is not None:
+        raise config_lib.ConfigError(f"{problem}: {folder} is damaged and nothing was loaded from it; {what_to_do}")
 
 
 def new_manifest(config_fingerprint: str, seed: int, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
@@ -116,12 +187,19 @@ def mark_round_training(run_dir: Path, manifest: dict, round_index: int, resume_
 
 
 def finished_round(manifest: dict, round_index: int, member: str, weights: list[float] | None,
-                   member_data: str = "all") -> dict:
+                   metric_rows: list[dict], member_data: str = "all") -> dict:
     """The manifest once round `round_index` is done: its member folder (relative to the run) added, the members'
-    weights, which data the member trained on, and the teacher evaluated (round 0 evaluates it)."""
+    weights, which data the member trained on, its metrics.csv rows (csv_text_rows: the journal a damaged metrics.csv
+    is restored from), and the teacher evaluated (round 0 evaluates it)."""
     return {**manifest, "members": [*manifest["members"], member], "weights": weights,
             "member_data": {**manifest.get("member_data", {}), str(round_index): member_data},
+            METRIC_JOURNAL: {**manifest.get(METRIC_JOURNAL, {}), str(round_index): metric_rows},
             "rounds": {**manifest["rounds"], str(round_index): "done"}, "teacher_evaluated": True}
+
+
+def done_rounds(manifest: dict) -> list[str]:
+    """The indices (as the manifest keys them) of the rounds marked done, in order."""
+    return sorted((index for index, status in manifest["rounds"].items() if status == "done"), key=int)
 
 
 def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict]) -> None:
@@ -132,12 +210,103 @@ def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict])
     rows = []
     if path.is_file():
         with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if None not in row.values() and keep(row)]
+            rows = [row for row in csv.DictReader(f) if is_complete_row(row) and keep(row)]
+    write_csv_rows(path, columns, rows + new_rows)
+
+
+def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace the CSV file `path` with `rows` under a header of `columns`, atomically."""
+    write_atomically(path, csv_text(columns, rows))
+
+
+def csv_text(columns: list[str], rows: list[dict]) -> str:
+    """The text of a CSV file of `columns` holding `rows`."""
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows + new_rows)
-    write_atomically(path, text.getvalue())
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def csv_text_rows(columns: list[str], rows: list[dict]) -> list[dict]:
+    """`rows` as a CSV file of `columns` holds them, read back: every value as its text ("" for None). Written again,
+    they give the same bytes; compared with a file's rows (read_csv_rows), they tell whether it still holds them."""
+    return list(csv.DictReader(io.StringIO(csv_text(columns, rows), newline="")))
+
+
+def read_csv_rows(path: Path) -> list[dict] | None:
+    """The rows of the CSV file `path` as csv.DictReader reads them (text values; a row cut short has None for the
+    fields it lost, a row too long a None key), or None when it cannot be read: missing, or not CSV text."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):  # csv.Error: a NUL byte, say
+        return None
+
+
+def is_complete_row(row: dict) -> bool:
+    """Whether a row read by csv.DictReader has exactly its header's fields (one cut short has fewer)."""
+    return None not in row and None not in row.values()
+
+
+def metrics_damage(path: Path, rows: list[dict] | None) -> str:
+    """In words, what is wrong with the metrics.csv at `path`, read as `rows` (read_csv_rows), when it does not hold
+    the rows of the run's finished rounds."""
+    if not path.exists():
+        return "it is missing"
+    if rows is None:
+        return "it is not CSV text"
+    if not rows:
+        return "it holds no rows"
+    if not all(map(is_complete_row, rows)):
+        return "a row is cut short"
+    return "rows of finished rounds are missing or differ from the ones written"
+
+
+def check_metric_rows_recoverable(run_dir: Path, manifest: dict) -> None:
+    """Refuse to resume a run whose metrics.csv lost rows that its manifest cannot restore: rows of rounds that
+    finished before manifests kept a journal of them (METRIC_JOURNAL). Rows in the journal are restored later, by
+    restore_metric_rows; without this check, a run whose metrics.csv is unreadable would fail after its next round's
+    training, and one cut short would lose rows for good."""
+    journal = manifest.get(METRIC_JOURNAL, {})
+    unjournaled = [index for index in done_rounds(manifest) if index not in journal]
+    if not unjournaled:
+        return
+    path = run_dir / METRICS
+    written = read_csv_rows(path)
+    whole = {row.get("round") for row in written or [] if is_complete_row(row)}
+    cut = {row.get("round") for row in written or [] if not is_complete_row(row)}
+    lost = [index for index in unjournaled if index not in whole or index in cut]
+    if lost:
+        raise config_lib.ConfigError(
+            f"{path}: the rows of round(s) {', '.join(lost)} are lost ({metrics_damage(path, written)}), and "
+            f"{run_dir / MANIFEST} predates the journal of metric rows that would restore them. Restore {METRICS} "
+            f"from a copy, or recompute them in a new run with this run's settings (`python main.py --config "
+            f"{run_dir / 'config.yaml'}`); nothing was changed")
+
+
+def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> None:
+    """Rewrite the run's metrics.csv from the manifest's journal unless it holds the finished rounds' rows as they
+    were written (missing, emptied, overwritten, cut short, rows lost or changed), with a warning naming the rows
+    it restores. Rows of rounds not finished are dropped with it: those rounds are evaluated again. Rows of rounds
+    finished before the journal existed are kept as the file holds them (check_metric_rows_recoverable refused the
+    resume if any are lost)."""
+    path = run_dir / METRICS
+    written = read_csv_rows(path)
+    whole = [row for row in written or [] if is_complete_row(row)]
+    journal = manifest.get(METRIC_JOURNAL, {})
+    finished = done_rounds(manifest)
+    wanted = [row for index in finished
+              for row in journal.get(index, [row for row in whole if row.get("round") == index])]
+    if not path.exists() and not wanted:
+        return  # no round has finished: nothing was written yet
+    if written is not None and [row for row in whole if row.get("round") in finished] == wanted:
+        return
+    damage = metrics_damage(path, written)
+    restored = ", ".join(f"round {row['round']} {row['model']}" for row in wanted if row not in whole)
+    write_csv_rows(path, columns, wanted)
+    print(f"warning: {path}: {damage}; rewritten from the rows {MANIFEST} recorded for the finished rounds, "
+          f"restoring {restored or 'no row'}", file=sys.stderr)
 
 
 TRAINING_RECORD = "training.json"  # in a member folder: steps run, the member's step, why its round stopped
@@ -145,15 +314,19 @@ TRAINING_RECORD = "training.json"  # in a member folder: steps run, the member's
 
 def save_member_atomically(student, tokenizer, member_dir: Path, training: dict | None = None) -> None:
     """A clean `save_pretrained` folder with the tokenizer (and `training`, the record of how the round trained,
-    as training.json), moved into place only when complete."""
+    as training.json) and the checksums of its files, moved into place only when complete."""
     tmp = member_dir.with_name(member_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if training is not None:
-        (tmp / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
-    shutil.rmtree(member_dir, ignore_errors=True)
-    os.replace(tmp, member_dir)
+    with refuse_full_disk(member_dir.parent, member_bytes(student, tokenizer), member_dir.name,
+                          "what was saved before is kept: free some space, then continue the run with "
+                          "`python main.py --resume` and its run folder"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if training is not None:
+            (tmp / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
+        write_checksums(tmp)
+        shutil.rmtree(member_dir, ignore_errors=True)
+        os.replace(tmp, member_dir)
 
 
 def training_record(member_dir: Path) -> dict:
@@ -187,11 +360,13 @@ def stated_settings(preset: str | None, config_file: str | None, overrides: dict
     return stated
 
 
-def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Config:
+def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None = None) -> config_lib.Config:
     """The saved config of the run in `run_dir`. A stated setting that differs from it is refused, naming the key:
     a run continues with the settings it started with, except a total_rounds stated on the command line or in a
     YAML file (see check_total_rounds_change). A preset's total_rounds is compared like the rest of it: restating
-    the preset a run started from must not add rounds to it."""
+    the preset a run started from must not add rounds to it. A `preset` other than the one the manifest records the
+    run was started from is refused too, even when its settings agree (the demo preset states none). Damage that
+    would stop the run later (its config.yaml, metric rows no journal restores) is refused now, by name."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise config_lib.ConfigError(
@@ -202,6 +377,10 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {MANIFEST}: it did not "
                                      "get past its setup; start a new run instead")
     check_saved_config(run_dir, manifest)
+    for member in manifest["members"]:  # verified before anything is rewritten, and before the rounds load them
+        check_intact(run_dir / member, "later rounds were trained with it: restore it from a copy (its checksums.json "
+                                       "says what it held), or start a new run")
+    check_metric_rows_recoverable(run_dir, manifest)
     saved = config_lib.load_saved_config(saved_path)
     types_by_key = config_lib.field_types()
     wanted = {key: dataclasses.replace(setting, value=config_lib.coerce(key, setting.value, types_by_key[key]))
@@ -211,6 +390,9 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated]) -> config_lib.Confi
         new_total = wanted.pop("total_rounds").value
     conflicts = [f"{setting.source} sets {key} = {setting.value!r}, but the run was started with {key} = "
                  f"{getattr(saved, key)!r}" for key, setting in wanted.items() if setting.value != getattr(saved, key)]
+    started_from = manifest.get("preset")  # None: a run from before manifests recorded it
+    if preset is not None and started_from is not None and preset != started_from:
+        conflicts.insert(0, f"--preset {preset} is given, but the run was started from --preset {started_from}")
     if conflicts:
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
                                      "settings it was started with (only total_rounds may change, on the command "
@@ -273,13 +455,16 @@ def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rou
                                      f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
 
 
-def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state) -> tuple[Path, dict]:
+def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state,
+             preset: str) -> tuple[Path, dict]:
     """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
-    folder, never an existing one, picked by one process so that every process agrees on it."""
+    folder, never an existing one, picked by one process so that every process agrees on it. A new run's manifest
+    records the `preset` it was started from (a resume refuses another)."""
     if resume_dir is not None:
         return resume_dir, resumed_manifest(resume_dir, config, state)
     manifest = {**new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id),
-                "config": config.to_dict()}  # what check_saved_config compares config.yaml with on resume
+                "config": config.to_dict(),  # what check_saved_config compares config.yaml with on resume
+                "preset": preset}
     run_dir = None
     if state.is_main_process:
         run_dir = utils.new_run_dir(config.output_root)
@@ -327,34 +512,44 @@ def best_folder(run_dir: Path, round_index: int) -> Path:
 def remove_finished_rounds_checkpoints(run_dir: Path, manifest: dict) -> None:
     """Drop the checkpoints of rounds the manifest marks done: a kill right after the manifest write leaves them
     behind, and a finished round's state is its member."""
-    for index, status in manifest["rounds"].items():
-        if status == "done":
-            shutil.rmtree(checkpoint_folder(run_dir, int(index)), ignore_errors=True)
+    for index in done_rounds(manifest):
+        shutil.rmtree(checkpoint_folder(run_dir, int(index)), ignore_errors=True)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 def latest_complete_checkpoint(checkpoint_dir: Path, num_processes: int = 1) -> Path | None:
-    """The newest complete checkpoint (see is_complete_checkpoint); older ones are the last good state when the
-    newest was cut short while being written."""
+    """The newest complete and intact checkpoint (see is_complete_checkpoint and folder_damage); older ones are the
+    last good state when the newest was cut short while being written, or damaged since. A damaged one is passed
+    over with a warning that names it and what is wrong."""
     if not checkpoint_dir.is_dir():
         return None
     candidates = [p for p in checkpoint_dir.iterdir()
                   if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
-        if is_complete_checkpoint(candidate, num_processes):
+        if not is_complete_checkpoint(candidate, num_processes):
+            continue
+        problem = folder_damage(candidate)
+        if problem is None:
             return candidate
+        print(f"warning: {problem}: checkpoint {candidate} is damaged, so the round resumes from an older one (or "
+              "from its start) and writes it again", flush=True)
     return None
 
 
 def is_complete_checkpoint(checkpoint: Path, num_processes: int) -> bool:
     """Whether the Trainer finished writing `checkpoint`.
 
-    One process writes trainer_state.json after everything else, so it parsing is enough. With several processes,
-    the main process writes it without waiting for the others' rng_state_{i}.pth (a resumed process without its
-    own RNG state silently draws other random numbers), so every one of those must be there too. A checkpoint
-    written by a single process (rng_state.pth) is complete without them.
+    A checkpoint with checksums.json is: it is written last, once every process has written its files
+    (RecordChecksums); whether they are still intact is folder_damage's question. Without it (a checkpoint of an
+    earlier version, or one killed just before its checksums were written), the rule is the Trainer's: one process
+    writes trainer_state.json after everything else, so it parsing is enough. With several processes, the main
+    process writes it without waiting for the others' rng_state_{i}.pth (a resumed process without its own RNG
+    state silently draws other random numbers), so every one of those must be there too. A checkpoint written by a
+    single process (rng_state.pth) is complete without them.
     """
+    if (checkpoint / CHECKSUMS).is_file():
+        return True
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -368,9 +563,61 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
 
 
-def checkpoint_bytes(parameters: int) -> int:
-    """About one checkpoint of a model trained in fp32 with AdamW: the weights and the optimizer's two moments."""
-    return parameters * 4 * 3
+class RecordChecksums(TrainerCallback):
+    """Writes each checkpoint's checksums.json once every process has written its part of it, so that a resume
+    tells a damaged checkpoint from an intact one (latest_complete_checkpoint)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()  # every process's RNG state is written
+        if state.is_world_process_zero:
+            write_checksums(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+        return control
+
+
+# --- disk -----------------------------------------------------------------------------------------------------------
+
+# What a checkpoint's and a member's files hold besides the weights (fp32: students train with fp32 master weights),
+# the optimizer's two fp32 AdamW moments and the tokenizer's files, set above what a tiny model's files take (in
+# brackets; docs/resume.md compares the whole estimate with real checkpoints):
+WEIGHTS_HEADER_BYTES = 256  # per tensor, in the safetensors weights file (~100)
+OPTIMIZER_HEADER_BYTES = 1024  # per tensor, in optimizer.pt: the records of its moments and step (~820)
+CONFIG_BYTES = 8 * 1024  # the model and generation configs, checksums.json, a member's training.json (~3 kB)
+# A checkpoint's RNG states, scheduler, trainer state and training arguments (~22 kB). The trainer state's log
+# history grows by ~0.3 kB per log: a round of many thousand logged steps outgrows this, by little beside its weights.
+TRAINER_FILES_BYTES = 64 * 1024
+
+
+@functools.cache  # measured once per tokenizer
+def saved_tokenizer_bytes(tokenizer) -> int:
+    """What the tokenizer's files take in each checkpoint and member folder, measured by saving it once to a
+    temporary folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return sum(path.stat().st_size for path in Path(folder).iterdir())
+
+
+def member_bytes(model, tokenizer) -> int:
+    """About a member folder (or early stopping's best weights) of `model`: its fp32 weights, each distinct tensor
+    once, the tokenizer and the configs."""
+    parameters = list(model.parameters())  # distinct: a tied head is saved once
+    return (4 * sum(p.numel() for p in parameters) + WEIGHTS_HEADER_BYTES * len(parameters)
+            + saved_tokenizer_bytes(tokenizer) + CONFIG_BYTES)
+
+
+def checkpoint_bytes(model, tokenizer) -> int:
+    """About one Trainer checkpoint of `model` trained with AdamW: what a member folder holds, the optimizer's two
+    fp32 moments, and the trainer's own files."""
+    parameters = list(model.parameters())
+    return (member_bytes(model, tokenizer) + 8 * sum(p.numel() for p in parameters)
+            + OPTIMIZER_HEADER_BYTES * len(parameters) + TRAINER_FILES_BYTES)
+
+
+def round_bytes(model, tokenizer, config: config_lib.Config) -> int:
+    """About the most a round of `model` holds on disk at once: keep_checkpoints + 1 checkpoints (the Trainer writes
+    the newest before it removes the oldest), early stopping's best weights (eval_steps), and its member, which is
+    saved while the checkpoints are still there."""
+    return ((config.keep_checkpoints + 1) * checkpoint_bytes(model, tokenizer)
+            + (2 if config.eval_steps else 1) * member_bytes(model, tokenizer))
 
 
 def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
@@ -382,12 +629,34 @@ def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
                              f"{advice}")
 
 
-def check_disk_for_a_round(folder: Path, parameters: int) -> None:
-    """Refuse to start a round whose checkpoints cannot be written: two at once (the newest is written before the
-    oldest is pruned). Each write is checked again just before it happens (CheckDiskBeforeSave)."""
-    check_disk_space(folder, 2 * checkpoint_bytes(parameters),
-                     f"the next checkpoints ({parameters:,} parameters with their optimizer state)",
+def check_disk_for_a_round(folder: Path, model, tokenizer, config: config_lib.Config) -> None:
+    """Refuse to start a round of `model` (a student, or its skeleton on the meta device) whose files the disk
+    cannot hold (round_bytes). Each checkpoint write is checked again just before it happens
+    (CheckDiskBeforeSave)."""
+    check_disk_space(folder, round_bytes(model, tokenizer, config),
+                     f"a round's checkpoints, best weights and member ({utils.count_parameters(model):,} parameters "
+                     f"with their optimizer state, {config.keep_checkpoints} checkpoints kept)",
                      "free some space or point output_root elsewhere")
+
+
+@contextlib.contextmanager
+def refuse_full_disk(folder: Path, needed: int, what: str, advice: str):
+    """Turn a write of `what` into `folder` that fails for want of disk into DiskSpaceError, naming the folder and
+    `needed`, the bytes the write takes (estimated), with `advice`.
+
+    Python's own writes say so (OSError ENOSPC), but torch.save reports only that its write failed (a RuntimeError)
+    and safetensors raises an error of its own: any failure counts when the disk has less than `needed` bytes free.
+    """
+    try:
+        yield
+    except DiskSpaceError:  # from a write inside this one, which names itself
+        raise
+    except Exception as error:
+        free = shutil.disk_usage(folder).free
+        if free >= needed and not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
+            raise
+        raise DiskSpaceError(f"{folder}: the disk is full: writing {what} failed ({error}); about {needed:,} bytes "
+                             f"are needed there, {free:,} are free; {advice}") from error
 
 
 class CheckDiskBeforeSave(TrainerCallback):

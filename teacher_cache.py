@@ -62,7 +62,6 @@ for it (and takes over its staging folder if it dies) instead of building the sa
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -77,6 +76,7 @@ import torch
 from accelerate.utils import reduce
 
 import run_state
+import utils
 from losses import predictor_mask
 from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
 
@@ -417,14 +417,11 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     run sharing the cache folder), wait. The processes of a job take their shards' locks together, all or none, so
     that they stay in step (every call here is collective) and two jobs never each hold half.
 
-    An flock: the kernel releases it when its holder ends, however it ends (SIGKILL included), so a held lock is a
-    live build and a free one means any staging folder left is a dead build's, with no guessing from process ids
-    (reused, or another node's) or from ages. (On a file system that keeps flocks local to a node, such as Lustre
-    mounted with localflock, jobs on different nodes should not build one cache folder at the same time.)
+    A held lock is a live build, and a free one means any staging folder left is a dead build's (utils.try_lock).
     """
     waiting = False
     while True:
-        fd = _try_lock(path)
+        fd = utils.try_lock(path)
         if not run_state.any_process(fd is None, device):
             break
         if fd is not None:
@@ -438,24 +435,7 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # removed while held: see _try_lock
-        os.close(fd)
-
-
-def _try_lock(path: Path) -> int | None:
-    """A descriptor of the file `path` (created if need be) that holds its lock, or None while another process holds
-    it. A holder removes the file before it lets go, so a lock taken on a file no longer at `path` is let go and
-    taken again on the new file."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
+        path.unlink(missing_ok=True)  # removed while held: see utils.try_lock
         os.close(fd)
 
 
@@ -590,19 +570,11 @@ def _publish(staging: Path, shard_dir: Path, plan: dict) -> Path:
     """Record the size and sha256 of each file of the finished staging folder in its shard.json, and move it into
     place (a rename: readers never see half a shard); a shard another process finished first for the same plan is
     kept."""
-    from utils import publish_folder
-
-    files = {path.name: _file_record(path) for path in sorted(staging.glob("*.npy"))}
+    files = {path.name: run_state.file_record(path) for path in sorted(staging.glob("*.npy"))}
     record = {**_read_record(staging), "files": files}
     run_state.write_atomically(staging / SHARD_RECORD_FILE, json.dumps(record, indent=2) + "\n")
-    publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
+    utils.publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
     return shard_dir
-
-
-def _file_record(path: Path) -> dict:
-    """The size and sha256 of a file, read in a stream."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
 
 
 class ShardWriter:
@@ -899,13 +871,11 @@ def _verify_once(shard_dir: Path, files: dict[str, dict]) -> None:
     if key in _VERIFIED:
         return
     for name, recorded in files.items():
-        found = _file_record(shard_dir / name)
-        if found != recorded:
+        problem = run_state.file_damage(shard_dir / name, recorded)
+        if problem is not None:
             raise CacheCorruptError(
-                f"{shard_dir / name}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but "
-                f"{recorded['size']:,} bytes with sha256 {recorded['sha256']} when it was built: the file changed "
-                f"since (a disk or copy error, or an overwrite). Nothing was read from it; delete {shard_dir.parent} "
-                "to rebuild the cache, or point teacher_cache_dir at an intact copy")
+                f"{problem}: the file changed since (a disk or copy error, or an overwrite). Nothing was read from "
+                f"it; delete {shard_dir.parent} to rebuild the cache, or point teacher_cache_dir at an intact copy")
     _VERIFIED.add(key)
 
 
@@ -954,7 +924,6 @@ def main(argv=None) -> int:
     """Open the cache the arguments describe, or build it (or continue its build): 0 once it is complete,
     run_state.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
     import preprocess_dataset
-    import utils
 
     with run_state.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
         args = parse_args(argv)
@@ -988,8 +957,6 @@ def main(argv=None) -> int:
 def run_from_command_line(argv=None) -> int:
     """main() with the exit codes a launcher acts on, as main.py's: 0 done, 2 bad input (a cache built for other
     settings, which is kept, or too little disk), 75 preempted."""
-    import utils
-
     try:
         return main(argv)
     except (CacheMismatchError, run_state.DiskSpaceError) as error:

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl import SFTConfig, SFTTrainer
 
+import run_state
 from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
                     hybrid_loss_terms, next_token_targets, predictor_mask)
 from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
@@ -67,6 +68,7 @@ class DistillationTrainer(SFTTrainer):
         self.bad_steps_in_a_row = 0
         self.good_steps = 0  # optimizer steps taken by this trainer (a resumed round counts from its checkpoint)
         self.members = [self.freeze(member) for member in members]
+        self.checkpoint_bytes = run_state.checkpoint_bytes(model, processing_class)  # for a full disk's message
         # Our loss is already normalised by the optimizer step's supervised-token count (num_items_in_batch):
         # the Trainer must neither divide it by the accumulation steps nor skip counting the tokens.
         self.loss_is_scaled_for_ga = True
@@ -113,6 +115,16 @@ class DistillationTrainer(SFTTrainer):
                                      f"up to step {step}; stopped. The last good checkpoint is kept in "
                                      f"{self.args.output_dir}; lower the learning rate or check the data")
         return None
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint write. One that fails for want of disk stops the round with
+        run_state.DiskSpaceError, naming the folder and the bytes a checkpoint takes; the earlier checkpoints are
+        kept, and this one, without its trainer_state.json or checksums.json, never counts as complete."""
+        with run_state.refuse_full_disk(Path(self.args.output_dir), self.checkpoint_bytes,
+                                        f"the checkpoint of step {self.state.global_step}",
+                                        "the earlier checkpoints are kept: free some space, then continue the run "
+                                        "with `python main.py --resume` and its run folder"):
+            super()._save_checkpoint(model, trial)
 
     def freeze(self, model):
         model.eval().requires_grad_(False)

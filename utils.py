@@ -1,11 +1,16 @@
 """Helpers shared by the scripts: devices and dtypes, model and tokenizer loading, students, run folders, CSV rows."""
 
+import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,6 +171,21 @@ def check_student_tokenizer(teacher_tokenizer, student_model: str, teacher_name:
     check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_model)
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model or data `name` can only be meant as a local path: hub names are "name" or "owner/name",
+    and "owner" is no folder here."""
+    parent = Path(name).parent
+    return name.startswith(("/", ".", "~")) or name.count(os.sep) > 1 or (parent != Path(".") and parent.is_dir())
+
+
+def check_model_folder(key: str, name: str) -> None:
+    """Refuse the model setting `key` = `name` when it is meant as a local folder (looks_like_local_path) that is
+    not one: loading would ask the hub for it instead."""
+    if looks_like_local_path(name) and not Path(name).is_dir():
+        raise ConfigError(f"config key {key!r} = {name!r}: no such folder. Give the folder of a saved model (its "
+                          "config.json, weights and tokenizer) or a hub name (owner/name)")
+
+
 def check_vocab_fits(model, vocab_size: int, name: str) -> None:
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < vocab_size:
@@ -222,11 +242,10 @@ def student_model_config(config, teacher, tokenizer, round_index: int = 0):
                                                                        teacher.config.num_hidden_layers))
 
 
-def student_parameter_count(config, teacher, tokenizer, round_index: int = 0) -> int:
-    """The parameters of `round_index`'s student, counted from its model config on the meta device: no weight is
-    allocated or loaded."""
-    return compute.parameter_count(student_model_config(config, teacher, tokenizer, round_index),
-                                   config.trust_remote_code)
+def student_skeleton(config, teacher, tokenizer, round_index: int = 0):
+    """`round_index`'s student built from its model config on the meta device: its parameters' shapes, with no
+    weight allocated or loaded."""
+    return compute.meta_model(student_model_config(config, teacher, tokenizer, round_index), config.trust_remote_code)
 
 
 def flop_matched_config(config, round_config, teacher, tokenizer, tokens: tuple[int, int, int], num_processes: int):
@@ -303,13 +322,19 @@ def student_layer_indices(config, round_index: int, num_teacher_layers: int) -> 
     shifted so members start from different sub-networks.
     """
     layers = list(config.teacher_layers)
-    if any(not 0 <= i < num_teacher_layers for i in layers):
-        raise ValueError(f"config key 'teacher_layers' = {layers} has indices outside the teacher's "
-                         f"{num_teacher_layers} layers")
+    check_teacher_layers(layers, num_teacher_layers)
     shift = round_index * config.teacher_layers_shift
     inner = [min(max(i + shift, layers[0] + 1), layers[-1] - 1) for i in layers[1:-1]]
     shifted = [layers[0], *inner, layers[-1]] if len(layers) > 1 else layers
     return sorted(set(shifted))
+
+
+def check_teacher_layers(layers: list[int], num_teacher_layers: int) -> None:
+    """Refuse teacher_layers that name a layer the teacher (of `num_teacher_layers` layers) lacks."""
+    outside = [i for i in layers if not 0 <= i < num_teacher_layers]
+    if outside:
+        raise ConfigError(f"config key 'teacher_layers' = {layers} names layer(s) {outside} outside the teacher's "
+                          f"{num_teacher_layers} layers: give indices from 0 to {num_teacher_layers - 1}")
 
 
 def teacher_layers_config(teacher_config, layers: list[int]):
@@ -353,6 +378,90 @@ def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> 
             return run_dir
         except FileExistsError:
             number += 1
+
+
+STAGING_INFIX = ".partial-"  # .NAME.partial-XXXXXXXX: a staging entry of NAME (see staging)
+
+
+def try_lock(path: Path, create: bool = True) -> int | None:
+    """A descriptor of the file or folder `path` that holds its lock, or None while another process holds it.
+
+    An flock: the kernel releases it when its holder ends, however it ends (SIGKILL included), so a held lock is a
+    live writer and a free one means whatever it guards is a dead writer's, with no guessing from process ids
+    (reused, or another node's) or from ages. (On a file system that keeps flocks local to a node, such as Lustre
+    mounted with localflock, processes on different nodes should not write into one folder at the same time.)
+
+    A holder removes its entry before it lets go, so a lock taken on an entry no longer at `path` is let go: for a
+    lock file (`create`: made if need be) the lock is taken again on the new file; otherwise the entry is gone, and
+    FileNotFoundError says so, as it does when there was none.
+    """
+    while True:
+        fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
+        if not create:
+            raise FileNotFoundError(errno.ENOENT, "removed by the holder of its lock", str(path))
+
+
+@contextlib.contextmanager
+def staging(final: Path, folder: bool):
+    """A new, empty staging entry beside `final`, a folder or else a file, for its writer to fill and then move to
+    `final` (publish_folder, os.replace); removed if the writer stops before that.
+
+    Its lock (try_lock) is held until then, so remove_dead_staging tells the leftover of a writer that was killed
+    from the entry of one still writing (another run sharing the folder), and leaves the second alone.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}{STAGING_INFIX}"
+    while True:
+        if folder:
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
+            os.close(fd)
+            path = Path(name)
+        with contextlib.suppress(FileNotFoundError):  # another process's sweep removed it before we locked it
+            lock = try_lock(path, create=False)
+            if lock is not None:  # else that sweep holds it, and removes it
+                break
+    try:
+        yield path
+    finally:
+        if folder:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        os.close(lock)
+
+
+def remove_dead_staging(final: Path) -> list[Path]:
+    """Remove the staging entries of `final` (see staging) that writers killed before they finished left behind,
+    and keep those of writers still at work; the removed ones."""
+    removed = []
+    for leftover in sorted(final.parent.glob(glob.escape(f".{final.name}{STAGING_INFIX}") + "*")):
+        try:
+            lock = try_lock(leftover, create=False)
+        except FileNotFoundError:  # another process removed it first
+            continue
+        if lock is None:  # its writer is alive
+            continue
+        try:
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        finally:
+            os.close(lock)
+        print(f"removed {leftover}: an unfinished copy of {final.name} that a killed process left")
+        removed.append(leftover)
+    return removed
 
 
 def publish_folder(staging: Path, final: Path, is_same_build: Callable[[Path], bool]) -> None:

@@ -7,7 +7,7 @@ The global batch is the whole 8-example dataset whatever the split into processe
 1-process and a 2-process run must take the same step. With SGD at learning rate 1 the update is minus the
 gradient. Saved: the step's loss (summed over micro-batches and processes, as the Trainer logs it), the update of
 every parameter, the example ids each process trained on, and how many steps each process took (with
---signal_rank, one process receives the preemption signal: all must stop together).
+--signal_rank, one process receives the preemption signal: all must stop together, and checkpoint).
 """
 
 import argparse
@@ -15,6 +15,7 @@ import copy
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from conftest import build_tiny_llama, build_tokenizer, load_chats  # noqa: E402
 from losses import LossSettings  # noqa: E402
 from model_io import PaddingCollator  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
-from run_state import PreemptionSignal, StopOnSignal  # noqa: E402
+from run_state import PreemptionSignal, RecordChecksums, StopOnSignal  # noqa: E402
 from teacher_cache import with_example_ids  # noqa: E402
 from train import DistillationTrainer  # noqa: E402
 from utils import leave_process_group, process_state  # noqa: E402
@@ -39,11 +40,18 @@ NUM_EXAMPLES = 8
 
 
 class RecordingTrainer(DistillationTrainer):
-    """Keeps each micro-batch's loss and example ids."""
+    """Keeps each micro-batch's loss and example ids; process `slow_rank` writes its RNG state of a checkpoint two
+    seconds late, as on a slow file system."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, slow_rank: int = -1, **kwargs):
         super().__init__(*args, **kwargs)
         self.losses, self.example_ids = [], []
+        self.slow_rank = slow_rank
+
+    def _save_rng_state(self, output_dir):
+        if self.args.process_index == self.slow_rank:
+            time.sleep(2)
+        super()._save_rng_state(output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -61,6 +69,7 @@ def parse_args():
     parser.add_argument("--work_dir", required=True, help="shared by the runs compared (the teacher cache lives here)")
     parser.add_argument("--max_steps", type=int, default=1)
     parser.add_argument("--signal_rank", type=int, default=-1, help="this process sends itself SIGUSR1 before training")
+    parser.add_argument("--slow_rank", type=int, default=-1, help="this process writes its RNG state 2 s late")
     return parser.parse_args()
 
 
@@ -95,9 +104,11 @@ def main_probe():
         gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=1.0, optim="sgd",
         lr_scheduler_type="constant", max_grad_norm=1e9, seed=0, data_seed=0, logging_steps=1)
     trainer = RecordingTrainer(student, teacher, [member], LossSettings(alpha=0.5, temperature=2.0), len(tokenizer),
-                               arguments, with_example_ids(dataset), tokenizer, teacher_cache=cache)
+                               arguments, with_example_ids(dataset), tokenizer, teacher_cache=cache,
+                               slow_rank=args.slow_rank)
     preemption = PreemptionSignal().install()
     trainer.add_callback(StopOnSignal(preemption))
+    trainer.add_callback(RecordChecksums())
     if state.process_index == args.signal_rank:
         os.kill(os.getpid(), signal.SIGUSR1)
     trainer.train()

@@ -166,6 +166,11 @@ def accelerate_launch_options() -> frozenset[str]:
 
 
 @functools.cache
+def gpu_check_options() -> frozenset[str]:
+    """gpu_check.sh's options: those it tests its first argument for (`"${1:-}" = "--pack"`)."""
+    return frozenset(re.findall(r'"\$\{1:-\}" = "(--[\w-]+)"', (ROOT / "gpu_check.sh").read_text()))
+
+
 def train_sh_options() -> frozenset[str]:
     """train.sh's own options: those its argument loop takes out (`if [ "$1" = "--sweep" ]`)."""
     return frozenset(re.findall(r'"\$1" = "(--[\w-]+)"', (ROOT / "train.sh").read_text()))
@@ -208,7 +213,9 @@ class Check:
 
     def command(self, words: list[str]) -> None:
         program, arguments = words[0], words[1:]
-        if program in ("python", "python3"):
+        if re.fullmatch(r"[A-Z_]+=\S*", program) and arguments:  # an environment setting for the command after it
+            self.command(arguments)
+        elif program in ("python", "python3"):
             if arguments[:1] == ["-m"]:
                 if arguments[1] not in PYTHON_MODULES:
                     self.problems.append(f"python -m {arguments[1]}: not a module the docs may run")
@@ -240,6 +247,11 @@ class Check:
             for flag, value in zip(arguments, arguments[1:]):
                 if flag in ("-r", "--requirement"):
                     self.exists(value, "requirements file")
+        elif program == "bash":  # the project's shell scripts other than train.sh: gpu_check.sh
+            if arguments[:1] != ["gpu_check.sh"]:
+                self.problems.append("expected `bash gpu_check.sh [--pack]`")
+            elif self.exists(arguments[0], "script"):
+                self.known_flags(arguments[1:], gpu_check_options(), "gpu_check.sh")
         elif program == "tensorboard":  # installed with requirements.txt (report_to=tensorboard)
             self.known_flags(arguments, TENSORBOARD_OPTIONS, "tensorboard")
         elif program not in SHELL_PROGRAMS:

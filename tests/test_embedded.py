@@ -82,3 +82,20 @@ def test_converted_teacher_answers_sensibly(embedded_teacher_dir):
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**prompt, max_new_tokens=10, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1]:])
+
+
+def test_what_a_killed_preparation_left_is_removed_when_the_assets_are_asked_for_again(tmp_path):
+    """The teacher folder and the data file were finished by another run; a run killed while writing them left
+    staging entries behind, which the next request removes (whether or not it has anything left to write)."""
+    teacher, data = tmp_path / "smollm2-135m-instruct", tmp_path / "sharegpt.jsonl"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    (teacher / "model.safetensors").write_text("")
+    data.write_text("")
+    leftovers = [tmp_path / ".smollm2-135m-instruct.partial-k1ll3d", tmp_path / ".sharegpt.jsonl.partial-k1ll3d"]
+    leftovers[0].mkdir()
+    leftovers[1].write_text('{"id": "cut sh')
+    assert embedded.resolve_teacher(EMBEDDED_TEACHER, tmp_path) == str(teacher)
+    assert not leftovers[0].exists() and leftovers[1].exists()
+    assert embedded.resolve_dataset(EMBEDDED_DATASET, tmp_path) == str(data)
+    assert sorted(tmp_path.iterdir()) == [data, teacher]

@@ -1,8 +1,11 @@
 """main.py end to end with the `test` preset: rounds, run folder, metrics, resume, and refusals."""
 
+import csv
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 import main
@@ -98,6 +102,8 @@ def test_resume_refuses_a_changed_setting_from_any_source_and_a_non_run_folder(t
                                f"with teacher = '{tiny_teacher_dir}'",
         # Restating the preset the run started from does not add the preset's 2 rounds to it.
         ("--preset", "test"): "--preset test sets total_rounds = 2, but the run was started with total_rounds = 1",
+        # The demo preset states no setting, so none conflicts: the preset the run started from is compared.
+        ("--preset", "demo"): "--preset demo is given, but the run was started from --preset test",
     }
     for extra, message in refusals.items():
         with pytest.raises(main.config_lib.ConfigError, match="only total_rounds may change") as error:
@@ -125,6 +131,7 @@ def fake_run(tmp_path, rounds: dict, **settings) -> Path:
     main.config_lib.save_config(config, run_dir / "config.yaml")
     manifest = run_state.new_manifest(config.fingerprint(), config.seed, config.data_seed, len(rounds))
     manifest["rounds"] = rounds
+    manifest["metric_rows"] = {index: [] for index, status in rounds.items() if status == "done"}
     run_state.write_manifest(run_dir, manifest)
     return run_dir
 
@@ -464,6 +471,65 @@ def test_a_round_killed_after_its_last_checkpoint_is_not_trained_further(tiny_te
     assert_same_finished_run(tmp_path, uninterrupted_run)
 
 
+METRICS_DAMAGE = {  # what is done to a finished run's metrics.csv, and how the resume's warning describes it
+    "cut mid-row": (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) * 2 // 3]),
+                    "a row is cut short"),
+    "emptied": (lambda path: path.write_bytes(b""), "it holds no rows"),
+    "overwritten with other bytes of the same size": (
+        lambda path: path.write_bytes(b"\x00\xff" * (path.stat().st_size // 2) + b"\xff" * (path.stat().st_size % 2)),
+        "it is not CSV text"),
+    "deleted": (lambda path: path.unlink(), "it is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(METRICS_DAMAGE))
+def test_a_damaged_metrics_csv_is_restored_from_the_manifest_before_the_resumed_rounds(tmp_path, uninterrupted_run,
+                                                                                       damage, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run_dir)
+    path = run_dir / "metrics.csv"
+    original = path.read_text()
+    with open(path, newline="") as f:
+        original_rows = list(csv.DictReader(f))
+    spoil, problem = METRICS_DAMAGE[damage]
+    spoil(path)
+    kept = run_state.read_csv_rows(path) or []
+    lost = [row for row in original_rows if row not in kept]
+    assert lost  # the damage lost rows: a resume without the journal could not bring them back
+    capsys.readouterr()
+    assert main.main(["--resume", str(run_dir), "--total_rounds", "3"]) == 0
+    assert (f"warning: {path}: {problem}; rewritten from the rows manifest.json recorded for the finished rounds, "
+            "restoring " + ", ".join(f"round {row['round']} {row['model']}" for row in lost) + "\n"
+            ) in capsys.readouterr().err
+    restored = path.read_text()
+    assert restored.startswith(original)  # every earlier row, byte for byte, then the new round's
+    metrics = pd.read_csv(path)
+    assert list(metrics.loc[metrics["round"] == 2, "model"]) == ["student_untrained", "student", "ensemble"]
+    assert len(metrics) == len(original_rows) + 3
+
+
+def test_resume_refuses_lost_metric_rows_of_a_run_older_than_the_journal(tmp_path, uninterrupted_run, capsys,
+                                                                        monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    del manifest["metric_rows"]  # as a run started before manifests kept a journal of metric rows
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    path = run_dir / "metrics.csv"
+    path.write_text(path.read_text()[:-20])  # round 1's last row cut short
+    before = snapshot(run_dir)
+    monkeypatch.setattr(sys, "argv", ["main.py", "--resume", str(run_dir), "--total_rounds", "3"])
+    assert main.run_from_command_line() == 2
+    assert (f"error: {path}: the rows of round(s) 1 are lost (a row is cut short), and {run_dir / 'manifest.json'} "
+            "predates the journal of metric rows that would restore them. Restore metrics.csv from a copy, or "
+            "recompute them in a new run with this run's settings (`python main.py --config "
+            f"{run_dir / 'config.yaml'}`); nothing was changed\n") in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+    path.unlink()
+    with pytest.raises(main.config_lib.ConfigError, match="the rows of round\\(s\\) 0, 1 are lost \\(it is missing\\)"):
+        main.main(["--resume", str(run_dir)])
+
+
 class StopAtStep(run_state.StopOnSignal):
     """A preemption signal (as the handler records it) at the end of global step `step`."""
 
@@ -495,15 +561,15 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--seed", "7", "--trust_remote_code", "true")) == 75
     run_dir = only_run_dir(tmp_path)
     assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "seed": 7, "data_seed": 0,
-                          "job_id": None,
+                          "job_id": None, "config": saved_config().to_dict(), "preset": "test",
                           "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False}
 
     loads = []
     real_load = main.utils.load_causal_lm
 
-    def recording_load(name, dtype=main.torch.float32, trust_remote_code=False):
+    def recording_load(name, dtype=main.torch.float32, trust_remote_code=False, device=None):
         loads.append((Path(name).name, trust_remote_code))
-        return real_load(name, dtype, trust_remote_code)
+        return real_load(name, dtype, trust_remote_code, device)
 
     monkeypatch.setattr(main.utils, "load_causal_lm", recording_load)
     with monkeypatch.context() as patch:
@@ -572,15 +638,145 @@ def test_a_disk_that_fills_up_mid_round_stops_before_the_next_checkpoint(tiny_te
             main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1"))
     run_dir = only_run_dir(tmp_path)
     checkpoint_1 = run_dir / "checkpoints" / "round_0" / "checkpoint-1"
-    parameters = sum(t.numel() for t in load_file(checkpoint_1 / "model.safetensors").values())
-    assert str(error.value).startswith(f"{run_dir}: 1,000 bytes free, but about {12 * parameters:,} bytes are "
-                                       "needed for the checkpoint of step 2")  # fp32 weights, two AdamW moments
+    assert str(error.value).startswith(f"{run_dir}: 1,000 bytes free, but about ")
+    assert " bytes are needed for the checkpoint of step 2; " in str(error.value)
+    assert folder_bytes(checkpoint_1) <= needed_bytes(str(error.value)) < 1.5 * folder_bytes(checkpoint_1)
     assert f"python main.py --resume {run_dir}" in str(error.value)
     assert sorted(p.name for p in checkpoint_1.parent.glob("checkpoint-*")) == ["checkpoint-1"]
     assert run_state.latest_complete_checkpoint(checkpoint_1.parent) == checkpoint_1
     assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "training"}
     assert main.main(["--resume", str(run_dir)]) == 0
     assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir())
+
+
+def needed_bytes(message: str) -> int:
+    """The bytes a disk error says are needed."""
+    return int(re.search(r"about ([0-9,]+) bytes are needed", message).group(1).replace(",", ""))
+
+
+def no_space_in(part: str, write):
+    """`write`, failing as a full disk does (OSError ENOSPC) when its path has `part` in it."""
+    def writer(obj, path, *args, **kwargs):
+        if part in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write(obj, path, *args, **kwargs)
+    return writer
+
+
+def test_a_disk_that_fills_up_during_a_checkpoint_write_exits_2_and_the_earlier_checkpoint_resumes(
+        tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", no_space_in(f"checkpoint-2{os.sep}optimizer.pt", torch.save))
+        patch.setattr(sys, "argv", ["main.py", *cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")])
+        assert main.run_from_command_line() == 2
+    run_dir = only_run_dir(tmp_path)
+    checkpoints = run_dir / "checkpoints" / "round_0"
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert error.startswith(f"error: {checkpoints}: the disk is full: writing the checkpoint of step 2 failed ([Errno "
+                            f"28] No space left on device: '{checkpoints / 'checkpoint-2' / 'optimizer.pt'}'); about ")
+    written = folder_bytes(checkpoints / "checkpoint-1")  # one checkpoint: the estimate holds it
+    assert written <= needed_bytes(error) < 1.5 * written
+    assert (checkpoints / "checkpoint-2" / "model.safetensors").is_file()  # half written: not taken
+    assert run_state.latest_complete_checkpoint(checkpoints) == checkpoints / "checkpoint-1"
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+
+def test_a_disk_that_fills_up_while_the_member_is_saved_exits_2_and_the_checkpoints_resume(
+        tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    import transformers.modeling_utils
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.modeling_utils, "safe_save_file",
+                      no_space_in("member_0.tmp", transformers.modeling_utils.safe_save_file))
+        patch.setattr(sys, "argv", ["main.py", *cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")])
+        assert main.run_from_command_line() == 2
+    run_dir = only_run_dir(tmp_path)
+    checkpoint = run_dir / "checkpoints" / "round_0" / "checkpoint-3"
+    error = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
+    assert error.startswith(f"error: {run_dir / 'ensemble'}: the disk is full: writing member_0 failed ([Errno 28] No "
+                            f"space left on device: '{run_dir / 'ensemble' / 'member_0.tmp' / 'model.safetensors'}'); "
+                            "about ")
+    assert not (run_dir / "ensemble" / "member_0").exists()
+    assert run_state.latest_complete_checkpoint(checkpoint.parent) == checkpoint
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3]  # saved from it, not trained again
+    written = folder_bytes(run_dir / "ensemble" / "member_0")  # the member, once there was room: the estimate holds it
+    assert written <= needed_bytes(error) < 1.5 * written
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_by_name_and_the_round_resumes_from_the_intact_one(
+        tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    """Checkpoint-2's weights overwritten with other bytes of the same size would load without a word (wrong)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == run_state.EXIT_PREEMPTED
+    run_dir = only_run_dir(tmp_path)
+    weights = run_dir / "checkpoints" / "round_0" / "checkpoint-2" / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:-64] + bytes(64))
+    capsys.readouterr()
+    assert main.main(["--resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {weights}: holds {len(intact):,} bytes with sha256 " in out
+    assert "round 0: resuming from checkpoint-1" in out
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+
+def test_a_damaged_member_is_refused_by_name_and_once_deleted_is_saved_again(tiny_teacher_dir, tmp_path,
+                                                                             monkeypatch):
+    """Killed after round 0's member was saved, before the round was recorded: a damaged member is refused naming
+    the file, and once deleted the resume saves it again from the round's last checkpoint, training no step more.
+    A finished round's member is refused too, before anything is rewritten: later rounds trained with it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(main, "record_round", lambda *args: (_ for _ in ()).throw(SystemExit("killed")))
+        with pytest.raises(SystemExit, match="killed"):
+            main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1"))
+    run_dir = only_run_dir(tmp_path)
+    member = run_dir / "ensemble" / "member_0"
+    (member / "tokenizer.json").write_text("{}")
+    with pytest.raises(main.config_lib.ConfigError) as error:
+        main.main(["--resume", str(run_dir)])
+    assert str(error.value).startswith(f"{member / 'tokenizer.json'}: holds 2 bytes, but ")
+    assert str(error.value).endswith(f"{member} is damaged and nothing was loaded from it; delete it, and --resume "
+                                     "saves round 0's member again from its checkpoints")
+    shutil.rmtree(member)
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert pd.read_csv(run_dir / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+    weights = member / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    before = snapshot(run_dir)
+    with pytest.raises(main.config_lib.ConfigError) as error:
+        main.main(["--resume", str(run_dir), "--total_rounds", "2"])
+    assert str(error.value).startswith(f"{weights}: holds ")
+    assert "later rounds were trained with it: restore it from a copy" in str(error.value)
+    assert snapshot(run_dir) == before
+
+
+def test_damaged_best_weights_are_refused_by_name_and_the_round_trains_again_once_its_checkpoints_go(
+        tiny_teacher_dir, tmp_path, monkeypatch):
+    settings = (*EARLY_STOPPING, "--early_stopping_min_delta", "1")
+    with monkeypatch.context() as patch:  # the plateau's checkpoint is written, then the process dies
+        patch.setattr(main, "saved_member", lambda *args: (_ for _ in ()).throw(SystemExit("killed")))
+        with pytest.raises(SystemExit, match="killed"):
+            main.main(cli_args(tiny_teacher_dir, tmp_path, *settings))
+    run_dir = only_run_dir(tmp_path)
+    weights = run_state.best_folder(run_dir, 0) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(main.config_lib.ConfigError) as error:
+        main.main(["--resume", str(run_dir)])
+    checkpoints = run_dir / "checkpoints" / "round_0"
+    assert str(error.value).startswith(f"{weights}: holds 100 bytes, but ")
+    assert str(error.value).endswith(f"round 0's best weights are lost: delete {checkpoints}, and --resume trains "
+                                     "the round again")
+    shutil.rmtree(checkpoints)
+    assert main.main(["--resume", str(run_dir)]) == 0
+    assert list(pd.read_csv(run_dir / "train_log.csv")["step"]) == [1, 2, 3]
 
 
 def test_a_round_stopped_by_non_finite_steps_keeps_a_good_checkpoint_and_resumes(tiny_teacher_dir, tmp_path,
@@ -654,6 +850,65 @@ def test_bad_data_is_refused_before_any_run_folder_changes(tiny_teacher_dir, tmp
     assert snapshot(tmp_path / "runs") == existing_run
 
 
+def refused_from_the_command_line(monkeypatch, capsys, argv: list[str]) -> str:
+    """main.py's message for `argv`, which it must refuse as bad input (exit code 2) before loading any weights: the
+    last line it writes to stderr, without a traceback."""
+    refuse_to_load_weights(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["main.py", *argv])
+    assert main.run_from_command_line() == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_a_malformed_jsonl_file_is_refused_naming_its_first_bad_line(tiny_teacher_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    lines = (DATA_DIR / "chats.jsonl").read_text().splitlines()
+    dataset = tmp_path / "chats.jsonl"
+    dataset.write_text("\n".join([*lines[:6], lines[6][:-10], *lines[7:], "not json"]) + "\n")  # line 7 cut short
+    args = cli_args(tiny_teacher_dir, tmp_path)
+    args[args.index("--dataset") + 1] = str(dataset)
+    assert refused_from_the_command_line(monkeypatch, capsys, args) == (
+        f"error: {dataset}: invalid JSON at line 7 (Unterminated string starting at: column 130). Fix or remove that "
+        "line: each record must be a JSON object (one per line in a .jsonl file).")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key", ["teacher", "student_model"])
+def test_a_model_folder_that_does_not_exist_is_refused_before_anything_loads(tiny_teacher_dir, tmp_path, monkeypatch,
+                                                                             capsys, key):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    # Both look like paths: the first starts with "/"; "models/student" is no hub name, as "models" is a folder here.
+    missing = {"teacher": str(tmp_path / "models" / "teacher"), "student_model": "models/student"}[key]
+    args = cli_args(tiny_teacher_dir, tmp_path, "--student_init", "pretrained", "--student_model",
+                    str(tiny_teacher_dir))
+    args[args.index(f"--{key}") + 1] = missing
+    assert (f"error: config key {key!r} = {missing!r}: no such folder. Give the folder of a saved model (its "
+            "config.json, weights and tokenizer) or a hub name (owner/name)"
+            ) == refused_from_the_command_line(monkeypatch, capsys, args)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+FITS_TEACHER = {  # settings the tiny teacher (400 tokens, 2 layers) cannot meet, and the message
+    "cache_k above the vocabulary": (["--teacher_mode", "topk", "--cache_k", "401"],
+                                     "config key 'cache_k' = 401 is more than the teacher's vocabulary of 400 "
+                                     "tokens: give at most 400"),
+    "teacher_layers out of range": (["--student_init", "teacher_layers", "--teacher_layers", "0,2"],
+                                    "config key 'teacher_layers' = [0, 2] names layer(s) [2] outside the teacher's 2 "
+                                    "layers: give indices from 0 to 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(FITS_TEACHER))
+def test_settings_the_teacher_cannot_meet_are_refused_before_the_data_and_its_weights(tiny_teacher_dir, tmp_path,
+                                                                                      monkeypatch, capsys, case):
+    extra, message = FITS_TEACHER[case]
+    assert f"error: {message}" == refused_from_the_command_line(monkeypatch, capsys,
+                                                                  cli_args(tiny_teacher_dir, tmp_path, *extra))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache" / "datasets").exists()
+
+
 def test_nothing_left_after_truncation_is_refused(tiny_teacher_dir, tmp_path, existing_run):
     with pytest.raises(main.preprocess_dataset.DataError, match="Raise --max_length"):
         main.main(cli_args(tiny_teacher_dir, tmp_path, "--max_length", "8"))
@@ -689,7 +944,7 @@ def test_not_enough_disk_is_refused_before_a_run_folder_exists(tiny_teacher_dir,
                                                                monkeypatch):
     monkeypatch.setattr(run_state.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     with pytest.raises(run_state.DiskSpaceError, match="1,000 bytes free, but about [0-9,]+ bytes are needed for "
-                                                       "the next checkpoints"):
+                                                       "a round's checkpoints, best weights and member"):
         main.main(cli_args(tiny_teacher_dir, tmp_path))
     assert snapshot(tmp_path / "runs") == existing_run
 

@@ -513,6 +513,16 @@ def test_prepare_rebuilds_for_a_different_tokenizer(tmp_path, chats_file, tokeni
     assert llama3.eos_token_id in prepared["train"]["labels"][0]
 
 
+def test_a_killed_preparations_staging_folder_is_removed_by_the_next_one(tmp_path, chats_file, tokenizer):
+    output_dir = tmp_path / "prepared"
+    prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, test_size=4, seed=0)
+    leftover = tmp_path / ".prepared.partial-k1ll3d"  # what a preparation killed before its rename leaves
+    leftover.mkdir()
+    (leftover / "dataset_dict.json").write_text("{}")
+    prepare_dataset(chats_file, tokenizer, output_dir, max_length=128, test_size=4, seed=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["chats.jsonl", "prepared"]
+
+
 def test_a_failed_save_leaves_the_previous_dataset_and_no_partial_folder(tmp_path, chats_file, tokenizer,
                                                                          monkeypatch):
     output_dir = tmp_path / "prepared"

@@ -1,6 +1,7 @@
 """run_state: atomic files, complete checkpoints only, disk-space refusal, preemption signals."""
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -42,6 +43,69 @@ def test_with_several_processes_a_checkpoint_needs_every_process_rng_state(tmp_p
     assert run_state.latest_complete_checkpoint(tmp_path, num_processes=1) == tmp_path / "checkpoint-4"
 
 
+def checkpoint_with_checksums(folder: Path, step: int) -> Path:
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (checkpoint / "optimizer.pt").write_bytes(bytes(range(256)) * 8)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    run_state.write_checksums(checkpoint)
+    return checkpoint
+
+
+CHECKPOINT_DAMAGE = {  # what is done to checkpoint-2: the file, the change, and what the warning says of it
+    "model cut short": ("model.safetensors", lambda path: path.write_bytes(bytes(range(256)) * 2),
+                        ": holds 512 bytes, but 1,024 when it was written"),
+    "optimizer overwritten, same size": ("optimizer.pt", lambda path: path.write_bytes(bytes(2048)),
+                                         ": holds 2,048 bytes with sha256 "),
+    "trainer state emptied": ("trainer_state.json", lambda path: path.write_text(""),
+                              ": holds 0 bytes, but 18 when it was written"),
+    "model removed": ("model.safetensors", lambda path: path.unlink(), " is missing"),
+    "checksums overwritten": (run_state.CHECKSUMS, lambda path: path.write_bytes(b"\xff" * 10), " is unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
+def test_a_damaged_checkpoint_is_passed_over_for_the_newest_intact_one_by_name(tmp_path, damage, capsys):
+    older, newest = (checkpoint_with_checksums(tmp_path, step) for step in (1, 2))
+    assert run_state.latest_complete_checkpoint(tmp_path) == newest
+    name, change, problem = CHECKPOINT_DAMAGE[damage]
+    change(newest / name)
+    assert run_state.latest_complete_checkpoint(tmp_path) == older
+    warning = capsys.readouterr().out
+    assert warning.startswith(f"warning: {newest / name}{problem}")
+    assert f"checkpoint {newest} is damaged, so the round resumes from an older one" in warning
+    change(older / name)
+    assert run_state.latest_complete_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_written_before_checksums_is_taken_as_before(tmp_path):
+    recorded = checkpoint_with_checksums(tmp_path, 1)
+    unrecorded = checkpoint_with_checksums(tmp_path, 2)
+    (unrecorded / run_state.CHECKSUMS).unlink()
+    (unrecorded / "model.safetensors").write_bytes(b"other bytes")  # nothing tells this from its first content
+    assert run_state.latest_complete_checkpoint(tmp_path) == unrecorded
+    (unrecorded / "trainer_state.json").unlink()  # and without its trainer state it is incomplete, as before
+    assert run_state.latest_complete_checkpoint(tmp_path) == recorded
+
+
+def test_a_damaged_member_is_refused_by_name(tmp_path, tokenizer, tiny_llama):
+    member = tmp_path / "member_0"
+    run_state.save_member_atomically(tiny_llama, tokenizer, member, {"steps_run": 3})
+    recorded = json.loads((member / run_state.CHECKSUMS).read_text())
+    assert sorted(recorded) == sorted(path.name for path in member.iterdir() if path.name != run_state.CHECKSUMS)
+    run_state.check_intact(member, "delete it")
+    weights = member / "model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:-8] + bytes(8))  # the last weights zeroed: it still loads, silently wrong
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.check_intact(member, "delete it")
+    assert str(error.value) == (f"{weights}: holds {len(intact):,} bytes with sha256 "
+                                f"{run_state.file_record(weights)['sha256']}, but had sha256 "
+                                f"{recorded['model.safetensors']['sha256']} when it was written: {member} is damaged "
+                                "and nothing was loaded from it; delete it")
+
+
 def test_replacing_rows_drops_a_round_and_a_cut_short_row(tmp_path):
     path = tmp_path / "metrics.csv"
     path.write_text("round,model,ce\n0,student,1.5\n1,student,1.2\n1,ensem")  # killed mid-row
@@ -70,7 +134,6 @@ def free_disk(free: int):
 
 
 def test_not_enough_disk_names_the_folder_and_the_bytes_needed(tmp_path, monkeypatch):
-    assert run_state.checkpoint_bytes(10_000) == 10_000 * (4 + 4 + 4)  # fp32 weights and two AdamW moments
     monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(1000))
     with pytest.raises(run_state.DiskSpaceError) as error:
         run_state.check_disk_space(tmp_path, 120_000, "one checkpoint", "free some space")
@@ -79,6 +142,82 @@ def test_not_enough_disk_names_the_folder_and_the_bytes_needed(tmp_path, monkeyp
     run_state.check_disk_space(tmp_path, 1000, "one checkpoint", "free some space")  # exactly enough
     monkeypatch.undo()
     run_state.check_disk_space(tmp_path, 10, "one checkpoint", "free some space")  # a real disk has room for 10
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir())
+
+
+def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_checkpoints_kept(tmp_path, tokenizer,
+                                                                                              tiny_llama, chats):
+    """A checkpoint written by the trainer of the rounds (with its checksums) and a member folder, measured: each
+    estimate is at least what was written, and less than half as much again."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from losses import LossSettings
+    from preprocess_dataset import tokenize_conversation
+    from train import DistillationTrainer
+
+    rows = [tokenize_conversation(chat["messages"], tokenizer, max_length=64) for chat in chats[:4]]
+    args = SFTConfig(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, report_to=[], max_steps=1,
+                     save_strategy="steps", save_steps=1, per_device_train_batch_size=2, remove_unused_columns=False,
+                     dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, bf16=False,
+                     activation_checkpointing=False)
+    student = tiny_llama.train()
+    DistillationTrainer(student, None, [], LossSettings(alpha=0.0), len(tokenizer), args,
+                        Dataset.from_list([row for row in rows if row is not None]), tokenizer,
+                        callbacks=[run_state.RecordChecksums()]).train()
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / run_state.CHECKSUMS).is_file()
+    written = folder_bytes(checkpoint)
+    assert written <= run_state.checkpoint_bytes(student, tokenizer) < 1.5 * written
+    run_state.save_member_atomically(student, tokenizer, tmp_path / "member_0", {"steps_run": 1})
+    written = folder_bytes(tmp_path / "member_0")
+    assert written <= run_state.member_bytes(student, tokenizer) < 1.5 * written
+
+    one_checkpoint, member = run_state.checkpoint_bytes(student, tokenizer), run_state.member_bytes(student, tokenizer)
+    kept_2 = config_lib.build_config("test", overrides={"keep_checkpoints": 2})
+    assert run_state.round_bytes(student, tokenizer, kept_2) == 3 * one_checkpoint + member  # written, then pruned
+    kept_4 = config_lib.build_config("test", overrides={"keep_checkpoints": 4, "eval_steps": 1})
+    assert run_state.round_bytes(student, tokenizer, kept_4) == 5 * one_checkpoint + 2 * member  # and the best
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_an_atomic_write_the_disk_cannot_take_names_the_folder_and_bytes_and_keeps_the_old_file(tmp_path,
+                                                                                                monkeypatch):
+    path = tmp_path / "manifest.json"
+    run_state.write_atomically(path, "old")
+    monkeypatch.setattr(run_state.os, "replace", no_space)
+    with pytest.raises(run_state.DiskSpaceError) as error:
+        run_state.write_atomically(path, "new content")
+    assert str(error.value).startswith(f"{tmp_path}: the disk is full: writing manifest.json failed ([Errno 28] No "
+                                       "space left on device); about 11 bytes are needed there")
+    assert "its previous version is kept" in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"] and path.read_text() == "old"
+
+
+def test_a_write_that_fails_on_a_full_disk_is_a_disk_error_whatever_the_writer_raises(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError without an errno: with less free than the write needs, it
+    counts as one; with room to spare it is some other failure, raised as it is."""
+    def fails(exception):
+        with run_state.refuse_full_disk(tmp_path, 5000, "optimizer.pt", "free some space"):
+            raise exception
+
+    with pytest.raises(RuntimeError, match="^unexpected pos 576 vs 534$"):
+        fails(RuntimeError("unexpected pos 576 vs 534"))
+    with pytest.raises(run_state.DiskSpaceError, match="about 5,000 bytes are needed there"):
+        fails(OSError(errno.ENOSPC, "No space left on device"))  # with room now: freed since, it still was this
+    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(4999))
+    with pytest.raises(run_state.DiskSpaceError) as error:
+        fails(RuntimeError("unexpected pos 576 vs 534"))
+    assert str(error.value) == (f"{tmp_path}: the disk is full: writing optimizer.pt failed (unexpected pos 576 vs "
+                                "534); about 5,000 bytes are needed there, 4,999 are free; free some space")
+    with pytest.raises(KeyboardInterrupt):  # not a failed write
+        fails(KeyboardInterrupt())
 
 
 def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch):
@@ -151,14 +290,19 @@ def test_saving_a_member_leaves_a_complete_folder_only(tmp_path, tokenizer, tiny
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     """Only process 1 receives SIGUSR1; both stop after the first step (process 0 alone training on would wait
-    forever for process 1's gradients) and both report the run as preempted."""
+    forever for process 1's gradients) and both report the run as preempted. The checkpoint they write records
+    every process's RNG state in its checksums, process 1's too, though it writes it 2 s after process 0 is done."""
     out = tmp_path / "out.pt"
     accelerate_launch([str(Path(__file__).parent / "distributed_probe.py"), str(out), "--batch_size", "2",
-                       "--grad_accum", "2", "--max_steps", "3", "--signal_rank", "1", "--work_dir", str(tmp_path)],
-                      2, tmp_path, timeout=180)  # without the agreement, process 0 waits forever
+                       "--grad_accum", "2", "--max_steps", "3", "--signal_rank", "1", "--slow_rank", "1",
+                       "--work_dir", str(tmp_path)], 2, tmp_path, timeout=180)  # without the agreement, 0 waits forever
     result = torch.load(out)
     assert result["steps_done"] == [1, 1]
     assert result["stopped_by_signal"] == [True, True]
+    checkpoint = tmp_path / "out_2" / "checkpoint-1"
+    recorded = json.loads((checkpoint / run_state.CHECKSUMS).read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(recorded)
+    assert run_state.latest_complete_checkpoint(checkpoint.parent, num_processes=2) == checkpoint
 
 
 def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoint_dropped(tmp_path):
@@ -176,9 +320,11 @@ def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoin
 
 def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
     manifest = run_state.new_manifest("abc", 0, 0, 2)
-    done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0])
+    rows = run_state.csv_text_rows(["round", "model", "ce"], [{"round": 0, "model": "student", "ce": 1.5}])
+    done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0], rows)
     assert done["rounds"] == {"0": "done", "1": "pending"} and done["members"] == ["ensemble/member_0"]
     assert done["weights"] == [1.0] and done["teacher_evaluated"] and not manifest["teacher_evaluated"]
+    assert done["metric_rows"] == {"0": [{"round": "0", "model": "student", "ce": "1.5"}]}  # as metrics.csv holds them
     for index in (0, 1):
         (tmp_path / "checkpoints" / f"round_{index}" / "checkpoint-1").mkdir(parents=True)
     run_state.remove_finished_rounds_checkpoints(tmp_path, done)
@@ -192,7 +338,7 @@ class OneProcess:
 def written_run(tmp_path, **settings):
     """A run folder as open_run writes it (config.yaml and a manifest recording the settings), test preset."""
     config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), **settings})
-    run_dir, _ = run_state.open_run(config, None, None, OneProcess())
+    run_dir, _ = run_state.open_run(config, None, None, OneProcess(), "test")
     return run_dir
 
 
@@ -237,3 +383,25 @@ def test_a_damaged_manifest_is_refused_by_name(tmp_path, damage):
     with pytest.raises(config_lib.ConfigError, match=f"{run_dir / 'manifest.json'} is damaged .*: the run's progress "
                                                      "cannot be read"):
         run_state.resumed_config(run_dir, {})
+
+
+def test_metrics_csv_is_rewritten_only_when_rows_of_finished_rounds_are_lost_or_changed(tmp_path, capsys):
+    run_dir = written_run(tmp_path)
+    manifest = run_state.load_manifest(run_dir)
+    path = run_dir / "metrics.csv"
+    columns = ["round", "model", "ce"]
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert not path.exists() and capsys.readouterr().err == ""  # no round has finished: nothing to write
+    rows = run_state.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
+    manifest = run_state.finished_round(manifest, 0, "ensemble/member_0", None, rows)
+    # Round 1 evaluated, killed before its manifest write: its row is no damage (the round is evaluated again).
+    run_state.write_csv_rows(path, columns, [*rows, {"round": 1, "model": "student", "ce": 1.25}])
+    whole = path.read_bytes()
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert path.read_bytes() == whole and capsys.readouterr().err == ""
+    path.write_text("round,model,ce\n0,student,1.25\n")  # edited
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert path.read_text() == "round,model,ce\n0,student,1.5\n"
+    assert capsys.readouterr().err == (f"warning: {path}: rows of finished rounds are missing or differ from the ones "
+                                       "written; rewritten from the rows manifest.json recorded for the finished "
+                                       "rounds, restoring round 0 student\n")

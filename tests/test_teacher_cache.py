@@ -719,7 +719,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
     kept = files_in(cache_dir / ".shard_00000.partial")
     live_build = os.open(cache_dir / ".shard_00000.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(live_build, fcntl.LOCK_EX)
-    real_try_lock = teacher_cache._try_lock
+    real_try_lock = teacher_cache.utils.try_lock
 
     def signal_while_waiting(path):
         held = real_try_lock(path)
@@ -728,7 +728,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
         return held
 
     with monkeypatch.context() as patch:
-        patch.setattr(teacher_cache, "_try_lock", signal_while_waiting)
+        patch.setattr(teacher_cache.utils, "try_lock", signal_while_waiting)
         assert teacher_cache.run_from_command_line(command) == run_state.EXIT_PREEMPTED
     os.close(live_build)  # that build ends
     assert f"{cache_dir}: preempted while waiting for another build of this cache" in capsys.readouterr().out
@@ -803,8 +803,8 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
 
     values.write_bytes(intact)
     hashed = []
-    real_file_record = teacher_cache._file_record
-    monkeypatch.setattr(teacher_cache, "_file_record", lambda path: hashed.append(path.name) or real_file_record(path))
+    real_file_record = run_state.file_record
+    monkeypatch.setattr(run_state, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
     TeacherCache.open(cache_dir, {})
     TeacherCache.open(cache_dir, {})
     assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process

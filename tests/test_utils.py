@@ -1,7 +1,10 @@
 """utils: students, safe loading, tokenizer checks, run folders."""
 
 import datetime
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,6 +128,53 @@ def test_publish_folder_keeps_a_same_build_finished_first_and_replaces_a_stale_o
     assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # no staging folder left behind
 
 
+HOLD_A_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_staging_leftovers_of_dead_writers_are_removed_and_those_of_live_writers_kept(tmp_path):
+    """A killed writer's lock went with it: its leftover goes. A writer at work holds its entry's lock, in this
+    process or in another (a run sharing the folder): its entry stays, until that writer dies."""
+    final = tmp_path / "sharegpt.jsonl"
+    dead_file, dead_folder, other_writer = (tmp_path / f".sharegpt.jsonl.partial-{name}"
+                                            for name in ("k1ll3d", "d1r3ct", "0th3r"))
+    dead_file.write_text('{"id": "cut sh')
+    dead_folder.mkdir()
+    (dead_folder / "data").write_text("half")
+    other_writer.write_text("")
+    unrelated = tmp_path / ".other.jsonl.partial-k1ll3d"  # another file's staging: not ours to judge
+    unrelated.write_text("")
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(other_writer)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline() == "locked\n"
+        with utils.staging(final, folder=False) as ours:
+            assert ours.name.startswith(".sharegpt.jsonl.partial-") and ours.is_file()
+            assert sorted(utils.remove_dead_staging(final)) == sorted([dead_file, dead_folder])
+            assert sorted(tmp_path.iterdir()) == sorted([ours, other_writer, unrelated])
+            ours.write_text("{}\n")
+            os.replace(ours, final)
+        assert utils.remove_dead_staging(final) == []  # the other writer is still at work
+    finally:
+        writer.kill()
+        writer.wait()
+    assert utils.remove_dead_staging(final) == [other_writer]  # killed: what it left goes
+    assert sorted(tmp_path.iterdir()) == [unrelated, final] and final.read_text() == "{}\n"
+
+
+def test_a_staging_entry_is_removed_when_its_writer_fails(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with utils.staging(tmp_path / "built", folder=True) as folder:
+            (folder / "half").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_start_at_zero_gives_zero_logits_keeps_the_embeddings_and_survives_saving(tmp_path):
     tokenizer = build_tokenizer("chatml")
     model = build_tiny_llama(tokenizer)
@@ -146,8 +196,7 @@ def test_spread_layer_indices_spans_the_teacher():
 
 
 @pytest.mark.parametrize("student_init", ["random", "teacher_layers", "pretrained"])
-def test_a_students_parameters_are_counted_from_its_config_without_building_it(tmp_path, tokenizer, student_init,
-                                                                               monkeypatch):
+def test_a_students_skeleton_has_its_parameters_and_no_weights(tmp_path, tokenizer, student_init, monkeypatch):
     teacher = build_tiny_llama(tokenizer, hidden_size=48, num_layers=4)
     pretrained = tmp_path / "student"
     build_tiny_llama(tokenizer, hidden_size=40, num_layers=3).save_pretrained(pretrained)
@@ -155,7 +204,9 @@ def test_a_students_parameters_are_counted_from_its_config_without_building_it(t
                                                  student_model=str(pretrained)))
     built = [utils.count_parameters(utils.build_student(config, teacher, tokenizer, r)) for r in (0, 1)]
     monkeypatch.setattr(utils, "load_causal_lm", lambda *args, **kwargs: pytest.fail("weights were loaded"))
-    assert [utils.student_parameter_count(config, teacher, tokenizer, r) for r in (0, 1)] == built
+    skeletons = [utils.student_skeleton(config, teacher, tokenizer, r) for r in (0, 1)]
+    assert [utils.count_parameters(skeleton) for skeleton in skeletons] == built
+    assert all(p.is_meta for skeleton in skeletons for p in skeleton.parameters())
     assert len(set(built)) == 1 and built[0] > 0
 
 
