@@ -5,10 +5,12 @@ so all three agree on what "the ensemble" means. `ModelEnsemble` is a Hugging Fa
 `save_pretrained` stores each member as a standalone model folder.
 """
 
+import contextlib
 import copy
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field
 from pathlib import Path
 
@@ -166,12 +168,19 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
     Members may be any `AutoModelForCausalLM` sharing one tokenizer, each on its own device: inputs are moved to each
     member, logits come back to the first member's device (the ensemble's `device`). `generate` works as for any
     Hugging Face model; every member keeps its own KV cache (an `EnsembleCache`).
+
+    `concurrent`: whether the members' forwards (and output heads) run at once, one thread per member, the
+    combination waiting only for the slowest. None (the default) decides by placement: at once when the members sit
+    on more than one device (one GPU each, say), one after another when they share one, where threads would only
+    compete for it. Every path (forward and generation, `member_hidden_states` and `logits_from_hidden` for scoring
+    and lm-eval) runs the same way, and both ways give the same numbers.
     """
 
     config_class = EnsembleConfig
     main_input_name = "input_ids"
 
-    def __init__(self, config: EnsembleConfig, members: Sequence[PreTrainedModel] | None = None):
+    def __init__(self, config: EnsembleConfig, members: Sequence[PreTrainedModel] | None = None,
+                 concurrent: bool | None = None):
         super().__init__(config)
         members = list(members or [])
         if len(members) != len(config.member_subfolders):
@@ -179,15 +188,17 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
                 f"{len(members)} members given for {len(config.member_subfolders)} subfolders in the config"
             )
         self.members = nn.ModuleList()
+        self._member_threads: ThreadPoolExecutor | None = None  # started on first concurrent use, one per member
         for member in members:
             self._attach(member)
+        self.concurrent = concurrent
         # No `post_init()`: the ensemble has no weights of its own to initialise or tie, and its members were
         # initialised (or loaded) on their own.
 
     @classmethod
     def from_members(
         cls, members: Sequence[PreTrainedModel], combine: str = "logits", vocab_size: int | None = None,
-        weights: Sequence[float] | None = None,
+        weights: Sequence[float] | None = None, concurrent: bool | None = None,
     ) -> "ModelEnsemble":
         """An ensemble of the given models, saved later in subfolders member_0, member_1, ...
 
@@ -196,7 +207,7 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         weights = None if weights is None else [float(w) for w in weights]
         if weights is not None and len(weights) != len(members):
             raise ValueError(f"{len(weights)} weights for {len(members)} members")
-        ensemble = cls(EnsembleConfig(combine=combine, vocab_size=vocab_size, weights=weights))
+        ensemble = cls(EnsembleConfig(combine=combine, vocab_size=vocab_size, weights=weights), concurrent=concurrent)
         for member in members:
             ensemble._attach(member)
             ensemble.config.member_subfolders.append(f"member_{len(ensemble) - 1}")
@@ -222,6 +233,9 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             # generates like its members do.
             self.generation_config = copy.deepcopy(member.generation_config)
         self.members.append(member)
+        if self._member_threads is not None:  # one thread too few now
+            self._member_threads.shutdown(wait=False)
+            self._member_threads = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -257,9 +271,15 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask, position_ids=position_ids, cache=cache, use_cache=use_cache,
             logits_to_keep=logits_to_keep, **member_kwargs,
         )
-        combined = combine_logits(logits, self.config.combine, self.config.weights)
+        combined = self.combined(logits)
         loss = next_token_nll(combined, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=combined, cache=cache)
+
+    def combined(self, member_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ensemble's logits from its members' (`combine_logits` with the config's mode and weights): the one
+        place a prediction is combined, so that an ensemble spread over processes (distributed_ensemble.py) changes
+        only this step."""
+        return combine_logits(member_logits, self.config.combine, self.config.weights)
 
     def member_logits(
         self,
@@ -275,25 +295,57 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         if cache is not None and not isinstance(cache, EnsembleCache):
             raise TypeError(f"an ensemble needs an EnsembleCache (one cache per member), got {type(cache).__name__}")
         member_caches = cache.member_caches if cache is not None else [None] * len(self)
-        logits = [
-            self._cut_to_vocab(self._run_member(member, member_cache, input_ids, attention_mask, **member_kwargs))
-            for member, member_cache in zip(self.members, member_caches, strict=True)
-        ]
+        logits = self.for_each_member(
+            lambda member, member_cache: self._cut_to_vocab(
+                self._run_member(member, member_cache, input_ids, attention_mask, **member_kwargs)),
+            member_caches)
         return _same_width(logits)
 
     def member_hidden_states(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor,
                              positions: torch.Tensor) -> list[torch.Tensor]:
         """Each member's final hidden states [N, H_k] at the True entries of `positions` [B, L] (model_io.hidden_at),
         on the member's own device: what `logits_from_hidden` turns into the combined logits a chunk at a time."""
-        return [hidden_at(member, input_ids, attention_mask, positions) for member in self.members]
+        return self.for_each_member(lambda member: hidden_at(member, input_ids, attention_mask, positions))
 
     def logits_from_hidden(self, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
         """The combined logits [n, V] (fp32, on the ensemble's device) at n positions, from each member's final
         hidden states [n, H_k] there: each member's output head (model_io.output_head, cut to `config.vocab_size`),
         then `combine_logits`. Equal to `forward`'s logits at those positions, but only n x V of them are made."""
-        logits = [output_head(member, self.config.vocab_size)(states).to(self.device)
-                  for member, states in zip(self.members, hidden, strict=True)]
-        return combine_logits(_same_width(logits), self.config.combine, self.config.weights)
+        logits = self.for_each_member(
+            lambda member, states: output_head(member, self.config.vocab_size)(states).to(self.device), hidden)
+        return self.combined(_same_width(logits))
+
+    def runs_members_concurrently(self) -> bool:
+        """Whether `for_each_member` runs the members at once: as `concurrent` says, else when they sit on more
+        than one device."""
+        if self.concurrent is not None:
+            return self.concurrent and len(self) > 1
+        return len({member.device for member in self.members}) > 1
+
+    def for_each_member(self, work: Callable, *per_member: Sequence) -> list:
+        """[work(member, *its entries of per_member) for each member], in member order: one after another, or at
+        once, one thread per member (`runs_members_concurrently`).
+
+        A thread starts with autograd's defaults, so each runs in its caller's grad and inference modes (generation's
+        no_grad must hold there too), and with its member's GPU as the current device."""
+        calls = list(zip(self.members, *per_member, strict=True))
+        if not self.runs_members_concurrently():
+            return [work(*call) for call in calls]
+        grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def in_callers_modes(call):
+            device = call[0].device
+            with (torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled),
+                  torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
+                return work(*call)
+
+        return list(self._threads().map(in_callers_modes, calls))
+
+    def _threads(self) -> ThreadPoolExecutor:
+        """One thread per member, kept for the next call (a decoding step is too short to start threads in)."""
+        if self._member_threads is None:
+            self._member_threads = ThreadPoolExecutor(max_workers=len(self), thread_name_prefix="ensemble-member")
+        return self._member_threads
 
     def _run_member(
         self,
@@ -353,12 +405,14 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, device_map=None, **member_load_kwargs
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, device_map=None, concurrent: bool | None = None,
+        **member_load_kwargs
     ) -> "ModelEnsemble":
         """Load an ensemble saved by `save_pretrained`, each member with `AutoModelForCausalLM.from_pretrained`.
 
-        `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU each). Other
-        keyword arguments (e.g. `dtype`) go to every member's `from_pretrained`.
+        `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU each: the
+        members then run at once, see `concurrent` in the class's docstring). Other keyword arguments (e.g.
+        `dtype`) go to every member's `from_pretrained`.
         """
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
         config = _saved_ensemble_config(pretrained_model_name_or_path)
@@ -369,7 +423,7 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             )
             for subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
         ]
-        ensemble = cls(config, members)
+        ensemble = cls(config, members, concurrent=concurrent)
         ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
         return ensemble
 

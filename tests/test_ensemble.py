@@ -3,6 +3,7 @@
 import logging
 import math
 import re
+import threading
 
 import pytest
 import torch
@@ -446,3 +447,64 @@ def test_the_loss_mixture_weights_and_the_weights_after_a_new_member_joins():
     assert weights_with_new_member("weighted", [0.25, 0.75], 0.2) == pytest.approx([0.2, 0.6, 0.2])
     assert weights_with_new_member("additive", [1.0], 0.5) == [1.0, 0.5]
     assert weights_with_new_member("probs", [], 1.0) is None
+
+
+# --- members at once ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs", "weighted", "additive"])
+def test_concurrent_members_give_the_sequential_logits_and_greedy_tokens(tokenizer, members, prompt_ids, mode):
+    weights = [0.5, 0.3, 0.2] if mode in ("weighted", "additive") else None
+    sequential = ModelEnsemble.from_members(members, combine=mode, vocab_size=len(tokenizer), weights=weights,
+                                            concurrent=False)
+    concurrent = ModelEnsemble.from_members(members, combine=mode, vocab_size=len(tokenizer), weights=weights,
+                                            concurrent=True)
+    assert concurrent.runs_members_concurrently() and not sequential.runs_members_concurrently()
+    torch.testing.assert_close(concurrent(prompt_ids).logits, sequential(prompt_ids).logits, rtol=0, atol=0)
+    expected = sequential.generate(prompt_ids, do_sample=False, max_new_tokens=10, eos_token_id=None)
+    assert torch.equal(concurrent.generate(prompt_ids, do_sample=False, max_new_tokens=10, eos_token_id=None),
+                       expected)
+    positions = torch.ones_like(prompt_ids, dtype=torch.bool)
+    hidden = concurrent.member_hidden_states(prompt_ids, torch.ones_like(prompt_ids), positions)
+    torch.testing.assert_close(concurrent.logits_from_hidden(hidden), sequential(prompt_ids).logits[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_members_really_run_at_the_same_time(tokenizer, members, prompt_ids):
+    """Each member's forward waits at a barrier for the others': run one after another, the first would wait alone
+    and the barrier would time out."""
+    barrier = threading.Barrier(len(members), timeout=10)
+
+    def meet_the_others(module, args):
+        barrier.wait()
+
+    hooks = [member.register_forward_pre_hook(meet_the_others) for member in members]
+    try:
+        ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer), concurrent=True)
+        ensemble(prompt_ids)
+        barrier.reset()
+        ensemble.member_hidden_states(prompt_ids, torch.ones_like(prompt_ids), torch.ones_like(prompt_ids).bool())
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_member_threads_run_in_the_callers_grad_mode(tokenizer, members, prompt_ids):
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer), concurrent=True)
+    with torch.no_grad():
+        modes = ensemble.for_each_member(lambda member: torch.is_grad_enabled())
+    assert modes == [False] * len(members)
+    with torch.inference_mode():
+        modes = ensemble.for_each_member(lambda member: torch.is_inference_mode_enabled())
+    assert modes == [True] * len(members)
+
+
+def test_members_on_one_device_run_one_after_another_unless_asked(tmp_path, tokenizer, members, prompt_ids):
+    ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    assert not ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu"]).runs_members_concurrently()
+    assert ModelEnsemble.from_pretrained(tmp_path, concurrent=True).runs_members_concurrently()
+    added = ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer), concurrent=True)
+    assert not added.runs_members_concurrently()  # one member: nothing to run beside it
+    added.add_model(members[1])
+    assert added.for_each_member(lambda member: threading.current_thread().name.startswith("ensemble-member")) == \
+        [True, True]
