@@ -311,9 +311,14 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         """The combined logits [n, V] (fp32, on the ensemble's device) at n positions, from each member's final
         hidden states [n, H_k] there: each member's output head (model_io.output_head, cut to `config.vocab_size`),
         then `combine_logits`. Equal to `forward`'s logits at those positions, but only n x V of them are made."""
+        return self.combined(self.member_head_logits(hidden))
+
+    def member_head_logits(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each member's logits [n, V] (cut to `config.vocab_size`, on the ensemble's device) from its final hidden
+        states [n, H_k] (`member_hidden_states`): what `combined` turns into the ensemble's."""
         logits = self.for_each_member(
             lambda member, states: output_head(member, self.config.vocab_size)(states).to(self.device), hidden)
-        return self.combined(_same_width(logits))
+        return _same_width(logits)
 
     def runs_members_concurrently(self) -> bool:
         """Whether `for_each_member` runs the members at once: as `concurrent` says, else when they sit on more
@@ -415,7 +420,7 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         `dtype`) go to every member's `from_pretrained`.
         """
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
-        config = _saved_ensemble_config(pretrained_model_name_or_path)
+        config = saved_ensemble_config(pretrained_model_name_or_path)
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [
             AutoModelForCausalLM.from_pretrained(
@@ -436,7 +441,7 @@ def _same_width(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     return logits
 
 
-def _saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
+def saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
     """The EnsembleConfig saved in `folder`; NotAnEnsembleError when its config.json is another model's (a member's
     folder, say) or lists no member folder."""
     config_dict, kwargs = EnsembleConfig.get_config_dict(folder)

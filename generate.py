@@ -4,19 +4,26 @@
     python generate.py runs/2026-11-29/run_1 "Name three colors." --member 0 --max_new_tokens 40
     python generate.py runs/2026-11-29/run_1 "Tell me a story." --temperature 0.8 --seed 1
     python generate.py runs/2026-11-29/run_1/ensemble/member_0 "Hello"
+    python generate.py runs/2026-11-29/run_1 "Hello" --member_devices cuda:0,cuda:1     # members at once, a GPU each
+    torchrun --nproc_per_node 2 generate.py runs/2026-11-29/run_1 "Hello" --distributed  # a process per share
 
 The ensemble decodes from its members' combined logits, each member keeping its own KV cache. A single model's folder
-(a member's, or any causal LM's) is loaded and answers alone.
+(a member's, or any causal LM's) is loaded and answers alone. With --distributed (distributed_ensemble.py) every
+process holds a share of the members and decodes the same tokens; the first prints the answer, and at the end all
+check that they decoded the same text.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-from ensemble import EnsembleConfig, ModelEnsemble, NotAnEnsembleError
+import distributed_ensemble
+import utils
+from ensemble import EnsembleConfig, NotAnEnsembleError
 
 
 class MemberError(ValueError):
@@ -32,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy decoding")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
-    return parser.parse_args(argv)
+    distributed_ensemble.add_placement_args(parser)
+    args = parser.parse_args(argv)
+    if args.distributed and args.member is not None:
+        parser.error("--member answers with one member alone: leave out --distributed")
+    return args
 
 
 def ensemble_folder(path: str) -> Path:
@@ -44,16 +55,19 @@ def ensemble_folder(path: str) -> Path:
     return folder
 
 
-def load_model(folder: Path, member: int | None):
-    """The ensemble saved in `folder`, or only its member `member`; a single model's folder loads that model."""
+def load_model(folder: Path, args: argparse.Namespace, tokenizer):
+    """The ensemble saved in `folder` (placed as `args` say: distributed_ensemble.placed_ensemble), or only its member `args.member`;
+    a single model's folder loads that model."""
+    member = args.member
     config = AutoConfig.from_pretrained(folder)
     if not isinstance(config, EnsembleConfig):
-        if member is not None:
-            raise MemberError(f"--member {member}: {folder} holds a single {config.model_type!r} model, not an "
-                              "ensemble; leave out --member")
+        if member is not None or args.distributed:
+            option = f"--member {member}" if member is not None else "--distributed"
+            raise MemberError(f"{option}: {folder} holds a single {config.model_type!r} model, not an "
+                              f"ensemble; leave out {option.split()[0]}")
         return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
     if member is None:
-        return ModelEnsemble.from_pretrained(folder)
+        return distributed_ensemble.placed_ensemble(folder, args, tokenizer)
     if not 0 <= member < len(config.member_subfolders):
         raise MemberError(f"--member {member}: the ensemble in {folder} has {len(config.member_subfolders)} "
                           f"member(s), numbered 0 to {len(config.member_subfolders) - 1}")
@@ -71,20 +85,42 @@ def tokenizer_folder(folder: Path) -> Path:
 def main(argv=None) -> str:
     args = parse_args(argv)
     folder = ensemble_folder(args.run_dir)
-    model = load_model(folder, args.member)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(folder))
+    model = load_model(folder, args, tokenizer)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    torch.manual_seed(args.seed)
+    prompt = {key: value.to(model.device) for key, value in prompt.items()}
+    processes = getattr(model, "processes", None)
+    printing = processes is None or processes.rank == 0
+    torch.manual_seed(args.seed)  # the same on every process: sampled tokens agree as greedy ones do
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if printing else None
     output = model.generate(**prompt, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling)
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+                            streamer=streamer, **sampling)
+    new_tokens = output[0, prompt["input_ids"].shape[1]:].tolist()
+    if processes is not None:
+        check_same_tokens(processes, new_tokens)
+    return tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+def check_same_tokens(processes, tokens: list[int]) -> None:
+    """Refuse an answer the processes did not all decode: they combine the same logits, so they pick the same
+    tokens unless something differs between them that the start-up check could not see."""
+    decoded = processes.all_gather_object(tokens)
+    differing = [rank for rank, other in enumerate(decoded) if other != decoded[0]]
+    if differing:
+        raise distributed_ensemble.MismatchedEnsembleError(
+            f"rank(s) {differing} decoded other tokens than rank 0: the processes' members or settings differ")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, NotAnEnsembleError, MemberError) as error:
+    except distributed_ensemble.LostProcessError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group cannot be left cleanly with a peer gone: leaving would wait for it
+    except (FileNotFoundError, NotAnEnsembleError, MemberError, distributed_ensemble.LaunchError,
+            distributed_ensemble.MismatchedEnsembleError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    utils.leave_process_group()

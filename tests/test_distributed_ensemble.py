@@ -1,0 +1,215 @@
+"""distributed_ensemble.py: an ensemble spread over processes (gloo on CPU) predicts as the one-process ensemble,
+refuses processes that loaded different ensembles, and stops, naming the process, when one dies or stalls."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_ensemble
+import score
+from conftest import build_tiny_llama, build_tokenizer
+from distributed_ensemble_probe import PROMPTS, greedy_answers, scoring_dataset
+from ensemble import COMBINE_MODES, ModelEnsemble
+from model_io import PaddingCollator
+
+PROBE = Path(__file__).parent / "distributed_ensemble_probe.py"
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = [0.5, 0.3, 0.2]
+
+
+def build_member(tokenizer, seed, vocab_size=None):
+    """A tiny Llama with large random weights, so that members disagree (see test_ensemble.build_member)."""
+    model = build_tiny_llama(tokenizer, seed=seed, vocab_size=vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("chatml")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tokenizer):
+    """One saved 3-member ensemble per combine mode (the second member's head padded beyond the vocabulary), and
+    what each predicts in one process: greedy answers and the CE of the chat fixture."""
+    root = tmp_path_factory.mktemp("ensembles")
+    members = [build_member(tokenizer, 0), build_member(tokenizer, 1, vocab_size=len(tokenizer) + 8),
+               build_member(tokenizer, 2)]
+    expected = {}
+    for mode in COMBINE_MODES:
+        weights = WEIGHTS if mode in ("weighted", "additive") else None
+        ensemble = ModelEnsemble.from_members(members, combine=mode, vocab_size=len(tokenizer), weights=weights)
+        ensemble.save_pretrained(root / mode, tokenizer)
+        dataset = scoring_dataset(tokenizer)
+        expected[mode] = {"answers": greedy_answers(ensemble, tokenizer),
+                          "ce": score.score(ensemble, dataset, PaddingCollator(tokenizer.pad_token_id), 4).ce}
+    return root, expected
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script_args: list[str], world_size: int, rank_args: dict | None = None) -> list[subprocess.Popen]:
+    """`world_size` processes of a script, with the environment torchrun gives its workers; `rank_args` gives some
+    ranks other arguments."""
+    port = free_port()
+    processes = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "CUDA_VISIBLE_DEVICES": ""}
+        args = (rank_args or {}).get(rank, script_args)
+        processes.append(subprocess.Popen([sys.executable, *map(str, args)], env=env, cwd=REPO, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return processes
+
+
+def finish(processes: list[subprocess.Popen], timeout: float) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each process, killing any still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    results = []
+    for process in processes:
+        try:
+            _, err = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+            results.append((None, err))
+            continue
+        results.append((process.returncode, err))
+    return results
+
+
+# --- splitting members ------------------------------------------------------------------------------------------
+
+
+def test_members_are_split_in_contiguous_blocks_that_cover_them_once():
+    for count in range(1, 7):
+        for world in range(1, count + 1):
+            blocks = [distributed_ensemble.members_of_rank(count, rank, world) for rank in range(world)]
+            assert [i for block in blocks for i in block] == list(range(count))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    with pytest.raises(distributed_ensemble.LaunchError, match="3 processes for an ensemble of 2"):
+        distributed_ensemble.members_of_rank(2, 0, 3)
+
+
+def test_a_process_not_started_by_a_launcher_is_told_how_to_launch(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(distributed_ensemble.LaunchError, match="torchrun --nproc_per_node 2"):
+        distributed_ensemble.launched_rank()
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed_ensemble.launched_rank() == (1, 2, 0)
+
+
+# --- the top-k exchange ----------------------------------------------------------------------------------------
+
+
+def test_a_part_is_filled_in_from_its_top_k_with_its_k_th_value():
+    part = torch.tensor([[0.5, 3.0, -1.0, 2.0, 1.0]])
+    values, indices = part.topk(2, dim=-1)
+    assert distributed_ensemble.filled_top_k(values, indices, 5).tolist() == [[2.0, 3.0, 2.0, 2.0, 2.0]]
+
+
+def test_top_k_sums_keep_the_argmax_that_every_part_ranks_high_and_equal_the_exact_sums_at_k_equal_v():
+    generator = torch.Generator().manual_seed(0)
+    parts = [torch.randn(6, 50, generator=generator) for _ in range(3)]
+    exact = {"sum": sum(parts), "log_sum_exp": torch.logsumexp(torch.stack(parts), dim=0)}
+    reconstruct = {"sum": distributed_ensemble.top_k_sum, "log_sum_exp": distributed_ensemble.top_k_log_sum_exp}
+    for name, function in reconstruct.items():
+        whole = function(*zip(*(part.topk(50, dim=-1) for part in parts)), 50)
+        torch.testing.assert_close(whole, exact[name])
+    # A token every part ranks first wins the approximate sum too, whatever the rest.
+    shared = [part.clone().index_fill_(-1, torch.tensor([7]), 10.0) for part in parts]
+    for function in reconstruct.values():
+        approximate = function(*zip(*(part.topk(3, dim=-1) for part in shared)), 50)
+        assert (approximate.argmax(dim=-1) == 7).all()
+
+
+# --- the same answers as one process ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_give_the_one_process_ensembles_greedy_answers_and_ce_in_every_mode(tmp_path, saved, world_size):
+    root, expected = saved
+    processes = launch([str(PROBE), str(tmp_path), *(str(root / mode) for mode in COMBINE_MODES)], world_size)
+    outcomes = finish(processes, timeout=300)
+    assert all(code == 0 for code, _ in outcomes), [err[-3000:] for _, err in outcomes]
+    results = [json.loads((tmp_path / f"rank_{rank}.json").read_text()) for rank in range(world_size)]
+    for mode in COMBINE_MODES:
+        held = [i for result in results for i in result[mode]["members"]]
+        assert held == [0, 1, 2]  # every member held once
+        for result in results:
+            got = result[mode]
+            assert got["answers"] == expected[mode]["answers"], mode
+            assert got["ce"] == pytest.approx(expected[mode]["ce"], rel=1e-6, abs=1e-6), mode
+            # Top-4 of a 400-token vocabulary (random members disagree a lot: no bound on how often), measured
+            # against the exact path of the same pass; with every entry sent, it is the exact path.
+            assert got["topk_exact_ce"] == pytest.approx(got["ce"], rel=1e-6)
+            assert 0.0 < got["topk_greedy_differs"] <= 1.0 and got["topk_ce"] != got["ce"]
+            assert got["topk_all_greedy_differs"] == 0.0
+            assert got["topk_all_ce"] == pytest.approx(got["ce"], rel=1e-5)
+
+
+# --- refused at start ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("difference", ["combine mode", "tokenizer"])
+def test_processes_that_loaded_different_ensembles_are_refused_by_name(tmp_path, saved, difference):
+    root, _ = saved
+    if difference == "combine mode":
+        other, what = root / "probs", "ensemble config.json"
+    else:  # the same ensemble beside another tokenizer
+        other, what = tmp_path / "other_tokenizer", "tokenizer vocabulary"
+        ModelEnsemble.from_pretrained(root / "logits").save_pretrained(other, build_tokenizer("chatml", 300))
+    processes = launch([PROBE, tmp_path / "out", root / "logits"], 2,
+                       rank_args={1: [PROBE, tmp_path / "out", other]})
+    for code, err in finish(processes, timeout=180):
+        assert code == 2, err[-2000:]
+        assert f"rank 1 ({other}) has a different {what} from rank 0 ({root / 'logits'})" in err, err[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing decoded
+
+
+def test_a_dead_process_stops_the_others_within_the_time_out_naming_it(tmp_path, saved):
+    root, _ = saved
+    timeout = 20
+    started = time.monotonic()
+    processes = launch([str(PROBE), str(tmp_path), str(root / "logits"), "--timeout", str(timeout), "--fault",
+                        "2:3:die"], 3)
+    outcomes = finish(processes, timeout=180)
+    elapsed = time.monotonic() - started
+    assert outcomes[2][0] == -9  # killed
+    for code, err in outcomes[:2]:
+        assert code == 1, err[-2000:]
+        assert "rank 2 of the ensemble's 3 processes stopped answering" in err, err[-2000:]
+    assert elapsed < 120
+
+
+def test_a_stalled_process_stops_the_others_after_the_time_out_naming_it(tmp_path, saved):
+    root, _ = saved
+    timeout = 8
+    processes = launch([str(PROBE), str(tmp_path), str(root / "logits"), "--timeout", str(timeout), "--fault",
+                        "1:3:stall"], 2)
+    outcome = finish(processes[:1], timeout=120)
+    processes[1].kill()
+    processes[1].communicate()
+    code, err = outcome[0]
+    assert code == 1, err[-2000:]
+    assert "rank 1 of the ensemble's 2 processes stopped answering" in err
+    assert f"past the {timeout} s time-out" in err
