@@ -1,10 +1,15 @@
 """generate.py: chat with a saved ensemble or one member, streamed."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import distributed_ensemble
 import generate
 import main
 from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
@@ -77,3 +82,21 @@ def test_generating_logs_no_warning_about_the_ensembles_model_type(run_dir):
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not [message for message in handler.messages if "to instantiate a model of type" in message]
+
+
+def test_two_processes_decode_the_one_process_answer(run_dir):
+    expected = generate.main([str(run_dir), "Hello", "--max_new_tokens", "12"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "generate.py", str(run_dir), "Hello", "--max_new_tokens", "12", "--distributed"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == expected.strip()  # streamed once, by rank 0
+
+
+def test_distributed_without_a_launcher_is_told_how_to_launch(run_dir, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(distributed_ensemble.LaunchError, match="launch it with torchrun"):
+        generate.main([str(run_dir), "Hello", "--distributed"])
