@@ -619,8 +619,10 @@ def _tokenizer_folder(folder: Path, fallback: Path) -> Path:
     return folder if (folder / "tokenizer_config.json").is_file() else fallback
 
 
-def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, kinds=MODEL_KINDS):
-    """Yield (kind, path, model, tokenizer) for the run's models, each loaded only when its turn comes."""
+def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, kinds=MODEL_KINDS,
+               member_devices: list[str] | None = None):
+    """Yield (kind, path, model, tokenizer) for the run's models, each loaded only when its turn comes; the
+    ensemble's members on `member_devices`, one each (they then run at once), when given."""
     from ensemble import ModelEnsemble
     from utils import load_causal_lm, load_tokenizer
 
@@ -642,7 +644,9 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
             tokenizer = load_tokenizer(str(_tokenizer_folder(folder, ensemble_dir)), trust)
         elif kind == "ensemble":
             path = str(ensemble_dir)
-            model = ModelEnsemble.from_pretrained(ensemble_dir, dtype=dtype, trust_remote_code=trust).to(device)
+            model = (ModelEnsemble.from_pretrained(ensemble_dir, dtype=dtype, trust_remote_code=trust,
+                                                   device_map=member_devices) if member_devices else
+                     ModelEnsemble.from_pretrained(ensemble_dir, dtype=dtype, trust_remote_code=trust).to(device))
             tokenizer = load_tokenizer(path, trust)
         else:
             raise ValueError(f"unknown model {kind!r}: use some of {MODEL_KINDS}")
@@ -652,7 +656,8 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
 def evaluate_run(run_dir: str | Path, tasks: list[str], include_path=DEFAULT_TASKS_DIR, limit: int | float | None = None,
                  batch_size: int = 8, models=MODEL_KINDS, device: str = "auto", dtype: str | None = None,
                  max_length: int | None = None, num_fewshot: int | None = None, include_defaults: bool = True,
-                 bootstrap_iters: int = 1000, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 bootstrap_iters: int = 1000, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 member_devices: list[str] | None = None):
     """Evaluate the teacher, the best member and the ensemble of a run folder on lm-eval tasks.
 
     Returns a pandas DataFrame with one row per (model, task, metric): RESULT_COLUMNS. `dtype` defaults to the
@@ -676,7 +681,8 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], include_path=DEFAULT_TAS
     vocab_size = EnsembleConfig.from_pretrained(Path(run_dir) / "ensemble").vocab_size
     manager = task_manager(include_path, include_defaults=include_defaults)
     rows = []
-    for kind, path, model, tokenizer in run_models(run_dir, torch_dtype, torch_device, kinds=models):
+    for kind, path, model, tokenizer in run_models(run_dir, torch_dtype, torch_device, kinds=models,
+                                                   member_devices=member_devices):
         lm = make_lm(model, tokenizer, batch_size=batch_size, max_length=max_length, vocab_size=vocab_size,
                      name=f"{kind}:{path}", train_max_length=config.get("max_length"), chunk_size=chunk_size)
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
@@ -726,6 +732,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="scored positions per output-head call: bounds the logits held at once")
     parser.add_argument("--num_fewshot", type=int, default=None)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--member_devices", default=None, metavar="DEV[,DEV...]",
+                        help="the ensemble's members one per device (e.g. cuda:0,cuda:1): they then run at once")
     parser.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default: the run's)")
     parser.add_argument("--bootstrap_iters", type=int, default=1000, help="bootstrap samples for stderrs")
     return parser.parse_args(argv)
@@ -747,7 +755,8 @@ def main(argv=None):
                          batch_size=args.batch_size, models=models, device=args.device, dtype=args.dtype,
                          max_length=args.max_length, num_fewshot=args.num_fewshot,
                          include_defaults=not args.no_default_tasks, bootstrap_iters=args.bootstrap_iters,
-                         chunk_size=args.chunk_size)
+                         chunk_size=args.chunk_size,
+                         member_devices=args.member_devices.split(",") if args.member_devices else None)
     output = Path(args.output) if args.output else Path(args.run_dir) / "lm_eval.csv"
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)

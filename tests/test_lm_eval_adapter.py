@@ -16,7 +16,7 @@ import yaml
 import lm_eval_adapter
 from conftest import build_tiny_llama, build_tokenizer
 from ensemble import COMBINE_MODES, WEIGHTED_MODES, ModelEnsemble
-from lm_eval_adapter import DEFAULT_TASKS_DIR, CausalLMAdapter, cut_at_stop, make_lm, task_manager
+from lm_eval_adapter import DEFAULT_TASKS_DIR, CausalLMAdapter, cut_at_stop, make_lm, run_models, task_manager
 from utils import load_causal_lm
 
 LOCAL_TASKS = ["slm_tiny_mc", "slm_tiny_gen", "slm_tiny_ppl"]
@@ -451,6 +451,20 @@ def test_evaluate_run_writes_one_table_for_teacher_best_member_and_ensemble(lm_e
                                      tasks=["slm_tiny_ppl"], task_manager=task_manager(include_defaults=False),
                                      limit=3, log_samples=False, bootstrap_iters=10)
     assert bits["best_member"] == pytest.approx(direct["results"]["slm_tiny_ppl"]["bits_per_byte,none"], rel=1e-6)
+
+
+def test_the_ensemble_is_loaded_one_member_per_given_device_and_scores_the_same(run_dir, tokenizer):
+    (kind, _, placed, _), = run_models(run_dir, torch.float32, torch.device("cpu"), kinds=["ensemble"],
+                                       member_devices=["cpu", "cpu", "cpu"])
+    (_, _, together, _), = run_models(run_dir, torch.float32, torch.device("cpu"), kinds=["ensemble"])
+    placed.concurrent = True  # as on three GPUs: one thread per member
+    pairs = [("The capital of France is", " Paris"), ("Hello", " there, friend")]
+    scores = CausalLMAdapter(placed, tokenizer).loglikelihood(pairs)
+    expected = CausalLMAdapter(together, tokenizer).loglikelihood(pairs)
+    assert [log_prob for log_prob, _ in scores] == pytest.approx([log_prob for log_prob, _ in expected], abs=1e-6)
+    assert [greedy for _, greedy in scores] == [greedy for _, greedy in expected]
+    with pytest.raises(ValueError, match="2 device maps given for 3 members"):
+        next(run_models(run_dir, torch.float32, torch.device("cpu"), kinds=["ensemble"], member_devices=["cpu"] * 2))
 
 
 def test_best_member_needs_student_rows(tmp_path):
