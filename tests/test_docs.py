@@ -42,13 +42,14 @@ NEEDS_RUN = "needs a run folder"
 # Scripts with a command line: the module whose parse_args parses it.
 SCRIPTS = {name: name.removesuffix(".py") for name in (
     "main.py", "generate.py", "plot.py", "bench.py", "preprocess_dataset.py", "teacher_cache.py",
-    "lm_eval_adapter.py", "study.py")}
+    "lm_eval_adapter.py", "study.py", "score.py", "bench_inference.py")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
 SHELL_PROGRAMS = {"cd", "mkdir", "ls", "head", "tail", ".", "source", "export", "cat", "echo"}  # harmless
 SBATCH_OPTIONS = {"--array", "--chdir", "--cpus-per-task", "--dependency", "--gres", "--job-name", "--mem",
                   "--nodes", "--ntasks-per-node", "--open-mode", "--output", "--partition", "--requeue", "--signal",
                   "--time", "--account", "--qos", "--constraint", "--exclusive"}
+SRUN_OPTIONS = {"--nodes", "--ntasks", "--ntasks-per-node", "--gres", "--cpus-per-task", "--export"}
 PIP_OPTIONS = {"-r", "--requirement", "--no-deps", "-q", "--quiet", "-U", "--upgrade"}
 OPERATORS = {"&&", "||", ";", "|", "&"}
 SUBSTITUTION = re.compile(r"\$\([^()]*\)")  # $(...) becomes one placeholder word
@@ -56,7 +57,7 @@ PLACEHOLDER_VALUE = "SUBSTITUTED"
 # A fenced block, with the note of a `<!-- test_docs: NOTE -->` line right above it.
 FENCE = re.compile(r"(?:^<!--\s*test_docs:\s*(?P<note>[^>]*?)\s*-->\s*\n)?"
                    r"^```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.M | re.S)
-INLINE_COMMAND = re.compile(r"(?<!`)`((?:python3?|accelerate launch|sbatch) [^`]+)`(?!`)")
+INLINE_COMMAND = re.compile(r"(?<!`)`((?:python3?|accelerate launch|torchrun|sbatch) [^`]+)`(?!`)")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -166,6 +167,12 @@ def accelerate_launch_options() -> frozenset[str]:
 
 
 @functools.cache
+def torchrun_options() -> frozenset[str]:
+    from torch.distributed.run import get_args_parser
+    return frozenset(get_args_parser()._option_string_actions)
+
+
+@functools.cache
 def gpu_check_options() -> frozenset[str]:
     """gpu_check.sh's options: those it tests its first argument for (`"${1:-}" = "--pack"`)."""
     return frozenset(re.findall(r'"\$\{1:-\}" = "(--[\w-]+)"', (ROOT / "gpu_check.sh").read_text()))
@@ -234,6 +241,18 @@ class Check:
                 if flag in ("--config_file", "--config-file"):
                     self.exists(value, "accelerate config")
             self.script(arguments[scripts[0]], arguments[scripts[0] + 1:])
+        elif program == "torchrun":
+            scripts = [i for i, word in enumerate(arguments) if word.endswith(".py")]
+            if not scripts:
+                self.problems.append("expected `torchrun [OPTIONS] SCRIPT.py ...`")
+                return
+            self.known_flags(arguments[:scripts[0]], torchrun_options(), "torchrun")
+            self.script(arguments[scripts[0]], arguments[scripts[0] + 1:])
+        elif program == "srun":  # a step of a SLURM job: srun [--OPTION=VALUE ...] COMMAND...
+            command = next((i for i, word in enumerate(arguments) if not word.startswith("-")), len(arguments))
+            self.known_flags(arguments[:command], SRUN_OPTIONS, "srun")
+            if command < len(arguments):
+                self.command(arguments[command:])
         elif program == "sbatch":
             scripts = [i for i, word in enumerate(arguments) if word.endswith(".sh")]
             if not scripts or Path(arguments[scripts[0]]).name != "train.sh":
