@@ -369,6 +369,16 @@ def save_member_atomically(student, tokenizer, member_dir: Path, training: dict 
         os.replace(tmp, member_dir)
 
 
+def save_ensemble_configs(ensemble, tokenizer, folder: Path) -> None:
+    """The ensemble's own files (ModelEnsemble.save_configs: its config, generation config and tokenizer) written into
+    its `folder`, beside the members. A write that fails for want of disk stops the run with DiskSpaceError, the
+    files of the previous round kept as they were."""
+    with refuse_full_disk(folder, saved_tokenizer_bytes(tokenizer) + CONFIG_BYTES, "the ensemble's configs",
+                          "the previous round's are kept: free some space, then continue the run with "
+                          "`python main.py --resume` and its run folder"):
+        ensemble.save_configs(folder, tokenizer)
+
+
 def training_record(member_dir: Path) -> dict:
     """What save_member_atomically recorded of a member's training ({} for a member saved without a record)."""
     path = Path(member_dir) / TRAINING_RECORD

@@ -220,6 +220,45 @@ def test_a_write_that_fails_on_a_full_disk_is_a_disk_error_whatever_the_writer_r
         fails(KeyboardInterrupt())
 
 
+def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_rounds_files(tmp_path, tokenizer,
+                                                                                            tiny_llama, monkeypatch):
+    """Round 1's configs: the tokenizer's write fails halfway for want of disk. The run stops with DiskSpaceError
+    (exit code 2) naming the folder and the bytes needed, and the folder still holds round 0's ensemble, whole."""
+    from conftest import build_tiny_llama
+    from ensemble import ModelEnsemble
+
+    folder = tmp_path / "ensemble"
+    members = [tiny_llama, build_tiny_llama(tokenizer, seed=1)]
+    for index, member in enumerate(members):
+        member.save_pretrained(folder / f"member_{index}")
+    run_state.save_ensemble_configs(ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer)), tokenizer,
+                                    folder)
+    round_0 = files(folder)
+    save_tokenizer = tokenizer.save_pretrained
+
+    def half_then_full(directory, *args, **kwargs):
+        save_tokenizer(directory, *args, **kwargs)
+        written = Path(directory) / "tokenizer.json"
+        written.write_bytes(written.read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(written))
+
+    round_1 = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "save_pretrained", half_then_full)
+        with pytest.raises(run_state.DiskSpaceError) as error:
+            run_state.save_ensemble_configs(round_1, tokenizer, folder)
+    assert str(error.value).startswith(f"{folder}: the disk is full: writing the ensemble's configs failed ([Errno "
+                                       "28] No space left on device: ")
+    needed = run_state.saved_tokenizer_bytes(tokenizer) + run_state.CONFIG_BYTES
+    assert f"; about {needed:,} bytes are needed there" in str(error.value)
+    assert "the previous round's are kept" in str(error.value)
+    assert files(folder) == round_0 and sorted(os.listdir(folder)) == sorted([*round_0, "member_0", "member_1"])
+    assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0"]
+    run_state.save_ensemble_configs(round_1, tokenizer, folder)  # once there is room
+    assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0", "member_1"]
+    assert ".configs.tmp" not in os.listdir(folder)
+
+
 def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch):
     callback = run_state.CheckDiskBeforeSave(tmp_path, checkpoint_bytes=5000)
     args = type("Args", (), {"device": torch.device("cpu")})()
@@ -342,8 +381,9 @@ def written_run(tmp_path, **settings):
     return run_dir
 
 
-def files(run_dir: Path) -> dict:
-    return {path.name: path.read_bytes() for path in sorted(run_dir.iterdir())}
+def files(folder: Path) -> dict:
+    """The bytes of each file of `folder` (not of its subfolders), by name."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 
 
 CONFIG_DAMAGE = {
