@@ -35,6 +35,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -237,13 +238,27 @@ def done_rounds(manifest: dict) -> list[str]:
 def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict]) -> None:
     """Rewrite a CSV with the existing rows for which keep(row) is true, then `new_rows`; atomically.
 
-    A row cut short by a kill (fewer fields than the header) is dropped.
+    A row cut short by a kill (fewer fields than the header) is dropped. A file that is not CSV text (bytes that are
+    not UTF-8, say) is set aside as it is (set_aside_damaged), and the CSV starts afresh with `new_rows`: the logs
+    rewritten here (train_log.csv, samples.csv) are records of the run, which a resume does not need, and refusing
+    them would stop a run, after a round's training for samples.csv, over a file it can do without.
     """
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if is_complete_row(row) and keep(row)]
-    write_csv_rows(path, columns, rows + new_rows)
+    rows = read_csv_rows(path)
+    if rows is None and path.exists():
+        set_aside_damaged(path)
+    kept = [row for row in rows or [] if is_complete_row(row) and keep(row)]
+    write_csv_rows(path, columns, kept + new_rows)
+
+
+def set_aside_damaged(path: Path) -> Path:
+    """Move the file `path`, which is not CSV text, to `path`.damaged-<time>, with a warning naming both: its bytes
+    are kept for a look or a repair by hand, never discarded. (A resume restores a damaged metrics.csv from the
+    manifest's journal before anything rewrites it: restore_metric_rows.)"""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    print(f"warning: {path} is not CSV text (bytes that are not UTF-8, say): moved as it is to {aside}; "
+          f"{path.name} starts afresh with the rows written from now on", file=sys.stderr)
+    return aside
 
 
 def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:

@@ -357,6 +357,46 @@ def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoin
     assert kept == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2")]
 
 
+LOG_REWRITES = {  # how the run rewrites each log: the training log when a round starts, samples.csv after a round
+    "train_log.csv": lambda path, columns, rows: run_state.mark_round_training(
+        path.parent, run_state.new_manifest("abc", 0, 0, 2), 1, None, columns),
+    "samples.csv": lambda path, columns, rows: run_state.replace_csv_rows(path, columns,
+                                                                          lambda row: row["round"] != "1", rows),
+}
+
+
+@pytest.mark.parametrize("name", list(LOG_REWRITES))
+def test_a_log_that_is_not_utf8_is_moved_aside_as_it_is_by_name_and_started_afresh(tmp_path, name, capsys):
+    path = tmp_path / name
+    columns = ["round", "step", "answer"]
+    run_state.write_csv_rows(path, columns, [{"round": 0, "step": 1, "answer": "a line\nand another"}])
+    damaged = path.read_bytes().replace(b"another", b"an\xffther")
+    path.write_bytes(damaged)
+    new_rows = [{"round": 1, "step": 1, "answer": "new"}]
+    LOG_REWRITES[name](path, columns, new_rows)
+    (aside,) = tmp_path.glob(f"{name}.damaged-*")
+    assert aside.read_bytes() == damaged
+    assert run_state.read_csv_rows(path) == (run_state.csv_text_rows(columns, new_rows) if name == "samples.csv"
+                                             else [])
+    assert capsys.readouterr().err == (f"warning: {path} is not CSV text (bytes that are not UTF-8, say): moved as "
+                                       f"it is to {aside}; {name} starts afresh with the rows written from now on\n")
+
+
+def test_a_metrics_csv_that_is_not_utf8_is_restored_from_the_manifest(tmp_path, capsys):
+    run_dir = written_run(tmp_path)
+    columns = ["round", "model", "ce"]
+    rows = run_state.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
+    manifest = run_state.finished_round(run_state.load_manifest(run_dir), 0, "ensemble/member_0", None, rows)
+    path = run_dir / "metrics.csv"
+    run_state.write_csv_rows(path, columns, rows)
+    whole = path.read_bytes()
+    path.write_bytes(whole.replace(b"student", b"stud\xffnt"))
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert path.read_bytes() == whole
+    assert capsys.readouterr().err == (f"warning: {path}: it is not CSV text; rewritten from the rows manifest.json "
+                                       "recorded for the finished rounds, restoring round 0 student\n")
+
+
 def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
     manifest = run_state.new_manifest("abc", 0, 0, 2)
     rows = run_state.csv_text_rows(["round", "model", "ce"], [{"round": 0, "model": "student", "ce": 1.5}])
