@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field
@@ -398,15 +399,25 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
     def save_configs(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
         """Write the ensemble's own files (config, generation config, tokenizer), for members saved already.
 
-        Training saves each member once, when its round ends; this completes the folder without rewriting them.
+        Training saves each member once, when its round ends; this completes the folder without rewriting them. The
+        files are written to a staging folder inside it, then moved into place one by one: a write that fails (a full
+        disk) leaves the files saved before as they were, never a config of the new members beside half a tokenizer.
         """
-        missing = [s for s in self.config.member_subfolders if not (Path(save_directory) / s / "config.json").is_file()]
+        save_directory = Path(save_directory)
+        missing = [s for s in self.config.member_subfolders if not (save_directory / s / "config.json").is_file()]
         if missing:
             raise FileNotFoundError(f"{save_directory}: member folder(s) {missing} are not saved yet")
-        self.config.save_pretrained(save_directory)
-        self.generation_config.save_pretrained(save_directory)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(save_directory)
+        staging = save_directory / ".configs.tmp"
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        try:
+            self.config.save_pretrained(staging)
+            self.generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            for path in staging.iterdir():
+                os.replace(path, save_directory / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def from_pretrained(

@@ -597,7 +597,7 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
         # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
                                               weights=run.weights)
-        ensemble.save_configs(run.folder / "ensemble", run.tokenizer)
+        run_state.save_ensemble_configs(ensemble, run.tokenizer, run.folder / "ensemble")
         write_sample_answers(run, round_index, {"student": run.members[-1], "ensemble": ensemble})
         run_state.write_manifest(run.folder, manifest)
         shutil.rmtree(run_state.checkpoint_folder(run.folder, round_index), ignore_errors=True)  # the member is the round's state

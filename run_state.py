@@ -6,7 +6,8 @@
   the config's fingerprint, the seed (initialisation, data order) and the data seed (sample, split). It and every
   other file a resume relies on are written atomically: to a temporary file, then renamed, so a half-written file
   is never taken for a whole one.
-- Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them.
+- Rows of a CSV log are rewritten whole when a round's rows are replaced, so a resumed round never duplicates them;
+  a row appended to the training log goes in whole or, when its write fails, not at all.
   The manifest keeps a journal of each finished round's metrics.csv rows: a resume restores a metrics.csv that was
   lost, emptied, overwritten or cut short from it, before any training.
 - Trainer checkpoints count only when complete (the Trainer writes trainer_state.json last; with several processes,
@@ -34,6 +35,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +81,37 @@ def write_atomically(path: Path, text: str) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def append_atomically(path: Path, text: str) -> None:
+    """Add `text` at the end of the file `path` (created if missing) whole, or not at all: a write that fails (a full
+    disk: DiskSpaceError) is cut back off, so the file keeps what it held and never ends in part of `text`, a row
+    cut short that a reader takes for damage. (A kill mid-write can still cut it short: replace_csv_rows drops
+    such a row when the log is next rewritten.)"""
+    path = Path(path)
+    data = text.encode()
+    with refuse_full_disk(path.parent, len(data), path.name,
+                          "what it held before is kept: free some space, then continue the run with "
+                          "`python main.py --resume` and its run folder"):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to the file descriptor `fd`: one os.write may take only part of it (a disk filling up
+    takes what it has room for, and the next write fails)."""
+    unwritten = memoryview(data)
+    while unwritten:
+        unwritten = unwritten[os.write(fd, unwritten):]
 
 
 # --- checksums: damage found before a saved folder is used ------------------------------------------------------
@@ -205,13 +238,27 @@ def done_rounds(manifest: dict) -> list[str]:
 def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict]) -> None:
     """Rewrite a CSV with the existing rows for which keep(row) is true, then `new_rows`; atomically.
 
-    A row cut short by a kill (fewer fields than the header) is dropped.
+    A row cut short by a kill (fewer fields than the header) is dropped. A file that is not CSV text (bytes that are
+    not UTF-8, say) is set aside as it is (set_aside_damaged), and the CSV starts afresh with `new_rows`: the logs
+    rewritten here (train_log.csv, samples.csv) are records of the run, which a resume does not need, and refusing
+    them would stop a run, after a round's training for samples.csv, over a file it can do without.
     """
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if is_complete_row(row) and keep(row)]
-    write_csv_rows(path, columns, rows + new_rows)
+    rows = read_csv_rows(path)
+    if rows is None and path.exists():
+        set_aside_damaged(path)
+    kept = [row for row in rows or [] if is_complete_row(row) and keep(row)]
+    write_csv_rows(path, columns, kept + new_rows)
+
+
+def set_aside_damaged(path: Path) -> Path:
+    """Move the file `path`, which is not CSV text, to `path`.damaged-<time>, with a warning naming both: its bytes
+    are kept for a look or a repair by hand, never discarded. (A resume restores a damaged metrics.csv from the
+    manifest's journal before anything rewrites it: restore_metric_rows.)"""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    print(f"warning: {path} is not CSV text (bytes that are not UTF-8, say): moved as it is to {aside}; "
+          f"{path.name} starts afresh with the rows written from now on", file=sys.stderr)
+    return aside
 
 
 def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -219,13 +266,21 @@ def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
     write_atomically(path, csv_text(columns, rows))
 
 
-def csv_text(columns: list[str], rows: list[dict]) -> str:
-    """The text of a CSV file of `columns` holding `rows`."""
+def csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:
+    """The text of a CSV file of `columns` holding `rows`; without its header line, for rows appended to one."""
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()
+
+
+def append_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Add `rows` at the end of the CSV file `path`, under a header of `columns` when the file is new or empty; all
+    of them, or none when the write fails (append_atomically)."""
+    has_header = path.is_file() and path.stat().st_size > 0
+    append_atomically(path, csv_text(columns, rows, header=not has_header))
 
 
 def csv_text_rows(columns: list[str], rows: list[dict]) -> list[dict]:
@@ -327,6 +382,16 @@ def save_member_atomically(student, tokenizer, member_dir: Path, training: dict 
         write_checksums(tmp)
         shutil.rmtree(member_dir, ignore_errors=True)
         os.replace(tmp, member_dir)
+
+
+def save_ensemble_configs(ensemble, tokenizer, folder: Path) -> None:
+    """The ensemble's own files (ModelEnsemble.save_configs: its config, generation config and tokenizer) written into
+    its `folder`, beside the members. A write that fails for want of disk stops the run with DiskSpaceError, the
+    files of the previous round kept as they were."""
+    with refuse_full_disk(folder, saved_tokenizer_bytes(tokenizer) + CONFIG_BYTES, "the ensemble's configs",
+                          "the previous round's are kept: free some space, then continue the run with "
+                          "`python main.py --resume` and its run folder"):
+        ensemble.save_configs(folder, tokenizer)
 
 
 def training_record(member_dir: Path) -> dict:

@@ -21,7 +21,6 @@ from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hy
                     hybrid_loss_terms, next_token_targets, predictor_mask)
 from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
 from tracking import trainer_report_to
-from utils import append_csv_rows
 
 
 def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:
@@ -300,6 +299,9 @@ def resumed_state(checkpoint: Path | None) -> dict:
 class CsvTrainLogCallback(TrainerCallback):
     """Appends one row per training log to a CSV file: hybrid loss, KL, NLL, learning rate, the gradient norm over
     the student's parameters, and each term's gradient norm at its final hidden states (see add_loss_parts).
+
+    A row is appended whole or not at all: one the disk has no room for stops training with
+    run_state.DiskSpaceError, the rows before it as they were (run_state.append_atomically).
     """
 
     def __init__(self, path: str | Path, round_index: int):
@@ -310,7 +312,7 @@ class CsvTrainLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "hybrid" not in logs:
             return
         row = {"round": self.round_index, "step": state.global_step, **{k: logs.get(k) for k in TRAIN_LOG_COLUMNS[2:]}}
-        append_csv_rows(self.path, [row], TRAIN_LOG_COLUMNS)
+        run_state.append_csv_rows(self.path, TRAIN_LOG_COLUMNS, [row])
 
 
 def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu: bool, bf16: bool,

@@ -1,7 +1,6 @@
 """Helpers shared by the scripts: devices and dtypes, model and tokenizer loading, students, run folders, CSV rows."""
 
 import contextlib
-import csv
 import dataclasses
 import datetime
 import errno
@@ -482,15 +481,3 @@ def publish_folder(staging: Path, final: Path, is_same_build: Callable[[Path], b
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-
-def append_csv_rows(path: str | Path, rows: list[dict], columns: list[str]) -> None:
-    """Append rows with a fixed schema; the header is written with the first row. Flushed to disk before return."""
-    path = Path(path)
-    write_header = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
-        if write_header:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())

@@ -220,6 +220,45 @@ def test_a_write_that_fails_on_a_full_disk_is_a_disk_error_whatever_the_writer_r
         fails(KeyboardInterrupt())
 
 
+def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_rounds_files(tmp_path, tokenizer,
+                                                                                            tiny_llama, monkeypatch):
+    """Round 1's configs: the tokenizer's write fails halfway for want of disk. The run stops with DiskSpaceError
+    (exit code 2) naming the folder and the bytes needed, and the folder still holds round 0's ensemble, whole."""
+    from conftest import build_tiny_llama
+    from ensemble import ModelEnsemble
+
+    folder = tmp_path / "ensemble"
+    members = [tiny_llama, build_tiny_llama(tokenizer, seed=1)]
+    for index, member in enumerate(members):
+        member.save_pretrained(folder / f"member_{index}")
+    run_state.save_ensemble_configs(ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer)), tokenizer,
+                                    folder)
+    round_0 = files(folder)
+    save_tokenizer = tokenizer.save_pretrained
+
+    def half_then_full(directory, *args, **kwargs):
+        save_tokenizer(directory, *args, **kwargs)
+        written = Path(directory) / "tokenizer.json"
+        written.write_bytes(written.read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(written))
+
+    round_1 = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "save_pretrained", half_then_full)
+        with pytest.raises(run_state.DiskSpaceError) as error:
+            run_state.save_ensemble_configs(round_1, tokenizer, folder)
+    assert str(error.value).startswith(f"{folder}: the disk is full: writing the ensemble's configs failed ([Errno "
+                                       "28] No space left on device: ")
+    needed = run_state.saved_tokenizer_bytes(tokenizer) + run_state.CONFIG_BYTES
+    assert f"; about {needed:,} bytes are needed there" in str(error.value)
+    assert "the previous round's are kept" in str(error.value)
+    assert files(folder) == round_0 and sorted(os.listdir(folder)) == sorted([*round_0, "member_0", "member_1"])
+    assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0"]
+    run_state.save_ensemble_configs(round_1, tokenizer, folder)  # once there is room
+    assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0", "member_1"]
+    assert ".configs.tmp" not in os.listdir(folder)
+
+
 def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch):
     callback = run_state.CheckDiskBeforeSave(tmp_path, checkpoint_bytes=5000)
     args = type("Args", (), {"device": torch.device("cpu")})()
@@ -318,6 +357,46 @@ def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoin
     assert kept == [("0", "1"), ("0", "2"), ("0", "3"), ("1", "1"), ("1", "2")]
 
 
+LOG_REWRITES = {  # how the run rewrites each log: the training log when a round starts, samples.csv after a round
+    "train_log.csv": lambda path, columns, rows: run_state.mark_round_training(
+        path.parent, run_state.new_manifest("abc", 0, 0, 2), 1, None, columns),
+    "samples.csv": lambda path, columns, rows: run_state.replace_csv_rows(path, columns,
+                                                                          lambda row: row["round"] != "1", rows),
+}
+
+
+@pytest.mark.parametrize("name", list(LOG_REWRITES))
+def test_a_log_that_is_not_utf8_is_moved_aside_as_it_is_by_name_and_started_afresh(tmp_path, name, capsys):
+    path = tmp_path / name
+    columns = ["round", "step", "answer"]
+    run_state.write_csv_rows(path, columns, [{"round": 0, "step": 1, "answer": "a line\nand another"}])
+    damaged = path.read_bytes().replace(b"another", b"an\xffther")
+    path.write_bytes(damaged)
+    new_rows = [{"round": 1, "step": 1, "answer": "new"}]
+    LOG_REWRITES[name](path, columns, new_rows)
+    (aside,) = tmp_path.glob(f"{name}.damaged-*")
+    assert aside.read_bytes() == damaged
+    assert run_state.read_csv_rows(path) == (run_state.csv_text_rows(columns, new_rows) if name == "samples.csv"
+                                             else [])
+    assert capsys.readouterr().err == (f"warning: {path} is not CSV text (bytes that are not UTF-8, say): moved as "
+                                       f"it is to {aside}; {name} starts afresh with the rows written from now on\n")
+
+
+def test_a_metrics_csv_that_is_not_utf8_is_restored_from_the_manifest(tmp_path, capsys):
+    run_dir = written_run(tmp_path)
+    columns = ["round", "model", "ce"]
+    rows = run_state.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
+    manifest = run_state.finished_round(run_state.load_manifest(run_dir), 0, "ensemble/member_0", None, rows)
+    path = run_dir / "metrics.csv"
+    run_state.write_csv_rows(path, columns, rows)
+    whole = path.read_bytes()
+    path.write_bytes(whole.replace(b"student", b"stud\xffnt"))
+    run_state.restore_metric_rows(run_dir, columns, manifest)
+    assert path.read_bytes() == whole
+    assert capsys.readouterr().err == (f"warning: {path}: it is not CSV text; rewritten from the rows manifest.json "
+                                       "recorded for the finished rounds, restoring round 0 student\n")
+
+
 def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
     manifest = run_state.new_manifest("abc", 0, 0, 2)
     rows = run_state.csv_text_rows(["round", "model", "ce"], [{"round": 0, "model": "student", "ce": 1.5}])
@@ -342,8 +421,9 @@ def written_run(tmp_path, **settings):
     return run_dir
 
 
-def files(run_dir: Path) -> dict:
-    return {path.name: path.read_bytes() for path in sorted(run_dir.iterdir())}
+def files(folder: Path) -> dict:
+    """The bytes of each file of `folder` (not of its subfolders), by name."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 
 
 CONFIG_DAMAGE = {

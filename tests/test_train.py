@@ -1,7 +1,10 @@
 """DistillationTrainer: the loss it trains on, what gets gradients, and invariance to how a step is split."""
 
 import copy
+import errno
 import math
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token
 from model_io import PaddingCollator, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import CsvTrainLogCallback, DistillationTrainer, gradients_are_finite
+import run_state
 import utils
 from trl import SFTConfig
 
@@ -137,6 +141,39 @@ def test_training_log_rows_reach_the_csv(tokenizer, examples, tmp_path):
     assert [line.split(",")[1] for line in lines[1:]] == ["2", "4"]
     hybrid, kl, nll = (float(v) for v in lines[1].split(",")[2:5])
     assert hybrid == pytest.approx(0.5 * 4.0 * kl + 0.5 * nll, rel=1e-4)  # alpha 0.5, T = 2
+
+
+def test_a_train_log_row_the_disk_has_no_room_for_stops_with_the_folder_and_bytes_and_leaves_no_part_of_it(
+        tmp_path, monkeypatch):
+    """The disk fills up halfway through a row: the write stops with DiskSpaceError (exit code 2), and the log is
+    cut back to the rows before it, with no half row that a resume would read as damage."""
+    path = tmp_path / "train_log.csv"
+    callback = CsvTrainLogCallback(path, round_index=0)
+
+    def log(step):
+        state = type("State", (), {"is_world_process_zero": True, "global_step": step})()
+        callback.on_log(None, state, None, logs={"hybrid": 1.5, "kl": 0.25, "nll": 1.25})
+
+    log(1)
+    earlier = path.read_bytes()
+    write = os.write
+
+    def half_then_full(fd, data):
+        write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", half_then_full)
+        with pytest.raises(run_state.DiskSpaceError) as error:
+            log(2)
+    assert str(error.value).startswith(f"{tmp_path}: the disk is full: writing train_log.csv failed ([Errno 28] No "
+                                       "space left on device); about ")
+    assert "what it held before is kept" in str(error.value)
+    assert path.read_bytes() == earlier
+    log(2)  # once there is room: the row the error said it needed
+    needed = int(re.search(r"about ([0-9,]+) bytes are needed there", str(error.value)).group(1).replace(",", ""))
+    assert path.read_bytes()[:len(earlier)] == earlier and path.stat().st_size == len(earlier) + needed
+    assert [row["step"] for row in run_state.read_csv_rows(path)] == ["1", "2"]
 
 
 def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tmp_path, monkeypatch):
