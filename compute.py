@@ -1,5 +1,5 @@
 """Compute accounting: the FLOPs of training and running an ensemble of students, against single models at equal cost;
-and the teacher cache's size and a training process's GPU memory, predicted before a run (main.py --dry_run).
+and the teacher cache's size and a training process's GPU memory, predicted before a run (dry_run.py).
 
 Pure functions of model shapes (parameter counts, depth, attention width) and token counts; nothing here runs a
 model. The conventions (docs/compute.md states them once):
