@@ -157,16 +157,9 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
         print(f"{stopped} (exit code {run_state.EXIT_PREEMPTED})")
         return run_state.EXIT_PREEMPTED
     evaluated_teacher = evaluation_teacher(config, teacher, load_whole_teacher, cache, data, collator, state)
-    round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
     train_tokens = preprocess_dataset.token_totals(data["train"])  # for the compute accounting
-    if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
-        round_config = utils.flop_matched_config(config, round_config, teacher, tokenizer,
-                                                 (*train_tokens, len(data["train"])), state.num_processes)
-    output_folder = resume_dir or Path(config.output_root)
-    output_folder.mkdir(parents=True, exist_ok=True)
-    # Checked before the run folder exists, so a run that cannot write its checkpoints leaves nothing behind.
-    run_state.check_disk_for_a_round(output_folder, utils.student_skeleton(round_config, teacher, tokenizer),
-                                     tokenizer, config)
+    round_config = round_settings(config, teacher, tokenizer, data["train"], train_tokens, state.num_processes)
+    check_disk_before_the_run_folder(config, resume_dir, round_config, teacher, tokenizer)
     if preempted_during_setup(preemption, state.device, "the run folder is written"):
         return run_state.EXIT_PREEMPTED
     folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, chosen_preset(args))
@@ -176,9 +169,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
         run_state.restore_metric_rows(folder, METRIC_COLUMNS, manifest)
     trackers = (tracking.round_trackers(config.report_to, config.tracker_project, folder, run_name(folder, config))
                 if state.is_main_process else [])
-    frozen_dtype = utils.frozen_dtype(config.dtype, state.device)
-    members = tuple(utils.load_causal_lm(str(folder / path), frozen_dtype, config.trust_remote_code)
-                    .to(state.device).eval() for path in manifest["members"])
+    members = earlier_members(config, folder, manifest, state.device)
     return Run(config=config, round_config=round_config, state=state, preemption=preemption, tokenizer=tokenizer,
                teacher=teacher, evaluated_teacher=evaluated_teacher, cache=cache, data=data,
                train_tokens=train_tokens, collator=collator,
@@ -273,6 +264,29 @@ def rounds_teacher(config: config_lib.Config, teacher_path: str, tokenizer, stat
     return head
 
 
+def round_settings(config: config_lib.Config, teacher: torch.nn.Module, tokenizer, train,
+                   train_tokens: tuple[int, int], num_processes: int) -> config_lib.Config:
+    """What each round's student is built and trained with: the config itself, or a single-model baseline's
+    (utils.baseline_round_config), whose steps under baseline_budget flops spend the ensemble's training FLOPs
+    (utils.flop_matched_config) on the training split `train`, of `train_tokens` (tokens, supervised tokens)."""
+    round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
+    if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
+        return utils.flop_matched_config(config, round_config, teacher, tokenizer, (*train_tokens, len(train)),
+                                         num_processes)
+    return round_config
+
+
+def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path | None,
+                                     round_config: config_lib.Config, teacher: torch.nn.Module, tokenizer) -> None:
+    """Refuse a run whose output folder's disk cannot hold a round of its student (run_state.check_disk_for_a_round,
+    sized from the student's skeleton: nothing allocated). Checked before the run folder exists, so a run that
+    cannot write its checkpoints leaves nothing behind."""
+    output_folder = resume_dir or Path(config.output_root)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    run_state.check_disk_for_a_round(output_folder, utils.student_skeleton(round_config, teacher, tokenizer),
+                                     tokenizer, config)
+
+
 def preempted_during_setup(preemption: run_state.PreemptionSignal, device, next_step: str) -> bool:
     """Whether a signal has come (to any process) before `next_step`: the run then stops, nothing written."""
     if not preemption.received_anywhere(device):
@@ -293,6 +307,14 @@ def print_plan(config: config_lib.Config, run_dir: Path | None, counts: dict | N
 def run_name(folder: Path, config: config_lib.Config) -> str:
     """The run's name in trackers: its folder below output_root (YYYY-MM-DD/run_N)."""
     return str(folder.relative_to(config.output_root)) if folder.is_relative_to(config.output_root) else folder.name
+
+
+def earlier_members(config: config_lib.Config, folder: Path, manifest: dict, device: torch.device) -> tuple:
+    """The frozen students of the rounds the run finished before (none for a new run), in the frozen dtype on
+    `device`, in round order."""
+    frozen_dtype = utils.frozen_dtype(config.dtype, device)
+    return tuple(utils.load_causal_lm(str(folder / path), frozen_dtype, config.trust_remote_code).to(device).eval()
+                 for path in manifest["members"])
 
 
 # --- a round --------------------------------------------------------------------------------------------------------
