@@ -1,23 +1,13 @@
 """dry_run.py through main.py --dry_run: the teacher cache's size and the GPU memory predicted from the models'
 configs (and the prepared data) without loading weights, and what it says when it cannot predict them."""
 
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig
 
 import compute
 import dry_run
 import main
 import preprocess_dataset
-import utils
-from test_main import cli_args
-
-
-def refuse_to_load_weights(monkeypatch) -> None:
-    def refuse(*args, **kwargs):
-        raise AssertionError("the dry run loaded weights")
-
-    monkeypatch.setattr(utils, "load_causal_lm", refuse)
-    monkeypatch.setattr(utils, "load_output_head", refuse)
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+from test_main import cli_args, refuse_to_load_weights
 
 
 def test_a_dry_run_predicts_the_teacher_cache_and_the_gpu_memory_without_loading_weights(tiny_teacher_dir, tmp_path,

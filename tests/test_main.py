@@ -26,8 +26,19 @@ from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokeni
 from ensemble import ModelEnsemble
 from model_io import OutputHeadOnly
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def refuse_to_load_weights(monkeypatch) -> None:
+    """Make any weight loading fail the test: what is checked before anything heavy loads must not need it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dry run loaded weights")
+
+    monkeypatch.setattr(utils, "load_causal_lm", refuse)
+    monkeypatch.setattr(utils, "load_output_head", refuse)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
 
 
 def cli_args(teacher_dir, tmp_path, *extra):
