@@ -30,9 +30,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import SIZES
+from distributed_ensemble import top_k_bytes
 from ensemble import ModelEnsemble
 
-EXCHANGE_K = 64  # the top-k exchange's default (distributed_ensemble)
+EXCHANGE_K = 64  # the top-k exchange's default (score.py, generate.py)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
                    for b, r, one in zip(options.batch_sizes, model_rows, rows["one member"], strict=True)}
             for name, model_rows in rows.items()},
         "bytes_per_token_and_process": {"full row": 4 * options.vocab_size,
-                                        f"top-{EXCHANGE_K}": EXCHANGE_K * 8},
+                                        f"top-{EXCHANGE_K}": top_k_bytes(EXCHANGE_K, options.members)},
     }
     print_table(results, options)
     if options.json:

@@ -14,11 +14,12 @@ order of summation:
   all-reduce (sum) of a vocabulary row per position adds the processes' parts;
 - probs: log p_mix = log sum_k p_k - log K, summed stably: an all-reduce (max) of each process's largest
   log-probability per position (one number), then an all-reduce (sum) of sum_k exp(log p_k - max).
-With exchange="topk", each process sends only the k largest entries of its part (values and indices, 8 bytes each
-pair) instead of the vocabulary row (4 bytes an entry): the others take each missing entry to be that process's
-k-th largest, which keeps every token in some process's top k above every token in none. Greedy tokens then differ
-from the exact path only where the winner falls outside a process's top k (score.py --exchange topk measures how
-often, on the test split).
+With exchange="topk", the processes first exchange the indices of their parts' k largest entries (4 bytes each),
+then each sends its exact values at all of these candidates (P x k floats) and one fill value, instead of its
+vocabulary row (4 bytes an entry): every candidate token gets its exact combined score, every other token the sum
+of the fills, each the mean of that process's other entries (for probs: their mean probability mass), so each part
+keeps its total. The greedy token is the exact path's whenever it is a candidate; score.py --exchange topk measures
+how often it is not, and what the CE loses, on the test split.
 
 Faults: every collective fails after `timeout_s` (gloo and NCCL time-outs), and a process that died breaks its
 connections at once. The processes still running then say so in the rendezvous store and wait a few seconds for
@@ -232,7 +233,7 @@ class DistributedEnsemble(ModelEnsemble):
         """The sum over processes of each one's `part` [..., V]."""
         if exchange == "full":
             return self.processes.all_reduce(part.contiguous())
-        return top_k_sum(*self._gathered_top_k(part), part.shape[-1])
+        return top_k_sum(self._gathered_top_k(part), part.shape[-1])
 
     def _log_mass_sum(self, log_mass: torch.Tensor, exchange: str) -> torch.Tensor:
         """log of the sum over processes of exp(`log_mass`) [..., V], each process's its members' summed
@@ -241,46 +242,77 @@ class DistributedEnsemble(ModelEnsemble):
             peak = self.processes.all_reduce(log_mass.amax(dim=-1, keepdim=True).contiguous(), dist.ReduceOp.MAX)
             mass = self.processes.all_reduce((log_mass - peak).exp().contiguous())
             return mass.log() + peak
-        return top_k_log_sum_exp(*self._gathered_top_k(log_mass), log_mass.shape[-1])
+        return top_k_log_sum_exp(self._gathered_top_k(log_mass, log_space=True), log_mass.shape[-1])
 
-    def _gathered_top_k(self, part: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every process's top `exchange_k` entries of its `part` (values descending, int64 indices), rank order."""
+    def _gathered_top_k(self, part: torch.Tensor, log_space: bool = False) -> list[SparsePart]:
+        """Every process's `part` at the candidate tokens (the union of all processes' top `exchange_k`), with the
+        fill of its other entries, in rank order: two messages, the top-k indices (int32), then the values."""
         k = min(self.exchange_k, part.shape[-1])
-        values, indices = part.topk(k, dim=-1)
-        gathered_values = self.processes.all_gather(values)
-        gathered_indices = self.processes.all_gather(indices.to(INDEX_DTYPE))
-        return gathered_values, [i.long() for i in gathered_indices]
+        own = part.topk(k, dim=-1).indices.to(INDEX_DTYPE)
+        candidates = torch.cat(self.processes.all_gather(own), dim=-1).long()
+        sent = sparse_part(part, candidates, log_space)
+        gathered = self.processes.all_gather(torch.cat([sent.values, sent.fill], dim=-1))
+        return [SparsePart(both[..., :-1], candidates, both[..., -1:]) for both in gathered]
 
     def exchanged_bytes_per_position(self, exchange: str | None = None) -> int:
-        """What each process sends per scored position: a vocabulary row of fp32 (plus one max for probs), or k
-        (value, index) pairs."""
+        """What each process sends per scored position: a vocabulary row of fp32 (plus one max for probs), or its
+        k top indices, then its values at every process's (P x k) and the fill."""
         exchange = exchange or self.exchange
         vocab = self.config.vocab_size or self.members[0].get_output_embeddings().weight.shape[0]
         if exchange == "topk":
-            return min(self.exchange_k, vocab) * (4 + INDEX_DTYPE.itemsize)
+            return top_k_bytes(min(self.exchange_k, vocab), self.processes.world_size)
         return 4 * vocab + (4 if self.config.combine == "probs" else 0)
 
 
-def filled_top_k(values: torch.Tensor, indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A process's part [..., V] as the others see it from its top k: its k values where it sent them, its k-th
-    largest value everywhere else (the most a missing entry can be)."""
-    shape = (*values.shape[:-1], vocab_size)
-    return values[..., -1:].expand(shape).clone().scatter_(-1, indices, values)
+def top_k_bytes(k: int, world_size: int) -> int:
+    """What a process sends per position in the top-k exchange: its k indices (int32), then its fp32 values at all
+    world_size x k candidates and one fill."""
+    return k * INDEX_DTYPE.itemsize + 4 * (world_size * k + 1)
 
 
-def top_k_sum(values: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """The sum over processes of their parts, each filled in from its top k (`filled_top_k`)."""
-    total = filled_top_k(values[0], indices[0], vocab_size)
-    for rank_values, rank_indices in zip(values[1:], indices[1:], strict=True):
-        total = total + filled_top_k(rank_values, rank_indices, vocab_size)
+@dataclasses.dataclass(frozen=True)
+class SparsePart:
+    """A process's part [..., V] as the others see it: its exact values at the candidate tokens and, for every other
+    token, one fill value: their mean (in log space: the log of their mean probability mass), so that the part's
+    total is kept."""
+
+    values: torch.Tensor  # [..., C]
+    indices: torch.Tensor  # [..., C], int64; a token may repeat (with the same value)
+    fill: torch.Tensor  # [..., 1]
+
+    def dense(self, vocab_size: int) -> torch.Tensor:
+        shape = (*self.values.shape[:-1], vocab_size)
+        return self.fill.expand(shape).clone().scatter_(-1, self.indices, self.values)
+
+
+def sparse_part(part: torch.Tensor, candidates: torch.Tensor, log_space: bool = False) -> SparsePart:
+    """`part` at the `candidates` [..., C] and the fill of its other entries: their mean, or with `log_space` (a
+    part that is a log of probability mass) the log of their mean mass. The mean is what most entries are about for
+    a member that only corrects the others (additive), whose largest and smallest entries both matter: the
+    candidates hold the exact values wherever any process ranks a token high."""
+    chosen = torch.zeros_like(part, dtype=torch.bool).scatter_(-1, candidates, True)
+    others = (~chosen).sum(-1, keepdim=True)
+    if log_space:
+        outside = part.masked_fill(chosen, float("-inf")).logsumexp(-1, keepdim=True)
+        fill = outside - others.clamp(min=1).log()
+    else:
+        fill = part.masked_fill(chosen, 0.0).sum(-1, keepdim=True) / others.clamp(min=1)
+    return SparsePart(part.gather(-1, candidates), candidates, fill)
+
+
+def top_k_sum(parts: Sequence[SparsePart], vocab_size: int) -> torch.Tensor:
+    """The sum over processes of their parts, each as its candidates and fill give it."""
+    total = parts[0].dense(vocab_size)
+    for part in parts[1:]:
+        total = total + part.dense(vocab_size)
     return total
 
 
-def top_k_log_sum_exp(values: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """log sum over processes of exp(part), each part filled in from its top k (`filled_top_k`)."""
-    total = filled_top_k(values[0], indices[0], vocab_size)
-    for rank_values, rank_indices in zip(values[1:], indices[1:], strict=True):
-        total = torch.logaddexp(total, filled_top_k(rank_values, rank_indices, vocab_size))
+def top_k_log_sum_exp(parts: Sequence[SparsePart], vocab_size: int) -> torch.Tensor:
+    """log sum over processes of exp(part), each part as its candidates and fill give it."""
+    total = parts[0].dense(vocab_size)
+    for part in parts[1:]:
+        total = torch.logaddexp(total, part.dense(vocab_size))
     return total
 
 

@@ -45,4 +45,4 @@ def test_the_single_model_has_about_the_ensembles_parameters_and_the_exchange_it
     parameters = results["parameters"]
     assert parameters["ensemble"] == 2 * parameters["member"]
     assert 0.7 < parameters["single model"] / parameters["ensemble"] <= 1.0  # the embeddings are not doubled
-    assert results["bytes_per_token_and_process"] == {"full row": 4 * 512, "top-64": 64 * 8}
+    assert results["bytes_per_token_and_process"] == {"full row": 4 * 512, "top-64": 64 * 4 + 4 * (2 * 64 + 1)}

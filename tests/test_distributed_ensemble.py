@@ -121,25 +121,38 @@ def test_a_process_not_started_by_a_launcher_is_told_how_to_launch(monkeypatch):
 # --- the top-k exchange ----------------------------------------------------------------------------------------
 
 
-def test_a_part_is_filled_in_from_its_top_k_with_its_k_th_value():
+def top_k_candidates(parts, k):
+    return torch.cat([part.topk(k, dim=-1).indices for part in parts], dim=-1)
+
+
+def test_a_part_is_sent_as_its_values_at_the_candidates_and_the_mean_of_the_rest():
     part = torch.tensor([[0.5, 3.0, -1.0, 2.0, 1.0]])
-    values, indices = part.topk(2, dim=-1)
-    assert distributed_ensemble.filled_top_k(values, indices, 5).tolist() == [[2.0, 3.0, 2.0, 2.0, 2.0]]
+    sent = distributed_ensemble.sparse_part(part, torch.tensor([[1, 3, 1]]))  # a candidate may repeat
+    torch.testing.assert_close(sent.dense(5), torch.tensor([[1 / 6, 3.0, 1 / 6, 2.0, 1 / 6]]))
+    torch.testing.assert_close(sent.dense(5).sum(-1), part.sum(-1))  # the part's total is kept
 
 
-def test_top_k_sums_keep_the_argmax_that_every_part_ranks_high_and_equal_the_exact_sums_at_k_equal_v():
+def test_a_log_mass_part_keeps_its_mass_and_every_token_a_candidate_is_the_part():
+    log_mass = torch.log_softmax(torch.randn(4, 30, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sent = distributed_ensemble.sparse_part(log_mass, log_mass.topk(5, dim=-1).indices, log_space=True)
+    torch.testing.assert_close(sent.dense(30).exp().sum(-1), torch.ones(4))
+    every = torch.arange(30).expand(4, 30)
+    torch.testing.assert_close(distributed_ensemble.sparse_part(log_mass, every, log_space=True).dense(30), log_mass)
+
+
+def test_sums_are_exact_at_every_candidate_so_the_exact_winner_wins_when_it_is_one():
     generator = torch.Generator().manual_seed(0)
     parts = [torch.randn(6, 50, generator=generator) for _ in range(3)]
     exact = {"sum": sum(parts), "log_sum_exp": torch.logsumexp(torch.stack(parts), dim=0)}
     reconstruct = {"sum": distributed_ensemble.top_k_sum, "log_sum_exp": distributed_ensemble.top_k_log_sum_exp}
     for name, function in reconstruct.items():
-        whole = function(*zip(*(part.topk(50, dim=-1) for part in parts)), 50)
-        torch.testing.assert_close(whole, exact[name])
-    # A token every part ranks first wins the approximate sum too, whatever the rest.
-    shared = [part.clone().index_fill_(-1, torch.tensor([7]), 10.0) for part in parts]
-    for function in reconstruct.values():
-        approximate = function(*zip(*(part.topk(3, dim=-1) for part in shared)), 50)
-        assert (approximate.argmax(dim=-1) == 7).all()
+        candidates = top_k_candidates(parts, 3)
+        sent = [distributed_ensemble.sparse_part(part, candidates, name == "log_sum_exp") for part in parts]
+        approximate = function(sent, 50)
+        torch.testing.assert_close(approximate.gather(-1, candidates), exact[name].gather(-1, candidates))
+        winner_is_candidate = (candidates == exact[name].argmax(-1, keepdim=True)).any(-1)
+        assert winner_is_candidate.any()
+        assert torch.equal(approximate.argmax(-1)[winner_is_candidate], exact[name].argmax(-1)[winner_is_candidate])
 
 
 # --- the same answers as one process ----------------------------------------------------------------------------
@@ -159,10 +172,10 @@ def test_processes_give_the_one_process_ensembles_greedy_answers_and_ce_in_every
             got = result[mode]
             assert got["answers"] == expected[mode]["answers"], mode
             assert got["ce"] == pytest.approx(expected[mode]["ce"], rel=1e-6, abs=1e-6), mode
-            # Top-4 of a 400-token vocabulary (random members disagree a lot: no bound on how often), measured
-            # against the exact path of the same pass; with every entry sent, it is the exact path.
+            # Top-4 of a 400-token vocabulary, measured against the exact path of the same pass (the tail is
+            # flattened, so the CE differs); with every entry sent, it is the exact path.
             assert got["topk_exact_ce"] == pytest.approx(got["ce"], rel=1e-6)
-            assert 0.0 < got["topk_greedy_differs"] <= 1.0 and got["topk_ce"] != got["ce"]
+            assert 0.0 <= got["topk_greedy_differs"] < 0.5 and got["topk_ce"] != got["ce"]
             assert got["topk_all_greedy_differs"] == 0.0
             assert got["topk_all_ce"] == pytest.approx(got["ce"], rel=1e-5)
 

@@ -65,7 +65,7 @@ def test_two_processes_score_what_the_run_reported_and_the_top_k_exchange_says_w
     top_k = torchrun(["score.py", str(run_dir), "--distributed", "--exchange", "topk", "--exchange_k", "8"])
     assert top_k.returncode == 0, top_k.stderr[-3000:]
     assert re.search(r"greedy token differs from the exact path at [0-9.]+% of positions", top_k.stdout)
-    assert "bytes per token and process: top-k sends 64, receives 64" in top_k.stdout
+    assert "bytes per token and process: top-k sends 100, receives 100" in top_k.stdout  # 8 x 4 + (2 x 8 + 1) x 4
 
 
 def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
