@@ -5,7 +5,8 @@ a larger batch, greedy decoding with a KV cache; and the bytes each process send
 
     python bench_inference.py                                   # SmolLM2-135M-shaped members, 1 thread per member
     python bench_inference.py --size tiny --new_tokens 8        # seconds, for a smoke test
-    python bench_inference.py --size 0.5b --device cuda         # on a GPU (members at once: --member_devices there)
+    python bench_inference.py --size 0.5b --vocab_size 151936 --device cuda   # one GPU per member, if there are as
+                                                                              # many; else the members share GPU 0
 
 Every model has random weights (speed does not depend on them) and reads random prompts. Each configuration gets the
 threads one member gets (--threads, per member): one member and the one-after-another ensemble run on that many,
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per member (per process)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: member i on GPU i when there are as many GPUs (else all on GPU 0); the process "
+                             "per member needs a GPU each and is skipped without")
     parser.add_argument("--json", default="bench_inference.json", help="write the results here ('' to skip)")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # a distributed process
     return parser.parse_args(argv)
@@ -78,6 +82,8 @@ def timed_generation(model, batch_size: int, options) -> dict:
         with torch.no_grad():
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                            do_sample=False, pad_token_id=0)
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
     seconds(2)  # warm-up
@@ -88,11 +94,20 @@ def timed_generation(model, batch_size: int, options) -> dict:
             "tokens_per_second": batch_size / per_token}
 
 
+def member_devices(options) -> list[torch.device]:
+    """Member i's device: the CPU, GPU i when there is one per member, else GPU 0 for all."""
+    if options.device == "cpu":
+        return [torch.device("cpu")] * options.members
+    if torch.cuda.device_count() >= options.members:
+        return [torch.device("cuda", i) for i in range(options.members)]
+    return [torch.device("cuda", 0)] * options.members
+
+
 def distributed_rows(folder: Path, options) -> list[dict]:
     """The saved ensemble's rows, run as one process per member under torchrun (rank 0's timings)."""
     out = folder / "distributed.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(options.members), __file__, "--worker", str(folder), "--json", str(out),
+               str(options.members), __file__, "--worker", str(folder), "--json", str(out), "--device", options.device,
                "--batch_sizes", *map(str, options.batch_sizes), "--prompt_tokens", str(options.prompt_tokens),
                "--new_tokens", str(options.new_tokens), "--repeats", str(options.repeats),
                "--threads", str(options.threads), "--vocab_size", str(options.vocab_size)]
@@ -108,7 +123,7 @@ def worker(options) -> None:
     import distributed_ensemble
 
     torch.set_num_threads(options.threads)
-    processes = distributed_ensemble.start_processes()
+    processes = distributed_ensemble.start_processes(device=options.device)
     ensemble = distributed_ensemble.DistributedEnsemble.from_pretrained(options.worker, processes)
     rows = [timed_generation(ensemble, batch, options) for batch in options.batch_sizes]
     if processes.rank == 0:
@@ -122,8 +137,10 @@ def main(argv=None) -> dict:
         worker(options)
         return {}
     torch.set_num_threads(options.threads)
-    members = [random_member(options.size, options.vocab_size, seed) for seed in range(options.members)]
-    single = random_member(options.size, options.vocab_size, seed=100, layer_factor=options.members)
+    devices = member_devices(options)
+    members = [random_member(options.size, options.vocab_size, seed).to(device)
+               for seed, device in zip(range(options.members), devices)]
+    single = random_member(options.size, options.vocab_size, seed=100, layer_factor=options.members).to(devices[0])
     models = {
         "one member": members[0],
         "ensemble, one after another": ModelEnsemble.from_members(members, vocab_size=options.vocab_size,
@@ -134,9 +151,11 @@ def main(argv=None) -> dict:
     }
     rows = {name: [timed_generation(model, batch, options) for batch in options.batch_sizes]
             for name, model in models.items()}
-    with tempfile.TemporaryDirectory() as folder:
-        models["ensemble, one after another"].save_pretrained(folder)
-        rows["ensemble, a process each (gloo)"] = distributed_rows(Path(folder), options)
+    if options.device == "cpu" or torch.cuda.device_count() >= options.members:
+        with tempfile.TemporaryDirectory() as folder:
+            models["ensemble, one after another"].save_pretrained(folder)
+            backend = "gloo" if options.device == "cpu" else "NCCL"
+            rows[f"ensemble, a process each ({backend})"] = distributed_rows(Path(folder), options)
     results = {
         "settings": {key: value for key, value in vars(options).items() if key not in ("json", "worker")},
         "parameters": {"member": parameters(members[0]), "ensemble": sum(map(parameters, members)),

@@ -16,6 +16,8 @@
 #    the compiled loss, the best loss_chunk_size on this GPU                -> results/gpu_bench.json
 # 3. a paper-shaped run: a random 1.5B-shaped teacher through the top-k cache, 0.5B-shaped students, bf16, the
 #    compiled loss, gradient checkpointing, batch 8 x 1024 tokens, 2 rounds of a few steps -> results/gpu_run.json
+# 4. bench_inference.py: 2 Qwen2.5-0.5B-shaped members decoding, one after another and at once (on one GPU: the
+#    process per member needs a GPU each)                                  -> results/gpu_bench_inference.json
 set -uo pipefail
 cd "$(dirname "$0")" || exit 1
 PACK=${GPU_CHECK_PACK:-.gpu_check}  # where --pack puts what travels to the GPU machine
@@ -57,6 +59,7 @@ if [ "$SIZE" = "paper" ]; then
   RUN=(--student_hidden_size 896 --student_num_layers 24 --student_num_heads 14 --student_num_kv_heads 2
        --student_intermediate_size 4864 --max_length 1024 --batch_size 8 --max_examples 600 --test_size 64
        --steps_per_round 8 --device cuda --dtype bfloat16 --compile_loss on --eval_batch_size 16)
+  INFERENCE=(--size 0.5b --vocab_size 151936 --device cuda --batch_sizes 1 16)
 else
   BENCH=(--teacher_size tiny --student_size tiny --vocab_size 50000 --max_length 64 --batch_size 2 --steps 1
          --mem_tokens 256 --mem_vocab_size 2048 --chunk_sizes 64 128)
@@ -64,9 +67,10 @@ else
   RUN=(--student_hidden_size 32 --student_num_layers 1 --student_num_heads 2 --student_num_kv_heads 1
        --student_intermediate_size 64 --max_length 64 --batch_size 2 --max_examples 40 --test_size 8
        --steps_per_round 2 --device cpu --dtype float32 --compile_loss off --eval_batch_size 8)
+  INFERENCE=(--size tiny --vocab_size 512 --batch_sizes 1 --new_tokens 2 --repeats 1)
 fi
 
-echo "== 1/3 CUDA-only tests"
+echo "== 1/4 CUDA-only tests"
 python -m pytest -q -m cuda -p no:cacheprovider --junitxml="$WORK/tests.xml" tests || failed+=(tests)
 python - "$WORK/tests.xml" "$OUT/gpu_tests.json" <<'EOF' || failed+=(tests-report)
 import json, sys, xml.etree.ElementTree as ET
@@ -76,10 +80,10 @@ json.dump({**counts, "seconds": float(suite.get("time", 0))}, open(sys.argv[2], 
 print(counts)
 EOF
 
-echo "== 2/3 bench.py at ${SIZE} sizes"
+echo "== 2/4 bench.py at ${SIZE} sizes"
 python bench.py "${BENCH[@]}" --json "$OUT/gpu_bench.json" || failed+=(bench)
 
-echo "== 3/3 a paper-shaped run"
+echo "== 3/4 a paper-shaped run"
 python bench.py --save_random_teacher "$WORK/teacher" --teacher_size "${TEACHER[0]}" --vocab_size "${TEACHER[1]}" \
   || failed+=(teacher)
 start=$(date +%s)
@@ -102,6 +106,9 @@ report = {"wall_seconds": int(sys.argv[3]), "rounds": int(metrics["round"].max()
 json.dump(report, open(sys.argv[2], "w"), indent=2)
 print(json.dumps(report, indent=2))
 EOF
+
+echo "== 4/4 inference: members one after another and at once"
+python bench_inference.py "${INFERENCE[@]}" --json "$OUT/gpu_bench_inference.json" || failed+=(inference)
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: failed steps: ${failed[*]} (figures so far in $OUT/gpu_*.json)" >&2

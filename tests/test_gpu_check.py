@@ -37,6 +37,8 @@ def test_the_gpu_check_runs_every_step_at_toy_sizes_and_writes_its_figures(tmp_p
     run = json.loads((results / "gpu_run.json").read_text())
     assert run["rounds"] == 2 and run["steps"] == 4 and run["finite_losses"]
     assert set(run["ce"]) >= {"teacher", "student", "ensemble"}
+    inference = json.loads((results / "gpu_bench_inference.json").read_text())
+    assert inference["settings"]["size"] == "tiny" and "ensemble, a process each (gloo)" in inference["rows"]
     assert [p for p in tmp_path.iterdir() if p.name.startswith("gpu_check.")] == []  # its scratch folder is gone
 
 
