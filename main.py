@@ -466,6 +466,10 @@ def with_member(run: Run, student: torch.nn.Module) -> Run:
 def evaluate_round(run: Run, round_index: int, untrained: torch.nn.Module) -> list[dict]:
     """The round's metric rows on the held-out split: the untrained and the trained student, the ensemble with its
     new member, and (once per run) the teacher. `seconds` is the whole evaluation pass, shared by its rows."""
+    if run.state.is_main_process:
+        # Damage since the run opened (resume repairs what it finds then) is repaired before the round's rows are
+        # added; the other processes read the file only after the evaluation's collectives.
+        run_state.restore_metric_rows(run.folder, METRIC_COLUMNS, run.manifest)
     predictors = {"student_untrained": [untrained], "student": [run.members[-1]], "ensemble": list(run.members)}
     sizes = {"teacher": 0, "student_untrained": 1, "student": 1, "ensemble": len(run.members)}
     if not run.manifest["teacher_evaluated"]:
@@ -553,6 +557,7 @@ def report(run: Run) -> None:
     """The metrics table, the ensemble against its best member, and the figures; then processes leave together
     (one leaving early can abort the other)."""
     if run.state.is_main_process:
+        run_state.restore_metric_rows(run.folder, METRIC_COLUMNS, run.manifest)  # damaged since the last round
         print("\n" + plot.metrics_summary(pd.read_csv(run.folder / run_state.METRICS)))
         for figure in plot.plot_run(run.folder) if run.config.plots else []:
             print(f"figure: {figure}")

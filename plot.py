@@ -79,13 +79,26 @@ def load_run(run_dir) -> Run:
         raise FileNotFoundError(f"{path} has no metrics.csv: not a run folder written by main.py "
                                 f"(or no round of it has been evaluated yet)")
     metrics = with_gap_closed(pd.read_csv(path / "metrics.csv"))
-    train_log = pd.read_csv(path / "train_log.csv") if (path / "train_log.csv").is_file() else None
+    train_log = readable_train_log(path / "train_log.csv")
     config = {}
     if (path / "config.yaml").is_file():
         config = yaml.safe_load((path / "config.yaml").read_text()) or {}
     if config.get("baseline") is None:
         config["baseline"] = "none"
     return Run(path=path, metrics=metrics, train_log=train_log, config=config, label=path.name)
+
+
+def readable_train_log(path: Path) -> pd.DataFrame | None:
+    """The training log, or None when there is none or it cannot be read (not CSV text): the figures then leave
+    out the training curves, with a warning naming the file, rather than fail a run that has finished."""
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        print(f"warning: {path} cannot be read ({type(error).__name__}: {error}); the figures leave out the "
+              "training curves", file=sys.stderr)
+        return None
 
 
 def load_runs(run_dirs) -> list[Run]:

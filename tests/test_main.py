@@ -51,6 +51,25 @@ def only_run_dir(tmp_path) -> Path:
     return run_dir
 
 
+def test_a_metrics_csv_damaged_during_the_run_is_restored_before_the_next_rows_are_added(tiny_teacher_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    record_round = main.record_round
+
+    def record_then_damage(run, round_index, rows):
+        run = record_round(run, round_index, rows)
+        path = run.folder / run_state.METRICS
+        path.write_bytes(path.read_bytes().replace(b"student", b"\xff\xfeudent", 1))  # not UTF-8 any more
+        return run
+
+    monkeypatch.setattr(main, "record_round", record_then_damage)
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path)) == 0
+    assert "metrics.csv: it is not CSV text" in capsys.readouterr().err
+    rows = run_state.read_csv_rows(only_run_dir(tmp_path) / run_state.METRICS)
+    assert sorted({(row["round"], row["model"]) for row in rows}) == [
+        ("0", "ensemble"), ("0", "student"), ("0", "student_untrained"), ("0", "teacher"),
+        ("1", "ensemble"), ("1", "student"), ("1", "student_untrained")]
+
+
 def test_main_runs_end_to_end_from_the_command_line(tiny_teacher_dir, tmp_path):
     result = subprocess.run([sys.executable, "main.py", *cli_args(tiny_teacher_dir, tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=600)

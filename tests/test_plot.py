@@ -231,6 +231,15 @@ def test_plot_run_without_a_train_log_skips_the_training_curves(tmp_path):
     assert not (path / "ce_vs_ensemble_size.png").exists()
 
 
+def test_a_train_log_that_is_not_csv_text_is_left_out_of_the_figures_with_a_warning(tmp_path, capsys):
+    path = write_run(tmp_path / "run", [3.0, 2.8], [3.0, 2.6], base_config())
+    (path / "train_log.csv").write_bytes(b"round,step,hybrid\n0,1,\xff\xfe\n")
+    run = plot.load_run(path)
+    assert run.train_log is None
+    assert f"warning: {path / 'train_log.csv'} cannot be read (UnicodeDecodeError" in capsys.readouterr().err
+    assert [p.name for p in plot.plot_run(path, tmp_path / "out")] == ["ce_vs_ensemble_size.png", "gap_closed.png"]
+
+
 def test_plot_runs_compares_groups_and_baselines(runs, tmp_path):
     figures = plot.comparison_figures(plot.load_runs(list(runs.values())))
     (ax,) = figures["ce_vs_ensemble_size"].axes
