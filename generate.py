@@ -14,15 +14,12 @@ check that they decoded the same text.
 """
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import distributed_ensemble
-import utils
 from ensemble import EnsembleConfig, NotAnEnsembleError
 
 
@@ -114,13 +111,4 @@ def check_same_tokens(processes, tokens: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except distributed_ensemble.LostProcessError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        os._exit(1)  # the process group cannot be left cleanly with a peer gone: leaving would wait for it
-    except (FileNotFoundError, NotAnEnsembleError, MemberError, distributed_ensemble.LaunchError,
-            distributed_ensemble.MismatchedEnsembleError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    utils.leave_process_group()
+    distributed_ensemble.run_command(main, (FileNotFoundError, NotAnEnsembleError, MemberError))

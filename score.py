@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -141,13 +139,4 @@ def main(argv=None) -> Score:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except distributed_ensemble.LostProcessError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        os._exit(1)  # the process group cannot be left cleanly with a peer gone: leaving would wait for it
-    except (FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError, distributed_ensemble.LaunchError,
-            distributed_ensemble.MismatchedEnsembleError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    utils.leave_process_group()
+    distributed_ensemble.run_command(main, (FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError))

@@ -87,6 +87,36 @@ def build_tiny_llama(tokenizer, seed=0, hidden_size=32, num_layers=2, vocab_size
     return LlamaForCausalLM(config).eval()
 
 
+def build_diverse_member(tokenizer, seed, vocab_size=None):
+    """A tiny Llama with large random weights.
+
+    At the default initialisation a tiny tied-embedding Llama mostly predicts its input token again, so every member
+    (and every ensemble) decodes the same repetitive text; large weights make members disagree and texts vary.
+    """
+    model = build_tiny_llama(tokenizer, seed=seed, vocab_size=vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def run_test_preset(tmp_path, *extra) -> Path:
+    """A finished `test`-preset run (2 rounds) of a tiny teacher on the chat fixture, with `extra` settings; its
+    folder."""
+    import main
+
+    tokenizer = build_tokenizer("chatml")
+    build_tiny_llama(tokenizer, seed=11, hidden_size=48).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    assert main.main(["--preset", "test", "--teacher", str(tmp_path / "teacher"), "--dataset",
+                      str(DATA_DIR / "chats.jsonl"), "--output_root", str(tmp_path / "runs"),
+                      "--cache_dir", str(tmp_path / "cache"), *extra]) == 0
+    (folder,) = (tmp_path / "runs").glob("*/run_*")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def chats():
     return load_chats()

@@ -14,25 +14,14 @@ import torch
 
 import distributed_ensemble
 import score
-from conftest import build_tiny_llama, build_tokenizer
-from distributed_ensemble_probe import PROMPTS, greedy_answers, scoring_dataset
+from conftest import build_diverse_member, build_tokenizer
+from distributed_ensemble_probe import greedy_answers, scoring_dataset
 from ensemble import COMBINE_MODES, ModelEnsemble
 from model_io import PaddingCollator
 
 PROBE = Path(__file__).parent / "distributed_ensemble_probe.py"
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = [0.5, 0.3, 0.2]
-
-
-def build_member(tokenizer, seed, vocab_size=None):
-    """A tiny Llama with large random weights, so that members disagree (see test_ensemble.build_member)."""
-    model = build_tiny_llama(tokenizer, seed=seed, vocab_size=vocab_size)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +34,8 @@ def saved(tmp_path_factory, tokenizer):
     """One saved 3-member ensemble per combine mode (the second member's head padded beyond the vocabulary), and
     what each predicts in one process: greedy answers and the CE of the chat fixture."""
     root = tmp_path_factory.mktemp("ensembles")
-    members = [build_member(tokenizer, 0), build_member(tokenizer, 1, vocab_size=len(tokenizer) + 8),
-               build_member(tokenizer, 2)]
+    members = [build_diverse_member(tokenizer, 0), build_diverse_member(tokenizer, 1, vocab_size=len(tokenizer) + 8),
+               build_diverse_member(tokenizer, 2)]
     expected = {}
     for mode in COMBINE_MODES:
         weights = WEIGHTS if mode in ("weighted", "additive") else None

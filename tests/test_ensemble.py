@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_diverse_member
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
@@ -18,26 +18,11 @@ from ensemble import (EnsembleCache, EnsembleConfig, ModelEnsemble, NotAnEnsembl
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
 
 
-def build_member(tokenizer, seed, vocab_size=None):
-    """A tiny Llama with large random weights.
-
-    At the default initialisation a tiny tied-embedding Llama mostly predicts its input token again, so every member
-    (and every ensemble) decodes the same repetitive text; large weights make members disagree and texts vary.
-    """
-    model = build_tiny_llama(tokenizer, seed=seed, vocab_size=vocab_size)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
-    return model
-
-
 @pytest.fixture
 def members(tokenizer):
     """Three members, the second with an embedding matrix padded beyond the tokenizer's vocabulary."""
-    return [build_member(tokenizer, 0), build_member(tokenizer, 1, vocab_size=len(tokenizer) + 8),
-            build_member(tokenizer, 2)]
+    return [build_diverse_member(tokenizer, 0), build_diverse_member(tokenizer, 1, vocab_size=len(tokenizer) + 8),
+            build_diverse_member(tokenizer, 2)]
 
 
 @pytest.fixture

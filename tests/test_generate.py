@@ -11,22 +11,13 @@ import torch
 
 import distributed_ensemble
 import generate
-import main
-from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
+from conftest import build_tokenizer, run_test_preset
 from ensemble import ModelEnsemble
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("generate")
-    tokenizer = build_tokenizer("chatml")
-    build_tiny_llama(tokenizer, seed=11, hidden_size=48).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    assert main.main(["--preset", "test", "--teacher", str(tmp_path / "teacher"), "--dataset",
-                      str(DATA_DIR / "chats.jsonl"), "--output_root", str(tmp_path / "runs"),
-                      "--cache_dir", str(tmp_path / "cache")]) == 0
-    (folder,) = (tmp_path / "runs").glob("*/run_*")
-    return folder
+    return run_test_preset(tmp_path_factory.mktemp("generate"))
 
 
 def test_the_answer_is_streamed_and_is_the_ensembles_greedy_decode(run_dir, capsys):

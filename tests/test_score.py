@@ -8,25 +8,16 @@ from pathlib import Path
 
 import pytest
 
-import main
 import run_state
 import score
-from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
+from conftest import run_test_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("score")
-    tokenizer = build_tokenizer("chatml")
-    build_tiny_llama(tokenizer, seed=11, hidden_size=48).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    assert main.main(["--preset", "test", "--teacher", str(tmp_path / "teacher"), "--dataset",
-                      str(DATA_DIR / "chats.jsonl"), "--output_root", str(tmp_path / "runs"),
-                      "--cache_dir", str(tmp_path / "cache"), "--combine", "probs"]) == 0
-    (folder,) = (tmp_path / "runs").glob("*/run_*")
-    return folder
+    return run_test_preset(tmp_path_factory.mktemp("score"), "--combine", "probs")
 
 
 def reported(run_dir) -> float:
