@@ -22,8 +22,9 @@ keeps its total. The greedy token is the exact path's whenever it is a candidate
 how often it is not, and what the CE loses, on the test split.
 
 Faults: every collective fails after `timeout_s` (gloo and NCCL time-outs), and a process that died breaks its
-connections at once. The processes still running then say so in the rendezvous store and wait a few seconds for
-each other; those that did not answer are named in a LostProcessError, raised on every process still running.
+connections at once. Each process records in the rendezvous store how many collectives it has started, so the
+processes still running name those behind them (dead, or stalled before the collective) in a LostProcessError; each
+then closes its connections, so that the others' collectives fail at once too.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from ensemble import WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, saved_ensemb
 
 EXCHANGES = ("full", "topk")
 INDEX_DTYPE = torch.int32  # top-k indices on the wire: vocabularies fit 31 bits
-FAULT_GRACE_S = 3.0  # how long the processes still running wait for each other after a collective failed
-FAULT_KEY = "slm_ensemble_fault/"
+FAULT_GRACE_S = 3.0  # how long the process holding the store keeps it after a collective failed
+PROGRESS_KEY = "slm_ensemble_progress/"
 
 
 class LostProcessError(RuntimeError):
@@ -66,16 +67,19 @@ class LaunchError(ValueError):
     """The process was not started by a launcher that tells it its rank (torchrun, srun)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Processes:
     """This process's place in the group that runs the ensemble: its rank, the group's size, its device, and the
-    rendezvous store that outlives a failed collective (where the processes still running find each other)."""
+    rendezvous store that outlives a failed collective, where each process records how many collectives it has
+    started: after a failure, the processes behind the others are the ones that died or stalled."""
 
     rank: int
     world_size: int
     device: torch.device
     store: dist.Store
     timeout_s: float
+    holds_store: bool = False  # rank 0 without torchrun (whose agent holds it otherwise)
+    collectives_started: int = 0
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """`tensor` reduced over every process (in place, and returned); LostProcessError when one is gone."""
@@ -88,10 +92,6 @@ class Processes:
         self._run(lambda: dist.all_gather(gathered, tensor.contiguous()))
         return gathered
 
-    def barrier(self) -> None:
-        """Wait until every process gets here; LostProcessError when one is gone."""
-        self._run(dist.barrier)
-
     def all_gather_object(self, value) -> list:
         """Every process's picklable `value`, in rank order; LostProcessError when one is gone."""
         gathered = [None] * self.world_size
@@ -99,31 +99,39 @@ class Processes:
         return gathered
 
     def _run(self, collective) -> None:
+        self.collectives_started += 1
+        self.store.set(f"{PROGRESS_KEY}{self.rank}", str(self.collectives_started))
         try:
             collective()
         except RuntimeError as error:  # gloo and NCCL errors (DistBackendError is one): a peer is gone or late
-            raise LostProcessError(self.lost_message(error)) from error
+            message = self.lost_message(error)
+            self.release_the_others()
+            raise LostProcessError(message) from error
+
+    def progress(self) -> list[int]:
+        """How many collectives each process has started, as the store holds it (0 before its first)."""
+        keys = [f"{PROGRESS_KEY}{rank}" for rank in range(self.world_size)]
+        return [int(self.store.get(key)) if self.store.check([key]) else 0 for key in keys]
 
     def lost_message(self, error: Exception) -> str:
-        """Which processes did not answer once a collective failed: each process still running marks itself in the
-        store, then waits FAULT_GRACE_S for the others' marks."""
+        """Which processes did not reach the collective that failed: those whose progress is behind this one's."""
         try:
-            self.store.set(f"{FAULT_KEY}{self.rank}", "running")
-            deadline = time.monotonic() + FAULT_GRACE_S
-            while True:
-                missing = [rank for rank in range(self.world_size)
-                           if not self.store.check([f"{FAULT_KEY}{rank}"])]
-                if not missing or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-        except (RuntimeError, OSError):  # the store is gone with the process that held it (rank 0 without torchrun)
-            missing = [0]
-        if not missing:  # everyone answered: the collective failed for another reason
+            behind = [rank for rank, started in enumerate(self.progress()) if started < self.collectives_started]
+        except (RuntimeError, OSError):  # the store is gone with the process that held it
+            behind = [0]
+        if not behind:  # every process reached it: it failed for another reason
             return f"a collective of the ensemble's {self.world_size} processes failed on rank {self.rank}: {error}"
-        names = ", ".join(str(rank) for rank in missing)
+        names = ", ".join(str(rank) for rank in behind)
         return (f"rank {names} of the ensemble's {self.world_size} processes stopped answering (died, or stalled "
                 f"past the {self.timeout_s:g} s time-out); rank {self.rank} stops too. Its members' share of every "
                 f"prediction is missing: restart all processes ({type(error).__name__}: {first_line(error)})")
+
+    def release_the_others(self) -> None:
+        """Close this process's connections, so that the others' collectives fail now rather than at their time-out;
+        the process holding the store keeps it FAULT_GRACE_S longer, for them to read the progress in it."""
+        dist.destroy_process_group()
+        if self.holds_store:
+            time.sleep(FAULT_GRACE_S)
 
 
 def first_line(error: Exception) -> str:
@@ -162,7 +170,7 @@ def start_processes(timeout_s: float = 60.0, device: str = "auto") -> Processes:
         torch.cuda.set_device(torch_device)
     dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.PrefixStore("slm_ensemble_group", store),
                             rank=rank, world_size=world_size, timeout=timeout)
-    return Processes(rank, world_size, torch_device, store, timeout_s)
+    return Processes(rank, world_size, torch_device, store, timeout_s, holds_store)
 
 
 def members_of_rank(member_count: int, rank: int, world_size: int) -> range:

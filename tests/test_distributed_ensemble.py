@@ -200,7 +200,7 @@ def test_a_dead_process_stops_the_others_within_the_time_out_naming_it(tmp_path,
     for code, err in outcomes[:2]:
         assert code == 1, err[-2000:]
         assert "rank 2 of the ensemble's 3 processes stopped answering" in err, err[-2000:]
-    assert elapsed < 120
+    assert elapsed < 60  # process start-up included; the survivors stop at once, not at the 20 s time-out
 
 
 def test_a_stalled_process_stops_the_others_after_the_time_out_naming_it(tmp_path, saved):
