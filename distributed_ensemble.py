@@ -224,8 +224,8 @@ class DistributedEnsemble(ModelEnsemble):
 
     def combined(self, member_logits: Sequence[torch.Tensor], exchange: str | None = None) -> torch.Tensor:
         """The whole ensemble's combined logits (fp32), from this process's members' `member_logits` and the other
-        processes' parts: exactly (`exchange` "full") or from each process's top k ("topk"); default: the
-        ensemble's own `exchange`."""
+        processes' parts: exactly (`exchange` "full") or exactly only at the processes' top-k candidates ("topk");
+        default: the ensemble's own `exchange`."""
         exchange = exchange or self.exchange
         if self.config.combine == "probs":
             log_probs = torch.stack([torch.log_softmax(z.float(), dim=-1) for z in member_logits])
