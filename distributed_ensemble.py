@@ -335,11 +335,12 @@ def ensemble_description(folder: str | os.PathLike, tokenizer) -> dict:
     def digest(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()[:16]
 
-    members = {}
+    members = {}  # only the member folders this machine holds
     for subfolder in config.member_subfolders:
         record = folder / subfolder / run_state.CHECKSUMS
         record = record if record.is_file() else folder / subfolder / "config.json"
-        members[subfolder] = digest(record.read_bytes()) if record.is_file() else "absent"
+        if record.is_file():
+            members[subfolder] = digest(record.read_bytes())
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
     return {"ensemble config.json": digest((folder / "config.json").read_bytes()), "members": members,
             "tokenizer vocabulary": digest(vocabulary), "path": str(folder)}
@@ -357,9 +358,8 @@ def check_same_ensemble(processes: Processes, description: dict) -> None:
             if other[key] != reference[key]:
                 problems.append(f"rank {rank} ({other['path']}) has a different {key} from rank 0 "
                                 f"({reference['path']})")
-        for subfolder, record in other["members"].items():
-            if "absent" not in (record, reference["members"].get(subfolder, "absent")) \
-                    and record != reference["members"][subfolder]:
+        for subfolder in other["members"].keys() & reference["members"].keys():
+            if other["members"][subfolder] != reference["members"][subfolder]:
                 problems.append(f"rank {rank}'s {subfolder} ({other['path']}) differs from rank 0's "
                                 f"({reference['path']}): its checksums.json records other weights")
     if problems:
@@ -409,5 +409,6 @@ def run_command(main: Callable, refusals: tuple[type[Exception], ...]) -> None:
         os._exit(1)
     except (*refusals, LaunchError, MismatchedEnsembleError) as error:
         print(f"error: {error}", file=sys.stderr)
+        utils.leave_process_group()  # every process refuses alike, so none waits for another here
         sys.exit(2)
     utils.leave_process_group()

@@ -644,9 +644,9 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
             tokenizer = load_tokenizer(str(_tokenizer_folder(folder, ensemble_dir)), trust)
         elif kind == "ensemble":
             path = str(ensemble_dir)
-            model = (ModelEnsemble.from_pretrained(ensemble_dir, dtype=dtype, trust_remote_code=trust,
-                                                   device_map=member_devices) if member_devices else
-                     ModelEnsemble.from_pretrained(ensemble_dir, dtype=dtype, trust_remote_code=trust).to(device))
+            model = ModelEnsemble.from_pretrained(ensemble_dir, dtype=dtype, trust_remote_code=trust,
+                                                  device_map=member_devices)
+            model = model if member_devices else model.to(device)
             tokenizer = load_tokenizer(path, trust)
         else:
             raise ValueError(f"unknown model {kind!r}: use some of {MODEL_KINDS}")

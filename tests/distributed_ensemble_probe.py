@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, when run as a script
@@ -97,15 +96,7 @@ def main() -> None:
                                 "topk_all_greedy_differs": top_all.greedy_differs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank_{processes.rank}.json").write_text(json.dumps(results))
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except distributed_ensemble.LostProcessError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        os._exit(1)
-    except distributed_ensemble.MismatchedEnsembleError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        os._exit(2)
+    distributed_ensemble.run_command(main, ())
