@@ -53,8 +53,8 @@ def ensemble_folder(path: str) -> Path:
 
 
 def load_model(folder: Path, args: argparse.Namespace, tokenizer):
-    """The ensemble saved in `folder` (placed as `args` say: distributed_ensemble.placed_ensemble), or only its member `args.member`;
-    a single model's folder loads that model."""
+    """The ensemble saved in `folder` (placed as `args` say: distributed_ensemble.placed_ensemble), or only its
+    member `args.member`; a single model's folder loads that model."""
     member = args.member
     config = AutoConfig.from_pretrained(folder)
     if not isinstance(config, EnsembleConfig):
