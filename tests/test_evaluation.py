@@ -77,6 +77,23 @@ def test_metrics_match_a_position_by_position_reference(tokenizer, test_split, c
     assert 0 < results["student"]["ece"] < 1
 
 
+def test_evaluate_scores_models_left_in_train_mode_with_dropout_off(tokenizer, test_split):
+    """Models come from training in train mode; with dropout in their config, evaluate must switch it off (eval
+    mode), else the metrics are noisy and worse than the model's."""
+    teacher, student = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2))
+    student.config.attention_dropout = 0.5
+    for layer in student.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    expected = reference_metrics(lambda ids: student(input_ids=ids).logits[0], teacher, test_split, collator)
+    teacher.train(), student.train()
+    results = evaluate({"student": [student]}, teacher, test_split, collator, batch_size=4,
+                       vocab_size=len(tokenizer))
+    assert results["student"]["ce"] == pytest.approx(expected["ce"], rel=1e-5)
+    assert results["student"]["kl_teacher"] == pytest.approx(expected["kl_teacher"], rel=1e-5, abs=1e-6)
+    assert not teacher.training and not student.training
+
+
 def test_weighted_predictors_combine_with_their_weights(tokenizer, test_split):
     teacher, first, second = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
     collator = PaddingCollator(tokenizer.pad_token_id)

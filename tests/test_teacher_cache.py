@@ -445,6 +445,21 @@ def test_a_batch_of_other_data_than_the_cached_is_refused(tmp_path, teacher, dat
         cache.check_positions(rows, example_ids, fewer)
 
 
+def test_a_cache_with_fewer_positions_than_the_batch_is_refused(tmp_path, teacher, dataset, collator, identity,
+                                                                vocab_size):
+    """A cache built on shorter examples (a smaller max length) holds fewer rows than the batch supervises: reading
+    it must be refused, not trained on with targets shifted against the positions."""
+    halves = dataset.map(lambda row: {key: value[:len(value) // 2] for key, value in row.items()})
+    cache = TeacherCache.open(build(tmp_path, teacher, halves, collator, identity, vocab_size), {})
+    example_ids = [0, 1]
+    rows = len(cache.topk_targets(example_ids)[0])
+    supervised = int(predictor_mask(collator([dataset[i] for i in example_ids])["labels"]).sum())
+    assert rows < supervised
+    with pytest.raises(ValueError, match=rf"holds {rows} positions for examples \[0, 1\] but the batch has "
+                                         rf"{supervised} supervised positions: the cache was built for other data"):
+        cache.check_positions(rows, example_ids, supervised)
+
+
 # --- shards and memory maps -------------------------------------------------------------------------------------------
 
 def test_two_shards_read_back_as_one(tmp_path, teacher, dataset, collator, identity, vocab_size):
@@ -509,6 +524,27 @@ def test_a_teacher_changed_only_in_the_middle_of_its_weights_is_refused(tmp_path
     cache_dir = build(tmp_path, teacher, dataset, collator, {**built_for, "teacher": "tiny"}, vocab_size)
     with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
         TeacherCache.open(cache_dir, {**wanted, "teacher": "tiny"})
+
+
+def test_a_teacher_changed_only_in_its_config_json_is_refused(tmp_path, tokenizer, teacher, dataset, collator,
+                                                              vocab_size):
+    """config.json changes the logits (rope, vocabulary, special tokens) with the same weights: it is part of the
+    teacher's identity, so a cache built before the edit is never reused after it."""
+    folder = saved_teacher(tmp_path / "teacher", teacher, tokenizer)
+    weights = {path.name: path.read_bytes() for path in folder.glob("*.safetensors")}
+    built_for = cache_identity(str(folder), tokenizer, dataset, MAX_LENGTH, torch.float32)
+    cache_dir = build(tmp_path, teacher, dataset, collator, built_for, vocab_size)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["eos_token_id"] != tokenizer.pad_token_id
+    config["eos_token_id"] = tokenizer.pad_token_id  # another special token, as a re-released config might have
+    config_file.write_text(json.dumps(config, indent=2))
+    assert {path.name: path.read_bytes() for path in folder.glob("*.safetensors")} == weights  # weights untouched
+    wanted = cache_identity(str(folder), tokenizer, dataset, MAX_LENGTH, torch.float32)
+    assert wanted["teacher_fingerprint"] != built_for["teacher_fingerprint"]
+    with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
+        TeacherCache.open(cache_dir, wanted)
+    TeacherCache.open(cache_dir, built_for)  # the identity it was built for still opens it
 
 
 def test_the_identity_for_another_split_is_what_cache_identity_gives_that_split(tmp_path, tokenizer, dataset):
