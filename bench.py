@@ -165,13 +165,11 @@ def bench_dataset(chats, tokenizer, max_length: int):
 def bench_args(options, output_dir, steps):
     """The Trainer settings shared by every trainer in the comparison: one batch per step, the same seed and data
     order, no checkpoints."""
-    class Knobs:  # the subset of the run config that training_arguments reads
-        steps_per_round, batch_size, grad_accum, learning_rate = steps, options.batch_size, 1, 1e-4
-        lr_scheduler, warmup_ratio, weight_decay, max_grad_norm = "constant", 0.0, 0.0, 1.0
-        logging_steps, seed, gradient_checkpointing, save_steps, keep_checkpoints = 1000, 0, False, 10_000, 1
-        report_to = "none"
+    settings = Config(steps_per_round=steps, batch_size=options.batch_size, learning_rate=1e-4,
+                      lr_scheduler="constant", warmup_ratio=0.0, logging_steps=1000, save_steps=10_000,
+                      keep_checkpoints=1)
     device = utils.select_device("auto")
-    return training_arguments(Knobs, output_dir, 0, use_cpu=device.type == "cpu",
+    return training_arguments(settings, output_dir, 0, use_cpu=device.type == "cpu",
                               bf16=utils.use_bf16_autocast("auto", device))
 
 

@@ -13,19 +13,22 @@ model. The conventions (docs/compute.md states them once):
   context / 2 attended positions. Chinchilla (Hoffmann et al. 2022, App. F) counts the full square, twice this
   term; a kernel that computes the masked square does that work. Not counted: embedding lookups, softmax, norms'
   and activations' elementwise work, rotary embeddings, the logits' softmax and the loss.
-- **Body and head**: the trainer runs a model's body (everything before the output head) on every token of the
-  padded batch, prompt and padding included, and its head only at supervised positions (model_io.py). So every
-  count takes `sequence_tokens` (the padded tokens of the batches run: batches x batch size x padded length), for
-  body work, and `supervised_tokens` (positions whose next token is supervised), for head work.
+- **Body and head**: the trainer runs a model's body on every token of a batch (padding excluded from the count:
+  it is not model work) and its head only at supervised positions (model_io.py). Tokens are counted batch by batch
+  as the steps run (`TokenCount`: tokens, supervised positions, and the sum of squared sequence lengths for the
+  attention term), not estimated from the mean example.
 - **Training** = 3 x forward for the trained student (forward + backward: 2 x forward for the gradients with
   respect to activations and weights), 1 x forward for every frozen model. The optimizer step, gradient clipping,
   gradient-checkpointing recomputation and the per-term gradient norms of logged steps are not counted (model
-  FLOPs, as for MFU), nor is evaluation, nor the weight fit of combine=weighted (a forward pass of the ensemble on
-  a small held-out slice, like evaluation).
+  FLOPs, as for MFU), nor is the weight fit of combine=weighted.
+- **Evaluation** that training uses (early stopping's held-out CE, every eval_steps) is charged: a forward of every
+  evaluated model (the student and the frozen members) on the early-stopping slice, and of an online teacher.
+  Test-set evaluations are measurement, not method, and are not charged.
 - **The teacher**: `online` runs its forward on every training token, every round. `topk` / `hidden` run its body
-  once over the training split to build the cache (topk: with its head at every supervised position); the build
-  is shared equally by the rounds that read the cache, and in `hidden` mode every round still applies the
-  teacher's head at each supervised position. No teacher (alpha = 0): pass teacher=None.
+  once over the training split to build the cache (topk: with its head at every supervised position); **the whole
+  build is charged once to every run that reads the cache**, whatever its rounds, as if it were built for that run
+  alone (an ensemble of k inside a longer run bears all of it, like a single model). In `hidden` mode every round
+  still applies the teacher's head at each supervised position. No teacher (alpha = 0): pass teacher=None.
 - **Inference**: an ensemble's FLOPs per token are its members' forwards summed (the combination of logits is not
   counted); its critical-path depth is the largest member's layer count (members run side by side).
 """
@@ -144,93 +147,138 @@ def forward_flops_per_token(shape: ModelShape, context: int) -> int:
 
 
 def forward_flops(shape: ModelShape, sequence_tokens: int, supervised_tokens: int, context: int) -> int:
-    """One forward as the trainer runs it: the body on `sequence_tokens`, the head on `supervised_tokens`."""
-    return (body_forward_flops_per_token(shape, context) * sequence_tokens
-            + head_forward_flops_per_token(shape) * supervised_tokens)
+    """One forward as the trainer runs it: the body on `sequence_tokens` of sequences `context` long, the head on
+    `supervised_tokens`."""
+    return measured_forward_flops(shape, TokenCount.uniform(sequence_tokens, supervised_tokens, context))
 
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def teacher_cache_build_flops(teacher: ModelShape, teacher_mode: str, cache_sequence_tokens: int,
-                              cache_supervised_tokens: int, context: int) -> int:
-    """The teacher's one pass over the training split that builds its cache: the body on every token of the build's
-    padded batches, plus (topk) the head at every supervised position; 0 for an online teacher."""
+@dataclasses.dataclass(frozen=True)
+class TokenCount:
+    """The tokens some forward passes ran on, counted batch by batch (padding excluded):
+    sequence: tokens a model's body ran on; supervised: positions its head ran at; squared: the sum over sequences
+    of length^2, for the causal attention term (a sequence of L tokens attends to about L^2 / 2 positions)."""
+
+    sequence: int = 0
+    supervised: int = 0
+    squared: int = 0
+
+    def __add__(self, other: "TokenCount") -> "TokenCount":
+        return TokenCount(self.sequence + other.sequence, self.supervised + other.supervised,
+                          self.squared + other.squared)
+
+    def times(self, factor: int) -> "TokenCount":
+        return TokenCount(self.sequence * factor, self.supervised * factor, self.squared * factor)
+
+    @classmethod
+    def uniform(cls, sequence_tokens: int, supervised_tokens: int, context: int) -> "TokenCount":
+        """Sequences all `context` tokens long: an estimate where the batches are not known yet."""
+        return cls(sequence_tokens, supervised_tokens, sequence_tokens * context)
+
+    @classmethod
+    def of_batch(cls, attention_mask: torch.Tensor, supervised_positions: torch.Tensor) -> "TokenCount":
+        """A batch's count: its attention mask's tokens and its supervised positions."""
+        lengths = attention_mask.sum(dim=1).long()
+        return cls(int(lengths.sum()), int(supervised_positions.sum()), int((lengths * lengths).sum()))
+
+
+def measured_forward_flops(shape: ModelShape, tokens: TokenCount) -> int:
+    """2 N * sequence + 2 n_layers d_attn * squared + 2 V H * supervised: one forward over counted batches (with
+    every sequence `context` long, squared = sequence x context and this is `forward_flops`)."""
+    return (2 * shape.non_embedding_parameters * tokens.sequence
+            + 2 * shape.num_layers * shape.attention_width * tokens.squared
+            + head_forward_flops_per_token(shape) * tokens.supervised)
+
+
+def teacher_cache_build_flops(teacher: ModelShape, teacher_mode: str, cache_tokens: TokenCount) -> int:
+    """The teacher's one pass over the training split that builds its cache: the body on every token, plus (topk)
+    the head at every supervised position; 0 for an online teacher."""
     _check_teacher_mode(teacher_mode)
     if teacher_mode == "online":
         return 0
-    head_tokens = cache_supervised_tokens if teacher_mode == "topk" else 0
-    return forward_flops(teacher, cache_sequence_tokens, head_tokens, context)
+    head_tokens = cache_tokens.supervised if teacher_mode == "topk" else 0
+    return measured_forward_flops(teacher, dataclasses.replace(cache_tokens, supervised=head_tokens))
 
 
-def round_training_flops(student: ModelShape, *, sequence_tokens: int, supervised_tokens: int, context: int,
-                         members: Sequence[ModelShape] = (), teacher: ModelShape | None = None,
-                         teacher_mode: str = "online", cache_sequence_tokens: int | None = None,
-                         cache_supervised_tokens: int | None = None, rounds_sharing_cache: int = 1) -> RoundFlops:
-    """The training FLOPs of one round over its `sequence_tokens` / `supervised_tokens` (all its steps, every process):
+def round_training_flops(student: ModelShape, tokens: TokenCount, members: Sequence[ModelShape] = (),
+                         teacher: ModelShape | None = None, teacher_mode: str = "online") -> RoundFlops:
+    """The training FLOPs of one round over the `tokens` its steps ran on (every process):
 
         student = 3 * forward(student)
         members = sum over frozen members of forward(member)       (the method; a baseline passes none)
         teacher = forward(teacher)                                  online
-                = build / rounds_sharing_cache                      topk
-                = build / rounds_sharing_cache + 2 V H * supervised_tokens    hidden
-    with forward(m) = (2 N + 2 n_layers context d_attn) * sequence_tokens + 2 V H * supervised_tokens, and the build
-    `teacher_cache_build_flops` over the cache's own token counts (the whole training split, in its build batches).
-    """
+                = 0                                                 topk (its cache build is charged once a run)
+                = 2 V H * supervised                                hidden (its head on the cached states)
+    with forward = measured_forward_flops."""
     _check_teacher_mode(teacher_mode)
-    student_flops = BACKWARD_FACTOR * forward_flops(student, sequence_tokens, supervised_tokens, context)
-    member_flops = sum(forward_flops(member, sequence_tokens, supervised_tokens, context) for member in members)
+    student_flops = BACKWARD_FACTOR * measured_forward_flops(student, tokens)
+    member_flops = sum(measured_forward_flops(member, tokens) for member in members)
     teacher_flops = 0
     if teacher is not None and teacher_mode == "online":
-        teacher_flops = forward_flops(teacher, sequence_tokens, supervised_tokens, context)
-    elif teacher is not None:
-        if cache_sequence_tokens is None or cache_supervised_tokens is None or rounds_sharing_cache < 1:
-            raise ValueError(f"teacher_mode {teacher_mode!r} needs the cache build's cache_sequence_tokens and "
-                             "cache_supervised_tokens, and rounds_sharing_cache >= 1")
-        build = teacher_cache_build_flops(teacher, teacher_mode, cache_sequence_tokens, cache_supervised_tokens,
-                                          context)
-        teacher_flops = build / rounds_sharing_cache
-        if teacher_mode == "hidden":
-            teacher_flops += head_forward_flops_per_token(teacher) * supervised_tokens
+        teacher_flops = measured_forward_flops(teacher, tokens)
+    elif teacher is not None and teacher_mode == "hidden":
+        teacher_flops = head_forward_flops_per_token(teacher) * tokens.supervised
     return RoundFlops(student=student_flops, members=member_flops, teacher=teacher_flops)
 
 
-def run_training_flops(students: Sequence[ModelShape], *, sequence_tokens: int | Sequence[int],
-                       supervised_tokens: int | Sequence[int], context: int, through_ensemble: bool = True,
-                       teacher: ModelShape | None = None, teacher_mode: str = "online",
-                       cache_sequence_tokens: int | None = None, cache_supervised_tokens: int | None = None,
-                       rounds_sharing_cache: int | None = None) -> list[float]:
-    """Cumulative training FLOPs of a run's ensemble after each round: element r is the sum of rounds 0..r.
+def run_training_flops(students: Sequence[ModelShape], tokens: TokenCount | Sequence[TokenCount], *,
+                       through_ensemble: bool = True, teacher: ModelShape | None = None,
+                       teacher_mode: str = "online", cache_tokens: TokenCount | None = None) -> list[float]:
+    """Cumulative training FLOPs of a run's ensemble after each round: element r is the cache build (charged in
+    full once, whatever the run's rounds) plus rounds 0..r.
 
     students[r] is round r's student. through_ensemble=True (the method, baseline none): round r also runs the
-    forwards of students[:r], frozen; False (baseline independent): each student trains alone. Token counts are
-    per round, one number for every round or one per round. The cache build is shared by `rounds_sharing_cache`
-    rounds (default: this run's rounds; more when other runs read the same cache).
+    forwards of students[:r], frozen; False (baseline independent): each student trains alone. `tokens`: one count
+    for every round, or one per round.
     """
-    rounds = len(students)
-    sequence = _per_round(sequence_tokens, rounds, "sequence_tokens")
-    supervised = _per_round(supervised_tokens, rounds, "supervised_tokens")
-    cumulative, total = [], 0
-    for index, student in enumerate(students):
-        total += round_training_flops(
-            student, sequence_tokens=sequence[index], supervised_tokens=supervised[index], context=context,
-            members=students[:index] if through_ensemble else (), teacher=teacher, teacher_mode=teacher_mode,
-            cache_sequence_tokens=cache_sequence_tokens, cache_supervised_tokens=cache_supervised_tokens,
-            rounds_sharing_cache=rounds_sharing_cache or rounds).total
+    per_round = list(tokens) if isinstance(tokens, Sequence) else [tokens] * len(students)
+    if len(per_round) != len(students):
+        raise ValueError(f"tokens gives {len(per_round)} counts for {len(students)} rounds")
+    total = float(charged_cache_build(teacher, teacher_mode, cache_tokens))
+    cumulative = []
+    for index, (student, counted) in enumerate(zip(students, per_round)):
+        total += round_training_flops(student, counted, students[:index] if through_ensemble else (), teacher,
+                                      teacher_mode).total
         cumulative.append(total)
     return cumulative
 
 
-def single_model_training_flops(student: ModelShape, *, sequence_tokens: int, supervised_tokens: int, context: int,
-                                teacher: ModelShape | None = None, teacher_mode: str = "online",
-                                cache_sequence_tokens: int | None = None, cache_supervised_tokens: int | None = None,
-                                rounds_sharing_cache: int = 1) -> float:
-    """The training FLOPs of one model trained alone (single_matched, single_large) over all its tokens: one round
-    without members, which bears the whole cache build unless other rounds share it."""
-    return run_training_flops([student], sequence_tokens=sequence_tokens, supervised_tokens=supervised_tokens,
-                              context=context, teacher=teacher, teacher_mode=teacher_mode,
-                              cache_sequence_tokens=cache_sequence_tokens,
-                              cache_supervised_tokens=cache_supervised_tokens,
-                              rounds_sharing_cache=rounds_sharing_cache)[-1]
+def charged_cache_build(teacher: ModelShape | None, teacher_mode: str, cache_tokens: TokenCount | None) -> int:
+    """The cache build a run is charged: all of it, once (0 without a teacher or with an online one)."""
+    if teacher is None or teacher_mode == "online":
+        return 0
+    if cache_tokens is None:
+        raise ValueError(f"teacher_mode {teacher_mode!r} needs the cache build's cache_tokens")
+    return teacher_cache_build_flops(teacher, teacher_mode, cache_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpendRule:
+    """How a run's spend is charged, fixed at its setup: the teacher (None: alpha = 0) and its mode, the one-off
+    `build_flops` (the teacher cache's build, and the cached teacher states of the early-stopping slice), and the
+    early-stopping slice's tokens, which every evaluation runs the evaluated models on."""
+
+    teacher: ModelShape | None
+    teacher_mode: str
+    build_flops: int
+    evaluation_tokens: TokenCount
+
+    def round_parts(self, student: ModelShape, members: Sequence[ModelShape], tokens: TokenCount,
+                    evaluations: int) -> list[float]:
+        """One round's spend by part (SPEND_PARTS): its training over `tokens` through `members`, and its
+        `evaluations` early-stopping evaluations of the student with those members (and an online teacher)."""
+        trained = round_training_flops(student, tokens, members, self.teacher, self.teacher_mode)
+        evaluated = [student, *members, *([self.teacher] if self.teacher and self.teacher_mode == "online" else [])]
+        per_evaluation = sum(measured_forward_flops(model, self.evaluation_tokens) for model in evaluated)
+        return [float(trained.student), float(trained.members), float(trained.teacher),
+                float(evaluations * per_evaluation)]
+
+    def columns(self, rounds: Sequence[Sequence[float]]) -> dict:
+        """train_flops and its parts for the rounds' spends (each SPEND_PARTS), the build charged once."""
+        parts = [float(sum(values)) for values in zip(*rounds)] if rounds else [0.0] * len(SPEND_PARTS)
+        parts[SPEND_PARTS.index("flops_teacher")] += self.build_flops
+        return spend_columns(parts)
 
 
 def flop_matched_steps(flop_budget: float, flops_per_step: float, fixed_flops: float = 0) -> int:
@@ -275,37 +323,37 @@ def _per_round(tokens: int | Sequence[int], rounds: int, name: str) -> list[int]
 
 # --- a run's metric rows ------------------------------------------------------------------------------------------
 
-COLUMNS = ("parameters", "member_parameters", "train_flops", "inference_flops_per_token", "critical_path_layers")
+COLUMNS = ("parameters", "non_embedding_parameters", "member_parameters", "train_flops", "flops_student",
+           "flops_members", "flops_teacher", "flops_evaluation", "inference_flops_per_token", "critical_path_layers")
+SPEND_PARTS = ("flops_student", "flops_members", "flops_teacher", "flops_evaluation")  # train_flops is their sum
 
 
-def metric_columns(members: Sequence[ModelShape], round_tokens: Sequence[tuple[int, int]], *, context: int,
-                   through_ensemble: bool, teacher: ModelShape | None, teacher_mode: str,
-                   cache_tokens: tuple[int, int], rounds_sharing_cache: int) -> dict[str, dict]:
+def spend_columns(parts: Sequence[float]) -> dict:
+    """train_flops and its SPEND_PARTS from the parts (student, members, teacher, evaluation)."""
+    return {"train_flops": float(sum(parts)), **{name: float(value) for name, value in zip(SPEND_PARTS, parts)}}
+
+
+def metric_columns(members: Sequence[ModelShape], round_spends: Sequence[Sequence[float]], *, context: int,
+                   rule: SpendRule) -> dict[str, dict]:
     """The compute columns (COLUMNS) of the metric rows of the round that added members[-1], by row model.
 
-    members[r] is round r's student; round_tokens[r] its (sequence_tokens, supervised_tokens) trained on;
-    cache_tokens the training split's, over which a cached teacher was run once. The teacher's row has no
-    train_flops (it was trained elsewhere); the untrained student's is 0; the student's is its own round's training
-    (its frozen members' forwards and its share of the teacher included); the ensemble's, every round's so far.
+    members[r] is round r's student; round_spends[r] what round r spent (SPEND_PARTS, measured as it trained). The
+    teacher's row has no train_flops (it was trained elsewhere); the untrained student's is 0; the student's is the
+    one-off build and its own round; the ensemble's, the build and every round so far (SpendRule.columns).
     """
-    def flops_of_round(index: int) -> float:
-        return round_training_flops(
-            members[index], sequence_tokens=round_tokens[index][0], supervised_tokens=round_tokens[index][1],
-            context=context, members=members[:index] if through_ensemble else (), teacher=teacher,
-            teacher_mode=teacher_mode, cache_sequence_tokens=cache_tokens[0], cache_supervised_tokens=cache_tokens[1],
-            rounds_sharing_cache=rounds_sharing_cache).total
-
-    def of(models: Sequence[ModelShape], train_flops: float | None) -> dict:
+    def of(models: Sequence[ModelShape], spent: dict) -> dict:
         return {"parameters": sum(m.parameters for m in models),
-                "member_parameters": max(m.parameters for m in models), "train_flops": train_flops,
+                "non_embedding_parameters": sum(m.non_embedding_parameters for m in models),
+                "member_parameters": max(m.parameters for m in models), **spent,
                 "inference_flops_per_token": ensemble_inference_flops_per_token(models, context),
                 "critical_path_layers": critical_path_depth(models)}
 
     student = members[-1]
-    columns = {"student_untrained": of([student], 0), "student": of([student], flops_of_round(len(members) - 1)),
-               "ensemble": of(members, sum(flops_of_round(index) for index in range(len(members))))}
-    if teacher is not None:
-        columns["teacher"] = of([teacher], None)
+    columns = {"student_untrained": of([student], spend_columns([0.0] * len(SPEND_PARTS))),
+               "student": of([student], rule.columns(round_spends[-1:])),
+               "ensemble": of(members, rule.columns(round_spends))}
+    if rule.teacher is not None:
+        columns["teacher"] = of([rule.teacher], dict.fromkeys(["train_flops", *SPEND_PARTS]))
     return columns
 
 

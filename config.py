@@ -77,7 +77,8 @@ class Config:
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
     steps_per_round: int = 60  # optimizer steps per round
     seed: int = 0  # base seed; round r uses seed + r for its student's init and data order
-    data_seed: int = 0  # the data: which conversations are sampled, the train/test split (and so the teacher cache)
+    data_seed: int = 0  # the training data: which conversations are sampled, the early-stopping slice (and the cache)
+    test_seed: int = 0  # the test split, drawn first and apart from data_seed: runs that share it are scored alike
     member_data: str = "all"  # each round's training data: all | shard (disjoint, 1/total_rounds each) | bootstrap
     eval_steps: int = 0  # early stopping: held-out CE every eval_steps steps, steps_per_round the cap (0: off)
     early_stopping_patience: int = 3  # evaluations without improvement before a round stops at its best state
@@ -90,8 +91,10 @@ class Config:
     batch_size: int = 4  # examples per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     learning_rate: float = 1e-4  # peak learning rate
-    lr_scheduler: str = "cosine"  # any transformers scheduler name (cosine, linear, constant_with_warmup, ...)
-    warmup_ratio: float = 0.1  # share of each round's steps spent warming up
+    lr_scheduler: str = "cosine"  # wsd (warmup-stable-decay, see train.py) or a transformers name (cosine, linear, ...)
+    warmup_ratio: float = 0.1  # transformers schedulers: share of each round's steps (its cap) spent warming up
+    warmup_steps: int = 0  # lr_scheduler=wsd: steps of linear warmup (in steps, so the cap does not move it)
+    decay_ratio: float = 0.2  # lr_scheduler=wsd: the decay's length, a share of the steps taken when it begins
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     gradient_checkpointing: bool = False  # recompute student activations in backward: less memory, ~30% slower
@@ -125,6 +128,8 @@ class Config:
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must lie in [0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+            ("decay_ratio", 0.0 < self.decay_ratio < 1.0, "must lie strictly between 0 and 1"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("max_grad_norm", self.max_grad_norm > 0, "must be > 0"),
             ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
@@ -190,6 +195,11 @@ class Config:
         """Whether the rounds need the whole teacher (it runs online, or students copy its layers); otherwise its
         cached outputs and its output head are all they read."""
         return self.teacher_mode == "online" or self.student_init == "teacher_layers"
+
+    def round_seed(self, round_index: int) -> int:
+        """The seed of round `round_index`'s student (its initialisation and data order): distinct for every (seed,
+        round) pair below 1,000 rounds, so no run's round repeats another seed's."""
+        return self.seed * 1000 + round_index
 
     def rounds_to_run(self) -> int:
         """Students trained: one per round, or one in all for the single-model baselines."""
@@ -312,7 +322,10 @@ PRESETS: dict[str, dict] = {
         early_stopping_examples=40,
         batch_size=4,
         learning_rate=3e-3,
-        warmup_ratio=0.05,
+        # Warmup-stable-decay: a model's learning rate at a step does not depend on its cap until its decay begins
+        # (at its plateau, or in the cap's last fifth), so models given different caps are compared fairly.
+        lr_scheduler="wsd",
+        warmup_steps=12,
         logging_steps=16,
         save_steps=64,
         eval_batch_size=16,

@@ -55,7 +55,7 @@ from evaluation import SAMPLE_PROMPTS, evaluate, evaluation_teacher, new_member_
 from losses import LossSettings
 from model_io import PaddingCollator, check_logits_at
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
-                   resumed_state, training_arguments)
+                   SpendMeter, resumed_state, round_schedule, training_arguments)
 
 TRAINING_COLUMNS = ("steps_run", "member_step", "stop_reason")  # from a member's training record
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
@@ -77,7 +77,8 @@ class Run:
     evaluated_teacher: object  # what evaluation reads: the teacher, or its hidden states cached (CachedTeacher)
     cache: teacher_cache.TeacherCache | None  # the teacher's outputs on the training split (topk/hidden mode)
     data: dict  # train, test and the slices held out of train (weight_fit, early_stop)
-    train_tokens: tuple[int, int]  # the training split's tokens and supervised tokens
+    train_tokens: compute.TokenCount  # the training split's
+    spend_rule: compute.SpendRule  # how what the rounds spend is charged (compute.py)
     collator: PaddingCollator
     folder: Path
     manifest: dict
@@ -157,8 +158,8 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
         print(f"{stopped} (exit code {run_state.EXIT_PREEMPTED})")
         return run_state.EXIT_PREEMPTED
     evaluated_teacher = evaluation_teacher(config, teacher, load_whole_teacher, cache, data, collator, state)
-    train_tokens = preprocess_dataset.token_totals(data["train"])  # for the compute accounting
-    round_config = round_settings(config, teacher, tokenizer, data["train"], train_tokens, state.num_processes)
+    train_tokens = compute.TokenCount(*preprocess_dataset.token_totals(data["train"]))  # for the compute accounting
+    round_config = round_settings(config, teacher, tokenizer, train_tokens, len(data["train"]), state.num_processes)
     check_disk_before_the_run_folder(config, resume_dir, round_config, teacher, tokenizer)
     if preempted_during_setup(preemption, state.device, "the run folder is written"):
         return run_state.EXIT_PREEMPTED
@@ -172,7 +173,8 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     members = earlier_members(config, folder, manifest, state.device)
     return Run(config=config, round_config=round_config, state=state, preemption=preemption, tokenizer=tokenizer,
                teacher=teacher, evaluated_teacher=evaluated_teacher, cache=cache, data=data,
-               train_tokens=train_tokens, collator=collator,
+               train_tokens=train_tokens, spend_rule=spend_rule(config, teacher, train_tokens, data),
+               collator=collator,
                folder=folder, manifest=manifest, trackers=trackers, members=members,
                weights=(manifest.get("weights") or []) if config.combine in WEIGHTED_MODES else None)
 
@@ -264,16 +266,29 @@ def rounds_teacher(config: config_lib.Config, teacher_path: str, tokenizer, stat
     return head
 
 
-def round_settings(config: config_lib.Config, teacher: torch.nn.Module, tokenizer, train,
-                   train_tokens: tuple[int, int], num_processes: int) -> config_lib.Config:
+def round_settings(config: config_lib.Config, teacher: torch.nn.Module, tokenizer, train_tokens: compute.TokenCount,
+                   examples: int, num_processes: int) -> config_lib.Config:
     """What each round's student is built and trained with: the config itself, or a single-model baseline's
-    (utils.baseline_round_config), whose steps under baseline_budget flops spend the ensemble's training FLOPs
-    (utils.flop_matched_config) on the training split `train`, of `train_tokens` (tokens, supervised tokens)."""
+    (utils.baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
+    capped training FLOPs (utils.flop_matched_config) on the training split (`train_tokens` in `examples`)."""
     round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
     if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
-        return utils.flop_matched_config(config, round_config, teacher, tokenizer, (*train_tokens, len(train)),
+        return utils.flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples,
                                          num_processes)
     return round_config
+
+
+def spend_rule(config: config_lib.Config, teacher: torch.nn.Module, train_tokens: compute.TokenCount,
+               data: dict) -> compute.SpendRule:
+    """How the run's spend is charged (compute.SpendRule): the teacher's shape, its cache build over the training
+    split (and, cached, its states of the early-stopping slice), the early-stopping slice's tokens."""
+    shape = compute.model_shape(teacher.config, config.trust_remote_code) if config.alpha > 0 else None
+    early_stop = compute.TokenCount(*preprocess_dataset.token_totals(data["early_stop"])) if "early_stop" in data \
+        else compute.TokenCount()
+    build = compute.charged_cache_build(shape, config.teacher_mode, train_tokens)
+    if shape is not None and config.teacher_mode != "online":
+        build += compute.measured_forward_flops(shape, dataclasses.replace(early_stop, supervised=0))
+    return compute.SpendRule(shape, config.teacher_mode, build, early_stop)
 
 
 def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path | None,
@@ -347,20 +362,21 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
                                                        run.state.num_processes)
     if run.state.is_main_process:
         run_state.mark_round_training(run.folder, run.manifest, round_index, resume_from, TRAIN_LOG_COLUMNS)
-    stopper = early_stopping(run, round_index, resume_from)
+    meter = SpendMeter(utils.summed_over_processes(run.state), **resumed_state(resume_from, SpendMeter))
+    stopper = early_stopping(run, round_index, resume_from, meter)
     steps = run_state.checkpoint_step(resume_from) if resume_from else 0
     if steps >= run.round_config.steps_per_round or (stopper and stopper.stop_reason):
         # Finished before the kill: resuming the Trainer from its final checkpoint would run one step more.
-        return saved_member(run, round_index, final_state(run, round_index, resume_from), steps, stopper)
+        return saved_member(run, round_index, final_state(run, round_index, resume_from), steps, stopper, meter)
     if resume_from:
         print(f"round {round_index}: resuming from {resume_from.name}")
-    trainer = distillation_trainer(run, round_index, student, stopper)
+    trainer = distillation_trainer(run, round_index, student, stopper, meter)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if run.preemption.received_anywhere(run.device):
         return None
     run.state.wait_for_everyone()  # the best state is saved by the main process
     best = final_state(run, round_index, None) if stopper else student
-    return saved_member(run, round_index, best, trainer.state.global_step, stopper)
+    return saved_member(run, round_index, best, trainer.state.global_step, stopper, meter)
 
 
 def round_loss(run: Run) -> tuple[list, LossSettings]:
@@ -370,27 +386,42 @@ def round_loss(run: Run) -> tuple[list, LossSettings]:
     return frozen, LossSettings.for_round(run.config, run.weights if frozen else [], len(frozen))
 
 
-def early_stopping(run: Run, round_index: int, resume_from: Path | None) -> EarlyStopping | None:
+def early_stopping(run: Run, round_index: int, resume_from: Path | None,
+                   meter: SpendMeter) -> EarlyStopping | None:
     """The round's early stopping (None when eval_steps is 0), resumed in the state `resume_from` holds: it watches
-    the held-out CE (the early_stop slice) of the mixture the student trains in, and keeps its best weights."""
+    the held-out CE (the early_stop slice) of the mixture the student trains in, and keeps its best weights. Each
+    evaluation also records the mixture's test CE (for the learning curve, never for a choice) and the FLOPs spent
+    so far (`meter`); with lr_scheduler=wsd, a plateau begins the round's decay (its `schedule`)."""
     if not run.config.eval_steps:
         return None
     frozen, settings = round_loss(run)
-    weights = settings.mixture_weights
+    weights = None if settings.mixture_weights is None else {"mixture": list(settings.mixture_weights)}
 
-    def heldout_ce(student) -> float:
-        ce = evaluate({"mixture": [student, *frozen]}, run.evaluated_teacher, run.data["early_stop"], run.collator,
-                      run.config.eval_batch_size, run.vocab_size, run.config.combine, state=run.state,
-                      weights=None if weights is None else {"mixture": list(weights)})["mixture"]["ce"]
+    def scores(student) -> dict:
+        ce = {name: evaluate({"mixture": [student, *frozen]}, run.evaluated_teacher, run.data[name], run.collator,
+                             run.config.eval_batch_size, run.vocab_size, run.config.combine, state=run.state,
+                             weights=weights)["mixture"]["ce"] for name in ("early_stop", "test")}
         student.train()  # evaluate() left it in eval mode
-        return ce
+        meter.evaluations += 1
+        return {"heldout_ce": ce["early_stop"], "test_ce": ce["test"],
+                **spent_so_far(run, round_index, student, frozen, meter)}
 
     def save_best(student) -> None:
         if run.state.is_main_process:
             run_state.save_member_atomically(student, run.tokenizer, run_state.best_folder(run.folder, round_index))
 
     return EarlyStopping(run.config.eval_steps, run.config.early_stopping_patience,
-                         run.config.early_stopping_min_delta, heldout_ce, save_best, **resumed_state(resume_from))
+                         run.config.early_stopping_min_delta, scores, save_best, **resumed_state(resume_from),
+                         schedule=round_schedule(run.round_config))
+
+
+def spent_so_far(run: Run, round_index: int, student, frozen: list, meter: SpendMeter) -> dict:
+    """train_flops and its parts spent by the run up to now: the earlier rounds' (their members' records), this
+    round's so far (`meter`, counted across processes: every process calls this at the same step), the build."""
+    earlier = [run_state.training_record(run.folder / path)["flops"] for path in run.manifest["members"]]
+    current = run.spend_rule.round_parts(compute.model_shape(student), [compute.model_shape(m) for m in frozen],
+                                         meter.sync(), meter.evaluations)
+    return run.spend_rule.columns([*earlier, current])
 
 
 def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn.Module:
@@ -405,9 +436,10 @@ def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn
     return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
 
 
-def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
-                         stopper: EarlyStopping | None) -> DistillationTrainer:
-    """The Trainer of the round's student: through the frozen members (the method), or alone (the baselines)."""
+def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module, stopper: EarlyStopping | None,
+                         meter: SpendMeter) -> DistillationTrainer:
+    """The Trainer of the round's student: through the frozen members (the method), or alone (the baselines). Its
+    learning-rate schedule is the one early stopping begins the decay of, where both are on."""
     frozen, settings = round_loss(run)
     return DistillationTrainer(
         model=student, teacher=run.teacher, members=frozen, settings=settings, vocab_size=run.vocab_size,
@@ -417,6 +449,7 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
                                 run_name=run_name(run.folder, run.config)),
         train_dataset=member_data(run, round_index), processing_class=run.tokenizer,
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
+                   meter,  # after the stopper, which may ask for the checkpoint the meter syncs before
                    CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
                    run_state.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
                    run_state.CheckDiskBeforeSave(run.folder, run_state.checkpoint_bytes(student, run.tokenizer)),
@@ -424,7 +457,8 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module,
                    *tracking.trainer_callbacks(run.config.report_to, run.folder, round_index,
                                                run.state.is_main_process)],
         chunk_size=run.config.loss_chunk_size, teacher_cache=run.cache, round_index=round_index,
-        compile_loss=config_lib.use_compiled_loss(run.config.compile_loss, run.device))
+        compile_loss=config_lib.use_compiled_loss(run.config.compile_loss, run.device),
+        schedule=stopper.schedule if stopper else round_schedule(run.round_config), spend=meter)
 
 
 def member_data(run: Run, round_index: int):
@@ -440,12 +474,16 @@ def member_data_description(run: Run, round_index: int) -> str:
 
 
 def saved_member(run: Run, round_index: int, student: torch.nn.Module, steps_run: int,
-                 stopper: EarlyStopping | None) -> torch.nn.Module:
+                 stopper: EarlyStopping | None, meter: SpendMeter) -> torch.nn.Module:
     """`student`, once saved (by one process) as the round's member folder, with the record of its training: the
-    steps run, the step whose weights it has, and why the round stopped (plateau, or the steps_per_round cap)."""
+    steps run, the step whose weights it has, why the round stopped (plateau, or the steps_per_round cap), and what
+    it spent (compute.SPEND_PARTS: every step and evaluation it ran, whichever step's weights it keeps)."""
     reason = stopper.stop_reason if stopper else None
+    frozen, _ = round_loss(run)
+    flops = run.spend_rule.round_parts(compute.model_shape(student), [compute.model_shape(m) for m in frozen],
+                                       meter.sync(), meter.evaluations)
     training = {"steps_run": steps_run, "member_step": stopper.best_step if stopper else steps_run,
-                "stop_reason": reason or "cap"}
+                "stop_reason": reason or "cap", "flops": flops}
     if run.state.is_main_process:
         run_state.save_member_atomically(student, run.tokenizer, run_state.member_folder(run.folder, round_index),
                                          training)
@@ -524,21 +562,12 @@ def recorded_rows(run: Run, round_index: int, rows: list[dict]) -> list[dict]:
 
 
 def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
-    """The compute columns of the round's rows (compute.metric_columns), by model. The tokens each round trained on
-    are its steps run x the examples of a step x the training split's mean example (padding not counted)."""
-    sequence, supervised = run.train_tokens
-    examples = len(run.data["train"])
-    per_step = run.config.batch_size * run.config.grad_accum * run.state.num_processes
-    steps = [run_state.training_record(folder).get("steps_run", run.round_config.steps_per_round)
-             for folder in member_folders]
-    return compute.metric_columns(
-        [compute.model_shape(member) for member in run.members],
-        [(n * per_step * sequence // examples, n * per_step * supervised // examples) for n in steps],
-        context=round(sequence / examples), through_ensemble=run.config.baseline == "none",
-        teacher=(compute.model_shape(run.teacher.config, run.config.trust_remote_code) if run.config.alpha > 0
-                 else None),
-        teacher_mode=run.config.teacher_mode, cache_tokens=(sequence, supervised),
-        rounds_sharing_cache=run.config.rounds_to_run())
+    """The compute columns of the round's rows (compute.metric_columns), by model, from what each round spent (its
+    member's training record)."""
+    spends = [run_state.training_record(folder)["flops"] for folder in member_folders]
+    tokens = run.train_tokens
+    return compute.metric_columns([compute.model_shape(member) for member in run.members], spends,
+                                  context=round(tokens.sequence / len(run.data["train"])), rule=run.spend_rule)
 
 
 def write_sample_answers(run: Run, round_index: int, models: dict) -> None:

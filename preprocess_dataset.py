@@ -70,7 +70,7 @@ TOKENIZED_FEATURES = datasets.Features(
 # The settings that decide a prepared folder's content: prepare_dataset reuses a folder only when all of them match.
 # The number of tokenizing processes is not one of them: the examples are the same whatever it is.
 REUSE_KEYS = ("format_version", "source", "split", "chat_template_sha256", "tokenizer_sha256", "max_length",
-              "test_size", "seed", "max_examples")
+              "test_size", "seed", "test_seed", "max_examples")
 
 
 # num_proc=0 (auto): below this many conversations a map runs in this process, since starting workers (each
@@ -362,18 +362,28 @@ def _tokenize_batch(messages_batch: list, tokenizer, max_length: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float, seed: int,
-                  max_examples: int | None = None, split: str = "train",
-                  num_proc: int = 0) -> tuple[datasets.DatasetDict, dict]:
+                  max_examples: int | None = None, split: str = "train", num_proc: int = 0,
+                  test_seed: int | None = None) -> tuple[datasets.DatasetDict, dict]:
     """Load, filter, sample, tokenize and split `source`; returns the {"train", "test"} DatasetDict and its metadata.
-    `num_proc` processes tokenize (see map_num_proc); the result is the same for any number."""
+    `num_proc` processes tokenize (see map_num_proc); the result is the same for any number.
+
+    With a `test_seed`, the test split is drawn first, by test_seed alone (_fixed_test_split), and `seed` samples
+    the training split from the rest: runs of other seeds and other max_examples are scored on the same examples.
+    Without one, `seed` samples max_examples conversations and splits them."""
     conversations = load_conversations(source, split, num_proc)
     loaded = len(conversations)
     user_first = _user_first_indices(conversations)
-    conversations = conversations.select(user_first).shuffle(seed=seed)
+    conversations = conversations.select(user_first)
+    test, drawn = None, 0
+    if test_seed is not None:
+        test, conversations, drawn = _fixed_test_split(conversations, held_out_count(test_size, max_examples,
+                                                                                     len(user_first)),
+                                                       test_seed, tokenizer, max_length, source)
+    conversations = conversations.shuffle(seed=seed)
     if max_examples is not None:
         # Sample before tokenizing, so that a small run over a large source stays cheap.
-        conversations = conversations.select(range(min(max_examples, len(conversations))))
-    without_assistant = len(conversations) - _count_with_assistant_turn(conversations)
+        wanted = max_examples - (len(test) if test is not None else 0)
+        conversations = conversations.select(range(min(max(wanted, 0), len(conversations))))
     tokenized = conversations.map(
         _tokenize_batch, batched=True, input_columns=["messages"], remove_columns=["messages"],
         features=TOKENIZED_FEATURES, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
@@ -385,24 +395,60 @@ def build_dataset(source, tokenizer, *, max_length: int, test_size: int | float,
             f"user turn first, the rest without an assistant token within max_length={max_length}). Raise "
             f"--max_length, or check that the conversations' roles are user/assistant."
         )
-    dataset = datasets.DatasetDict({name: with_content_fingerprint(part)
-                                    for name, part in _split(tokenized, test_size, seed, source).items()})
+    splits = _split(tokenized, test_size, seed, source) if test is None else {"train": tokenized, "test": test}
+    dataset = datasets.DatasetDict({name: with_content_fingerprint(part) for name, part in splits.items()})
+    sampled = len(conversations) + drawn
+    without_assistant = len(conversations) - _count_with_assistant_turn(conversations)  # test draws not counted
+    kept = len(dataset["train"]) + len(dataset["test"])
     counts = {
         "loaded": loaded,
         "dropped_not_user_first": loaded - len(user_first),
-        "not_sampled": len(user_first) - len(conversations),
-        "dropped_no_supervised_tokens": len(conversations) - len(tokenized),
+        "not_sampled": len(user_first) - sampled,
+        "dropped_no_supervised_tokens": sampled - kept,
         "dropped_no_assistant_turn": without_assistant,
-        "dropped_too_long": len(conversations) - len(tokenized) - without_assistant,
-        "kept": len(tokenized),
-        "cut_at_max_length": _count_at_length(tokenized, max_length),
+        "dropped_too_long": sampled - kept - without_assistant,
+        "kept": kept,
+        "cut_at_max_length": sum(_count_at_length(part, max_length) for part in dataset.values()),
         "train": len(dataset["train"]),
         "test": len(dataset["test"]),
         "supervised_tokens": {name: _count_supervised_tokens(part) for name, part in dataset.items()},
     }
     settings = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
-                         max_examples=max_examples, split=split)
+                         max_examples=max_examples, split=split, test_seed=test_seed)
     return dataset, {**settings, "tokenizer": tokenizer.name_or_path, "counts": counts}
+
+
+def held_out_count(test_size: int | float, max_examples: int | None, available: int) -> int:
+    """The test split's size in examples: test_size itself, or that share of the sample."""
+    if isinstance(test_size, int):
+        return test_size
+    return max(1, round(test_size * min(max_examples or available, available)))
+
+
+def _fixed_test_split(conversations: datasets.Dataset, wanted: int, test_seed: int, tokenizer, max_length: int,
+                      source: str) -> tuple[datasets.Dataset, datasets.Dataset, int]:
+    """(the test split, the conversations left for training, how many were drawn): conversations in test_seed's
+    order are tokenized one by one until `wanted` examples are kept (those without a supervised token within
+    max_length are dropped); every conversation after the last one drawn stays available for training."""
+    order = np.random.default_rng(test_seed).permutation(len(conversations))
+    examples, drawn = [], 0
+    for index in order:
+        if len(examples) == wanted:
+            break
+        drawn += 1
+        example = tokenize_conversation(conversations[int(index)]["messages"], tokenizer, max_length)
+        if example is not None:
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{source}: no example is left after filtering: none of its {len(order)} conversations with a "
+                        f"user turn first has an assistant token within max_length={max_length}. Raise "
+                        f"--max_length, or check that the conversations' roles are user/assistant.")
+    if len(examples) < wanted or drawn == len(order):
+        raise DataError(f"{source}: test_size needs {wanted} test examples and leaves no conversation to train on "
+                        f"({len(examples)} test examples kept of {len(order)} conversations). Lower --test_size, or "
+                        f"raise --max_length.")
+    test = datasets.Dataset.from_list(examples, features=TOKENIZED_FEATURES)
+    return test, conversations.select(np.sort(order[drawn:])), drawn
 
 
 def content_fingerprint(table: pa.Table) -> str:
@@ -475,10 +521,12 @@ def _split(tokenized: datasets.Dataset, test_size: int | float, seed: int, sourc
     return tokenized.train_test_split(test_size=test_size, seed=seed)
 
 
-def token_totals(dataset: datasets.Dataset) -> tuple[int, int]:
-    """The tokens of every example of `dataset`, and the supervised ones among them."""
+def token_totals(dataset: datasets.Dataset) -> tuple[int, int, int]:
+    """The tokens of every example of `dataset`, the supervised ones among them, and the sum of the examples'
+    squared lengths (the attention term of compute.TokenCount)."""
     lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"])
-    return pc.sum(lengths).as_py() or 0, _count_supervised_tokens(dataset)
+    squared = pc.sum(pc.multiply(pc.cast(lengths, "int64"), pc.cast(lengths, "int64"))).as_py() or 0
+    return pc.sum(lengths).as_py() or 0, _count_supervised_tokens(dataset), squared
 
 
 def _count_supervised_tokens(dataset: datasets.Dataset) -> int:
@@ -489,7 +537,7 @@ def _count_supervised_tokens(dataset: datasets.Dataset) -> int:
     return total
 
 
-def _settings(source, tokenizer, *, max_length, test_size, seed, max_examples, split) -> dict:
+def _settings(source, tokenizer, *, max_length, test_size, seed, max_examples, split, test_seed=None) -> dict:
     """The metadata entries listed in REUSE_KEYS."""
     return {
         "format_version": FORMAT_VERSION,
@@ -500,6 +548,7 @@ def _settings(source, tokenizer, *, max_length, test_size, seed, max_examples, s
         "max_length": max_length,
         "test_size": test_size,
         "seed": seed,
+        "test_seed": test_seed,
         "max_examples": max_examples,
     }
 
@@ -551,13 +600,14 @@ def _read_metadata(output_dir: Path) -> dict | None:
 
 
 def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size: int | float, seed: int,
-                    max_examples: int | None = None, split: str = "train", num_proc: int = 0) -> datasets.DatasetDict:
+                    max_examples: int | None = None, split: str = "train", num_proc: int = 0,
+                    test_seed: int | None = None) -> datasets.DatasetDict:
     """Return the prepared dataset in `output_dir`, building and saving it (tokenized by `num_proc` processes)
     unless a matching one is already there."""
     output_dir = Path(output_dir)
     remove_dead_staging(output_dir)
     wanted = _settings(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
-                       max_examples=max_examples, split=split)
+                       max_examples=max_examples, split=split, test_seed=test_seed)
     existing = _read_metadata(output_dir)
     if existing is not None and {key: existing.get(key) for key in REUSE_KEYS} == wanted:
         logger.info("Reusing the prepared dataset in %s", output_dir)
@@ -569,7 +619,7 @@ def prepare_dataset(source, tokenizer, output_dir, *, max_length: int, test_size
         changed = [key for key in REUSE_KEYS if existing.get(key) != wanted[key]]
         logger.info("Rebuilding the prepared dataset in %s: %s changed", output_dir, ", ".join(changed))
     dataset, metadata = build_dataset(source, tokenizer, max_length=max_length, test_size=test_size, seed=seed,
-                                      max_examples=max_examples, split=split, num_proc=num_proc)
+                                      max_examples=max_examples, split=split, num_proc=num_proc, test_seed=test_seed)
     _save_atomically(dataset, metadata, output_dir)
     return datasets.load_from_disk(str(output_dir))
 
@@ -581,7 +631,8 @@ def prepare_for_run(config, tokenizer) -> tuple[dict, dict]:
     folder = run_data_folder(config, tokenizer)
     data = prepare_dataset(embedded.resolve_dataset(config.dataset, config.cache_dir), tokenizer, folder,
                            max_length=config.max_length, test_size=config.test_size, seed=config.data_seed,
-                           max_examples=config.max_examples, split=config.dataset_split, num_proc=config.num_proc)
+                           max_examples=config.max_examples, split=config.dataset_split, num_proc=config.num_proc,
+                           test_seed=config.test_seed)
     return held_out_slices(data, config), prepared_counts(folder)
 
 
@@ -591,7 +642,7 @@ def run_data_folder(config, tokenizer) -> Path:
     cache built on it); num_proc changes only how fast it is made, so it is not part of the name."""
     source = embedded.resolve_dataset(config.dataset, config.cache_dir)
     key = json.dumps([source, tokenizer.name_or_path, config.max_length, config.test_size, config.data_seed,
-                      config.max_examples, config.dataset_split])
+                      config.test_seed, config.max_examples, config.dataset_split])
     name = Path(source.rstrip("/")).name.replace(".", "_") + "-" + hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(config.cache_dir) / "datasets" / name
 

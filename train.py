@@ -6,17 +6,20 @@ computed only at supervised positions (hidden states selected before the output 
 holds (batch x length x vocabulary) logits for the prompt tokens.
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import torch
 from accelerate.utils import extract_model_from_parallel as unwrap_model
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl import SFTConfig, SFTTrainer
 
 import run_state
+from compute import TokenCount
 from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
                     hybrid_loss_terms, next_token_targets, predictor_mask)
 from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
@@ -51,11 +54,14 @@ class DistillationTrainer(SFTTrainer):
 
     def __init__(self, model, teacher, members: list, settings: LossSettings, vocab_size: int, args: SFTConfig,
                  train_dataset, processing_class, callbacks=None, chunk_size: int = 0, teacher_cache=None,
-                 round_index: int = 0, max_bad_steps: int = 3, compile_loss: bool = False):
+                 round_index: int = 0, max_bad_steps: int = 3, compile_loss: bool = False,
+                 schedule: "WarmupStableDecay | None" = None, spend: "SpendMeter | None" = None):
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          data_collator=PaddingCollator(processing_class.pad_token_id), callbacks=callbacks)
         self.settings = settings
         self.vocab_size = vocab_size
+        self.schedule = schedule  # lr_scheduler=wsd: the learning rate's multiplier by step (None: args' scheduler)
+        self.spend = spend  # counts the tokens each training batch runs on
         self.chunk_size = chunk_size  # supervised positions per loss chunk (0: the whole micro-batch at once)
         # Built once: compiled code is kept per compiled function, and each step reuses it. If the compiled code
         # fails, at any step, the rest of this trainer's steps use the eager loss (losses.CompiledLossTerms).
@@ -85,6 +91,15 @@ class DistillationTrainer(SFTTrainer):
                                      "non-finite and skipped, so nothing was trained; lower the learning rate or "
                                      "check the data and settings")
         return output
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The args' scheduler, or the warmup-stable-decay `schedule`: its multiplier object goes into LambdaLR,
+        whose state_dict saves the object's attributes, so a resumed round keeps a decay its plateau began."""
+        if self.schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with a step that skips non-finite gradients (see `guarded_step`)."""
@@ -134,6 +149,8 @@ class DistillationTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         positions = predictor_mask(labels)
+        if model.training and self.spend is not None:
+            self.spend.add_batch(TokenCount.of_batch(inputs["attention_mask"], positions))
         targets = next_token_targets(labels).to(self.accelerator.device)
         batch = (inputs["input_ids"], inputs["attention_mask"], positions)
         # The per-term gradient norms cost two extra backward passes per chunk (each term's gradient at the hidden
@@ -227,73 +244,162 @@ class DistillationTrainer(SFTTrainer):
         super(SFTTrainer, self).log(logs, start_time)
 
 
+# heldout_ce (early stopping's slice), test_ce and the FLOPs spent so far (train_flops and its parts, the run's
+# rounds before included) are set on the rows of the steps early stopping evaluated: a learning curve against FLOPs.
+EVALUATION_LOG_COLUMNS = ["heldout_ce", "test_ce", "train_flops", "flops_student", "flops_members", "flops_teacher",
+                          "flops_evaluation"]
 TRAIN_LOG_COLUMNS = ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm", "grad_norm_kl",
-                     "grad_norm_nll", "epoch", "heldout_ce"]
+                     "grad_norm_nll", "epoch", *EVALUATION_LOG_COLUMNS]
+
+
+class WarmupStableDecay:
+    """The learning rate's multiplier at a step (LambdaLR's lr_lambda): linear warmup over `warmup_steps`, then 1,
+    then a 1 - sqrt decay to 0 (Hägele et al. 2024) from `decay_start` to `decay_end`.
+
+    The decay begins at the plateau (early stopping calls `begin_decay`), lasting `decay_ratio` of the steps taken
+    by then, or, for a round that reaches its cap first, in the cap's last `decay_ratio`. Until its decay begins a
+    round's rate does not depend on its cap, so two rounds given different caps train alike until then. Only plain
+    attributes: LambdaLR's state_dict saves them into each checkpoint.
+    """
+
+    def __init__(self, warmup_steps: int, cap: int, decay_ratio: float):
+        self.warmup_steps, self.cap, self.decay_ratio = warmup_steps, cap, decay_ratio
+        self.decay_end = cap
+        self.decay_start = cap - max(1, round(decay_ratio * cap))
+        self.plateau_step: int | None = None  # where a plateau began the decay (None: the cap's decay)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return step / self.warmup_steps
+        if step < self.decay_start:
+            return 1.0
+        return max(0.0, 1.0 - math.sqrt((step - self.decay_start) / max(1, self.decay_end - self.decay_start)))
+
+    def begin_decay(self, step: int) -> bool:
+        """Begin the decay at `step` (a plateau), unless it has begun already; whether it began now."""
+        if step >= self.decay_start:
+            return False
+        self.decay_start, self.plateau_step = step, step
+        self.decay_end = min(self.cap, step + max(1, round(self.decay_ratio * step)))
+        return True
+
+
+def round_schedule(config) -> WarmupStableDecay | None:
+    """The round's warmup-stable-decay multiplier with lr_scheduler=wsd, else None (the Trainer's own scheduler)."""
+    if config.lr_scheduler != "wsd":
+        return None
+    return WarmupStableDecay(config.warmup_steps, config.steps_per_round, config.decay_ratio)
+
+
+class SpendMeter(TrainerCallback, ExportableState):
+    """Counts what a round spends as it trains: the tokens of every training batch (compute.TokenCount, padding
+    excluded) and the early-stopping evaluations. Each process counts its own batches (`pending`); `sync` adds
+    them up across processes (`sum_over_processes`, a collective every process calls at the same step) into
+    `tokens`. It syncs before every checkpoint, so the count a checkpoint saves is the whole round's so far."""
+
+    def __init__(self, sum_over_processes=None, tokens: dict | None = None, evaluations: int = 0):
+        self.sum_over_processes = sum_over_processes or (lambda values: values)
+        self.tokens = TokenCount(**(tokens or {}))
+        self.evaluations = evaluations
+        self.pending = TokenCount()
+
+    def add_batch(self, count: TokenCount) -> None:
+        self.pending = self.pending + count
+
+    def sync(self) -> TokenCount:
+        """The round's tokens so far, every process's batches counted."""
+        pending = self.pending
+        self.tokens = self.tokens + TokenCount(*self.sum_over_processes([pending.sequence, pending.supervised,
+                                                                         pending.squared]))
+        self.pending = TokenCount()
+        return self.tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+            self.sync()
+        return control
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"tokens": dataclasses.asdict(self.tokens),
+                                           "evaluations": self.evaluations}}
 
 
 class EarlyStopping(TrainerCallback, ExportableState):
     """Stops a round once the student has stopped improving, keeping its best state.
 
-    Every `eval_steps` optimizer steps, and at the last step, `score(model)` gives the held-out CE the round is
-    judged by (lower is better). An improvement of more than `min_delta` nats saves the weights (`save_best`); after
-    `patience` evaluations in a row without one, training stops with stop_reason "plateau", checkpointing first so a
-    resumed run knows the round has finished. Its state goes into every checkpoint (trainer_state.json's
-    stateful_callbacks), and a resumed round starts from it (`resumed_state`). Each score also goes into the
-    training logs (heldout_ce: DistillationTrainer.log), and so to the CSV log and any tracker.
+    Every `eval_steps` optimizer steps, at the last step and where a decay ends, `score(model)` evaluates the
+    student: a dict whose "heldout_ce" the round is judged by (lower is better), and whatever else it measured there
+    (test_ce, FLOPs spent), which goes into the training logs with it (DistillationTrainer.log, then the CSV log and
+    any tracker). An improvement of more than `min_delta` nats saves the weights (`save_best`). After `patience`
+    evaluations in a row without one, training stops with stop_reason "plateau", checkpointing first so a resumed
+    run knows the round has finished; with a warmup-stable-decay `schedule` whose decay has not begun, the plateau
+    begins the decay instead, and the round stops when the decay ends. Its state goes into every checkpoint
+    (trainer_state.json's stateful_callbacks), and a resumed round starts from it (`resumed_state`).
     """
 
     def __init__(self, eval_steps: int, patience: int, min_delta: float, score=None, save_best=None,
                  best_score: float = math.inf, best_step: int = 0, bad_evaluations: int = 0,
-                 stop_reason: str | None = None):
+                 stop_reason: str | None = None, schedule: WarmupStableDecay | None = None):
         self.eval_steps, self.patience, self.min_delta = eval_steps, patience, min_delta
-        self.score, self.save_best = score, save_best
+        self.score, self.save_best, self.schedule = score, save_best, schedule
         self.best_score, self.best_step, self.bad_evaluations = best_score, best_step, bad_evaluations
         self.stop_reason = stop_reason
-        self.latest: tuple[int, float] | None = None  # (step, score) of the newest evaluation, for the log
+        self.latest: tuple[int, dict] | None = None  # (step, what score gave) of the newest evaluation, for the log
 
     def state(self) -> dict:
         return {"args": {"eval_steps": self.eval_steps, "patience": self.patience, "min_delta": self.min_delta},
                 "attributes": {"best_score": self.best_score, "best_step": self.best_step,
                                "bad_evaluations": self.bad_evaluations, "stop_reason": self.stop_reason}}
 
+    def evaluate(self, model, step: int) -> float:
+        scores = self.score(model)
+        self.latest = (step, scores)
+        return scores["heldout_ce"]
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """The round's starting point is scored and kept as the best so far, so a round that never improves on it
         ends where it began: with combine=additive (a new member starting at zero) the ensemble is then unchanged,
         never made worse by a member that only overfits. A resumed round has its best already."""
         if state.global_step == 0 and self.best_score == math.inf:
-            self.best_score, self.best_step = self.score(model), 0
-            self.latest = (0, self.best_score)
+            self.best_score, self.best_step = self.evaluate(model, 0), 0
             self.save_best(model)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.eval_steps and state.global_step < state.max_steps:
+        step = state.global_step
+        decay_ends = self.schedule is not None and self.schedule.plateau_step is not None \
+            and step >= self.schedule.decay_end
+        if step % self.eval_steps and step < state.max_steps and not decay_ends:
             return control
-        score = self.score(model)
-        self.latest = (state.global_step, score)
+        score = self.evaluate(model, step)
         control.should_log = True
         if score < self.best_score - self.min_delta:
-            self.best_score, self.best_step, self.bad_evaluations = score, state.global_step, 0
+            self.best_score, self.best_step, self.bad_evaluations = score, step, 0
             self.save_best(model)
         else:
             self.bad_evaluations += 1
-        if self.bad_evaluations >= self.patience:
+        if self.bad_evaluations >= self.patience and self.schedule is not None and self.schedule.begin_decay(step):
+            self.bad_evaluations = 0  # the plateau begins the decay; the round goes on until it ends
+        elif self.bad_evaluations >= self.patience or decay_ends:
             self.stop_reason = "plateau"
             control.should_training_stop = True
             control.should_save = True  # the checkpoint that tells a resumed run the round has finished
         return control
 
     def logged_values(self, step: int) -> dict:
-        """What the training log gets at `step`: the held-out CE, when it was evaluated then."""
-        return {"heldout_ce": round(self.latest[1], 6)} if self.latest and self.latest[0] == step else {}
+        """What the training log gets at `step`: the evaluation's values, when it was evaluated then."""
+        if not self.latest or self.latest[0] != step:
+            return {}
+        return {key: round(value, 6) if key.endswith("_ce") else value for key, value in self.latest[1].items()}
 
 
-def resumed_state(checkpoint: Path | None) -> dict:
-    """The EarlyStopping attributes a checkpoint holds (none when it has none: a round without early stopping)."""
+def resumed_state(checkpoint: Path | None, callback: type = EarlyStopping) -> dict:
+    """The attributes of a stateful `callback` (EarlyStopping, SpendMeter) a checkpoint holds (none when it has
+    none: a round without early stopping)."""
     if checkpoint is None:
         return {}
     saved = json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
-    return saved.get(EarlyStopping.__name__, {}).get("attributes", {})
+    return saved.get(callback.__name__, {}).get("attributes", {})
 
 
 class CsvTrainLogCallback(TrainerCallback):
@@ -325,13 +431,14 @@ def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=round(config.warmup_ratio * config.steps_per_round),
+        # wsd: DistillationTrainer.create_scheduler puts in the round's WarmupStableDecay
+        lr_scheduler_type="constant" if config.lr_scheduler == "wsd" else config.lr_scheduler,
+        warmup_steps=0 if config.lr_scheduler == "wsd" else round(config.warmup_ratio * config.steps_per_round),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
-        seed=config.seed + round_index,  # each round's student sees its own data order
-        data_seed=config.seed + round_index,
+        seed=config.round_seed(round_index),  # each round's student sees its own data order
+        data_seed=config.round_seed(round_index),
         bf16=bf16,  # SFTConfig defaults to bf16 even on CPU: always say which
         activation_checkpointing=config.gradient_checkpointing,
         use_cpu=use_cpu,

@@ -59,6 +59,18 @@ def process_state(device_name: str = "auto",
                         timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def summed_over_processes(state):
+    """A function that adds a list of integers up across `state`'s processes (a collective every process calls at
+    the same point), or None for one process, where there is nothing to add."""
+    if state.num_processes == 1:
+        return None
+    from accelerate.utils import reduce
+
+    def total(values: list[int]) -> list[int]:
+        return reduce(torch.tensor(values, dtype=torch.int64, device=state.device), reduction="sum").tolist()
+    return total
+
+
 def leave_process_group() -> None:
     """Destroy the process group, if any: a gloo group still alive at interpreter exit can abort a finished process
     ("terminate called without an active exception")."""
@@ -201,7 +213,7 @@ def count_parameters(model) -> int:
 
 def build_student(config, teacher, tokenizer, round_index: int):
     """A fresh student for `round_index`; later rounds differ by seed (and by copied layers), so members differ."""
-    torch.manual_seed(config.seed + round_index)
+    torch.manual_seed(config.round_seed(round_index))
     if config.student_init == "pretrained":
         return load_causal_lm(config.student_model, torch.float32, config.trust_remote_code)
     if config.student_init == "random":
@@ -247,27 +259,26 @@ def student_skeleton(config, teacher, tokenizer, round_index: int = 0):
     return compute.meta_model(student_model_config(config, teacher, tokenizer, round_index), config.trust_remote_code)
 
 
-def flop_matched_config(config, round_config, teacher, tokenizer, tokens: tuple[int, int, int], num_processes: int):
-    """A single-model baseline's `round_config` with the steps that spend the training FLOPs of the ensemble it
-    stands for (compute.py): total_rounds students of `config`, each steps_per_round steps through the frozen
-    earlier ones, with the same teacher (its cache build a fixed cost both pay). `tokens`: the training split's
-    tokens, supervised tokens and examples; a step's tokens are its examples x the mean example's."""
-    sequence, supervised, examples = tokens
+def flop_matched_config(config, round_config, teacher, tokenizer, train_tokens: compute.TokenCount, examples: int,
+                        num_processes: int):
+    """A single-model baseline's `round_config` whose cap is the steps that spend the training FLOPs of the ensemble
+    it stands for at that ensemble's cap (compute.py): total_rounds students of `config`, each steps_per_round steps
+    through the frozen earlier ones, with the same teacher, whose cache build both are charged in full. A step's
+    tokens are its examples x the training split's mean example (`train_tokens` over `examples`). A cap, not a
+    spend: the ensemble's rounds may stop earlier (study.py compares spends, read off learning curves)."""
     per_step = config.batch_size * config.grad_accum * num_processes
-    step_tokens = (per_step * sequence // examples, per_step * supervised // examples)
-    context = round(sequence / examples)
+    step_tokens = compute.TokenCount(train_tokens.sequence * per_step // examples,
+                                     train_tokens.supervised * per_step // examples,
+                                     train_tokens.squared * per_step // examples)
     teacher_shape = compute.model_shape(teacher.config, config.trust_remote_code) if config.alpha > 0 else None
-    shared = dict(context=context, teacher=teacher_shape, teacher_mode=config.teacher_mode,
-                  cache_sequence_tokens=sequence, cache_supervised_tokens=supervised)
     members = [compute.model_shape(student_model_config(config, teacher, tokenizer, index))
                for index in range(config.total_rounds)]
-    budget = compute.run_training_flops(members, sequence_tokens=config.steps_per_round * step_tokens[0],
-                                        supervised_tokens=config.steps_per_round * step_tokens[1], **shared)[-1]
-    build = (compute.teacher_cache_build_flops(teacher_shape, config.teacher_mode, sequence, supervised, context)
-             if teacher_shape else 0)
+    budget = compute.run_training_flops(members, step_tokens.times(config.steps_per_round), teacher=teacher_shape,
+                                        teacher_mode=config.teacher_mode, cache_tokens=train_tokens)[-1]
     single = compute.model_shape(student_model_config(round_config, teacher, tokenizer))
-    one_step = compute.round_training_flops(single, sequence_tokens=step_tokens[0], supervised_tokens=step_tokens[1],
-                                            rounds_sharing_cache=1, **shared).total - build
+    one_step = compute.round_training_flops(single, step_tokens, teacher=teacher_shape,
+                                            teacher_mode=config.teacher_mode).total
+    build = compute.charged_cache_build(teacher_shape, config.teacher_mode, train_tokens)
     steps = compute.flop_matched_steps(budget, one_step, fixed_flops=build)
     return dataclasses.replace(round_config, steps_per_round=max(steps, 1))
 

@@ -100,8 +100,8 @@ def test_the_formula_matches_a_measured_forward(changes):
 #   teacher: body 2 * 500 + 2 * 4 * 10 * 8 = 1640 a token, head 2 * 100 = 200 a supervised token
 STUDENT = ModelShape(parameters=70, embedding_parameters=20, head_parameters=20, num_layers=2, attention_width=4)
 TEACHER = ModelShape(parameters=600, embedding_parameters=100, head_parameters=100, num_layers=4, attention_width=8)
-TOKENS = dict(sequence_tokens=1000, supervised_tokens=300, context=10)  # one round's
-CACHE = dict(cache_sequence_tokens=1100, cache_supervised_tokens=300)  # the build's batches pad differently
+TOKENS = compute.TokenCount.uniform(1000, 300, context=10)  # one round's
+CACHE = compute.TokenCount.uniform(1100, 300, context=10)  # the training split the cache is built over
 
 STUDENT_ROUND = 816_000  # 3 * (260 * 1000 + 40 * 300)
 MEMBER = 272_000  # 260 * 1000 + 40 * 300
@@ -111,55 +111,76 @@ HIDDEN_BUILD = 1_804_000  # 1640 * 1100, no head
 HIDDEN_HEAD = 60_000  # 200 * 300, every round
 
 
+def test_tokens_are_counted_per_batch_without_padding_and_with_each_sequences_length():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    supervised = torch.tensor([[False, True, False, False, False], [False, False, True, True, False]])
+    count = compute.TokenCount.of_batch(mask, supervised)
+    assert count == compute.TokenCount(sequence=8, supervised=3, squared=3 * 3 + 5 * 5)
+    assert count + count == count.times(2) == compute.TokenCount(16, 6, 68)
+    # the attention term follows each sequence's own length: 2 * layers * d_attn * (3^2 + 5^2)
+    assert compute.measured_forward_flops(STUDENT, count) == 2 * 50 * 8 + 2 * 2 * 4 * 34 + 40 * 3
+
+
 def test_one_round_by_hand():
-    flops = compute.round_training_flops(STUDENT, members=[STUDENT, STUDENT], teacher=TEACHER, **TOKENS)
+    flops = compute.round_training_flops(STUDENT, TOKENS, members=[STUDENT, STUDENT], teacher=TEACHER)
     assert flops == (816_000, 2 * 272_000, 1_700_000)
     assert flops.total == 816_000 + 544_000 + 1_700_000
-    alone = compute.round_training_flops(STUDENT, **TOKENS)  # alpha = 0: no teacher
+    alone = compute.round_training_flops(STUDENT, TOKENS)  # alpha = 0: no teacher
     assert alone == (STUDENT_ROUND, 0, 0)
 
 
 def test_a_three_round_method_run_against_the_independent_baseline_online():
-    method = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, **TOKENS)
+    method = compute.run_training_flops([STUDENT] * 3, TOKENS, teacher=TEACHER)
     rounds = [STUDENT_ROUND + members * MEMBER + ONLINE_TEACHER for members in (0, 1, 2)]
     assert rounds == [2_516_000, 2_788_000, 3_060_000]
     assert method == [2_516_000, 5_304_000, 8_364_000]
-    independent = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, through_ensemble=False, **TOKENS)
+    independent = compute.run_training_flops([STUDENT] * 3, TOKENS, teacher=TEACHER, through_ensemble=False)
     assert independent == [2_516_000, 5_032_000, 7_548_000]
     assert method[-1] - independent[-1] == 3 * MEMBER  # rounds 1 and 2 run 1 and 2 frozen members
 
 
-def test_a_cached_teacher_is_built_once_and_shared_by_the_rounds():
-    topk = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, teacher_mode="topk", **TOKENS, **CACHE)
-    share = TOPK_BUILD / 3
-    assert topk == pytest.approx([816_000 + share, 2 * 816_000 + 272_000 + 2 * share,
-                                  3 * 816_000 + 3 * 272_000 + TOPK_BUILD])
-    hidden = compute.run_training_flops([STUDENT] * 3, teacher=TEACHER, teacher_mode="hidden", through_ensemble=False,
-                                        **TOKENS, **CACHE)
-    assert hidden[-1] == pytest.approx(3 * (816_000 + HIDDEN_HEAD) + HIDDEN_BUILD)
-    # Six rounds (two runs) reading one cache: each round bears a sixth of the build.
-    shared = compute.round_training_flops(STUDENT, teacher=TEACHER, teacher_mode="hidden", rounds_sharing_cache=6,
-                                          **TOKENS, **CACHE)
-    assert shared.teacher == pytest.approx(1_804_000 / 6 + 60_000)
-    with pytest.raises(ValueError, match="cache_sequence_tokens"):
-        compute.round_training_flops(STUDENT, teacher=TEACHER, teacher_mode="topk", **TOKENS)
+def test_a_cached_teacher_is_built_once_and_charged_in_full_to_every_run_whatever_its_rounds():
+    topk = compute.run_training_flops([STUDENT] * 3, TOKENS, teacher=TEACHER, teacher_mode="topk", cache_tokens=CACHE)
+    assert topk == [TOPK_BUILD + 816_000, TOPK_BUILD + 2 * 816_000 + 272_000,
+                    TOPK_BUILD + 3 * 816_000 + 3 * 272_000]
+    one_round = compute.run_training_flops([STUDENT], TOKENS, teacher=TEACHER, teacher_mode="topk",
+                                           cache_tokens=CACHE)
+    assert one_round[0] == topk[0]  # a 1-round run and the first member of a 3-round run bear the same build
+    hidden = compute.run_training_flops([STUDENT] * 3, TOKENS, teacher=TEACHER, teacher_mode="hidden",
+                                        through_ensemble=False, cache_tokens=CACHE)
+    assert hidden[-1] == 3 * (816_000 + HIDDEN_HEAD) + HIDDEN_BUILD
+    assert compute.round_training_flops(STUDENT, TOKENS, teacher=TEACHER, teacher_mode="topk").teacher == 0
+    with pytest.raises(ValueError, match="cache_tokens"):
+        compute.run_training_flops([STUDENT], TOKENS, teacher=TEACHER, teacher_mode="topk")
 
 
-def test_a_single_model_and_per_round_token_counts():
-    # single_matched: one student over the three rounds' tokens, teacher online.
-    single = compute.single_model_training_flops(STUDENT, teacher=TEACHER, sequence_tokens=3000,
-                                                 supervised_tokens=900, context=10)
-    assert single == 3 * (260 * 3000 + 40 * 900) + (1640 * 3000 + 200 * 900) == 7_548_000
-    # rounds whose padded batches differ
-    run = compute.run_training_flops([STUDENT] * 2, sequence_tokens=[1000, 900], supervised_tokens=300, context=10)
+def test_per_round_token_counts():
+    # rounds whose batches differ
+    second = compute.TokenCount.uniform(900, 300, context=10)
+    run = compute.run_training_flops([STUDENT] * 2, [TOKENS, second])
     assert run == [816_000, 816_000 + 3 * (260 * 900 + 40 * 300) + (260 * 900 + 40 * 300)]
 
 
+def test_a_rounds_spend_adds_its_early_stopping_evaluations_and_the_run_is_charged_the_build_once():
+    slice_tokens = compute.TokenCount.uniform(100, 30, context=10)  # one evaluation: 260 * 100 + 40 * 30 = 27_200
+    rule = compute.SpendRule(TEACHER, "topk", build_flops=TOPK_BUILD, evaluation_tokens=slice_tokens)
+    first = rule.round_parts(STUDENT, [], TOKENS, evaluations=4)
+    assert first == [816_000, 0, 0, 4 * 27_200]
+    second = rule.round_parts(STUDENT, [STUDENT], TOKENS, evaluations=2)  # the mixture: student and member
+    assert second == [816_000, 272_000, 0, 2 * 2 * 27_200]
+    columns = rule.columns([first, second])
+    assert columns == {"train_flops": TOPK_BUILD + 2 * 816_000 + 272_000 + 8 * 27_200,
+                       "flops_student": 2 * 816_000, "flops_members": 272_000, "flops_teacher": TOPK_BUILD,
+                       "flops_evaluation": 8 * 27_200}
+    online = compute.SpendRule(TEACHER, "online", build_flops=0, evaluation_tokens=slice_tokens)
+    # an online teacher runs on the slice at every evaluation too: 1640 * 100 + 200 * 30
+    assert online.round_parts(STUDENT, [], TOKENS, evaluations=1)[3] == 27_200 + 170_000
+
+
 def test_flop_matched_steps():
-    # A single model matched to the online method run: a step of 100 padded and 30 supervised tokens costs
+    # A single model matched to the online method run: a step of 100 tokens and 30 supervised costs
     # 3 * (260 * 100 + 40 * 30) + (1640 * 100 + 200 * 30) = 81_600 + 170_000.
-    step = compute.round_training_flops(STUDENT, teacher=TEACHER, sequence_tokens=100, supervised_tokens=30,
-                                        context=10).total
+    step = compute.round_training_flops(STUDENT, compute.TokenCount.uniform(100, 30, context=10), teacher=TEACHER).total
     assert step == 251_600
     assert compute.flop_matched_steps(8_364_000, step) == 33  # 33.24 rounded down (the method took 30 steps)
     assert compute.flop_matched_steps(5 * step, step) == 5

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,6 +26,7 @@ import utils
 from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
 from model_io import OutputHeadOnly
+from train import EVALUATION_LOG_COLUMNS
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
@@ -92,10 +94,10 @@ def test_main_runs_end_to_end_from_the_command_line(tiny_teacher_dir, tmp_path):
 
     train_log = pd.read_csv(run_dir / "train_log.csv")
     assert list(train_log.columns) == ["round", "step", "hybrid", "kl", "nll", "learning_rate", "grad_norm",
-                                       "grad_norm_kl", "grad_norm_nll", "epoch", "heldout_ce"]
+                                       "grad_norm_kl", "grad_norm_nll", "epoch", *EVALUATION_LOG_COLUMNS]
     assert list(train_log["round"]) == [0, 0, 0, 1, 1, 1] and list(train_log["step"]) == [1, 2, 3, 1, 2, 3]
-    assert train_log.drop(columns="heldout_ce").notna().all().all()
-    assert train_log["heldout_ce"].isna().all()  # no early stopping: nothing held out is scored
+    assert train_log.drop(columns=EVALUATION_LOG_COLUMNS).notna().all().all()
+    assert train_log[EVALUATION_LOG_COLUMNS].isna().all().all()  # no early stopping: nothing held out is scored
     assert (train_log[["grad_norm_kl", "grad_norm_nll"]] > 0).all().all()
 
     ensemble = ModelEnsemble.from_pretrained(run_dir / "ensemble")
@@ -1028,11 +1030,14 @@ def test_metrics_have_one_numeric_schema_with_calibration_gap_closed_and_diversi
     assert all(pd.api.types.is_numeric_dtype(numeric[c]) for c in numeric)
     trained = metrics["model"].isin(main.TRAINED_ROWS)
     assert not numeric[trained].isna().any().any() and not numeric[~trained].drop(
-        columns=["steps_run", "member_step", "train_flops"]).isna().any().any()
+        columns=["steps_run", "member_step", "train_flops", "flops_student", "flops_members", "flops_teacher",
+                 "flops_evaluation"]).isna().any().any()
     compute = metrics.set_index(["round", "model"])
     ensemble, students = compute.xs("ensemble", level="model"), compute.xs("student", level="model")
     assert (ensemble["parameters"] == students["parameters"].cumsum()).all()  # members add up
-    assert (ensemble["train_flops"] == students["train_flops"].cumsum()).all()  # so does their training
+    assert (ensemble["train_flops"] == students["train_flops"].cumsum()).all()  # so does their training (online)
+    parts = ensemble[["flops_student", "flops_members", "flops_teacher", "flops_evaluation"]]
+    assert (parts.sum(axis=1) == ensemble["train_flops"]).all() and (ensemble["non_embedding_parameters"] > 0).all()
     assert (ensemble["inference_flops_per_token"] == students["inference_flops_per_token"].cumsum()).all()
     assert (ensemble["critical_path_layers"] == 1).all() and (ensemble["member_parameters"] == 22112).all()
     # Round 1 trains through round 0's frozen member: one forward more than round 0 on the same tokens.
@@ -1172,30 +1177,40 @@ def test_a_round_resumed_mid_way_keeps_its_early_stopping_state(tiny_teacher_dir
                                   whole.drop(columns="seconds"))
 
 
-def test_runs_that_differ_only_in_seed_share_the_test_set_and_the_teacher_cache(tiny_teacher_dir, tmp_path):
-    for seed, data_seed in ((0, 0), (1, 0), (0, 1)):
+def test_runs_of_other_seeds_and_data_seeds_share_the_test_set_and_seeds_share_the_teacher_cache(tiny_teacher_dir,
+                                                                                                    tmp_path):
+    """The test split depends on test_seed alone, so runs of other data seeds are scored on the same examples
+    (paired differences); data_seed picks the training sample (and so the teacher cache)."""
+    for seed, data_seed, test_seed in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)):
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--teacher_mode", "topk", "--cache_k", "8",
-                                  "--total_rounds", "1", "--seed", str(seed), "--data_seed", str(data_seed))) == 0
+                                  "--total_rounds", "1", "--seed", str(seed), "--data_seed", str(data_seed),
+                                  "--test_seed", str(test_seed))) == 0
     runs = sorted(run_dirs(tmp_path), key=lambda path: int(path.name[4:]))
-    teacher_rows = [pd.read_csv(run / "metrics.csv").set_index("model").loc["teacher"] for run in runs]
-    assert teacher_rows[0]["ce"] == teacher_rows[1]["ce"] != teacher_rows[2]["ce"]  # the same test set, or not
+    teacher_ce = [pd.read_csv(run / "metrics.csv").set_index("model").loc["teacher", "ce"] for run in runs]
+    assert teacher_ce[0] == teacher_ce[1] == teacher_ce[2] != teacher_ce[3]  # the same test set, or not
     students = [pd.read_csv(run / "metrics.csv").set_index("model").loc["student", "ce"] for run in runs]
     assert students[0] != students[1]  # the seed still changes the initialisation and the order
-    assert len(list((tmp_path / "cache" / "teacher_cache").iterdir())) == 2  # seeds 0 and 1 share one cache
-    assert [json.loads((run / "manifest.json").read_text())["data_seed"] for run in runs] == [0, 0, 1]
+    assert len(list((tmp_path / "cache" / "teacher_cache").iterdir())) == 3  # seeds 0 and 1 share one cache
+    assert [json.loads((run / "manifest.json").read_text())["data_seed"] for run in runs] == [0, 0, 1, 0]
 
 
-@pytest.mark.parametrize("baseline", ["single_matched", "single_large"])
-def test_a_flop_matched_baseline_spends_the_ensembles_training_flops(tiny_teacher_dir, tmp_path, baseline):
+@pytest.mark.parametrize("baseline,teacher_mode", [("single_matched", "online"), ("single_large", "online"),
+                                                   ("single_matched", "topk")])
+def test_a_flop_matched_baseline_spends_the_ensembles_training_flops(tiny_teacher_dir, tmp_path, baseline,
+                                                                     teacher_mode):
     """baseline_budget=flops: the one student takes as many steps as fit the training FLOPs of the ensemble it
-    stands for (which spends more than its steps alone: it runs its frozen members), and no more."""
-    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "ensemble")) == 0
-    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "single", "--baseline", baseline,
+    stands for (which spends more than its steps alone: it runs its frozen members), and no more. With a cached
+    teacher both are charged the whole build, so the single model's steps are what is left after its own build."""
+    mode = ["--teacher_mode", teacher_mode, "--cache_k", "8"]
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "ensemble", *mode)) == 0
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "single", *mode, "--baseline", baseline,
                               "--baseline_budget", "flops")) == 0
     ensemble = final_metrics(tmp_path / "ensemble").xs("ensemble", level="model").iloc[-1]
     single = final_metrics(tmp_path / "single").loc[(0, "ensemble")]
-    per_step = single["train_flops"] / single["steps_run"]
-    assert single["train_flops"] <= ensemble["train_flops"] < single["train_flops"] + per_step * 1.01
+    per_step = (single["train_flops"] - single["flops_teacher"] * (teacher_mode == "topk")) / single["steps_run"]
+    # The cap comes from the mean example's tokens, the spend from the batches' own: they differ by a few %.
+    slack = 0.02 * ensemble["train_flops"]
+    assert single["train_flops"] - slack <= ensemble["train_flops"] < single["train_flops"] + per_step * 1.01 + slack
     if baseline == "single_large":
         assert single["parameters"] > ensemble["parameters"] / 2 and single["steps_run"] < 6  # deeper: fewer
 
@@ -1215,3 +1230,31 @@ def test_members_train_on_disjoint_shards_and_the_manifest_says_which(tiny_teach
     assert sorted(seen[0] + seen[1]) == list(range(32))  # the cache's keys: rows of the whole training split
     manifest = json.loads((only_run_dir(tmp_path) / "manifest.json").read_text())
     assert manifest["member_data"] == {"0": "shard 0 of 2 (order seed 0)", "1": "shard 1 of 2 (order seed 0)"}
+
+
+def test_each_early_stopping_evaluation_records_the_test_ce_and_the_flops_spent_so_far(tiny_teacher_dir, tmp_path):
+    """The learning curve against FLOPs: every evaluation's spend (steps, frozen members, evaluations, the cache
+    build charged once) rises, and the last one of a round is what metrics.csv charges the round's models. An
+    ensemble of 1 inside a 2-round run is charged exactly what a 1-round run is: the whole build, once."""
+    settings = ["--teacher_mode", "topk", "--cache_k", "8", "--eval_steps", "1", "--early_stopping_examples", "4",
+                "--early_stopping_patience", "5", "--lr_scheduler", "wsd", "--warmup_steps", "1"]
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "two", *settings)) == 0
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path / "one", *settings, "--total_rounds", "1")) == 0
+    log = pd.read_csv(only_run_dir(tmp_path / "two") / "train_log.csv")
+    curve = log.dropna(subset=["heldout_ce"])
+    assert list(curve["step"]) == [1, 2, 3, 1, 2, 3] and curve["test_ce"].notna().all()
+    assert curve["train_flops"].is_monotonic_increasing and (curve["flops_evaluation"].diff().dropna() > 0).all()
+    parts = curve[["flops_student", "flops_members", "flops_teacher", "flops_evaluation"]]
+    assert np.allclose(parts.sum(axis=1), curve["train_flops"])
+    assert (curve.loc[curve["round"] == 0, "flops_members"] == 0).all() and curve["flops_members"].iloc[-1] > 0
+    metrics = final_metrics(tmp_path / "two")
+    for round_index in (0, 1):
+        last = curve[curve["round"] == round_index].iloc[-1]
+        assert metrics.loc[(round_index, "ensemble"), "train_flops"] == pytest.approx(last["train_flops"], rel=1e-9)
+        kept = curve[(curve["round"] == round_index)
+                     & (curve["step"] == metrics.loc[(round_index, "ensemble"), "member_step"])]
+        if len(kept):  # the test CE of the weights the round kept (step 0's evaluation is not logged)
+            assert metrics.loc[(round_index, "ensemble"), "ce"] == pytest.approx(kept["test_ce"].iloc[0], rel=1e-5)
+    one = final_metrics(tmp_path / "one")
+    assert one.loc[(0, "ensemble"), "train_flops"] == metrics.loc[(0, "ensemble"), "train_flops"]
+    assert metrics.loc[(0, "ensemble"), "flops_teacher"] == metrics.loc[(1, "ensemble"), "flops_teacher"] > 0

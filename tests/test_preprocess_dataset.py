@@ -417,6 +417,29 @@ def test_split_is_deterministic_by_seed(chats_file, tokenizer):
     assert not {tuple(ids) for ids in first["test"]["input_ids"]} & {tuple(ids) for ids in first["train"]["input_ids"]}
 
 
+def test_a_test_seed_fixes_the_test_split_across_data_seeds_and_sample_sizes(chats_file, tokenizer):
+    """Paired comparisons: runs of other data seeds and transfer-set sizes are scored on the same test examples,
+    while their training samples differ and never hold a test example."""
+    def build(seed, max_examples):
+        return build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=6, seed=seed,
+                             max_examples=max_examples, test_seed=7)[0]
+
+    runs = [build(0, 20), build(1, 20), build(0, 40)]
+    tests = [tuple(map(tuple, run["test"]["input_ids"])) for run in runs]
+    trains = [set(map(tuple, run["train"]["input_ids"])) for run in runs]
+    assert tests[0] == tests[1] == tests[2] and len(tests[0]) == 6
+    assert trains[0] != trains[1] and len(trains[0]) == 14 and len(trains[2]) == 34
+    assert all(not set(tests[0]) & train for train in trains)
+    other_test = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=6, seed=0, max_examples=20,
+                               test_seed=8)[0]
+    assert tuple(map(tuple, other_test["test"]["input_ids"])) != tests[0]
+
+
+def test_a_test_split_that_leaves_nothing_to_train_on_is_refused(chats_file, tokenizer):
+    with pytest.raises(preprocess_dataset.DataError, match="Lower --test_size"):
+        build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=48, seed=0, test_seed=0)
+
+
 def test_test_size_as_a_fraction(chats_file, tokenizer):
     dataset, metadata = build_dataset(chats_file, tokenizer, max_length=LONG_ENOUGH, test_size=0.25, seed=0)
     assert (len(dataset["train"]), len(dataset["test"])) == (36, 12)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import TrainerCallback
 
 from conftest import accelerate_launch, build_tiny_llama
 from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
@@ -37,11 +38,14 @@ def make_trainer(student, teacher, members, tokenizer, dataset, tmp_path, **args
     settings = args.pop("settings", LossSettings(alpha=0.5, temperature=2.0))
     chunk_size = args.pop("chunk_size", 0)
     compile_loss = args.pop("compile_loss", False)
+    args_schedule, args_spend = args.pop("schedule", None), args.pop("spend", None)
+    callbacks = args.pop("callbacks", None)
     config = SFTConfig(**{**dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
                                  remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
                                  max_length=None, bf16=False, activation_checkpointing=False), **args})
     return DistillationTrainer(student, teacher, members, settings, len(tokenizer), config, dataset, tokenizer,
-                               chunk_size=chunk_size, compile_loss=compile_loss)
+                               chunk_size=chunk_size, compile_loss=compile_loss, schedule=args_schedule,
+                               spend=args_spend, callbacks=callbacks)
 
 
 def with_attention_dropout(model, probability: float):
@@ -137,7 +141,8 @@ def test_training_log_rows_reach_the_csv(tokenizer, examples, tmp_path):
     trainer.add_callback(callback)
     trainer.train()
     lines = (tmp_path / "train_log.csv").read_text().strip().splitlines()
-    assert lines[0] == "round,step,hybrid,kl,nll,learning_rate,grad_norm,grad_norm_kl,grad_norm_nll,epoch,heldout_ce"
+    assert lines[0] == ("round,step,hybrid,kl,nll,learning_rate,grad_norm,grad_norm_kl,grad_norm_nll,epoch,heldout_ce,"
+                        "test_ce,train_flops,flops_student,flops_members,flops_teacher,flops_evaluation")
     assert [line.split(",")[1] for line in lines[1:]] == ["2", "4"]
     hybrid, kl, nll = (float(v) for v in lines[1].split(",")[2:5])
     assert hybrid == pytest.approx(0.5 * 4.0 * kl + 0.5 * nll, rel=1e-4)  # alpha 0.5, T = 2
@@ -391,7 +396,7 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience_evaluations_with
 
     scores = iter([5.0, 4.0, 3.95, 3.99, 3.9, 4.5])
     saved = []
-    stopper = EarlyStopping(eval_steps=2, patience=2, min_delta=0.1, score=lambda model: next(scores),
+    stopper = EarlyStopping(eval_steps=2, patience=2, min_delta=0.1, score=lambda model: {"heldout_ce": next(scores)},
                             save_best=lambda model: saved.append(model))
     state, stops = TrainerState(max_steps=100), []
     for step in range(1, 13):
@@ -418,7 +423,7 @@ def test_early_stopping_keeps_the_start_when_no_evaluation_beats_it_and_not_on_r
 
     scores = iter([6.4, 6.45, 6.5, 6.6])
     saved = []
-    stopper = EarlyStopping(eval_steps=2, patience=3, min_delta=0.0, score=lambda model: next(scores),
+    stopper = EarlyStopping(eval_steps=2, patience=3, min_delta=0.0, score=lambda model: {"heldout_ce": next(scores)},
                             save_best=lambda model: saved.append(model))
     state = TrainerState(max_steps=100)
     stopper.on_train_begin(None, state, TrainerControl(), model="weights at 0")
@@ -441,10 +446,110 @@ def test_early_stopping_evaluates_at_the_last_step_too():
     from train import EarlyStopping
 
     evaluated = []
-    stopper = EarlyStopping(eval_steps=4, patience=3, min_delta=0.0, score=lambda model: evaluated.append(model) or 1.0,
+    stopper = EarlyStopping(eval_steps=4, patience=3, min_delta=0.0, score=lambda model: evaluated.append(model) or {"heldout_ce": 1.0},
                             save_best=lambda model: None)
     state = TrainerState(max_steps=6)
     for step in range(1, 7):
         state.global_step = step
         stopper.on_step_end(None, state, TrainerControl(), model=step)
     assert evaluated == [4, 6]
+
+
+# --- the learning-rate schedule and the spend -------------------------------------------------------------------------
+
+class ParameterTrace(TrainerCallback):
+    """The student's flattened parameters and learning rate after every optimizer step."""
+
+    def __init__(self):
+        self.parameters, self.rates = [], []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.parameters.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def test_two_rounds_that_differ_only_in_their_cap_train_identically_until_the_smaller_ones_decay_begins(
+        tokenizer, examples, tmp_path):
+    """Warmup-stable-decay: warmup in steps, then a constant rate; only the decay (the cap's last quarter here)
+    depends on the cap. A cosine schedule laid over the cap would differ from the first step."""
+    from train import WarmupStableDecay
+
+    traces = {}
+    for cap in (8, 16):
+        trace = ParameterTrace()
+        trainer = make_trainer(build_tiny_llama(tokenizer, seed=2), build_tiny_llama(tokenizer, seed=1), [], tokenizer,
+                               examples, tmp_path / str(cap), per_device_train_batch_size=2, max_steps=cap,
+                               learning_rate=1e-2, logging_steps=100, seed=0, data_seed=0,
+                               schedule=WarmupStableDecay(warmup_steps=2, cap=cap, decay_ratio=0.25),
+                               callbacks=[trace])
+        trainer.train()
+        traces[cap] = trace
+    small, large = traces[8], traces[16]
+    assert small.rates[:6] == large.rates[:6] == [5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2]  # the small cap decays from 6
+    for step in range(6):  # steps 1..6, before the 8-step round's decay changes its rate
+        assert torch.equal(small.parameters[step], large.parameters[step]), f"step {step + 1}"
+    assert small.rates[6] < large.rates[6] and not torch.equal(small.parameters[7], large.parameters[7])
+    assert small.rates[-1] == 0.0  # 1 - sqrt decay to zero at the cap
+
+
+def test_a_plateau_begins_the_decay_and_the_round_stops_when_it_ends_keeping_the_best():
+    from transformers import TrainerControl, TrainerState
+
+    from train import EarlyStopping, WarmupStableDecay
+
+    schedule = WarmupStableDecay(warmup_steps=0, cap=1000, decay_ratio=0.25)
+    scores = iter([5.0, 4.0, 4.0, 4.0, 3.5, 3.6, 3.4])
+    stopper = EarlyStopping(eval_steps=4, patience=2, min_delta=0.01, score=lambda model: {"heldout_ce": next(scores)},
+                            save_best=lambda model: None, schedule=schedule)
+    state, evaluated_at, stopped_at = TrainerState(max_steps=1000), [], None
+    for step in range(1, 40):
+        state.global_step = step
+        before = stopper.latest
+        control = stopper.on_step_end(None, state, TrainerControl(), model=step)
+        if stopper.latest is not before:
+            evaluated_at.append(step)
+        if control.should_training_stop:
+            stopped_at = step
+            break
+    # no improvement at 12 and 16: the plateau at 16 begins a decay of 16 / 4 = 4 steps, to step 20, evaluated there
+    assert (schedule.plateau_step, schedule.decay_start, schedule.decay_end) == (16, 16, 20)
+    assert evaluated_at == [4, 8, 12, 16, 20] and stopped_at == 20 and stopper.stop_reason == "plateau"
+    assert stopper.best_score == 3.5 and stopper.best_step == 20
+    assert schedule(15) == 1.0 and schedule(16) == 1.0 and schedule(20) == 0.0 and 0 < schedule(18) < 1
+    assert not schedule.begin_decay(30)  # a decay that has begun is not begun again
+
+
+def test_a_begun_decay_survives_the_schedulers_checkpoint():
+    """LambdaLR saves a callable object's attributes: a resumed round goes on with the decay its plateau began."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from train import WarmupStableDecay
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = WarmupStableDecay(warmup_steps=2, cap=100, decay_ratio=0.5)
+    scheduler = LambdaLR(optimizer, schedule)
+    schedule.begin_decay(10)
+    resumed_schedule = WarmupStableDecay(warmup_steps=2, cap=100, decay_ratio=0.5)
+    LambdaLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), resumed_schedule).load_state_dict(
+        scheduler.state_dict())
+    assert (resumed_schedule.decay_start, resumed_schedule.decay_end, resumed_schedule.plateau_step) == (10, 15, 10)
+
+
+def test_the_spend_meter_counts_every_trained_batchs_tokens_without_padding(tokenizer, examples, tmp_path):
+    from compute import TokenCount
+    from train import SpendMeter
+
+    meter = SpendMeter()
+    trainer = make_trainer(build_tiny_llama(tokenizer, seed=2), build_tiny_llama(tokenizer, seed=1), [], tokenizer,
+                           examples, tmp_path, per_device_train_batch_size=2, max_steps=3, logging_steps=100,
+                           spend=meter, callbacks=[meter])
+    batches = []
+    original = trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, **kwargs: batches.append(inputs) or original(model, inputs, **kwargs)
+    trainer.train()
+    expected = TokenCount()
+    for inputs in batches:
+        lengths = inputs["attention_mask"].sum(dim=1)
+        expected = expected + TokenCount(int(lengths.sum()), int((inputs["labels"][:, 1:] != -100).sum()),
+                                         int((lengths ** 2).sum()))
+    assert len(batches) == 3 and meter.tokens == expected  # synced at the last step
