@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -34,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -52,15 +54,21 @@ KINDS = ("ensemble", "single")
 # The x axes a law is fitted against: metrics.csv column -> label. All but ensemble_size are columns that main.py
 # may or may not write yet; a missing one skips its fits with a note.
 X_AXES = {"ensemble_size": "ensemble size (members)", "parameters": "parameters",
-          "train_flops": "training FLOPs", "critical_path_layers": "critical-path depth (layers)"}
-COMPARED_X = ("parameters", "train_flops", "critical_path_layers")  # where ensemble and single model are matched
+          "non_embedding_parameters": "non-embedding parameters", "train_flops": "training FLOPs (all spent)",
+          "critical_path_layers": "critical-path depth (layers)"}
+# The axes an ensemble is compared with a single model on (the spec's `compare`, default all).
+COMPARED_X = ("parameters", "non_embedding_parameters", "train_flops", "critical_path_layers")
 EQUAL_X_RTOL = 0.01  # x values this close (relative) are the same grid point
 ALPHA_BOUNDS = (1e-4, 10.0)
 ALPHA_GRID = np.geomspace(*ALPHA_BOUNDS, 400)
 INTERVAL = (2.5, 97.5)  # percentiles of the bootstrap: a 95% interval
-STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families"}
-FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by"}
-SET_BY_STUDY = {"seed", "output_root"}  # each run's seed comes from `seeds`, its output_root from its name
+STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data"}
+FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match"}
+# Each run's seed (and data_seed, unless vary_data is false) comes from `seeds`, its output_root from its name.
+SET_BY_STUDY = {"seed", "data_seed", "output_root"}
+MATCH_AXES = ("parameters", "non_embedding_parameters")  # what a single family's `match` can equal
+MATCH_RTOL = 0.10  # a matched single model further than this from its target is refused
+RANDOM_DEPTHS = range(1, 65)  # the layers a random student matched to an ensemble may have
 NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -84,36 +92,62 @@ class Point:
     series: str  # the curve it belongs to: the family, split by its split_by keys
     label: str  # the point on its curve (single kind): its grid values other than split_by, or the family name
     preset: str
-    settings: dict  # every stated setting (study, family, grid), seed excluded
+    settings: dict  # every stated setting (study, family, grid, the tuned learning rate), seed excluded
     seed: int
     output_root: Path
     config: config_lib.Config  # what main.py resolves the run's command line to
+    data_seed: int | None = None  # set per run when the study's seeds vary the data (vary_data)
+    grid_point: str = ""  # the family's grid values, without the learning rate: what a rate is tuned for
+    tuning: bool = False  # a learning-rate tuning run that is not its grid point's chosen run (not collected)
 
     @property
     def expected_rounds(self) -> int:
         return self.config.rounds_to_run()
 
+    def per_run(self) -> dict:
+        """The settings the study gives each run: its seed, and its data_seed when the seeds vary the data."""
+        return {"seed": self.seed, **({} if self.data_seed is None else {"data_seed": self.data_seed})}
+
     def run_args(self) -> list[str]:
         """main.py's arguments for a new run of this point."""
         args = ["--preset", self.preset, "--output_root", str(self.output_root)]
-        for key, value in self.settings.items():
+        for key, value in {**self.settings, **self.per_run()}.items():
             args += [f"--{key}", cli_value(value)]
-        return args + ["--seed", str(self.seed)]
+        return args
 
     def run_yaml(self) -> dict:
         """This point's settings as a main.py --config file (the preset is given on the command line)."""
-        return {**self.settings, "seed": self.seed, "output_root": str(self.output_root)}
+        return {**self.settings, **self.per_run(), "output_root": str(self.output_root)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Study:
     name: str
     folder: Path
-    points: list[Point]
+    points: list[Point]  # every run to make now: tuning runs, and the later seeds' runs once tuning is finished
+    compare: tuple[str, ...] = COMPARED_X  # the axes the ensembles are compared with the single models on
+    waiting: tuple[str, ...] = ()  # per family whose later seeds wait for its tuning: a line saying so
+    tuning: tuple[dict, ...] = ()  # tuning.csv's rows: family, point, rate, heldout_ce, chosen
 
     @property
     def families(self) -> list[str]:
         return list(dict.fromkeys(p.family for p in self.points))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family of the spec, checked: the grid points (combos) its runs are made of."""
+
+    name: str
+    kind: str
+    preset: str
+    settings: dict  # the study's settings, then the family's
+    combos: list[dict]
+    seeds: list[int]
+    split_by: list[str]
+    rates: list[float]  # learning_rates to tune over (on the first seed); empty: no tuning
+    match: dict | None
+    label_note: str = ""  # what a match set, for the points' labels
 
 
 def cli_value(value) -> str:
@@ -149,20 +183,31 @@ def _seeds(value, what: str) -> list[int]:
     return values
 
 
-def _check_keys(keys, what: str) -> None:
+def _check_keys(keys, what: str, reserved: set[str]) -> None:
     try:
         config_lib.check_keys(dict.fromkeys(keys), what)
     except config_lib.ConfigError as error:
         raise StudyError(str(error)) from error
-    reserved = sorted(SET_BY_STUDY & set(keys))
-    if reserved:
-        raise StudyError(f"{what} sets {', '.join(reserved)}: the study sets these per run (seeds come from "
-                         f"`seeds`, output_root is STUDY/runs/NAME)")
+    found = sorted(reserved & set(keys))
+    if found:
+        raise StudyError(f"{what} sets {', '.join(found)}: the study sets these per run (seed, and data_seed "
+                         f"unless the spec says vary_data: false, come from `seeds`; output_root is "
+                         f"STUDY/runs/NAME)")
+
+
+def _compare(value) -> tuple[str, ...]:
+    axes = list(COMPARED_X) if value is None else value if isinstance(value, list) else [value]
+    unknown = [axis for axis in axes if axis not in COMPARED_X]
+    if unknown:
+        raise StudyError(f"compare: unknown axis {', '.join(map(repr, unknown))}; the axes are "
+                         f"{', '.join(COMPARED_X)}")
+    return tuple(axes)
 
 
 def load_spec(path) -> Study:
     """Read and check a study spec; every grid point's config is built (config.build_config) so a bad key or value
-    fails here, before anything runs."""
+    fails here, before anything runs. Runs of later seeds that wait for learning-rate tuning are built once the
+    tuning runs are finished (each tuning rate's config is built and checked now)."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study spec {str(path)!r} does not exist")
@@ -176,25 +221,33 @@ def load_spec(path) -> Study:
     if not NAME.fullmatch(name):
         raise StudyError(f"the spec's name {name!r} must be letters, digits and _.+- only")
     folder = Path(spec.get("output") or Path("studies") / name).resolve()
+    vary_data = spec.get("vary_data", True)
+    if not isinstance(vary_data, bool):
+        raise StudyError(f"vary_data must be true or false, not {vary_data!r}")
+    reserved = SET_BY_STUDY if vary_data else SET_BY_STUDY - {"data_seed"}
     base = _mapping(spec.get("settings"), "settings")
-    _check_keys(base, f"{path}: settings")
+    _check_keys(base, f"{path}: settings", reserved)
+    compare = _compare(spec.get("compare"))
     seeds = _seeds(spec.get("seeds", [0]), "seeds")
-    families = spec.get("families")
-    if not isinstance(families, list) or not families:
+    if not isinstance(spec.get("families"), list) or not spec["families"]:
         raise StudyError(f"{path}: `families` must be a non-empty list")
-    points = []
+    families = [parse_family(f, spec.get("preset", config_lib.DEFAULT_PRESET), base, seeds, reserved)
+                for f in spec["families"]]
+    check_families(families, compare)
+    families = [match_family(f, families) if f.match else f for f in families]
+    points, waiting, tuning = [], [], []
     for family in families:
-        points += family_points(family, spec.get("preset", config_lib.DEFAULT_PRESET), base, seeds, folder)
-    names = [p.name for p in points]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise StudyError(f"run names repeat: {repeated} (two families with one name, or grid values that read the "
-                         f"same in a folder name)")
-    return Study(name=name, folder=folder, points=points)
+        made, wait, rows = family_points(family, folder, vary_data)
+        points += made
+        waiting += [wait] if wait else []
+        tuning += rows
+    check_points(points)
+    return Study(name=name, folder=folder, points=points, compare=compare, waiting=tuple(waiting),
+                 tuning=tuple(tuning))
 
 
-def family_points(family: dict, preset: str, base: dict, seeds: list[int], folder: Path) -> list[Point]:
-    """The grid points of one family: the cartesian product of its grid's lists, crossed with its seeds."""
+def parse_family(family: dict, preset: str, base: dict, seeds: list[int], reserved: set[str]) -> Family:
+    """A family of the spec, its keys and values checked (the configs are built by family_points)."""
     family = _mapping(family, "a family")
     unknown = sorted(set(family) - FAMILY_KEYS)
     if unknown:
@@ -207,11 +260,9 @@ def family_points(family: dict, preset: str, base: dict, seeds: list[int], folde
     settings = _mapping(family.get("settings"), f"{what}: settings")
     grid = {key: values if isinstance(values, list) else [values]
             for key, values in _mapping(family.get("grid"), f"{what}: grid").items()}
-    _check_keys([*settings, *grid], what)
+    _check_keys([*settings, *grid], what, reserved)
     if any(not values for values in grid.values()):
         raise StudyError(f"{what}: every grid key needs at least one value")
-    preset = family.get("preset", preset)
-    seeds = _seeds(family["seeds"], f"{what}: seeds") if "seeds" in family else seeds
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     baselines = {str({**base, **settings, **combo}.get("baseline", "none")) for combo in combos}
     kind = family.get("kind") or ("single" if baselines <= set(config_lib.SINGLE_MODEL_BASELINES) else "ensemble")
@@ -221,25 +272,235 @@ def family_points(family: dict, preset: str, base: dict, seeds: list[int], folde
     split_by = family.get("split_by", default_split)
     if not isinstance(split_by, list) or set(split_by) - set(grid):
         raise StudyError(f"{what}: split_by must list grid keys, not {split_by!r}")
-    points = []
-    for combo in combos:
-        stated = {**base, **settings, **combo}
-        split = [f"{key}={cli_value(combo[key])}" for key in split_by]
-        rest = [f"{key}={cli_value(value)}" for key, value in combo.items() if key not in split_by]
-        for seed in seeds:
-            run_name = "__".join([name, *(f"{key}-{name_part(value)}" for key, value in combo.items()),
-                                  f"seed-{seed}"])
-            try:
-                config = config_lib.build_config(preset, overrides={k: cli_value(v) for k, v in
-                                                                    {**stated, "seed": seed}.items()})
-            except config_lib.ConfigError as error:
-                raise StudyError(f"run {run_name}: {error}") from error
-            points.append(Point(
-                name=run_name, family=name, kind=kind,
-                series=f"{name} ({', '.join(split)})" if split else name,
-                label=", ".join(rest) if kind == "single" and rest else name, preset=preset, settings=stated,
-                seed=seed, output_root=folder / "runs" / run_name, config=config))
-    return points
+    rates = family.get("learning_rates") or []
+    if not isinstance(rates, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                              for r in rates):
+        raise StudyError(f"{what}: learning_rates must be a list of numbers, not {rates!r}")
+    return Family(name=name, kind=kind, preset=family.get("preset", preset), settings={**base, **settings},
+                  combos=combos, seeds=_seeds(family["seeds"], f"{what}: seeds") if "seeds" in family else seeds,
+                  split_by=split_by, rates=[float(r) for r in rates], match=parse_match(family.get("match"), what,
+                                                                                       kind))
+
+
+def check_families(families: list[Family], compare: tuple[str, ...]) -> None:
+    """What a comparison needs of the families together: a single-model family for the ensembles to be compared
+    with (unless the spec compares nothing: `compare: []`), and learning rates tuned on both sides alike (as many
+    rates for every family), or on none."""
+    kinds = {f.kind for f in families}
+    if compare and "ensemble" in kinds and "single" not in kinds:
+        raise StudyError("nothing to compare the ensemble against: add a family of kind single (or say "
+                         "`compare: []` for a study that compares nothing)")
+    tuned = {f.name: len(f.rates) for f in families}
+    untuned = [name for name, count in tuned.items() if count == 0]
+    if len(untuned) < len(tuned) and untuned:
+        raise StudyError(f"a learning-rate grid on one side only: family {', '.join(untuned)} has no "
+                         f"learning_rates; tune every family over as many rates, or none")
+    if len(set(tuned.values())) > 1:
+        raise StudyError(f"a learning-rate grid on one side only: the families tune over different numbers of "
+                         f"rates ({', '.join(f'{name}: {count}' for name, count in tuned.items())}); give every "
+                         f"family as many")
+
+
+def check_points(points: list[Point]) -> None:
+    """Run names are unique, and every run shares one test set (config test_seed), or the paired comparison would
+    compare CE on different texts."""
+    names = [p.name for p in points]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise StudyError(f"run names repeat: {repeated} (two families with one name, or grid values that read the "
+                         f"same in a folder name)")
+    test_seeds = {}
+    for point in points:
+        test_seeds.setdefault(getattr(point.config, "test_seed", None), []).append(point.family)
+    if len(test_seeds) > 1:
+        which = "; ".join(f"test_seed {seed}: {', '.join(dict.fromkeys(names))}" for seed, names in
+                          test_seeds.items())
+        raise StudyError(f"the families set different test_seed values ({which}): a comparison must share its "
+                         f"test set")
+
+
+def make_point(family: Family, combo: dict, seed: int, folder: Path, vary_data: bool,
+               rate: float | None = None, tuning: bool = False) -> Point:
+    """The run of `family` at grid point `combo` and `seed` (at learning rate `rate` when the family tunes one)."""
+    stated = {**family.settings, **combo, **({} if rate is None else {"learning_rate": rate})}
+    data_seed = seed if vary_data else None
+    run_name = "__".join([family.name, *(f"{key}-{name_part(value)}" for key, value in combo.items()),
+                          *([] if rate is None else [f"lr-{name_part(rate)}"]), f"seed-{seed}"])
+    per_run = {"seed": seed, **({} if data_seed is None else {"data_seed": data_seed})}
+    try:
+        config = config_lib.build_config(family.preset, overrides={k: cli_value(v) for k, v in
+                                                                   {**stated, **per_run}.items()})
+    except config_lib.ConfigError as error:
+        raise StudyError(f"run {run_name}: {error}") from error
+    if rate is not None and config.eval_steps <= 0:
+        raise StudyError(f"family {family.name!r} tunes its learning rate, which is chosen on the early-stopping "
+                         f"slice: its runs need eval_steps > 0 (run {run_name} has {config.eval_steps})")
+    split = [f"{key}={cli_value(combo[key])}" for key in family.split_by]
+    rest = ", ".join(f"{key}={cli_value(value)}" for key, value in combo.items() if key not in family.split_by)
+    label = (rest or family.name) if family.kind == "single" else family.name
+    return Point(name=run_name, family=family.name, kind=family.kind,
+                 series=f"{family.name} ({', '.join(split)})" if split else family.name,
+                 label=f"{label} {family.label_note}".strip(), preset=family.preset, settings=stated, seed=seed,
+                 output_root=folder / "runs" / run_name, config=config, data_seed=data_seed,
+                 grid_point=", ".join(f"{k}={cli_value(v)}" for k, v in combo.items()) or family.name,
+                 tuning=tuning)
+
+
+def family_points(family: Family, folder: Path, vary_data: bool) -> tuple[list[Point], str, list[dict]]:
+    """(the runs to make now, a line when its later seeds wait for tuning, tuning.csv's rows). Without tuning:
+    the cartesian product of its grid's lists, crossed with its seeds. With learning_rates: every grid point at
+    every rate on the first seed; once those are finished, the later seeds at each grid point's chosen rate (the
+    first seed's run at that rate is its run)."""
+    if not family.rates:
+        return [make_point(family, combo, seed, folder, vary_data) for combo in family.combos
+                for seed in family.seeds], "", []
+    first, later = family.seeds[0], family.seeds[1:]
+    points, rows = [], []
+    for combo in family.combos:
+        runs = [make_point(family, combo, first, folder, vary_data, rate, tuning=True) for rate in family.rates]
+        rows.append(tuning_rows(family, runs))
+        points += runs
+    finished = sum(1 for rows_of in rows for row in rows_of if math.isfinite(row["heldout_ce"]))
+    if finished < len(points):
+        wait = (f"family {family.name}: seeds {', '.join(map(str, later))} wait for tuning ({finished} of "
+                f"{len(points)} tuning runs finished)") if later else ""
+        return points, wait, [row for rows_of in rows for row in rows_of]
+    chosen_points = []
+    for combo, rows_of in zip(family.combos, rows):
+        rate = next(row["rate"] for row in rows_of if row["chosen"])
+        chosen_points += [make_point(family, combo, seed, folder, vary_data, rate) for seed in [first, *later]]
+    kept = {p.name for p in chosen_points}
+    return [p for p in points if p.name not in kept] + chosen_points, "", [r for rs in rows for r in rs]
+
+
+def tuning_rows(family: Family, runs: list[Point]) -> list[dict]:
+    """One grid point's tuning runs (one per rate): each finished run's final early-stopping CE, and which rate is
+    chosen (the lowest such CE; none until every rate's run is finished)."""
+    ces = []
+    for run in runs:
+        status = point_status(run)
+        ces.append(final_heldout_ce(status.run_dir) if status.state == "finished" else math.nan)
+    done = all(math.isfinite(ce) for ce in ces)
+    best = int(np.argmin(ces)) if done else -1
+    return [dict(family=family.name, point=run.grid_point, rate=run.settings["learning_rate"], heldout_ce=ce,
+                 chosen=i == best, run=run.name) for i, (run, ce) in enumerate(zip(runs, ces))]
+
+
+def final_heldout_ce(run_dir: Path) -> float:
+    """A run's final early-stopping CE: the best held-out CE of its last round's evaluations (train_log.csv). The
+    choice of a learning rate rests on it, never on the test CE."""
+    log = plot.readable_train_log(run_dir / "train_log.csv")
+    if log is None or "heldout_ce" not in log.columns or log["heldout_ce"].notna().sum() == 0:
+        raise StudyError(f"{run_dir} has no early-stopping evaluations (heldout_ce in train_log.csv) to choose a "
+                         f"learning rate by")
+    evals = log.dropna(subset=["heldout_ce"])
+    return float(evals.loc[evals["round"] == evals["round"].max(), "heldout_ce"].min())
+
+
+# --- a single model matched to an ensemble's size -------------------------------------------------------------------
+
+def parse_match(value, what: str, kind: str) -> dict | None:
+    """A single family's `match: {axis, family, size}`, checked (the sizes are resolved by match_family)."""
+    if value is None:
+        return None
+    match = _mapping(value, f"{what}: match")
+    if kind != "single":
+        raise StudyError(f"{what}: match sets a single model's size; this family is of kind {kind}")
+    size = match.get("size")
+    if (set(match) - {"axis", "family", "size"} or match.get("axis") not in MATCH_AXES or not match.get("family")
+            or not (size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1))):
+        raise StudyError(f"{what}: match needs axis ({' or '.join(MATCH_AXES)}), family (an ensemble family) and "
+                         f"optionally size (its ensemble size, >= 1), not {match!r}")
+    return match
+
+
+def match_family(family: Family, families: list[Family]) -> Family:
+    """`family` with the size setting whose single model's axis value (parameters or non-embedding parameters) is
+    the closest to the named ensemble family's at its size: refused when none is within MATCH_RTOL."""
+    match, what = family.match, f"family {family.name!r}"
+    ensemble = next((f for f in families if f.name == match["family"] and f.kind == "ensemble"), None)
+    if ensemble is None:
+        raise StudyError(f"{what}: match names {match['family']!r}, which is no ensemble family of this spec")
+    configs = [family_config(ensemble, combo) for combo in ensemble.combos]
+    size = match.get("size") or configs[0].total_rounds
+    targets = sorted({ensemble_size_value(config, match["axis"], size) for config in configs})
+    if len(targets) > 1:
+        raise StudyError(f"{what}: the grid points of {ensemble.name!r} have different {match['axis']} ({targets}) "
+                         f"at {size} members: match one family of one size")
+    target = targets[0]
+    candidates = size_candidates(family_config(family, family.combos[0]), match["axis"])
+    setting, value = min(candidates, key=lambda candidate: abs(candidate[1] - target))
+    if abs(value - target) > MATCH_RTOL * target:
+        raise StudyError(f"{what}: no size of this family reaches {match['axis']} {target:,} (family "
+                         f"{ensemble.name!r} at {size} members) within {MATCH_RTOL:.0%}; the nearest is {value:,} "
+                         f"({', '.join(f'{k}={cli_value(v)}' for k, v in setting.items())})")
+    note = f"(matched {match['axis']} {value:,} to {ensemble.name} x{size}: {target:,})"
+    return dataclasses.replace(family, settings={**family.settings, **setting}, label_note=note)
+
+
+def family_config(family: Family, combo: dict) -> config_lib.Config:
+    try:
+        return config_lib.build_config(family.preset, overrides={k: cli_value(v) for k, v in
+                                                                 {**family.settings, **combo}.items()})
+    except config_lib.ConfigError as error:
+        raise StudyError(f"family {family.name!r}: {error}") from error
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_parts(teacher: str, cache_dir: str, trust_remote_code: bool):
+    """(the teacher's model config as an object with a `config`, its tokenizer): what a student's shape depends
+    on. Only a spec with `match` needs them, so transformers is imported here."""
+    import embedded
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = embedded.resolve_teacher(teacher, cache_dir)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return types.SimpleNamespace(config=model_config), tokenizer
+
+
+def student_shape(config: config_lib.Config, round_index: int):
+    """A round's student's compute.ModelShape, from its model config on the meta device (no weight allocated)."""
+    import compute
+    import utils
+
+    teacher, tokenizer = teacher_parts(config.teacher, str(config.cache_dir), config.trust_remote_code)
+    model_config = utils.student_model_config(config, teacher, tokenizer, round_index)
+    return model_config, compute.model_shape(model_config, config.trust_remote_code)
+
+
+def ensemble_size_value(config: config_lib.Config, axis: str, size: int) -> int:
+    """An ensemble of `size` members' parameters (or non-embedding parameters): its rounds' students summed; with
+    combine additive every member after the first gets its own output head (utils.start_at_zero unties a tied
+    one), which counts as embedding parameters."""
+    total = 0
+    for round_index in range(size):
+        model_config, shape = student_shape(config, round_index)
+        total += getattr(shape, axis)
+        untied = round_index > 0 and config.combine == "additive" and getattr(model_config, "tie_word_embeddings",
+                                                                              False)
+        total += shape.head_parameters if untied and axis == "parameters" else 0
+    return total
+
+
+def size_candidates(config: config_lib.Config, axis: str) -> list[tuple[dict, int]]:
+    """(size setting, axis value) for every size a single model of `config`'s family can take: teacher_layers
+    students copy 1 to all of the teacher's layers (spread from first to last), random students have 1 to 64
+    layers."""
+    import utils
+
+    if config.student_init == "teacher_layers":
+        teacher, _ = teacher_parts(config.teacher, str(config.cache_dir), config.trust_remote_code)
+        layers = teacher.config.num_hidden_layers
+        settings = [{"teacher_layers": utils.spread_layer_indices(n, layers), "teacher_layers_shift": 0}
+                    for n in range(1, layers + 1)]
+    elif config.student_init == "random":
+        settings = [{"student_num_layers": n} for n in RANDOM_DEPTHS]
+    else:
+        raise StudyError(f"match sizes students of student_init teacher_layers or random, not "
+                         f"{config.student_init!r}")
+    return [(setting, getattr(student_shape(dataclasses.replace(config, **setting), 0)[1], axis))
+            for setting in settings]
 
 
 # --- the state of a grid point --------------------------------------------------------------------------------------
@@ -355,8 +616,9 @@ def dry_run_lines(study: Study) -> list[str]:
     width = max(len(p.name) for p in study.points)
     for point, status in zip(study.points, statuses):
         where = status.run_dir or point.output_root
-        lines.append(f"  {status.state:<10} {point.name:<{width}}  {point.kind:<8} {where}")
-    return lines
+        lines.append(f"  {status.state:<10} {point.name:<{width}}  {'tuning' if point.tuning else point.kind:<8} "
+                     f"{where}")
+    return lines + [f"  {line}" for line in study.waiting]
 
 
 def sbatch_lines(study: Study) -> list[str]:
@@ -367,7 +629,8 @@ def sbatch_lines(study: Study) -> list[str]:
     new = [p for p, s in pending if s.state == "missing"]
     resumed = [(p, s) for p, s in pending if s.state == "unfinished"]
     lines = [f"# study {study.name}: {len(new)} to start, {len(resumed)} to resume, "
-             f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:", "mkdir -p logs"]
+             f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:",
+             *(f"# {line}: print the lines again when they are" for line in study.waiting), "mkdir -p logs"]
     slurm = study.folder / "slurm"
     for preset in dict.fromkeys(p.preset for p in new):
         files = []
@@ -399,7 +662,7 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     stated settings as columns; and every grid point's status."""
     frames, runs = [], []
     setting_keys = list(dict.fromkeys(k for p in study.points for k in ["preset", *p.settings]))
-    for point in study.points:
+    for point in (p for p in study.points if not p.tuning):  # a rate not chosen is in tuning.csv only
         status = point_status(point)
         runs.append(dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
                          seed=point.seed, status=status.state, run_dir=str(status.run_dir or "")))
@@ -846,7 +1109,12 @@ def main(argv=None) -> int:
         if args.print_sbatch:
             print("\n".join(sbatch_lines(study)))
             return 0
-        failed = [] if args.collect else run_study(study)
+        failed = []
+        while not args.collect and not failed:
+            failed = run_study(study)
+            before, study = study.waiting, load_spec(args.spec)  # finished tuning runs give the later seeds' runs
+            if study.waiting == before:
+                break
         for path in collect(study, args.bootstrap):
             print(path)
     except StudyError as error:

@@ -64,7 +64,10 @@ def test_bounds_hold_and_few_points_are_underdetermined():
 # --- the spec and the grid ------------------------------------------------------------------------------------------
 
 def write_spec(path, families, **top):
+    """A spec of `families`; one without a single-model family compares nothing (compare: [])."""
     spec = dict(name="scaling", output=str(path.parent / "study"), preset="test", seeds=[0, 1], families=families)
+    if not any(f.get("kind") == "single" or "baseline" in f.get("settings", {}) for f in families):
+        spec["compare"] = []
     spec.update(top)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -86,7 +89,8 @@ def test_spec_grid_names_series_and_run_arguments(tmp_path):
     assert first.kind == "ensemble" and first.expected_rounds == 4
     assert first.output_root == loaded.folder / "runs" / first.name
     assert first.run_args() == ["--preset", "test", "--output_root", str(first.output_root), "--alpha", "0.7",
-                                "--total_rounds", "4", "--combine", "logits", "--seed", "0"]
+                                "--total_rounds", "4", "--combine", "logits", "--seed", "0", "--data_seed", "0"]
+    assert loaded.points[1].config.data_seed == 1  # the seeds vary the data
     single = [p for p in loaded.points if p.family == "single"]
     assert {p.series for p in single} == {"single"} and single[2].label == "student_num_layers=3"
     assert single[0].kind == "single" and single[0].expected_rounds == 1
@@ -423,12 +427,12 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
     assert len(list(loaded.folder.glob("runs/*/*/run_*"))) == 3  # and starts no new run folder
 
 
-def test_the_shipped_cpu_study_is_a_valid_spec_whose_runs_share_their_data_and_teacher_cache():
+def test_the_shipped_cpu_study_is_a_valid_spec_whose_seeds_vary_the_data():
     spec = study.load_spec(Path(__file__).resolve().parents[1] / "studies" / "cpu.yaml")
     configs = [point.config for point in spec.points]
     assert {point.seed for point in spec.points} == {0, 1, 2}
-    assert {(c.data_seed, c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {
-        (0, "topk", 360, 64, 64)}  # one test set, one teacher cache for every run
+    assert all(c.data_seed == c.seed for c in configs)  # each seed its own training sample
+    assert {(c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {("topk", 360, 64, 64)}
     method = [c for c in configs if c.baseline == "none" and c.total_rounds > 1]
     assert {c.combine for c in method} == {"additive"} and {c.total_rounds for c in method} == {4}
     wide = [c for c in configs if c.baseline == "none" and c.total_rounds == 1]
