@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
 import config as config_lib
@@ -62,6 +63,15 @@ EQUAL_X_RTOL = 0.01  # x values this close (relative) are the same grid point
 ALPHA_BOUNDS = (1e-4, 10.0)
 ALPHA_GRID = np.geomspace(*ALPHA_BOUNDS, 400)
 INTERVAL = (2.5, 97.5)  # percentiles of the bootstrap: a 95% interval
+MIN_DISTINCT = 4  # distinct x, and distinct mean CE, a 3-parameter law needs to be determined (parameters + 1)
+DISTINCT_CE_ATOL = 1e-4  # mean CEs this close (nats) are one value: a member that stayed at zero repeats its CE
+CONFIDENCE = 0.95  # of the paired t-intervals
+CURVE_COLUMNS = ("train_flops", "heldout_ce", "test_ce")  # a train_log evaluation row's point of the curve
+PAIR_COLUMNS = ["axis", "x_value", "ensemble", "point", "ensemble_size", "single", "seed", "ensemble_ce",
+                "single_ce", "difference", "single_from", "single_flops", "multiplier", "multiplier_bound"]
+VERDICT_COLUMNS = ["axis", "x_value", "ensemble", "point", "ensemble_size", "single", "seeds", "mean_difference",
+                   "low", "high", "wins", "verdict", "ensemble_ce", "single_ce", "single_from", "multiplier_median",
+                   "multiplier_low", "multiplier_high", "multiplier_reached", "multiplier_bound"]
 STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data"}
 FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match"}
 # Each run's seed (and data_seed, unless vary_data is false) comes from `seeds`, its output_root from its name.
@@ -732,10 +742,6 @@ class PowerLaw:
     def __call__(self, x):
         return self.l_inf + self.a * np.power(np.asarray(x, dtype=float), -self.alpha)
 
-    @property
-    def underdetermined(self) -> bool:
-        return self.n_x <= 3
-
 
 def _law(u, l_inf, a, alpha):
     return l_inf + a * np.power(u, -alpha)
@@ -820,17 +826,42 @@ class Fitted:
     note: str
     boot: np.ndarray  # bootstrap l_inf, a, alpha
 
+    @property
+    def determined(self) -> bool:
+        """Fitted with alpha inside its bounds: a law at its bound is a step or a line, not a power law, so it is
+        neither drawn nor read between points."""
+        return self.law is not None and ALPHA_BOUNDS[0] * 1.001 < self.law.alpha < ALPHA_BOUNDS[1] * 0.999
+
     def interval(self, index: int) -> tuple[float, float]:
         if len(self.boot) < 2:
             return math.nan, math.nan
         low, high = np.percentile(self.boot[:, index], INTERVAL)
         return float(low), float(high)
 
-    def predict_std(self, x: float) -> float:
-        """Std of the bootstrap laws' predictions at x (NaN without a bootstrap)."""
-        if len(self.boot) < 2:
-            return math.nan
-        return float(np.std(self.boot[:, 0] + self.boot[:, 1] * x ** -self.boot[:, 2], ddof=1))
+
+def too_few_points(part: pd.DataFrame, x: str) -> str:
+    """Why a curve's points cannot determine the 3-parameter law ("" when they can): it needs MIN_DISTINCT
+    distinct x values and as many distinct mean CEs (means within DISTINCT_CE_ATOL count once, as additive members
+    that stayed at zero repeat the CE before them)."""
+    means = np.sort(part.groupby(x)["ce"].mean().to_numpy(float))
+    distinct_ce = 1 + int((np.diff(means) > DISTINCT_CE_ATOL).sum()) if len(means) else 0
+    if len(means) >= MIN_DISTINCT and distinct_ce >= MIN_DISTINCT:
+        return ""
+    return (f"{len(means)} distinct x and {distinct_ce} distinct mean CE for 3 parameters (a fit needs "
+            f"{MIN_DISTINCT} of each): not fitted")
+
+
+def fit_notes(law: PowerLaw, boot: np.ndarray) -> str:
+    note = []
+    if not ALPHA_BOUNDS[0] * 1.001 < law.alpha < ALPHA_BOUNDS[1] * 0.999:
+        note.append(f"not determined (alpha at its bound {law.alpha:g})")
+    if law.l_inf == 0:
+        note.append("L_inf at its bound 0")
+    if law.a < 0:
+        note.append("A < 0: CE rises with x")
+    if len(boot) < 2:
+        note.append("one seed: no interval")
+    return "; ".join(note)
 
 
 def fit_all(obs: pd.DataFrame, rows_columns, replicates: int) -> tuple[list[Fitted], list[str]]:
@@ -845,26 +876,14 @@ def fit_all(obs: pd.DataFrame, rows_columns, replicates: int) -> tuple[list[Fitt
             if x == "ensemble_size" and (part["kind"] == "single").all():
                 continue  # a single model has size 1
             part = part.dropna(subset=[x, "ce"])
-            try:
-                law = fit_power_law(part[x], part["ce"])
-            except FitError as error:
-                fits.append(Fitted(series, x, None, str(error), np.empty((0, 3))))
-                notes.append(f"{series}, x = {x}: {error}")
+            reason = too_few_points(part, x)
+            if reason:
+                fits.append(Fitted(series, x, None, reason, np.empty((0, 3))))
+                notes.append(f"{series}, x = {x}: {reason}")
                 continue
+            law = fit_power_law(part[x], part["ce"])
             boot = bootstrap_laws(part, x, replicates)
-            note = []
-            if law.underdetermined:
-                note.append(f"underdetermined: {law.n_x} distinct x for 3 parameters, the curve passes through "
-                            f"the means")
-            if not ALPHA_BOUNDS[0] * 1.001 < law.alpha < ALPHA_BOUNDS[1] * 0.999:
-                note.append(f"alpha at its bound {law.alpha:g}")
-            if law.l_inf == 0:
-                note.append("L_inf at its bound 0")
-            if law.a < 0:
-                note.append("A < 0: CE rises with x")
-            if len(boot) < 2:
-                note.append("one seed: no interval")
-            fits.append(Fitted(series, x, law, "; ".join(note), boot))
+            fits.append(Fitted(series, x, law, fit_notes(law, boot), boot))
     return fits, notes
 
 
@@ -873,73 +892,192 @@ def fits_table(fits: list[Fitted]) -> pd.DataFrame:
     for fit in fits:
         law = fit.law
         row = dict(series=fit.series, x=fit.x, points=law.n if law else 0, distinct_x=law.n_x if law else 0,
-                   fitted=law is not None)
+                   fitted=law is not None, determined=fit.determined)
         for i, name in enumerate(("l_inf", "a", "alpha")):
             low, high = fit.interval(i)
             row.update({name: getattr(law, name) if law else math.nan, f"{name}_low": low, f"{name}_high": high})
         row.update(rss=law.rss if law else math.nan, bootstrap_fits=len(fit.boot), note=fit.note)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["series", "x", "points", "distinct_x", "fitted", "l_inf", "l_inf_low",
-                                       "l_inf_high", "a", "a_low", "a_high", "alpha", "alpha_low", "alpha_high",
-                                       "rss", "bootstrap_fits", "note"])
+    return pd.DataFrame(rows, columns=["series", "x", "points", "distinct_x", "fitted", "determined", "l_inf",
+                                       "l_inf_low", "l_inf_high", "a", "a_low", "a_high", "alpha", "alpha_low",
+                                       "alpha_high", "rss", "bootstrap_fits", "note"])
 
 
-# --- the comparison at matched x ------------------------------------------------------------------------------------
+# --- the comparison: paired over seeds --------------------------------------------------------------------------
 
-def single_at(points: pd.DataFrame, fit: Fitted | None, x: str, value: float) -> tuple[float, float, str] | None:
-    """A single-model series' CE and its std at x = value: the grid point there (the best, when several share that
-    x); else, inside the range of its points, its law (bootstrap std of the prediction) when the law is determined
-    by more points than parameters, else log-linear interpolation between its neighbouring points. None outside its
-    range: a law extrapolated from a few points can say anything (a 3-point fit once predicted 12,000 nats).
-    `points`: the series' rows of point_table."""
+def single_at(points: pd.DataFrame, x: str, value: float) -> tuple[float, str] | None:
+    """One seed's single-model CE at x = value: its grid point there (the best, when several share that x, as the
+    `matched` family's lengths share one size); else, inside its points' range, log-linear interpolation between
+    its neighbouring points. None outside their range: a curve extrapolated from a few points can say anything.
+    `points`: the series' observations of that seed."""
     points = points.dropna(subset=[x]).sort_values(x)
-    if points.empty:
-        return None
     xs = points[x].to_numpy(float)
     equal = np.isclose(xs, value, rtol=EQUAL_X_RTOL, atol=0)
-    if equal.any():  # several grid points at this x (single_matched's lengths at one size): the best of them
-        row = points[equal].sort_values("ce_mean", kind="stable").iloc[0]
+    if equal.any():
+        row = points[equal].sort_values("ce", kind="stable").iloc[0]
         best_of = f", best of {int(equal.sum())} there" if equal.sum() > 1 else ""
-        return float(row["ce_mean"]), float(row["ce_std"]), f"grid point {row['point']}{best_of}"
-    if not xs[0] <= value <= xs[-1]:
+        return float(row["ce"]), f"grid point {row['point']}{best_of}"
+    if len(xs) < 2 or not xs[0] <= value <= xs[-1]:
         return None
-    if fit is not None and fit.law is not None and not fit.law.underdetermined:
-        return float(fit.law(value)), fit.predict_std(value), "fit"
-    if len(xs) >= 2:
-        log_x = np.log(xs)
-        return (float(np.interp(math.log(value), log_x, points["ce_mean"].to_numpy(float))),
-                float(np.interp(math.log(value), log_x, points["ce_std"].to_numpy(float))), "interpolated")
-    return None
+    return float(np.interp(math.log(value), np.log(xs), points["ce"].to_numpy(float))), "interpolated"
 
 
-def comparison_table(points: pd.DataFrame, fits: list[Fitted]) -> pd.DataFrame:
-    """Each ensemble point against each single-model series at the same x (parameters, training FLOPs, depth):
-    ensemble CE minus single CE (negative: the ensemble is better), the std of that difference from the seeds
-    (sqrt of the two variances), and whether |difference| > 2 std."""
-    by_key = {(f.series, f.x): f for f in fits}
-    singles = [s for s in dict.fromkeys(points["series"]) if (points.loc[points["series"] == s, "kind"]
-                                                                 == "single").all()]
-    rows = []
-    for x in (x for x in COMPARED_X if x in points.columns):
-        for ensemble in points[(points["kind"] == "ensemble") & points[x].notna()].itertuples(index=False):
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """A single-model series' learning curve on one seed: its runs' early-stopping evaluations, pooled (each row's
+    train_flops is what its run had spent by then), sorted by train_flops and, at equal spend, held-out CE."""
+
+    evals: pd.DataFrame  # train_flops, heldout_ce, test_ce
+    spent: float  # the most one of its runs spent in all
+    from_metrics: bool  # old runs without the curve's columns: their final point only
+
+    def at(self, budget: float) -> pd.Series | None:
+        """The evaluation chosen within `budget`: the lowest held-out CE among those that had spent at most it
+        (chosen on the early-stopping slice, never on the test CE). None when the first already spent more."""
+        within = self.evals[self.evals["train_flops"] <= budget * (1 + 1e-9)]
+        return None if within.empty else within.loc[within["heldout_ce"].idxmin()]
+
+    def multiplier(self, ce: float, budget: float) -> tuple[float, float]:
+        """(F'/budget for the smallest spend F' whose chosen evaluation's test CE is <= ce, NaN when none is;
+        the curve's whole spend / budget, the bound a censored multiplier exceeds)."""
+        best, test = math.inf, math.inf
+        for row in self.evals.itertuples(index=False):
+            if row.heldout_ce < best:
+                best, test = row.heldout_ce, row.test_ce
+            if test <= ce:
+                return row.train_flops / budget, math.nan
+        return math.nan, self.spent / budget
+
+
+def run_evals(run_dir: str, final: pd.Series) -> tuple[pd.DataFrame, bool]:
+    """A single-model run's early-stopping evaluations (train_flops, heldout_ce, test_ce) from its train_log;
+    a run whose log lacks these columns gives its final metrics row as its one point (True: from metrics)."""
+    log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
+    if log is not None and set(CURVE_COLUMNS) <= set(log.columns):
+        evals = log.dropna(subset=list(CURVE_COLUMNS))[list(CURVE_COLUMNS)]
+        if len(evals):
+            return evals, False
+    return pd.DataFrame({"train_flops": [final["train_flops"]], "heldout_ce": [final["ce"]],
+                         "test_ce": [final["ce"]]}), True
+
+
+def single_curves(rows: pd.DataFrame) -> tuple[dict[tuple[str, int], Curve], list[str]]:
+    """Per single-model series and seed, its Curve; notes on old runs (no curve) and on what was left out."""
+    if rows.empty or "train_flops" not in rows.columns:
+        return {}, []
+    finals = rows[(rows["kind"] == "single") & (rows["model"] == "ensemble")].groupby("run", sort=False).tail(1)
+    curves, notes = {}, []
+    for (series, seed), runs in finals.groupby(["series", "seed"], sort=False):
+        parts = [run_evals(run.run_dir, run) for _, run in runs.iterrows()]
+        from_metrics = any(old for _, old in parts)
+        if from_metrics and len(parts) > 1:  # pooling final points would choose among runs on the test CE
+            notes.append(f"{series}, seed {seed}: {len(parts)} runs without an early-stopping curve (train_log "
+                         f"without train_flops, heldout_ce, test_ce): no train_flops comparison")
+            continue
+        if from_metrics:
+            notes.append(f"{series}, seed {seed}: its train_log has no train_flops, heldout_ce, test_ce (an old "
+                         f"run): its final point stands for its curve")
+        evals = pd.concat([e for e, _ in parts]).sort_values(["train_flops", "heldout_ce"], kind="stable")
+        spent = float(np.nanmax([runs["train_flops"].max(), evals["train_flops"].max()]))
+        curves[(series, int(seed))] = Curve(evals.reset_index(drop=True), spent, from_metrics)
+    return curves, notes
+
+
+def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensemble) -> dict | None:
+    """The single-model series' CE paired with one ensemble observation (same seed), or None where there is none:
+    on train_flops its curve's choice within the ensemble's spend, and the compute multiplier; on the other axes
+    its grid point at the ensemble's x or its interpolation."""
+    if axis == "train_flops":
+        curve = curves.get((single, int(ensemble.seed)))
+        budget = float(ensemble.train_flops)
+        chosen = None if curve is None else curve.at(budget)
+        if chosen is None:
+            return None
+        multiplier, bound = curve.multiplier(float(ensemble.ce), budget)
+        return dict(single_ce=float(chosen["test_ce"]), single_flops=float(chosen["train_flops"]),
+                    single_from="final point (no curve)" if curve.from_metrics else "early-stopping curve",
+                    multiplier=multiplier, multiplier_bound=bound)
+    found = single_at(obs[(obs["series"] == single) & (obs["seed"] == ensemble.seed)], axis,
+                      float(getattr(ensemble, axis)))
+    return None if found is None else dict(single_ce=found[0], single_flops=math.nan, single_from=found[1],
+                                           multiplier=math.nan, multiplier_bound=math.nan)
+
+
+def pairs_table(obs: pd.DataFrame, curves: dict, axes) -> tuple[pd.DataFrame, list[str]]:
+    """comparison.csv: per axis, ensemble point, single-model series and seed, the ensemble's CE and the single
+    model's from the run of the same seed, and their difference (negative: the ensemble is better). Notes on the
+    seeds left out because the single model's first evaluation had already spent more than the ensemble."""
+    singles = [s for s in dict.fromkeys(obs["series"]) if (obs.loc[obs["series"] == s, "kind"] == "single").all()]
+    ensembles = obs[obs["kind"] == "ensemble"]
+    rows, notes = [], []
+    for axis in (a for a in axes if a in obs.columns):
+        for (series, point), part in ensembles.dropna(subset=[axis]).groupby(["series", "point"], sort=False):
             for single in singles:
-                value = float(getattr(ensemble, x))
-                found = single_at(points[points["series"] == single], by_key.get((single, x)), x, value)
-                if found is None:
-                    continue
-                single_ce, single_std, how = found
-                diff = float(ensemble.ce_mean) - single_ce
-                std = math.sqrt(float(ensemble.ce_std) ** 2 + single_std ** 2)
-                significant = bool(abs(diff) > 2 * std) if math.isfinite(std) else None
-                verdict = ("n/a (one seed)" if significant is None else "within 2 std" if not significant
-                           else "ensemble better" if diff < 0 else "single better")
-                rows.append(dict(x=x, x_value=value, ensemble=ensemble.series, point=ensemble.point,
-                                 ensemble_ce=float(ensemble.ce_mean), ensemble_std=float(ensemble.ce_std),
-                                 single=single, single_ce=single_ce, single_std=single_std, single_from=how,
-                                 difference=diff, difference_std=std, exceeds_2std=significant, verdict=verdict))
-    return pd.DataFrame(rows, columns=["x", "x_value", "ensemble", "point", "ensemble_ce", "ensemble_std", "single",
-                                       "single_ce", "single_std", "single_from", "difference", "difference_std",
-                                       "exceeds_2std", "verdict"])
+                late = []
+                for ensemble in part.itertuples(index=False):
+                    found = paired_single(obs, curves, axis, single, ensemble)
+                    if found is None and (single, int(ensemble.seed)) in curves and axis == "train_flops":
+                        late.append(str(ensemble.seed))
+                    if found is not None:
+                        rows.append(dict(axis=axis, x_value=float(getattr(ensemble, axis)), ensemble=series,
+                                         point=point, ensemble_size=int(ensemble.order), single=single,
+                                         seed=int(ensemble.seed), ensemble_ce=float(ensemble.ce),
+                                         difference=float(ensemble.ce) - found["single_ce"], **found))
+                if late:
+                    notes.append(f"{single} against {series}, {point} (train_flops): on seed {', '.join(late)} its "
+                                 f"first evaluation had already spent more than the ensemble: no pair")
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS), notes
+
+
+def paired_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean (n - 1 degrees of freedom); no interval for one value."""
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, n: int) -> str:
+    if n < 2:
+        return "one seed: no interval"
+    return "ensemble better" if high < 0 else "single better" if low > 0 else "no difference shown"
+
+
+def multiplier_summary(multipliers: np.ndarray, bounds: np.ndarray) -> dict:
+    """Over seeds: the median multiplier, and when every seed reached the ensemble's CE, the 95% t-interval of the
+    geometric mean (on log multipliers); else the smallest bound the censored seeds exceed."""
+    reached = np.isfinite(multipliers)
+    out = dict(multiplier_median=math.nan, multiplier_low=math.nan, multiplier_high=math.nan,
+               multiplier_reached=int(reached.sum()), multiplier_bound=math.nan)
+    median = float(np.median(np.where(reached, multipliers, np.inf)))  # a censored seed lies above every bound
+    out["multiplier_median"] = median if math.isfinite(median) else math.nan
+    if reached.all():
+        _, low, high = paired_interval(np.log(multipliers))
+        out.update(multiplier_low=math.exp(low), multiplier_high=math.exp(high))
+    else:
+        out["multiplier_bound"] = float(np.min(bounds[~reached]))
+    return out
+
+
+def verdict_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """verdicts.csv: per axis, ensemble point and single-model series, the paired differences over seeds: their
+    mean and 95% t-interval, the seeds the ensemble wins, the verdict, both sides' mean CE, and (train_flops) the
+    compute multiplier."""
+    rows = []
+    for (axis, ensemble, point, single), part in pairs.groupby(["axis", "ensemble", "point", "single"], sort=False):
+        differences = part["difference"].to_numpy(float)
+        mean, low, high = paired_interval(differences)
+        row = dict(axis=axis, x_value=part["x_value"].mean(), ensemble=ensemble, point=point,
+                   ensemble_size=int(part["ensemble_size"].iloc[0]), single=single, seeds=len(part),
+                   mean_difference=mean, low=low, high=high, wins=int((differences < 0).sum()),
+                   verdict=verdict(low, high, len(part)), ensemble_ce=part["ensemble_ce"].mean(),
+                   single_ce=part["single_ce"].mean(), single_from="; ".join(dict.fromkeys(part["single_from"])))
+        if axis == "train_flops":
+            row.update(multiplier_summary(part["multiplier"].to_numpy(float),
+                                          part["multiplier_bound"].to_numpy(float)))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
 # --- figures ----------------------------------------------------------------------------------------------------------
@@ -963,7 +1101,7 @@ def ce_figure(points: pd.DataFrame, fits: list[Fitted], x: str, teacher: float |
         ax.errorbar(part[x], part["ce_mean"], yerr=part["ce_std"].fillna(0.0), color=color, marker="o",
                     linestyle="none", capsize=3, label=f"{series} (mean ± std over seeds)")
         fit = by_key.get((series, x))
-        if fit is not None and fit.law is not None:
+        if fit is not None and fit.determined:
             grid = np.geomspace(part[x].min(), part[x].max(), 100)
             ax.plot(grid, fit.law(grid), color=color, linestyle="--",
                     label=f"fit: {fit.law.l_inf:.3g} + {fit.law.a:.3g} x^-{fit.law.alpha:.3g}")
@@ -1013,47 +1151,75 @@ def _markdown(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.3f}" if math.isfinite(value) else "–"
+
+
+def _multiplier(row) -> str:
+    """A verdict row's compute multiplier as summary.md quotes it."""
+    if row["axis"] != "train_flops":
+        return ""
+    seeds, reached = int(row["seeds"]), int(row["multiplier_reached"])
+    if reached == seeds:
+        interval = (f", geometric mean 95% CI [{row['multiplier_low']:.2f}, {row['multiplier_high']:.2f}]"
+                    if math.isfinite(row["multiplier_low"]) else "")
+        return f"median {row['multiplier_median']:.2f}×{interval}"
+    median = f"median {row['multiplier_median']:.2f}×; " if math.isfinite(row["multiplier_median"]) else ""
+    return f"{median}not reached: > {row['multiplier_bound']:.2f}× on {seeds - reached} of {seeds} seeds"
+
+
+def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
+    """summary.md's table of verdicts.csv, each verdict with its axis."""
+    if verdicts.empty:
+        return ["No comparison: it needs ensemble and single-model runs of the same seeds with the compared axes' "
+                "columns in metrics.csv, at x values the single models cover (on train_flops: a single model's "
+                "first evaluation within the ensemble's spend)."]
+    return _markdown(pd.DataFrame({
+        "axis": verdicts["axis"], "at": verdicts["x_value"].map(_number), "ensemble": verdicts["ensemble"],
+        "members": verdicts["ensemble_size"], "single": verdicts["single"],
+        "CE ensemble / single": [f"{e:.4f} / {s:.4f}" for e, s in zip(verdicts["ensemble_ce"],
+                                                                      verdicts["single_ce"])],
+        "ensemble − single [95% CI]": [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]" for m, lo, hi in
+                                       zip(verdicts["mean_difference"], verdicts["low"], verdicts["high"])],
+        "wins": [f"{w} of {n}" for w, n in zip(verdicts["wins"], verdicts["seeds"])],
+        "verdict": verdicts["verdict"], "compute multiplier": [_multiplier(r) for _, r in verdicts.iterrows()]}))
+
+
 def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
-                     comparison: pd.DataFrame, notes: list[str], teacher: float | None) -> str:
+                     verdicts: pd.DataFrame, notes: list[str], teacher: float | None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
     lines = [f"# Study {study.name}", "",
              f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
-             f"{counts.get('missing', 0)} not started; only finished runs count below. CE is held-out "
-             f"cross-entropy, nats per supervised token."
+             f"{counts.get('missing', 0)} not started; only finished runs count below. CE is test cross-entropy, "
+             f"nats per supervised token."
              + (f" Teacher: {teacher:.4f}." if teacher is not None else ""), "",
-             "## CE per point (mean ± std over seeds)", ""]
+             *(f"{line}." for line in study.waiting), "## CE per point (mean ± std over seeds)", ""]
     x_columns = [x for x in X_AXES if x in points.columns]
     shown = pd.DataFrame({"series": points["series"], "point": points["point"], "seeds": points["seeds"],
                           "CE": [f"{m:.4f} ± {_number(s, 2)}" for m, s in zip(points["ce_mean"], points["ce_std"])],
                           **{X_AXES[x]: points[x].map(_number) for x in x_columns if x != "ensemble_size"}})
     lines += _markdown(shown) if len(shown) else ["No finished run yet."]
     lines += ["", "## Fits: CE = L_inf + A x^-alpha (95% bootstrap intervals over seeds)", ""]
-    fitted = fits[fits["fitted"]]
-    if len(fitted):
+    determined = fits[fits["determined"]]
+    if len(determined):
         lines += _markdown(pd.DataFrame({
-            "series": fitted["series"], "x": fitted["x"], "points (distinct x)": [
-                f"{p} ({d})" for p, d in zip(fitted["points"], fitted["distinct_x"])],
-            "L_inf": [_interval(r, "l_inf") for _, r in fitted.iterrows()],
-            "A": [_interval(r, "a") for _, r in fitted.iterrows()],
-            "alpha": [_interval(r, "alpha") for _, r in fitted.iterrows()],
-            "note": fitted["note"]}))
+            "series": determined["series"], "x": determined["x"], "points (distinct x)": [
+                f"{p} ({d})" for p, d in zip(determined["points"], determined["distinct_x"])],
+            "L_inf": [_interval(r, "l_inf") for _, r in determined.iterrows()],
+            "A": [_interval(r, "a") for _, r in determined.iterrows()],
+            "alpha": [_interval(r, "alpha") for _, r in determined.iterrows()],
+            "note": determined["note"]}))
     else:
-        lines.append("No law could be fitted (see the notes).")
-    lines += ["", "## Ensemble against single model at matched x", "",
-              "Ensemble CE minus the single model's at the same x: negative means the ensemble is better. The "
-              "single model's CE is its grid point at that x (within 1%), else its fitted law, else interpolated "
-              "between its points; std combines both sides' seed std (the law's from its bootstrap).", ""]
-    if len(comparison):
-        lines += _markdown(pd.DataFrame({
-            "x": comparison["x"], "at": comparison["x_value"].map(_number), "ensemble": comparison["ensemble"],
-            "point": comparison["point"], "single": comparison["single"],
-            "single CE (from)": [f"{c:.4f} ({h})" for c, h in zip(comparison["single_ce"],
-                                                                  comparison["single_from"])],
-            "ensemble − single": [f"{d:+.4f}" for d in comparison["difference"]],
-            "2 std": [_number(2 * s, 3) for s in comparison["difference_std"]], "verdict": comparison["verdict"]}))
-    else:
-        lines.append("No comparison: it needs ensemble and single-model runs with a parameters, train_flops or "
-                     "critical_path_layers column in metrics.csv, at x values the single models cover or fit.")
+        lines.append("No law is determined by its points (see the notes and fits.csv).")
+    lines += [f"- {r['series']}, x = {r['x']}: {r['note']}" for _, r in fits[fits["fitted"] &
+                                                                               ~fits["determined"]].iterrows()]
+    lines += ["", "## Ensemble against single model, paired by seed (verdicts.csv)", "",
+              "Per seed, the ensemble's CE minus the single model's of the same seed (negative: the ensemble is "
+              "better); the mean over seeds with its 95% t-interval. The verdict says whether the interval "
+              "excludes 0. On train_flops the single model's CE is the best held-out evaluation of its curve "
+              "within the ensemble's spend, and the compute multiplier the spend at which its curve reaches the "
+              "ensemble's CE, over the ensemble's.", ""]
+    lines += verdict_lines(verdicts)
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
@@ -1066,21 +1232,88 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     obs = observations(rows)
     points = point_table(obs)
     fits, notes = fit_all(obs, rows.columns, replicates)
-    fits_frame = fits_table(fits)
-    comparison = comparison_table(points, fits)
+    curves, curve_notes = single_curves(rows)
+    pairs, pair_notes = pairs_table(obs, curves, study.compare)
+    verdicts = verdict_table(pairs)
     teachers = [plot.teacher_ce(part) for _, part in rows.groupby("run")] if len(rows) else []
     teachers = [t for t in teachers if t is not None]
     teacher = float(np.mean(teachers)) if teachers else None
+    fits_frame = fits_table(fits)
     tables = {"rows.csv": rows, "runs.csv": runs, "summary.csv": points, "fits.csv": fits_frame,
-              "comparison.csv": comparison}
+              "comparison.csv": pairs, "verdicts.csv": verdicts}
+    if study.tuning:
+        tables["tuning.csv"] = pd.DataFrame(list(study.tuning))
     paths = []
     for name, table in tables.items():
         table.to_csv(study.folder / name, index=False)
         paths.append(study.folder / name)
-    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, comparison, notes,
-                                                              teacher))
+    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
+                                                              notes + curve_notes + pair_notes, teacher))
     paths.append(study.folder / "summary.md")
     return paths + plot.save_figures(study_figures(points, fits, teacher), study.folder)
+
+
+# --- numbers quoted from the results --------------------------------------------------------------------------------
+
+# A number as prose quotes it: a sign, digits with thousands commas, decimals, an exponent, a suffix (%, M, k).
+# Not one inside a word, a date or a path (SmolLM2-135M, 2026-12-02, run_1).
+QUOTED_NUMBER = re.compile(r"(?<![\w.\-−/])(?P<number>[-−+]?\d{1,3}(?:,\d{3})+(?![\d])|[-−+]?\d+(?:\.\d+)?)"
+                           r"(?:[eE](?P<exponent>[-−+]?\d+))?(?P<suffix>%|M\b|k\b)?(?![\w\-/]|\.\d)")
+SUFFIX_SCALE = {"%": 0.01, "M": 1e6, "k": 1e3, None: 1.0}
+NOT_QUOTED = re.compile(r"```.*?```|`[^`\n]*`|\]\([^)\s]*\)", re.S)  # code and link targets quote no result
+
+
+@dataclasses.dataclass(frozen=True)
+class Quoted:
+    """A number of a text: its value and the half-unit of its last digit (what rounding to it may move)."""
+
+    text: str
+    value: float
+    tolerance: float
+
+    def matches(self, number: float) -> bool:
+        return abs(abs(number) - abs(self.value)) <= self.tolerance * (1 + 1e-9) + 1e-12 * abs(self.value)
+
+
+def quoted_numbers(text: str) -> list[Quoted]:
+    """The numbers a text quotes: decimals (5.857, 0.29, 3.6e13, 6.38M, 12.5%), and integers from 100 on (smaller
+    ones are counts: 5 seeds, 3 of 3); none inside code spans, code blocks or link targets."""
+    found = []
+    for match in QUOTED_NUMBER.finditer(NOT_QUOTED.sub(" ", text)):
+        digits = match["number"].replace(",", "").replace("−", "-")
+        decimals = len(digits.split(".")[1]) if "." in digits else 0
+        scale = SUFFIX_SCALE[match["suffix"]] * 10.0 ** int((match["exponent"] or "0").replace("−", "-"))
+        if decimals == 0 and match["exponent"] is None and match["suffix"] in (None, "%") and abs(int(digits)) < 100:
+            continue
+        found.append(Quoted(match.group(0), float(digits) * scale, 0.5 * 10.0 ** -decimals * scale))
+    return found
+
+
+def numbers_in_results(paths) -> set[float]:
+    """Every number in the result files: each CSV cell that reads as a number, and the numbers of other text
+    files (summary.md) as quoted_numbers reads them."""
+    numbers = set()
+    for path in map(Path, paths):
+        if path.suffix == ".csv":
+            values = pd.to_numeric(pd.read_csv(path, dtype=str).stack(), errors="coerce")
+            numbers.update(float(v) for v in values.dropna())
+        else:
+            numbers.update(q.value for q in quoted_numbers(path.read_text()))
+    return {n for n in numbers if math.isfinite(n)}
+
+
+def quoted_numbers_missing(text: str, result_files: list[Path]) -> list[str]:
+    """The numbers `text` quotes that no number of the result files rounds to, as written in the text: a result
+    is to be generated and copied, never typed. A percentage matches a fraction or a percentage."""
+    numbers = numbers_in_results(result_files)
+    missing = []
+    for quoted in quoted_numbers(text):
+        forms = [quoted]
+        if quoted.text.endswith("%"):
+            forms.append(Quoted(quoted.text, quoted.value * 100, quoted.tolerance * 100))
+        if not any(form.matches(number) for form in forms for number in numbers):
+            missing.append(quoted.text)
+    return missing
 
 
 # --- command line -----------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_exact_points_are_recovered_exactly():
     x = np.array([1, 2, 4, 8, 16, 32], dtype=float)
     law = study.fit_power_law(x, 1.5 + 3 * x ** -0.7)
     assert (law.l_inf, law.a, law.alpha) == pytest.approx((1.5, 3.0, 0.7), abs=1e-8)
-    assert law.rss < 1e-20 and law.n == law.n_x == 6 and not law.underdetermined
+    assert law.rss < 1e-20 and law.n == law.n_x == 6
 
 
 def test_exact_points_at_flops_scale_are_recovered():
@@ -52,13 +52,18 @@ def test_noisy_points_recover_the_exponent_and_the_bootstrap_covers_it():
     assert study.bootstrap_laws(obs[obs["seed"] == 0], "x", replicates=100).shape == (0, 3)  # one seed: none
 
 
-def test_bounds_hold_and_few_points_are_underdetermined():
+def test_bounds_hold_and_a_fit_needs_four_distinct_x_and_four_distinct_ce():
     law = study.fit_power_law([1, 2, 4, 8, 16], [5.0, 4.0, 3.0, 2.0, 1.0])  # linear in log x: no asymptote
     assert law.l_inf >= 0 and law.alpha >= study.ALPHA_BOUNDS[0]
     three = study.fit_power_law([1, 2, 4], 1.5 + 3 * np.array([1, 2, 4]) ** -0.7)
-    assert three.underdetermined and three(2) == pytest.approx(1.5 + 3 * 2 ** -0.7, abs=1e-6)
+    assert three(2) == pytest.approx(1.5 + 3 * 2 ** -0.7, abs=1e-6)  # 3 points: the curve passes through them
     with pytest.raises(study.FitError, match="2 distinct x"):
         study.fit_power_law([1, 1, 2, 2], [3.0, 3.1, 2.0, 2.1])
+    four = pd.DataFrame({"x": [1, 2, 4, 8], "ce": [3.0, 2.5, 2.2, 2.0]})
+    assert study.too_few_points(four, "x") == ""
+    assert "3 distinct x and 3 distinct mean CE" in study.too_few_points(four[:3], "x")
+    stayed = four.assign(ce=[3.0, 2.5, 2.5, 2.50005])  # additive members that stayed at zero repeat the CE
+    assert "4 distinct x and 2 distinct mean CE" in study.too_few_points(stayed, "x")
 
 
 # --- the spec and the grid ------------------------------------------------------------------------------------------
@@ -117,12 +122,17 @@ def test_bad_specs_are_refused_by_name(tmp_path, families, message):
 
 # --- fake run folders -------------------------------------------------------------------------------------------------
 
-def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", **config_changes):
+def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", evals=None, **config_changes):
     """A run folder as main.py writes it for `point`: the teacher row, then per round the untrained student, the
     student and the ensemble of `ensemble_ce[r]` (one number per size); `extra` maps a column to a function of the
-    size. rounds_done: how many rounds the manifest marks done (default: all)."""
+    size. rounds_done: how many rounds the manifest marks done (default: all). evals: train_log.csv's early-stopping
+    rows, dicts of round, train_flops, heldout_ce, test_ce (each after a training-loss row)."""
     run_dir = point.output_root / "2026-12-01" / run_name
     run_dir.mkdir(parents=True)
+    if evals is not None:
+        log = [row for step, e in enumerate(evals) for row in (dict(round=e["round"], step=step, loss=3.0),
+                                                               dict(e, step=step))]
+        pd.DataFrame(log).to_csv(run_dir / "train_log.csv", index=False)
     rows = [dict(round=0, model="teacher", ensemble_size=0, ce=1.0)]
     for r, ce in enumerate(ensemble_ce):
         size = r + 1 if point.kind == "ensemble" else 1
@@ -268,23 +278,33 @@ def single_law(n):
     return 1.2 + 3 * n ** -0.5
 
 
+def single_curve(n, final_ce, fractions=(0.25, 0.5, 0.75, 1.0)):
+    """A single model of n units' early-stopping evaluations: spend n F0 x fraction, test CE falling to final_ce
+    (0.3 above it at the start), held-out CE 0.05 above the test CE."""
+    return [dict(round=0, train_flops=n * F0 * f, test_ce=final_ce + 0.3 * (1 - f),
+                 heldout_ce=final_ce + 0.3 * (1 - f) + 0.05) for f in fractions]
+
+
 @pytest.fixture
 def synthetic_study(tmp_path):
-    """Ensembles of 1-4 students (CE 1.5 + 3 k^-0.7; additive 0.2 lower) and single models of 1, 3, 5, 8 layers
-    (CE 1.2 + 3 n^-0.5), k students or n layers having k or n times P0 parameters and F0 FLOPs; 3 seeds, noise
-    0.002. No critical_path_layers column."""
+    """Ensembles of 1-4 students (CE 1.5 + 3 k^-0.7; additive 0.5 lower) and single models of 1, 3, 5, 8 layers
+    (CE 1.2 + 3 n^-0.5, the end of a learning curve: single_curve), k students or n layers having k or n times P0
+    parameters (half of them not embeddings) and F0 FLOPs; 3 seeds, noise 0.002. No critical_path_layers column."""
     spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, seeds=[0, 1, 2])
     loaded = study.load_spec(spec)
     rng = np.random.default_rng(0)
     for point in loaded.points:
         if point.kind == "ensemble":
-            shift = -0.2 if point.settings["combine"] == "additive" else 0.0
+            shift = -0.5 if point.settings["combine"] == "additive" else 0.0
             ce = [ensemble_law(k) + shift + rng.normal(0, 0.002) for k in range(1, 5)]
-            fake_run(point, ce, extra=dict(parameters=lambda k: k * P0, train_flops=lambda k: k * F0))
+            fake_run(point, ce, extra=dict(parameters=lambda k: k * P0, non_embedding_parameters=lambda k: k * P0 / 2,
+                                           train_flops=lambda k: k * F0))
         else:
             n = point.settings["student_num_layers"]
-            fake_run(point, [single_law(n) + rng.normal(0, 0.002)],
-                     extra=dict(parameters=lambda k, n=n: n * P0, train_flops=lambda k, n=n: n * F0))
+            ce = single_law(n) + rng.normal(0, 0.002)
+            fake_run(point, [ce], evals=single_curve(n, ce),
+                     extra=dict(parameters=lambda k, n=n: n * P0, non_embedding_parameters=lambda k, n=n: n * P0 / 2,
+                                train_flops=lambda k, n=n: n * F0))
     return spec
 
 
@@ -314,30 +334,49 @@ def test_collect_writes_rows_fits_comparison_summary_and_figures(synthetic_study
     assert fits.loc[("method (combine=logits)", "parameters"), "a"] == pytest.approx(3 * P0 ** 0.7, rel=0.3)
     single = fits.loc[("single", "parameters")]
     assert single["alpha"] == pytest.approx(0.5, abs=0.15) and single["alpha_low"] <= single["alpha"]
-    assert single["alpha"] <= single["alpha_high"] and single["bootstrap_fits"] > 0
+    assert single["alpha"] <= single["alpha_high"] and single["bootstrap_fits"] > 0 and single["determined"]
     assert ("single", "ensemble_size") not in fits.index  # a single model has one size
-    assert "underdetermined" not in str(fits.loc[("single", "parameters"), "note"])
 
-    comparison = pd.read_csv(folder / "comparison.csv")
-    logits = comparison[(comparison["ensemble"] == "method (combine=logits)") & (comparison["x"] == "parameters")]
+    pairs = pd.read_csv(folder / "comparison.csv")  # one row per seed: the evidence of each verdict
+    assert set(pairs["axis"]) == {"parameters", "non_embedding_parameters", "train_flops"}
+    assert len(pairs[(pairs["axis"] == "parameters") & (pairs["point"] == "4 member(s)")]) == 2 * 3
+    verdicts = pd.read_csv(folder / "verdicts.csv")
+    logits = verdicts[(verdicts["ensemble"] == "method (combine=logits)") & (verdicts["axis"] == "parameters")]
     by_point = logits.set_index("point")
     assert by_point.loc["1 member(s)", "single_from"] == "grid point student_num_layers=1"
     assert by_point.loc["3 member(s)", "single_from"] == "grid point student_num_layers=3"
-    assert by_point.loc["2 member(s)", "single_from"] == "fit"
-    assert by_point.loc["4 member(s)", "difference"] == pytest.approx(ensemble_law(4) - single_law(4), abs=0.02)
-    assert by_point.loc["4 member(s)", "verdict"] == "ensemble better"  # 2.26 against 2.70
-    assert by_point.loc["1 member(s)", "verdict"] == "single better"  # 4.50 against 4.20
-    assert set(comparison["x"]) == {"parameters", "train_flops"}
+    assert by_point.loc["2 member(s)", "single_from"] == "interpolated"
+    four = by_point.loc["4 member(s)"]
+    assert four["mean_difference"] == pytest.approx(ensemble_law(4) - single_law(4), abs=0.02)
+    assert four["low"] < four["mean_difference"] < four["high"] < 0 and four["wins"] == 3 and four["seeds"] == 3
+    assert four["verdict"] == "ensemble better"  # 2.64 against 2.70
+    assert by_point.loc["1 member(s)", "verdict"] == "single better" and by_point.loc["1 member(s)", "wins"] == 0
+
+    flops = verdicts[verdicts["axis"] == "train_flops"].set_index(["ensemble", "point"])
+    # The logits ensemble of 4 (CE 2.64 at 4 F0): within 4 F0 the lowest held-out CE is the 8-layer model's
+    # evaluation at 4 F0 (test CE 2.41); the curve's choice is below 2.64 from 2 F0 on (2.49): a multiplier of 0.5.
+    logits4 = flops.loc[("method (combine=logits)", "4 member(s)")]
+    assert logits4["single_ce"] == pytest.approx(single_law(8) + 0.15, abs=0.005)
+    assert logits4["verdict"] == "single better"
+    assert logits4["multiplier_median"] == pytest.approx(0.5) and logits4["multiplier_reached"] == 3
+    assert logits4["multiplier_low"] == pytest.approx(0.5) == logits4["multiplier_high"]
+    additive4 = flops.loc[("method (combine=additive)", "4 member(s)")]  # 2.14: below every single model
+    assert additive4["multiplier_reached"] == 0 and additive4["multiplier_bound"] == pytest.approx(2.0)
+    assert math.isnan(additive4["multiplier_median"])
 
     summary = (folder / "summary.md").read_text()
     assert "18 runs: 18 finished" in summary and "Teacher: 1.0000" in summary
     assert "| method (combine=logits) | 4 member(s) | 3 |" in summary
+    assert "| parameters | 4e+06 | method (combine=logits) | 4 | single |" in summary  # each verdict its axis
     assert "ensemble better" in summary and "single better" in summary
+    assert "not reached: > 2.00× on 3 of 3 seeds" in summary and "median 0.50×" in summary
     assert "no `critical_path_layers` column" in summary
     for name in ("ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_train_flops"):
         assert (folder / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(folder / f"{name}.png").shape[:2] == (480, 720)
     assert not (folder / "ce_vs_critical_path_layers.png").exists()
+    assert study.quoted_numbers_missing(summary, [folder / "verdicts.csv", folder / "summary.csv",
+                                                  folder / "fits.csv"]) == []  # summary.md quotes the tables
 
 
 def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
@@ -347,7 +386,8 @@ def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
     points = study.point_table(obs)
     fits, _ = study.fit_all(obs, rows.columns, replicates=0)
     figures = study.study_figures(points, fits, teacher=1.0)
-    assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_train_flops"}
+    assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_non_embedding_parameters",
+                            "ce_vs_train_flops"}
     (ax,) = figures["ce_vs_parameters"].axes
     assert ax.get_xscale() == "log" and "parameters" in ax.get_xlabel()
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
@@ -363,15 +403,16 @@ def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
 
 
 def test_collect_with_one_seed_and_no_runs(tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=3))], seeds=[0])
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=4))], seeds=[0])
     assert study.main([str(spec), "--collect"]) == 0  # nothing finished yet
     folder = study.load_spec(spec).folder
     assert "No finished run yet." in (folder / "summary.md").read_text()
-    fake_run(study.load_spec(spec).points[0], [3.0, 2.0, 1.8])
+    fake_run(study.load_spec(spec).points[0], [3.0, 2.0, 1.8, 1.75])
     assert study.main([str(spec), "--collect"]) == 0
     fits = pd.read_csv(folder / "fits.csv").set_index("x")
-    assert "underdetermined" in fits.loc["ensemble_size", "note"] and "one seed" in fits.loc["ensemble_size", "note"]
+    assert fits.loc["ensemble_size", "fitted"] and "one seed" in fits.loc["ensemble_size", "note"]
     assert math.isnan(fits.loc["ensemble_size", "alpha_low"])
+    assert pd.read_csv(folder / "verdicts.csv").empty  # compare: [] and no single family
     assert "no `parameters` column" in (folder / "summary.md").read_text()
 
 
@@ -442,19 +483,13 @@ def test_the_shipped_cpu_study_is_a_valid_spec_whose_seeds_vary_the_data():
     assert {c.combine for c in matched} == {"additive"}  # matched to the additive ensemble's budget
 
 
-def test_a_single_model_is_compared_only_inside_its_range_and_a_three_point_law_is_not_used():
-    """Three points fit a law exactly (underdetermined): between them the comparison interpolates instead, and
-    outside them it gives none, where an extrapolated law can say anything."""
-    points = pd.DataFrame({"point": ["a", "b", "c"], "parameters": [1e6, 2e6, 4e6], "ce_mean": [7.0, 6.0, 5.5],
-                           "ce_std": [0.1, 0.1, 0.1]})
-    wild = study.PowerLaw(l_inf=0.0, a=1e60, alpha=10.0, rss=0.0, n=3, n_x=3)  # passes near nothing sensible
-    fitted = study.Fitted("wide", "parameters", wild, "", np.empty((0, 3)))
-    ce, std, source = study.single_at(points, fitted, "parameters", math.sqrt(2) * 1e6)
-    assert (round(ce, 6), std, source) == (6.5, 0.1, "interpolated")
-    assert study.single_at(points, fitted, "parameters", 2e6)[2] == "grid point b"
-    assert study.single_at(points, fitted, "parameters", 8e6) is None
-    assert study.single_at(points, fitted, "parameters", 5e5) is None
-    determined = study.PowerLaw(l_inf=5.0, a=2e6, alpha=1.0, rss=0.0, n=4, n_x=4)
-    ce, _, source = study.single_at(points, study.Fitted("wide", "parameters", determined, "", np.empty((0, 3))),
-                                    "parameters", 3e6)
-    assert source == "fit" and ce == pytest.approx(5.0 + 2e6 / 3e6)
+def test_a_single_model_is_compared_only_inside_its_range_per_seed():
+    """One seed's single models: at a grid point's x its CE; between points log-linear interpolation; outside them
+    none, where an extrapolated law can say anything."""
+    points = pd.DataFrame({"point": ["a", "b", "b2", "c"], "parameters": [1e6, 2e6, 2.01e6, 4e6],
+                           "ce": [7.0, 6.0, 6.2, 5.5]})
+    ce, source = study.single_at(points[points["point"] != "b2"], "parameters", math.sqrt(2) * 1e6)
+    assert (round(ce, 6), source) == (6.5, "interpolated")
+    assert study.single_at(points, "parameters", 2e6) == (6.0, "grid point b, best of 2 there")  # within 1%
+    assert study.single_at(points, "parameters", 8e6) is None
+    assert study.single_at(points, "parameters", 5e5) is None
