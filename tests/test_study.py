@@ -1,9 +1,11 @@
 """study.py: the power-law fit on points of known exponent, the spec's grid, skipping and resuming runs, the sbatch
 lines, collecting synthetic run folders of known laws, and a real tiny study of `test`-preset runs end to end."""
 
+import dataclasses
 import json
 import math
 import shlex
+import types
 from pathlib import Path
 
 import matplotlib.image
@@ -493,3 +495,154 @@ def test_a_single_model_is_compared_only_inside_its_range_per_seed():
     assert study.single_at(points, "parameters", 2e6) == (6.0, "grid point b, best of 2 there")  # within 1%
     assert study.single_at(points, "parameters", 8e6) is None
     assert study.single_at(points, "parameters", 5e5) is None
+
+
+# --- the rules of the comparison --------------------------------------------------------------------------------------
+
+def test_the_paired_interval_is_a_t_interval_and_its_verdict_whether_it_excludes_zero():
+    differences = np.array([-0.30, -0.28, -0.25])
+    mean, low, high = study.paired_interval(differences)
+    half = 4.302653 * np.std(differences, ddof=1) / math.sqrt(3)  # t(0.975, 2 dof)
+    assert (mean, low, high) == pytest.approx((-0.27667, -0.27667 - half, -0.27667 + half), abs=1e-5)
+    assert study.verdict(low, high, 3) == "ensemble better"
+    assert study.verdict(*study.paired_interval(-differences)[1:], 3) == "single better"
+    # Wins on every seed, but the interval holds 0: 5 seeds of one large and four tiny wins show nothing.
+    mixed = np.array([-0.8, -0.01, -0.01, -0.01, -0.01])
+    assert study.verdict(*study.paired_interval(mixed)[1:], 5) == "no difference shown"
+    mean, low, high = study.paired_interval(np.array([-0.3]))
+    assert mean == -0.3 and math.isnan(low) and study.verdict(low, high, 1) == "one seed: no interval"
+
+
+def curve(*evals, spent=None):
+    frame = pd.DataFrame(evals, columns=["train_flops", "heldout_ce", "test_ce"])
+    return study.Curve(frame.sort_values(["train_flops", "heldout_ce"]), spent or frame["train_flops"].max(),
+                       False)
+
+
+def test_a_single_curve_is_read_at_the_best_held_out_evaluation_within_the_budget_never_the_best_test():
+    single = curve((1.0, 5.0, 5.2), (2.0, 4.5, 4.9), (3.0, 4.6, 4.1), (6.0, 4.0, 3.9), spent=8.0)
+    assert single.at(3.0)["test_ce"] == 4.9  # held-out 4.5 is the best within 3: its test CE, not the lower 4.1
+    assert single.at(0.5) is None  # its first evaluation spent more than the budget
+    assert single.multiplier(4.95, budget=2.0) == (1.0, pytest.approx(math.nan, nan_ok=True))
+    assert single.multiplier(4.0, budget=2.0)[0] == 3.0  # reached at 6 (3.9 <= 4.0): 6 / 2
+    multiplier, bound = single.multiplier(3.5, budget=2.0)  # never reached: censored at its spend, 8 / 2
+    assert math.isnan(multiplier) and bound == 4.0
+
+
+def test_multipliers_give_a_geometric_interval_when_every_seed_reached_else_a_bound():
+    reached = study.multiplier_summary(np.array([1.5, 2.0, 2.5]), np.full(3, math.nan))
+    logs = np.log([1.5, 2.0, 2.5])
+    half = 4.302653 * np.std(logs, ddof=1) / math.sqrt(3)
+    assert reached["multiplier_median"] == 2.0 and reached["multiplier_reached"] == 3
+    assert (reached["multiplier_low"], reached["multiplier_high"]) == pytest.approx(
+        (math.exp(logs.mean() - half), math.exp(logs.mean() + half)), rel=1e-5)
+    censored = study.multiplier_summary(np.array([1.5, math.nan, 2.5]), np.array([math.nan, 3.0, math.nan]))
+    assert censored["multiplier_reached"] == 2 and censored["multiplier_bound"] == 3.0
+    assert censored["multiplier_median"] == 2.5 and math.isnan(censored["multiplier_low"])
+
+
+def flops_study(tmp_path, single_evals, single_flops=3 * F0):
+    """An ensemble of 2 (CE 3.0 at F0, then 2.0 at 2 F0) against one single family, 2 seeds: single_evals(seed) is
+    its run's train_log rows (None: an old run without them); its final CE 2.5 at single_flops."""
+    families = [dict(name="method", settings=dict(total_rounds=2)),
+                dict(name="one", kind="single", settings=dict(total_rounds=1))]
+    spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1], compare=["train_flops"])
+    for point in study.load_spec(spec).points:
+        if point.kind == "ensemble":
+            fake_run(point, [3.0, 2.0], extra=dict(train_flops=lambda k: k * F0))
+        else:
+            fake_run(point, [2.5], evals=single_evals(point.seed), extra=dict(train_flops=lambda k: single_flops))
+    assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
+    folder = study.load_spec(spec).folder
+    return (pd.read_csv(folder / "comparison.csv"), pd.read_csv(folder / "verdicts.csv"),
+            (folder / "summary.md").read_text())
+
+
+def test_a_single_model_whose_first_evaluation_spent_more_gives_no_pair_and_a_note(tmp_path):
+    def evals(seed):  # seed 1's single model is first evaluated at 1.5 F0: more than the ensemble of 1 spent
+        start = 0.5 if seed == 0 else 1.5
+        return [dict(round=0, train_flops=f * F0, heldout_ce=ce + 0.1, test_ce=ce) for f, ce in
+                ((start, 2.8), (2.5, 2.4), (3.0, 1.9))]
+    pairs, verdicts, summary = flops_study(tmp_path, evals)
+    one = pairs[pairs["point"] == "1 member(s)"]
+    assert list(one["seed"]) == [0] and list(one["single_ce"]) == [2.8]
+    assert "on seed 1 its first evaluation had already spent more than the ensemble: no pair" in summary
+    two = verdicts.set_index("point").loc["2 member(s)"]  # 2.0 against 2.8 on both seeds (their best by 2 F0)
+    assert two["seeds"] == 2 and two["single_ce"] == pytest.approx((2.8 + 2.8) / 2)
+    assert two["multiplier_median"] == pytest.approx(1.5)  # reached at 3 F0: 1.9 <= 2.0
+    assert two["verdict"] == "ensemble better" and two["wins"] == 2
+
+
+def test_old_runs_without_a_curve_fall_back_to_their_final_point_with_a_note(tmp_path):
+    pairs, verdicts, summary = flops_study(tmp_path, lambda seed: None, single_flops=1.5 * F0)
+    assert "its train_log has no train_flops, heldout_ce, test_ce (an old run)" in summary
+    assert list(pairs["point"]) == ["2 member(s)"] * 2  # its final point (1.5 F0) is within 2 F0, not F0
+    assert set(pairs["single_from"]) == {"final point (no curve)"} and set(pairs["single_ce"]) == {2.5}
+    assert list(verdicts["multiplier_bound"]) == [0.75]  # never reached 2.0: censored at 1.5 F0 / 2 F0
+
+
+def test_fits_that_their_points_cannot_determine_say_so_and_are_not_drawn(tmp_path):
+    families = [dict(name="method", settings=dict(total_rounds=4, combine="additive"))]
+    spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1])
+    for point in study.load_spec(spec).points:  # members 3 and 4 stayed at zero: 2 distinct CEs for 4 sizes
+        fake_run(point, [3.0 + point.seed * 0.01, 2.5, 2.5, 2.5])
+    assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
+    folder = study.load_spec(spec).folder
+    fit = pd.read_csv(folder / "fits.csv").set_index("x").loc["ensemble_size"]
+    assert not fit["fitted"] and "4 distinct x and 2 distinct mean CE" in fit["note"]
+    obs = pd.DataFrame({"series": "s", "kind": "ensemble", "seed": 0, "ensemble_size": [1, 2, 3, 4],
+                        "ce": [3.0, 2.0, 1.9996, 1.9994]})  # a step, then flat: alpha runs to its bound
+    fits, _ = study.fit_all(obs, obs.columns, replicates=0)
+    assert fits[0].law is not None and not fits[0].determined
+    assert "not determined (alpha at its bound" in fits[0].note
+    points = study.point_table(obs.assign(point=["1", "2", "3", "4"]))
+    (ax,) = study.ce_figure(points, fits, "ensemble_size", None).axes
+    assert not any(t.get_text().startswith("fit: ") for t in ax.get_legend().get_texts())
+
+
+@pytest.mark.parametrize("top, families, message", [
+    (dict(compare=["parameters", "flops"]), ENSEMBLE_AND_SINGLE,
+     r"compare: unknown axis 'flops'; the axes are parameters, non_embedding_parameters, train_flops"),
+    (dict(compare=["parameters"]), ENSEMBLE_AND_SINGLE[:1], "nothing to compare the ensemble against: add a "
+                                                            "family of kind single"),
+    ({}, [dict(name="a", settings=dict(data_seed=3))], "sets data_seed"),
+    (dict(vary_data="no"), ENSEMBLE_AND_SINGLE, "vary_data must be true or false"),
+])
+def test_bad_comparisons_are_refused_by_name(tmp_path, top, families, message):
+    with pytest.raises(study.StudyError, match=message):
+        study.load_spec(write_spec(tmp_path / "spec.yaml", families, **top))
+    assert study.main([str(tmp_path / "spec.yaml"), "--dry_run"]) == 2
+
+
+def test_vary_data_false_takes_data_seed_from_the_settings(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, vary_data=False, settings=dict(data_seed=7))
+    points = study.load_spec(spec).points
+    assert {p.config.data_seed for p in points} == {7} and "--data_seed" not in points[0].run_args()[-4:]
+    assert {p.config.seed for p in points} == {0, 1}
+
+
+def test_families_of_different_test_sets_are_refused(tmp_path):
+    points = study.load_spec(write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE)).points
+    study.check_points(points)  # the config has one test_seed for all (or none yet)
+    with_seed = [dataclasses.replace(p, config=types.SimpleNamespace(test_seed=1 if p.kind == "single" else 0))
+                 for p in points]
+    with pytest.raises(study.StudyError, match=r"different test_seed values \(test_seed 0: method; test_seed 1: "
+                                               r"single\): a comparison must share its test set"):
+        study.check_points(with_seed)
+
+
+# --- numbers quoted from the results ---------------------------------------------------------------------------------
+
+def test_quoted_numbers_must_come_from_the_result_files(tmp_path):
+    results = tmp_path / "verdicts.csv"
+    pd.DataFrame({"verdict": ["ensemble better"], "mean_difference": [-0.2883], "low": [-0.3114],
+                  "ensemble_ce": [5.85712], "train_flops": [3.61e13], "share": [0.1234], "steps": [288]}
+                 ).to_csv(results, index=False)
+    quoted = ("The ensemble (5.857, 5.86) wins by 0.29 nats [−0.31, -0.288] at 3.6e13 FLOPs, 12.3% of the time, "
+              "in 288 steps over 5 seeds; see [the table](results/x_0.777.csv) and `7.77`.")
+    assert study.quoted_numbers_missing(quoted, [results]) == []
+    typed = "The ensemble wins by 0.30 nats at 3.7e13 FLOPs, 5.8575 CE, in 289 steps, 12.4% of the time."
+    assert study.quoted_numbers_missing(typed, [results]) == ["0.30", "3.7e13", "5.8575", "289", "12.4%"]
+    summary = tmp_path / "summary.md"
+    summary.write_text("| ensemble | 6.4660 |\n")  # a rendered table counts as a result file too
+    assert study.quoted_numbers_missing("6.466 and 6.47", [summary]) == []
