@@ -646,3 +646,75 @@ def test_quoted_numbers_must_come_from_the_result_files(tmp_path):
     summary = tmp_path / "summary.md"
     summary.write_text("| ensemble | 6.4660 |\n")  # a rendered table counts as a result file too
     assert study.quoted_numbers_missing("6.466 and 6.47", [summary]) == []
+
+
+# --- learning-rate tuning ---------------------------------------------------------------------------------------------
+
+RATES = [1e-3, 3e-3]
+TUNED = [dict(name="method", settings=dict(total_rounds=2), learning_rates=RATES),
+         dict(name="single", kind="single", settings=dict(total_rounds=1), grid=dict(student_num_layers=[1, 2]),
+              learning_rates=RATES)]
+
+
+@pytest.mark.parametrize("families, settings, message", [
+    ([TUNED[0], {**TUNED[1], "learning_rates": None}], dict(eval_steps=2),
+     "a learning-rate grid on one side only: family single has no learning_rates"),
+    ([TUNED[0], {**TUNED[1], "learning_rates": [1e-3]}], dict(eval_steps=2),
+     r"different numbers of rates \(method: 2, single: 1\)"),
+    (TUNED, {}, "family 'method' tunes its learning rate, which is chosen on the early-stopping slice: its runs "
+                "need eval_steps > 0"),
+    ([TUNED[0], {**TUNED[1], "learning_rates": [1e-3, -1.0]}], dict(eval_steps=2), "config key 'learning_rate'"),
+])
+def test_a_learning_rate_grid_must_be_on_both_sides_and_chosen_on_early_stopping(tmp_path, families, settings,
+                                                                                 message):
+    with pytest.raises(study.StudyError, match=message):
+        study.load_spec(write_spec(tmp_path / "spec.yaml", families, settings=settings))
+
+
+def play_main(args, log_path):
+    """Plays main.py for a fake launch: the run its arguments ask for, finished, its held-out CE chosen so that
+    rate 3e-3 wins for the ensemble and for the single model of 2 layers, 1e-3 for that of 1 layer; the test CE
+    says the opposite (a choice made on it would differ)."""
+    overrides = dict(zip((key.removeprefix("--") for key in args[4::2]), args[5::2]))
+    config = config_lib.build_config(args[1], overrides=overrides)
+    point = types.SimpleNamespace(output_root=Path(args[3]), config=config,
+                                  kind="single" if config.total_rounds == 1 else "ensemble")
+    better = (config.learning_rate == 3e-3) != (point.kind == "single" and config.student_num_layers == 1)
+    heldout = 2.0 if better else 2.5
+    last = config.total_rounds - 1  # earlier rounds' CE (of fewer members) is no part of the choice
+    evals = [dict(round=r, train_flops=(r + 1) * F0, heldout_ce=h, test_ce=5.0 - h)
+             for r in range(config.total_rounds) for h in ((heldout + 0.3, heldout) if r == last else (1.0,))]
+    fake_run(point, [3.0] * config.total_rounds, evals=evals)
+    return 0
+
+
+def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(tmp_path, monkeypatch, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", TUNED, settings=dict(eval_steps=2), seeds=[0, 1, 2])
+    before = study.load_spec(spec)
+    assert len(before.points) == 6 and all(p.tuning and p.seed == 0 for p in before.points)
+    assert before.points[1].name == "method__lr-0.003__seed-0" and before.points[1].config.learning_rate == 3e-3
+    assert study.main([str(spec), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "method__lr-0.001__seed-0" in out and "  tuning  " in out
+    assert "family method: seeds 1, 2 wait for tuning (0 of 2 tuning runs finished)" in out
+    launched = []
+    monkeypatch.setattr(study, "launch", lambda args, log: launched.append(args[3]) or play_main(args, log))
+    assert study.main([str(spec), "--bootstrap", "0"]) == 0
+    names = [Path(root).name for root in launched]
+    assert names[:6] == [p.name for p in before.points]  # tuning first, then the later seeds
+    assert names[6:] == ["method__lr-0.003__seed-1", "method__lr-0.003__seed-2",
+                         "single__student_num_layers-1__lr-0.001__seed-1",
+                         "single__student_num_layers-1__lr-0.001__seed-2",
+                         "single__student_num_layers-2__lr-0.003__seed-1",
+                         "single__student_num_layers-2__lr-0.003__seed-2"]
+    after = study.load_spec(spec)
+    assert not after.waiting and {p.name for p in after.points if p.tuning} == {
+        "method__lr-0.001__seed-0", "single__student_num_layers-1__lr-0.003__seed-0",
+        "single__student_num_layers-2__lr-0.001__seed-0"}
+    tuning = pd.read_csv(after.folder / "tuning.csv")
+    assert list(tuning.columns[:5]) == ["family", "point", "rate", "heldout_ce", "chosen"]
+    chosen = tuning[tuning["chosen"]].set_index("point")
+    assert chosen.loc["method", "rate"] == 3e-3 and chosen.loc["method", "heldout_ce"] == 2.0  # the last round's
+    assert chosen.loc["student_num_layers=1", "rate"] == 1e-3
+    runs = set(pd.read_csv(after.folder / "rows.csv")["run"])  # the first seed's chosen run is its run
+    assert "method__lr-0.003__seed-0" in runs and "method__lr-0.001__seed-0" not in runs and len(runs) == 9
