@@ -718,3 +718,55 @@ def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(t
     assert chosen.loc["student_num_layers=1", "rate"] == 1e-3
     runs = set(pd.read_csv(after.folder / "rows.csv")["run"])  # the first seed's chosen run is its run
     assert "method__lr-0.003__seed-0" in runs and "method__lr-0.001__seed-0" not in runs and len(runs) == 9
+
+
+# --- a single model matched to an ensemble's size ---------------------------------------------------------------------
+
+def matched_points(tmp_path, teacher, match, single=None, ensemble=None):
+    families = [dict(name="method", settings=dict(total_rounds=2, **(ensemble or {}))),
+                dict(name="one", kind="single", settings=dict(total_rounds=1, **(single or {})), match=match)]
+    spec = write_spec(tmp_path / "spec.yaml", families, settings=dict(teacher=str(teacher)), seeds=[0])
+    return {p.family: p for p in study.load_spec(spec).points}
+
+
+def real_parameters(config, round_index, additive):
+    """A round's student built for real (utils.build_student's model config, start_at_zero for a later additive
+    member): its distinct parameters."""
+    import transformers
+    import utils
+
+    teacher, tokenizer = study.teacher_parts(config.teacher, str(config.cache_dir), False)
+    model = transformers.AutoModelForCausalLM.from_config(utils.student_model_config(config, teacher, tokenizer,
+                                                                                     round_index))
+    if additive and round_index > 0:
+        utils.start_at_zero(model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_a_random_single_model_is_matched_by_its_depth(tiny_teacher_dir, tmp_path):
+    points = matched_points(tmp_path, tiny_teacher_dir, dict(axis="non_embedding_parameters", family="method"))
+    one = points["one"]  # the ensemble of 2 one-layer students has the non-embedding parameters of 2 layers
+    assert one.config.student_num_layers == 2 and one.settings["student_num_layers"] == 2
+    assert "(matched non_embedding_parameters" in one.label and "to method x2" in one.label
+    additive = dataclasses.replace(points["method"].config, combine="additive")
+    target = study.ensemble_size_value(additive, "parameters", 2)
+    assert target == real_parameters(additive, 0, True) + real_parameters(additive, 1, True)  # an untied head
+
+
+def test_a_teacher_layers_single_model_copies_layers_spread_from_first_to_last(tiny_teacher_dir, tmp_path):
+    layers = dict(student_init="teacher_layers", teacher_layers=[0])
+    points = matched_points(tmp_path, tiny_teacher_dir, dict(axis="non_embedding_parameters", family="method"),
+                            single=layers, ensemble=layers)
+    assert points["one"].config.teacher_layers == [0, 1] and points["one"].config.teacher_layers_shift == 0
+
+
+@pytest.mark.parametrize("match, single, message", [
+    (dict(axis="parameters", family="method", size=1), dict(student_hidden_size=256),
+     r"family 'one': no size of this family reaches parameters [\d,]+ \(family 'method' at 1 members\) within "
+     r"10%; the nearest is [\d,]+ \(student_num_layers=1\)"),
+    (dict(axis="flops", family="method"), {}, "match needs axis"),
+    (dict(axis="parameters", family="nope"), {}, "match names 'nope', which is no ensemble family"),
+])
+def test_a_match_no_size_can_reach_is_refused_by_name(tiny_teacher_dir, tmp_path, match, single, message):
+    with pytest.raises(study.StudyError, match=message):
+        matched_points(tmp_path, tiny_teacher_dir, match, single=single)
