@@ -454,7 +454,8 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
     assert list(points["seeds"]) == [2, 2, 1]
     summary = (loaded.folder / "summary.md").read_text()
     assert "3 runs: 3 finished" in summary
-    assert "method, x = ensemble_size: 2 distinct x value(s) for 3 parameters: underdetermined" in summary
+    assert "method, x = ensemble_size: 2 distinct x and 2 distinct mean CE for 3 parameters" in summary
+    assert (loaded.folder / "verdicts.csv").is_file()
     assert (loaded.folder / "ce_vs_ensemble_size.png").read_bytes()[:8] == PNG_SIGNATURE
     for x in ("parameters", "train_flops"):  # figures and fits wherever main.py writes these columns
         assert (loaded.folder / f"ce_vs_{x}.png").exists() == (x in rows.columns)
