@@ -2,24 +2,30 @@
 how does quality scale with the ensemble's size?
 
 A study spec (YAML, see docs/study.md) names base settings and families of runs: ensemble families (the method,
-each combine mode a curve) and single-model families (models of growing size), each a grid of settings crossed
-with seeds. Every grid point is one main.py run with its own output_root, STUDY/runs/NAME, so it can be found,
-skipped when finished and resumed when not.
+each combine mode a curve) and single-model families (models of growing size, or one matched to an ensemble's
+parameters), each a grid of settings crossed with seeds. Each seed sets a run's seed and data_seed, so the seeds
+vary the data; every run of a study shares one test set. A family may tune its learning rate (on the first seed,
+on the early-stopping slice), and then every family does. Every grid point is one main.py run with its own
+output_root, STUDY/runs/NAME, so it can be found, skipped when finished and resumed when not.
 
 Usage:
     python study.py SPEC.yaml                  # run every unfinished grid point here, one after another; collect
     python study.py SPEC.yaml --dry_run        # list the grid points and which are finished
     python study.py SPEC.yaml --print_sbatch   # the sbatch lines that run the same grid as SLURM arrays (train.sh)
-    python study.py SPEC.yaml --collect        # only collect: rows, fits, figures and summary of finished runs
+    python study.py SPEC.yaml --collect        # only collect: rows, fits, verdicts, figures and summary
 
 What collecting writes into the study folder:
     rows.csv         every finished run's metrics.csv rows, with run, family, series, kind, seed and its settings
     runs.csv         every grid point: its status and run folder
-    summary.csv      per series and point: mean and std of held-out CE over seeds, the x values
-    fits.csv         L(x) = L_inf + A x^-alpha of CE against each x, with bootstrap intervals over seeds
-    comparison.csv   ensemble CE minus single-model CE at matched x, and whether it exceeds 2 std of the seeds
-    summary.md       the three tables above, short, and the notes (fits skipped, and why)
-    ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the fitted curves
+    summary.csv      per series and point: mean and std of test CE over seeds, the x values
+    fits.csv         L(x) = L_inf + A x^-alpha of CE against each x (only where 4 distinct x and 4 distinct mean
+                     CEs determine it), with bootstrap intervals over seeds
+    comparison.csv   per axis, ensemble point, single-model series and seed: the paired CE difference (on
+                     train_flops the single model's curve read at the ensemble's spend, and the compute multiplier)
+    verdicts.csv     per comparison: the mean difference over seeds, its 95% t-interval, wins, verdict, multiplier
+    tuning.csv       with learning_rates: each tuning run's final early-stopping CE and the rate chosen
+    summary.md       the tables above, short, and the notes (fits and pairs left out, and why)
+    ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the determined fits
 """
 
 from __future__ import annotations
