@@ -402,15 +402,23 @@ def tuning_rows(family: Family, runs: list[Point]) -> list[dict]:
                  chosen=i == best, run=run.name) for i, (run, ce) in enumerate(zip(runs, ces))]
 
 
-def final_heldout_ce(run_dir: Path) -> float:
-    """A run's final early-stopping CE: the best held-out CE of its last round's evaluations (train_log.csv). The
-    choice of a learning rate rests on it, never on the test CE."""
-    log = plot.readable_train_log(run_dir / "train_log.csv")
+def last_heldout_ce(run_dir: Path) -> float:
+    """A run's final early-stopping CE: the best held-out CE of its last round's evaluations (train_log.csv); NaN
+    without any. Choices between runs (a learning rate, a grid point) rest on it, never on the test CE."""
+    log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
     if log is None or "heldout_ce" not in log.columns or log["heldout_ce"].notna().sum() == 0:
-        raise StudyError(f"{run_dir} has no early-stopping evaluations (heldout_ce in train_log.csv) to choose a "
-                         f"learning rate by")
+        return math.nan
     evals = log.dropna(subset=["heldout_ce"])
     return float(evals.loc[evals["round"] == evals["round"].max(), "heldout_ce"].min())
+
+
+def final_heldout_ce(run_dir: Path) -> float:
+    """A tuning run's last_heldout_ce, which it must have: its learning rate is chosen by it."""
+    ce = last_heldout_ce(run_dir)
+    if not math.isfinite(ce):
+        raise StudyError(f"{run_dir} has no early-stopping evaluations (heldout_ce in train_log.csv) to choose a "
+                         f"learning rate by")
+    return ce
 
 
 # --- a single model matched to an ensemble's size -------------------------------------------------------------------
@@ -646,7 +654,7 @@ def sbatch_lines(study: Study) -> list[str]:
     resumed = [(p, s) for p, s in pending if s.state == "unfinished"]
     lines = [f"# study {study.name}: {len(new)} to start, {len(resumed)} to resume, "
              f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:",
-             *(f"# {line}: print the lines again when they are" for line in study.waiting), "mkdir -p logs"]
+             *(f"# {line}: print the lines again once they are" for line in study.waiting), "mkdir -p logs"]
     slurm = study.folder / "slurm"
     for preset in dict.fromkeys(p.preset for p in new):
         files = []
@@ -686,24 +694,27 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         metrics = plot.load_run(status.run_dir).metrics
         study_columns = dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
-                             point=point.label, seed=point.seed, run_dir=str(status.run_dir))
+                             point=point.label, seed=point.seed, run_dir=str(status.run_dir),
+                             final_heldout_ce=last_heldout_ce(status.run_dir))
         values = {"preset": point.preset, **{k: cli_value(v) for k, v in point.settings.items()}}
         for key in setting_keys:
             column = key if key not in metrics.columns and key not in study_columns else f"setting.{key}"
             study_columns[column] = values.get(key, "")
         frames.append(metrics.assign(**study_columns)[[*study_columns, *metrics.columns]])
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run", "family", "series", "kind", "point", "seed", "run_dir"])
+        columns=["run", "family", "series", "kind", "point", "seed", "run_dir", "final_heldout_ce"])
     return rows, pd.DataFrame(runs)
 
 
 def observations(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per series, point and seed: held-out CE and the x columns there are. An ensemble run gives a point
+    """One row per series, point and seed: test CE, the run's final early-stopping CE and the x columns there
+    are. An ensemble run gives a point
     per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
     same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
     x_columns = [x for x in X_AXES if x in rows.columns]
     if rows.empty:
-        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", *x_columns])
+        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", "final_heldout_ce",
+                                     *x_columns])
     models = rows[rows["model"] == "ensemble"].drop_duplicates(["run", "ensemble_size"], keep="last")
     models = models.sort_values(["run", "ensemble_size"], kind="stable")
     single = models["kind"] == "single"
@@ -715,7 +726,7 @@ def observations(rows: pd.DataFrame) -> pd.DataFrame:
                            order=np.where(is_ensemble, size, 0), rank=models["series"].map(series_rank),
                            first=np.arange(len(models)))
     table = (models.groupby(["series", "kind", "point", "order", "seed"], sort=False)[
-        ["ce", *x_columns, "rank", "first"]].mean().reset_index())
+        ["ce", "final_heldout_ce", *x_columns, "rank", "first"]].mean().reset_index())
     table = table.sort_values(["rank", "order", "first"], kind="stable")
     return table.drop(columns=["rank", "first"]).reset_index(drop=True)
 
@@ -912,16 +923,19 @@ def fits_table(fits: list[Fitted]) -> pd.DataFrame:
 # --- the comparison: paired over seeds --------------------------------------------------------------------------
 
 def single_at(points: pd.DataFrame, x: str, value: float) -> tuple[float, str] | None:
-    """One seed's single-model CE at x = value: its grid point there (the best, when several share that x, as the
-    `matched` family's lengths share one size); else, inside its points' range, log-linear interpolation between
-    its neighbouring points. None outside their range: a curve extrapolated from a few points can say anything.
-    `points`: the series' observations of that seed."""
+    """One seed's single-model CE at x = value: its grid point there (when several share that x, as the `matched`
+    family's lengths share one size, the one of the lowest final early-stopping CE); else, inside its points'
+    range, log-linear interpolation between its neighbouring points. None outside their range: a curve
+    extrapolated from a few points can say anything. `points`: the series' observations of that seed."""
     points = points.dropna(subset=[x]).sort_values(x)
     xs = points[x].to_numpy(float)
     equal = np.isclose(xs, value, rtol=EQUAL_X_RTOL, atol=0)
     if equal.any():
-        row = points[equal].sort_values("ce", kind="stable").iloc[0]
-        best_of = f", best of {int(equal.sum())} there" if equal.sum() > 1 else ""
+        there = points[equal]
+        by_heldout = there["final_heldout_ce"].notna().all()
+        row = there.sort_values("final_heldout_ce" if by_heldout else "ce", kind="stable").iloc[0]
+        best_of = "" if len(there) == 1 else f", best of {len(there)} there by " + (
+            "early-stopping CE" if by_heldout else "test CE (no early-stopping CE)")
         return float(row["ce"]), f"grid point {row['point']}{best_of}"
     if len(xs) < 2 or not xs[0] <= value <= xs[-1]:
         return None

@@ -490,10 +490,14 @@ def test_a_single_model_is_compared_only_inside_its_range_per_seed():
     """One seed's single models: at a grid point's x its CE; between points log-linear interpolation; outside them
     none, where an extrapolated law can say anything."""
     points = pd.DataFrame({"point": ["a", "b", "b2", "c"], "parameters": [1e6, 2e6, 2.01e6, 4e6],
-                           "ce": [7.0, 6.0, 6.2, 5.5]})
+                           "ce": [7.0, 6.0, 6.2, 5.5], "final_heldout_ce": [7.1, 6.3, 6.25, 5.6]})
     ce, source = study.single_at(points[points["point"] != "b2"], "parameters", math.sqrt(2) * 1e6)
     assert (round(ce, 6), source) == (6.5, "interpolated")
-    assert study.single_at(points, "parameters", 2e6) == (6.0, "grid point b, best of 2 there")  # within 1%
+    # Two grid points within 1%: the better on the early-stopping slice, b2, though b has the lower test CE.
+    assert study.single_at(points, "parameters", 2e6) == (6.2, "grid point b2, best of 2 there by early-stopping CE")
+    old = points.assign(final_heldout_ce=math.nan)  # runs without early stopping: the test CE, said so
+    assert study.single_at(old, "parameters", 2e6) == (6.0, "grid point b, best of 2 there by test CE (no "
+                                                            "early-stopping CE)")
     assert study.single_at(points, "parameters", 8e6) is None
     assert study.single_at(points, "parameters", 5e5) is None
 
