@@ -121,8 +121,7 @@ class Point:
         return self.config.rounds_to_run()
 
     def per_run(self) -> dict:
-        """The settings the study gives each run: its seed, and its data_seed when the seeds vary the data."""
-        return {"seed": self.seed, **({} if self.data_seed is None else {"data_seed": self.data_seed})}
+        return per_run_settings(self.seed, self.data_seed)
 
     def run_args(self) -> list[str]:
         """main.py's arguments for a new run of this point."""
@@ -164,6 +163,11 @@ class Family:
     rates: list[float]  # learning_rates to tune over (on the first seed); empty: no tuning
     match: dict | None
     label_note: str = ""  # what a match set, for the points' labels
+
+
+def per_run_settings(seed: int, data_seed: int | None) -> dict:
+    """The settings the study gives each run: its seed, and its data_seed when the seeds vary the data."""
+    return {"seed": seed, **({} if data_seed is None else {"data_seed": data_seed})}
 
 
 def cli_value(value) -> str:
@@ -342,10 +346,9 @@ def make_point(family: Family, combo: dict, seed: int, folder: Path, vary_data: 
     data_seed = seed if vary_data else None
     run_name = "__".join([family.name, *(f"{key}-{name_part(value)}" for key, value in combo.items()),
                           *([] if rate is None else [f"lr-{name_part(rate)}"]), f"seed-{seed}"])
-    per_run = {"seed": seed, **({} if data_seed is None else {"data_seed": data_seed})}
     try:
-        config = config_lib.build_config(family.preset, overrides={k: cli_value(v) for k, v in
-                                                                   {**stated, **per_run}.items()})
+        config = config_lib.build_config(family.preset, overrides={
+            k: cli_value(v) for k, v in {**stated, **per_run_settings(seed, data_seed)}.items()})
     except config_lib.ConfigError as error:
         raise StudyError(f"run {run_name}: {error}") from error
     if rate is not None and config.eval_steps <= 0:
@@ -371,22 +374,21 @@ def family_points(family: Family, folder: Path, vary_data: bool) -> tuple[list[P
         return [make_point(family, combo, seed, folder, vary_data) for combo in family.combos
                 for seed in family.seeds], "", []
     first, later = family.seeds[0], family.seeds[1:]
-    points, rows = [], []
+    points, rows, chosen = [], [], []
     for combo in family.combos:
         runs = [make_point(family, combo, first, folder, vary_data, rate, tuning=True) for rate in family.rates]
-        rows.append(tuning_rows(family, runs))
-        points += runs
-    finished = sum(1 for rows_of in rows for row in rows_of if math.isfinite(row["heldout_ce"]))
+        of_combo = tuning_rows(family, runs)
+        chosen += [(combo, row["rate"]) for row in of_combo if row["chosen"]]
+        points, rows = points + runs, rows + of_combo
+    finished = sum(math.isfinite(row["heldout_ce"]) for row in rows)
     if finished < len(points):
         wait = (f"family {family.name}: seeds {', '.join(map(str, later))} wait for tuning ({finished} of "
                 f"{len(points)} tuning runs finished)") if later else ""
-        return points, wait, [row for rows_of in rows for row in rows_of]
-    chosen_points = []
-    for combo, rows_of in zip(family.combos, rows):
-        rate = next(row["rate"] for row in rows_of if row["chosen"])
-        chosen_points += [make_point(family, combo, seed, folder, vary_data, rate) for seed in [first, *later]]
-    kept = {p.name for p in chosen_points}
-    return [p for p in points if p.name not in kept] + chosen_points, "", [r for rs in rows for r in rs]
+        return points, wait, rows
+    runs = [make_point(family, combo, seed, folder, vary_data, rate) for combo, rate in chosen
+            for seed in family.seeds]
+    kept = {p.name for p in runs}  # the first seed's run at the chosen rate is a tuning run no more
+    return [p for p in points if p.name not in kept] + runs, "", rows
 
 
 def tuning_rows(family: Family, runs: list[Point]) -> list[dict]:
