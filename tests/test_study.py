@@ -612,6 +612,8 @@ def test_fits_that_their_points_cannot_determine_say_so_and_are_not_drawn(tmp_pa
                                                             "family of kind single"),
     ({}, [dict(name="a", settings=dict(data_seed=3))], "sets data_seed"),
     (dict(vary_data="no"), ENSEMBLE_AND_SINGLE, "vary_data must be true or false"),
+    ({}, [{**ENSEMBLE_AND_SINGLE[0], "match": dict(axis="parameters", family="single")}, ENSEMBLE_AND_SINGLE[1]],
+     "family 'method': match sets a single model's size; this family is of kind ensemble"),
 ])
 def test_bad_comparisons_are_refused_by_name(tmp_path, top, families, message):
     with pytest.raises(study.StudyError, match=message):
