@@ -518,6 +518,22 @@ def test_the_paired_interval_is_a_t_interval_and_its_verdict_whether_it_excludes
     assert mean == -0.3 and math.isnan(low) and study.verdict(low, high, 1) == "one seed: no interval"
 
 
+def test_seeds_are_paired_so_a_shared_seed_effect_cancels():
+    """Seeds that move both models alike (3, 4, 5 nats) leave the paired difference at -0.1 on each: the
+    ensemble is better, where mean ± std of each side would overlap. A seed the single model lacks is no pair."""
+    obs = pd.DataFrame([dict(series=series, kind=kind, point=point, order=order, seed=seed, parameters=1e6,
+                             ce=3.0 + seed - shift, final_heldout_ce=math.nan)
+                        for series, kind, point, order, shift, seeds in (
+                            ("method", "ensemble", "1 member(s)", 1, 0.1, (0, 1, 2, 3)),
+                            ("one", "single", "one", 0, 0.0, (0, 1, 2)))
+                        for seed in seeds])
+    pairs, _ = study.pairs_table(obs, {}, ["parameters"])
+    assert list(pairs["seed"]) == [0, 1, 2] and pairs["difference"].tolist() == pytest.approx([-0.1] * 3)
+    (row,) = study.verdict_table(pairs).to_dict("records")
+    assert row["verdict"] == "ensemble better" and row["wins"] == 3 and row["seeds"] == 3
+    assert row["low"] == pytest.approx(-0.1) == row["high"]
+
+
 def curve(*evals, spent=None):
     frame = pd.DataFrame(evals, columns=["train_flops", "heldout_ce", "test_ce"])
     return study.Curve(frame.sort_values(["train_flops", "heldout_ce"]), spent or frame["train_flops"].max(),
