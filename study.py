@@ -2,30 +2,37 @@
 how does quality scale with the ensemble's size?
 
 A study spec (YAML, see docs/study.md) names base settings and families of runs: ensemble families (the method,
-each combine mode a curve) and single-model families (models of growing size), each a grid of settings crossed
-with seeds. Every grid point is one main.py run with its own output_root, STUDY/runs/NAME, so it can be found,
-skipped when finished and resumed when not.
+each combine mode a curve) and single-model families (models of growing size, or one matched to an ensemble's
+parameters), each a grid of settings crossed with seeds. Each seed sets a run's seed and data_seed, so the seeds
+vary the data; every run of a study shares one test set. A family may tune its learning rate (on the first seed,
+on the early-stopping slice), and then every family does. Every grid point is one main.py run with its own
+output_root, STUDY/runs/NAME, so it can be found, skipped when finished and resumed when not.
 
 Usage:
     python study.py SPEC.yaml                  # run every unfinished grid point here, one after another; collect
     python study.py SPEC.yaml --dry_run        # list the grid points and which are finished
     python study.py SPEC.yaml --print_sbatch   # the sbatch lines that run the same grid as SLURM arrays (train.sh)
-    python study.py SPEC.yaml --collect        # only collect: rows, fits, figures and summary of finished runs
+    python study.py SPEC.yaml --collect        # only collect: rows, fits, verdicts, figures and summary
 
 What collecting writes into the study folder:
     rows.csv         every finished run's metrics.csv rows, with run, family, series, kind, seed and its settings
     runs.csv         every grid point: its status and run folder
-    summary.csv      per series and point: mean and std of held-out CE over seeds, the x values
-    fits.csv         L(x) = L_inf + A x^-alpha of CE against each x, with bootstrap intervals over seeds
-    comparison.csv   ensemble CE minus single-model CE at matched x, and whether it exceeds 2 std of the seeds
-    summary.md       the three tables above, short, and the notes (fits skipped, and why)
-    ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the fitted curves
+    summary.csv      per series and point: mean and std of test CE over seeds, the x values
+    fits.csv         L(x) = L_inf + A x^-alpha of CE against each x (only where 4 distinct x and 4 distinct mean
+                     CEs determine it), with bootstrap intervals over seeds
+    comparison.csv   per axis, ensemble point, single-model series and seed: the paired CE difference (on
+                     train_flops the single model's curve read at the ensemble's spend, and the compute multiplier)
+    verdicts.csv     per comparison: the mean difference over seeds, its 95% t-interval, wins, verdict, multiplier
+    tuning.csv       with learning_rates: each tuning run's final early-stopping CE and the rate chosen
+    summary.md       the tables above, short, and the notes (fits and pairs left out, and why)
+    ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the determined fits
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -34,6 +41,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -41,6 +49,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.figure import Figure
+from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 
 import config as config_lib
@@ -52,15 +61,30 @@ KINDS = ("ensemble", "single")
 # The x axes a law is fitted against: metrics.csv column -> label. All but ensemble_size are columns that main.py
 # may or may not write yet; a missing one skips its fits with a note.
 X_AXES = {"ensemble_size": "ensemble size (members)", "parameters": "parameters",
-          "train_flops": "training FLOPs", "critical_path_layers": "critical-path depth (layers)"}
-COMPARED_X = ("parameters", "train_flops", "critical_path_layers")  # where ensemble and single model are matched
+          "non_embedding_parameters": "non-embedding parameters", "train_flops": "training FLOPs (all spent)",
+          "critical_path_layers": "critical-path depth (layers)"}
+# The axes an ensemble is compared with a single model on (the spec's `compare`, default all).
+COMPARED_X = ("parameters", "non_embedding_parameters", "train_flops", "critical_path_layers")
 EQUAL_X_RTOL = 0.01  # x values this close (relative) are the same grid point
 ALPHA_BOUNDS = (1e-4, 10.0)
 ALPHA_GRID = np.geomspace(*ALPHA_BOUNDS, 400)
 INTERVAL = (2.5, 97.5)  # percentiles of the bootstrap: a 95% interval
-STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families"}
-FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by"}
-SET_BY_STUDY = {"seed", "output_root"}  # each run's seed comes from `seeds`, its output_root from its name
+MIN_DISTINCT = 4  # distinct x, and distinct mean CE, a 3-parameter law needs to be determined (parameters + 1)
+DISTINCT_CE_ATOL = 1e-4  # mean CEs this close (nats) are one value: a member that stayed at zero repeats its CE
+CONFIDENCE = 0.95  # of the paired t-intervals
+CURVE_COLUMNS = ("train_flops", "heldout_ce", "test_ce")  # a train_log evaluation row's point of the curve
+PAIR_COLUMNS = ["axis", "x_value", "ensemble", "point", "ensemble_size", "single", "seed", "ensemble_ce",
+                "single_ce", "difference", "single_from", "single_flops", "multiplier", "multiplier_bound"]
+VERDICT_COLUMNS = ["axis", "x_value", "ensemble", "point", "ensemble_size", "single", "seeds", "mean_difference",
+                   "low", "high", "wins", "verdict", "ensemble_ce", "single_ce", "single_from", "multiplier_median",
+                   "multiplier_low", "multiplier_high", "multiplier_reached", "multiplier_bound"]
+STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data"}
+FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match"}
+# Each run's seed (and data_seed, unless vary_data is false) comes from `seeds`, its output_root from its name.
+SET_BY_STUDY = {"seed", "data_seed", "output_root"}
+MATCH_AXES = ("parameters", "non_embedding_parameters")  # what a single family's `match` can equal
+MATCH_RTOL = 0.10  # a matched single model further than this from its target is refused
+RANDOM_DEPTHS = range(1, 65)  # the layers a random student matched to an ensemble may have
 NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -84,36 +108,66 @@ class Point:
     series: str  # the curve it belongs to: the family, split by its split_by keys
     label: str  # the point on its curve (single kind): its grid values other than split_by, or the family name
     preset: str
-    settings: dict  # every stated setting (study, family, grid), seed excluded
+    settings: dict  # every stated setting (study, family, grid, the tuned learning rate), seed excluded
     seed: int
     output_root: Path
     config: config_lib.Config  # what main.py resolves the run's command line to
+    data_seed: int | None = None  # set per run when the study's seeds vary the data (vary_data)
+    grid_point: str = ""  # the family's grid values, without the learning rate: what a rate is tuned for
+    tuning: bool = False  # a learning-rate tuning run that is not its grid point's chosen run (not collected)
 
     @property
     def expected_rounds(self) -> int:
         return self.config.rounds_to_run()
 
+    def per_run(self) -> dict:
+        return per_run_settings(self.seed, self.data_seed)
+
     def run_args(self) -> list[str]:
         """main.py's arguments for a new run of this point."""
         args = ["--preset", self.preset, "--output_root", str(self.output_root)]
-        for key, value in self.settings.items():
+        for key, value in {**self.settings, **self.per_run()}.items():
             args += [f"--{key}", cli_value(value)]
-        return args + ["--seed", str(self.seed)]
+        return args
 
     def run_yaml(self) -> dict:
         """This point's settings as a main.py --config file (the preset is given on the command line)."""
-        return {**self.settings, "seed": self.seed, "output_root": str(self.output_root)}
+        return {**self.settings, **self.per_run(), "output_root": str(self.output_root)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Study:
     name: str
     folder: Path
-    points: list[Point]
+    points: list[Point]  # every run to make now: tuning runs, and the later seeds' runs once tuning is finished
+    compare: tuple[str, ...] = COMPARED_X  # the axes the ensembles are compared with the single models on
+    waiting: tuple[str, ...] = ()  # per family whose later seeds wait for its tuning: a line saying so
+    tuning: tuple[dict, ...] = ()  # tuning.csv's rows: family, point, rate, heldout_ce, chosen
 
     @property
     def families(self) -> list[str]:
         return list(dict.fromkeys(p.family for p in self.points))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family of the spec, checked: the grid points (combos) its runs are made of."""
+
+    name: str
+    kind: str
+    preset: str
+    settings: dict  # the study's settings, then the family's
+    combos: list[dict]
+    seeds: list[int]
+    split_by: list[str]
+    rates: list[float]  # learning_rates to tune over (on the first seed); empty: no tuning
+    match: dict | None
+    label_note: str = ""  # what a match set, for the points' labels
+
+
+def per_run_settings(seed: int, data_seed: int | None) -> dict:
+    """The settings the study gives each run: its seed, and its data_seed when the seeds vary the data."""
+    return {"seed": seed, **({} if data_seed is None else {"data_seed": data_seed})}
 
 
 def cli_value(value) -> str:
@@ -149,20 +203,31 @@ def _seeds(value, what: str) -> list[int]:
     return values
 
 
-def _check_keys(keys, what: str) -> None:
+def _check_keys(keys, what: str, reserved: set[str]) -> None:
     try:
         config_lib.check_keys(dict.fromkeys(keys), what)
     except config_lib.ConfigError as error:
         raise StudyError(str(error)) from error
-    reserved = sorted(SET_BY_STUDY & set(keys))
-    if reserved:
-        raise StudyError(f"{what} sets {', '.join(reserved)}: the study sets these per run (seeds come from "
-                         f"`seeds`, output_root is STUDY/runs/NAME)")
+    found = sorted(reserved & set(keys))
+    if found:
+        raise StudyError(f"{what} sets {', '.join(found)}: the study sets these per run (seed, and data_seed "
+                         f"unless the spec says vary_data: false, come from `seeds`; output_root is "
+                         f"STUDY/runs/NAME)")
+
+
+def _compare(value) -> tuple[str, ...]:
+    axes = list(COMPARED_X) if value is None else value if isinstance(value, list) else [value]
+    unknown = [axis for axis in axes if axis not in COMPARED_X]
+    if unknown:
+        raise StudyError(f"compare: unknown axis {', '.join(map(repr, unknown))}; the axes are "
+                         f"{', '.join(COMPARED_X)}")
+    return tuple(axes)
 
 
 def load_spec(path) -> Study:
     """Read and check a study spec; every grid point's config is built (config.build_config) so a bad key or value
-    fails here, before anything runs."""
+    fails here, before anything runs. Runs of later seeds that wait for learning-rate tuning are built once the
+    tuning runs are finished (each tuning rate's config is built and checked now)."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study spec {str(path)!r} does not exist")
@@ -176,25 +241,33 @@ def load_spec(path) -> Study:
     if not NAME.fullmatch(name):
         raise StudyError(f"the spec's name {name!r} must be letters, digits and _.+- only")
     folder = Path(spec.get("output") or Path("studies") / name).resolve()
+    vary_data = spec.get("vary_data", True)
+    if not isinstance(vary_data, bool):
+        raise StudyError(f"vary_data must be true or false, not {vary_data!r}")
+    reserved = SET_BY_STUDY if vary_data else SET_BY_STUDY - {"data_seed"}
     base = _mapping(spec.get("settings"), "settings")
-    _check_keys(base, f"{path}: settings")
+    _check_keys(base, f"{path}: settings", reserved)
+    compare = _compare(spec.get("compare"))
     seeds = _seeds(spec.get("seeds", [0]), "seeds")
-    families = spec.get("families")
-    if not isinstance(families, list) or not families:
+    if not isinstance(spec.get("families"), list) or not spec["families"]:
         raise StudyError(f"{path}: `families` must be a non-empty list")
-    points = []
+    families = [parse_family(f, spec.get("preset", config_lib.DEFAULT_PRESET), base, seeds, reserved)
+                for f in spec["families"]]
+    check_families(families, compare)
+    families = [match_family(f, families) if f.match else f for f in families]
+    points, waiting, tuning = [], [], []
     for family in families:
-        points += family_points(family, spec.get("preset", config_lib.DEFAULT_PRESET), base, seeds, folder)
-    names = [p.name for p in points]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise StudyError(f"run names repeat: {repeated} (two families with one name, or grid values that read the "
-                         f"same in a folder name)")
-    return Study(name=name, folder=folder, points=points)
+        made, wait, rows = family_points(family, folder, vary_data)
+        points += made
+        waiting += [wait] if wait else []
+        tuning += rows
+    check_points(points)
+    return Study(name=name, folder=folder, points=points, compare=compare, waiting=tuple(waiting),
+                 tuning=tuple(tuning))
 
 
-def family_points(family: dict, preset: str, base: dict, seeds: list[int], folder: Path) -> list[Point]:
-    """The grid points of one family: the cartesian product of its grid's lists, crossed with its seeds."""
+def parse_family(family: dict, preset: str, base: dict, seeds: list[int], reserved: set[str]) -> Family:
+    """A family of the spec, its keys and values checked (the configs are built by family_points)."""
     family = _mapping(family, "a family")
     unknown = sorted(set(family) - FAMILY_KEYS)
     if unknown:
@@ -207,11 +280,9 @@ def family_points(family: dict, preset: str, base: dict, seeds: list[int], folde
     settings = _mapping(family.get("settings"), f"{what}: settings")
     grid = {key: values if isinstance(values, list) else [values]
             for key, values in _mapping(family.get("grid"), f"{what}: grid").items()}
-    _check_keys([*settings, *grid], what)
+    _check_keys([*settings, *grid], what, reserved)
     if any(not values for values in grid.values()):
         raise StudyError(f"{what}: every grid key needs at least one value")
-    preset = family.get("preset", preset)
-    seeds = _seeds(family["seeds"], f"{what}: seeds") if "seeds" in family else seeds
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     baselines = {str({**base, **settings, **combo}.get("baseline", "none")) for combo in combos}
     kind = family.get("kind") or ("single" if baselines <= set(config_lib.SINGLE_MODEL_BASELINES) else "ensemble")
@@ -221,25 +292,241 @@ def family_points(family: dict, preset: str, base: dict, seeds: list[int], folde
     split_by = family.get("split_by", default_split)
     if not isinstance(split_by, list) or set(split_by) - set(grid):
         raise StudyError(f"{what}: split_by must list grid keys, not {split_by!r}")
-    points = []
-    for combo in combos:
-        stated = {**base, **settings, **combo}
-        split = [f"{key}={cli_value(combo[key])}" for key in split_by]
-        rest = [f"{key}={cli_value(value)}" for key, value in combo.items() if key not in split_by]
-        for seed in seeds:
-            run_name = "__".join([name, *(f"{key}-{name_part(value)}" for key, value in combo.items()),
-                                  f"seed-{seed}"])
-            try:
-                config = config_lib.build_config(preset, overrides={k: cli_value(v) for k, v in
-                                                                    {**stated, "seed": seed}.items()})
-            except config_lib.ConfigError as error:
-                raise StudyError(f"run {run_name}: {error}") from error
-            points.append(Point(
-                name=run_name, family=name, kind=kind,
-                series=f"{name} ({', '.join(split)})" if split else name,
-                label=", ".join(rest) if kind == "single" and rest else name, preset=preset, settings=stated,
-                seed=seed, output_root=folder / "runs" / run_name, config=config))
-    return points
+    rates = family.get("learning_rates") or []
+    if not isinstance(rates, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                              for r in rates):
+        raise StudyError(f"{what}: learning_rates must be a list of numbers, not {rates!r}")
+    return Family(name=name, kind=kind, preset=family.get("preset", preset), settings={**base, **settings},
+                  combos=combos, seeds=_seeds(family["seeds"], f"{what}: seeds") if "seeds" in family else seeds,
+                  split_by=split_by, rates=[float(r) for r in rates], match=parse_match(family.get("match"), what,
+                                                                                       kind))
+
+
+def check_families(families: list[Family], compare: tuple[str, ...]) -> None:
+    """What a comparison needs of the families together: a single-model family for the ensembles to be compared
+    with (unless the spec compares nothing: `compare: []`), and learning rates tuned on both sides alike (as many
+    rates for every family), or on none."""
+    kinds = {f.kind for f in families}
+    if compare and "ensemble" in kinds and "single" not in kinds:
+        raise StudyError("nothing to compare the ensemble against: add a family of kind single (or say "
+                         "`compare: []` for a study that compares nothing)")
+    tuned = {f.name: len(f.rates) for f in families}
+    untuned = [name for name, count in tuned.items() if count == 0]
+    if len(untuned) < len(tuned) and untuned:
+        raise StudyError(f"a learning-rate grid on one side only: family {', '.join(untuned)} has no "
+                         f"learning_rates; tune every family over as many rates, or none")
+    if len(set(tuned.values())) > 1:
+        raise StudyError(f"a learning-rate grid on one side only: the families tune over different numbers of "
+                         f"rates ({', '.join(f'{name}: {count}' for name, count in tuned.items())}); give every "
+                         f"family as many")
+
+
+def check_points(points: list[Point]) -> None:
+    """Run names are unique, and every run shares one test set (config test_seed), or the paired comparison would
+    compare CE on different texts."""
+    names = [p.name for p in points]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise StudyError(f"run names repeat: {repeated} (two families with one name, or grid values that read the "
+                         f"same in a folder name)")
+    test_seeds = {}
+    for point in points:
+        test_seeds.setdefault(getattr(point.config, "test_seed", None), []).append(point.family)
+    if len(test_seeds) > 1:
+        which = "; ".join(f"test_seed {seed}: {', '.join(dict.fromkeys(names))}" for seed, names in
+                          test_seeds.items())
+        raise StudyError(f"the families set different test_seed values ({which}): a comparison must share its "
+                         f"test set")
+
+
+def make_point(family: Family, combo: dict, seed: int, folder: Path, vary_data: bool,
+               rate: float | None = None, tuning: bool = False) -> Point:
+    """The run of `family` at grid point `combo` and `seed` (at learning rate `rate` when the family tunes one)."""
+    stated = {**family.settings, **combo, **({} if rate is None else {"learning_rate": rate})}
+    data_seed = seed if vary_data else None
+    run_name = "__".join([family.name, *(f"{key}-{name_part(value)}" for key, value in combo.items()),
+                          *([] if rate is None else [f"lr-{name_part(rate)}"]), f"seed-{seed}"])
+    try:
+        config = config_lib.build_config(family.preset, overrides={
+            k: cli_value(v) for k, v in {**stated, **per_run_settings(seed, data_seed)}.items()})
+    except config_lib.ConfigError as error:
+        raise StudyError(f"run {run_name}: {error}") from error
+    if rate is not None and config.eval_steps <= 0:
+        raise StudyError(f"family {family.name!r} tunes its learning rate, which is chosen on the early-stopping "
+                         f"slice: its runs need eval_steps > 0 (run {run_name} has {config.eval_steps})")
+    split = [f"{key}={cli_value(combo[key])}" for key in family.split_by]
+    rest = ", ".join(f"{key}={cli_value(value)}" for key, value in combo.items() if key not in family.split_by)
+    label = (rest or family.name) if family.kind == "single" else family.name
+    return Point(name=run_name, family=family.name, kind=family.kind,
+                 series=f"{family.name} ({', '.join(split)})" if split else family.name,
+                 label=f"{label} {family.label_note}".strip(), preset=family.preset, settings=stated, seed=seed,
+                 output_root=folder / "runs" / run_name, config=config, data_seed=data_seed,
+                 grid_point=", ".join(f"{k}={cli_value(v)}" for k, v in combo.items()) or family.name,
+                 tuning=tuning)
+
+
+def family_points(family: Family, folder: Path, vary_data: bool) -> tuple[list[Point], str, list[dict]]:
+    """(the runs to make now, a line when its later seeds wait for tuning, tuning.csv's rows). Without tuning:
+    the cartesian product of its grid's lists, crossed with its seeds. With learning_rates: every grid point at
+    every rate on the first seed; once those are finished, the later seeds at each grid point's chosen rate (the
+    first seed's run at that rate is its run)."""
+    if not family.rates:
+        return [make_point(family, combo, seed, folder, vary_data) for combo in family.combos
+                for seed in family.seeds], "", []
+    first, later = family.seeds[0], family.seeds[1:]
+    points, rows, chosen = [], [], []
+    for combo in family.combos:
+        runs = [make_point(family, combo, first, folder, vary_data, rate, tuning=True) for rate in family.rates]
+        of_combo = tuning_rows(family, runs)
+        chosen += [(combo, row["rate"]) for row in of_combo if row["chosen"]]
+        points, rows = points + runs, rows + of_combo
+    finished = sum(math.isfinite(row["heldout_ce"]) for row in rows)
+    if finished < len(points):
+        wait = (f"family {family.name}: seeds {', '.join(map(str, later))} wait for tuning ({finished} of "
+                f"{len(points)} tuning runs finished)") if later else ""
+        return points, wait, rows
+    runs = [make_point(family, combo, seed, folder, vary_data, rate) for combo, rate in chosen
+            for seed in family.seeds]
+    kept = {p.name for p in runs}  # the first seed's run at the chosen rate is a tuning run no more
+    return [p for p in points if p.name not in kept] + runs, "", rows
+
+
+def tuning_rows(family: Family, runs: list[Point]) -> list[dict]:
+    """One grid point's tuning runs (one per rate): each finished run's final early-stopping CE, and which rate is
+    chosen (the lowest such CE; none until every rate's run is finished)."""
+    ces = []
+    for run in runs:
+        status = point_status(run)
+        ces.append(final_heldout_ce(status.run_dir) if status.state == "finished" else math.nan)
+    done = all(math.isfinite(ce) for ce in ces)
+    best = int(np.argmin(ces)) if done else -1
+    return [dict(family=family.name, point=run.grid_point, rate=run.settings["learning_rate"], heldout_ce=ce,
+                 chosen=i == best, run=run.name) for i, (run, ce) in enumerate(zip(runs, ces))]
+
+
+def last_heldout_ce(run_dir: Path) -> float:
+    """A run's final early-stopping CE: the best held-out CE of its last round's evaluations (train_log.csv); NaN
+    without any. Choices between runs (a learning rate, a grid point) rest on it, never on the test CE."""
+    log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
+    if log is None or "heldout_ce" not in log.columns or log["heldout_ce"].notna().sum() == 0:
+        return math.nan
+    evals = log.dropna(subset=["heldout_ce"])
+    return float(evals.loc[evals["round"] == evals["round"].max(), "heldout_ce"].min())
+
+
+def final_heldout_ce(run_dir: Path) -> float:
+    """A tuning run's last_heldout_ce, which it must have: its learning rate is chosen by it."""
+    ce = last_heldout_ce(run_dir)
+    if not math.isfinite(ce):
+        raise StudyError(f"{run_dir} has no early-stopping evaluations (heldout_ce in train_log.csv) to choose a "
+                         f"learning rate by")
+    return ce
+
+
+# --- a single model matched to an ensemble's size -------------------------------------------------------------------
+
+def parse_match(value, what: str, kind: str) -> dict | None:
+    """A single family's `match: {axis, family, size}`, checked (the sizes are resolved by match_family)."""
+    if value is None:
+        return None
+    match = _mapping(value, f"{what}: match")
+    if kind != "single":
+        raise StudyError(f"{what}: match sets a single model's size; this family is of kind {kind}")
+    size = match.get("size")
+    if (set(match) - {"axis", "family", "size"} or match.get("axis") not in MATCH_AXES or not match.get("family")
+            or not (size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1))):
+        raise StudyError(f"{what}: match needs axis ({' or '.join(MATCH_AXES)}), family (an ensemble family) and "
+                         f"optionally size (its ensemble size, >= 1), not {match!r}")
+    return match
+
+
+def match_family(family: Family, families: list[Family]) -> Family:
+    """`family` with the size setting whose single model's axis value (parameters or non-embedding parameters) is
+    the closest to the named ensemble family's at its size: refused when none is within MATCH_RTOL."""
+    match, what = family.match, f"family {family.name!r}"
+    ensemble = next((f for f in families if f.name == match["family"] and f.kind == "ensemble"), None)
+    if ensemble is None:
+        raise StudyError(f"{what}: match names {match['family']!r}, which is no ensemble family of this spec")
+    configs = [family_config(ensemble, combo) for combo in ensemble.combos]
+    size = match.get("size") or configs[0].total_rounds
+    targets = sorted({ensemble_size_value(config, match["axis"], size) for config in configs})
+    if len(targets) > 1:
+        raise StudyError(f"{what}: the grid points of {ensemble.name!r} have different {match['axis']} ({targets}) "
+                         f"at {size} members: match one family of one size")
+    target = targets[0]
+    candidates = size_candidates(family_config(family, family.combos[0]), match["axis"])
+    setting, value = min(candidates, key=lambda candidate: abs(candidate[1] - target))
+    if abs(value - target) > MATCH_RTOL * target:
+        raise StudyError(f"{what}: no size of this family reaches {match['axis']} {target:,} (family "
+                         f"{ensemble.name!r} at {size} members) within {MATCH_RTOL:.0%}; the nearest is {value:,} "
+                         f"({', '.join(f'{k}={cli_value(v)}' for k, v in setting.items())})")
+    note = f"(matched {match['axis']} {value:,} to {ensemble.name} x{size}: {target:,})"
+    return dataclasses.replace(family, settings={**family.settings, **setting}, label_note=note)
+
+
+def family_config(family: Family, combo: dict) -> config_lib.Config:
+    try:
+        return config_lib.build_config(family.preset, overrides={k: cli_value(v) for k, v in
+                                                                 {**family.settings, **combo}.items()})
+    except config_lib.ConfigError as error:
+        raise StudyError(f"family {family.name!r}: {error}") from error
+
+
+@functools.lru_cache(maxsize=None)
+def teacher_parts(teacher: str, cache_dir: str, trust_remote_code: bool):
+    """(the teacher's model config as an object with a `config`, its tokenizer): what a student's shape depends
+    on. Only a spec with `match` needs them, so transformers is imported here."""
+    import embedded
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = embedded.resolve_teacher(teacher, cache_dir)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return types.SimpleNamespace(config=model_config), tokenizer
+
+
+def student_shape(config: config_lib.Config, round_index: int):
+    """A round's student's compute.ModelShape, from its model config on the meta device (no weight allocated)."""
+    import compute
+    import utils
+
+    teacher, tokenizer = teacher_parts(config.teacher, str(config.cache_dir), config.trust_remote_code)
+    model_config = utils.student_model_config(config, teacher, tokenizer, round_index)
+    return model_config, compute.model_shape(model_config, config.trust_remote_code)
+
+
+def ensemble_size_value(config: config_lib.Config, axis: str, size: int) -> int:
+    """An ensemble of `size` members' parameters (or non-embedding parameters): its rounds' students summed; with
+    combine additive every member after the first gets its own output head (utils.start_at_zero unties a tied
+    one), which counts as embedding parameters."""
+    total = 0
+    for round_index in range(size):
+        model_config, shape = student_shape(config, round_index)
+        total += getattr(shape, axis)
+        untied = round_index > 0 and config.combine == "additive" and getattr(model_config, "tie_word_embeddings",
+                                                                              False)
+        total += shape.head_parameters if untied and axis == "parameters" else 0
+    return total
+
+
+def size_candidates(config: config_lib.Config, axis: str) -> list[tuple[dict, int]]:
+    """(size setting, axis value) for every size a single model of `config`'s family can take: teacher_layers
+    students copy 1 to all of the teacher's layers (spread from first to last), random students have 1 to 64
+    layers."""
+    import utils
+
+    if config.student_init == "teacher_layers":
+        teacher, _ = teacher_parts(config.teacher, str(config.cache_dir), config.trust_remote_code)
+        layers = teacher.config.num_hidden_layers
+        settings = [{"teacher_layers": utils.spread_layer_indices(n, layers), "teacher_layers_shift": 0}
+                    for n in range(1, layers + 1)]
+    elif config.student_init == "random":
+        settings = [{"student_num_layers": n} for n in RANDOM_DEPTHS]
+    else:
+        raise StudyError(f"match sizes students of student_init teacher_layers or random, not "
+                         f"{config.student_init!r}")
+    return [(setting, getattr(student_shape(dataclasses.replace(config, **setting), 0)[1], axis))
+            for setting in settings]
 
 
 # --- the state of a grid point --------------------------------------------------------------------------------------
@@ -355,8 +642,9 @@ def dry_run_lines(study: Study) -> list[str]:
     width = max(len(p.name) for p in study.points)
     for point, status in zip(study.points, statuses):
         where = status.run_dir or point.output_root
-        lines.append(f"  {status.state:<10} {point.name:<{width}}  {point.kind:<8} {where}")
-    return lines
+        lines.append(f"  {status.state:<10} {point.name:<{width}}  {'tuning' if point.tuning else point.kind:<8} "
+                     f"{where}")
+    return lines + [f"  {line}" for line in study.waiting]
 
 
 def sbatch_lines(study: Study) -> list[str]:
@@ -367,7 +655,8 @@ def sbatch_lines(study: Study) -> list[str]:
     new = [p for p, s in pending if s.state == "missing"]
     resumed = [(p, s) for p, s in pending if s.state == "unfinished"]
     lines = [f"# study {study.name}: {len(new)} to start, {len(resumed)} to resume, "
-             f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:", "mkdir -p logs"]
+             f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:",
+             *(f"# {line}: print the lines again once they are" for line in study.waiting), "mkdir -p logs"]
     slurm = study.folder / "slurm"
     for preset in dict.fromkeys(p.preset for p in new):
         files = []
@@ -399,7 +688,7 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     stated settings as columns; and every grid point's status."""
     frames, runs = [], []
     setting_keys = list(dict.fromkeys(k for p in study.points for k in ["preset", *p.settings]))
-    for point in study.points:
+    for point in (p for p in study.points if not p.tuning):  # a rate not chosen is in tuning.csv only
         status = point_status(point)
         runs.append(dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
                          seed=point.seed, status=status.state, run_dir=str(status.run_dir or "")))
@@ -407,24 +696,27 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         metrics = plot.load_run(status.run_dir).metrics
         study_columns = dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
-                             point=point.label, seed=point.seed, run_dir=str(status.run_dir))
+                             point=point.label, seed=point.seed, run_dir=str(status.run_dir),
+                             final_heldout_ce=last_heldout_ce(status.run_dir))
         values = {"preset": point.preset, **{k: cli_value(v) for k, v in point.settings.items()}}
         for key in setting_keys:
             column = key if key not in metrics.columns and key not in study_columns else f"setting.{key}"
             study_columns[column] = values.get(key, "")
         frames.append(metrics.assign(**study_columns)[[*study_columns, *metrics.columns]])
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["run", "family", "series", "kind", "point", "seed", "run_dir"])
+        columns=["run", "family", "series", "kind", "point", "seed", "run_dir", "final_heldout_ce"])
     return rows, pd.DataFrame(runs)
 
 
 def observations(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per series, point and seed: held-out CE and the x columns there are. An ensemble run gives a point
+    """One row per series, point and seed: test CE, the run's final early-stopping CE and the x columns there
+    are. An ensemble run gives a point
     per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
     same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
     x_columns = [x for x in X_AXES if x in rows.columns]
     if rows.empty:
-        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", *x_columns])
+        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", "final_heldout_ce",
+                                     *x_columns])
     models = rows[rows["model"] == "ensemble"].drop_duplicates(["run", "ensemble_size"], keep="last")
     models = models.sort_values(["run", "ensemble_size"], kind="stable")
     single = models["kind"] == "single"
@@ -436,7 +728,7 @@ def observations(rows: pd.DataFrame) -> pd.DataFrame:
                            order=np.where(is_ensemble, size, 0), rank=models["series"].map(series_rank),
                            first=np.arange(len(models)))
     table = (models.groupby(["series", "kind", "point", "order", "seed"], sort=False)[
-        ["ce", *x_columns, "rank", "first"]].mean().reset_index())
+        ["ce", "final_heldout_ce", *x_columns, "rank", "first"]].mean().reset_index())
     table = table.sort_values(["rank", "order", "first"], kind="stable")
     return table.drop(columns=["rank", "first"]).reset_index(drop=True)
 
@@ -468,10 +760,6 @@ class PowerLaw:
 
     def __call__(self, x):
         return self.l_inf + self.a * np.power(np.asarray(x, dtype=float), -self.alpha)
-
-    @property
-    def underdetermined(self) -> bool:
-        return self.n_x <= 3
 
 
 def _law(u, l_inf, a, alpha):
@@ -557,17 +845,42 @@ class Fitted:
     note: str
     boot: np.ndarray  # bootstrap l_inf, a, alpha
 
+    @property
+    def determined(self) -> bool:
+        """Fitted with alpha inside its bounds: a law at its bound is a step or a line, not a power law, so it is
+        neither drawn nor read between points."""
+        return self.law is not None and ALPHA_BOUNDS[0] * 1.001 < self.law.alpha < ALPHA_BOUNDS[1] * 0.999
+
     def interval(self, index: int) -> tuple[float, float]:
         if len(self.boot) < 2:
             return math.nan, math.nan
         low, high = np.percentile(self.boot[:, index], INTERVAL)
         return float(low), float(high)
 
-    def predict_std(self, x: float) -> float:
-        """Std of the bootstrap laws' predictions at x (NaN without a bootstrap)."""
-        if len(self.boot) < 2:
-            return math.nan
-        return float(np.std(self.boot[:, 0] + self.boot[:, 1] * x ** -self.boot[:, 2], ddof=1))
+
+def too_few_points(part: pd.DataFrame, x: str) -> str:
+    """Why a curve's points cannot determine the 3-parameter law ("" when they can): it needs MIN_DISTINCT
+    distinct x values and as many distinct mean CEs (means within DISTINCT_CE_ATOL count once, as additive members
+    that stayed at zero repeat the CE before them)."""
+    means = np.sort(part.groupby(x)["ce"].mean().to_numpy(float))
+    distinct_ce = 1 + int((np.diff(means) > DISTINCT_CE_ATOL).sum()) if len(means) else 0
+    if len(means) >= MIN_DISTINCT and distinct_ce >= MIN_DISTINCT:
+        return ""
+    return (f"{len(means)} distinct x and {distinct_ce} distinct mean CE for 3 parameters (a fit needs "
+            f"{MIN_DISTINCT} of each): not fitted")
+
+
+def fit_notes(law: PowerLaw, boot: np.ndarray) -> str:
+    note = []
+    if not ALPHA_BOUNDS[0] * 1.001 < law.alpha < ALPHA_BOUNDS[1] * 0.999:
+        note.append(f"not determined (alpha at its bound {law.alpha:g})")
+    if law.l_inf == 0:
+        note.append("L_inf at its bound 0")
+    if law.a < 0:
+        note.append("A < 0: CE rises with x")
+    if len(boot) < 2:
+        note.append("one seed: no interval")
+    return "; ".join(note)
 
 
 def fit_all(obs: pd.DataFrame, rows_columns, replicates: int) -> tuple[list[Fitted], list[str]]:
@@ -582,26 +895,14 @@ def fit_all(obs: pd.DataFrame, rows_columns, replicates: int) -> tuple[list[Fitt
             if x == "ensemble_size" and (part["kind"] == "single").all():
                 continue  # a single model has size 1
             part = part.dropna(subset=[x, "ce"])
-            try:
-                law = fit_power_law(part[x], part["ce"])
-            except FitError as error:
-                fits.append(Fitted(series, x, None, str(error), np.empty((0, 3))))
-                notes.append(f"{series}, x = {x}: {error}")
+            reason = too_few_points(part, x)
+            if reason:
+                fits.append(Fitted(series, x, None, reason, np.empty((0, 3))))
+                notes.append(f"{series}, x = {x}: {reason}")
                 continue
+            law = fit_power_law(part[x], part["ce"])
             boot = bootstrap_laws(part, x, replicates)
-            note = []
-            if law.underdetermined:
-                note.append(f"underdetermined: {law.n_x} distinct x for 3 parameters, the curve passes through "
-                            f"the means")
-            if not ALPHA_BOUNDS[0] * 1.001 < law.alpha < ALPHA_BOUNDS[1] * 0.999:
-                note.append(f"alpha at its bound {law.alpha:g}")
-            if law.l_inf == 0:
-                note.append("L_inf at its bound 0")
-            if law.a < 0:
-                note.append("A < 0: CE rises with x")
-            if len(boot) < 2:
-                note.append("one seed: no interval")
-            fits.append(Fitted(series, x, law, "; ".join(note), boot))
+            fits.append(Fitted(series, x, law, fit_notes(law, boot), boot))
     return fits, notes
 
 
@@ -610,73 +911,195 @@ def fits_table(fits: list[Fitted]) -> pd.DataFrame:
     for fit in fits:
         law = fit.law
         row = dict(series=fit.series, x=fit.x, points=law.n if law else 0, distinct_x=law.n_x if law else 0,
-                   fitted=law is not None)
+                   fitted=law is not None, determined=fit.determined)
         for i, name in enumerate(("l_inf", "a", "alpha")):
             low, high = fit.interval(i)
             row.update({name: getattr(law, name) if law else math.nan, f"{name}_low": low, f"{name}_high": high})
         row.update(rss=law.rss if law else math.nan, bootstrap_fits=len(fit.boot), note=fit.note)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["series", "x", "points", "distinct_x", "fitted", "l_inf", "l_inf_low",
-                                       "l_inf_high", "a", "a_low", "a_high", "alpha", "alpha_low", "alpha_high",
-                                       "rss", "bootstrap_fits", "note"])
+    return pd.DataFrame(rows, columns=["series", "x", "points", "distinct_x", "fitted", "determined", "l_inf",
+                                       "l_inf_low", "l_inf_high", "a", "a_low", "a_high", "alpha", "alpha_low",
+                                       "alpha_high", "rss", "bootstrap_fits", "note"])
 
 
-# --- the comparison at matched x ------------------------------------------------------------------------------------
+# --- the comparison: paired over seeds --------------------------------------------------------------------------
 
-def single_at(points: pd.DataFrame, fit: Fitted | None, x: str, value: float) -> tuple[float, float, str] | None:
-    """A single-model series' CE and its std at x = value: the grid point there (the best, when several share that
-    x); else, inside the range of its points, its law (bootstrap std of the prediction) when the law is determined
-    by more points than parameters, else log-linear interpolation between its neighbouring points. None outside its
-    range: a law extrapolated from a few points can say anything (a 3-point fit once predicted 12,000 nats).
-    `points`: the series' rows of point_table."""
+def single_at(points: pd.DataFrame, x: str, value: float) -> tuple[float, str] | None:
+    """One seed's single-model CE at x = value: its grid point there (when several share that x, as the `matched`
+    family's lengths share one size, the one of the lowest final early-stopping CE); else, inside its points'
+    range, log-linear interpolation between its neighbouring points. None outside their range: a curve
+    extrapolated from a few points can say anything. `points`: the series' observations of that seed."""
     points = points.dropna(subset=[x]).sort_values(x)
-    if points.empty:
-        return None
     xs = points[x].to_numpy(float)
     equal = np.isclose(xs, value, rtol=EQUAL_X_RTOL, atol=0)
-    if equal.any():  # several grid points at this x (single_matched's lengths at one size): the best of them
-        row = points[equal].sort_values("ce_mean", kind="stable").iloc[0]
-        best_of = f", best of {int(equal.sum())} there" if equal.sum() > 1 else ""
-        return float(row["ce_mean"]), float(row["ce_std"]), f"grid point {row['point']}{best_of}"
-    if not xs[0] <= value <= xs[-1]:
+    if equal.any():
+        there = points[equal]
+        by_heldout = there["final_heldout_ce"].notna().all()
+        row = there.sort_values("final_heldout_ce" if by_heldout else "ce", kind="stable").iloc[0]
+        best_of = "" if len(there) == 1 else f", best of {len(there)} there by " + (
+            "early-stopping CE" if by_heldout else "test CE (no early-stopping CE)")
+        return float(row["ce"]), f"grid point {row['point']}{best_of}"
+    if len(xs) < 2 or not xs[0] <= value <= xs[-1]:
         return None
-    if fit is not None and fit.law is not None and not fit.law.underdetermined:
-        return float(fit.law(value)), fit.predict_std(value), "fit"
-    if len(xs) >= 2:
-        log_x = np.log(xs)
-        return (float(np.interp(math.log(value), log_x, points["ce_mean"].to_numpy(float))),
-                float(np.interp(math.log(value), log_x, points["ce_std"].to_numpy(float))), "interpolated")
-    return None
+    return float(np.interp(math.log(value), np.log(xs), points["ce"].to_numpy(float))), "interpolated"
 
 
-def comparison_table(points: pd.DataFrame, fits: list[Fitted]) -> pd.DataFrame:
-    """Each ensemble point against each single-model series at the same x (parameters, training FLOPs, depth):
-    ensemble CE minus single CE (negative: the ensemble is better), the std of that difference from the seeds
-    (sqrt of the two variances), and whether |difference| > 2 std."""
-    by_key = {(f.series, f.x): f for f in fits}
-    singles = [s for s in dict.fromkeys(points["series"]) if (points.loc[points["series"] == s, "kind"]
-                                                                 == "single").all()]
-    rows = []
-    for x in (x for x in COMPARED_X if x in points.columns):
-        for ensemble in points[(points["kind"] == "ensemble") & points[x].notna()].itertuples(index=False):
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """A single-model series' learning curve on one seed: its runs' early-stopping evaluations, pooled (each row's
+    train_flops is what its run had spent by then), sorted by train_flops and, at equal spend, held-out CE."""
+
+    evals: pd.DataFrame  # train_flops, heldout_ce, test_ce
+    spent: float  # the most one of its runs spent in all
+    from_metrics: bool  # old runs without the curve's columns: their final point only
+
+    def at(self, budget: float) -> pd.Series | None:
+        """The evaluation chosen within `budget`: the lowest held-out CE among those that had spent at most it
+        (chosen on the early-stopping slice, never on the test CE). None when the first already spent more."""
+        within = self.evals[self.evals["train_flops"] <= budget * (1 + 1e-9)]
+        return None if within.empty else within.loc[within["heldout_ce"].idxmin()]
+
+    def multiplier(self, ce: float, budget: float) -> tuple[float, float]:
+        """(F'/budget for the smallest spend F' whose chosen evaluation's test CE is <= ce, NaN when none is;
+        the curve's whole spend / budget, the bound a censored multiplier exceeds)."""
+        best, test = math.inf, math.inf
+        for row in self.evals.itertuples(index=False):
+            if row.heldout_ce < best:
+                best, test = row.heldout_ce, row.test_ce
+            if test <= ce:
+                return row.train_flops / budget, math.nan
+        return math.nan, self.spent / budget
+
+
+def run_evals(run_dir: str, final: pd.Series) -> tuple[pd.DataFrame, bool]:
+    """A single-model run's early-stopping evaluations (train_flops, heldout_ce, test_ce) from its train_log;
+    a run whose log lacks these columns gives its final metrics row as its one point (True: from metrics)."""
+    log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
+    if log is not None and set(CURVE_COLUMNS) <= set(log.columns):
+        evals = log.dropna(subset=list(CURVE_COLUMNS))[list(CURVE_COLUMNS)]
+        if len(evals):
+            return evals, False
+    return pd.DataFrame({"train_flops": [final["train_flops"]], "heldout_ce": [final["ce"]],
+                         "test_ce": [final["ce"]]}), True
+
+
+def single_curves(rows: pd.DataFrame) -> tuple[dict[tuple[str, int], Curve], list[str]]:
+    """Per single-model series and seed, its Curve; notes on old runs (no curve) and on what was left out."""
+    if rows.empty or "train_flops" not in rows.columns:
+        return {}, []
+    finals = rows[(rows["kind"] == "single") & (rows["model"] == "ensemble")].groupby("run", sort=False).tail(1)
+    curves, notes = {}, []
+    for (series, seed), runs in finals.groupby(["series", "seed"], sort=False):
+        parts = [run_evals(run.run_dir, run) for _, run in runs.iterrows()]
+        from_metrics = any(old for _, old in parts)
+        if from_metrics and len(parts) > 1:  # pooling final points would choose among runs on the test CE
+            notes.append(f"{series}, seed {seed}: {len(parts)} runs without an early-stopping curve (train_log "
+                         f"without train_flops, heldout_ce, test_ce): no train_flops comparison")
+            continue
+        if from_metrics:
+            notes.append(f"{series}, seed {seed}: its train_log has no train_flops, heldout_ce, test_ce (an old "
+                         f"run): its final point stands for its curve")
+        evals = pd.concat([e for e, _ in parts]).sort_values(["train_flops", "heldout_ce"], kind="stable")
+        spent = float(np.nanmax([runs["train_flops"].max(), evals["train_flops"].max()]))
+        curves[(series, int(seed))] = Curve(evals.reset_index(drop=True), spent, from_metrics)
+    return curves, notes
+
+
+def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensemble) -> dict | None:
+    """The single-model series' CE paired with one ensemble observation (same seed), or None where there is none:
+    on train_flops its curve's choice within the ensemble's spend, and the compute multiplier; on the other axes
+    its grid point at the ensemble's x or its interpolation."""
+    if axis == "train_flops":
+        curve = curves.get((single, int(ensemble.seed)))
+        budget = float(ensemble.train_flops)
+        chosen = None if curve is None else curve.at(budget)
+        if chosen is None:
+            return None
+        multiplier, bound = curve.multiplier(float(ensemble.ce), budget)
+        return dict(single_ce=float(chosen["test_ce"]), single_flops=float(chosen["train_flops"]),
+                    single_from="final point (no curve)" if curve.from_metrics else "early-stopping curve",
+                    multiplier=multiplier, multiplier_bound=bound)
+    found = single_at(obs[(obs["series"] == single) & (obs["seed"] == ensemble.seed)], axis,
+                      float(getattr(ensemble, axis)))
+    return None if found is None else dict(single_ce=found[0], single_flops=math.nan, single_from=found[1],
+                                           multiplier=math.nan, multiplier_bound=math.nan)
+
+
+def pairs_table(obs: pd.DataFrame, curves: dict, axes) -> tuple[pd.DataFrame, list[str]]:
+    """comparison.csv: per axis, ensemble point, single-model series and seed, the ensemble's CE and the single
+    model's from the run of the same seed, and their difference (negative: the ensemble is better). Notes on the
+    seeds left out because the single model's first evaluation had already spent more than the ensemble."""
+    singles = [s for s in dict.fromkeys(obs["series"]) if (obs.loc[obs["series"] == s, "kind"] == "single").all()]
+    ensembles = obs[obs["kind"] == "ensemble"]
+    rows, notes = [], []
+    for axis in (a for a in axes if a in obs.columns):
+        for (series, point), part in ensembles.dropna(subset=[axis]).groupby(["series", "point"], sort=False):
             for single in singles:
-                value = float(getattr(ensemble, x))
-                found = single_at(points[points["series"] == single], by_key.get((single, x)), x, value)
-                if found is None:
-                    continue
-                single_ce, single_std, how = found
-                diff = float(ensemble.ce_mean) - single_ce
-                std = math.sqrt(float(ensemble.ce_std) ** 2 + single_std ** 2)
-                significant = bool(abs(diff) > 2 * std) if math.isfinite(std) else None
-                verdict = ("n/a (one seed)" if significant is None else "within 2 std" if not significant
-                           else "ensemble better" if diff < 0 else "single better")
-                rows.append(dict(x=x, x_value=value, ensemble=ensemble.series, point=ensemble.point,
-                                 ensemble_ce=float(ensemble.ce_mean), ensemble_std=float(ensemble.ce_std),
-                                 single=single, single_ce=single_ce, single_std=single_std, single_from=how,
-                                 difference=diff, difference_std=std, exceeds_2std=significant, verdict=verdict))
-    return pd.DataFrame(rows, columns=["x", "x_value", "ensemble", "point", "ensemble_ce", "ensemble_std", "single",
-                                       "single_ce", "single_std", "single_from", "difference", "difference_std",
-                                       "exceeds_2std", "verdict"])
+                late = []
+                for ensemble in part.itertuples(index=False):
+                    found = paired_single(obs, curves, axis, single, ensemble)
+                    if found is None and (single, int(ensemble.seed)) in curves and axis == "train_flops":
+                        late.append(str(ensemble.seed))
+                    if found is not None:
+                        rows.append(dict(axis=axis, x_value=float(getattr(ensemble, axis)), ensemble=series,
+                                         point=point, ensemble_size=int(ensemble.order), single=single,
+                                         seed=int(ensemble.seed), ensemble_ce=float(ensemble.ce),
+                                         difference=float(ensemble.ce) - found["single_ce"], **found))
+                if late:
+                    notes.append(f"{single} against {series}, {point} (train_flops): on seed {', '.join(late)} its "
+                                 f"first evaluation had already spent more than the ensemble: no pair")
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS), notes
+
+
+def paired_interval(values: np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean (n - 1 degrees of freedom); no interval for one value."""
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * float(np.std(values, ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, n: int) -> str:
+    if n < 2:
+        return "one seed: no interval"
+    return "ensemble better" if high < 0 else "single better" if low > 0 else "no difference shown"
+
+
+def multiplier_summary(multipliers: np.ndarray, bounds: np.ndarray) -> dict:
+    """Over seeds: the median multiplier, and when every seed reached the ensemble's CE, the 95% t-interval of the
+    geometric mean (on log multipliers); else the smallest bound the censored seeds exceed."""
+    reached = np.isfinite(multipliers)
+    out = dict(multiplier_median=math.nan, multiplier_low=math.nan, multiplier_high=math.nan,
+               multiplier_reached=int(reached.sum()), multiplier_bound=math.nan)
+    median = float(np.median(np.where(reached, multipliers, np.inf)))  # a censored seed lies above every bound
+    out["multiplier_median"] = median if math.isfinite(median) else math.nan
+    if reached.all():
+        _, low, high = paired_interval(np.log(multipliers))
+        out.update(multiplier_low=math.exp(low), multiplier_high=math.exp(high))
+    else:
+        out["multiplier_bound"] = float(np.min(bounds[~reached]))
+    return out
+
+
+def verdict_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    """verdicts.csv: per axis, ensemble point and single-model series, the paired differences over seeds: their
+    mean and 95% t-interval, the seeds the ensemble wins, the verdict, both sides' mean CE, and (train_flops) the
+    compute multiplier."""
+    rows = []
+    for (axis, ensemble, point, single), part in pairs.groupby(["axis", "ensemble", "point", "single"], sort=False):
+        differences = part["difference"].to_numpy(float)
+        mean, low, high = paired_interval(differences)
+        row = dict(axis=axis, x_value=part["x_value"].mean(), ensemble=ensemble, point=point,
+                   ensemble_size=int(part["ensemble_size"].iloc[0]), single=single, seeds=len(part),
+                   mean_difference=mean, low=low, high=high, wins=int((differences < 0).sum()),
+                   verdict=verdict(low, high, len(part)), ensemble_ce=part["ensemble_ce"].mean(),
+                   single_ce=part["single_ce"].mean(), single_from="; ".join(dict.fromkeys(part["single_from"])))
+        if axis == "train_flops":
+            row.update(multiplier_summary(part["multiplier"].to_numpy(float),
+                                          part["multiplier_bound"].to_numpy(float)))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
 # --- figures ----------------------------------------------------------------------------------------------------------
@@ -700,7 +1123,7 @@ def ce_figure(points: pd.DataFrame, fits: list[Fitted], x: str, teacher: float |
         ax.errorbar(part[x], part["ce_mean"], yerr=part["ce_std"].fillna(0.0), color=color, marker="o",
                     linestyle="none", capsize=3, label=f"{series} (mean ± std over seeds)")
         fit = by_key.get((series, x))
-        if fit is not None and fit.law is not None:
+        if fit is not None and fit.determined:
             grid = np.geomspace(part[x].min(), part[x].max(), 100)
             ax.plot(grid, fit.law(grid), color=color, linestyle="--",
                     label=f"fit: {fit.law.l_inf:.3g} + {fit.law.a:.3g} x^-{fit.law.alpha:.3g}")
@@ -750,47 +1173,75 @@ def _markdown(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.3f}" if math.isfinite(value) else "–"
+
+
+def _multiplier(row) -> str:
+    """A verdict row's compute multiplier as summary.md quotes it."""
+    if row["axis"] != "train_flops":
+        return ""
+    seeds, reached = int(row["seeds"]), int(row["multiplier_reached"])
+    if reached == seeds:
+        interval = (f", geometric mean 95% CI [{row['multiplier_low']:.2f}, {row['multiplier_high']:.2f}]"
+                    if math.isfinite(row["multiplier_low"]) else "")
+        return f"median {row['multiplier_median']:.2f}×{interval}"
+    median = f"median {row['multiplier_median']:.2f}×; " if math.isfinite(row["multiplier_median"]) else ""
+    return f"{median}not reached: > {row['multiplier_bound']:.2f}× on {seeds - reached} of {seeds} seeds"
+
+
+def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
+    """summary.md's table of verdicts.csv, each verdict with its axis."""
+    if verdicts.empty:
+        return ["No comparison: it needs ensemble and single-model runs of the same seeds with the compared axes' "
+                "columns in metrics.csv, at x values the single models cover (on train_flops: a single model's "
+                "first evaluation within the ensemble's spend)."]
+    return _markdown(pd.DataFrame({
+        "axis": verdicts["axis"], "at": verdicts["x_value"].map(_number), "ensemble": verdicts["ensemble"],
+        "members": verdicts["ensemble_size"], "single": verdicts["single"],
+        "CE ensemble / single": [f"{e:.4f} / {s:.4f}" for e, s in zip(verdicts["ensemble_ce"],
+                                                                      verdicts["single_ce"])],
+        "ensemble − single [95% CI]": [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]" for m, lo, hi in
+                                       zip(verdicts["mean_difference"], verdicts["low"], verdicts["high"])],
+        "wins": [f"{w} of {n}" for w, n in zip(verdicts["wins"], verdicts["seeds"])],
+        "verdict": verdicts["verdict"], "compute multiplier": [_multiplier(r) for _, r in verdicts.iterrows()]}))
+
+
 def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
-                     comparison: pd.DataFrame, notes: list[str], teacher: float | None) -> str:
+                     verdicts: pd.DataFrame, notes: list[str], teacher: float | None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
     lines = [f"# Study {study.name}", "",
              f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
-             f"{counts.get('missing', 0)} not started; only finished runs count below. CE is held-out "
-             f"cross-entropy, nats per supervised token."
+             f"{counts.get('missing', 0)} not started; only finished runs count below. CE is test cross-entropy, "
+             f"nats per supervised token."
              + (f" Teacher: {teacher:.4f}." if teacher is not None else ""), "",
-             "## CE per point (mean ± std over seeds)", ""]
+             *(f"{line}." for line in study.waiting), "## CE per point (mean ± std over seeds)", ""]
     x_columns = [x for x in X_AXES if x in points.columns]
     shown = pd.DataFrame({"series": points["series"], "point": points["point"], "seeds": points["seeds"],
                           "CE": [f"{m:.4f} ± {_number(s, 2)}" for m, s in zip(points["ce_mean"], points["ce_std"])],
                           **{X_AXES[x]: points[x].map(_number) for x in x_columns if x != "ensemble_size"}})
     lines += _markdown(shown) if len(shown) else ["No finished run yet."]
     lines += ["", "## Fits: CE = L_inf + A x^-alpha (95% bootstrap intervals over seeds)", ""]
-    fitted = fits[fits["fitted"]]
-    if len(fitted):
+    determined = fits[fits["determined"]]
+    if len(determined):
         lines += _markdown(pd.DataFrame({
-            "series": fitted["series"], "x": fitted["x"], "points (distinct x)": [
-                f"{p} ({d})" for p, d in zip(fitted["points"], fitted["distinct_x"])],
-            "L_inf": [_interval(r, "l_inf") for _, r in fitted.iterrows()],
-            "A": [_interval(r, "a") for _, r in fitted.iterrows()],
-            "alpha": [_interval(r, "alpha") for _, r in fitted.iterrows()],
-            "note": fitted["note"]}))
+            "series": determined["series"], "x": determined["x"], "points (distinct x)": [
+                f"{p} ({d})" for p, d in zip(determined["points"], determined["distinct_x"])],
+            "L_inf": [_interval(r, "l_inf") for _, r in determined.iterrows()],
+            "A": [_interval(r, "a") for _, r in determined.iterrows()],
+            "alpha": [_interval(r, "alpha") for _, r in determined.iterrows()],
+            "note": determined["note"]}))
     else:
-        lines.append("No law could be fitted (see the notes).")
-    lines += ["", "## Ensemble against single model at matched x", "",
-              "Ensemble CE minus the single model's at the same x: negative means the ensemble is better. The "
-              "single model's CE is its grid point at that x (within 1%), else its fitted law, else interpolated "
-              "between its points; std combines both sides' seed std (the law's from its bootstrap).", ""]
-    if len(comparison):
-        lines += _markdown(pd.DataFrame({
-            "x": comparison["x"], "at": comparison["x_value"].map(_number), "ensemble": comparison["ensemble"],
-            "point": comparison["point"], "single": comparison["single"],
-            "single CE (from)": [f"{c:.4f} ({h})" for c, h in zip(comparison["single_ce"],
-                                                                  comparison["single_from"])],
-            "ensemble − single": [f"{d:+.4f}" for d in comparison["difference"]],
-            "2 std": [_number(2 * s, 3) for s in comparison["difference_std"]], "verdict": comparison["verdict"]}))
-    else:
-        lines.append("No comparison: it needs ensemble and single-model runs with a parameters, train_flops or "
-                     "critical_path_layers column in metrics.csv, at x values the single models cover or fit.")
+        lines.append("No law is determined by its points (see the notes and fits.csv).")
+    lines += [f"- {r['series']}, x = {r['x']}: {r['note']}" for _, r in fits[fits["fitted"] &
+                                                                               ~fits["determined"]].iterrows()]
+    lines += ["", "## Ensemble against single model, paired by seed (verdicts.csv)", "",
+              "Per seed, the ensemble's CE minus the single model's of the same seed (negative: the ensemble is "
+              "better); the mean over seeds with its 95% t-interval. The verdict says whether the interval "
+              "excludes 0. On train_flops the single model's CE is the best held-out evaluation of its curve "
+              "within the ensemble's spend, and the compute multiplier the spend at which its curve reaches the "
+              "ensemble's CE, over the ensemble's.", ""]
+    lines += verdict_lines(verdicts)
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
@@ -803,21 +1254,88 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     obs = observations(rows)
     points = point_table(obs)
     fits, notes = fit_all(obs, rows.columns, replicates)
-    fits_frame = fits_table(fits)
-    comparison = comparison_table(points, fits)
+    curves, curve_notes = single_curves(rows)
+    pairs, pair_notes = pairs_table(obs, curves, study.compare)
+    verdicts = verdict_table(pairs)
     teachers = [plot.teacher_ce(part) for _, part in rows.groupby("run")] if len(rows) else []
     teachers = [t for t in teachers if t is not None]
     teacher = float(np.mean(teachers)) if teachers else None
+    fits_frame = fits_table(fits)
     tables = {"rows.csv": rows, "runs.csv": runs, "summary.csv": points, "fits.csv": fits_frame,
-              "comparison.csv": comparison}
+              "comparison.csv": pairs, "verdicts.csv": verdicts}
+    if study.tuning:
+        tables["tuning.csv"] = pd.DataFrame(list(study.tuning))
     paths = []
     for name, table in tables.items():
         table.to_csv(study.folder / name, index=False)
         paths.append(study.folder / name)
-    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, comparison, notes,
-                                                              teacher))
+    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
+                                                              notes + curve_notes + pair_notes, teacher))
     paths.append(study.folder / "summary.md")
     return paths + plot.save_figures(study_figures(points, fits, teacher), study.folder)
+
+
+# --- numbers quoted from the results --------------------------------------------------------------------------------
+
+# A number as prose quotes it: a sign, digits with thousands commas, decimals, an exponent, a suffix (%, M, k).
+# Not one inside a word, a date or a path (SmolLM2-135M, 2026-12-02, run_1).
+QUOTED_NUMBER = re.compile(r"(?<![\w.\-−/])(?P<number>[-−+]?\d{1,3}(?:,\d{3})+(?![\d])|[-−+]?\d+(?:\.\d+)?)"
+                           r"(?:[eE](?P<exponent>[-−+]?\d+))?(?P<suffix>%|M\b|k\b)?(?![\w\-/]|\.\d)")
+SUFFIX_SCALE = {"%": 0.01, "M": 1e6, "k": 1e3, None: 1.0}
+NOT_QUOTED = re.compile(r"```.*?```|`[^`\n]*`|\]\([^)\s]*\)", re.S)  # code and link targets quote no result
+
+
+@dataclasses.dataclass(frozen=True)
+class Quoted:
+    """A number of a text: its value and the half-unit of its last digit (what rounding to it may move)."""
+
+    text: str
+    value: float
+    tolerance: float
+
+    def matches(self, number: float) -> bool:
+        return abs(abs(number) - abs(self.value)) <= self.tolerance * (1 + 1e-9) + 1e-12 * abs(self.value)
+
+
+def quoted_numbers(text: str) -> list[Quoted]:
+    """The numbers a text quotes: decimals (5.857, 0.29, 3.6e13, 6.38M, 12.5%), and integers from 100 on (smaller
+    ones are counts: 5 seeds, 3 of 3); none inside code spans, code blocks or link targets."""
+    found = []
+    for match in QUOTED_NUMBER.finditer(NOT_QUOTED.sub(" ", text)):
+        digits = match["number"].replace(",", "").replace("−", "-")
+        decimals = len(digits.split(".")[1]) if "." in digits else 0
+        scale = SUFFIX_SCALE[match["suffix"]] * 10.0 ** int((match["exponent"] or "0").replace("−", "-"))
+        if decimals == 0 and match["exponent"] is None and match["suffix"] in (None, "%") and abs(int(digits)) < 100:
+            continue
+        found.append(Quoted(match.group(0), float(digits) * scale, 0.5 * 10.0 ** -decimals * scale))
+    return found
+
+
+def numbers_in_results(paths) -> set[float]:
+    """Every number in the result files: each CSV cell that reads as a number, and the numbers of other text
+    files (summary.md) as quoted_numbers reads them."""
+    numbers = set()
+    for path in map(Path, paths):
+        if path.suffix == ".csv":
+            values = pd.to_numeric(pd.read_csv(path, dtype=str).stack(), errors="coerce")
+            numbers.update(float(v) for v in values.dropna())
+        else:
+            numbers.update(q.value for q in quoted_numbers(path.read_text()))
+    return {n for n in numbers if math.isfinite(n)}
+
+
+def quoted_numbers_missing(text: str, result_files: list[Path]) -> list[str]:
+    """The numbers `text` quotes that no number of the result files rounds to, as written in the text: a result
+    is to be generated and copied, never typed. A percentage matches a fraction or a percentage."""
+    numbers = numbers_in_results(result_files)
+    missing = []
+    for quoted in quoted_numbers(text):
+        forms = [quoted]
+        if quoted.text.endswith("%"):
+            forms.append(Quoted(quoted.text, quoted.value * 100, quoted.tolerance * 100))
+        if not any(form.matches(number) for form in forms for number in numbers):
+            missing.append(quoted.text)
+    return missing
 
 
 # --- command line -----------------------------------------------------------------------------------------------------
@@ -846,7 +1364,12 @@ def main(argv=None) -> int:
         if args.print_sbatch:
             print("\n".join(sbatch_lines(study)))
             return 0
-        failed = [] if args.collect else run_study(study)
+        failed = []
+        while not args.collect and not failed:
+            failed = run_study(study)
+            before, study = study.waiting, load_spec(args.spec)  # finished tuning runs give the later seeds' runs
+            if study.waiting == before:
+                break
         for path in collect(study, args.bootstrap):
             print(path)
     except StudyError as error:

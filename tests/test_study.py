@@ -1,9 +1,11 @@
 """study.py: the power-law fit on points of known exponent, the spec's grid, skipping and resuming runs, the sbatch
 lines, collecting synthetic run folders of known laws, and a real tiny study of `test`-preset runs end to end."""
 
+import dataclasses
 import json
 import math
 import shlex
+import types
 from pathlib import Path
 
 import matplotlib.image
@@ -25,7 +27,7 @@ def test_exact_points_are_recovered_exactly():
     x = np.array([1, 2, 4, 8, 16, 32], dtype=float)
     law = study.fit_power_law(x, 1.5 + 3 * x ** -0.7)
     assert (law.l_inf, law.a, law.alpha) == pytest.approx((1.5, 3.0, 0.7), abs=1e-8)
-    assert law.rss < 1e-20 and law.n == law.n_x == 6 and not law.underdetermined
+    assert law.rss < 1e-20 and law.n == law.n_x == 6
 
 
 def test_exact_points_at_flops_scale_are_recovered():
@@ -52,19 +54,27 @@ def test_noisy_points_recover_the_exponent_and_the_bootstrap_covers_it():
     assert study.bootstrap_laws(obs[obs["seed"] == 0], "x", replicates=100).shape == (0, 3)  # one seed: none
 
 
-def test_bounds_hold_and_few_points_are_underdetermined():
+def test_bounds_hold_and_a_fit_needs_four_distinct_x_and_four_distinct_ce():
     law = study.fit_power_law([1, 2, 4, 8, 16], [5.0, 4.0, 3.0, 2.0, 1.0])  # linear in log x: no asymptote
     assert law.l_inf >= 0 and law.alpha >= study.ALPHA_BOUNDS[0]
     three = study.fit_power_law([1, 2, 4], 1.5 + 3 * np.array([1, 2, 4]) ** -0.7)
-    assert three.underdetermined and three(2) == pytest.approx(1.5 + 3 * 2 ** -0.7, abs=1e-6)
+    assert three(2) == pytest.approx(1.5 + 3 * 2 ** -0.7, abs=1e-6)  # 3 points: the curve passes through them
     with pytest.raises(study.FitError, match="2 distinct x"):
         study.fit_power_law([1, 1, 2, 2], [3.0, 3.1, 2.0, 2.1])
+    four = pd.DataFrame({"x": [1, 2, 4, 8], "ce": [3.0, 2.5, 2.2, 2.0]})
+    assert study.too_few_points(four, "x") == ""
+    assert "3 distinct x and 3 distinct mean CE" in study.too_few_points(four[:3], "x")
+    stayed = four.assign(ce=[3.0, 2.5, 2.5, 2.50005])  # additive members that stayed at zero repeat the CE
+    assert "4 distinct x and 2 distinct mean CE" in study.too_few_points(stayed, "x")
 
 
 # --- the spec and the grid ------------------------------------------------------------------------------------------
 
 def write_spec(path, families, **top):
+    """A spec of `families`; one without a single-model family compares nothing (compare: [])."""
     spec = dict(name="scaling", output=str(path.parent / "study"), preset="test", seeds=[0, 1], families=families)
+    if not any(f.get("kind") == "single" or "baseline" in f.get("settings", {}) for f in families):
+        spec["compare"] = []
     spec.update(top)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -86,7 +96,8 @@ def test_spec_grid_names_series_and_run_arguments(tmp_path):
     assert first.kind == "ensemble" and first.expected_rounds == 4
     assert first.output_root == loaded.folder / "runs" / first.name
     assert first.run_args() == ["--preset", "test", "--output_root", str(first.output_root), "--alpha", "0.7",
-                                "--total_rounds", "4", "--combine", "logits", "--seed", "0"]
+                                "--total_rounds", "4", "--combine", "logits", "--seed", "0", "--data_seed", "0"]
+    assert loaded.points[1].config.data_seed == 1  # the seeds vary the data
     single = [p for p in loaded.points if p.family == "single"]
     assert {p.series for p in single} == {"single"} and single[2].label == "student_num_layers=3"
     assert single[0].kind == "single" and single[0].expected_rounds == 1
@@ -113,12 +124,17 @@ def test_bad_specs_are_refused_by_name(tmp_path, families, message):
 
 # --- fake run folders -------------------------------------------------------------------------------------------------
 
-def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", **config_changes):
+def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", evals=None, **config_changes):
     """A run folder as main.py writes it for `point`: the teacher row, then per round the untrained student, the
     student and the ensemble of `ensemble_ce[r]` (one number per size); `extra` maps a column to a function of the
-    size. rounds_done: how many rounds the manifest marks done (default: all)."""
+    size. rounds_done: how many rounds the manifest marks done (default: all). evals: train_log.csv's early-stopping
+    rows, dicts of round, train_flops, heldout_ce, test_ce (each after a training-loss row)."""
     run_dir = point.output_root / "2026-12-01" / run_name
     run_dir.mkdir(parents=True)
+    if evals is not None:
+        log = [row for step, e in enumerate(evals) for row in (dict(round=e["round"], step=step, loss=3.0),
+                                                               dict(e, step=step))]
+        pd.DataFrame(log).to_csv(run_dir / "train_log.csv", index=False)
     rows = [dict(round=0, model="teacher", ensemble_size=0, ce=1.0)]
     for r, ce in enumerate(ensemble_ce):
         size = r + 1 if point.kind == "ensemble" else 1
@@ -264,23 +280,33 @@ def single_law(n):
     return 1.2 + 3 * n ** -0.5
 
 
+def single_curve(n, final_ce, fractions=(0.25, 0.5, 0.75, 1.0)):
+    """A single model of n units' early-stopping evaluations: spend n F0 x fraction, test CE falling to final_ce
+    (0.3 above it at the start), held-out CE 0.05 above the test CE."""
+    return [dict(round=0, train_flops=n * F0 * f, test_ce=final_ce + 0.3 * (1 - f),
+                 heldout_ce=final_ce + 0.3 * (1 - f) + 0.05) for f in fractions]
+
+
 @pytest.fixture
 def synthetic_study(tmp_path):
-    """Ensembles of 1-4 students (CE 1.5 + 3 k^-0.7; additive 0.2 lower) and single models of 1, 3, 5, 8 layers
-    (CE 1.2 + 3 n^-0.5), k students or n layers having k or n times P0 parameters and F0 FLOPs; 3 seeds, noise
-    0.002. No critical_path_layers column."""
+    """Ensembles of 1-4 students (CE 1.5 + 3 k^-0.7; additive 0.5 lower) and single models of 1, 3, 5, 8 layers
+    (CE 1.2 + 3 n^-0.5, the end of a learning curve: single_curve), k students or n layers having k or n times P0
+    parameters (half of them not embeddings) and F0 FLOPs; 3 seeds, noise 0.002. No critical_path_layers column."""
     spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, seeds=[0, 1, 2])
     loaded = study.load_spec(spec)
     rng = np.random.default_rng(0)
     for point in loaded.points:
         if point.kind == "ensemble":
-            shift = -0.2 if point.settings["combine"] == "additive" else 0.0
+            shift = -0.5 if point.settings["combine"] == "additive" else 0.0
             ce = [ensemble_law(k) + shift + rng.normal(0, 0.002) for k in range(1, 5)]
-            fake_run(point, ce, extra=dict(parameters=lambda k: k * P0, train_flops=lambda k: k * F0))
+            fake_run(point, ce, extra=dict(parameters=lambda k: k * P0, non_embedding_parameters=lambda k: k * P0 / 2,
+                                           train_flops=lambda k: k * F0))
         else:
             n = point.settings["student_num_layers"]
-            fake_run(point, [single_law(n) + rng.normal(0, 0.002)],
-                     extra=dict(parameters=lambda k, n=n: n * P0, train_flops=lambda k, n=n: n * F0))
+            ce = single_law(n) + rng.normal(0, 0.002)
+            fake_run(point, [ce], evals=single_curve(n, ce),
+                     extra=dict(parameters=lambda k, n=n: n * P0, non_embedding_parameters=lambda k, n=n: n * P0 / 2,
+                                train_flops=lambda k, n=n: n * F0))
     return spec
 
 
@@ -310,30 +336,49 @@ def test_collect_writes_rows_fits_comparison_summary_and_figures(synthetic_study
     assert fits.loc[("method (combine=logits)", "parameters"), "a"] == pytest.approx(3 * P0 ** 0.7, rel=0.3)
     single = fits.loc[("single", "parameters")]
     assert single["alpha"] == pytest.approx(0.5, abs=0.15) and single["alpha_low"] <= single["alpha"]
-    assert single["alpha"] <= single["alpha_high"] and single["bootstrap_fits"] > 0
+    assert single["alpha"] <= single["alpha_high"] and single["bootstrap_fits"] > 0 and single["determined"]
     assert ("single", "ensemble_size") not in fits.index  # a single model has one size
-    assert "underdetermined" not in str(fits.loc[("single", "parameters"), "note"])
 
-    comparison = pd.read_csv(folder / "comparison.csv")
-    logits = comparison[(comparison["ensemble"] == "method (combine=logits)") & (comparison["x"] == "parameters")]
+    pairs = pd.read_csv(folder / "comparison.csv")  # one row per seed: the evidence of each verdict
+    assert set(pairs["axis"]) == {"parameters", "non_embedding_parameters", "train_flops"}
+    assert len(pairs[(pairs["axis"] == "parameters") & (pairs["point"] == "4 member(s)")]) == 2 * 3
+    verdicts = pd.read_csv(folder / "verdicts.csv")
+    logits = verdicts[(verdicts["ensemble"] == "method (combine=logits)") & (verdicts["axis"] == "parameters")]
     by_point = logits.set_index("point")
     assert by_point.loc["1 member(s)", "single_from"] == "grid point student_num_layers=1"
     assert by_point.loc["3 member(s)", "single_from"] == "grid point student_num_layers=3"
-    assert by_point.loc["2 member(s)", "single_from"] == "fit"
-    assert by_point.loc["4 member(s)", "difference"] == pytest.approx(ensemble_law(4) - single_law(4), abs=0.02)
-    assert by_point.loc["4 member(s)", "verdict"] == "ensemble better"  # 2.26 against 2.70
-    assert by_point.loc["1 member(s)", "verdict"] == "single better"  # 4.50 against 4.20
-    assert set(comparison["x"]) == {"parameters", "train_flops"}
+    assert by_point.loc["2 member(s)", "single_from"] == "interpolated"
+    four = by_point.loc["4 member(s)"]
+    assert four["mean_difference"] == pytest.approx(ensemble_law(4) - single_law(4), abs=0.02)
+    assert four["low"] < four["mean_difference"] < four["high"] < 0 and four["wins"] == 3 and four["seeds"] == 3
+    assert four["verdict"] == "ensemble better"  # 2.64 against 2.70
+    assert by_point.loc["1 member(s)", "verdict"] == "single better" and by_point.loc["1 member(s)", "wins"] == 0
+
+    flops = verdicts[verdicts["axis"] == "train_flops"].set_index(["ensemble", "point"])
+    # The logits ensemble of 4 (CE 2.64 at 4 F0): within 4 F0 the lowest held-out CE is the 8-layer model's
+    # evaluation at 4 F0 (test CE 2.41); the curve's choice is below 2.64 from 2 F0 on (2.49): a multiplier of 0.5.
+    logits4 = flops.loc[("method (combine=logits)", "4 member(s)")]
+    assert logits4["single_ce"] == pytest.approx(single_law(8) + 0.15, abs=0.005)
+    assert logits4["verdict"] == "single better"
+    assert logits4["multiplier_median"] == pytest.approx(0.5) and logits4["multiplier_reached"] == 3
+    assert logits4["multiplier_low"] == pytest.approx(0.5) == logits4["multiplier_high"]
+    additive4 = flops.loc[("method (combine=additive)", "4 member(s)")]  # 2.14: below every single model
+    assert additive4["multiplier_reached"] == 0 and additive4["multiplier_bound"] == pytest.approx(2.0)
+    assert math.isnan(additive4["multiplier_median"])
 
     summary = (folder / "summary.md").read_text()
     assert "18 runs: 18 finished" in summary and "Teacher: 1.0000" in summary
     assert "| method (combine=logits) | 4 member(s) | 3 |" in summary
+    assert "| parameters | 4e+06 | method (combine=logits) | 4 | single |" in summary  # each verdict its axis
     assert "ensemble better" in summary and "single better" in summary
+    assert "not reached: > 2.00× on 3 of 3 seeds" in summary and "median 0.50×" in summary
     assert "no `critical_path_layers` column" in summary
     for name in ("ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_train_flops"):
         assert (folder / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(folder / f"{name}.png").shape[:2] == (480, 720)
     assert not (folder / "ce_vs_critical_path_layers.png").exists()
+    assert study.quoted_numbers_missing(summary, [folder / "verdicts.csv", folder / "summary.csv",
+                                                  folder / "fits.csv"]) == []  # summary.md quotes the tables
 
 
 def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
@@ -343,7 +388,8 @@ def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
     points = study.point_table(obs)
     fits, _ = study.fit_all(obs, rows.columns, replicates=0)
     figures = study.study_figures(points, fits, teacher=1.0)
-    assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_train_flops"}
+    assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_non_embedding_parameters",
+                            "ce_vs_train_flops"}
     (ax,) = figures["ce_vs_parameters"].axes
     assert ax.get_xscale() == "log" and "parameters" in ax.get_xlabel()
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
@@ -359,15 +405,16 @@ def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
 
 
 def test_collect_with_one_seed_and_no_runs(tmp_path):
-    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=3))], seeds=[0])
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=4))], seeds=[0])
     assert study.main([str(spec), "--collect"]) == 0  # nothing finished yet
     folder = study.load_spec(spec).folder
     assert "No finished run yet." in (folder / "summary.md").read_text()
-    fake_run(study.load_spec(spec).points[0], [3.0, 2.0, 1.8])
+    fake_run(study.load_spec(spec).points[0], [3.0, 2.0, 1.8, 1.75])
     assert study.main([str(spec), "--collect"]) == 0
     fits = pd.read_csv(folder / "fits.csv").set_index("x")
-    assert "underdetermined" in fits.loc["ensemble_size", "note"] and "one seed" in fits.loc["ensemble_size", "note"]
+    assert fits.loc["ensemble_size", "fitted"] and "one seed" in fits.loc["ensemble_size", "note"]
     assert math.isnan(fits.loc["ensemble_size", "alpha_low"])
+    assert pd.read_csv(folder / "verdicts.csv").empty  # compare: [] and no single family
     assert "no `parameters` column" in (folder / "summary.md").read_text()
 
 
@@ -407,7 +454,8 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
     assert list(points["seeds"]) == [2, 2, 1]
     summary = (loaded.folder / "summary.md").read_text()
     assert "3 runs: 3 finished" in summary
-    assert "method, x = ensemble_size: 2 distinct x value(s) for 3 parameters: underdetermined" in summary
+    assert "method, x = ensemble_size: 2 distinct x and 2 distinct mean CE for 3 parameters" in summary
+    assert (loaded.folder / "verdicts.csv").is_file()
     assert (loaded.folder / "ce_vs_ensemble_size.png").read_bytes()[:8] == PNG_SIGNATURE
     for x in ("parameters", "train_flops"):  # figures and fits wherever main.py writes these columns
         assert (loaded.folder / f"ce_vs_{x}.png").exists() == (x in rows.columns)
@@ -423,12 +471,12 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
     assert len(list(loaded.folder.glob("runs/*/*/run_*"))) == 3  # and starts no new run folder
 
 
-def test_the_shipped_cpu_study_is_a_valid_spec_whose_runs_share_their_data_and_teacher_cache():
+def test_the_shipped_cpu_study_is_a_valid_spec_whose_seeds_vary_the_data():
     spec = study.load_spec(Path(__file__).resolve().parents[1] / "studies" / "cpu.yaml")
     configs = [point.config for point in spec.points]
     assert {point.seed for point in spec.points} == {0, 1, 2}
-    assert {(c.data_seed, c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {
-        (0, "topk", 360, 64, 64)}  # one test set, one teacher cache for every run
+    assert all(c.data_seed == c.seed for c in configs)  # each seed its own training sample
+    assert {(c.teacher_mode, c.max_examples, c.test_size, c.cache_k) for c in configs} == {("topk", 360, 64, 64)}
     method = [c for c in configs if c.baseline == "none" and c.total_rounds > 1]
     assert {c.combine for c in method} == {"additive"} and {c.total_rounds for c in method} == {4}
     wide = [c for c in configs if c.baseline == "none" and c.total_rounds == 1]
@@ -438,19 +486,310 @@ def test_the_shipped_cpu_study_is_a_valid_spec_whose_runs_share_their_data_and_t
     assert {c.combine for c in matched} == {"additive"}  # matched to the additive ensemble's budget
 
 
-def test_a_single_model_is_compared_only_inside_its_range_and_a_three_point_law_is_not_used():
-    """Three points fit a law exactly (underdetermined): between them the comparison interpolates instead, and
-    outside them it gives none, where an extrapolated law can say anything."""
-    points = pd.DataFrame({"point": ["a", "b", "c"], "parameters": [1e6, 2e6, 4e6], "ce_mean": [7.0, 6.0, 5.5],
-                           "ce_std": [0.1, 0.1, 0.1]})
-    wild = study.PowerLaw(l_inf=0.0, a=1e60, alpha=10.0, rss=0.0, n=3, n_x=3)  # passes near nothing sensible
-    fitted = study.Fitted("wide", "parameters", wild, "", np.empty((0, 3)))
-    ce, std, source = study.single_at(points, fitted, "parameters", math.sqrt(2) * 1e6)
-    assert (round(ce, 6), std, source) == (6.5, 0.1, "interpolated")
-    assert study.single_at(points, fitted, "parameters", 2e6)[2] == "grid point b"
-    assert study.single_at(points, fitted, "parameters", 8e6) is None
-    assert study.single_at(points, fitted, "parameters", 5e5) is None
-    determined = study.PowerLaw(l_inf=5.0, a=2e6, alpha=1.0, rss=0.0, n=4, n_x=4)
-    ce, _, source = study.single_at(points, study.Fitted("wide", "parameters", determined, "", np.empty((0, 3))),
-                                    "parameters", 3e6)
-    assert source == "fit" and ce == pytest.approx(5.0 + 2e6 / 3e6)
+def test_a_single_model_is_compared_only_inside_its_range_per_seed():
+    """One seed's single models: at a grid point's x its CE; between points log-linear interpolation; outside them
+    none, where an extrapolated law can say anything."""
+    points = pd.DataFrame({"point": ["a", "b", "b2", "c"], "parameters": [1e6, 2e6, 2.01e6, 4e6],
+                           "ce": [7.0, 6.0, 6.2, 5.5], "final_heldout_ce": [7.1, 6.3, 6.25, 5.6]})
+    ce, source = study.single_at(points[points["point"] != "b2"], "parameters", math.sqrt(2) * 1e6)
+    assert (round(ce, 6), source) == (6.5, "interpolated")
+    # Two grid points within 1%: the better on the early-stopping slice, b2, though b has the lower test CE.
+    assert study.single_at(points, "parameters", 2e6) == (6.2, "grid point b2, best of 2 there by early-stopping CE")
+    old = points.assign(final_heldout_ce=math.nan)  # runs without early stopping: the test CE, said so
+    assert study.single_at(old, "parameters", 2e6) == (6.0, "grid point b, best of 2 there by test CE (no "
+                                                            "early-stopping CE)")
+    assert study.single_at(points, "parameters", 8e6) is None
+    assert study.single_at(points, "parameters", 5e5) is None
+
+
+# --- the rules of the comparison --------------------------------------------------------------------------------------
+
+def test_the_paired_interval_is_a_t_interval_and_its_verdict_whether_it_excludes_zero():
+    differences = np.array([-0.30, -0.28, -0.25])
+    mean, low, high = study.paired_interval(differences)
+    half = 4.302653 * np.std(differences, ddof=1) / math.sqrt(3)  # t(0.975, 2 dof)
+    assert (mean, low, high) == pytest.approx((-0.27667, -0.27667 - half, -0.27667 + half), abs=1e-5)
+    assert study.verdict(low, high, 3) == "ensemble better"
+    assert study.verdict(*study.paired_interval(-differences)[1:], 3) == "single better"
+    # Wins on every seed, but the interval holds 0: 5 seeds of one large and four tiny wins show nothing.
+    mixed = np.array([-0.8, -0.01, -0.01, -0.01, -0.01])
+    assert study.verdict(*study.paired_interval(mixed)[1:], 5) == "no difference shown"
+    mean, low, high = study.paired_interval(np.array([-0.3]))
+    assert mean == -0.3 and math.isnan(low) and study.verdict(low, high, 1) == "one seed: no interval"
+
+
+def test_seeds_are_paired_so_a_shared_seed_effect_cancels():
+    """Seeds that move both models alike (3, 4, 5 nats) leave the paired difference at -0.1 on each: the
+    ensemble is better, where mean ± std of each side would overlap. A seed the single model lacks is no pair."""
+    obs = pd.DataFrame([dict(series=series, kind=kind, point=point, order=order, seed=seed, parameters=1e6,
+                             ce=3.0 + seed - shift, final_heldout_ce=math.nan)
+                        for series, kind, point, order, shift, seeds in (
+                            ("method", "ensemble", "1 member(s)", 1, 0.1, (0, 1, 2, 3)),
+                            ("one", "single", "one", 0, 0.0, (0, 1, 2)))
+                        for seed in seeds])
+    pairs, _ = study.pairs_table(obs, {}, ["parameters"])
+    assert list(pairs["seed"]) == [0, 1, 2] and pairs["difference"].tolist() == pytest.approx([-0.1] * 3)
+    (row,) = study.verdict_table(pairs).to_dict("records")
+    assert row["verdict"] == "ensemble better" and row["wins"] == 3 and row["seeds"] == 3
+    assert row["low"] == pytest.approx(-0.1) == row["high"]
+
+
+def curve(*evals, spent=None):
+    frame = pd.DataFrame(evals, columns=["train_flops", "heldout_ce", "test_ce"])
+    return study.Curve(frame.sort_values(["train_flops", "heldout_ce"]), spent or frame["train_flops"].max(),
+                       False)
+
+
+def test_a_single_curve_is_read_at_the_best_held_out_evaluation_within_the_budget_never_the_best_test():
+    single = curve((1.0, 5.0, 5.2), (2.0, 4.5, 4.9), (3.0, 4.6, 4.1), (6.0, 4.0, 3.9), spent=8.0)
+    assert single.at(3.0)["test_ce"] == 4.9  # held-out 4.5 is the best within 3: its test CE, not the lower 4.1
+    assert single.at(0.5) is None  # its first evaluation spent more than the budget
+    assert single.multiplier(4.95, budget=2.0) == (1.0, pytest.approx(math.nan, nan_ok=True))
+    assert single.multiplier(4.0, budget=2.0)[0] == 3.0  # reached at 6 (3.9 <= 4.0): 6 / 2
+    multiplier, bound = single.multiplier(3.5, budget=2.0)  # never reached: censored at its spend, 8 / 2
+    assert math.isnan(multiplier) and bound == 4.0
+
+
+def test_multipliers_give_a_geometric_interval_when_every_seed_reached_else_a_bound():
+    reached = study.multiplier_summary(np.array([1.5, 2.0, 2.5]), np.full(3, math.nan))
+    logs = np.log([1.5, 2.0, 2.5])
+    half = 4.302653 * np.std(logs, ddof=1) / math.sqrt(3)
+    assert reached["multiplier_median"] == 2.0 and reached["multiplier_reached"] == 3
+    assert (reached["multiplier_low"], reached["multiplier_high"]) == pytest.approx(
+        (math.exp(logs.mean() - half), math.exp(logs.mean() + half)), rel=1e-5)
+    censored = study.multiplier_summary(np.array([1.5, math.nan, 2.5]), np.array([math.nan, 3.0, math.nan]))
+    assert censored["multiplier_reached"] == 2 and censored["multiplier_bound"] == 3.0
+    assert censored["multiplier_median"] == 2.5 and math.isnan(censored["multiplier_low"])
+
+
+def flops_study(tmp_path, single_evals, single_flops=3 * F0):
+    """An ensemble of 2 (CE 3.0 at F0, then 2.0 at 2 F0) against one single family, 2 seeds: single_evals(seed) is
+    its run's train_log rows (None: an old run without them); its final CE 2.5 at single_flops."""
+    families = [dict(name="method", settings=dict(total_rounds=2)),
+                dict(name="one", kind="single", settings=dict(total_rounds=1))]
+    spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1], compare=["train_flops"])
+    for point in study.load_spec(spec).points:
+        if point.kind == "ensemble":
+            fake_run(point, [3.0, 2.0], extra=dict(train_flops=lambda k: k * F0))
+        else:
+            fake_run(point, [2.5], evals=single_evals(point.seed), extra=dict(train_flops=lambda k: single_flops))
+    assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
+    folder = study.load_spec(spec).folder
+    return (pd.read_csv(folder / "comparison.csv"), pd.read_csv(folder / "verdicts.csv"),
+            (folder / "summary.md").read_text())
+
+
+def test_a_single_model_whose_first_evaluation_spent_more_gives_no_pair_and_a_note(tmp_path):
+    def evals(seed):  # seed 1's single model is first evaluated at 1.5 F0: more than the ensemble of 1 spent
+        start = 0.5 if seed == 0 else 1.5
+        return [dict(round=0, train_flops=f * F0, heldout_ce=ce + 0.1, test_ce=ce) for f, ce in
+                ((start, 2.8), (2.5, 2.4), (3.0, 1.9))]
+    pairs, verdicts, summary = flops_study(tmp_path, evals)
+    one = pairs[pairs["point"] == "1 member(s)"]
+    assert list(one["seed"]) == [0] and list(one["single_ce"]) == [2.8]
+    assert "on seed 1 its first evaluation had already spent more than the ensemble: no pair" in summary
+    two = verdicts.set_index("point").loc["2 member(s)"]  # 2.0 against 2.8 on both seeds (their best by 2 F0)
+    assert two["seeds"] == 2 and two["single_ce"] == pytest.approx((2.8 + 2.8) / 2)
+    assert two["multiplier_median"] == pytest.approx(1.5)  # reached at 3 F0: 1.9 <= 2.0
+    assert two["verdict"] == "ensemble better" and two["wins"] == 2
+
+
+def test_old_runs_without_a_curve_fall_back_to_their_final_point_with_a_note(tmp_path):
+    pairs, verdicts, summary = flops_study(tmp_path, lambda seed: None, single_flops=1.5 * F0)
+    assert "its train_log has no train_flops, heldout_ce, test_ce (an old run)" in summary
+    assert list(pairs["point"]) == ["2 member(s)"] * 2  # its final point (1.5 F0) is within 2 F0, not F0
+    assert set(pairs["single_from"]) == {"final point (no curve)"} and set(pairs["single_ce"]) == {2.5}
+    assert list(verdicts["multiplier_bound"]) == [0.75]  # never reached 2.0: censored at 1.5 F0 / 2 F0
+
+
+def test_fits_that_their_points_cannot_determine_say_so_and_are_not_drawn(tmp_path):
+    families = [dict(name="method", settings=dict(total_rounds=4, combine="additive"))]
+    spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1])
+    for point in study.load_spec(spec).points:  # members 3 and 4 stayed at zero: 2 distinct CEs for 4 sizes
+        fake_run(point, [3.0 + point.seed * 0.01, 2.5, 2.5, 2.5])
+    assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
+    folder = study.load_spec(spec).folder
+    fit = pd.read_csv(folder / "fits.csv").set_index("x").loc["ensemble_size"]
+    assert not fit["fitted"] and "4 distinct x and 2 distinct mean CE" in fit["note"]
+    obs = pd.DataFrame({"series": "s", "kind": "ensemble", "seed": 0, "ensemble_size": [1, 2, 3, 4],
+                        "ce": [3.0, 2.0, 1.9996, 1.9994]})  # a step, then flat: alpha runs to its bound
+    fits, _ = study.fit_all(obs, obs.columns, replicates=0)
+    assert fits[0].law is not None and not fits[0].determined
+    assert "not determined (alpha at its bound" in fits[0].note
+    points = study.point_table(obs.assign(point=["1", "2", "3", "4"]))
+    (ax,) = study.ce_figure(points, fits, "ensemble_size", None).axes
+    assert not any(t.get_text().startswith("fit: ") for t in ax.get_legend().get_texts())
+
+
+@pytest.mark.parametrize("top, families, message", [
+    (dict(compare=["parameters", "flops"]), ENSEMBLE_AND_SINGLE,
+     r"compare: unknown axis 'flops'; the axes are parameters, non_embedding_parameters, train_flops"),
+    (dict(compare=["parameters"]), ENSEMBLE_AND_SINGLE[:1], "nothing to compare the ensemble against: add a "
+                                                            "family of kind single"),
+    ({}, [dict(name="a", settings=dict(data_seed=3))], "sets data_seed"),
+    (dict(vary_data="no"), ENSEMBLE_AND_SINGLE, "vary_data must be true or false"),
+    ({}, [{**ENSEMBLE_AND_SINGLE[0], "match": dict(axis="parameters", family="single")}, ENSEMBLE_AND_SINGLE[1]],
+     "family 'method': match sets a single model's size; this family is of kind ensemble"),
+])
+def test_bad_comparisons_are_refused_by_name(tmp_path, top, families, message):
+    with pytest.raises(study.StudyError, match=message):
+        study.load_spec(write_spec(tmp_path / "spec.yaml", families, **top))
+    assert study.main([str(tmp_path / "spec.yaml"), "--dry_run"]) == 2
+
+
+def test_vary_data_false_takes_data_seed_from_the_settings(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, vary_data=False, settings=dict(data_seed=7))
+    points = study.load_spec(spec).points
+    assert {p.config.data_seed for p in points} == {7} and "--data_seed" not in points[0].run_args()[-4:]
+    assert {p.config.seed for p in points} == {0, 1}
+
+
+def test_families_of_different_test_sets_are_refused(tmp_path):
+    points = study.load_spec(write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE)).points
+    study.check_points(points)  # the config has one test_seed for all (or none yet)
+    with_seed = [dataclasses.replace(p, config=types.SimpleNamespace(test_seed=1 if p.kind == "single" else 0))
+                 for p in points]
+    with pytest.raises(study.StudyError, match=r"different test_seed values \(test_seed 0: method; test_seed 1: "
+                                               r"single\): a comparison must share its test set"):
+        study.check_points(with_seed)
+
+
+# --- numbers quoted from the results ---------------------------------------------------------------------------------
+
+def test_quoted_numbers_must_come_from_the_result_files(tmp_path):
+    results = tmp_path / "verdicts.csv"
+    pd.DataFrame({"verdict": ["ensemble better"], "mean_difference": [-0.2883], "low": [-0.3114],
+                  "ensemble_ce": [5.85712], "train_flops": [3.61e13], "share": [0.1234], "steps": [288]}
+                 ).to_csv(results, index=False)
+    quoted = ("The ensemble (5.857, 5.86) wins by 0.29 nats [−0.31, -0.288] at 3.6e13 FLOPs, 12.3% of the time, "
+              "in 288 steps over 5 seeds; see [the table](results/x_0.777.csv) and `7.77`.")
+    assert study.quoted_numbers_missing(quoted, [results]) == []
+    typed = "The ensemble wins by 0.30 nats at 3.7e13 FLOPs, 5.8575 CE, in 289 steps, 12.4% of the time."
+    assert study.quoted_numbers_missing(typed, [results]) == ["0.30", "3.7e13", "5.8575", "289", "12.4%"]
+    summary = tmp_path / "summary.md"
+    summary.write_text("| ensemble | 6.4660 |\n")  # a rendered table counts as a result file too
+    assert study.quoted_numbers_missing("6.466 and 6.47", [summary]) == []
+
+
+# --- learning-rate tuning ---------------------------------------------------------------------------------------------
+
+RATES = [1e-3, 3e-3]
+TUNED = [dict(name="method", settings=dict(total_rounds=2), learning_rates=RATES),
+         dict(name="single", kind="single", settings=dict(total_rounds=1), grid=dict(student_num_layers=[1, 2]),
+              learning_rates=RATES)]
+
+
+@pytest.mark.parametrize("families, settings, message", [
+    ([TUNED[0], {**TUNED[1], "learning_rates": None}], dict(eval_steps=2),
+     "a learning-rate grid on one side only: family single has no learning_rates"),
+    ([TUNED[0], {**TUNED[1], "learning_rates": [1e-3]}], dict(eval_steps=2),
+     r"different numbers of rates \(method: 2, single: 1\)"),
+    (TUNED, {}, "family 'method' tunes its learning rate, which is chosen on the early-stopping slice: its runs "
+                "need eval_steps > 0"),
+    ([TUNED[0], {**TUNED[1], "learning_rates": [1e-3, -1.0]}], dict(eval_steps=2), "config key 'learning_rate'"),
+])
+def test_a_learning_rate_grid_must_be_on_both_sides_and_chosen_on_early_stopping(tmp_path, families, settings,
+                                                                                 message):
+    with pytest.raises(study.StudyError, match=message):
+        study.load_spec(write_spec(tmp_path / "spec.yaml", families, settings=settings))
+
+
+def play_main(args, log_path):
+    """Plays main.py for a fake launch: the run its arguments ask for, finished, its held-out CE chosen so that
+    rate 3e-3 wins for the ensemble and for the single model of 2 layers, 1e-3 for that of 1 layer; the test CE
+    says the opposite (a choice made on it would differ)."""
+    overrides = dict(zip((key.removeprefix("--") for key in args[4::2]), args[5::2]))
+    config = config_lib.build_config(args[1], overrides=overrides)
+    point = types.SimpleNamespace(output_root=Path(args[3]), config=config,
+                                  kind="single" if config.total_rounds == 1 else "ensemble")
+    better = (config.learning_rate == 3e-3) != (point.kind == "single" and config.student_num_layers == 1)
+    heldout = 2.0 if better else 2.5
+    last = config.total_rounds - 1  # earlier rounds' CE (of fewer members) is no part of the choice
+    evals = [dict(round=r, train_flops=(r + 1) * F0, heldout_ce=h, test_ce=5.0 - h)
+             for r in range(config.total_rounds) for h in ((heldout + 0.3, heldout) if r == last else (1.0,))]
+    fake_run(point, [3.0] * config.total_rounds, evals=evals)
+    return 0
+
+
+def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(tmp_path, monkeypatch, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", TUNED, settings=dict(eval_steps=2), seeds=[0, 1, 2])
+    before = study.load_spec(spec)
+    assert len(before.points) == 6 and all(p.tuning and p.seed == 0 for p in before.points)
+    assert before.points[1].name == "method__lr-0.003__seed-0" and before.points[1].config.learning_rate == 3e-3
+    assert study.main([str(spec), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "method__lr-0.001__seed-0" in out and "  tuning  " in out
+    assert "family method: seeds 1, 2 wait for tuning (0 of 2 tuning runs finished)" in out
+    launched = []
+    monkeypatch.setattr(study, "launch", lambda args, log: launched.append(args[3]) or play_main(args, log))
+    assert study.main([str(spec), "--bootstrap", "0"]) == 0
+    names = [Path(root).name for root in launched]
+    assert names[:6] == [p.name for p in before.points]  # tuning first, then the later seeds
+    assert names[6:] == ["method__lr-0.003__seed-1", "method__lr-0.003__seed-2",
+                         "single__student_num_layers-1__lr-0.001__seed-1",
+                         "single__student_num_layers-1__lr-0.001__seed-2",
+                         "single__student_num_layers-2__lr-0.003__seed-1",
+                         "single__student_num_layers-2__lr-0.003__seed-2"]
+    after = study.load_spec(spec)
+    assert not after.waiting and {p.name for p in after.points if p.tuning} == {
+        "method__lr-0.001__seed-0", "single__student_num_layers-1__lr-0.003__seed-0",
+        "single__student_num_layers-2__lr-0.001__seed-0"}
+    tuning = pd.read_csv(after.folder / "tuning.csv")
+    assert list(tuning.columns[:5]) == ["family", "point", "rate", "heldout_ce", "chosen"]
+    chosen = tuning[tuning["chosen"]].set_index("point")
+    assert chosen.loc["method", "rate"] == 3e-3 and chosen.loc["method", "heldout_ce"] == 2.0  # the last round's
+    assert chosen.loc["student_num_layers=1", "rate"] == 1e-3
+    runs = set(pd.read_csv(after.folder / "rows.csv")["run"])  # the first seed's chosen run is its run
+    assert "method__lr-0.003__seed-0" in runs and "method__lr-0.001__seed-0" not in runs and len(runs) == 9
+
+
+# --- a single model matched to an ensemble's size ---------------------------------------------------------------------
+
+def matched_points(tmp_path, teacher, match, single=None, ensemble=None):
+    families = [dict(name="method", settings=dict(total_rounds=2, **(ensemble or {}))),
+                dict(name="one", kind="single", settings=dict(total_rounds=1, **(single or {})), match=match)]
+    spec = write_spec(tmp_path / "spec.yaml", families, settings=dict(teacher=str(teacher)), seeds=[0])
+    return {p.family: p for p in study.load_spec(spec).points}
+
+
+def real_parameters(config, round_index, additive):
+    """A round's student built for real (utils.build_student's model config, start_at_zero for a later additive
+    member): its distinct parameters."""
+    import transformers
+    import utils
+
+    teacher, tokenizer = study.teacher_parts(config.teacher, str(config.cache_dir), False)
+    model = transformers.AutoModelForCausalLM.from_config(utils.student_model_config(config, teacher, tokenizer,
+                                                                                     round_index))
+    if additive and round_index > 0:
+        utils.start_at_zero(model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_a_random_single_model_is_matched_by_its_depth(tiny_teacher_dir, tmp_path):
+    points = matched_points(tmp_path, tiny_teacher_dir, dict(axis="non_embedding_parameters", family="method"))
+    one = points["one"]  # the ensemble of 2 one-layer students has the non-embedding parameters of 2 layers
+    assert one.config.student_num_layers == 2 and one.settings["student_num_layers"] == 2
+    assert "(matched non_embedding_parameters" in one.label and "to method x2" in one.label
+    additive = dataclasses.replace(points["method"].config, combine="additive")
+    target = study.ensemble_size_value(additive, "parameters", 2)
+    assert target == real_parameters(additive, 0, True) + real_parameters(additive, 1, True)  # an untied head
+
+
+def test_a_teacher_layers_single_model_copies_layers_spread_from_first_to_last(tiny_teacher_dir, tmp_path):
+    layers = dict(student_init="teacher_layers", teacher_layers=[0])
+    points = matched_points(tmp_path, tiny_teacher_dir, dict(axis="non_embedding_parameters", family="method"),
+                            single=layers, ensemble=layers)
+    assert points["one"].config.teacher_layers == [0, 1] and points["one"].config.teacher_layers_shift == 0
+
+
+@pytest.mark.parametrize("match, single, message", [
+    (dict(axis="parameters", family="method", size=1), dict(student_hidden_size=256),
+     r"family 'one': no size of this family reaches parameters [\d,]+ \(family 'method' at 1 members\) within "
+     r"10%; the nearest is [\d,]+ \(student_num_layers=1\)"),
+    (dict(axis="flops", family="method"), {}, "match needs axis"),
+    (dict(axis="parameters", family="nope"), {}, "match names 'nope', which is no ensemble family"),
+])
+def test_a_match_no_size_can_reach_is_refused_by_name(tiny_teacher_dir, tmp_path, match, single, message):
+    with pytest.raises(study.StudyError, match=message):
+        matched_points(tmp_path, tiny_teacher_dir, match, single=single)
