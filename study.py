@@ -85,6 +85,7 @@ SET_BY_STUDY = {"seed", "data_seed", "output_root"}
 MATCH_AXES = ("parameters", "non_embedding_parameters")  # what a single family's `match` can equal
 MATCH_RTOL = 0.10  # a matched single model further than this from its target is refused
 RANDOM_DEPTHS = range(1, 65)  # the layers a random student matched to an ensemble may have
+RANDOM_WIDTHS = range(32, 2049, 32)  # or its width: where embeddings dominate, only width reaches a total
 NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -511,8 +512,9 @@ def ensemble_size_value(config: config_lib.Config, axis: str, size: int) -> int:
 
 def size_candidates(config: config_lib.Config, axis: str) -> list[tuple[dict, int]]:
     """(size setting, axis value) for every size a single model of `config`'s family can take: teacher_layers
-    students copy 1 to all of the teacher's layers (spread from first to last), random students have 1 to 64
-    layers."""
+    students copy 1 to all of the teacher's layers (spread from first to last); random students have 1 to 64
+    layers at their width, or their depth at a width of 32 to 2,048 (the MLP's width and the heads' count scaled
+    with it, so its head size stays the family's)."""
     import utils
 
     if config.student_init == "teacher_layers":
@@ -521,12 +523,27 @@ def size_candidates(config: config_lib.Config, axis: str) -> list[tuple[dict, in
         settings = [{"teacher_layers": utils.spread_layer_indices(n, layers), "teacher_layers_shift": 0}
                     for n in range(1, layers + 1)]
     elif config.student_init == "random":
-        settings = [{"student_num_layers": n} for n in RANDOM_DEPTHS]
+        settings = [{"student_num_layers": n} for n in RANDOM_DEPTHS] + [
+            widened(config, width) for width in RANDOM_WIDTHS if width != config.student_hidden_size]
     else:
         raise StudyError(f"match sizes students of student_init teacher_layers or random, not "
                          f"{config.student_init!r}")
     return [(setting, getattr(student_shape(dataclasses.replace(config, **setting), 0)[1], axis))
             for setting in settings]
+
+
+def widened(config: config_lib.Config, width: int) -> dict:
+    """A random student's settings at another `width`: MLP and heads scaled in proportion (at least one head, its
+    key/value heads dividing its heads), so the shape stays the family's."""
+    scale = width / config.student_hidden_size
+    heads = max(1, round(config.student_num_heads * scale))
+    while width % heads:
+        heads -= 1
+    kv_heads = max(1, min(heads, round(config.student_num_kv_heads * scale)))
+    while heads % kv_heads:
+        kv_heads -= 1
+    return {"student_hidden_size": width, "student_intermediate_size": max(1, round(
+        config.student_intermediate_size * scale)), "student_num_heads": heads, "student_num_kv_heads": kv_heads}
 
 
 # --- the state of a grid point --------------------------------------------------------------------------------------

@@ -776,6 +776,20 @@ def test_a_random_single_model_is_matched_by_its_depth(tiny_teacher_dir, tmp_pat
     assert target == real_parameters(additive, 0, True) + real_parameters(additive, 1, True)  # an untied head
 
 
+def test_a_random_single_model_is_matched_by_its_width_where_depth_cannot_reach_the_total(tiny_teacher_dir,
+                                                                                         tmp_path):
+    """Embeddings dominate a small random student (the study preset's: 3.1M of its 3.24M parameters), so an
+    ensemble's total is out of reach of any depth; here wider members stand for that: the match widens the single
+    model (MLP and heads in proportion)."""
+    points = matched_points(tmp_path, tiny_teacher_dir, dict(axis="parameters", family="method"),
+                            ensemble=dict(student_hidden_size=256, student_intermediate_size=512))
+    one, method = points["one"].config, points["method"].config
+    assert one.student_hidden_size > method.student_hidden_size and one.student_num_layers == method.student_num_layers
+    assert one.student_hidden_size % one.student_num_heads == 0 and one.student_num_heads % one.student_num_kv_heads == 0
+    target = study.ensemble_size_value(method, "parameters", 2)
+    assert abs(real_parameters(one, 0, False) - target) <= 0.1 * target
+
+
 def test_a_teacher_layers_single_model_copies_layers_spread_from_first_to_last(tiny_teacher_dir, tmp_path):
     layers = dict(student_init="teacher_layers", teacher_layers=[0])
     points = matched_points(tmp_path, tiny_teacher_dir, dict(axis="non_embedding_parameters", family="method"),
@@ -784,12 +798,46 @@ def test_a_teacher_layers_single_model_copies_layers_spread_from_first_to_last(t
 
 
 @pytest.mark.parametrize("match, single, message", [
-    (dict(axis="parameters", family="method", size=1), dict(student_hidden_size=256),
-     r"family 'one': no size of this family reaches parameters [\d,]+ \(family 'method' at 1 members\) within "
-     r"10%; the nearest is [\d,]+ \(student_num_layers=1\)"),
+    (dict(axis="parameters", family="method", size=4), dict(student_init="teacher_layers", teacher_layers=[0]),
+     r"family 'one': no size of this family reaches parameters [\d,]+ \(family 'method' at 4 members\) within "
+     r"10%; the nearest is [\d,]+ \(teacher_layers=0,1, teacher_layers_shift=0\)"),
     (dict(axis="flops", family="method"), {}, "match needs axis"),
     (dict(axis="parameters", family="nope"), {}, "match names 'nope', which is no ensemble family"),
 ])
 def test_a_match_no_size_can_reach_is_refused_by_name(tiny_teacher_dir, tmp_path, match, single, message):
     with pytest.raises(study.StudyError, match=message):
         matched_points(tmp_path, tiny_teacher_dir, match, single=single)
+
+
+def test_a_tiny_tuned_study_compares_at_the_ensembles_spend_with_paired_intervals_and_a_multiplier(
+        tiny_teacher_dir, tmp_path):
+    """End to end with main.py's learning curves: every family tuned on the first seed over the same rates, a
+    single model matched to the ensemble's non-embedding parameters, and the verdicts on every axis, the
+    training-FLOPs one read off the single models' curves at the ensemble's spend, with its multiplier."""
+    settings = dict(teacher=str(tiny_teacher_dir), dataset=str(DATA_DIR / "chats.jsonl"),
+                    cache_dir=str(tmp_path / "cache"), steps_per_round=4, eval_steps=1, early_stopping_examples=4,
+                    lr_scheduler="wsd", warmup_steps=1)
+    rates = [1e-3, 3e-3]
+    families = [dict(name="method", settings=dict(total_rounds=2), learning_rates=rates),
+                dict(name="member", kind="single", settings=dict(total_rounds=1, steps_per_round=12),
+                     learning_rates=rates),
+                dict(name="deeper", kind="single", settings=dict(total_rounds=1, steps_per_round=12),
+                     learning_rates=rates, match=dict(axis="non_embedding_parameters", family="method"))]
+    spec = write_spec(tmp_path / "spec.yaml", families, settings=settings, seeds=[0, 1])
+    assert study.main([str(spec), "--bootstrap", "0"]) == 0
+    folder = study.load_spec(spec).folder
+
+    tuning = pd.read_csv(folder / "tuning.csv")
+    assert len(tuning) == 6 and tuning.groupby("family")["chosen"].sum().tolist() == [1, 1, 1]
+    runs = pd.read_csv(folder / "runs.csv")
+    assert (runs["status"] == "finished").all() and len(runs) == 3 * 2  # the chosen rate's run is seed 0's
+    verdicts = pd.read_csv(folder / "verdicts.csv")
+    assert {"parameters", "non_embedding_parameters", "train_flops", "critical_path_layers"} >= set(verdicts["axis"])
+    flops = verdicts[(verdicts["axis"] == "train_flops") & (verdicts["ensemble_size"] == 2)]
+    assert len(flops) == 2 and (flops["seeds"] == 2).all()  # against each single family, paired over 2 seeds
+    assert flops[["mean_difference", "low", "high"]].notna().all().all() and (flops["low"] <= flops["high"]).all()
+    assert flops["multiplier_median"].notna().all() or flops["multiplier_bound"].notna().all()
+    deeper = verdicts[(verdicts["axis"] == "non_embedding_parameters") & (verdicts["single"] == "deeper")
+                      & (verdicts["ensemble_size"] == 2)]
+    assert len(deeper) == 1 and deeper["seeds"].iloc[0] == 2
+    assert "95%" in (folder / "summary.md").read_text()
