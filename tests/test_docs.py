@@ -477,7 +477,7 @@ def test_readme_is_short_and_links_everything():
     linked = {Path(target.partition("#")[0]) for target in LINK.findall(readme)}
     for doc in DOCS[1:]:
         assert doc.relative_to(ROOT) in linked, f"README.md does not link {doc.relative_to(ROOT)}"
-    for name in ("LICENSE", "CITATION.cff", "results/study_ce_vs_train_flops.png", "results/study_summary.csv"):
+    for name in ("LICENSE", "CITATION.cff", "results/study_summary.csv"):
         assert Path(name) in linked, f"README.md does not link {name}"
 
 
@@ -507,3 +507,15 @@ def test_license_and_citation():
     assert citation["message"] and citation["abstract"]
     assert citation["authors"] == [{"name": "The slm-ensembles authors"}]
     assert str(citation["date-released"]) == "2026-12-02" and citation["license"] == "Apache-2.0"
+
+
+def test_every_number_in_the_readme_results_comes_from_a_committed_result_file():
+    """Results are generated, not typed: each number the README's results section quotes (rounded as written)
+    is a number of a committed file under results/."""
+    import study
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("\n## Results")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    files = sorted((ROOT / "results").glob("*.csv")) + sorted((ROOT / "results").glob("*.md"))
+    assert study.quoted_numbers_missing(section, files) == []
