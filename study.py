@@ -1159,10 +1159,42 @@ def ce_figure(points: pd.DataFrame, fits: list[Fitted], x: str, teacher: float |
     return fig
 
 
-def study_figures(points: pd.DataFrame, fits: list[Fitted], teacher: float | None) -> dict[str, Figure]:
-    """ce_vs_<x> for each x axis metrics.csv has."""
-    return {f"ce_vs_{x}": ce_figure(points, fits, x, teacher) for x in X_AXES
-            if x in points.columns and points[x].notna().any()}
+def curves_figure(obs: pd.DataFrame, curves: dict, teacher: float | None, title: str) -> Figure:
+    """Test CE against training FLOPs spent (log x): each single-model series' learning curve per seed (the test
+    CE of its best evaluation on the early-stopping slice so far: what the comparison reads at a spend), and each
+    ensemble point per seed, at the FLOPs it spent; the teacher dotted."""
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    ax = fig.subplots()
+    colors = {series: f"C{i % 10}" for i, series in enumerate(dict.fromkeys(obs["series"]))}
+    for (series, _), curve in curves.items():
+        chosen = curve.evals.assign(best=curve.evals["heldout_ce"].cummin())
+        chosen = chosen[chosen["heldout_ce"] == chosen["best"]]
+        labelled = series in {line.get_label() for line in ax.get_lines()}
+        ax.step(chosen["train_flops"], chosen["test_ce"], where="post", color=colors[series], alpha=0.6,
+                label="_nolegend_" if labelled else series)
+    ensembles = obs[obs["kind"] == "ensemble"].dropna(subset=["train_flops"])
+    for (series, point), part in ensembles.groupby(["series", "point"], sort=False):
+        ax.scatter(part["train_flops"], part["ce"], color=colors[series], marker=f"${point.split()[0]}$", s=60,
+                   label=f"{series}, {point}")
+    if teacher is not None:
+        ax.axhline(teacher, color="gray", linestyle=":", label=f"teacher: {teacher:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs spent (log scale)")
+    ax.set_ylabel(plot.CE_LABEL)
+    ax.set_title(f"{title}: single models' learning curves and ensembles, one line or mark per seed")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def study_figures(points: pd.DataFrame, fits: list[Fitted], teacher: float | None, obs: pd.DataFrame,
+                  curves: dict, title: str) -> dict[str, Figure]:
+    """ce_vs_<x> for each x axis metrics.csv has, and the learning curves against FLOPs where there are any."""
+    figures = {f"ce_vs_{x}": ce_figure(points, fits, x, teacher) for x in X_AXES
+               if x in points.columns and points[x].notna().any()}
+    if curves:
+        figures["curves_vs_train_flops"] = curves_figure(obs, curves, teacher, title)
+    return figures
 
 
 # --- summary ----------------------------------------------------------------------------------------------------------
@@ -1289,7 +1321,7 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
                                                               notes + curve_notes + pair_notes, teacher))
     paths.append(study.folder / "summary.md")
-    return paths + plot.save_figures(study_figures(points, fits, teacher), study.folder)
+    return paths + plot.save_figures(study_figures(points, fits, teacher, obs, curves, study.name), study.folder)
 
 
 # --- numbers quoted from the results --------------------------------------------------------------------------------

@@ -387,9 +387,9 @@ def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
     obs = study.observations(rows)
     points = study.point_table(obs)
     fits, _ = study.fit_all(obs, rows.columns, replicates=0)
-    figures = study.study_figures(points, fits, teacher=1.0)
+    figures = study.study_figures(points, fits, 1.0, obs, {}, loaded.name)
     assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_non_embedding_parameters",
-                            "ce_vs_train_flops"}
+                            "ce_vs_train_flops"}  # no learning curves in these synthetic runs: no curve figure
     (ax,) = figures["ce_vs_parameters"].axes
     assert ax.get_xscale() == "log" and "parameters" in ax.get_xlabel()
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
@@ -841,3 +841,11 @@ def test_a_tiny_tuned_study_compares_at_the_ensembles_spend_with_paired_interval
                       & (verdicts["ensemble_size"] == 2)]
     assert len(deeper) == 1 and deeper["seeds"].iloc[0] == 2
     assert "95%" in (folder / "summary.md").read_text()
+    rows, _ = study.collect_rows(study.load_spec(spec))
+    curves, _ = study.single_curves(rows)
+    figure = study.curves_figure(study.observations(rows), curves, None, "tiny")
+    (ax,) = figure.axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert {"member", "deeper", "method, 2 member(s)"} <= set(labels) and ax.get_xscale() == "log"
+    assert len(ax.get_lines()) == 2 * 2  # a learning curve per single family and seed
+    assert (folder / "curves_vs_train_flops.png").read_bytes()[:8] == PNG_SIGNATURE
