@@ -849,3 +849,16 @@ def test_a_tiny_tuned_study_compares_at_the_ensembles_spend_with_paired_interval
     assert {"member", "deeper", "method, 2 member(s)"} <= set(labels) and ax.get_xscale() == "log"
     assert len(ax.get_lines()) == 2 * 2  # a learning curve per single family and seed
     assert (folder / "curves_vs_train_flops.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+SHIPPED_SPECS = Path(__file__).resolve().parents[1] / "studies"
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in SHIPPED_SPECS.glob("*.yaml")))
+def test_every_shipped_spec_is_valid_and_its_runs_share_one_test_set(spec):
+    """Every spec under studies/ loads (its configs built, matches resolved, tuning laid out), and every run of
+    it is scored on one test set, each seed's runs on one training sample."""
+    loaded = study.load_spec(SHIPPED_SPECS / spec)
+    assert len({p.config.test_seed for p in loaded.points}) == 1
+    for seed in {p.seed for p in loaded.points}:
+        assert len({p.config.data_seed for p in loaded.points if p.seed == seed}) == 1
