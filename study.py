@@ -74,10 +74,13 @@ DISTINCT_CE_ATOL = 1e-4  # mean CEs this close (nats) are one value: a member th
 CONFIDENCE = 0.95  # of the paired t-intervals
 CURVE_COLUMNS = ("train_flops", "heldout_ce", "test_ce")  # a train_log evaluation row's point of the curve
 PAIR_COLUMNS = ["axis", "x_value", "ensemble", "point", "ensemble_size", "single", "seed", "ensemble_ce",
-                "single_ce", "difference", "single_from", "single_flops", "multiplier", "multiplier_bound"]
+                "single_ce", "difference", "single_from", "single_flops", "multiplier", "multiplier_bound",
+                "students_multiplier", "students_multiplier_bound"]
 VERDICT_COLUMNS = ["axis", "x_value", "ensemble", "point", "ensemble_size", "single", "seeds", "mean_difference",
                    "low", "high", "wins", "verdict", "ensemble_ce", "single_ce", "single_from", "multiplier_median",
-                   "multiplier_low", "multiplier_high", "multiplier_reached", "multiplier_bound"]
+                   "multiplier_low", "multiplier_high", "multiplier_reached", "multiplier_bound",
+                   "students_multiplier_median", "students_multiplier_low", "students_multiplier_high",
+                   "students_multiplier_reached", "students_multiplier_bound"]
 STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data"}
 FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match"}
 # Each run's seed (and data_seed, unless vary_data is false) comes from `seeds`, its output_root from its name.
@@ -966,9 +969,18 @@ class Curve:
     """A single-model series' learning curve on one seed: its runs' early-stopping evaluations, pooled (each row's
     train_flops is what its run had spent by then), sorted by train_flops and, at equal spend, held-out CE."""
 
-    evals: pd.DataFrame  # train_flops, heldout_ce, test_ce
+    evals: pd.DataFrame  # train_flops, heldout_ce, test_ce (and flops_teacher where the log has it)
     spent: float  # the most one of its runs spent in all
     from_metrics: bool  # old runs without the curve's columns: their final point only
+
+    @property
+    def fixed_flops(self) -> float:
+        """The one-off cost every evaluation carries alike, the teacher cache's build (a cached teacher's charge
+        does not grow with the steps): both sides of a paired comparison pay it. 0 for an online teacher."""
+        if "flops_teacher" not in self.evals or self.evals["flops_teacher"].isna().any():
+            return 0.0
+        teacher = self.evals["flops_teacher"].to_numpy(float)
+        return float(teacher[0]) if np.all(teacher == teacher[0]) else 0.0
 
     def at(self, budget: float) -> pd.Series | None:
         """The evaluation chosen within `budget`: the lowest held-out CE among those that had spent at most it
@@ -993,7 +1005,8 @@ def run_evals(run_dir: str, final: pd.Series) -> tuple[pd.DataFrame, bool]:
     a run whose log lacks these columns gives its final metrics row as its one point (True: from metrics)."""
     log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
     if log is not None and set(CURVE_COLUMNS) <= set(log.columns):
-        evals = log.dropna(subset=list(CURVE_COLUMNS))[list(CURVE_COLUMNS)]
+        columns = [*CURVE_COLUMNS, *(["flops_teacher"] if "flops_teacher" in log.columns else [])]
+        evals = log.dropna(subset=list(CURVE_COLUMNS))[columns]
         if len(evals):
             return evals, False
     return pd.DataFrame({"train_flops": [final["train_flops"]], "heldout_ce": [final["ce"]],
@@ -1033,13 +1046,18 @@ def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensem
         if chosen is None:
             return None
         multiplier, bound = curve.multiplier(float(ensemble.ce), budget)
+        # The same, of the students' compute alone: the build both sides pay taken off both spends.
+        fixed = curve.fixed_flops if curve.fixed_flops < budget else 0.0
+        students = (lambda ratio: (ratio * budget - fixed) / (budget - fixed))
         return dict(single_ce=float(chosen["test_ce"]), single_flops=float(chosen["train_flops"]),
                     single_from="final point (no curve)" if curve.from_metrics else "early-stopping curve",
-                    multiplier=multiplier, multiplier_bound=bound)
+                    multiplier=multiplier, multiplier_bound=bound, students_multiplier=students(multiplier),
+                    students_multiplier_bound=students(bound))
     found = single_at(obs[(obs["series"] == single) & (obs["seed"] == ensemble.seed)], axis,
                       float(getattr(ensemble, axis)))
     return None if found is None else dict(single_ce=found[0], single_flops=math.nan, single_from=found[1],
-                                           multiplier=math.nan, multiplier_bound=math.nan)
+                                           multiplier=math.nan, multiplier_bound=math.nan,
+                                           students_multiplier=math.nan, students_multiplier_bound=math.nan)
 
 
 def pairs_table(obs: pd.DataFrame, curves: dict, axes) -> tuple[pd.DataFrame, list[str]]:
@@ -1083,19 +1101,20 @@ def verdict(low: float, high: float, n: int) -> str:
     return "ensemble better" if high < 0 else "single better" if low > 0 else "no difference shown"
 
 
-def multiplier_summary(multipliers: np.ndarray, bounds: np.ndarray) -> dict:
+def multiplier_summary(multipliers: np.ndarray, bounds: np.ndarray, name: str = "multiplier") -> dict:
     """Over seeds: the median multiplier, and when every seed reached the ensemble's CE, the 95% t-interval of the
-    geometric mean (on log multipliers); else the smallest bound the censored seeds exceed."""
+    geometric mean (on log multipliers); else the smallest bound the censored seeds exceed. Keys start with
+    `name`."""
     reached = np.isfinite(multipliers)
-    out = dict(multiplier_median=math.nan, multiplier_low=math.nan, multiplier_high=math.nan,
-               multiplier_reached=int(reached.sum()), multiplier_bound=math.nan)
+    out = {f"{name}_median": math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan,
+           f"{name}_reached": int(reached.sum()), f"{name}_bound": math.nan}
     median = float(np.median(np.where(reached, multipliers, np.inf)))  # a censored seed lies above every bound
-    out["multiplier_median"] = median if math.isfinite(median) else math.nan
-    if reached.all():
+    out[f"{name}_median"] = median if math.isfinite(median) else math.nan
+    if reached.all() and (multipliers > 0).all():
         _, low, high = paired_interval(np.log(multipliers))
-        out.update(multiplier_low=math.exp(low), multiplier_high=math.exp(high))
-    else:
-        out["multiplier_bound"] = float(np.min(bounds[~reached]))
+        out.update({f"{name}_low": math.exp(low), f"{name}_high": math.exp(high)})
+    elif not reached.all():
+        out[f"{name}_bound"] = float(np.min(bounds[~reached]))
     return out
 
 
@@ -1113,8 +1132,9 @@ def verdict_table(pairs: pd.DataFrame) -> pd.DataFrame:
                    verdict=verdict(low, high, len(part)), ensemble_ce=part["ensemble_ce"].mean(),
                    single_ce=part["single_ce"].mean(), single_from="; ".join(dict.fromkeys(part["single_from"])))
         if axis == "train_flops":
-            row.update(multiplier_summary(part["multiplier"].to_numpy(float),
-                                          part["multiplier_bound"].to_numpy(float)))
+            for name in ("multiplier", "students_multiplier"):
+                row.update(multiplier_summary(part[name].to_numpy(float), part[f"{name}_bound"].to_numpy(float),
+                                              name))
         rows.append(row)
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
@@ -1226,17 +1246,18 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}" if math.isfinite(value) else "–"
 
 
-def _multiplier(row) -> str:
-    """A verdict row's compute multiplier as summary.md quotes it."""
+def _multiplier(row, name: str = "multiplier") -> str:
+    """A verdict row's compute multiplier (`name`: of all the spend, or of the students' alone) as summary.md
+    quotes it."""
     if row["axis"] != "train_flops":
         return ""
-    seeds, reached = int(row["seeds"]), int(row["multiplier_reached"])
+    seeds, reached = int(row["seeds"]), int(row[f"{name}_reached"])
     if reached == seeds:
-        interval = (f", geometric mean 95% CI [{row['multiplier_low']:.2f}, {row['multiplier_high']:.2f}]"
-                    if math.isfinite(row["multiplier_low"]) else "")
-        return f"median {row['multiplier_median']:.2f}×{interval}"
-    median = f"median {row['multiplier_median']:.2f}×; " if math.isfinite(row["multiplier_median"]) else ""
-    return f"{median}not reached: > {row['multiplier_bound']:.2f}× on {seeds - reached} of {seeds} seeds"
+        interval = (f", geometric mean 95% CI [{row[f'{name}_low']:.2f}, {row[f'{name}_high']:.2f}]"
+                    if math.isfinite(row[f"{name}_low"]) else "")
+        return f"median {row[f'{name}_median']:.2f}×{interval}"
+    median = f"median {row[f'{name}_median']:.2f}×; " if math.isfinite(row[f"{name}_median"]) else ""
+    return f"{median}not reached: > {row[f'{name}_bound']:.2f}× on {seeds - reached} of {seeds} seeds"
 
 
 def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
@@ -1253,7 +1274,8 @@ def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
         "ensemble − single [95% CI]": [f"{_signed(m)} [{_signed(lo)}, {_signed(hi)}]" for m, lo, hi in
                                        zip(verdicts["mean_difference"], verdicts["low"], verdicts["high"])],
         "wins": [f"{w} of {n}" for w, n in zip(verdicts["wins"], verdicts["seeds"])],
-        "verdict": verdicts["verdict"], "compute multiplier": [_multiplier(r) for _, r in verdicts.iterrows()]}))
+        "verdict": verdicts["verdict"], "compute multiplier": [_multiplier(r) for _, r in verdicts.iterrows()],
+        "students' compute multiplier": [_multiplier(r, "students_multiplier") for _, r in verdicts.iterrows()]}))
 
 
 def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,

@@ -550,6 +550,23 @@ def test_a_single_curve_is_read_at_the_best_held_out_evaluation_within_the_budge
     assert math.isnan(multiplier) and bound == 4.0
 
 
+def test_the_students_multiplier_takes_the_build_both_sides_pay_off_both_spends():
+    """A cached teacher's build is charged to every run alike (constant flops_teacher along the curve): the
+    students' multiplier compares what is left. An online teacher's charge grows with the steps: nothing is
+    fixed."""
+    evals = pd.DataFrame({"train_flops": [11.0, 12.0, 14.0], "heldout_ce": [5.0, 4.5, 4.0],
+                          "test_ce": [5.0, 4.5, 4.0], "flops_teacher": [10.0, 10.0, 10.0]})
+    cached = study.Curve(evals, 14.0, False)
+    assert cached.fixed_flops == 10.0
+    online = study.Curve(evals.assign(flops_teacher=[1.0, 2.0, 4.0]), 14.0, False)
+    assert online.fixed_flops == 0.0
+    ensemble = pd.Series({"seed": 0, "train_flops": 12.0, "ce": 4.0})
+    pair = study.paired_single(pd.DataFrame(), {("single", 0): cached}, "train_flops", "single",
+                               ensemble.to_frame().T.astype({"seed": int}).itertuples(index=False).__next__())
+    # reached at 14 of the ensemble's 12: 1.17x in all, but (14 - 10) / (12 - 10) = 2x of the students' compute
+    assert pair["multiplier"] == pytest.approx(14 / 12) and pair["students_multiplier"] == pytest.approx(2.0)
+
+
 def test_multipliers_give_a_geometric_interval_when_every_seed_reached_else_a_bound():
     reached = study.multiplier_summary(np.array([1.5, 2.0, 2.5]), np.full(3, math.nan))
     logs = np.log([1.5, 2.0, 2.5])
