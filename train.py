@@ -339,17 +339,20 @@ class EarlyStopping(TrainerCallback, ExportableState):
 
     def __init__(self, eval_steps: int, patience: int, min_delta: float, score=None, save_best=None,
                  best_score: float = math.inf, best_step: int = 0, bad_evaluations: int = 0,
-                 stop_reason: str | None = None, schedule: WarmupStableDecay | None = None):
+                 stop_reason: str | None = None, schedule: WarmupStableDecay | None = None,
+                 reference: float | None = None):
         self.eval_steps, self.patience, self.min_delta = eval_steps, patience, min_delta
         self.score, self.save_best, self.schedule = score, save_best, schedule
         self.best_score, self.best_step, self.bad_evaluations = best_score, best_step, bad_evaluations
+        self.reference = best_score if reference is None else reference  # the score patience measures gains from
         self.stop_reason = stop_reason
         self.latest: tuple[int, dict] | None = None  # (step, what score gave) of the newest evaluation, for the log
 
     def state(self) -> dict:
         return {"args": {"eval_steps": self.eval_steps, "patience": self.patience, "min_delta": self.min_delta},
                 "attributes": {"best_score": self.best_score, "best_step": self.best_step,
-                               "bad_evaluations": self.bad_evaluations, "stop_reason": self.stop_reason}}
+                               "bad_evaluations": self.bad_evaluations, "stop_reason": self.stop_reason,
+                               "reference": self.reference}}
 
     def evaluate(self, model, step: int) -> float:
         scores = self.score(model)
@@ -362,6 +365,7 @@ class EarlyStopping(TrainerCallback, ExportableState):
         never made worse by a member that only overfits. A resumed round has its best already."""
         if state.global_step == 0 and self.best_score == math.inf:
             self.best_score, self.best_step = self.evaluate(model, 0), 0
+            self.reference = self.best_score
             self.save_best(model)
         return control
 
@@ -373,11 +377,14 @@ class EarlyStopping(TrainerCallback, ExportableState):
             return control
         score = self.evaluate(model, step)
         control.should_log = True
-        if score < self.best_score - self.min_delta:
-            self.best_score, self.best_step, self.bad_evaluations = score, step, 0
+        # Patience counts improvements of more than min_delta since the last such one (`reference`); the weights
+        # kept are the lowest held-out CE evaluated, however small its gain (a decay's last hundredths count).
+        self.bad_evaluations = 0 if score < self.reference - self.min_delta else self.bad_evaluations + 1
+        if not self.bad_evaluations:
+            self.reference = score
+        if score < self.best_score:
+            self.best_score, self.best_step = score, step
             self.save_best(model)
-        else:
-            self.bad_evaluations += 1
         if self.bad_evaluations >= self.patience and self.schedule is not None and self.schedule.begin_decay(step):
             self.bad_evaluations = 0  # the plateau begins the decay; the round goes on until it ends
         elif self.bad_evaluations >= self.patience or decay_ends:

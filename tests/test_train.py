@@ -406,9 +406,10 @@ def test_early_stopping_keeps_the_best_and_stops_after_patience_evaluations_with
             stops.append(step)
             assert control.should_save  # the checkpoint that tells a resumed run the round is over
             break
-    # 5.0 (step 2) and 4.0 (step 4) improve; 3.95 and 3.99 are within min_delta: stop at step 8.
-    assert stops == [8] and saved == ["weights at 2", "weights at 4"]
-    assert (stopper.best_score, stopper.best_step, stopper.stop_reason) == (4.0, 4, "plateau")
+    # 5.0 (step 2) and 4.0 (step 4) improve by more than min_delta; 3.95 and 3.99 do not: stop at step 8. The
+    # weights kept are still the lowest held-out CE evaluated, 3.95 at step 6.
+    assert stops == [8] and saved == ["weights at 2", "weights at 4", "weights at 6"]
+    assert (stopper.best_score, stopper.best_step, stopper.stop_reason) == (3.95, 6, "plateau")
     assert stopper.logged_values(8) == {"heldout_ce": 3.99} and stopper.logged_values(7) == {}
     restored = EarlyStopping(**stopper.state()["args"], **stopper.state()["attributes"])
     assert restored.state() == stopper.state()
