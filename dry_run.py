@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoTokenizer
 import compute
 import config as config_lib
 import preprocess_dataset
+import teacher_cache
 import utils
 
 
@@ -78,7 +79,7 @@ def needs_configs_line(names: list[str]) -> str:
 def cache_prediction_line(config: config_lib.Config, teacher: compute.ModelShape, tokenizer) -> str:
     """The training split's teacher cache: its bytes per supervised token x their count, read from the prepared
     data or, before it is prepared, estimated from max_examples and max_length."""
-    per_token = compute.cache_bytes_per_position(
+    per_token = teacher_cache.cache_bytes_per_position(
         config.teacher_mode, vocab_size=teacher.vocab_size if tokenizer is None else len(tokenizer),
         hidden_size=teacher.hidden_size, k=config.cache_k, value_dtype=config.cache_value_dtype)
     prepared = prepared_training_tokens(config, tokenizer)

@@ -544,7 +544,7 @@ def _settings(source, tokenizer, *, max_length, test_size, seed, max_examples, s
         "source": str(source),
         "split": split,
         "chat_template_sha256": _sha256(tokenizer.chat_template),
-        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "max_length": max_length,
         "test_size": test_size,
         "seed": seed,
@@ -559,7 +559,7 @@ def _sha256(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _tokenizer_sha256(tokenizer) -> str:
+def tokenizer_sha256(tokenizer) -> str:
     """A hash of the vocabulary and tokenization rules, plus the special tokens the labelling relies on."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

@@ -25,6 +25,7 @@
 import contextlib
 import csv
 import dataclasses
+import datetime
 import errno
 import functools
 import hashlib
@@ -44,8 +45,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 from transformers import TrainerCallback
 
+import compute
 import config as config_lib
-import utils
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
@@ -520,6 +521,21 @@ def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rou
                                      f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
 
 
+def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> Path:
+    """Create and return output_root/YYYY-MM-DD/run_N with the next free N (never reuses an existing folder)."""
+    day_dir = Path(output_root) / (today or datetime.date.today()).isoformat()
+    day_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[4:]) for p in day_dir.glob("run_*") if p.name[4:].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        run_dir = day_dir / f"run_{number}"
+        try:
+            run_dir.mkdir()  # atomic: two runs starting together cannot get the same folder
+            return run_dir
+        except FileExistsError:
+            number += 1
+
+
 def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state,
              preset: str) -> tuple[Path, dict]:
     """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
@@ -532,7 +548,7 @@ def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | N
                 "preset": preset}
     run_dir = None
     if state.is_main_process:
-        run_dir = utils.new_run_dir(config.output_root)
+        run_dir = new_run_dir(config.output_root)
         write_run_config(config, run_dir)
         write_manifest(run_dir, manifest)
     (run_dir,) = broadcast_object_list([run_dir])
@@ -699,7 +715,7 @@ def check_disk_for_a_round(folder: Path, model, tokenizer, config: config_lib.Co
     cannot hold (round_bytes). Each checkpoint write is checked again just before it happens
     (CheckDiskBeforeSave)."""
     check_disk_space(folder, round_bytes(model, tokenizer, config),
-                     f"a round's checkpoints, best weights and member ({utils.count_parameters(model):,} parameters "
+                     f"a round's checkpoints, best weights and member ({compute.parameter_count(model):,} parameters "
                      f"with their optimizer state, {config.keep_checkpoints} checkpoints kept)",
                      "free some space or point output_root elsewhere")
 

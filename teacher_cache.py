@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from accelerate.utils import reduce
 
+import preprocess_dataset
 import run_state
 import utils
 from losses import predictor_mask
@@ -205,13 +206,11 @@ def cache_identity(teacher_path: str, tokenizer, dataset, max_length: int, teach
     `dataset` is the split as prepared, before `with_example_ids` (adding a column changes the fingerprint);
     `fingerprint_memo` is where the teacher's weight hashes are remembered (see `teacher_fingerprint`).
     """
-    from preprocess_dataset import _tokenizer_sha256
-
     return {
         "teacher": str(teacher_path),
         "teacher_fingerprint": teacher_fingerprint(teacher_path, fingerprint_memo),
         "teacher_dtype": dtype_name(teacher_dtype),
-        "tokenizer_hash": _tokenizer_sha256(tokenizer),
+        "tokenizer_hash": preprocess_dataset.tokenizer_sha256(tokenizer),
         "dataset_fingerprint": dataset._fingerprint,
         "max_length": max_length,
     }
@@ -449,6 +448,19 @@ def _sum_over_processes(value: int, device) -> int:
 def payload_bytes(settings: dict, num_positions: int) -> int:
     """What `num_positions` rows of the per-position arrays of a shard built with `settings` take on disk."""
     return num_positions * sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in array_layout(settings).values())
+
+
+def cache_bytes_per_position(teacher_mode: str, *, vocab_size: int, hidden_size: int, k: int,
+                             value_dtype: str) -> int:
+    """Bytes one supervised position takes in a teacher cache: its row of each per-position array that
+    array_layout lists. topk: k token ids (16 low bits each, plus a byte per further block of 65,536 ids), k values
+    (uint8 with a float16 span per row, or float16) and the float16 tail log-mass; hidden: hidden_size float16
+    values."""
+    if teacher_mode not in MODES:
+        raise ValueError(f"teacher_mode {teacher_mode!r} has no cache: use one of {MODES}")
+    settings = {"mode": teacher_mode, "k": k, "vocab_size": vocab_size, "value_dtype": value_dtype,
+                "hidden_size": hidden_size}
+    return payload_bytes(settings, 1)
 
 
 def _check_disk(cache_dir: Path, needed: int, device) -> None:
@@ -923,8 +935,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Open the cache the arguments describe, or build it (or continue its build): 0 once it is complete,
     run_state.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
-    import preprocess_dataset
-
     with run_state.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
         args = parse_args(argv)
         state = utils.process_state()

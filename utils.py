@@ -204,11 +204,6 @@ def check_vocab_fits(model, vocab_size: int, name: str) -> None:
                                      "tokens: it was not trained with this tokenizer")
 
 
-def count_parameters(model) -> int:
-    """Distinct parameters (a tied head counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 # --- students -----------------------------------------------------------------------------------------------------
 
 def build_student(config, teacher, tokenizer, round_index: int):
@@ -373,22 +368,7 @@ def teacher_layers_student(teacher, layers: list[int]):
     return student
 
 
-# --- run folders and CSV rows -------------------------------------------------------------------------------------
-
-def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> Path:
-    """Create and return output_root/YYYY-MM-DD/run_N with the next free N (never reuses an existing folder)."""
-    day_dir = Path(output_root) / (today or datetime.date.today()).isoformat()
-    day_dir.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[4:]) for p in day_dir.glob("run_*") if p.name[4:].isdigit()]
-    number = max(taken, default=0) + 1
-    while True:
-        run_dir = day_dir / f"run_{number}"
-        try:
-            run_dir.mkdir()  # atomic: two runs starting together cannot get the same folder
-            return run_dir
-        except FileExistsError:
-            number += 1
-
+# --- staging entries -------------------------------------------------------------------------------------
 
 STAGING_INFIX = ".partial-"  # .NAME.partial-XXXXXXXX: a staging entry of NAME (see staging)
 

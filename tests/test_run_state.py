@@ -1,6 +1,7 @@
 """run_state: atomic files, complete checkpoints only, disk-space refusal, preemption signals."""
 
 import csv
+import datetime
 import errno
 import json
 import os
@@ -485,3 +486,13 @@ def test_metrics_csv_is_rewritten_only_when_rows_of_finished_rounds_are_lost_or_
     assert capsys.readouterr().err == (f"warning: {path}: rows of finished rounds are missing or differ from the ones "
                                        "written; rewritten from the rows manifest.json recorded for the finished "
                                        "rounds, restoring round 0 student\n")
+
+
+def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
+    day = datetime.date(2026, 11, 29)
+    first = run_state.new_run_dir(tmp_path, day)
+    (tmp_path / "2026-11-29" / "run_7").mkdir()
+    (tmp_path / "2026-11-29" / "notes").mkdir()
+    second = run_state.new_run_dir(tmp_path, day)
+    assert first == tmp_path / "2026-11-29" / "run_1"
+    assert second == tmp_path / "2026-11-29" / "run_8"

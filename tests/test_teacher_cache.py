@@ -593,7 +593,7 @@ def saved_teacher(folder, teacher, tokenizer):
 def command_line_inputs(tmp_path, teacher, tokenizer, dataset):
     """The teacher saved as a folder with its tokenizer, and `dataset` as the train split of a prepared folder."""
     teacher_dir, data_dir = saved_teacher(tmp_path / "teacher", teacher, tokenizer), tmp_path / "data"
-    data_metadata = {"tokenizer_sha256": preprocess_dataset._tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
+    data_metadata = {"tokenizer_sha256": preprocess_dataset.tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
     preprocess_dataset.save_dataset(DatasetDict({"train": dataset, "test": dataset.select(range(2))}), data_metadata,
                                     data_dir)
     return teacher_dir, data_dir

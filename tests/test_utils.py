@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compute
 import utils
 from config import ConfigError, build_config
 from conftest import build_tiny_llama, build_tokenizer
@@ -50,7 +51,7 @@ def test_weights_load_from_safetensors_only(tmp_path, tokenizer):
     with pytest.raises(OSError):
         utils.load_causal_lm(str(tmp_path / "pickled"))
     model.save_pretrained(tmp_path / "safe")
-    assert utils.count_parameters(utils.load_causal_lm(str(tmp_path / "safe"))) == utils.count_parameters(model)
+    assert compute.parameter_count(utils.load_causal_lm(str(tmp_path / "safe"))) == compute.parameter_count(model)
 
 
 def test_tokenizers_must_match_but_padded_heads_are_fine(tokenizer):
@@ -88,16 +89,6 @@ def test_a_student_folder_without_a_tokenizer_is_refused_naming_it(tmp_path, tok
     with pytest.raises(utils.TokenizerMismatchError,
                        match=f"cannot load the tokenizer of student '{re.escape(student)}'.*teacher 'teacher'"):
         utils.check_student_tokenizer(tokenizer, student, "teacher", trust_remote_code=False)
-
-
-def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
-    day = datetime.date(2026, 11, 29)
-    first = utils.new_run_dir(tmp_path, day)
-    (tmp_path / "2026-11-29" / "run_7").mkdir()
-    (tmp_path / "2026-11-29" / "notes").mkdir()
-    second = utils.new_run_dir(tmp_path, day)
-    assert first == tmp_path / "2026-11-29" / "run_1"
-    assert second == tmp_path / "2026-11-29" / "run_8"
 
 
 def test_auto_dtype_is_bf16_only_where_the_hardware_has_it():
@@ -202,10 +193,10 @@ def test_a_students_skeleton_has_its_parameters_and_no_weights(tmp_path, tokeniz
     build_tiny_llama(tokenizer, hidden_size=40, num_layers=3).save_pretrained(pretrained)
     config = build_config("test", overrides=dict(student_init=student_init, teacher_layers=[0, 2, 3],
                                                  student_model=str(pretrained)))
-    built = [utils.count_parameters(utils.build_student(config, teacher, tokenizer, r)) for r in (0, 1)]
+    built = [compute.parameter_count(utils.build_student(config, teacher, tokenizer, r)) for r in (0, 1)]
     monkeypatch.setattr(utils, "load_causal_lm", lambda *args, **kwargs: pytest.fail("weights were loaded"))
     skeletons = [utils.student_skeleton(config, teacher, tokenizer, r) for r in (0, 1)]
-    assert [utils.count_parameters(skeleton) for skeleton in skeletons] == built
+    assert [compute.parameter_count(skeleton) for skeleton in skeletons] == built
     assert all(p.is_meta for skeleton in skeletons for p in skeleton.parameters())
     assert len(set(built)) == 1 and built[0] > 0
 
