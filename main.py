@@ -44,6 +44,7 @@ import compute
 import config as config_lib
 import dry_run
 import embedded
+import files
 import plot
 import preprocess_dataset
 import run_state
@@ -353,7 +354,7 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     signal stopped the training; it checkpointed first."""
     member_dir = run_state.member_folder(run.folder, round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
-        run_state.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
+        files.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
                                            "its checkpoints")
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
         return utils.load_causal_lm(str(member_dir), torch.float32, run.config.trust_remote_code).to(run.device)
@@ -430,7 +431,7 @@ def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn
     folder = checkpoint
     if run.config.eval_steps:
         folder = run_state.best_folder(run.folder, round_index)
-        run_state.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
+        files.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
                                        f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains "
                                        "the round again")
     return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
@@ -526,14 +527,14 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     done, with the rows as written: the journal a damaged metrics.csv is restored from), and the run with that
     manifest: every process keeps it in memory (it decides what the next round evaluates); one writes the files."""
     rows = recorded_rows(run, round_index, rows)
-    written = run_state.csv_text_rows(METRIC_COLUMNS, rows)
+    written = files.csv_text_rows(METRIC_COLUMNS, rows)
     manifest = run_state.finished_round(run.manifest, round_index,
                                         str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
                                         run.weights, written, member_data_description(run, round_index))
     if run.state.is_main_process:
         tracking.log_round(run.trackers, round_index, rows)
         # This round's rows replace any that an interrupted evaluation of it left behind.
-        run_state.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
+        files.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
                                    lambda row: int(row["round"]) != round_index, written)
         # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
@@ -575,7 +576,7 @@ def write_sample_answers(run: Run, round_index: int, models: dict) -> None:
     rows = sample_answers(models, run.tokenizer, SAMPLE_PROMPTS[:run.config.sample_answers],
                           run.config.sample_max_new_tokens)
     if rows:
-        run_state.replace_csv_rows(run.folder / "samples.csv", SAMPLE_COLUMNS,
+        files.replace_csv_rows(run.folder / "samples.csv", SAMPLE_COLUMNS,
                                    lambda row: int(row["round"]) != round_index,
                                    [{"round": round_index, **row} for row in rows])
 
@@ -600,7 +601,7 @@ def run_from_command_line() -> int:
     try:
         return main()
     except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
-            embedded.MissingPackageError, teacher_cache.CacheMismatchError, run_state.DiskSpaceError) as error:
+            embedded.MissingPackageError, teacher_cache.CacheMismatchError, files.DiskSpaceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2  # bad input: fix it and start again
     except NonFiniteLossError as error:

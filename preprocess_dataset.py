@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 
 from model_io import IGNORE_INDEX
 import embedded
-from utils import looks_like_local_path, publish_folder, remove_dead_staging, staging
+from files import looks_like_local_path, publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
 
@@ -688,7 +688,7 @@ def describe_member_data(member_data: str, round_index: int, rounds: int, data_s
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:
     """Save into a staging folder beside it, then rename that: a killed run leaves no complete-looking folder, and
-    the next preparation removes what it left (utils.remove_dead_staging)."""
+    the next preparation removes what it left (files.remove_dead_staging)."""
 
     def is_same_build(folder: Path) -> bool:
         existing = _read_metadata(folder)

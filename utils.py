@@ -1,16 +1,9 @@
 """Helpers shared by the scripts: devices and dtypes, model and tokenizer loading, students, run folders, CSV rows."""
 
-import contextlib
 import dataclasses
 import datetime
-import errno
-import fcntl
-import glob
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +13,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cache
 
 import compute
 from config import SINGLE_MODEL_BASELINES, Config, ConfigError
+import files
 from model_io import OutputHeadOnly
 
 
@@ -144,10 +138,10 @@ def read_safetensors_tensor(name: str, candidates: list[str]) -> torch.Tensor:
     index_file = cached_file(name, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
     if index_file is not None:
         weight_map = json.loads(Path(index_file).read_text())["weight_map"]
-        files = {key: weight_map[key] for key in candidates if key in weight_map}
+        file_names = {key: weight_map[key] for key in candidates if key in weight_map}
     else:
-        files = dict.fromkeys(candidates, SAFE_WEIGHTS_NAME)
-    for key, file_name in files.items():
+        file_names = dict.fromkeys(candidates, SAFE_WEIGHTS_NAME)
+    for key, file_name in file_names.items():
         with safe_open(cached_file(name, file_name), framework="pt") as weights:
             if key in weights.keys():
                 return weights.get_tensor(key)
@@ -182,17 +176,10 @@ def check_student_tokenizer(teacher_tokenizer, student_model: str, teacher_name:
     check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_model)
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether a model or data `name` can only be meant as a local path: hub names are "name" or "owner/name",
-    and "owner" is no folder here."""
-    parent = Path(name).parent
-    return name.startswith(("/", ".", "~")) or name.count(os.sep) > 1 or (parent != Path(".") and parent.is_dir())
-
-
 def check_model_folder(key: str, name: str) -> None:
     """Refuse the model setting `key` = `name` when it is meant as a local folder (looks_like_local_path) that is
     not one: loading would ask the hub for it instead."""
-    if looks_like_local_path(name) and not Path(name).is_dir():
+    if files.looks_like_local_path(name) and not Path(name).is_dir():
         raise ConfigError(f"config key {key!r} = {name!r}: no such folder. Give the folder of a saved model (its "
                           "config.json, weights and tokenizer) or a hub name (owner/name)")
 
@@ -366,109 +353,3 @@ def teacher_layers_student(teacher, layers: list[int]):
         student_state[key] = teacher_state[source_key].detach().to(torch.float32)
     student.load_state_dict(student_state)
     return student
-
-
-# --- staging entries -------------------------------------------------------------------------------------
-
-STAGING_INFIX = ".partial-"  # .NAME.partial-XXXXXXXX: a staging entry of NAME (see staging)
-
-
-def try_lock(path: Path, create: bool = True) -> int | None:
-    """A descriptor of the file or folder `path` that holds its lock, or None while another process holds it.
-
-    An flock: the kernel releases it when its holder ends, however it ends (SIGKILL included), so a held lock is a
-    live writer and a free one means whatever it guards is a dead writer's, with no guessing from process ids
-    (reused, or another node's) or from ages. (On a file system that keeps flocks local to a node, such as Lustre
-    mounted with localflock, processes on different nodes should not write into one folder at the same time.)
-
-    A holder removes its entry before it lets go, so a lock taken on an entry no longer at `path` is let go: for a
-    lock file (`create`: made if need be) the lock is taken again on the new file; otherwise the entry is gone, and
-    FileNotFoundError says so, as it does when there was none.
-    """
-    while True:
-        fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        os.close(fd)
-        if not create:
-            raise FileNotFoundError(errno.ENOENT, "removed by the holder of its lock", str(path))
-
-
-@contextlib.contextmanager
-def staging(final: Path, folder: bool):
-    """A new, empty staging entry beside `final`, a folder or else a file, for its writer to fill and then move to
-    `final` (publish_folder, os.replace); removed if the writer stops before that.
-
-    Its lock (try_lock) is held until then, so remove_dead_staging tells the leftover of a writer that was killed
-    from the entry of one still writing (another run sharing the folder), and leaves the second alone.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}{STAGING_INFIX}"
-    while True:
-        if folder:
-            path = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-            os.close(fd)
-            path = Path(name)
-        with contextlib.suppress(FileNotFoundError):  # another process's sweep removed it before we locked it
-            lock = try_lock(path, create=False)
-            if lock is not None:  # else that sweep holds it, and removes it
-                break
-    try:
-        yield path
-    finally:
-        if folder:
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        os.close(lock)
-
-
-def remove_dead_staging(final: Path) -> list[Path]:
-    """Remove the staging entries of `final` (see staging) that writers killed before they finished left behind,
-    and keep those of writers still at work; the removed ones."""
-    removed = []
-    for leftover in sorted(final.parent.glob(glob.escape(f".{final.name}{STAGING_INFIX}") + "*")):
-        try:
-            lock = try_lock(leftover, create=False)
-        except FileNotFoundError:  # another process removed it first
-            continue
-        if lock is None:  # its writer is alive
-            continue
-        try:
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            else:
-                leftover.unlink()
-        finally:
-            os.close(lock)
-        print(f"removed {leftover}: an unfinished copy of {final.name} that a killed process left")
-        removed.append(leftover)
-    return removed
-
-
-def publish_folder(staging: Path, final: Path, is_same_build: Callable[[Path], bool]) -> None:
-    """Move the finished folder `staging` to `final` by a rename, so that no reader ever sees half a folder.
-
-    A folder already at `final` is replaced, unless `is_same_build(final)` says it holds what `staging` holds:
-    another process (an array task, another run) finished the same build first. Then theirs is kept and ours
-    dropped, so two processes building the same cache at once both succeed.
-    """
-    try:
-        if final.exists() and not is_same_build(final):
-            shutil.rmtree(final)  # a stale build for other settings
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not (final.exists() and is_same_build(final)):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-

@@ -14,11 +14,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import TrainerCallback
 
 from conftest import accelerate_launch, build_tiny_llama
+import files
 from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
 from model_io import PaddingCollator, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import CsvTrainLogCallback, DistillationTrainer, gradients_are_finite
-import run_state
 import utils
 from trl import SFTConfig
 
@@ -169,7 +169,7 @@ def test_a_train_log_row_the_disk_has_no_room_for_stops_with_the_folder_and_byte
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "write", half_then_full)
-        with pytest.raises(run_state.DiskSpaceError) as error:
+        with pytest.raises(files.DiskSpaceError) as error:
             log(2)
     assert str(error.value).startswith(f"{tmp_path}: the disk is full: writing train_log.csv failed ([Errno 28] No "
                                        "space left on device); about ")
@@ -178,7 +178,7 @@ def test_a_train_log_row_the_disk_has_no_room_for_stops_with_the_folder_and_byte
     log(2)  # once there is room: the row the error said it needed
     needed = int(re.search(r"about ([0-9,]+) bytes are needed there", str(error.value)).group(1).replace(",", ""))
     assert path.read_bytes()[:len(earlier)] == earlier and path.stat().st_size == len(earlier) + needed
-    assert [row["step"] for row in run_state.read_csv_rows(path)] == ["1", "2"]
+    assert [row["step"] for row in files.read_csv_rows(path)] == ["1", "2"]
 
 
 def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tmp_path, monkeypatch):

@@ -1,11 +1,7 @@
-"""utils: students, safe loading, tokenizer checks, run folders."""
+"""utils: students, safe loading, tokenizer checks, the process group."""
 
 import datetime
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -96,74 +92,6 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it():
     assert utils.frozen_dtype("float32", cpu) == torch.float32
     assert utils.frozen_dtype("auto", cpu) == (torch.bfloat16 if utils.supports_bf16(cpu) else torch.float32)
     assert utils.use_bf16_autocast("float32", cpu) is False
-
-
-def test_publish_folder_keeps_a_same_build_finished_first_and_replaces_a_stale_one(tmp_path):
-    final = tmp_path / "built"
-
-    def staged(content: str) -> Path:
-        folder = tmp_path / f"staging-{content}"
-        folder.mkdir()
-        (folder / "settings").write_text(content)
-        return folder
-
-    def same_as(content):
-        return lambda folder: (folder / "settings").read_text() == content
-
-    utils.publish_folder(staged("a"), final, same_as("a"))
-    first_inode = (final / "settings").stat().st_ino
-    utils.publish_folder(staged("a2"), final, lambda folder: True)  # another process's identical build: kept
-    assert (final / "settings").read_text() == "a" and (final / "settings").stat().st_ino == first_inode
-    utils.publish_folder(staged("b"), final, same_as("b"))  # settings changed: the stale folder is replaced
-    assert (final / "settings").read_text() == "b"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # no staging folder left behind
-
-
-HOLD_A_LOCK = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDONLY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(600)
-"""
-
-
-def test_staging_leftovers_of_dead_writers_are_removed_and_those_of_live_writers_kept(tmp_path):
-    """A killed writer's lock went with it: its leftover goes. A writer at work holds its entry's lock, in this
-    process or in another (a run sharing the folder): its entry stays, until that writer dies."""
-    final = tmp_path / "sharegpt.jsonl"
-    dead_file, dead_folder, other_writer = (tmp_path / f".sharegpt.jsonl.partial-{name}"
-                                            for name in ("k1ll3d", "d1r3ct", "0th3r"))
-    dead_file.write_text('{"id": "cut sh')
-    dead_folder.mkdir()
-    (dead_folder / "data").write_text("half")
-    other_writer.write_text("")
-    unrelated = tmp_path / ".other.jsonl.partial-k1ll3d"  # another file's staging: not ours to judge
-    unrelated.write_text("")
-    writer = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(other_writer)], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert writer.stdout.readline() == "locked\n"
-        with utils.staging(final, folder=False) as ours:
-            assert ours.name.startswith(".sharegpt.jsonl.partial-") and ours.is_file()
-            assert sorted(utils.remove_dead_staging(final)) == sorted([dead_file, dead_folder])
-            assert sorted(tmp_path.iterdir()) == sorted([ours, other_writer, unrelated])
-            ours.write_text("{}\n")
-            os.replace(ours, final)
-        assert utils.remove_dead_staging(final) == []  # the other writer is still at work
-    finally:
-        writer.kill()
-        writer.wait()
-    assert utils.remove_dead_staging(final) == [other_writer]  # killed: what it left goes
-    assert sorted(tmp_path.iterdir()) == [unrelated, final] and final.read_text() == "{}\n"
-
-
-def test_a_staging_entry_is_removed_when_its_writer_fails(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with utils.staging(tmp_path / "built", folder=True) as folder:
-            (folder / "half").write_text("x")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_start_at_zero_gives_zero_logits_keeps_the_embeddings_and_survives_saving(tmp_path):
