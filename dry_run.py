@@ -15,7 +15,7 @@ import compute
 import config as config_lib
 import preprocess_dataset
 import teacher_cache
-import utils
+import students
 
 
 def prediction_lines(config: config_lib.Config) -> list[str]:
@@ -31,7 +31,7 @@ def prediction_lines(config: config_lib.Config) -> list[str]:
         return [needs_configs_line(missing)]
     teacher_config = configs[config.teacher]
     tokenizer = local_tokenizer(config.teacher, config.trust_remote_code)
-    round_config = utils.baseline_round_config(config, teacher_config.num_hidden_layers)
+    round_config = students.baseline_round_config(config, teacher_config.num_hidden_layers)
     if config.student_init == "pretrained":
         student_config = configs[config.student_model]
     elif config.student_init == "random" and tokenizer is None:
@@ -39,7 +39,7 @@ def prediction_lines(config: config_lib.Config) -> list[str]:
                 f"`hf download {config.teacher}` fetches the model's files"]
     else:
         try:  # student_model_config reads only the teacher's config
-            student_config = utils.student_model_config(round_config, types.SimpleNamespace(config=teacher_config),
+            student_config = students.student_model_config(round_config, types.SimpleNamespace(config=teacher_config),
                                                         tokenizer)
         except ValueError as error:  # teacher_layers outside the teacher's: the run would stop on it too
             return [f"  predictions   none: {error}"]

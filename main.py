@@ -48,6 +48,7 @@ import files
 import plot
 import preprocess_dataset
 import run_state
+import students
 import teacher_cache
 import tracking
 import utils
@@ -242,7 +243,7 @@ def check_fits_teacher(config: config_lib.Config, teacher_path: str, vocab_size:
     if config.student_init == "teacher_layers":
         layers = AutoConfig.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code).num_hidden_layers
         # The layers the rounds copy: a single_large baseline spreads its own over the teacher.
-        utils.check_teacher_layers(utils.baseline_round_config(config, layers).teacher_layers, layers)
+        students.check_teacher_layers(students.baseline_round_config(config, layers).teacher_layers, layers)
 
 
 def whole_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state) -> torch.nn.Module:
@@ -270,11 +271,11 @@ def rounds_teacher(config: config_lib.Config, teacher_path: str, tokenizer, stat
 def round_settings(config: config_lib.Config, teacher: torch.nn.Module, tokenizer, train_tokens: compute.TokenCount,
                    examples: int, num_processes: int) -> config_lib.Config:
     """What each round's student is built and trained with: the config itself, or a single-model baseline's
-    (utils.baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
-    capped training FLOPs (utils.flop_matched_config) on the training split (`train_tokens` in `examples`)."""
-    round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
+    (students.baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
+    capped training FLOPs (students.flop_matched_config) on the training split (`train_tokens` in `examples`)."""
+    round_config = students.baseline_round_config(config, teacher.config.num_hidden_layers)
     if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
-        return utils.flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples,
+        return students.flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples,
                                          num_processes)
     return round_config
 
@@ -299,7 +300,7 @@ def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path
     cannot write its checkpoints leaves nothing behind."""
     output_folder = resume_dir or Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
-    run_state.check_disk_for_a_round(output_folder, utils.student_skeleton(round_config, teacher, tokenizer),
+    run_state.check_disk_for_a_round(output_folder, students.student_skeleton(round_config, teacher, tokenizer),
                                      tokenizer, config)
 
 
@@ -339,10 +340,10 @@ def new_student(run: Run, round_index: int) -> tuple[torch.nn.Module, torch.nn.M
     """A fresh student for the round, on the device, and a frozen copy of it: the untrained student is scored with
     the trained models, so each round runs the teacher once."""
     print(f"\n=== round {round_index + 1}/{run.config.rounds_to_run()}: {len(run.members)} frozen member(s) ===")
-    student = utils.build_student(run.round_config, run.teacher, run.tokenizer, round_index).to(run.device)
+    student = students.build_student(run.round_config, run.teacher, run.tokenizer, round_index).to(run.device)
     utils.check_vocab_fits(student, run.vocab_size, f"round {round_index} student")
     if run.config.combine == "additive" and run.members and run.config.baseline == "none":
-        utils.start_at_zero(student)  # the round starts exactly where the previous one ended
+        students.start_at_zero(student)  # the round starts exactly where the previous one ended
     untrained = copy.deepcopy(student).to(utils.frozen_dtype(run.config.dtype, run.device))
     return student, untrained.eval().requires_grad_(False)
 

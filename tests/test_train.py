@@ -19,7 +19,7 @@ from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token
 from model_io import PaddingCollator, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import CsvTrainLogCallback, DistillationTrainer, gradients_are_finite
-import utils
+import students
 from trl import SFTConfig
 
 
@@ -222,7 +222,7 @@ def plain_autograd_loss_and_gradients(student, teacher, members, batch, settings
 def test_the_loss_path_equals_plain_autograd_in_value_and_gradients(tokenizer, examples, batch, tmp_path, own_head):
     """Chunked or not: the loss and every student parameter's gradient, with the head tied to the input embeddings
     (its gradient is the head's part plus the embeddings') or, for combine=additive, the student's own head that
-    starts at zero (utils.start_at_zero)."""
+    starts at zero (students.start_at_zero)."""
     teacher, member = build_tiny_llama(tokenizer, seed=1, hidden_size=48), build_tiny_llama(tokenizer, seed=2)
     settings = LossSettings(alpha=0.5, temperature=2.0)
     if own_head:
@@ -231,7 +231,7 @@ def test_the_loss_path_equals_plain_autograd_in_value_and_gradients(tokenizer, e
     for chunk_size in (0, 4):  # 4 does not divide the number of positions: the last chunk is partial
         student = build_tiny_llama(tokenizer, seed=3).train()
         if own_head:
-            utils.start_at_zero(student)
+            students.start_at_zero(student)
         head = student.get_output_embeddings().weight
         assert (head is student.get_input_embeddings().weight) != own_head
         expected_loss, expected = plain_autograd_loss_and_gradients(student, teacher, [member], batch, settings,
