@@ -398,21 +398,6 @@ class ProcessMemory(NamedTuple):
         return sum(self)
 
 
-def cache_bytes_per_position(teacher_mode: str, *, vocab_size: int, hidden_size: int, k: int,
-                             value_dtype: str) -> int:
-    """Bytes one supervised position takes in a teacher cache: its row of each per-position array that
-    teacher_cache.array_layout lists. topk: k token ids (16 low bits each, plus a byte per further block of 65,536
-    ids), k values (uint8 with a float16 span per row, or float16) and the float16 tail log-mass; hidden:
-    hidden_size float16 values."""
-    import teacher_cache  # not at the top: teacher_cache imports run_state, which imports utils, which imports this
-
-    if teacher_mode not in teacher_cache.MODES:
-        raise ValueError(f"teacher_mode {teacher_mode!r} has no cache: use one of {teacher_cache.MODES}")
-    settings = {"mode": teacher_mode, "k": k, "vocab_size": vocab_size, "value_dtype": value_dtype,
-                "hidden_size": hidden_size}
-    return teacher_cache.payload_bytes(settings, 1)
-
-
 def predicted_cache_bytes(bytes_per_position: int, positions: int, examples: int) -> int:
     """positions x bytes_per_position + 16 B per example: a teacher cache of `positions` supervised positions in
     `examples` examples. Left out: the few KiB of .npy headers and JSON records."""

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-import run_state
+import files
 import utils
 from ensemble import WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, saved_ensemble_config
 
@@ -211,7 +211,7 @@ class DistributedEnsemble(ModelEnsemble):
         members = []
         for index in indices:
             member_folder = Path(folder) / config.member_subfolders[index]
-            run_state.check_intact(member_folder, "restore it from a copy, or load the ensemble from an intact folder")
+            files.check_intact(member_folder, "restore it from a copy, or load the ensemble from an intact folder")
             members.append(AutoModelForCausalLM.from_pretrained(member_folder, use_safetensors=True,
                                                                 device_map=processes.device, **member_load_kwargs))
         ensemble = cls(config, members, indices, processes, exchange, exchange_k)
@@ -337,7 +337,7 @@ def ensemble_description(folder: str | os.PathLike, tokenizer) -> dict:
 
     members = {}  # only the member folders this machine holds
     for subfolder in config.member_subfolders:
-        record = folder / subfolder / run_state.CHECKSUMS
+        record = folder / subfolder / files.CHECKSUMS
         record = record if record.is_file() else folder / subfolder / "config.json"
         if record.is_file():
             members[subfolder] = digest(record.read_bytes())

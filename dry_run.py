@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoTokenizer
 import compute
 import config as config_lib
 import preprocess_dataset
-import utils
+import teacher_cache
+import students
 
 
 def prediction_lines(config: config_lib.Config) -> list[str]:
@@ -30,7 +31,7 @@ def prediction_lines(config: config_lib.Config) -> list[str]:
         return [needs_configs_line(missing)]
     teacher_config = configs[config.teacher]
     tokenizer = local_tokenizer(config.teacher, config.trust_remote_code)
-    round_config = utils.baseline_round_config(config, teacher_config.num_hidden_layers)
+    round_config = students.baseline_round_config(config, teacher_config.num_hidden_layers)
     if config.student_init == "pretrained":
         student_config = configs[config.student_model]
     elif config.student_init == "random" and tokenizer is None:
@@ -38,7 +39,7 @@ def prediction_lines(config: config_lib.Config) -> list[str]:
                 f"`hf download {config.teacher}` fetches the model's files"]
     else:
         try:  # student_model_config reads only the teacher's config
-            student_config = utils.student_model_config(round_config, types.SimpleNamespace(config=teacher_config),
+            student_config = students.student_model_config(round_config, types.SimpleNamespace(config=teacher_config),
                                                         tokenizer)
         except ValueError as error:  # teacher_layers outside the teacher's: the run would stop on it too
             return [f"  predictions   none: {error}"]
@@ -78,7 +79,7 @@ def needs_configs_line(names: list[str]) -> str:
 def cache_prediction_line(config: config_lib.Config, teacher: compute.ModelShape, tokenizer) -> str:
     """The training split's teacher cache: its bytes per supervised token x their count, read from the prepared
     data or, before it is prepared, estimated from max_examples and max_length."""
-    per_token = compute.cache_bytes_per_position(
+    per_token = teacher_cache.cache_bytes_per_position(
         config.teacher_mode, vocab_size=teacher.vocab_size if tokenizer is None else len(tokenizer),
         hidden_size=teacher.hidden_size, k=config.cache_k, value_dtype=config.cache_value_dtype)
     prepared = prepared_training_tokens(config, tokenizer)

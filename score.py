@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 import config as config_lib
 import distributed_ensemble
 import embedded
+import files
 import preprocess_dataset
 import run_state
 import utils
@@ -96,7 +97,7 @@ def score(ensemble: ModelEnsemble, dataset, collator, batch_size: int, chunk_siz
 
 def reported_ce(run_dir: Path, ensemble_size: int) -> float | None:
     """The CE metrics.csv reports for the run's ensemble of `ensemble_size` members (None if it has no such row)."""
-    rows = run_state.read_csv_rows(run_dir / run_state.METRICS) or []
+    rows = files.read_csv_rows(run_dir / run_state.METRICS) or []
     found = [row for row in rows if row["model"] == "ensemble" and int(row["ensemble_size"]) == ensemble_size]
     return float(found[-1]["ce"]) if found else None
 

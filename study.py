@@ -51,9 +51,13 @@ import yaml
 from matplotlib.figure import Figure
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
+from transformers import AutoConfig, AutoTokenizer
 
+import compute
 import config as config_lib
+import embedded
 import plot
+import students
 
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / "main.py"
@@ -479,10 +483,7 @@ def family_config(family: Family, combo: dict) -> config_lib.Config:
 @functools.lru_cache(maxsize=None)
 def teacher_parts(teacher: str, cache_dir: str, trust_remote_code: bool):
     """(the teacher's model config as an object with a `config`, its tokenizer): what a student's shape depends
-    on. Only a spec with `match` needs them, so transformers is imported here."""
-    import embedded
-    from transformers import AutoConfig, AutoTokenizer
-
+    on; only a spec with `match` needs them."""
     path = embedded.resolve_teacher(teacher, cache_dir)
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -491,17 +492,14 @@ def teacher_parts(teacher: str, cache_dir: str, trust_remote_code: bool):
 
 def student_shape(config: config_lib.Config, round_index: int):
     """A round's student's compute.ModelShape, from its model config on the meta device (no weight allocated)."""
-    import compute
-    import utils
-
     teacher, tokenizer = teacher_parts(config.teacher, str(config.cache_dir), config.trust_remote_code)
-    model_config = utils.student_model_config(config, teacher, tokenizer, round_index)
+    model_config = students.student_model_config(config, teacher, tokenizer, round_index)
     return model_config, compute.model_shape(model_config, config.trust_remote_code)
 
 
 def ensemble_size_value(config: config_lib.Config, axis: str, size: int) -> int:
     """An ensemble of `size` members' parameters (or non-embedding parameters): its rounds' students summed; with
-    combine additive every member after the first gets its own output head (utils.start_at_zero unties a tied
+    combine additive every member after the first gets its own output head (students.start_at_zero unties a tied
     one), which counts as embedding parameters."""
     total = 0
     for round_index in range(size):
@@ -518,12 +516,10 @@ def size_candidates(config: config_lib.Config, axis: str) -> list[tuple[dict, in
     students copy 1 to all of the teacher's layers (spread from first to last); random students have 1 to 64
     layers at their width, or their depth at a width of 32 to 2,048 (the MLP's width and the heads' count scaled
     with it, so its head size stays the family's)."""
-    import utils
-
     if config.student_init == "teacher_layers":
         teacher, _ = teacher_parts(config.teacher, str(config.cache_dir), config.trust_remote_code)
         layers = teacher.config.num_hidden_layers
-        settings = [{"teacher_layers": utils.spread_layer_indices(n, layers), "teacher_layers_shift": 0}
+        settings = [{"teacher_layers": students.spread_layer_indices(n, layers), "teacher_layers_shift": 0}
                     for n in range(1, layers + 1)]
     elif config.student_init == "random":
         settings = [{"student_num_layers": n} for n in RANDOM_DEPTHS] + [

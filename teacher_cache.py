@@ -75,6 +75,8 @@ import numpy as np
 import torch
 from accelerate.utils import reduce
 
+import files
+import preprocess_dataset
 import run_state
 import utils
 from losses import predictor_mask
@@ -154,7 +156,7 @@ def teacher_fingerprint(path_or_name: str, memo_file: Path | None = None) -> str
         digest.update(weight_file.name.encode() + _file_sha256(weight_file, memo).encode())
     if memo_file is not None and memo != remembered:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        run_state.write_atomically(memo_file, json.dumps(memo, indent=2, sort_keys=True) + "\n")
+        files.write_atomically(memo_file, json.dumps(memo, indent=2, sort_keys=True) + "\n")
     return digest.hexdigest()
 
 
@@ -205,13 +207,11 @@ def cache_identity(teacher_path: str, tokenizer, dataset, max_length: int, teach
     `dataset` is the split as prepared, before `with_example_ids` (adding a column changes the fingerprint);
     `fingerprint_memo` is where the teacher's weight hashes are remembered (see `teacher_fingerprint`).
     """
-    from preprocess_dataset import _tokenizer_sha256
-
     return {
         "teacher": str(teacher_path),
         "teacher_fingerprint": teacher_fingerprint(teacher_path, fingerprint_memo),
         "teacher_dtype": dtype_name(teacher_dtype),
-        "tokenizer_hash": _tokenizer_sha256(tokenizer),
+        "tokenizer_hash": preprocess_dataset.tokenizer_sha256(tokenizer),
         "dataset_fingerprint": dataset._fingerprint,
         "max_length": max_length,
     }
@@ -371,7 +371,7 @@ def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: 
     The shard is built in pieces of `piece_examples` examples (see the module docstring): a shard already published
     for the same settings is kept, a killed build is continued at its first missing piece, and `preemption` (checked
     by every process at the same points: before each piece) raises BuildPreempted between two pieces. Too little
-    free disk for what is left to write raises run_state.DiskSpaceError before anything is written.
+    free disk for what is left to write raises files.DiskSpaceError before anything is written.
     """
     settings = _shard_settings(teacher, dataset, mode=mode, k=k, temperature=temperature, vocab_size=vocab_size,
                                metadata=metadata, world_size=world_size, value_dtype=value_dtype)
@@ -406,7 +406,7 @@ def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: 
                 start, end = (min(bound * piece_examples, len(example_ids)) for bound in (piece, piece + 1))
                 _build_piece(teacher, dataset, staging, settings, example_ids[start:end], offsets[start:end + 1],
                              batch_size, collator)
-                run_state.write_atomically(staging / SHARD_RECORD_FILE,
+                files.write_atomically(staging / SHARD_RECORD_FILE,
                                            json.dumps({**plan, "pieces_done": piece + 1}, indent=2) + "\n")
         return shard_dir if published else _publish(staging, shard_dir, plan)
 
@@ -417,11 +417,11 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     run sharing the cache folder), wait. The processes of a job take their shards' locks together, all or none, so
     that they stay in step (every call here is collective) and two jobs never each hold half.
 
-    A held lock is a live build, and a free one means any staging folder left is a dead build's (utils.try_lock).
+    A held lock is a live build, and a free one means any staging folder left is a dead build's (files.try_lock).
     """
     waiting = False
     while True:
-        fd = utils.try_lock(path)
+        fd = files.try_lock(path)
         if not run_state.any_process(fd is None, device):
             break
         if fd is not None:
@@ -435,7 +435,7 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # removed while held: see utils.try_lock
+        path.unlink(missing_ok=True)  # removed while held: see files.try_lock
         os.close(fd)
 
 
@@ -451,10 +451,23 @@ def payload_bytes(settings: dict, num_positions: int) -> int:
     return num_positions * sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in array_layout(settings).values())
 
 
+def cache_bytes_per_position(teacher_mode: str, *, vocab_size: int, hidden_size: int, k: int,
+                             value_dtype: str) -> int:
+    """Bytes one supervised position takes in a teacher cache: its row of each per-position array that
+    array_layout lists. topk: k token ids (16 low bits each, plus a byte per further block of 65,536 ids), k values
+    (uint8 with a float16 span per row, or float16) and the float16 tail log-mass; hidden: hidden_size float16
+    values."""
+    if teacher_mode not in MODES:
+        raise ValueError(f"teacher_mode {teacher_mode!r} has no cache: use one of {MODES}")
+    settings = {"mode": teacher_mode, "k": k, "vocab_size": vocab_size, "value_dtype": value_dtype,
+                "hidden_size": hidden_size}
+    return payload_bytes(settings, 1)
+
+
 def _check_disk(cache_dir: Path, needed: int, device) -> None:
-    """Refuse (run_state.DiskSpaceError) a build whose processes together need more than the free disk: they share
+    """Refuse (files.DiskSpaceError) a build whose processes together need more than the free disk: they share
     the cache folder, since each of them reads every shard."""
-    run_state.check_disk_space(cache_dir, _sum_over_processes(needed, device),
+    files.check_disk_space(cache_dir, _sum_over_processes(needed, device),
                                "the teacher cache's pieces still to be written",
                                "free some space, or build the cache on a larger disk (teacher_cache.py "
                                "--output_dir) and point teacher_cache_dir at it")
@@ -494,7 +507,7 @@ def _new_staging(staging: Path, plan: dict, example_ids: np.ndarray, offsets: np
     np.save(staging / "offsets.npy", offsets)
     for name, (dtype, shape) in array_layout(plan["settings"]).items():  # created here, filled by ShardWriter
         np.lib.format.open_memmap(staging / f"{name}.npy", "w+", dtype, (plan["num_positions"], *shape))
-    run_state.write_atomically(staging / SHARD_RECORD_FILE, json.dumps({**plan, "pieces_done": 0}, indent=2) + "\n")
+    files.write_atomically(staging / SHARD_RECORD_FILE, json.dumps({**plan, "pieces_done": 0}, indent=2) + "\n")
 
 
 def _build_piece(teacher, dataset, staging: Path, settings: dict, example_ids: np.ndarray, offsets: np.ndarray,
@@ -570,10 +583,10 @@ def _publish(staging: Path, shard_dir: Path, plan: dict) -> Path:
     """Record the size and sha256 of each file of the finished staging folder in its shard.json, and move it into
     place (a rename: readers never see half a shard); a shard another process finished first for the same plan is
     kept."""
-    files = {path.name: run_state.file_record(path) for path in sorted(staging.glob("*.npy"))}
-    record = {**_read_record(staging), "files": files}
-    run_state.write_atomically(staging / SHARD_RECORD_FILE, json.dumps(record, indent=2) + "\n")
-    utils.publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
+    file_records = {path.name: files.file_record(path) for path in sorted(staging.glob("*.npy"))}
+    record = {**_read_record(staging), "files": file_records}
+    files.write_atomically(staging / SHARD_RECORD_FILE, json.dumps(record, indent=2) + "\n")
+    files.publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
     return shard_dir
 
 
@@ -634,7 +647,7 @@ def write_metadata(cache_dir, metadata: dict) -> None:
     """Finish the cache: check that every shard exists and was built with the same settings, write metadata.json.
 
     `metadata` is what was passed to `build_cache` (or any subset of the shards' settings); each of its fields must
-    agree with the shards'. Written last and atomically (run_state.write_atomically: fsync, then rename): a folder
+    agree with the shards'. Written last and atomically (files.write_atomically: fsync, then rename): a folder
     with metadata.json is a complete cache.
     """
     cache_dir = Path(cache_dir)
@@ -645,7 +658,7 @@ def write_metadata(cache_dir, metadata: dict) -> None:
     _check_shards(cache_dir, settings, records)
     check_expected(settings, metadata, cache_dir)
     complete = {**settings, "num_positions": sum(record["num_positions"] for record in records.values())}
-    run_state.write_atomically(cache_dir / METADATA_FILE, json.dumps(complete, indent=2) + "\n")
+    files.write_atomically(cache_dir / METADATA_FILE, json.dumps(complete, indent=2) + "\n")
 
 
 def cache_settings(mode: str, vocab_size: int, k: int, temperature: float, value_dtype: str) -> dict:
@@ -863,15 +876,15 @@ def check_expected(metadata: dict, expected: dict, cache_dir: Path) -> None:
 _VERIFIED: set[tuple[str, str]] = set()
 
 
-def _verify_once(shard_dir: Path, files: dict[str, dict]) -> None:
+def _verify_once(shard_dir: Path, file_records: dict[str, dict]) -> None:
     """Refuse (CacheCorruptError, naming the file) a shard file whose size or sha256 is not what was recorded when
     the shard was published; a shard is read in full once per process (and again if it is rebuilt), so that a disk
     or copy error, or an overwrite, is never trained on silently."""
-    key = (str(shard_dir.resolve()), json.dumps(files, sort_keys=True))
+    key = (str(shard_dir.resolve()), json.dumps(file_records, sort_keys=True))
     if key in _VERIFIED:
         return
-    for name, recorded in files.items():
-        problem = run_state.file_damage(shard_dir / name, recorded)
+    for name, recorded in file_records.items():
+        problem = files.file_damage(shard_dir / name, recorded)
         if problem is not None:
             raise CacheCorruptError(
                 f"{problem}: the file changed since (a disk or copy error, or an overwrite). Nothing was read from "
@@ -923,8 +936,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Open the cache the arguments describe, or build it (or continue its build): 0 once it is complete,
     run_state.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
-    import preprocess_dataset
-
     with run_state.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
         args = parse_args(argv)
         state = utils.process_state()
@@ -959,7 +970,7 @@ def run_from_command_line(argv=None) -> int:
     settings, which is kept, or too little disk), 75 preempted."""
     try:
         return main(argv)
-    except (CacheMismatchError, run_state.DiskSpaceError) as error:
+    except (CacheMismatchError, files.DiskSpaceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

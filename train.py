@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl import SFTConfig, SFTTrainer
 
+import files
 import run_state
 from compute import TokenCount
 from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
@@ -132,9 +133,9 @@ class DistillationTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint write. One that fails for want of disk stops the round with
-        run_state.DiskSpaceError, naming the folder and the bytes a checkpoint takes; the earlier checkpoints are
+        files.DiskSpaceError, naming the folder and the bytes a checkpoint takes; the earlier checkpoints are
         kept, and this one, without its trainer_state.json or checksums.json, never counts as complete."""
-        with run_state.refuse_full_disk(Path(self.args.output_dir), self.checkpoint_bytes,
+        with files.refuse_full_disk(Path(self.args.output_dir), self.checkpoint_bytes,
                                         f"the checkpoint of step {self.state.global_step}",
                                         "the earlier checkpoints are kept: free some space, then continue the run "
                                         "with `python main.py --resume` and its run folder"):
@@ -414,7 +415,7 @@ class CsvTrainLogCallback(TrainerCallback):
     the student's parameters, and each term's gradient norm at its final hidden states (see add_loss_parts).
 
     A row is appended whole or not at all: one the disk has no room for stops training with
-    run_state.DiskSpaceError, the rows before it as they were (run_state.append_atomically).
+    files.DiskSpaceError, the rows before it as they were (files.append_atomically).
     """
 
     def __init__(self, path: str | Path, round_index: int):
@@ -425,7 +426,7 @@ class CsvTrainLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "hybrid" not in logs:
             return
         row = {"round": self.round_index, "step": state.global_step, **{k: logs.get(k) for k in TRAIN_LOG_COLUMNS[2:]}}
-        run_state.append_csv_rows(self.path, TRAIN_LOG_COLUMNS, [row])
+        files.append_csv_rows(self.path, TRAIN_LOG_COLUMNS, [row])
 
 
 def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu: bool, bf16: bool,

@@ -1,16 +1,8 @@
-"""Helpers shared by the scripts: devices and dtypes, model and tokenizer loading, students, run folders, CSV rows."""
+"""Devices, the process group and dtypes; loading models and tokenizers, and refusing ones that do not fit."""
 
-import contextlib
-import dataclasses
 import datetime
-import errno
-import fcntl
-import glob
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,8 +10,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-import compute
-from config import SINGLE_MODEL_BASELINES, Config, ConfigError
+from config import Config, ConfigError
+import files
 from model_io import OutputHeadOnly
 
 
@@ -144,10 +136,10 @@ def read_safetensors_tensor(name: str, candidates: list[str]) -> torch.Tensor:
     index_file = cached_file(name, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False)
     if index_file is not None:
         weight_map = json.loads(Path(index_file).read_text())["weight_map"]
-        files = {key: weight_map[key] for key in candidates if key in weight_map}
+        file_names = {key: weight_map[key] for key in candidates if key in weight_map}
     else:
-        files = dict.fromkeys(candidates, SAFE_WEIGHTS_NAME)
-    for key, file_name in files.items():
+        file_names = dict.fromkeys(candidates, SAFE_WEIGHTS_NAME)
+    for key, file_name in file_names.items():
         with safe_open(cached_file(name, file_name), framework="pt") as weights:
             if key in weights.keys():
                 return weights.get_tensor(key)
@@ -182,17 +174,10 @@ def check_student_tokenizer(teacher_tokenizer, student_model: str, teacher_name:
     check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name, student_model)
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether a model or data `name` can only be meant as a local path: hub names are "name" or "owner/name",
-    and "owner" is no folder here."""
-    parent = Path(name).parent
-    return name.startswith(("/", ".", "~")) or name.count(os.sep) > 1 or (parent != Path(".") and parent.is_dir())
-
-
 def check_model_folder(key: str, name: str) -> None:
     """Refuse the model setting `key` = `name` when it is meant as a local folder (looks_like_local_path) that is
     not one: loading would ask the hub for it instead."""
-    if looks_like_local_path(name) and not Path(name).is_dir():
+    if files.looks_like_local_path(name) and not Path(name).is_dir():
         raise ConfigError(f"config key {key!r} = {name!r}: no such folder. Give the folder of a saved model (its "
                           "config.json, weights and tokenizer) or a hub name (owner/name)")
 
@@ -202,293 +187,3 @@ def check_vocab_fits(model, vocab_size: int, name: str) -> None:
     if rows < vocab_size:
         raise TokenizerMismatchError(f"model {name!r} has {rows} output rows but the tokenizer has {vocab_size} "
                                      "tokens: it was not trained with this tokenizer")
-
-
-def count_parameters(model) -> int:
-    """Distinct parameters (a tied head counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# --- students -----------------------------------------------------------------------------------------------------
-
-def build_student(config, teacher, tokenizer, round_index: int):
-    """A fresh student for `round_index`; later rounds differ by seed (and by copied layers), so members differ."""
-    torch.manual_seed(config.round_seed(round_index))
-    if config.student_init == "pretrained":
-        return load_causal_lm(config.student_model, torch.float32, config.trust_remote_code)
-    if config.student_init == "random":
-        return AutoModelForCausalLM.from_config(random_student_config(config, teacher.config, tokenizer),
-                                                dtype=torch.float32)
-    return teacher_layers_student(teacher, student_layer_indices(config, round_index,
-                                                                 teacher.config.num_hidden_layers))
-
-
-def baseline_round_config(config, num_teacher_layers: int):
-    """The settings each round's student is built and trained with.
-
-    single_matched: one student trained for the ensemble's total steps (total_rounds x steps_per_round).
-    single_large: that, with total_rounds times the layers (random init: student_num_layers; teacher_layers: as many
-    teacher layers, spread from first to last, as the teacher has). Otherwise the config itself.
-    """
-    if config.baseline not in SINGLE_MODEL_BASELINES:
-        return config
-    changes = {"steps_per_round": config.steps_per_round * config.total_rounds}
-    if config.baseline == "single_large":
-        if config.student_init == "random":
-            changes["student_num_layers"] = config.student_num_layers * config.total_rounds
-        else:
-            changes["teacher_layers"] = spread_layer_indices(len(config.teacher_layers) * config.total_rounds,
-                                                             num_teacher_layers)
-            changes["teacher_layers_shift"] = 0
-    return dataclasses.replace(config, **changes)
-
-
-def student_model_config(config, teacher, tokenizer, round_index: int = 0):
-    """The transformers config of `round_index`'s student, without building it."""
-    if config.student_init == "pretrained":
-        return AutoConfig.from_pretrained(config.student_model, trust_remote_code=config.trust_remote_code)
-    if config.student_init == "random":
-        return random_student_config(config, teacher.config, tokenizer)
-    return teacher_layers_config(teacher.config, student_layer_indices(config, round_index,
-                                                                       teacher.config.num_hidden_layers))
-
-
-def student_skeleton(config, teacher, tokenizer, round_index: int = 0):
-    """`round_index`'s student built from its model config on the meta device: its parameters' shapes, with no
-    weight allocated or loaded."""
-    return compute.meta_model(student_model_config(config, teacher, tokenizer, round_index), config.trust_remote_code)
-
-
-def flop_matched_config(config, round_config, teacher, tokenizer, train_tokens: compute.TokenCount, examples: int,
-                        num_processes: int):
-    """A single-model baseline's `round_config` whose cap is the steps that spend the training FLOPs of the ensemble
-    it stands for at that ensemble's cap (compute.py): total_rounds students of `config`, each steps_per_round steps
-    through the frozen earlier ones, with the same teacher, whose cache build both are charged in full. A step's
-    tokens are its examples x the training split's mean example (`train_tokens` over `examples`). A cap, not a
-    spend: the ensemble's rounds may stop earlier (study.py compares spends, read off learning curves)."""
-    per_step = config.batch_size * config.grad_accum * num_processes
-    step_tokens = compute.TokenCount(train_tokens.sequence * per_step // examples,
-                                     train_tokens.supervised * per_step // examples,
-                                     train_tokens.squared * per_step // examples)
-    teacher_shape = compute.model_shape(teacher.config, config.trust_remote_code) if config.alpha > 0 else None
-    members = [compute.model_shape(student_model_config(config, teacher, tokenizer, index))
-               for index in range(config.total_rounds)]
-    budget = compute.run_training_flops(members, step_tokens.times(config.steps_per_round), teacher=teacher_shape,
-                                        teacher_mode=config.teacher_mode, cache_tokens=train_tokens)[-1]
-    single = compute.model_shape(student_model_config(round_config, teacher, tokenizer))
-    one_step = compute.round_training_flops(single, step_tokens, teacher=teacher_shape,
-                                            teacher_mode=config.teacher_mode).total
-    build = compute.charged_cache_build(teacher_shape, config.teacher_mode, train_tokens)
-    steps = compute.flop_matched_steps(budget, one_step, fixed_flops=build)
-    return dataclasses.replace(round_config, steps_per_round=max(steps, 1))
-
-
-def random_student_config(config, teacher_config, tokenizer):
-    """The model config of a small randomly initialised model of the teacher's architecture and vocabulary."""
-    return AutoConfig.for_model(
-        teacher_config.model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=config.student_hidden_size,
-        num_hidden_layers=config.student_num_layers,
-        num_attention_heads=config.student_num_heads,
-        num_key_value_heads=config.student_num_kv_heads,
-        intermediate_size=config.student_intermediate_size,
-        max_position_embeddings=max(config.max_length, 128),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-
-
-def start_at_zero(model) -> None:
-    """Give `model` its own output head, all zeros, so its logits start at exactly 0.
-
-    combine=additive: a new member adds nothing to the ensemble until it has learned something, so a round starts
-    where the previous one ended. A head tied to the input embeddings is untied first (zeroing it would zero the
-    embeddings too); the model still saves and loads as a plain Hugging Face model, now with its own head.
-    """
-    tied = model.get_output_embeddings()
-    head = torch.nn.Linear(tied.in_features, tied.out_features, bias=False, device=tied.weight.device,
-                           dtype=tied.weight.dtype)
-    torch.nn.init.zeros_(head.weight)
-    model.config.tie_word_embeddings = False
-    model.set_output_embeddings(head)
-
-
-def spread_layer_indices(count: int, num_teacher_layers: int) -> list[int]:
-    """`count` teacher layers spread evenly from the first to the last (all of them if count exceeds them)."""
-    if count >= num_teacher_layers:
-        return list(range(num_teacher_layers))
-    if count == 1:
-        return [0]
-    return sorted({round(i * (num_teacher_layers - 1) / (count - 1)) for i in range(count)})
-
-
-def student_layer_indices(config, round_index: int, num_teacher_layers: int) -> list[int]:
-    """The teacher layers a round's student copies: the configured ones, the inner ones shifted by round*shift.
-
-    The first and last configured layers stay fixed (they matter most for embeddings and head); inner layers are
-    shifted so members start from different sub-networks.
-    """
-    layers = list(config.teacher_layers)
-    check_teacher_layers(layers, num_teacher_layers)
-    shift = round_index * config.teacher_layers_shift
-    inner = [min(max(i + shift, layers[0] + 1), layers[-1] - 1) for i in layers[1:-1]]
-    shifted = [layers[0], *inner, layers[-1]] if len(layers) > 1 else layers
-    return sorted(set(shifted))
-
-
-def check_teacher_layers(layers: list[int], num_teacher_layers: int) -> None:
-    """Refuse teacher_layers that name a layer the teacher (of `num_teacher_layers` layers) lacks."""
-    outside = [i for i in layers if not 0 <= i < num_teacher_layers]
-    if outside:
-        raise ConfigError(f"config key 'teacher_layers' = {layers} names layer(s) {outside} outside the teacher's "
-                          f"{num_teacher_layers} layers: give indices from 0 to {num_teacher_layers - 1}")
-
-
-def teacher_layers_config(teacher_config, layers: list[int]):
-    """The teacher's model config with only the given layers."""
-    student_config = teacher_config.__class__.from_dict(teacher_config.to_dict())
-    student_config.num_hidden_layers = len(layers)
-    if getattr(student_config, "layer_types", None) is not None:
-        student_config.layer_types = [teacher_config.layer_types[i] for i in layers]
-    return student_config
-
-
-def teacher_layers_student(teacher, layers: list[int]):
-    """A student of the teacher's architecture with its embeddings, final norm, head and a subset of its layers."""
-    student = AutoModelForCausalLM.from_config(teacher_layers_config(teacher.config, layers), dtype=torch.float32)
-    teacher_state = teacher.state_dict()
-    student_state = {}
-    for key in student.state_dict():
-        source_key = key
-        parts = key.split(".")
-        if "layers" in parts:
-            position = parts.index("layers") + 1
-            parts[position] = str(layers[int(parts[position])])
-            source_key = ".".join(parts)
-        student_state[key] = teacher_state[source_key].detach().to(torch.float32)
-    student.load_state_dict(student_state)
-    return student
-
-
-# --- run folders and CSV rows -------------------------------------------------------------------------------------
-
-def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> Path:
-    """Create and return output_root/YYYY-MM-DD/run_N with the next free N (never reuses an existing folder)."""
-    day_dir = Path(output_root) / (today or datetime.date.today()).isoformat()
-    day_dir.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[4:]) for p in day_dir.glob("run_*") if p.name[4:].isdigit()]
-    number = max(taken, default=0) + 1
-    while True:
-        run_dir = day_dir / f"run_{number}"
-        try:
-            run_dir.mkdir()  # atomic: two runs starting together cannot get the same folder
-            return run_dir
-        except FileExistsError:
-            number += 1
-
-
-STAGING_INFIX = ".partial-"  # .NAME.partial-XXXXXXXX: a staging entry of NAME (see staging)
-
-
-def try_lock(path: Path, create: bool = True) -> int | None:
-    """A descriptor of the file or folder `path` that holds its lock, or None while another process holds it.
-
-    An flock: the kernel releases it when its holder ends, however it ends (SIGKILL included), so a held lock is a
-    live writer and a free one means whatever it guards is a dead writer's, with no guessing from process ids
-    (reused, or another node's) or from ages. (On a file system that keeps flocks local to a node, such as Lustre
-    mounted with localflock, processes on different nodes should not write into one folder at the same time.)
-
-    A holder removes its entry before it lets go, so a lock taken on an entry no longer at `path` is let go: for a
-    lock file (`create`: made if need be) the lock is taken again on the new file; otherwise the entry is gone, and
-    FileNotFoundError says so, as it does when there was none.
-    """
-    while True:
-        fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        os.close(fd)
-        if not create:
-            raise FileNotFoundError(errno.ENOENT, "removed by the holder of its lock", str(path))
-
-
-@contextlib.contextmanager
-def staging(final: Path, folder: bool):
-    """A new, empty staging entry beside `final`, a folder or else a file, for its writer to fill and then move to
-    `final` (publish_folder, os.replace); removed if the writer stops before that.
-
-    Its lock (try_lock) is held until then, so remove_dead_staging tells the leftover of a writer that was killed
-    from the entry of one still writing (another run sharing the folder), and leaves the second alone.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}{STAGING_INFIX}"
-    while True:
-        if folder:
-            path = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-            os.close(fd)
-            path = Path(name)
-        with contextlib.suppress(FileNotFoundError):  # another process's sweep removed it before we locked it
-            lock = try_lock(path, create=False)
-            if lock is not None:  # else that sweep holds it, and removes it
-                break
-    try:
-        yield path
-    finally:
-        if folder:
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        os.close(lock)
-
-
-def remove_dead_staging(final: Path) -> list[Path]:
-    """Remove the staging entries of `final` (see staging) that writers killed before they finished left behind,
-    and keep those of writers still at work; the removed ones."""
-    removed = []
-    for leftover in sorted(final.parent.glob(glob.escape(f".{final.name}{STAGING_INFIX}") + "*")):
-        try:
-            lock = try_lock(leftover, create=False)
-        except FileNotFoundError:  # another process removed it first
-            continue
-        if lock is None:  # its writer is alive
-            continue
-        try:
-            if leftover.is_dir():
-                shutil.rmtree(leftover)
-            else:
-                leftover.unlink()
-        finally:
-            os.close(lock)
-        print(f"removed {leftover}: an unfinished copy of {final.name} that a killed process left")
-        removed.append(leftover)
-    return removed
-
-
-def publish_folder(staging: Path, final: Path, is_same_build: Callable[[Path], bool]) -> None:
-    """Move the finished folder `staging` to `final` by a rename, so that no reader ever sees half a folder.
-
-    A folder already at `final` is replaced, unless `is_same_build(final)` says it holds what `staging` holds:
-    another process (an array task, another run) finished the same build first. Then theirs is kept and ours
-    dropped, so two processes building the same cache at once both succeed.
-    """
-    try:
-        if final.exists() and not is_same_build(final):
-            shutil.rmtree(final)  # a stale build for other settings
-        try:
-            os.rename(staging, final)
-        except OSError:
-            if not (final.exists() and is_same_build(final)):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-

@@ -102,6 +102,11 @@ def build_diverse_member(tokenizer, seed, vocab_size=None):
     return model
 
 
+def free_disk(free: int):
+    """A stand-in for shutil.disk_usage that reports `free` bytes free on any disk."""
+    return lambda path: type("Usage", (), {"free": free})()
+
+
 def run_test_preset(tmp_path, *extra) -> Path:
     """A finished `test`-preset run (2 rounds) of a tiny teacher on the chat fixture, with `extra` settings; its
     folder."""

@@ -222,7 +222,7 @@ def test_the_predicted_cache_size_is_the_size_of_a_cache_built(tmp_path, tokeniz
                               vocab_size=len(tokenizer), batch_size=8,
                               collator=PaddingCollator(tokenizer.pad_token_id), metadata=identity, **settings)
     teacher_cache.write_metadata(tmp_path, identity)
-    per_position = compute.cache_bytes_per_position(settings["mode"], vocab_size=len(tokenizer), hidden_size=64,
+    per_position = teacher_cache.cache_bytes_per_position(settings["mode"], vocab_size=len(tokenizer), hidden_size=64,
                                                      k=settings["k"], value_dtype=settings["value_dtype"])
     assert per_position == {"uint8": 2 * 64 + 64 + 2 + 2, "float16": 2 * 16 + 2 * 16 + 2}[settings["value_dtype"]] \
         if settings["mode"] == "topk" else 2 * 64

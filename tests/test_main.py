@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+import files
 import main
 import run_state
 import train
@@ -66,7 +67,7 @@ def test_a_metrics_csv_damaged_during_the_run_is_restored_before_the_next_rows_a
     monkeypatch.setattr(main, "record_round", record_then_damage)
     assert main.main(cli_args(tiny_teacher_dir, tmp_path)) == 0
     assert "metrics.csv: it is not CSV text" in capsys.readouterr().err
-    rows = run_state.read_csv_rows(only_run_dir(tmp_path) / run_state.METRICS)
+    rows = files.read_csv_rows(only_run_dir(tmp_path) / run_state.METRICS)
     assert sorted({(row["round"], row["model"]) for row in rows}) == [
         ("0", "ensemble"), ("0", "student"), ("0", "student_untrained"), ("0", "teacher"),
         ("1", "ensemble"), ("1", "student"), ("1", "student_untrained")]
@@ -525,7 +526,7 @@ def test_a_damaged_metrics_csv_is_restored_from_the_manifest_before_the_resumed_
         original_rows = list(csv.DictReader(f))
     spoil, problem = METRICS_DAMAGE[damage]
     spoil(path)
-    kept = run_state.read_csv_rows(path) or []
+    kept = files.read_csv_rows(path) or []
     lost = [row for row in original_rows if row not in kept]
     assert lost  # the damage lost rows: a resume without the journal could not bring them back
     capsys.readouterr()
@@ -665,8 +666,8 @@ def test_a_disk_that_fills_up_mid_round_stops_before_the_next_checkpoint(tiny_te
         return usage._replace(free=1000) if full else usage
 
     with monkeypatch.context() as patch:
-        patch.setattr(run_state.shutil, "disk_usage", disk_full_after_checkpoint_1)
-        with pytest.raises(run_state.DiskSpaceError) as error:
+        patch.setattr(files.shutil, "disk_usage", disk_full_after_checkpoint_1)
+        with pytest.raises(files.DiskSpaceError) as error:
             main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1"))
     run_dir = only_run_dir(tmp_path)
     checkpoint_1 = run_dir / "checkpoints" / "round_0" / "checkpoint-1"
@@ -974,8 +975,8 @@ def test_a_teacher_cache_built_for_other_settings_is_refused(tiny_teacher_dir, t
 
 def test_not_enough_disk_is_refused_before_a_run_folder_exists(tiny_teacher_dir, tmp_path, existing_run,
                                                                monkeypatch):
-    monkeypatch.setattr(run_state.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
-    with pytest.raises(run_state.DiskSpaceError, match="1,000 bytes free, but about [0-9,]+ bytes are needed for "
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(files.DiskSpaceError, match="1,000 bytes free, but about [0-9,]+ bytes are needed for "
                                                        "a round's checkpoints, best weights and member"):
         main.main(cli_args(tiny_teacher_dir, tmp_path))
     assert snapshot(tmp_path / "runs") == existing_run

@@ -1,6 +1,7 @@
 """run_state: atomic files, complete checkpoints only, disk-space refusal, preemption signals."""
 
 import csv
+import datetime
 import errno
 import json
 import os
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 import config as config_lib
+import files
 import run_state
-from conftest import accelerate_launch
+from conftest import accelerate_launch, free_disk
 
 
 def test_only_complete_checkpoints_count(tmp_path):
@@ -29,9 +31,9 @@ def test_only_complete_checkpoints_count(tmp_path):
 def test_with_several_processes_a_checkpoint_needs_every_process_rng_state(tmp_path):
     """Process 0 writes trainer_state.json without waiting for the others' RNG files: a kill can leave it without
     rng_state_1.pth, and a process resumed without its RNG state would draw other random numbers."""
-    files = {2: ["rng_state_0.pth", "rng_state_1.pth"], 4: ["rng_state_0.pth"],  # 4: process 1's RNG never written
+    rng_files = {2: ["rng_state_0.pth", "rng_state_1.pth"], 4: ["rng_state_0.pth"],  # 4: process 1's RNG never written
              6: ["rng_state.pth"]}  # 6: written by a single process
-    for step, names in files.items():
+    for step, names in rng_files.items():
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         for name in [*names, "trainer_state.json"]:
@@ -49,7 +51,7 @@ def checkpoint_with_checksums(folder: Path, step: int) -> Path:
     (checkpoint / "model.safetensors").write_bytes(bytes(range(256)) * 4)
     (checkpoint / "optimizer.pt").write_bytes(bytes(range(256)) * 8)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    run_state.write_checksums(checkpoint)
+    files.write_checksums(checkpoint)
     return checkpoint
 
 
@@ -61,7 +63,7 @@ CHECKPOINT_DAMAGE = {  # what is done to checkpoint-2: the file, the change, and
     "trainer state emptied": ("trainer_state.json", lambda path: path.write_text(""),
                               ": holds 0 bytes, but 18 when it was written"),
     "model removed": ("model.safetensors", lambda path: path.unlink(), " is missing"),
-    "checksums overwritten": (run_state.CHECKSUMS, lambda path: path.write_bytes(b"\xff" * 10), " is unreadable"),
+    "checksums overwritten": (files.CHECKSUMS, lambda path: path.write_bytes(b"\xff" * 10), " is unreadable"),
 }
 
 
@@ -82,7 +84,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_newest_intact_one_by_name(t
 def test_a_checkpoint_written_before_checksums_is_taken_as_before(tmp_path):
     recorded = checkpoint_with_checksums(tmp_path, 1)
     unrecorded = checkpoint_with_checksums(tmp_path, 2)
-    (unrecorded / run_state.CHECKSUMS).unlink()
+    (unrecorded / files.CHECKSUMS).unlink()
     (unrecorded / "model.safetensors").write_bytes(b"other bytes")  # nothing tells this from its first content
     assert run_state.latest_complete_checkpoint(tmp_path) == unrecorded
     (unrecorded / "trainer_state.json").unlink()  # and without its trainer state it is incomplete, as before
@@ -92,27 +94,18 @@ def test_a_checkpoint_written_before_checksums_is_taken_as_before(tmp_path):
 def test_a_damaged_member_is_refused_by_name(tmp_path, tokenizer, tiny_llama):
     member = tmp_path / "member_0"
     run_state.save_member_atomically(tiny_llama, tokenizer, member, {"steps_run": 3})
-    recorded = json.loads((member / run_state.CHECKSUMS).read_text())
-    assert sorted(recorded) == sorted(path.name for path in member.iterdir() if path.name != run_state.CHECKSUMS)
-    run_state.check_intact(member, "delete it")
+    recorded = json.loads((member / files.CHECKSUMS).read_text())
+    assert sorted(recorded) == sorted(path.name for path in member.iterdir() if path.name != files.CHECKSUMS)
+    files.check_intact(member, "delete it")
     weights = member / "model.safetensors"
     intact = weights.read_bytes()
     weights.write_bytes(intact[:-8] + bytes(8))  # the last weights zeroed: it still loads, silently wrong
     with pytest.raises(config_lib.ConfigError) as error:
-        run_state.check_intact(member, "delete it")
+        files.check_intact(member, "delete it")
     assert str(error.value) == (f"{weights}: holds {len(intact):,} bytes with sha256 "
-                                f"{run_state.file_record(weights)['sha256']}, but had sha256 "
+                                f"{files.file_record(weights)['sha256']}, but had sha256 "
                                 f"{recorded['model.safetensors']['sha256']} when it was written: {member} is damaged "
                                 "and nothing was loaded from it; delete it")
-
-
-def test_replacing_rows_drops_a_round_and_a_cut_short_row(tmp_path):
-    path = tmp_path / "metrics.csv"
-    path.write_text("round,model,ce\n0,student,1.5\n1,student,1.2\n1,ensem")  # killed mid-row
-    run_state.replace_csv_rows(path, ["round", "model", "ce"], lambda row: row["round"] != "1",
-                               [{"round": 1, "model": "student", "ce": 1.1}])
-    assert path.read_text().splitlines() == ["round,model,ce", "0,student,1.5", "1,student,1.1"]
-    assert sorted(os.listdir(tmp_path)) == ["metrics.csv"]  # no temporary file left
 
 
 def test_manifest_writes_are_atomic_and_list_every_planned_round(tmp_path):
@@ -127,21 +120,6 @@ def test_manifest_writes_are_atomic_and_list_every_planned_round(tmp_path):
     # A grown total_rounds adds pending rounds and keeps the statuses of the others.
     assert run_state.planned_rounds({"0": "done", "1": "training"}, 3) == {"0": "done", "1": "training",
                                                                           "2": "pending"}
-
-
-def free_disk(free: int):
-    return lambda path: type("Usage", (), {"free": free})()
-
-
-def test_not_enough_disk_names_the_folder_and_the_bytes_needed(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(1000))
-    with pytest.raises(run_state.DiskSpaceError) as error:
-        run_state.check_disk_space(tmp_path, 120_000, "one checkpoint", "free some space")
-    assert str(error.value) == (f"{tmp_path}: 1,000 bytes free, but about 120,000 bytes are needed for one "
-                                "checkpoint; free some space")
-    run_state.check_disk_space(tmp_path, 1000, "one checkpoint", "free some space")  # exactly enough
-    monkeypatch.undo()
-    run_state.check_disk_space(tmp_path, 10, "one checkpoint", "free some space")  # a real disk has room for 10
 
 
 def folder_bytes(folder: Path) -> int:
@@ -169,7 +147,7 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
                         Dataset.from_list([row for row in rows if row is not None]), tokenizer,
                         callbacks=[run_state.RecordChecksums()]).train()
     checkpoint = tmp_path / "checkpoints" / "checkpoint-1"
-    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / run_state.CHECKSUMS).is_file()
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / files.CHECKSUMS).is_file()
     written = folder_bytes(checkpoint)
     assert written <= run_state.checkpoint_bytes(student, tokenizer) < 1.5 * written
     run_state.save_member_atomically(student, tokenizer, tmp_path / "member_0", {"steps_run": 1})
@@ -181,43 +159,6 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
     assert run_state.round_bytes(student, tokenizer, kept_2) == 3 * one_checkpoint + member  # written, then pruned
     kept_4 = config_lib.build_config("test", overrides={"keep_checkpoints": 4, "eval_steps": 1})
     assert run_state.round_bytes(student, tokenizer, kept_4) == 5 * one_checkpoint + 2 * member  # and the best
-
-
-def no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def test_an_atomic_write_the_disk_cannot_take_names_the_folder_and_bytes_and_keeps_the_old_file(tmp_path,
-                                                                                                monkeypatch):
-    path = tmp_path / "manifest.json"
-    run_state.write_atomically(path, "old")
-    monkeypatch.setattr(run_state.os, "replace", no_space)
-    with pytest.raises(run_state.DiskSpaceError) as error:
-        run_state.write_atomically(path, "new content")
-    assert str(error.value).startswith(f"{tmp_path}: the disk is full: writing manifest.json failed ([Errno 28] No "
-                                       "space left on device); about 11 bytes are needed there")
-    assert "its previous version is kept" in str(error.value)
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json"] and path.read_text() == "old"
-
-
-def test_a_write_that_fails_on_a_full_disk_is_a_disk_error_whatever_the_writer_raises(tmp_path, monkeypatch):
-    """torch.save reports a full disk as a RuntimeError without an errno: with less free than the write needs, it
-    counts as one; with room to spare it is some other failure, raised as it is."""
-    def fails(exception):
-        with run_state.refuse_full_disk(tmp_path, 5000, "optimizer.pt", "free some space"):
-            raise exception
-
-    with pytest.raises(RuntimeError, match="^unexpected pos 576 vs 534$"):
-        fails(RuntimeError("unexpected pos 576 vs 534"))
-    with pytest.raises(run_state.DiskSpaceError, match="about 5,000 bytes are needed there"):
-        fails(OSError(errno.ENOSPC, "No space left on device"))  # with room now: freed since, it still was this
-    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(4999))
-    with pytest.raises(run_state.DiskSpaceError) as error:
-        fails(RuntimeError("unexpected pos 576 vs 534"))
-    assert str(error.value) == (f"{tmp_path}: the disk is full: writing optimizer.pt failed (unexpected pos 576 vs "
-                                "534); about 5,000 bytes are needed there, 4,999 are free; free some space")
-    with pytest.raises(KeyboardInterrupt):  # not a failed write
-        fails(KeyboardInterrupt())
 
 
 def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_rounds_files(tmp_path, tokenizer,
@@ -233,7 +174,7 @@ def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_r
         member.save_pretrained(folder / f"member_{index}")
     run_state.save_ensemble_configs(ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer)), tokenizer,
                                     folder)
-    round_0 = files(folder)
+    round_0 = file_bytes(folder)
     save_tokenizer = tokenizer.save_pretrained
 
     def half_then_full(directory, *args, **kwargs):
@@ -245,14 +186,14 @@ def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_r
     round_1 = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
     with monkeypatch.context() as patch:
         patch.setattr(tokenizer, "save_pretrained", half_then_full)
-        with pytest.raises(run_state.DiskSpaceError) as error:
+        with pytest.raises(files.DiskSpaceError) as error:
             run_state.save_ensemble_configs(round_1, tokenizer, folder)
     assert str(error.value).startswith(f"{folder}: the disk is full: writing the ensemble's configs failed ([Errno "
                                        "28] No space left on device: ")
     needed = run_state.saved_tokenizer_bytes(tokenizer) + run_state.CONFIG_BYTES
     assert f"; about {needed:,} bytes are needed there" in str(error.value)
     assert "the previous round's are kept" in str(error.value)
-    assert files(folder) == round_0 and sorted(os.listdir(folder)) == sorted([*round_0, "member_0", "member_1"])
+    assert file_bytes(folder) == round_0 and sorted(os.listdir(folder)) == sorted([*round_0, "member_0", "member_1"])
     assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0"]
     run_state.save_ensemble_configs(round_1, tokenizer, folder)  # once there is room
     assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0", "member_1"]
@@ -264,16 +205,16 @@ def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch)
     args = type("Args", (), {"device": torch.device("cpu")})()
     state = type("State", (), {"global_step": 7})()
     control = type("Control", (), {"should_save": False, "should_training_stop": False})()
-    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(4999))
+    monkeypatch.setattr(files.shutil, "disk_usage", free_disk(4999))
     assert callback.on_step_end(args, state, control) is control  # no write this step: nothing to check
     control.should_save = True
-    with pytest.raises(run_state.DiskSpaceError) as error:
+    with pytest.raises(files.DiskSpaceError) as error:
         callback.on_step_end(args, state, control)
     assert str(error.value).startswith(f"{tmp_path}: 4,999 bytes free, but about 5,000 bytes are needed for the "
                                        "checkpoint of step 7; training stopped before writing it, the earlier "
                                        "checkpoints are kept")
     assert f"python main.py --resume {tmp_path}" in str(error.value)
-    monkeypatch.setattr(run_state.shutil, "disk_usage", free_disk(5000))
+    monkeypatch.setattr(files.shutil, "disk_usage", free_disk(5000))
     assert callback.on_step_end(args, state, control) is control and control.should_save
 
 
@@ -339,7 +280,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert result["steps_done"] == [1, 1]
     assert result["stopped_by_signal"] == [True, True]
     checkpoint = tmp_path / "out_2" / "checkpoint-1"
-    recorded = json.loads((checkpoint / run_state.CHECKSUMS).read_text())
+    recorded = json.loads((checkpoint / files.CHECKSUMS).read_text())
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(recorded)
     assert run_state.latest_complete_checkpoint(checkpoint.parent, num_processes=2) == checkpoint
 
@@ -347,7 +288,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
 def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoint_dropped(tmp_path):
     manifest = run_state.new_manifest("abc", 0, 0, 2)
     columns = ["round", "step", "loss"]
-    run_state.replace_csv_rows(tmp_path / "train_log.csv", columns, lambda row: True,
+    files.replace_csv_rows(tmp_path / "train_log.csv", columns, lambda row: True,
                                [{"round": r, "step": s, "loss": 1.0} for r in (0, 1) for s in (1, 2, 3)])
     run_state.mark_round_training(tmp_path, manifest, 1, tmp_path / "checkpoint-2", columns)
     assert run_state.load_manifest(tmp_path)["rounds"] == {"0": "pending", "1": "training"}
@@ -360,7 +301,7 @@ def test_a_round_is_marked_training_and_its_log_rows_after_the_resumed_checkpoin
 LOG_REWRITES = {  # how the run rewrites each log: the training log when a round starts, samples.csv after a round
     "train_log.csv": lambda path, columns, rows: run_state.mark_round_training(
         path.parent, run_state.new_manifest("abc", 0, 0, 2), 1, None, columns),
-    "samples.csv": lambda path, columns, rows: run_state.replace_csv_rows(path, columns,
+    "samples.csv": lambda path, columns, rows: files.replace_csv_rows(path, columns,
                                                                           lambda row: row["round"] != "1", rows),
 }
 
@@ -369,14 +310,14 @@ LOG_REWRITES = {  # how the run rewrites each log: the training log when a round
 def test_a_log_that_is_not_utf8_is_moved_aside_as_it_is_by_name_and_started_afresh(tmp_path, name, capsys):
     path = tmp_path / name
     columns = ["round", "step", "answer"]
-    run_state.write_csv_rows(path, columns, [{"round": 0, "step": 1, "answer": "a line\nand another"}])
+    files.write_csv_rows(path, columns, [{"round": 0, "step": 1, "answer": "a line\nand another"}])
     damaged = path.read_bytes().replace(b"another", b"an\xffther")
     path.write_bytes(damaged)
     new_rows = [{"round": 1, "step": 1, "answer": "new"}]
     LOG_REWRITES[name](path, columns, new_rows)
     (aside,) = tmp_path.glob(f"{name}.damaged-*")
     assert aside.read_bytes() == damaged
-    assert run_state.read_csv_rows(path) == (run_state.csv_text_rows(columns, new_rows) if name == "samples.csv"
+    assert files.read_csv_rows(path) == (files.csv_text_rows(columns, new_rows) if name == "samples.csv"
                                              else [])
     assert capsys.readouterr().err == (f"warning: {path} is not CSV text (bytes that are not UTF-8, say): moved as "
                                        f"it is to {aside}; {name} starts afresh with the rows written from now on\n")
@@ -385,10 +326,10 @@ def test_a_log_that_is_not_utf8_is_moved_aside_as_it_is_by_name_and_started_afre
 def test_a_metrics_csv_that_is_not_utf8_is_restored_from_the_manifest(tmp_path, capsys):
     run_dir = written_run(tmp_path)
     columns = ["round", "model", "ce"]
-    rows = run_state.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
+    rows = files.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
     manifest = run_state.finished_round(run_state.load_manifest(run_dir), 0, "ensemble/member_0", None, rows)
     path = run_dir / "metrics.csv"
-    run_state.write_csv_rows(path, columns, rows)
+    files.write_csv_rows(path, columns, rows)
     whole = path.read_bytes()
     path.write_bytes(whole.replace(b"student", b"stud\xffnt"))
     run_state.restore_metric_rows(run_dir, columns, manifest)
@@ -399,7 +340,7 @@ def test_a_metrics_csv_that_is_not_utf8_is_restored_from_the_manifest(tmp_path, 
 
 def test_a_finished_round_adds_its_member_and_leaves_no_checkpoints(tmp_path):
     manifest = run_state.new_manifest("abc", 0, 0, 2)
-    rows = run_state.csv_text_rows(["round", "model", "ce"], [{"round": 0, "model": "student", "ce": 1.5}])
+    rows = files.csv_text_rows(["round", "model", "ce"], [{"round": 0, "model": "student", "ce": 1.5}])
     done = run_state.finished_round(manifest, 0, "ensemble/member_0", [1.0], rows)
     assert done["rounds"] == {"0": "done", "1": "pending"} and done["members"] == ["ensemble/member_0"]
     assert done["weights"] == [1.0] and done["teacher_evaluated"] and not manifest["teacher_evaluated"]
@@ -421,7 +362,7 @@ def written_run(tmp_path, **settings):
     return run_dir
 
 
-def files(folder: Path) -> dict:
+def file_bytes(folder: Path) -> dict:
     """The bytes of each file of `folder` (not of its subfolders), by name."""
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
 
@@ -440,12 +381,12 @@ def test_a_damaged_config_yaml_is_refused_by_name_on_resume_and_nothing_is_rewri
     change, problem = CONFIG_DAMAGE[damage]
     path = run_dir / "config.yaml"
     path.write_bytes(change(path.read_text()).encode("latin-1"))
-    before = files(run_dir)
+    before = file_bytes(run_dir)
     with pytest.raises(config_lib.ConfigError) as error:
         run_state.resumed_config(run_dir, {})
     assert str(error.value).startswith(f"{path} is not the configuration this run was written with")
     assert problem in str(error.value) and 'under "config": restore config.yaml' in str(error.value)
-    assert files(run_dir) == before
+    assert file_bytes(run_dir) == before
 
 
 def test_an_intact_config_yaml_resumes_and_a_changed_total_rounds_is_not_damage(tmp_path):
@@ -472,10 +413,10 @@ def test_metrics_csv_is_rewritten_only_when_rows_of_finished_rounds_are_lost_or_
     columns = ["round", "model", "ce"]
     run_state.restore_metric_rows(run_dir, columns, manifest)
     assert not path.exists() and capsys.readouterr().err == ""  # no round has finished: nothing to write
-    rows = run_state.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
+    rows = files.csv_text_rows(columns, [{"round": 0, "model": "student", "ce": 1.5}])
     manifest = run_state.finished_round(manifest, 0, "ensemble/member_0", None, rows)
     # Round 1 evaluated, killed before its manifest write: its row is no damage (the round is evaluated again).
-    run_state.write_csv_rows(path, columns, [*rows, {"round": 1, "model": "student", "ce": 1.25}])
+    files.write_csv_rows(path, columns, [*rows, {"round": 1, "model": "student", "ce": 1.25}])
     whole = path.read_bytes()
     run_state.restore_metric_rows(run_dir, columns, manifest)
     assert path.read_bytes() == whole and capsys.readouterr().err == ""
@@ -485,3 +426,13 @@ def test_metrics_csv_is_rewritten_only_when_rows_of_finished_rounds_are_lost_or_
     assert capsys.readouterr().err == (f"warning: {path}: rows of finished rounds are missing or differ from the ones "
                                        "written; rewritten from the rows manifest.json recorded for the finished "
                                        "rounds, restoring round 0 student\n")
+
+
+def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
+    day = datetime.date(2026, 11, 29)
+    first = run_state.new_run_dir(tmp_path, day)
+    (tmp_path / "2026-11-29" / "run_7").mkdir()
+    (tmp_path / "2026-11-29" / "notes").mkdir()
+    second = run_state.new_run_dir(tmp_path, day)
+    assert first == tmp_path / "2026-11-29" / "run_1"
+    assert second == tmp_path / "2026-11-29" / "run_8"

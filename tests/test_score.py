@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import files
 import run_state
 import score
 from conftest import run_test_preset
@@ -21,7 +22,7 @@ def run_dir(tmp_path_factory):
 
 
 def reported(run_dir) -> float:
-    rows = run_state.read_csv_rows(run_dir / run_state.METRICS)
+    rows = files.read_csv_rows(run_dir / run_state.METRICS)
     return float([row for row in rows if row["model"] == "ensemble" and row["ensemble_size"] == "2"][-1]["ce"])
 
 

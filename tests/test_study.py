@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import config as config_lib
+import students
 import study
 from conftest import DATA_DIR
 
@@ -770,16 +771,15 @@ def matched_points(tmp_path, teacher, match, single=None, ensemble=None):
 
 
 def real_parameters(config, round_index, additive):
-    """A round's student built for real (utils.build_student's model config, start_at_zero for a later additive
+    """A round's student built for real (students.build_student's model config, start_at_zero for a later additive
     member): its distinct parameters."""
     import transformers
-    import utils
 
     teacher, tokenizer = study.teacher_parts(config.teacher, str(config.cache_dir), False)
-    model = transformers.AutoModelForCausalLM.from_config(utils.student_model_config(config, teacher, tokenizer,
+    model = transformers.AutoModelForCausalLM.from_config(students.student_model_config(config, teacher, tokenizer,
                                                                                      round_index))
     if additive and round_index > 0:
-        utils.start_at_zero(model)
+        students.start_at_zero(model)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import config as config_lib
+import files
 import main
 import preprocess_dataset
 import run_state
@@ -416,11 +417,9 @@ def test_example_ids_that_are_not_row_indices_are_refused(tmp_path, teacher, dat
 
 def test_metadata_is_written_through_the_projects_atomic_write(tmp_path, teacher, dataset, collator, identity,
                                                                vocab_size, monkeypatch):
-    import run_state
-
     written = []
-    atomic_write = run_state.write_atomically
-    monkeypatch.setattr(run_state, "write_atomically",
+    atomic_write = files.write_atomically
+    monkeypatch.setattr(files, "write_atomically",
                         lambda path, text: (written.append(path), atomic_write(path, text)))
     cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
     # The staging shard's record (one write as it starts, one per piece, one with its files' checksums), then it is
@@ -593,7 +592,7 @@ def saved_teacher(folder, teacher, tokenizer):
 def command_line_inputs(tmp_path, teacher, tokenizer, dataset):
     """The teacher saved as a folder with its tokenizer, and `dataset` as the train split of a prepared folder."""
     teacher_dir, data_dir = saved_teacher(tmp_path / "teacher", teacher, tokenizer), tmp_path / "data"
-    data_metadata = {"tokenizer_sha256": preprocess_dataset._tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
+    data_metadata = {"tokenizer_sha256": preprocess_dataset.tokenizer_sha256(tokenizer), "max_length": MAX_LENGTH}
     preprocess_dataset.save_dataset(DatasetDict({"train": dataset, "test": dataset.select(range(2))}), data_metadata,
                                     data_dir)
     return teacher_dir, data_dir
@@ -755,7 +754,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
     kept = files_in(cache_dir / ".shard_00000.partial")
     live_build = os.open(cache_dir / ".shard_00000.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(live_build, fcntl.LOCK_EX)
-    real_try_lock = teacher_cache.utils.try_lock
+    real_try_lock = teacher_cache.files.try_lock
 
     def signal_while_waiting(path):
         held = real_try_lock(path)
@@ -764,7 +763,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
         return held
 
     with monkeypatch.context() as patch:
-        patch.setattr(teacher_cache.utils, "try_lock", signal_while_waiting)
+        patch.setattr(teacher_cache.files, "try_lock", signal_while_waiting)
         assert teacher_cache.run_from_command_line(command) == run_state.EXIT_PREEMPTED
     os.close(live_build)  # that build ends
     assert f"{cache_dir}: preempted while waiting for another build of this cache" in capsys.readouterr().out
@@ -839,8 +838,8 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
 
     values.write_bytes(intact)
     hashed = []
-    real_file_record = run_state.file_record
-    monkeypatch.setattr(run_state, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
+    real_file_record = files.file_record
+    monkeypatch.setattr(files, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
     TeacherCache.open(cache_dir, {})
     TeacherCache.open(cache_dir, {})
     assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process
@@ -851,7 +850,7 @@ def test_a_build_the_free_disk_cannot_hold_is_refused_before_it_writes(tmp_path,
                                                                        identity, vocab_size, mode, monkeypatch):
     real_disk_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_disk_usage(path)._replace(free=1000))
-    with pytest.raises(run_state.DiskSpaceError) as error:
+    with pytest.raises(files.DiskSpaceError) as error:
         build(tmp_path, teacher, dataset, collator, identity, vocab_size, mode=mode)
     positions = sum(int(np.count_nonzero(np.asarray(labels[1:]) != -100)) for labels in dataset["labels"])
     # k = 16: the ids' low bits 2 x 16 B, uint8 values 16 B, the span and the tail 2 B each; hidden: 32 float16s.

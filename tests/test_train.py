@@ -14,12 +14,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import TrainerCallback
 
 from conftest import accelerate_launch, build_tiny_llama
+import files
 from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
 from model_io import PaddingCollator, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import CsvTrainLogCallback, DistillationTrainer, gradients_are_finite
-import run_state
-import utils
+import students
 from trl import SFTConfig
 
 
@@ -169,7 +169,7 @@ def test_a_train_log_row_the_disk_has_no_room_for_stops_with_the_folder_and_byte
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "write", half_then_full)
-        with pytest.raises(run_state.DiskSpaceError) as error:
+        with pytest.raises(files.DiskSpaceError) as error:
             log(2)
     assert str(error.value).startswith(f"{tmp_path}: the disk is full: writing train_log.csv failed ([Errno 28] No "
                                        "space left on device); about ")
@@ -178,7 +178,7 @@ def test_a_train_log_row_the_disk_has_no_room_for_stops_with_the_folder_and_byte
     log(2)  # once there is room: the row the error said it needed
     needed = int(re.search(r"about ([0-9,]+) bytes are needed there", str(error.value)).group(1).replace(",", ""))
     assert path.read_bytes()[:len(earlier)] == earlier and path.stat().st_size == len(earlier) + needed
-    assert [row["step"] for row in run_state.read_csv_rows(path)] == ["1", "2"]
+    assert [row["step"] for row in files.read_csv_rows(path)] == ["1", "2"]
 
 
 def test_the_student_runs_under_autocast_when_bf16_is_on(tokenizer, examples, tmp_path, monkeypatch):
@@ -222,7 +222,7 @@ def plain_autograd_loss_and_gradients(student, teacher, members, batch, settings
 def test_the_loss_path_equals_plain_autograd_in_value_and_gradients(tokenizer, examples, batch, tmp_path, own_head):
     """Chunked or not: the loss and every student parameter's gradient, with the head tied to the input embeddings
     (its gradient is the head's part plus the embeddings') or, for combine=additive, the student's own head that
-    starts at zero (utils.start_at_zero)."""
+    starts at zero (students.start_at_zero)."""
     teacher, member = build_tiny_llama(tokenizer, seed=1, hidden_size=48), build_tiny_llama(tokenizer, seed=2)
     settings = LossSettings(alpha=0.5, temperature=2.0)
     if own_head:
@@ -231,7 +231,7 @@ def test_the_loss_path_equals_plain_autograd_in_value_and_gradients(tokenizer, e
     for chunk_size in (0, 4):  # 4 does not divide the number of positions: the last chunk is partial
         student = build_tiny_llama(tokenizer, seed=3).train()
         if own_head:
-            utils.start_at_zero(student)
+            students.start_at_zero(student)
         head = student.get_output_embeddings().weight
         assert (head is student.get_input_embeddings().weight) != own_head
         expected_loss, expected = plain_autograd_loss_and_gradients(student, teacher, [member], batch, settings,

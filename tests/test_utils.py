@@ -1,45 +1,15 @@
-"""utils: students, safe loading, tokenizer checks, run folders."""
+"""utils: safe loading, tokenizer checks, dtypes, the process group."""
 
 import datetime
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import compute
 import utils
 from config import ConfigError, build_config
 from conftest import build_tiny_llama, build_tokenizer
-
-
-def test_teacher_layer_students_copy_the_chosen_layers_and_shift_per_round(tokenizer):
-    teacher = build_tiny_llama(tokenizer, num_layers=6)
-    config = build_config("demo", None, {"teacher_layers": "0,2,3,5", "teacher_layers_shift": 1})
-    assert utils.student_layer_indices(config, 0, 6) == [0, 2, 3, 5]
-    assert utils.student_layer_indices(config, 1, 6) == [0, 3, 4, 5]
-    assert utils.student_layer_indices(config, 5, 6) == [0, 4, 5]  # clamped inside (first, last); duplicates merged
-    student = utils.build_student(config, teacher, tokenizer, round_index=1)
-    assert student.config.num_hidden_layers == 4
-    teacher_state, student_state = teacher.state_dict(), student.state_dict()
-    for student_layer, teacher_layer in enumerate([0, 3, 4, 5]):
-        key = f"model.layers.{student_layer}.mlp.up_proj.weight"
-        assert torch.equal(student_state[key], teacher_state[key.replace(f".{student_layer}.", f".{teacher_layer}.")])
-    assert torch.equal(student_state["model.embed_tokens.weight"], teacher_state["model.embed_tokens.weight"])
-    with pytest.raises(ValueError, match="outside the teacher's 6 layers"):
-        utils.student_layer_indices(build_config("demo", None, {"teacher_layers": "0,9"}), 0, 6)
-
-
-def test_random_students_differ_by_round_and_share_the_vocabulary(tokenizer):
-    teacher = build_tiny_llama(tokenizer)
-    config = build_config("test")
-    first, second = (utils.build_student(config, teacher, tokenizer, r) for r in (0, 1))
-    assert first.config.vocab_size == len(tokenizer) and first.config.hidden_size == 32
-    assert not torch.equal(first.model.embed_tokens.weight, second.model.embed_tokens.weight)
-    again = utils.build_student(config, teacher, tokenizer, 0)
-    assert torch.equal(first.model.embed_tokens.weight, again.model.embed_tokens.weight)  # seeded
 
 
 def test_weights_load_from_safetensors_only(tmp_path, tokenizer):
@@ -50,7 +20,7 @@ def test_weights_load_from_safetensors_only(tmp_path, tokenizer):
     with pytest.raises(OSError):
         utils.load_causal_lm(str(tmp_path / "pickled"))
     model.save_pretrained(tmp_path / "safe")
-    assert utils.count_parameters(utils.load_causal_lm(str(tmp_path / "safe"))) == utils.count_parameters(model)
+    assert compute.parameter_count(utils.load_causal_lm(str(tmp_path / "safe"))) == compute.parameter_count(model)
 
 
 def test_tokenizers_must_match_but_padded_heads_are_fine(tokenizer):
@@ -90,138 +60,11 @@ def test_a_student_folder_without_a_tokenizer_is_refused_naming_it(tmp_path, tok
         utils.check_student_tokenizer(tokenizer, student, "teacher", trust_remote_code=False)
 
 
-def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
-    day = datetime.date(2026, 11, 29)
-    first = utils.new_run_dir(tmp_path, day)
-    (tmp_path / "2026-11-29" / "run_7").mkdir()
-    (tmp_path / "2026-11-29" / "notes").mkdir()
-    second = utils.new_run_dir(tmp_path, day)
-    assert first == tmp_path / "2026-11-29" / "run_1"
-    assert second == tmp_path / "2026-11-29" / "run_8"
-
-
 def test_auto_dtype_is_bf16_only_where_the_hardware_has_it():
     cpu = torch.device("cpu")
     assert utils.frozen_dtype("float32", cpu) == torch.float32
     assert utils.frozen_dtype("auto", cpu) == (torch.bfloat16 if utils.supports_bf16(cpu) else torch.float32)
     assert utils.use_bf16_autocast("float32", cpu) is False
-
-
-def test_publish_folder_keeps_a_same_build_finished_first_and_replaces_a_stale_one(tmp_path):
-    final = tmp_path / "built"
-
-    def staged(content: str) -> Path:
-        folder = tmp_path / f"staging-{content}"
-        folder.mkdir()
-        (folder / "settings").write_text(content)
-        return folder
-
-    def same_as(content):
-        return lambda folder: (folder / "settings").read_text() == content
-
-    utils.publish_folder(staged("a"), final, same_as("a"))
-    first_inode = (final / "settings").stat().st_ino
-    utils.publish_folder(staged("a2"), final, lambda folder: True)  # another process's identical build: kept
-    assert (final / "settings").read_text() == "a" and (final / "settings").stat().st_ino == first_inode
-    utils.publish_folder(staged("b"), final, same_as("b"))  # settings changed: the stale folder is replaced
-    assert (final / "settings").read_text() == "b"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # no staging folder left behind
-
-
-HOLD_A_LOCK = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDONLY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-time.sleep(600)
-"""
-
-
-def test_staging_leftovers_of_dead_writers_are_removed_and_those_of_live_writers_kept(tmp_path):
-    """A killed writer's lock went with it: its leftover goes. A writer at work holds its entry's lock, in this
-    process or in another (a run sharing the folder): its entry stays, until that writer dies."""
-    final = tmp_path / "sharegpt.jsonl"
-    dead_file, dead_folder, other_writer = (tmp_path / f".sharegpt.jsonl.partial-{name}"
-                                            for name in ("k1ll3d", "d1r3ct", "0th3r"))
-    dead_file.write_text('{"id": "cut sh')
-    dead_folder.mkdir()
-    (dead_folder / "data").write_text("half")
-    other_writer.write_text("")
-    unrelated = tmp_path / ".other.jsonl.partial-k1ll3d"  # another file's staging: not ours to judge
-    unrelated.write_text("")
-    writer = subprocess.Popen([sys.executable, "-c", HOLD_A_LOCK, str(other_writer)], stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert writer.stdout.readline() == "locked\n"
-        with utils.staging(final, folder=False) as ours:
-            assert ours.name.startswith(".sharegpt.jsonl.partial-") and ours.is_file()
-            assert sorted(utils.remove_dead_staging(final)) == sorted([dead_file, dead_folder])
-            assert sorted(tmp_path.iterdir()) == sorted([ours, other_writer, unrelated])
-            ours.write_text("{}\n")
-            os.replace(ours, final)
-        assert utils.remove_dead_staging(final) == []  # the other writer is still at work
-    finally:
-        writer.kill()
-        writer.wait()
-    assert utils.remove_dead_staging(final) == [other_writer]  # killed: what it left goes
-    assert sorted(tmp_path.iterdir()) == [unrelated, final] and final.read_text() == "{}\n"
-
-
-def test_a_staging_entry_is_removed_when_its_writer_fails(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        with utils.staging(tmp_path / "built", folder=True) as folder:
-            (folder / "half").write_text("x")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_start_at_zero_gives_zero_logits_keeps_the_embeddings_and_survives_saving(tmp_path):
-    tokenizer = build_tokenizer("chatml")
-    model = build_tiny_llama(tokenizer)
-    embeddings = model.get_input_embeddings().weight.detach().clone()
-    utils.start_at_zero(model)
-    ids = torch.tensor([[3, 5, 7]])
-    assert torch.count_nonzero(model(input_ids=ids).logits) == 0
-    torch.testing.assert_close(model.get_input_embeddings().weight, embeddings)
-    model.save_pretrained(tmp_path)
-    loaded = utils.load_causal_lm(str(tmp_path), torch.float32)
-    assert torch.count_nonzero(loaded(input_ids=ids).logits) == 0
-    torch.testing.assert_close(loaded.get_input_embeddings().weight, embeddings)
-
-
-def test_spread_layer_indices_spans_the_teacher():
-    assert utils.spread_layer_indices(4, 30) == [0, 10, 19, 29]
-    assert utils.spread_layer_indices(40, 30) == list(range(30))
-    assert utils.spread_layer_indices(1, 30) == [0]
-
-
-@pytest.mark.parametrize("student_init", ["random", "teacher_layers", "pretrained"])
-def test_a_students_skeleton_has_its_parameters_and_no_weights(tmp_path, tokenizer, student_init, monkeypatch):
-    teacher = build_tiny_llama(tokenizer, hidden_size=48, num_layers=4)
-    pretrained = tmp_path / "student"
-    build_tiny_llama(tokenizer, hidden_size=40, num_layers=3).save_pretrained(pretrained)
-    config = build_config("test", overrides=dict(student_init=student_init, teacher_layers=[0, 2, 3],
-                                                 student_model=str(pretrained)))
-    built = [utils.count_parameters(utils.build_student(config, teacher, tokenizer, r)) for r in (0, 1)]
-    monkeypatch.setattr(utils, "load_causal_lm", lambda *args, **kwargs: pytest.fail("weights were loaded"))
-    skeletons = [utils.student_skeleton(config, teacher, tokenizer, r) for r in (0, 1)]
-    assert [utils.count_parameters(skeleton) for skeleton in skeletons] == built
-    assert all(p.is_meta for skeleton in skeletons for p in skeleton.parameters())
-    assert len(set(built)) == 1 and built[0] > 0
-
-
-def test_single_model_baselines_get_the_ensembles_steps_and_single_large_its_depth(tokenizer):
-    config = build_config("test", overrides=dict(total_rounds=3, steps_per_round=5))
-    assert utils.baseline_round_config(config, 30) is config
-    matched = utils.baseline_round_config(build_config("test", overrides=dict(
-        total_rounds=3, steps_per_round=5, baseline="single_matched")), 30)
-    assert (matched.steps_per_round, matched.student_num_layers) == (15, 1)
-    large = utils.baseline_round_config(build_config("test", overrides=dict(
-        total_rounds=3, steps_per_round=5, baseline="single_large")), 30)
-    assert (large.steps_per_round, large.student_num_layers) == (15, 3)
-    copied = utils.baseline_round_config(build_config("test", overrides=dict(
-        total_rounds=3, baseline="single_large", student_init="teacher_layers", teacher_layers=[0, 29])), 30)
-    assert copied.teacher_layers == utils.spread_layer_indices(6, 30) and copied.teacher_layers_shift == 0
 
 
 class _ProcessGroupStarted(Exception):
