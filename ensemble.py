@@ -37,7 +37,8 @@ WEIGHTED_MODES = ("weighted", "additive")  # combinations with one coefficient p
 # Hugging Face's Auto classes load the folder with trust_remote_code=True where this project is not installed.
 MODELLING_MODULE = "modeling_slm_ensemble"
 MODELLING_FILE = f"{MODELLING_MODULE}.py"
-AUTO_MAP = {"AutoConfig": f"{MODELLING_MODULE}.EnsembleConfig", "AutoModelForCausalLM": f"{MODELLING_MODULE}.ModelEnsemble"}
+AUTO_MAP = {"AutoConfig": f"{MODELLING_MODULE}.EnsembleConfig",
+            "AutoModelForCausalLM": f"{MODELLING_MODULE}.ModelEnsemble"}
 
 
 def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits",
@@ -406,8 +407,8 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         self.save_configs(save_directory, tokenizer)
 
     def save_configs(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
-        """Write the ensemble's own files (config, generation config, tokenizer, and its code: `modelling_code`, named in
-        config.json's auto_map), for members saved already.
+        """Write the ensemble's own files (config, generation config, tokenizer, and its code: `modelling_code`,
+        named in config.json's auto_map), for members saved already.
 
         Training saves each member once, when its round ends; this completes the folder without rewriting them. The
         files are written to a staging folder inside it, then moved into place one by one: a write that fails (a full
