@@ -2,14 +2,17 @@
 
 The same `combine_logits` primitive is used by training (the loss through the mixture), evaluation and generation,
 so all three agree on what "the ensemble" means. `ModelEnsemble` is a Hugging Face model: `generate` works on it, and
-`save_pretrained` stores each member as a standalone model folder.
+`save_pretrained` stores each member as a standalone model folder, and this module's own code beside them, so that
+the folder loads without this project (`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`).
 """
 
 import contextlib
 import copy
 import math
 import os
+import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field
@@ -29,6 +32,13 @@ from model_io import IGNORE_INDEX, cut_to_vocab, hidden_at, output_head
 
 COMBINE_MODES = ("logits", "probs", "weighted", "additive")
 WEIGHTED_MODES = ("weighted", "additive")  # combinations with one coefficient per member
+
+# A saved ensemble's folder holds this module as MODELLING_FILE, and its config.json names the classes in it, so that
+# Hugging Face's Auto classes load the folder with trust_remote_code=True where this project is not installed.
+MODELLING_MODULE = "modeling_slm_ensemble"
+MODELLING_FILE = f"{MODELLING_MODULE}.py"
+AUTO_MAP = {"AutoConfig": f"{MODELLING_MODULE}.EnsembleConfig",
+            "AutoModelForCausalLM": f"{MODELLING_MODULE}.ModelEnsemble"}
 
 
 def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits",
@@ -397,7 +407,8 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         self.save_configs(save_directory, tokenizer)
 
     def save_configs(self, save_directory: str | os.PathLike, tokenizer=None) -> None:
-        """Write the ensemble's own files (config, generation config, tokenizer), for members saved already.
+        """Write the ensemble's own files (config, generation config, tokenizer, and its code: `modelling_code`,
+        named in config.json's auto_map), for members saved already.
 
         Training saves each member once, when its round ends; this completes the folder without rewriting them. The
         files are written to a staging folder inside it, then moved into place one by one: a write that fails (a full
@@ -410,7 +421,11 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         staging = save_directory / ".configs.tmp"
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         try:
-            self.config.save_pretrained(staging)
+            config = copy.deepcopy(self.config)
+            config.auto_map = AUTO_MAP
+            config.save_pretrained(staging)
+            for name, code in modelling_code().items():
+                (staging / name).write_text(code)
             self.generation_config.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
@@ -421,17 +436,18 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, device_map=None, concurrent: bool | None = None,
-        **member_load_kwargs
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, config: EnsembleConfig | None = None,
+        device_map=None, concurrent: bool | None = None, **member_load_kwargs
     ) -> "ModelEnsemble":
         """Load an ensemble saved by `save_pretrained`, each member with `AutoModelForCausalLM.from_pretrained`.
 
-        `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU each: the
-        members then run at once, see `concurrent` in the class's docstring). Other keyword arguments (e.g.
+        `config`: the ensemble's config, when read already (AutoModelForCausalLM passes the one it read); None reads
+        the folder's. `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU
+        each: the members then run at once, see `concurrent` in the class's docstring). Other keyword arguments (e.g.
         `dtype`) go to every member's `from_pretrained`.
         """
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
-        config = saved_ensemble_config(pretrained_model_name_or_path)
+        config = saved_ensemble_config(pretrained_model_name_or_path) if config is None else config
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [
             AutoModelForCausalLM.from_pretrained(
@@ -466,6 +482,17 @@ def saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
     if not config.member_subfolders:
         raise NotAnEnsembleError(f"{folder}: the ensemble's config.json lists no member folder (member_subfolders)")
     return config
+
+
+def modelling_code() -> dict[str, str]:
+    """The Python files a saved ensemble's folder needs to load without this project, by file name: this module as
+    MODELLING_FILE, with its import of model_io made relative (transformers loads a folder's code as a package), and
+    model_io beside it. Read from the running sources at every save, so the folder's code never drifts from them."""
+    model_io_file = Path(sys.modules[cut_to_vocab.__module__].__file__)
+    # Loaded from a saved folder, this module is MODELLING_FILE and its import is relative already: nothing to change.
+    own_code = re.sub(rf"^from {model_io_file.stem} import ", f"from .{model_io_file.stem} import ",
+                      Path(__file__).read_text(), flags=re.MULTILINE)
+    return {MODELLING_FILE: own_code, model_io_file.name: model_io_file.read_text()}
 
 
 def _one_per_member(device_map, member_count: int) -> list:

@@ -6,6 +6,7 @@ the held-out split. Everything a run writes goes to runs/YYYY-MM-DD/run_N/:
     config.yaml      the resolved configuration          manifest.json   each round's status, members
     metrics.csv      one row per model and round          train_log.csv   hybrid, KL, NLL, lr, grad norm per log
     ensemble/        the ensemble (ModelEnsemble.from_pretrained), member_r/ = round r's student + tokenizer
+                     with its own code (loads without this project) and model card (README.md)
     samples.csv      answers to fixed prompts per round   *.png           figures (plot.py), at the end
 Every setting and its default is in config.py (presets: demo, the default, for a laptop CPU; paper; test).
 
@@ -45,6 +46,7 @@ import config as config_lib
 import dry_run
 import embedded
 import files
+import model_card
 import plot
 import preprocess_dataset
 import run_state
@@ -541,6 +543,7 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
                                               weights=run.weights)
         run_state.save_ensemble_configs(ensemble, run.tokenizer, run.folder / "ensemble")
+        model_card.write_model_card(run.folder)
         write_sample_answers(run, round_index, {"student": run.members[-1], "ensemble": ensemble})
         run_state.write_manifest(run.folder, manifest)
         shutil.rmtree(run_state.checkpoint_folder(run.folder, round_index), ignore_errors=True)  # the member is the round's state

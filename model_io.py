@@ -4,7 +4,9 @@ vocabulary), and how it pads a batch of tokenized examples (`PaddingCollator`, l
 """
 
 import torch
-from accelerate.utils import extract_model_from_parallel as unwrap_model
+# transformers' unwrap is accelerate's where it is installed; this module also ships, beside the ensemble's code
+# (ensemble.modelling_code), to places that have only torch and transformers.
+from transformers.modeling_utils import unwrap_model
 
 IGNORE_INDEX = -100  # the label of positions excluded from the loss, as in Hugging Face models (their losses skip it)
 

@@ -1,19 +1,28 @@
 """Tests of the ensemble: the combine primitive, forward and loss, vocabulary cutting, freezing, save/load, generate."""
 
+import json
 import logging
 import math
+import os
 import re
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import build_diverse_member
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 from transformers.cache_utils import DynamicCache
+from transformers.dynamic_module_utils import get_imports
 from transformers.generation.streamers import BaseStreamer
 
-from ensemble import (EnsembleCache, EnsembleConfig, ModelEnsemble, NotAnEnsembleError, combine_logits,
-                      training_mixture_weights, weights_with_new_member)
+import ensemble as ensemble_module
+import model_io
+from ensemble import (AUTO_MAP, MODELLING_FILE, EnsembleCache, EnsembleConfig, ModelEnsemble, NotAnEnsembleError,
+                      combine_logits, training_mixture_weights, weights_with_new_member)
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
 
@@ -493,3 +502,66 @@ def test_members_on_one_device_run_one_after_another_unless_asked(tmp_path, toke
     added.add_model(members[1])
     assert added.for_each_member(lambda member: threading.current_thread().name.startswith("ensemble-member")) == \
         [True, True]
+
+
+# --- a saved folder loads without this project --------------------------------------------------------------------
+
+# Run by a Python that sees none of the project's files: -I leaves the script's folder, the working folder and
+# PYTHONPATH off sys.path (site-packages, with torch and transformers, stay). It loads the folder in its working
+# folder by the three lines docs/inference.md gives, and prints what it generated.
+STANDALONE_LOAD = """
+import importlib.util, json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+prompt, new_tokens = sys.argv[1], int(sys.argv[2])
+project_modules = [name for name in ("ensemble", "model_io", "conftest") if importlib.util.find_spec(name)]
+model = AutoModelForCausalLM.from_pretrained("ensemble", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("ensemble")
+generated = model.generate(tokenizer(prompt, return_tensors="pt").input_ids, do_sample=False,
+                           max_new_tokens=new_tokens, eos_token_id=None)
+generator = pipeline("text-generation", model="ensemble", trust_remote_code=True)
+text = generator(prompt, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None)[0]["generated_text"]
+print(json.dumps({"project_modules": project_modules, "class": type(model).__module__, "tokens": generated.tolist(),
+                  "text": text}))
+"""
+
+
+def test_a_copied_ensemble_folder_generates_the_same_tokens_where_the_project_cannot_be_imported(
+        tmp_path, tokenizer, members, prompt_ids):
+    ModelEnsemble.from_members(members, combine="probs", vocab_size=len(tokenizer)).save_pretrained(
+        tmp_path / "saved", tokenizer=tokenizer)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "saved", elsewhere / "ensemble")
+    (elsewhere / "load.py").write_text(STANDALONE_LOAD)
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+                   "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-I", "load.py", PROMPTS[0], "8"], cwd=elsewhere, env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert loaded["project_modules"] == []
+    assert loaded["class"].startswith("transformers_modules.")  # the folder's code, not the project's
+    project = ModelEnsemble.from_pretrained(tmp_path / "saved")
+    expected = project.generate(prompt_ids, do_sample=False, max_new_tokens=8, eos_token_id=None)
+    assert loaded["tokens"] == expected.tolist()
+    in_project = pipeline("text-generation", model=project, tokenizer=tokenizer)
+    assert loaded["text"] == in_project(PROMPTS[0], do_sample=False, max_new_tokens=8,
+                                        eos_token_id=None)[0]["generated_text"]
+
+
+def test_the_saved_code_is_the_projects_own_with_its_model_io_import_made_relative(tmp_path, tokenizer, members):
+    ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer)).save_pretrained(tmp_path, tokenizer=tokenizer)
+    ensemble_source = Path(ensemble_module.__file__).read_text()
+    assert ensemble_source.count("\nfrom model_io import ") == 1
+    assert (tmp_path / MODELLING_FILE).read_text() == ensemble_source.replace("\nfrom model_io import ",
+                                                                              "\nfrom .model_io import ")
+    assert (tmp_path / "model_io.py").read_text() == Path(model_io.__file__).read_text()
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == AUTO_MAP
+
+
+def test_the_saved_code_needs_only_torch_transformers_and_the_standard_library(tmp_path, tokenizer, members):
+    """transformers refuses a folder's code whose imports are not installed (dynamic_module_utils.check_imports):
+    an environment with just torch and transformers (no accelerate, which transformers does not require) loads it."""
+    ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path)
+    for name in (MODELLING_FILE, "model_io.py"):
+        assert set(get_imports(tmp_path / name)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, name
