@@ -13,6 +13,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCardData
 
 import config as config_lib
+import files
 import run_state
 
 CARD_FILE = "README.md"  # the name the Hub reads a model card from
@@ -57,10 +58,10 @@ def write_model_card(run_dir: Path) -> Path:
     records = [run_state.training_record(ensemble_dir / member) for member in ensemble_config["member_subfolders"]]
     card = model_card(config_lib.load_saved_config(run_dir / "config.yaml"), metric_rows, records,
                       ensemble_config.get("weights"), ensemble_dir.name)
-    with run_state.refuse_full_disk(ensemble_dir, len(card.encode()), "the model card",
+    with files.refuse_full_disk(ensemble_dir, len(card.encode()), "the model card",
                                     "the previous round's is kept: free some space, then continue the run with "
                                     "`python main.py --resume` and its run folder"):
-        run_state.write_atomically(ensemble_dir / CARD_FILE, card)
+        files.write_atomically(ensemble_dir / CARD_FILE, card)
     return ensemble_dir / CARD_FILE
 
 
