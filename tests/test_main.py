@@ -1123,9 +1123,9 @@ EARLY_STOPPING = ("--eval_steps", "1", "--early_stopping_patience", "2", "--earl
 
 
 def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(tiny_teacher_dir, tmp_path):
-    """An improvement must lower the held-out CE by more than 1 nat: the starting student is the first candidate and
-    no evaluation beats it so, so the round stops at step 2 (patience 2), and its member is the starting student,
-    scored as the log's step 1 says (step 1 trains at the warm-up's learning rate of 0, changing nothing)."""
+    """Patience counts only improvements of more than 1 nat here: none comes, so the round stops at step 2 (patience
+    2). Its member is still the lowest held-out CE evaluated: step 2's, lower than the start's (which step 1, at the
+    warm-up's learning rate of 0, leaves as it was), as the log's step 2 says."""
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, *EARLY_STOPPING, "--early_stopping_min_delta", "1")) == 0
     run_dir = only_run_dir(tmp_path)
     log = pd.read_csv(run_dir / "train_log.csv")
@@ -1133,7 +1133,7 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
     metrics = pd.read_csv(run_dir / "metrics.csv").set_index("model")
     for model in main.TRAINED_ROWS:
         assert (metrics.loc[model, "steps_run"], metrics.loc[model, "member_step"],
-                metrics.loc[model, "stop_reason"]) == (2, 0, "plateau")
+                metrics.loc[model, "stop_reason"]) == (2, 2, "plateau")
     config = main.config_lib.load_saved_config(run_dir / "config.yaml")
     tokenizer = main.utils.load_tokenizer(str(tiny_teacher_dir))
     data, _ = main.preprocess_dataset.prepare_for_run(config, tokenizer)
@@ -1142,7 +1142,8 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
     teacher = main.utils.load_causal_lm(str(tiny_teacher_dir))
     ce = main.evaluate({"member": [member]}, teacher, data["early_stop"], main.PaddingCollator(tokenizer.pad_token_id),
                        4, len(tokenizer))["member"]["ce"]
-    assert ce == pytest.approx(log["heldout_ce"].iloc[0], abs=2e-6) != pytest.approx(log["heldout_ce"].iloc[1])
+    assert ce == pytest.approx(log["heldout_ce"].iloc[1], abs=2e-6) != pytest.approx(log["heldout_ce"].iloc[0])
+    assert log["heldout_ce"].iloc[1] < log["heldout_ce"].iloc[0]
 
 
 def test_early_stopping_without_a_plateau_runs_to_the_cap(tiny_teacher_dir, tmp_path):
