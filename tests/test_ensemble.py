@@ -507,10 +507,11 @@ def test_members_on_one_device_run_one_after_another_unless_asked(tmp_path, toke
 # --- a saved folder loads without this project --------------------------------------------------------------------
 
 # Run by a Python that sees none of the project's files: -I leaves the script's folder, the working folder and
-# PYTHONPATH off sys.path (site-packages, with torch and transformers, stay). It loads the folder in its working
-# folder by the three lines docs/inference.md gives, and prints what it generated.
+# PYTHONPATH off sys.path (site-packages, with torch and transformers, stay); nor accelerate, which transformers does
+# not require. It loads the folder in its working folder as docs/configuration.md says, and prints what it generated.
 STANDALONE_LOAD = """
 import importlib.util, json, sys
+sys.modules["accelerate"] = None  # import accelerate now fails, and transformers finds it unavailable
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 prompt, new_tokens = sys.argv[1], int(sys.argv[2])
 project_modules = [name for name in ("ensemble", "model_io", "conftest") if importlib.util.find_spec(name)]
