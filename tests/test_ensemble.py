@@ -566,3 +566,17 @@ def test_the_saved_code_needs_only_torch_transformers_and_the_standard_library(t
     ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path)
     for name in (MODELLING_FILE, "model_io.py"):
         assert set(get_imports(tmp_path / name)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, name
+
+
+def test_loading_a_folders_code_beside_the_project_leaves_auto_config_answering_with_the_projects_class(tmp_path,
+                                                                                                       members):
+    ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path / "ensemble")
+    both = ("from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from ensemble import EnsembleConfig\n"
+            "AutoModelForCausalLM.from_pretrained('ensemble', trust_remote_code=True)\n"
+            "assert isinstance(AutoConfig.from_pretrained('ensemble'), EnsembleConfig)\n")
+    environment = {**os.environ, "PYTHONPATH": str(Path(ensemble_module.__file__).parent),
+                   "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", both], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
