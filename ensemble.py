@@ -24,6 +24,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedConfig,
                           PreTrainedModel)
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -134,8 +135,11 @@ class EnsembleConfig(PreTrainedConfig):
 
 # Known to AutoConfig, so that loaders reading any folder's config.json through it recognise an ensemble's: unknown,
 # AutoTokenizer.from_pretrained(ensemble folder) falls back to the bare PreTrainedConfig, whose model_type is "", and
-# warns "You are using a model of type `slm_ensemble` to instantiate a model of type ``".
-AutoConfig.register(EnsembleConfig.model_type, EnsembleConfig, exist_ok=True)
+# warns "You are using a model of type `slm_ensemble` to instantiate a model of type ``". The first class registered
+# keeps the name: a saved folder's copy of this module (MODELLING_FILE), loaded later with trust_remote_code, must not
+# take it from the project's own, whose code checks AutoConfig's answers with isinstance.
+if EnsembleConfig.model_type not in CONFIG_MAPPING:
+    AutoConfig.register(EnsembleConfig.model_type, EnsembleConfig)
 
 
 class NotAnEnsembleError(ValueError):

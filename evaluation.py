@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 
+from answer_text import shown_answer
 from ensemble import combine_logits
 from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
 from model_io import hidden_at, output_head
@@ -193,8 +194,8 @@ SAMPLE_PROMPTS = ("What is the capital of France?", "Give me three tips for a go
 @torch.no_grad()
 def sample_answers(models: dict, tokenizer, prompts, max_new_tokens: int) -> list[dict]:
     """Each named model's greedy answer to each prompt (a user turn in the tokenizer's chat template): rows of
-    model, prompt, answer and new_tokens. An answer that ends at once (end of turn first) is empty: its token
-    count tells it from a failure."""
+    model, prompt, answer and new_tokens. An answer with no text (whitespace, end of turn) says so and lists its
+    tokens (answer_text.shown_answer), rather than leaving an empty or blank cell."""
     rows = []
     for prompt in prompts:
         inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -204,8 +205,7 @@ def sample_answers(models: dict, tokenizer, prompts, max_new_tokens: int) -> lis
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
             new_tokens = output[0, inputs["input_ids"].shape[1]:]
-            rows.append({"model": name, "prompt": prompt, "answer": tokenizer.decode(new_tokens,
-                                                                                     skip_special_tokens=True).strip(),
+            rows.append({"model": name, "prompt": prompt, "answer": shown_answer(tokenizer, new_tokens).strip(),
                          "new_tokens": len(new_tokens)})
     return rows
 

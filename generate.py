@@ -10,7 +10,8 @@
 The ensemble decodes from its members' combined logits, each member keeping its own KV cache. A single model's folder
 (a member's, or any causal LM's) is loaded and answers alone. With --distributed (distributed_ensemble.py) every
 process holds a share of the members and decodes the same tokens; the first prints the answer, and at the end all
-check that they decoded the same text.
+check that they decoded the same text. An answer with no text (only whitespace and end-of-turn tokens) prints as a
+line that says so and lists its tokens, never as blank lines.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import distributed_ensemble
+from answer_text import shown_answer
 from ensemble import EnsembleConfig, NotAnEnsembleError
 
 
@@ -91,13 +93,34 @@ def main(argv=None) -> str:
     printing = processes is None or processes.rank == 0
     torch.manual_seed(args.seed)  # the same on every process: sampled tokens agree as greedy ones do
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if printing else None
+    streamer = StreamerHoldingBlanks(tokenizer, skip_prompt=True, skip_special_tokens=True) if printing else None
     output = model.generate(**prompt, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             streamer=streamer, **sampling)
     new_tokens = output[0, prompt["input_ids"].shape[1]:].tolist()
     if processes is not None:
         check_same_tokens(processes, new_tokens)
-    return tokenizer.decode(new_tokens, skip_special_tokens=True)
+    answer = shown_answer(tokenizer, new_tokens)
+    if printing and not streamer.showed_text:
+        print(answer)  # the streamer held back an answer without text: what it was instead
+    return answer
+
+
+class StreamerHoldingBlanks(TextStreamer):
+    """A TextStreamer that holds whitespace back until text follows it: an answer with no text streams nothing,
+    and its caller prints what the answer held instead (`showed_text` is False)."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.showed_text = False
+        self.held = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if not self.showed_text:
+            self.held += text
+            if not self.held.strip():
+                return
+            text, self.held, self.showed_text = self.held, "", True
+        super().on_finalized_text(text, stream_end)
 
 
 def check_same_tokens(processes, tokens: list[int]) -> None:

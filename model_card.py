@@ -74,7 +74,8 @@ def model_card(config: config_lib.Config, metric_rows: list[dict], training_reco
     sections = [f"# {title(config, len(training_records))}", what_it_is(config, rows, weights),
                 how_it_was_trained(config, rows, training_records), metrics_table(rows),
                 "## How to load it\n\nWith only `torch` and `transformers` installed (the folder holds its own "
-                "modelling code, `modeling_slm_ensemble.py`), from this folder or its Hub repository:\n\n"
+                f"modelling code, `modeling_slm_ensemble.py`), from the folder's parent (or with `{folder_name}` "
+                "replaced by the folder's path or Hub repository):\n\n"
                 + LOADING.replace("FOLDER", folder_name),
                 f"## The run's config\n\n```yaml\n{config_lib.config_yaml(config)}```"]
     return f"---\n{metadata(config, rows, len(training_records)).to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"

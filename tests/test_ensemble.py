@@ -507,10 +507,11 @@ def test_members_on_one_device_run_one_after_another_unless_asked(tmp_path, toke
 # --- a saved folder loads without this project --------------------------------------------------------------------
 
 # Run by a Python that sees none of the project's files: -I leaves the script's folder, the working folder and
-# PYTHONPATH off sys.path (site-packages, with torch and transformers, stay). It loads the folder in its working
-# folder by the three lines docs/inference.md gives, and prints what it generated.
+# PYTHONPATH off sys.path (site-packages, with torch and transformers, stay); nor accelerate, which transformers does
+# not require. It loads the folder in its working folder as docs/configuration.md says, and prints what it generated.
 STANDALONE_LOAD = """
 import importlib.util, json, sys
+sys.modules["accelerate"] = None  # import accelerate now fails, and transformers finds it unavailable
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 prompt, new_tokens = sys.argv[1], int(sys.argv[2])
 project_modules = [name for name in ("ensemble", "model_io", "conftest") if importlib.util.find_spec(name)]
@@ -565,3 +566,17 @@ def test_the_saved_code_needs_only_torch_transformers_and_the_standard_library(t
     ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path)
     for name in (MODELLING_FILE, "model_io.py"):
         assert set(get_imports(tmp_path / name)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, name
+
+
+def test_loading_a_folders_code_beside_the_project_leaves_auto_config_answering_with_the_projects_class(tmp_path,
+                                                                                                       members):
+    ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path / "ensemble")
+    both = ("from transformers import AutoConfig, AutoModelForCausalLM\n"
+            "from ensemble import EnsembleConfig\n"
+            "AutoModelForCausalLM.from_pretrained('ensemble', trust_remote_code=True)\n"
+            "assert isinstance(AutoConfig.from_pretrained('ensemble'), EnsembleConfig)\n")
+    environment = {**os.environ, "PYTHONPATH": str(Path(ensemble_module.__file__).parent),
+                   "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", both], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -11,6 +11,7 @@ import torch
 
 import distributed_ensemble
 import generate
+from answer_text import shown_answer
 from conftest import build_tokenizer, run_test_preset
 from ensemble import ModelEnsemble
 
@@ -29,7 +30,7 @@ def test_the_answer_is_streamed_and_is_the_ensembles_greedy_decode(run_dir, caps
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me the capital of France."}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     expected = ensemble.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert answer == tokenizer.decode(expected[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer == shown_answer(tokenizer, expected[0, prompt["input_ids"].shape[1]:])
 
 
 def test_one_member_answers_alone_and_a_missing_ensemble_is_explained(run_dir, tmp_path):

@@ -1,6 +1,11 @@
 """The model card of a run's ensemble: the Hub reads its metadata and held-out results back, and a resumed run that
 adds a round rewrites it."""
 
+import os
+import re
+import subprocess
+import sys
+
 import pandas as pd
 from conftest import run_test_preset
 from huggingface_hub import ModelCard
@@ -18,7 +23,8 @@ def test_a_run_writes_a_card_the_hub_reads_back_and_a_resume_that_adds_a_round_r
     assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
     assert card.data.base_model == str(tmp_path / "teacher")
     assert card.data.tags == ["distillation", "ensemble", "slm-ensembles"]
-    assert "`member_1/`" in card.text and 'trust_remote_code=True' in card.text
+    assert "`member_1/`" in card.text
+    assert_loading_lines_run(card.text, run_dir, tmp_path / "modules")
 
     assert main.main(["--resume", str(run_dir), "--total_rounds", "3"]) == 0
     assert_card_matches_the_run(card_path, run_dir, rounds=3)
@@ -33,6 +39,16 @@ def assert_card_matches_the_run(card_path, run_dir, rounds):
     assert len(ensemble) == rounds
     assert [f"ensemble of {size}" in result.metric_name
             for result, size in zip(card.data.eval_results, ensemble["ensemble_size"])] == [True] * rounds
+
+
+def assert_loading_lines_run(card_text, run_dir, modules_cache):
+    """The card's Python block runs as written beside the folder, in a Python that cannot import the project."""
+    (code,) = re.findall(r"```python\n(.*?)```", card_text, re.S)
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+                   "HF_MODULES_CACHE": str(modules_cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-I", "-c", code], cwd=run_dir, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
 
 
 def metric_rows():
