@@ -14,6 +14,7 @@ check that they decoded the same text.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextSt
 
 import distributed_ensemble
 from ensemble import EnsembleConfig, NotAnEnsembleError
+from processes import run_command
 
 
 class MemberError(ValueError):
@@ -111,4 +113,5 @@ def check_same_tokens(processes, tokens: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    distributed_ensemble.run_command(main, (FileNotFoundError, NotAnEnsembleError, MemberError))
+    sys.exit(run_command(main, refusals=(FileNotFoundError, NotAnEnsembleError, MemberError,
+                                         distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))
