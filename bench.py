@@ -40,6 +40,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+import embedded
 import teacher_cache
 import utils
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER, Config
@@ -112,8 +113,6 @@ def parse_args(argv=None):
 def bench_assets(num_chats: int):
     """A real chat tokenizer, real conversations and the real teacher's folder when the embedded packages are
     installed; else the test fixtures' tokenizer and chats, and no teacher folder."""
-    import embedded
-
     try:
         teacher_dir = embedded.resolve_teacher(EMBEDDED_TEACHER, ".cache")
         with open(embedded.resolve_dataset(EMBEDDED_DATASET, ".cache")) as f:

@@ -31,7 +31,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import SIZES
-from distributed_ensemble import top_k_bytes
+import distributed_ensemble
 from ensemble import ModelEnsemble
 
 EXCHANGE_K = 64  # the top-k exchange's default (score.py, generate.py)
@@ -120,8 +120,6 @@ def distributed_rows(folder: Path, options) -> list[dict]:
 
 def worker(options) -> None:
     """One process of the distributed measurement: its member, the others' over gloo (or NCCL)."""
-    import distributed_ensemble
-
     torch.set_num_threads(options.threads)
     processes = distributed_ensemble.start_processes(device=options.device)
     ensemble = distributed_ensemble.DistributedEnsemble.from_pretrained(options.worker, processes)
@@ -166,7 +164,7 @@ def main(argv=None) -> dict:
                    for b, r, one in zip(options.batch_sizes, model_rows, rows["one member"], strict=True)}
             for name, model_rows in rows.items()},
         "bytes_per_token_and_process": {"full row": 4 * options.vocab_size,
-                                        f"top-{EXCHANGE_K}": top_k_bytes(EXCHANGE_K, options.members)},
+                                        f"top-{EXCHANGE_K}": distributed_ensemble.top_k_bytes(EXCHANGE_K, options.members)},
     }
     print_table(results, options)
     if options.json:

@@ -36,9 +36,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,17 +45,13 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import files
-import utils
 from ensemble import WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, saved_ensemble_config
+from processes import LostProcessError
 
 EXCHANGES = ("full", "topk")
 INDEX_DTYPE = torch.int32  # top-k indices on the wire: vocabularies fit 31 bits
 FAULT_GRACE_S = 3.0  # how long the process holding the store keeps it after a collective failed
 PROGRESS_KEY = "slm_ensemble_progress/"
-
-
-class LostProcessError(RuntimeError):
-    """A process of the ensemble died or stalled: the others stopped, naming it."""
 
 
 class MismatchedEnsembleError(ValueError):
@@ -396,19 +391,3 @@ def placed_ensemble(folder: str | os.PathLike, args: argparse.Namespace, tokeniz
         return DistributedEnsemble.from_pretrained(folder, processes, args.exchange, args.exchange_k, **load_kwargs)
     device_map = args.member_devices.split(",") if args.member_devices else None
     return ModelEnsemble.from_pretrained(folder, device_map=device_map, concurrent=args.concurrent, **load_kwargs)
-
-
-def run_command(main: Callable, refusals: tuple[type[Exception], ...]) -> None:
-    """Run a script's `main` as generate.py and score.py do: a refusal (one of `refusals`, a launch or processes that
-    do not match) is one line and exit 2; a lost process is one line and exit 1, at once (leaving the process group
-    would wait for the lost peer); otherwise the process group, if any, is left cleanly."""
-    try:
-        main()
-    except LostProcessError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        os._exit(1)
-    except (*refusals, LaunchError, MismatchedEnsembleError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        utils.leave_process_group()  # every process refuses alike, so none waits for another here
-        sys.exit(2)
-    utils.leave_process_group()

@@ -15,6 +15,7 @@ line that says so and lists its tokens, never as blank lines.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextSt
 import distributed_ensemble
 from answer_text import shown_answer
 from ensemble import EnsembleConfig, NotAnEnsembleError
+from processes import run_command
 
 
 class MemberError(ValueError):
@@ -134,4 +136,5 @@ def check_same_tokens(processes, tokens: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    distributed_ensemble.run_command(main, (FileNotFoundError, NotAnEnsembleError, MemberError))
+    sys.exit(run_command(main, refusals=(FileNotFoundError, NotAnEnsembleError, MemberError,
+                                         distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))

@@ -56,9 +56,11 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+import embedded
 import run_state
-from ensemble import ModelEnsemble
+from ensemble import EnsembleConfig, ModelEnsemble
 from model_io import check_logits_at, cut_to_vocab, hidden_at, output_head
+from utils import frozen_dtype, load_causal_lm, load_tokenizer, select_device
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
@@ -608,8 +610,6 @@ def _local_path(value: str) -> str:
 
 def resolve_teacher_path(config: dict) -> str:
     """The folder (or hub name) of a run's teacher, converting the embedded one on first use."""
-    import embedded
-
     teacher = str(config["teacher"])
     cache_dir = _local_path(str(config.get("cache_dir", ".cache")))
     return _local_path(embedded.resolve_teacher(teacher, cache_dir))
@@ -623,9 +623,6 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
                member_devices: list[str] | None = None):
     """Yield (kind, path, model, tokenizer) for the run's models, each loaded only when its turn comes; the
     ensemble's members on `member_devices`, one each (they then run at once), when given."""
-    from ensemble import ModelEnsemble
-    from utils import load_causal_lm, load_tokenizer
-
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     trust = bool(config.get("trust_remote_code", False))
@@ -669,8 +666,6 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], include_path=DEFAULT_TAS
     import pandas as pd
 
     lm_eval = require_lm_eval()
-    from ensemble import EnsembleConfig
-    from utils import frozen_dtype, select_device
 
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:

@@ -49,6 +49,7 @@ import files
 import model_card
 import plot
 import preprocess_dataset
+import processes
 import run_state
 import students
 import teacher_cache
@@ -75,7 +76,7 @@ class Run:
     config: config_lib.Config
     round_config: config_lib.Config  # what each round's student is built and trained with (baselines differ)
     state: object  # accelerate's PartialState: this process, its device, the others
-    preemption: run_state.PreemptionSignal
+    preemption: processes.PreemptionSignal
     tokenizer: object
     teacher: torch.nn.Module
     evaluated_teacher: object  # what evaluation reads: the teacher, or its hidden states cached (CachedTeacher)
@@ -106,7 +107,7 @@ class Run:
 def main(argv=None) -> int:
     """Run or resume a distillation: 0 when done, EXIT_PREEMPTED when a signal stopped it (the same command then
     continues it). The preemption handler is in place from the first line, so a signal during setup is not lost."""
-    with run_state.PreemptionSignal() as preemption:
+    with processes.PreemptionSignal() as preemption:
         run = setup(parse_args(argv), preemption)
         if not isinstance(run, Run):
             return run  # an exit code: a dry run, or a signal during setup
@@ -114,12 +115,12 @@ def main(argv=None) -> int:
             student, untrained = new_student(run, round_index)
             student = trained_student(run, round_index, student)
             if student is None:
-                return run_state.EXIT_PREEMPTED  # checkpointed: the same command continues the round
+                return processes.EXIT_PREEMPTED  # checkpointed: the same command continues the round
             run = with_member(run, student)
             rows = evaluate_round(run, round_index, untrained)
             run = record_round(run, round_index, rows)
             if preemption.received_anywhere(run.device):
-                return run_state.EXIT_PREEMPTED
+                return processes.EXIT_PREEMPTED
         report(run)
     return 0
 
@@ -130,7 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return config_lib.parse_command_line(argv, __doc__)
 
 
-def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> Run | int:
+def setup(args: argparse.Namespace, preemption: processes.PreemptionSignal) -> Run | int:
     """Everything the rounds need, built once: config, processes, teacher and tokenizer, data, teacher caches, run
     folder (new or resumed), earlier members. Whatever can refuse the run (config, data, disk) does so before a run
     folder is created or touched. An exit code instead of a run for a dry run, --prepare_only or a signal during
@@ -150,7 +151,7 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
     if preempted_during_setup(preemption, state.device, "the rest of the setup"):
-        return run_state.EXIT_PREEMPTED
+        return processes.EXIT_PREEMPTED
     # Loaded at most once, and only where the rounds run it or a teacher cache is still to be built.
     load_whole_teacher = functools.cache(functools.partial(whole_teacher, config, teacher_path, tokenizer, state))
     teacher = rounds_teacher(config, teacher_path, tokenizer, state, load_whole_teacher)
@@ -159,14 +160,14 @@ def setup(args: argparse.Namespace, preemption: run_state.PreemptionSignal) -> R
         cache = teacher_cache.training_cache(config, load_whole_teacher, teacher.dtype, teacher_path, tokenizer,
                                              data["train"], collator, state, preemption)
     except teacher_cache.BuildPreempted as stopped:  # stopped between two pieces, which are kept for the next run
-        print(f"{stopped} (exit code {run_state.EXIT_PREEMPTED})")
-        return run_state.EXIT_PREEMPTED
+        print(f"{stopped} (exit code {processes.EXIT_PREEMPTED})")
+        return processes.EXIT_PREEMPTED
     evaluated_teacher = evaluation_teacher(config, teacher, load_whole_teacher, cache, data, collator, state)
     train_tokens = compute.TokenCount(*preprocess_dataset.token_totals(data["train"]))  # for the compute accounting
     round_config = round_settings(config, teacher, tokenizer, train_tokens, len(data["train"]), state.num_processes)
     check_disk_before_the_run_folder(config, resume_dir, round_config, teacher, tokenizer)
     if preempted_during_setup(preemption, state.device, "the run folder is written"):
-        return run_state.EXIT_PREEMPTED
+        return processes.EXIT_PREEMPTED
     folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, chosen_preset(args))
     print_plan(config, folder, counts, data)
     if state.is_main_process:
@@ -306,12 +307,12 @@ def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path
                                      tokenizer, config)
 
 
-def preempted_during_setup(preemption: run_state.PreemptionSignal, device, next_step: str) -> bool:
+def preempted_during_setup(preemption: processes.PreemptionSignal, device, next_step: str) -> bool:
     """Whether a signal has come (to any process) before `next_step`: the run then stops, nothing written."""
     if not preemption.received_anywhere(device):
         return False
     print(f"preempted during setup: stopping before {next_step}, with nothing written (exit code "
-          f"{run_state.EXIT_PREEMPTED}); run the same command again to continue")
+          f"{processes.EXIT_PREEMPTED}); run the same command again to continue")
     return True
 
 
@@ -455,7 +456,7 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module, s
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
                    meter,  # after the stopper, which may ask for the checkpoint the meter syncs before
                    CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
-                   run_state.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
+                   processes.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
                    run_state.CheckDiskBeforeSave(run.folder, run_state.checkpoint_bytes(student, run.tokenizer)),
                    run_state.RecordChecksums(),
                    *tracking.trainer_callbacks(run.config.report_to, run.folder, round_index,
@@ -601,18 +602,12 @@ def report(run: Run) -> None:
 
 
 def run_from_command_line() -> int:
-    """main() with the exit codes a launcher acts on: 0 done, 1 failed, 2 bad input, 75 preempted."""
-    try:
-        return main()
-    except (config_lib.ConfigError, preprocess_dataset.DataError, utils.TokenizerMismatchError,
-            embedded.MissingPackageError, teacher_cache.CacheMismatchError, files.DiskSpaceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2  # bad input: fix it and start again
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        utils.leave_process_group()
+    """main() with the exit codes a launcher acts on (processes.run_command): 0 done, 1 failed, 2 bad input,
+    75 preempted."""
+    return processes.run_command(main, refusals=(config_lib.ConfigError, preprocess_dataset.DataError,
+                                                 utils.TokenizerMismatchError, embedded.MissingPackageError,
+                                                 teacher_cache.CacheMismatchError, files.DiskSpaceError),
+                                 failures=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@
   bytes needed; the files written before it stay as they were.
 - SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption) ask the trainer to checkpoint at the
   next step boundary and stop (one during setup stops the run before it writes anything); the run then exits with
-  EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
+  processes.EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
 """
 
 import dataclasses
@@ -28,22 +28,20 @@ import functools
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, reduce
+from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
 import compute
 import config as config_lib
 import files
+import processes
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round
@@ -547,78 +545,7 @@ class CheckDiskBeforeSave(TrainerCallback):
                              f"space, then continue with `python main.py --resume {self.run_dir}`")
         except files.DiskSpaceError as short:
             error = short
-        if any_process(error is not None, args.device):  # processes stop together (see received_anywhere)
+        if processes.any_process(error is not None, args.device):  # processes stop together (see received_anywhere)
             raise error or files.DiskSpaceError(f"another process found too little free disk for the checkpoint of step "
                                           f"{state.global_step} in {self.run_dir}; see its message")
-        return control
-
-
-# --- signals ------------------------------------------------------------------------------------------------------
-
-def any_process(flag: bool, device) -> bool:
-    """Whether `flag` is true on any process; every process must call this at the same point. Called every step:
-    a single process answers at once, with no device tensor and no host sync."""
-    if not torch.distributed.is_initialized():
-        return flag
-    return reduce(torch.tensor(int(flag), device=device), reduction="sum").item() > 0
-
-
-class PreemptionSignal:
-    """Records SIGTERM/SIGUSR1; the training loop checkpoints and stops at the next step boundary.
-
-    The handler only sets a flag and writes one line straight to stderr's file descriptor, so a second signal
-    while a checkpoint is being written changes nothing. (print() from a handler can raise: the handler may run
-    while the main code is inside a write to the same buffered stdout.)
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self.previous_handlers: dict = {}
-
-    def install(self) -> "PreemptionSignal":
-        self.previous_handlers = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
-        return self
-
-    def __enter__(self) -> "PreemptionSignal":
-        return self.install()
-
-    def __exit__(self, *exc_info) -> None:
-        self.restore()
-
-    def restore(self) -> None:
-        """Put back the handlers that install() replaced (main() called in-process leaves none of its own)."""
-        for signum, handler in self.previous_handlers.items():
-            signal.signal(signum, handler)
-        self.previous_handlers = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            os.write(2, f"\nsignal {signal.Signals(signum).name}: checkpointing at the next step, then exiting with "
-                        f"code {EXIT_PREEMPTED} (resume with --resume)\n".encode())
-        self.received = signum
-
-    def received_anywhere(self, device) -> bool:
-        """Whether any process has received a signal; every process must call this at the same point.
-
-        Processes must stop together: one stopping at a step boundary while another trains on would leave the
-        other waiting for a gradient all-reduce that never comes. A process that learns of another's signal
-        counts it as its own.
-        """
-        if any_process(self.received is not None, device) and self.received is None:
-            self.received = signal.SIGUSR1
-        return self.received is not None
-
-
-class StopOnSignal(TrainerCallback):
-    """Turns a received preemption signal into a checkpoint and a stop at the end of the current step."""
-
-    def __init__(self, preemption: PreemptionSignal):
-        self.preemption = preemption
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.preemption.received_anywhere(args.device):
-            control.should_save = True
-            control.should_training_stop = True
         return control

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ import utils
 from ensemble import ModelEnsemble, NotAnEnsembleError
 from losses import next_token_targets, nll_sum, predictor_mask
 from model_io import PaddingCollator
+from processes import run_command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,4 +142,5 @@ def main(argv=None) -> Score:
 
 
 if __name__ == "__main__":
-    distributed_ensemble.run_command(main, (FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError))
+    sys.exit(run_command(main, refusals=(FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError,
+                                         distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))

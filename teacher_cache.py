@@ -77,7 +77,7 @@ from accelerate.utils import reduce
 
 import files
 import preprocess_dataset
-import run_state
+import processes
 import utils
 from losses import predictor_mask
 from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
@@ -359,7 +359,7 @@ def array_layout(settings: dict) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
 def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: float, vocab_size: int,
                 batch_size: int, collator, metadata: dict, rank: int = 0, world_size: int = 1,
                 value_dtype: str = "uint8", piece_examples: int = PIECE_EXAMPLES,
-                preemption: "run_state.PreemptionSignal | None" = None) -> Path:
+                preemption: "processes.PreemptionSignal | None" = None) -> Path:
     """Run the teacher (eval, no grad) over this rank's rows of `dataset` and write shard_{rank:05d}; return it.
 
     `metadata` holds the identity fields (see `cache_identity`); the cache's own settings (mode, k, temperature,
@@ -412,7 +412,7 @@ def build_cache(teacher, dataset, cache_dir, *, mode: str, k: int, temperature: 
 
 
 @contextlib.contextmanager
-def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", device):
+def _shard_lock(path: Path, preemption: "processes.PreemptionSignal | None", device):
     """Hold the lock file `path` while this process builds the shard it guards; while another process holds it (a
     run sharing the cache folder), wait. The processes of a job take their shards' locks together, all or none, so
     that they stay in step (every call here is collective) and two jobs never each hold half.
@@ -422,7 +422,7 @@ def _shard_lock(path: Path, preemption: "run_state.PreemptionSignal | None", dev
     waiting = False
     while True:
         fd = files.try_lock(path)
-        if not run_state.any_process(fd is None, device):
+        if not processes.any_process(fd is None, device):
             break
         if fd is not None:
             os.close(fd)
@@ -680,7 +680,7 @@ def cache_folder(root: Path, identity: dict, settings: dict) -> Path:
 
 
 def open_or_build(cache_dir, load_teacher, dataset, identity: dict, settings: dict, *, batch_size: int, collator,
-                  state, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache":
+                  state, preemption: "processes.PreemptionSignal | None" = None) -> "TeacherCache":
     """The cache in `cache_dir` of the teacher's outputs on `dataset` (the split as prepared, without example
     ids), whose identity is `identity` (cache_identity), in `settings` (cache_settings): opened when it is
     complete and built for them; otherwise built (or its build continued) by every process of `state` (one shard
@@ -707,7 +707,7 @@ def open_or_build(cache_dir, load_teacher, dataset, identity: dict, settings: di
 
 
 def training_cache(config, load_teacher, teacher_dtype: torch.dtype, teacher_path: str, tokenizer, split, collator,
-                   state, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache | None":
+                   state, preemption: "processes.PreemptionSignal | None" = None) -> "TeacherCache | None":
     """A run's cache of the teacher's outputs on its training split `split` in the config's teacher_mode (None for
     the online teacher), built once and shared by every round and every run with the same teacher, data and
     settings: in cache_dir/teacher_cache, or in the folder teacher_cache_dir names (one teacher_cache.py built in
@@ -734,7 +734,7 @@ def evaluation_caches(config, load_teacher, train_cache: "TeacherCache", splits:
 
 
 def _run_cache(config, load_teacher, identity: dict, vocab_size: int, split, collator, state, mode: str, root: str,
-               folder: str | None = None, preemption: "run_state.PreemptionSignal | None" = None) -> "TeacherCache":
+               folder: str | None = None, preemption: "processes.PreemptionSignal | None" = None) -> "TeacherCache":
     """The cache of `split` in `mode`: in `folder` when one is given, else in the folder of cache_dir/`root` that
     its identity and settings name."""
     settings = cache_settings(mode, vocab_size, config.cache_k, config.temperature, config.cache_value_dtype)
@@ -935,8 +935,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Open the cache the arguments describe, or build it (or continue its build): 0 once it is complete,
-    run_state.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
-    with run_state.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
+    processes.EXIT_PREEMPTED when a signal stopped the build (the same command then continues it)."""
+    with processes.PreemptionSignal() as preemption:  # first: a signal while the teacher loads is not lost
         args = parse_args(argv)
         state = utils.process_state()
         data, data_metadata = preprocess_dataset.load_dataset_dir(args.data_dir)
@@ -958,7 +958,7 @@ def main(argv=None) -> int:
                           preemption=preemption)
         except BuildPreempted as stopped:
             print(stopped)
-            return run_state.EXIT_PREEMPTED
+            return processes.EXIT_PREEMPTED
     if state.is_main_process:
         print(f"teacher cache ({args.mode}) of {len(dataset)} examples in {args.output_dir}: runs read it with "
               f"--teacher_cache_dir {args.output_dir}")
@@ -966,15 +966,9 @@ def main(argv=None) -> int:
 
 
 def run_from_command_line(argv=None) -> int:
-    """main() with the exit codes a launcher acts on, as main.py's: 0 done, 2 bad input (a cache built for other
-    settings, which is kept, or too little disk), 75 preempted."""
-    try:
-        return main(argv)
-    except (CacheMismatchError, files.DiskSpaceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        utils.leave_process_group()
+    """main() with the exit codes a launcher acts on, as main.py's (processes.run_command): 0 done, 2 bad input (a
+    cache built for other settings, which is kept, or too little disk), 75 preempted."""
+    return processes.run_command(lambda: main(argv), refusals=(CacheMismatchError, files.DiskSpaceError))
 
 
 if __name__ == "__main__":

@@ -63,13 +63,6 @@ def summed_over_processes(state):
     return total
 
 
-def leave_process_group() -> None:
-    """Destroy the process group, if any: a gloo group still alive at interpreter exit can abort a finished process
-    ("terminate called without an active exception")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype of frozen models (teacher, members): under auto, bf16 where the hardware computes it natively."""
     if name == "auto":

@@ -24,6 +24,7 @@ import score  # noqa: E402
 from conftest import load_chats  # noqa: E402
 from model_io import PaddingCollator  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
+from processes import run_command  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
@@ -99,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    distributed_ensemble.run_command(main, ())
+    sys.exit(run_command(main, refusals=(distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))

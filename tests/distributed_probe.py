@@ -30,10 +30,11 @@ from conftest import build_tiny_llama, build_tokenizer, load_chats  # noqa: E402
 from losses import LossSettings  # noqa: E402
 from model_io import PaddingCollator  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
-from run_state import PreemptionSignal, RecordChecksums, StopOnSignal  # noqa: E402
+from processes import PreemptionSignal, StopOnSignal, leave_process_group  # noqa: E402
+from run_state import RecordChecksums  # noqa: E402
 from teacher_cache import with_example_ids  # noqa: E402
 from train import DistillationTrainer  # noqa: E402
-from utils import leave_process_group, process_state  # noqa: E402
+from utils import process_state  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 NUM_EXAMPLES = 8

@@ -1,9 +1,12 @@
-"""Importing the project's modules has no side effects: no files, environment, logging, threads or signal handlers.
+"""Importing the project's modules has no side effects (no files, environment, logging, threads or signal handlers),
+and their imports keep to the layers drawn in docs/layout.md: no circle, no import hidden inside a function, none
+from a layer above.
 
 The third-party libraries the modules use are imported first (with their lazily imported parts) and the state is
 taken after them, so only what the project's own top-level code does is compared.
 """
 
+import ast
 import json
 import subprocess
 import sys
@@ -56,3 +59,76 @@ def test_importing_every_module_changes_nothing(tmp_path):
                 "warning_filters", "rng"):
         assert after[key] == before[key], key
     assert list(tmp_path.iterdir()) == []  # nothing written into the working folder
+
+
+# --- layers: what may import what ------------------------------------------------------------------------------------
+
+# The project's modules, bottom first (drawn in docs/layout.md). A module imports only from its own layer or those
+# below it, so that the ones at the bottom can be read, tested and changed without the scripts above them.
+LAYERS = {
+    "foundation": ["config", "files", "model_io", "compute", "processes"],
+    "parts": ["utils", "embedded", "preprocess_dataset", "students", "ensemble", "losses", "tracking", "answer_text"],
+    "state": ["run_state", "teacher_cache", "distributed_ensemble"],
+    "stages": ["evaluation", "train", "dry_run", "plot", "model_card"],
+    "commands": ["main", "study", "generate", "score", "bench", "bench_inference", "lm_eval_adapter"],
+}
+LAYER_OF = {module: depth for depth, modules in enumerate(LAYERS.values()) for module in modules}
+
+
+def project_imports(module: str) -> tuple[set[str], set[str]]:
+    """The project modules `module` imports at its top level, and those it imports inside a function."""
+    tree = ast.parse((REPOSITORY / f"{module}.py").read_text())
+    inside = {id(node) for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(function)}
+    top, deferred = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        found = {name.split(".")[0] for name in names} & set(MODULES)
+        (deferred if id(node) in inside else top).update(found)
+    return top, deferred
+
+
+def import_graph() -> dict[str, set[str]]:
+    return {module: set.union(*project_imports(module)) - {module} for module in MODULES}
+
+
+def test_every_module_has_a_layer():
+    assert sorted(LAYER_OF) == MODULES, "place each module in one layer of LAYERS (and in docs/layout.md)"
+
+
+def test_no_module_imports_a_project_module_inside_a_function():
+    """An import inside a function hides an arrow of the graph (often one that would close a circle); third-party
+    imports there (lm_eval, optional) are fine."""
+    deferred = {module: sorted(project_imports(module)[1]) for module in MODULES}
+    assert not {module: names for module, names in deferred.items() if names}
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    names = list(LAYERS)
+    upward = [f"{module} ({names[LAYER_OF[module]]}) imports {imported} ({names[LAYER_OF[imported]]})"
+              for module, imports in import_graph().items() for imported in sorted(imports)
+              if LAYER_OF[imported] > LAYER_OF[module]]
+    assert not upward
+
+
+def test_the_import_graph_has_no_circle():
+    graph, finished, path = import_graph(), set(), []
+
+    def visit(module):  # depth first: a module met again while on the path closes a circle
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join([*path[path.index(module):], module]))
+        if module in finished:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        finished.add(module)
+
+    for module in MODULES:
+        visit(module)

@@ -21,6 +21,7 @@ import yaml
 
 import files
 import main
+import processes
 import run_state
 import train
 import utils
@@ -441,7 +442,7 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes(tiny_teacher_dir, tmp
     wait_for(process, lambda: train_log_rows(tmp_path) >= 2)
     process.send_signal(signal.SIGTERM)
     process.send_signal(signal.SIGUSR1)  # a second signal at once changes nothing
-    assert process.wait(timeout=300) == run_state.EXIT_PREEMPTED
+    assert process.wait(timeout=300) == processes.EXIT_PREEMPTED
     (run_dir,) = run_dirs(tmp_path)
     assert run_state.latest_complete_checkpoint(run_dir / "checkpoints" / "round_0") is not None
     assert json.loads((run_dir / "manifest.json").read_text())["rounds"] == {"0": "training", "1": "pending"}
@@ -455,7 +456,7 @@ def test_signals_while_the_stop_checkpoint_is_written_change_nothing(tiny_teache
     optimizer written, RNG state and trainer state not yet). In-process, so the second signals land exactly there."""
     events = []
 
-    class SignalAtStep2(run_state.StopOnSignal):
+    class SignalAtStep2(processes.StopOnSignal):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2 and not events:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -476,7 +477,7 @@ def test_signals_while_the_stop_checkpoint_is_written_change_nothing(tiny_teache
     with monkeypatch.context() as patch:
         patch.setattr(main.run_state, "StopOnSignal", SignalAtStep2)
         patch.setattr(main, "DistillationTrainer", SignalAgainWhileSaving)
-        assert main.main(cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)) == run_state.EXIT_PREEMPTED
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)) == processes.EXIT_PREEMPTED
     assert events == ["SIGTERM", "SIGUSR1 and SIGTERM while writing checkpoint-2"]
     run_dir = only_run_dir(tmp_path)
     checkpoints = sorted((run_dir / "checkpoints" / "round_0").glob("checkpoint-*"))
@@ -563,7 +564,7 @@ def test_resume_refuses_lost_metric_rows_of_a_run_older_than_the_journal(tmp_pat
         main.main(["--resume", str(run_dir)])
 
 
-class StopAtStep(run_state.StopOnSignal):
+class StopAtStep(processes.StopOnSignal):
     """A preemption signal (as the handler records it) at the end of global step `step`."""
 
     step = 0
@@ -646,7 +647,7 @@ def test_a_signal_during_setup_stops_before_anything_is_written(tiny_teacher_dir
     try:
         for command in (cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1"),
                         ["--resume", str(run_dir), "--total_rounds", "2"]):
-            assert main.main(command) == run_state.EXIT_PREEMPTED
+            assert main.main(command) == processes.EXIT_PREEMPTED
             assert "preempted during setup" in capsys.readouterr().out
             assert signal.getsignal(signal.SIGTERM) is test_handler
     finally:
@@ -747,7 +748,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_by_name_and_the_round_resume
     """Checkpoint-2's weights overwritten with other bytes of the same size would load without a word (wrong)."""
     with monkeypatch.context() as patch:
         patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
-        assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == run_state.EXIT_PREEMPTED
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == processes.EXIT_PREEMPTED
     run_dir = only_run_dir(tmp_path)
     weights = run_dir / "checkpoints" / "round_0" / "checkpoint-2" / "model.safetensors"
     intact = weights.read_bytes()
@@ -1161,7 +1162,7 @@ def test_a_round_resumed_mid_way_keeps_its_early_stopping_state(tiny_teacher_dir
     whole = final_metrics(tmp_path / "whole")
     with monkeypatch.context() as patch:
         patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
-        assert main.main(cli_args(tiny_teacher_dir, tmp_path / "resumed", *settings)) == run_state.EXIT_PREEMPTED
+        assert main.main(cli_args(tiny_teacher_dir, tmp_path / "resumed", *settings)) == processes.EXIT_PREEMPTED
     run_dir = only_run_dir(tmp_path / "resumed")
     assert train.resumed_state(run_dir / "checkpoints" / "round_0" / "checkpoint-2")["bad_evaluations"] == 2
     assert main.main(["--resume", str(run_dir)]) == 0

@@ -13,6 +13,7 @@ import pytest
 from conftest import DATA_DIR, build_tokenizer
 
 import preprocess_dataset
+import processes
 from config import build_config
 from preprocess_dataset import (
     DataError,
@@ -702,7 +703,6 @@ def test_prepare_only_writes_the_data_a_following_run_reads_without_tokenizing_a
                                                                                      counted_builds, monkeypatch,
                                                                                      capsys):
     import main
-    import run_state
     import utils
 
     run_yaml = tmp_path / "run.yaml"
@@ -723,7 +723,7 @@ def test_prepare_only_writes_the_data_a_following_run_reads_without_tokenizing_a
     assert folder.parent == tmp_path / "cache" / "datasets" and "conversations loaded" in printed
     assert len(counted_builds) == 1 and not (tmp_path / "runs").exists()  # prepared the data, started no run
 
-    with run_state.PreemptionSignal() as preemption:
+    with processes.PreemptionSignal() as preemption:
         run = main.setup(main.parse_args(arguments), preemption)
     assert len(counted_builds) == 1  # the run found the prepared data: nothing was tokenized again
     assert run.data["test"]["input_ids"] == prepared["test"]["input_ids"]

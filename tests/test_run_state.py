@@ -13,6 +13,7 @@ import torch
 
 import config as config_lib
 import files
+import processes
 import run_state
 from conftest import accelerate_launch, free_disk
 
@@ -219,10 +220,10 @@ def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch)
 
 
 def test_a_preemption_signal_stops_training_at_the_step_boundary():
-    preemption = run_state.PreemptionSignal()
+    preemption = processes.PreemptionSignal()
     try:
         preemption.install()
-        callback = run_state.StopOnSignal(preemption)
+        callback = processes.StopOnSignal(preemption)
         control = type("Control", (), {"should_save": False, "should_training_stop": False})()
         args = type("Args", (), {"device": torch.device("cpu")})()
         callback.on_step_end(args, None, control)
@@ -247,7 +248,7 @@ def test_the_signal_handler_writes_without_print_and_main_gets_its_handlers_back
 
     previous = signal.signal(signal.SIGUSR1, test_handler)
     try:
-        preemption = run_state.PreemptionSignal().install()
+        preemption = processes.PreemptionSignal().install()
         monkeypatch.setattr("builtins.print", no_print)
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # reported once
@@ -258,7 +259,7 @@ def test_the_signal_handler_writes_without_print_and_main_gets_its_handlers_back
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert capfd.readouterr().err.count(f"signal SIGUSR1: checkpointing at the next step, then exiting with code "
-                                        f"{run_state.EXIT_PREEMPTED}") == 1
+                                        f"{processes.EXIT_PREEMPTED}") == 1
 
 
 def test_saving_a_member_leaves_a_complete_folder_only(tmp_path, tokenizer, tiny_llama):

@@ -22,7 +22,7 @@ import config as config_lib
 import files
 import main
 import preprocess_dataset
-import run_state
+import processes
 import teacher_cache
 import utils
 from conftest import DATA_DIR, build_tiny_llama
@@ -744,7 +744,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
 
     with monkeypatch.context() as patch:
         patch.setattr(teacher_cache, "hidden_at", signal_in_the_second_piece)
-        assert teacher_cache.run_from_command_line(command) == run_state.EXIT_PREEMPTED
+        assert teacher_cache.run_from_command_line(command) == processes.EXIT_PREEMPTED
     assert len(teacher_calls) == 4 and pieces_done(cache_dir) == 2  # the second piece finished, the third not begun
     assert "preempted with 2 of 4 pieces of shard_00000 built, which are kept" in capsys.readouterr().out
     assert not (cache_dir / "metadata.json").exists()
@@ -764,7 +764,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
 
     with monkeypatch.context() as patch:
         patch.setattr(teacher_cache.files, "try_lock", signal_while_waiting)
-        assert teacher_cache.run_from_command_line(command) == run_state.EXIT_PREEMPTED
+        assert teacher_cache.run_from_command_line(command) == processes.EXIT_PREEMPTED
     os.close(live_build)  # that build ends
     assert f"{cache_dir}: preempted while waiting for another build of this cache" in capsys.readouterr().out
     assert len(teacher_calls) == 4 and files_in(cache_dir / ".shard_00000.partial") == kept
@@ -815,7 +815,7 @@ def test_a_preemption_while_main_builds_the_cache_exits_75_before_the_run_folder
     monkeypatch.setattr(teacher_cache, "hidden_at", signal_in_the_first_piece)
     assert main.main(["--preset", "test", "--teacher", str(tiny_teacher_dir), "--dataset",
                       str(DATA_DIR / "chats.jsonl"), "--output_root", str(tmp_path / "runs"), "--cache_dir",
-                      str(tmp_path / "cache"), "--teacher_mode", "topk"]) == run_state.EXIT_PREEMPTED
+                      str(tmp_path / "cache"), "--teacher_mode", "topk"]) == processes.EXIT_PREEMPTED
     assert "preempted with 1 of 11 pieces of shard_00000 built" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
     (cache_dir,) = (tmp_path / "cache" / "teacher_cache").iterdir()
