@@ -1,11 +1,11 @@
-"""How a command's processes start and stop: preemption signals, exit codes, and the one wrapper every command line
-runs its main through, which turns the project's errors into the exit code a launcher acts on.
+"""How a command's processes stop: preemption signals, exit codes, and the one wrapper every command line runs its
+main through, which turns the project's errors into the exit code a launcher acts on.
 
 - SIGTERM and SIGUSR1 (what SLURM sends before a time limit or a preemption) are recorded (PreemptionSignal), and a
   training stops at the next step boundary on every process at once (StopOnSignal); the command then exits with
   EXIT_PREEMPTED.
-- Exit codes: 0 done, 1 failed (run again only after a look), 2 bad input (fix it, then run again), 75 preempted (run
-  the same command again: it continues).
+- Exit codes: 0 done, 1 failed, 2 bad input (fix it, then run again), 75 preempted (run the same command again: it
+  continues).
 """
 
 import os

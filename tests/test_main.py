@@ -475,7 +475,7 @@ def test_signals_while_the_stop_checkpoint_is_written_change_nothing(tiny_teache
             super()._save_rng_state(output_dir)
 
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", SignalAtStep2)
+        patch.setattr(main.processes, "StopOnSignal", SignalAtStep2)
         patch.setattr(main, "DistillationTrainer", SignalAgainWhileSaving)
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, *RESUMABLE)) == processes.EXIT_PREEMPTED
     assert events == ["SIGTERM", "SIGUSR1 and SIGTERM while writing checkpoint-2"]
@@ -591,7 +591,7 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
         return main.config_lib.load_saved_config(run_dir / "config.yaml")
 
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
+        patch.setattr(main.processes, "StopOnSignal", stop_at_step(2))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--seed", "7", "--trust_remote_code", "true")) == 75
     run_dir = only_run_dir(tmp_path)
     assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "seed": 7, "data_seed": 0,
@@ -607,7 +607,7 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
 
     monkeypatch.setattr(main.utils, "load_causal_lm", recording_load)
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(1))  # round 1's first step (round 0 resumes at 2)
+        patch.setattr(main.processes, "StopOnSignal", stop_at_step(1))  # round 1's first step (round 0 resumes at 2)
         assert main.main(["--resume", str(run_dir), "--total_rounds", "3"]) == 75
     assert saved_config().total_rounds == 3
     assert manifest()["config_fingerprint"] == saved_config().fingerprint()
@@ -747,7 +747,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_by_name_and_the_round_resume
         tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     """Checkpoint-2's weights overwritten with other bytes of the same size would load without a word (wrong)."""
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
+        patch.setattr(main.processes, "StopOnSignal", stop_at_step(2))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--total_rounds", "1")) == processes.EXIT_PREEMPTED
     run_dir = only_run_dir(tmp_path)
     weights = run_dir / "checkpoints" / "round_0" / "checkpoint-2" / "model.safetensors"
@@ -1112,7 +1112,7 @@ def test_a_preempted_single_model_baseline_resumes_to_its_full_step_count(tiny_t
     """single_matched trains total_rounds x steps_per_round steps: a checkpoint at step steps_per_round is not
     the end of its round."""
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(3))
+        patch.setattr(main.processes, "StopOnSignal", stop_at_step(3))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path, "--baseline", "single_matched")) == 75
     run_dir = only_run_dir(tmp_path)
     assert main.main(["--resume", str(run_dir)]) == 0
@@ -1161,7 +1161,7 @@ def test_a_round_resumed_mid_way_keeps_its_early_stopping_state(tiny_teacher_dir
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "whole", *settings)) == 0
     whole = final_metrics(tmp_path / "whole")
     with monkeypatch.context() as patch:
-        patch.setattr(main.run_state, "StopOnSignal", stop_at_step(2))
+        patch.setattr(main.processes, "StopOnSignal", stop_at_step(2))
         assert main.main(cli_args(tiny_teacher_dir, tmp_path / "resumed", *settings)) == processes.EXIT_PREEMPTED
     run_dir = only_run_dir(tmp_path / "resumed")
     assert train.resumed_state(run_dir / "checkpoints" / "round_0" / "checkpoint-2")["bad_evaluations"] == 2
