@@ -1042,18 +1042,23 @@ def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensem
         if chosen is None:
             return None
         multiplier, bound = curve.multiplier(float(ensemble.ce), budget)
-        # The same, of the students' compute alone: the build both sides pay taken off both spends.
         fixed = curve.fixed_flops if curve.fixed_flops < budget else 0.0
-        students = (lambda ratio: (ratio * budget - fixed) / (budget - fixed))
         return dict(single_ce=float(chosen["test_ce"]), single_flops=float(chosen["train_flops"]),
                     single_from="final point (no curve)" if curve.from_metrics else "early-stopping curve",
-                    multiplier=multiplier, multiplier_bound=bound, students_multiplier=students(multiplier),
-                    students_multiplier_bound=students(bound))
+                    multiplier=multiplier, multiplier_bound=bound,
+                    students_multiplier=without_fixed(multiplier, budget, fixed),
+                    students_multiplier_bound=without_fixed(bound, budget, fixed))
     found = single_at(obs[(obs["series"] == single) & (obs["seed"] == ensemble.seed)], axis,
                       float(getattr(ensemble, axis)))
     return None if found is None else dict(single_ce=found[0], single_flops=math.nan, single_from=found[1],
                                            multiplier=math.nan, multiplier_bound=math.nan,
                                            students_multiplier=math.nan, students_multiplier_bound=math.nan)
+
+
+def without_fixed(ratio: float, budget: float, fixed: float) -> float:
+    """A multiplier of the whole spend (F' / F, F = `budget`) as one of the students' compute alone:
+    (F' - fixed) / (F - fixed), the one-off cost both sides pay alike taken off both spends."""
+    return (ratio * budget - fixed) / (budget - fixed)
 
 
 def pairs_table(obs: pd.DataFrame, curves: dict, axes) -> tuple[pd.DataFrame, list[str]]:
