@@ -71,7 +71,7 @@ class Config:
     teacher_mode: str = "online"  # online (run the teacher every step) | topk | hidden (cached once, for every round)
     cache_k: int = 64  # teacher_mode=topk: log-probabilities kept per position (plus one tail bucket)
     cache_value_dtype: str = "uint8"  # teacher_mode=topk: uint8 (196 B/token at k=64) | float16 (258 B/token)
-    teacher_cache_dir: str | None = None  # the training cache's folder (teacher_cache.py --output_dir); None: cache_dir
+    teacher_cache_dir: str | None = None  # the training cache's folder (build_teacher_cache.py --output_dir); None: cache_dir
 
     # --- rounds -------------------------------------------------------------------------------------------------
     total_rounds: int = 3  # students trained, one per round; the ensemble ends with this many members
@@ -281,7 +281,7 @@ PRESETS: dict[str, dict] = {
         # entry in the last round (7 members, top-k teacher; measured on CPU under bf16 autocast), so a chunk of 1,024
         # x 151,936 holds ~5 GB, 6% of an 80 GB GPU (less compiled). Its head products then have 1,024 rows, enough to
         # fill a GPU; the fixed cost per chunk (writing and adding a 0.5 GB fp32 head gradient, ~1 ms) comes at most
-        # 8 times per 8 x 1,024-token micro-batch, a few % of its step. `python bench.py` on the GPU sweeps the size.
+        # 8 times per 8 x 1,024-token micro-batch, a few % of its step. `python -m benchmarks.bench` on the GPU sweeps the size.
         loss_chunk_size=1024,
         dtype="bfloat16",
         device="cuda",

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-import distributed_ensemble
-from answer_text import shown_answer
 from ensemble import EnsembleConfig, NotAnEnsembleError
-from processes import run_command
+from slm_ensembles import distributed_ensemble
+from slm_ensembles.answer_text import shown_answer
+from slm_ensembles.processes import run_command
 
 
 class MemberError(ValueError):

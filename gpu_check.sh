@@ -12,11 +12,11 @@
 # .gpu_check/, which travels with the project; the check installs the wheels over that Python's own torch.
 #
 # 1. the CUDA-only tests (pytest -m cuda)                                  -> results/gpu_tests.json
-# 2. bench.py at GPU sizes: Qwen2.5-1.5B- and 0.5B-shaped random-weight models at Qwen's vocabulary (no download),
+# 2. benchmarks/bench.py at GPU sizes: Qwen2.5-1.5B- and 0.5B-shaped random-weight models at Qwen's vocabulary (no download),
 #    the compiled loss, the best loss_chunk_size on this GPU                -> results/gpu_bench.json
 # 3. a paper-shaped run: a random 1.5B-shaped teacher through the top-k cache, 0.5B-shaped students, bf16, the
 #    compiled loss, gradient checkpointing, batch 8 x 1024 tokens, 2 rounds of a few steps -> results/gpu_run.json
-# 4. bench_inference.py: 2 Qwen2.5-0.5B-shaped members decoding, one after another and at once (on one GPU: the
+# 4. benchmarks/bench_inference.py: 2 Qwen2.5-0.5B-shaped members decoding, one after another and at once (on one GPU: the
 #    process per member needs a GPU each)                                  -> results/gpu_bench_inference.json
 set -uo pipefail
 cd "$(dirname "$0")" || exit 1
@@ -80,11 +80,11 @@ json.dump({**counts, "seconds": float(suite.get("time", 0))}, open(sys.argv[2], 
 print(counts)
 EOF
 
-echo "== 2/4 bench.py at ${SIZE} sizes"
-python bench.py "${BENCH[@]}" --json "$OUT/gpu_bench.json" || failed+=(bench)
+echo "== 2/4 benchmarks/bench.py at ${SIZE} sizes"
+python -m benchmarks.bench "${BENCH[@]}" --json "$OUT/gpu_bench.json" || failed+=(bench)
 
 echo "== 3/4 a paper-shaped run"
-python bench.py --save_random_teacher "$WORK/teacher" --teacher_size "${TEACHER[0]}" --vocab_size "${TEACHER[1]}" \
+python -m benchmarks.bench --save_random_teacher "$WORK/teacher" --teacher_size "${TEACHER[0]}" --vocab_size "${TEACHER[1]}" \
   || failed+=(teacher)
 start=$(date +%s)
 python main.py --teacher "$WORK/teacher" --student_init random --teacher_mode topk --gradient_checkpointing true \
@@ -108,7 +108,7 @@ print(json.dumps(report, indent=2))
 EOF
 
 echo "== 4/4 inference: members one after another and at once"
-python bench_inference.py "${INFERENCE[@]}" --json "$OUT/gpu_bench_inference.json" || failed+=(inference)
+python -m benchmarks.bench_inference "${INFERENCE[@]}" --json "$OUT/gpu_bench_inference.json" || failed+=(inference)
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: failed steps: ${failed[*]} (figures so far in $OUT/gpu_*.json)" >&2

@@ -56,11 +56,10 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-import embedded
-import run_state
 from ensemble import EnsembleConfig, ModelEnsemble
 from model_io import check_logits_at, cut_to_vocab, hidden_at, output_head
 from utils import frozen_dtype, load_causal_lm, load_tokenizer, select_device
+from slm_ensembles import embedded, run_state
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"

@@ -41,26 +41,18 @@ import pandas as pd
 import torch
 from transformers import AutoConfig
 
-import compute
 import config as config_lib
-import dry_run
-import embedded
-import files
-import model_card
+from ensemble import WEIGHTED_MODES, ModelEnsemble, weights_with_new_member
+from model_io import PaddingCollator, check_logits_at
 import plot
 import preprocess_dataset
-import processes
-import run_state
-import students
-import teacher_cache
-import tracking
-import utils
-from ensemble import WEIGHTED_MODES, ModelEnsemble, weights_with_new_member
-from evaluation import SAMPLE_PROMPTS, evaluate, evaluation_teacher, new_member_weight, sample_answers
-from losses import LossSettings
-from model_io import PaddingCollator, check_logits_at
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
                    SpendMeter, resumed_state, round_schedule, training_arguments)
+import utils
+from slm_ensembles import (compute, dry_run, embedded, files, model_card, processes, run_state, students,
+                           teacher_cache, tracking)
+from slm_ensembles.evaluation import SAMPLE_PROMPTS, evaluate, evaluation_teacher, new_member_weight, sample_answers
+from slm_ensembles.losses import LossSettings
 
 TRAINING_COLUMNS = ("steps_run", "member_step", "stop_reason")  # from a member's training record
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",

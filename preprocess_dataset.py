@@ -31,8 +31,8 @@ from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer
 
 from model_io import IGNORE_INDEX
-import embedded
-from files import looks_like_local_path, publish_folder, remove_dead_staging, staging
+from slm_ensembles import embedded
+from slm_ensembles.files import looks_like_local_path, publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
 

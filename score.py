@@ -23,16 +23,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import config as config_lib
-import distributed_ensemble
-import embedded
-import files
-import preprocess_dataset
-import run_state
-import utils
 from ensemble import ModelEnsemble, NotAnEnsembleError
-from losses import next_token_targets, nll_sum, predictor_mask
 from model_io import PaddingCollator
-from processes import run_command
+import preprocess_dataset
+import utils
+from slm_ensembles import distributed_ensemble, embedded, files, run_state
+from slm_ensembles.losses import next_token_targets, nll_sum, predictor_mask
+from slm_ensembles.processes import run_command
 
 
 @dataclasses.dataclass(frozen=True)

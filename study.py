@@ -53,12 +53,9 @@ from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
 from transformers import AutoConfig, AutoTokenizer
 
-import compute
 import config as config_lib
-import embedded
 import plot
-import students
-
+from slm_ensembles import compute, embedded, students
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / "main.py"
 KINDS = ("ensemble", "single")

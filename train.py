@@ -18,13 +18,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from trl import SFTConfig, SFTTrainer
 
-import files
-import run_state
-from compute import TokenCount
-from losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
-                    hybrid_loss_terms, next_token_targets, predictor_mask)
 from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
-from tracking import trainer_report_to
+from slm_ensembles import files, run_state
+from slm_ensembles.compute import TokenCount
+from slm_ensembles.losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums,
+                                  compile_loss_terms, hybrid_loss_terms, next_token_targets, predictor_mask)
+from slm_ensembles.tracking import trainer_report_to
 
 
 def gradients_are_finite(gradients: list[torch.Tensor]) -> bool:

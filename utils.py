@@ -11,8 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from config import Config, ConfigError
-import files
 from model_io import OutputHeadOnly
+from slm_ensembles import files
 
 
 class TokenizerMismatchError(ValueError):

@@ -155,7 +155,7 @@ def embedded_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_teacher_dir(embedded_cache):
-    import embedded
+    from slm_ensembles import embedded
     from config import EMBEDDED_TEACHER
 
     return Path(embedded.resolve_teacher(EMBEDDED_TEACHER, embedded_cache))

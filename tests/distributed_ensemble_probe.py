@@ -19,12 +19,12 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, when run as a script
 
-import distributed_ensemble  # noqa: E402
-import score  # noqa: E402
+from slm_ensembles import distributed_ensemble  # noqa: E402
 from conftest import load_chats  # noqa: E402
 from model_io import PaddingCollator  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
-from processes import run_command  # noqa: E402
+import score  # noqa: E402
+from slm_ensembles.processes import run_command  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]

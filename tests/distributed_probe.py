@@ -24,17 +24,17 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, when run as a script
 
-import teacher_cache  # noqa: E402
+from slm_ensembles import teacher_cache  # noqa: E402
 from config import build_config  # noqa: E402
 from conftest import build_tiny_llama, build_tokenizer, load_chats  # noqa: E402
-from losses import LossSettings  # noqa: E402
 from model_io import PaddingCollator  # noqa: E402
 from preprocess_dataset import tokenize_conversation  # noqa: E402
-from processes import PreemptionSignal, StopOnSignal, leave_process_group  # noqa: E402
-from run_state import RecordChecksums  # noqa: E402
-from teacher_cache import with_example_ids  # noqa: E402
 from train import DistillationTrainer  # noqa: E402
 from utils import process_state  # noqa: E402
+from slm_ensembles.losses import LossSettings  # noqa: E402
+from slm_ensembles.processes import PreemptionSignal, StopOnSignal, leave_process_group  # noqa: E402
+from slm_ensembles.run_state import RecordChecksums  # noqa: E402
+from slm_ensembles.teacher_cache import with_example_ids  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
 NUM_EXAMPLES = 8

@@ -41,8 +41,10 @@ NEEDS_RUN = "needs a run folder"
 
 # Scripts with a command line: the module whose parse_args parses it.
 SCRIPTS = {name: name.removesuffix(".py") for name in (
-    "main.py", "generate.py", "plot.py", "bench.py", "preprocess_dataset.py", "teacher_cache.py",
-    "lm_eval_adapter.py", "study.py", "score.py", "bench_inference.py")}
+    "main.py", "generate.py", "plot.py", "preprocess_dataset.py", "build_teacher_cache.py", "lm_eval_adapter.py",
+    "study.py", "score.py")}
+# Side tools run as modules from the repository's root (`python -m benchmarks.bench`): the module is its own key.
+SCRIPTS |= {module: module for module in ("benchmarks.bench", "benchmarks.bench_inference")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
 SHELL_PROGRAMS = {"cd", "mkdir", "ls", "head", "tail", ".", "source", "export", "cat", "echo"}  # harmless
@@ -223,7 +225,10 @@ class Check:
         if re.fullmatch(r"[A-Z_]+=\S*", program) and arguments:  # an environment setting for the command after it
             self.command(arguments)
         elif program in ("python", "python3"):
-            if arguments[:1] == ["-m"]:
+            if arguments[:1] == ["-m"] and arguments[1] in SCRIPTS:
+                self.known_flags(arguments[2:], script_options(arguments[1]), arguments[1])
+                self.parses.append((arguments[1], arguments[2:]))
+            elif arguments[:1] == ["-m"]:
                 if arguments[1] not in PYTHON_MODULES:
                     self.problems.append(f"python -m {arguments[1]}: not a module the docs may run")
             elif arguments and arguments[0].endswith(".py"):
@@ -493,7 +498,8 @@ def test_metric_columns_are_documented():
 
 def test_layout_names_every_file():
     layout = (ROOT / "docs" / "layout.md").read_text()
-    files = sorted(path.name for pattern in ("*.py", "*.sh") for path in ROOT.glob(pattern))
+    files = sorted(str(path.relative_to(ROOT)) for pattern in ("*.py", "*.sh", "slm_ensembles/*.py", "benchmarks/*.py")
+                   for path in ROOT.glob(pattern) if path.name != "__init__.py")
     assert not [name for name in files if f"`{name}`" not in layout], "docs/layout.md misses files"
 
 

@@ -20,9 +20,9 @@ from transformers.dynamic_module_utils import get_imports
 from transformers.generation.streamers import BaseStreamer
 
 import ensemble as ensemble_module
-import model_io
 from ensemble import (AUTO_MAP, MODELLING_FILE, EnsembleCache, EnsembleConfig, ModelEnsemble, NotAnEnsembleError,
                       combine_logits, training_mixture_weights, weights_with_new_member)
+import model_io
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed_ensemble
-import generate
-from answer_text import shown_answer
 from conftest import build_tokenizer, run_test_preset
 from ensemble import ModelEnsemble
+import generate
+from slm_ensembles import distributed_ensemble
+from slm_ensembles.answer_text import shown_answer
 
 
 @pytest.fixture(scope="module")

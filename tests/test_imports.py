@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-MODULES = sorted(path.stem for path in REPOSITORY.glob("*.py"))
+PACKAGES = ("slm_ensembles", "benchmarks")  # the machinery; the side tools
+MODULES = sorted([path.stem for path in REPOSITORY.glob("*.py")]
+                 + [f"{package}.{path.stem}" for package in PACKAGES
+                    for path in (REPOSITORY / package).glob("*.py") if path.stem != "__init__"])
 
 PROBE = """
 import json, logging, os, signal, sys, warnings
@@ -43,7 +46,7 @@ print(json.dumps({"before": before, "after": state()}))
 
 
 def test_the_modules_exist():
-    assert {"main", "train", "ensemble", "utils", "config", "preprocess_dataset", "losses"} <= set(MODULES)
+    assert DESIGN_CARD | {"slm_ensembles.losses"} <= set(MODULES)
 
 
 def test_importing_every_module_changes_nothing(tmp_path):
@@ -66,29 +69,35 @@ def test_importing_every_module_changes_nothing(tmp_path):
 # The project's modules, bottom first (drawn in docs/layout.md). A module imports only from its own layer or those
 # below it, so that the ones at the bottom can be read, tested and changed without the scripts above them.
 LAYERS = {
-    "foundation": ["config", "files", "model_io", "compute", "processes"],
-    "parts": ["utils", "embedded", "preprocess_dataset", "students", "ensemble", "losses", "tracking", "answer_text"],
-    "state": ["run_state", "teacher_cache", "distributed_ensemble"],
-    "stages": ["evaluation", "train", "dry_run", "plot", "model_card"],
-    "commands": ["main", "study", "generate", "score", "bench", "bench_inference", "lm_eval_adapter"],
+    "foundation": ["config", "model_io", "slm_ensembles.files", "slm_ensembles.compute", "slm_ensembles.processes"],
+    "parts": ["utils", "preprocess_dataset", "ensemble", "slm_ensembles.embedded", "slm_ensembles.students",
+              "slm_ensembles.losses", "slm_ensembles.tracking", "slm_ensembles.answer_text"],
+    "state": ["slm_ensembles.run_state", "slm_ensembles.teacher_cache", "slm_ensembles.distributed_ensemble"],
+    "stages": ["train", "plot", "slm_ensembles.evaluation", "slm_ensembles.dry_run", "slm_ensembles.model_card"],
+    "commands": ["main", "study", "generate", "score", "lm_eval_adapter", "build_teacher_cache",
+                 "benchmarks.bench", "benchmarks.bench_inference"],
 }
+# The top level shows what a user runs or edits: the design card's files, and the commands a user runs next.
+DESIGN_CARD = {"main", "train", "ensemble", "utils", "preprocess_dataset", "config"}
 LAYER_OF = {module: depth for depth, modules in enumerate(LAYERS.values()) for module in modules}
 
 
 def project_imports(module: str) -> tuple[set[str], set[str]]:
     """The project modules `module` imports at its top level, and those it imports inside a function."""
-    tree = ast.parse((REPOSITORY / f"{module}.py").read_text())
+    tree = ast.parse((REPOSITORY / f"{module.replace('.', '/')}.py").read_text())
     inside = {id(node) for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
               for node in ast.walk(function)}
     top, deferred = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in PACKAGES:
+            names = [f"{node.module}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names = [node.module]
         else:
             continue
-        found = {name.split(".")[0] for name in names} & set(MODULES)
+        found = set(names) & set(MODULES)
         (deferred if id(node) in inside else top).update(found)
     return top, deferred
 
@@ -99,6 +108,15 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_every_module_has_a_layer():
     assert sorted(LAYER_OF) == MODULES, "place each module in one layer of LAYERS (and in docs/layout.md)"
+
+
+def test_the_top_level_holds_only_what_a_user_runs_or_edits():
+    """Beside the design card's files, a top-level module is a command (it runs as a script) or a file the package
+    imports that a saved ensemble folder also carries (model_io); the rest is machinery and lives in a package."""
+    top_level = {module for module in MODULES if "." not in module}
+    commands = {module for module in top_level
+                if 'if __name__ == "__main__":' in (REPOSITORY / f"{module}.py").read_text()}
+    assert top_level - DESIGN_CARD - commands == {"model_io"}
 
 
 def test_no_module_imports_a_project_module_inside_a_function():

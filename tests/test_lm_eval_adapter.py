@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-import lm_eval_adapter
 from conftest import build_tiny_llama, build_tokenizer
 from ensemble import COMBINE_MODES, WEIGHTED_MODES, ModelEnsemble
+import lm_eval_adapter
 from lm_eval_adapter import DEFAULT_TASKS_DIR, CausalLMAdapter, cut_at_stop, make_lm, run_models, task_manager
 from utils import load_causal_lm
 

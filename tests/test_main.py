@@ -19,16 +19,14 @@ import pytest
 import torch
 import yaml
 
-import files
-import main
-import processes
-import run_state
-import train
-import utils
 from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, build_tokenizer
 from ensemble import ModelEnsemble
+import main
 from model_io import OutputHeadOnly
+import train
 from train import EVALUATION_LOG_COLUMNS
+import utils
+from slm_ensembles import files, processes, run_state
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 

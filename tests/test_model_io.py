@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama
-from losses import predictor_mask
 from model_io import PaddingCollator, check_logits_at, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
+from slm_ensembles.losses import predictor_mask
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
-import main
 from conftest import DATA_DIR, build_tiny_llama, build_tokenizer
+import main
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 

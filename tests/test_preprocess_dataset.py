@@ -12,20 +12,11 @@ import pyarrow as pa
 import pytest
 from conftest import DATA_DIR, build_tokenizer
 
-import preprocess_dataset
-import processes
 from config import build_config
-from preprocess_dataset import (
-    DataError,
-    build_dataset,
-    describe_counts,
-    load_conversations,
-    load_dataset_dir,
-    main,
-    prepare_dataset,
-    save_dataset,
-    tokenize_conversation,
-)
+import preprocess_dataset
+from preprocess_dataset import (DataError, build_dataset, describe_counts, load_conversations, load_dataset_dir, main,
+                                prepare_dataset, save_dataset, tokenize_conversation)
+from slm_ensembles import processes
 
 TEMPLATES = ("chatml", "llama3", "tulu")
 LONG_ENOUGH = 10_000  # a max_length that truncates nothing in the fixture

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import files
-import run_state
-import score
 from conftest import run_test_preset
+import score
+from slm_ensembles import files, run_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 import config as config_lib
-import students
-import study
 from conftest import DATA_DIR
+import study
+from slm_ensembles import students
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,12 +14,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import TrainerCallback
 
 from conftest import accelerate_launch, build_tiny_llama
-import files
-from losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
 from model_io import PaddingCollator, cut_to_vocab, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import CsvTrainLogCallback, DistillationTrainer, gradients_are_finite
-import students
+from slm_ensembles import files, students
+from slm_ensembles.losses import LossSettings, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, predictor_mask
 from trl import SFTConfig
 
 
@@ -315,7 +314,7 @@ def test_gradients_are_finite_flags_any_nan_or_infinite_entry():
 
 
 def test_the_compiled_loss_path_gives_the_eager_loss_and_gradients(tokenizer, examples, batch, tmp_path, monkeypatch):
-    import losses
+    from slm_ensembles import losses
     import train
 
     counter = CompileCounterWithBackend("aot_eager")  # inductor's tracing, without its minutes of C++ builds
@@ -537,7 +536,7 @@ def test_a_begun_decay_survives_the_schedulers_checkpoint():
 
 
 def test_the_spend_meter_counts_every_trained_batchs_tokens_without_padding(tokenizer, examples, tmp_path):
-    from compute import TokenCount
+    from slm_ensembles.compute import TokenCount
     from train import SpendMeter
 
     meter = SpendMeter()

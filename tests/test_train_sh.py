@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-import run_state
 from conftest import DATA_DIR
+from slm_ensembles import run_state
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / ".ci" / "slurm_cluster.sh"

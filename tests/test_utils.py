@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-import compute
-import utils
 from config import ConfigError, build_config
 from conftest import build_tiny_llama, build_tokenizer
+import utils
+from slm_ensembles import compute
 
 
 def test_weights_load_from_safetensors_only(tmp_path, tokenizer):

@@ -1,8 +1,8 @@
 """Benchmarks of the distillation path, every comparison measured side by side in one run, reported as ratios.
 
-    python bench.py                                   # small CPU settings, a few minutes; prints a table
-    python bench.py --json ''                         # the same without writing bench.json
-    python bench.py --teacher_size 1.5b --student_size 0.5b --vocab_size 151936 --max_length 1024 --batch_size 8
+    python -m benchmarks.bench                                   # small CPU settings, a few minutes; prints a table
+    python -m benchmarks.bench --json ''                         # the same without writing bench.json
+    python -m benchmarks.bench --teacher_size 1.5b --student_size 0.5b --vocab_size 151936 --max_length 1024 --batch_size 8
                                                       # realistic sizes, on a GPU
 
 1. step throughput (supervised tokens/s) on identical models, data, batch, length and data order:
@@ -40,15 +40,14 @@ import torch
 from datasets import Dataset
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-import embedded
-import teacher_cache
-import utils
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER, Config
-from losses import (LossSettings, Projection, chunked_hybrid_loss_sums, compile_loss_terms, divergence_sum,
-                    hybrid_loss_terms, predictor_mask, sparse_divergence_sum)
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
 from preprocess_dataset import tokenize_conversation
 from train import DistillationTrainer, training_arguments
+import utils
+from slm_ensembles import embedded, teacher_cache
+from slm_ensembles.losses import (LossSettings, Projection, chunked_hybrid_loss_sums, compile_loss_terms,
+                                  divergence_sum, hybrid_loss_terms, predictor_mask, sparse_divergence_sum)
 
 SIZES = {  # hidden, layers, heads, kv heads, MLP width
     "tiny": (128, 2, 2, 1, 344),
@@ -58,6 +57,7 @@ SIZES = {  # hidden, layers, heads, kv heads, MLP width
     "1.5b": (1536, 28, 12, 2, 8960),  # Qwen2.5-1.5B's shape
 }
 QWEN_VOCAB = 151_936
+REPO = Path(__file__).resolve().parents[1]  # the project's modules, and the tests' tiny-model builders
 FROZEN_MEMBERS = 3  # round 4 trains through three frozen members
 TARGETS = {  # ratio: (comparison, target), from the issue; the memory target applies at every chunk size
     "cached_tokens_per_s_over_gkd": (">=", 2.0),
@@ -119,7 +119,7 @@ def bench_assets(num_chats: int):
             chats = [json.loads(line) for _, line in zip(range(num_chats), f)]
         return utils.load_tokenizer(teacher_dir), chats, teacher_dir
     except embedded.MissingPackageError:
-        sys.path.insert(0, str(Path(__file__).parent / "tests"))
+        sys.path.insert(0, str(REPO / "tests"))
         from conftest import build_tokenizer, load_chats
 
         return build_tokenizer("chatml"), load_chats(), None
@@ -315,7 +315,8 @@ def loss_path_probe(chunk_size: int, positions: int, student_hidden: int, teache
 
 # What the fresh process of each measurement runs: loss_path_probe's keyword arguments come as JSON in argv[1], the
 # peak goes to stdout as JSON.
-_PROBE_CHILD = "import json, sys, bench; print(json.dumps(bench.loss_path_probe(**json.loads(sys.argv[1]))))"
+_PROBE_CHILD = ("import json, sys; from benchmarks import bench; "
+                "print(json.dumps(bench.loss_path_probe(**json.loads(sys.argv[1]))))")
 
 
 def loss_path_peak_bytes(chunk_size: int, positions: int, student_hidden: int, teacher_hidden: int,
@@ -325,7 +326,7 @@ def loss_path_peak_bytes(chunk_size: int, positions: int, student_hidden: int, t
     settings = {"chunk_size": chunk_size, "positions": positions, "student_hidden": student_hidden,
                 "teacher_hidden": teacher_hidden, "vocab_size": vocab_size, "device": device}
     result = subprocess.run([sys.executable, "-c", _PROBE_CHILD, json.dumps(settings)], capture_output=True,
-                            text=True, cwd=Path(__file__).parent)
+                            text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"the loss-path memory probe failed for {settings}:\n{result.stderr[-2000:]}")
     return int(result.stdout.strip().splitlines()[-1])

@@ -6,12 +6,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from answer_text import shown_answer
 from conftest import build_tiny_llama
-from evaluation import WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight, sample_answers
 from model_io import PaddingCollator
 from preprocess_dataset import tokenize_conversation
-from teacher_cache import TeacherCache, build_cache, write_metadata
+from slm_ensembles.answer_text import shown_answer
+from slm_ensembles.evaluation import WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight, sample_answers
+from slm_ensembles.teacher_cache import TeacherCache, build_cache, write_metadata
 
 
 @pytest.fixture

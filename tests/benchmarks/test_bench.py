@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-import bench
 from conftest import build_tokenizer
-from losses import next_token_targets
 from model_io import IGNORE_INDEX
+from benchmarks import bench
+from slm_ensembles.losses import next_token_targets
 
 SMOKE_ARGS = ["--student_size", "tiny", "--teacher_size", "tiny", "--batch_size", "2", "--max_length", "64",
               "--steps", "2", "--round_steps", "2", "--mem_tokens", "512", "--mem_vocab_size", "8192",

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed_ensemble
-import score
 from conftest import build_diverse_member, build_tokenizer
+import score
+from slm_ensembles import distributed_ensemble
 from distributed_ensemble_probe import greedy_answers, scoring_dataset
 from ensemble import COMBINE_MODES, ModelEnsemble
 from model_io import PaddingCollator
 
-PROBE = Path(__file__).parent / "distributed_ensemble_probe.py"
-REPO = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).resolve().parents[1] / "distributed_ensemble_probe.py"
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = [0.5, 0.3, 0.2]
 
 

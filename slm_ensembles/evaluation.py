@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from accelerate.utils import reduce
 from torch.utils.data import DataLoader
 
-from answer_text import shown_answer
 from ensemble import combine_logits
-from losses import kl_sum, next_token_targets, nll_sum, predictor_mask
 from model_io import hidden_at, output_head
-from teacher_cache import TeacherCache, evaluation_caches, with_example_ids
+from slm_ensembles.answer_text import shown_answer
+from slm_ensembles.losses import kl_sum, next_token_targets, nll_sum, predictor_mask
+from slm_ensembles.teacher_cache import TeacherCache, evaluation_caches, with_example_ids
 
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error

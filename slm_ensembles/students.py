@@ -6,9 +6,9 @@ import dataclasses
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import compute
-import utils
 from config import SINGLE_MODEL_BASELINES, ConfigError
+import utils
+from slm_ensembles import compute
 
 
 def build_student(config, teacher, tokenizer, round_index: int):

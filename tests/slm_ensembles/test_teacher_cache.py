@@ -18,23 +18,22 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+import build_teacher_cache
 import config as config_lib
-import files
-import main
-import preprocess_dataset
-import processes
-import teacher_cache
-import utils
 from conftest import DATA_DIR, build_tiny_llama
-from losses import divergence_sum, predictor_mask, sparse_divergence_sum
+import main
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
+import preprocess_dataset
 from preprocess_dataset import tokenize_conversation
-from teacher_cache import (BuildPreempted, CacheCorruptError, CacheIncompleteError, CacheMismatchError, TeacherCache,
-                           build_cache, cache_identity, decode_token_ids, decode_top_k, encode_token_ids, encode_top_k,
-                           identity_for_split, normalised_top_k, teacher_fingerprint, top_k_with_tail,
-                           with_example_ids, write_metadata)
+import utils
+from slm_ensembles import files, processes, teacher_cache
+from slm_ensembles.losses import divergence_sum, predictor_mask, sparse_divergence_sum
+from slm_ensembles.teacher_cache import (BuildPreempted, CacheCorruptError, CacheIncompleteError, CacheMismatchError,
+                                         TeacherCache, build_cache, cache_identity, decode_token_ids, decode_top_k,
+                                         encode_token_ids, encode_top_k, identity_for_split, normalised_top_k,
+                                         teacher_fingerprint, top_k_with_tail, with_example_ids, write_metadata)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NUM_EXAMPLES = 12
 MAX_LENGTH = 128
 KINDS = ("forward_kl", "reverse_kl", "jsd")
@@ -600,7 +599,7 @@ def command_line_inputs(tmp_path, teacher, tokenizer, dataset):
 
 def test_command_line_builds_a_cache_that_opens_for_its_settings(tmp_path, teacher, tokenizer, dataset):
     teacher_dir, data_dir = command_line_inputs(tmp_path, teacher, tokenizer, dataset)
-    assert teacher_cache.main(["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir",
+    assert build_teacher_cache.main(["--teacher", str(teacher_dir), "--data_dir", str(data_dir), "--output_dir",
                                str(tmp_path / "cache"), "--k", "8", "--temperature", "1.5", "--batch_size", "4",
                                "--dtype", "float32"]) == 0
 
@@ -625,12 +624,12 @@ def test_command_line_reuses_a_matching_cache_and_refuses_another(tmp_path, teac
     real_build = teacher_cache.build_cache
     monkeypatch.setattr(teacher_cache, "build_cache", lambda *args, **kwargs: builds.append(kwargs["k"]) or
                         real_build(*args, **kwargs))
-    teacher_cache.main(command("8"))
-    teacher_cache.main(command("8"))  # the same settings: opened, not built again
+    build_teacher_cache.main(command("8"))
+    build_teacher_cache.main(command("8"))  # the same settings: opened, not built again
     assert builds == [8]
     before = {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*")}
     with pytest.raises(teacher_cache.CacheMismatchError, match="built with k = 8, but this run wants k = 4"):
-        teacher_cache.main(command("4"))  # other settings in the same folder: refused, the cache kept
+        build_teacher_cache.main(command("4"))  # other settings in the same folder: refused, the cache kept
     assert builds == [8]
     assert {path: path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*")} == before
 
@@ -682,8 +681,8 @@ KILLED_BUILD = """
 import sys
 import time
 
-import teacher_cache
-
+import build_teacher_cache
+from slm_ensembles import teacher_cache
 teacher_cache.PIECE_EXAMPLES = {piece}
 real_hidden_at = teacher_cache.hidden_at
 calls = []
@@ -698,14 +697,14 @@ def hidden_at_then_hang(*args):
 
 
 teacher_cache.hidden_at = hidden_at_then_hang
-sys.exit(teacher_cache.run_from_command_line(sys.argv[2:]))
+sys.exit(build_teacher_cache.run_from_command_line(sys.argv[2:]))
 """
 
 
 def test_a_killed_build_continues_at_its_first_missing_piece_and_equals_an_uninterrupted_one(
         tmp_path, teacher, tokenizer, dataset, teacher_calls):
     teacher_dir, data_dir = command_line_inputs(tmp_path, teacher, tokenizer, dataset)
-    assert teacher_cache.main(piece_command(teacher_dir, data_dir, tmp_path / "uninterrupted")) == 0
+    assert build_teacher_cache.main(piece_command(teacher_dir, data_dir, tmp_path / "uninterrupted")) == 0
     assert len(teacher_calls) == 8
 
     cache_dir, hanging = tmp_path / "cache", tmp_path / "hanging"
@@ -724,7 +723,7 @@ def test_a_killed_build_continues_at_its_first_missing_piece_and_equals_an_unint
     assert not (cache_dir / "shard_00000").exists() and not (cache_dir / "metadata.json").exists()
 
     teacher_calls.clear()
-    assert teacher_cache.main(piece_command(teacher_dir, data_dir, cache_dir)) == 0
+    assert build_teacher_cache.main(piece_command(teacher_dir, data_dir, cache_dir)) == 0
     assert len(teacher_calls) == 4  # pieces 3 and 4: the two published before the kill are kept, not recomputed
     assert sorted(path.name for path in cache_dir.iterdir()) == ["metadata.json", "shard_00000"]
     assert files_in(cache_dir) == files_in(tmp_path / "uninterrupted")
@@ -744,7 +743,7 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
 
     with monkeypatch.context() as patch:
         patch.setattr(teacher_cache, "hidden_at", signal_in_the_second_piece)
-        assert teacher_cache.run_from_command_line(command) == processes.EXIT_PREEMPTED
+        assert build_teacher_cache.run_from_command_line(command) == processes.EXIT_PREEMPTED
     assert len(teacher_calls) == 4 and pieces_done(cache_dir) == 2  # the second piece finished, the third not begun
     assert "preempted with 2 of 4 pieces of shard_00000 built, which are kept" in capsys.readouterr().out
     assert not (cache_dir / "metadata.json").exists()
@@ -764,12 +763,12 @@ def test_a_preemption_signal_stops_the_build_between_pieces_and_a_live_build_is_
 
     with monkeypatch.context() as patch:
         patch.setattr(teacher_cache.files, "try_lock", signal_while_waiting)
-        assert teacher_cache.run_from_command_line(command) == processes.EXIT_PREEMPTED
+        assert build_teacher_cache.run_from_command_line(command) == processes.EXIT_PREEMPTED
     os.close(live_build)  # that build ends
     assert f"{cache_dir}: preempted while waiting for another build of this cache" in capsys.readouterr().out
     assert len(teacher_calls) == 4 and files_in(cache_dir / ".shard_00000.partial") == kept
 
-    assert teacher_cache.run_from_command_line(command) == 0
+    assert build_teacher_cache.run_from_command_line(command) == 0
     assert len(teacher_calls) == 8  # 4 more: the last two pieces
     assert sorted(path.name for path in cache_dir.iterdir()) == ["metadata.json", "shard_00000"]
 
@@ -881,7 +880,7 @@ def run_with_cache_dir(tmp_path, teacher, tokenizer):
 def build_for_the_run(config, data_dir, *options):
     """teacher_cache.py into the run's teacher_cache_dir, as a job before the run would: with the run's teacher,
     dtype and prepared data (main.py --prepare_only says where it is)."""
-    assert teacher_cache.main(["--teacher", config.teacher, "--data_dir", str(data_dir), "--output_dir",
+    assert build_teacher_cache.main(["--teacher", config.teacher, "--data_dir", str(data_dir), "--output_dir",
                                config.teacher_cache_dir, "--dtype", config.dtype, "--batch_size", "4", *options]) == 0
 
 

@@ -37,11 +37,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
-import compute
 import config as config_lib
-import files
-import processes
-
+from slm_ensembles import compute, files, processes
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round

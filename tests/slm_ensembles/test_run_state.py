@@ -12,10 +12,8 @@ import pytest
 import torch
 
 import config as config_lib
-import files
-import processes
-import run_state
 from conftest import accelerate_launch, free_disk
+from slm_ensembles import files, processes, run_state
 
 
 def test_only_complete_checkpoints_count(tmp_path):
@@ -134,7 +132,7 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
     from datasets import Dataset
     from trl import SFTConfig
 
-    from losses import LossSettings
+    from slm_ensembles.losses import LossSettings
     from preprocess_dataset import tokenize_conversation
     from train import DistillationTrainer
 
@@ -274,7 +272,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     forever for process 1's gradients) and both report the run as preempted. The checkpoint they write records
     every process's RNG state in its checksums, process 1's too, though it writes it 2 s after process 0 is done."""
     out = tmp_path / "out.pt"
-    accelerate_launch([str(Path(__file__).parent / "distributed_probe.py"), str(out), "--batch_size", "2",
+    accelerate_launch([str(Path(__file__).resolve().parents[1] / "distributed_probe.py"), str(out), "--batch_size", "2",
                        "--grad_accum", "2", "--max_steps", "3", "--signal_rank", "1", "--slow_rank", "1",
                        "--work_dir", str(tmp_path)], 2, tmp_path, timeout=180)  # without the agreement, 0 waits forever
     result = torch.load(out)

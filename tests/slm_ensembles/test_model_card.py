@@ -10,9 +10,9 @@ import pandas as pd
 from conftest import run_test_preset
 from huggingface_hub import ModelCard
 
-import main
-import model_card
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER, build_config
+import main
+from slm_ensembles import model_card
 
 
 def test_a_run_writes_a_card_the_hub_reads_back_and_a_resume_that_adds_a_round_rewrites_it(tmp_path):

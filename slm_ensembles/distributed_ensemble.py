@@ -44,9 +44,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-import files
 from ensemble import WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, saved_ensemble_config
-from processes import LostProcessError
+from slm_ensembles import files
+from slm_ensembles.processes import LostProcessError
 
 EXCHANGES = ("full", "topk")
 INDEX_DTYPE = torch.int32  # top-k indices on the wire: vocabularies fit 31 bits

@@ -4,8 +4,8 @@ import torch
 from conftest import build_diverse_member
 
 import generate
-from answer_text import shown_answer
-from evaluation import sample_answers
+from slm_ensembles.answer_text import shown_answer
+from slm_ensembles.evaluation import sample_answers
 
 
 def newline_model(tokenizer, newlines: int | None = None):

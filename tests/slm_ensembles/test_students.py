@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-import compute
-import students
-import utils
 from config import build_config
 from conftest import build_tiny_llama, build_tokenizer
+import utils
+from slm_ensembles import compute, students
 
 
 def test_teacher_layer_students_copy_the_chosen_layers_and_shift_per_round(tokenizer):

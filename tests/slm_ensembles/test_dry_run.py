@@ -3,11 +3,10 @@ configs (and the prepared data) without loading weights, and what it says when i
 
 from transformers import AutoConfig
 
-import compute
-import dry_run
 import main
 import preprocess_dataset
 from test_main import cli_args, refuse_to_load_weights
+from slm_ensembles import compute, dry_run
 
 
 def test_a_dry_run_predicts_the_teacher_cache_and_the_gpu_memory_without_loading_weights(tiny_teacher_dir, tmp_path,

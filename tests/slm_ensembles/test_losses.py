@@ -11,8 +11,9 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from losses import (LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums, compile_loss_terms,
-                    divergence_sum, hybrid_loss_sums, hybrid_loss_terms, next_token_targets, nll_sum, predictor_mask)
+from slm_ensembles.losses import (LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
+                                  compile_loss_terms, divergence_sum, hybrid_loss_sums, hybrid_loss_terms,
+                                  next_token_targets, nll_sum, predictor_mask)
 
 
 def reference_kl(p, q):

@@ -3,10 +3,10 @@
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import main
-import tracking
 from config import ConfigError
+import main
 from test_main import cli_args, only_run_dir
+from slm_ensembles import tracking
 
 
 def test_report_to_names_trackers_and_refuses_unknown_ones():

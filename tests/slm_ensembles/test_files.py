@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import files
 from conftest import free_disk
+from slm_ensembles import files
 
 
 def test_replacing_rows_drops_a_round_and_a_cut_short_row(tmp_path):

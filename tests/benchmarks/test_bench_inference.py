@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-import bench_inference
-
+from benchmarks import bench_inference
 CONFIGURATIONS = ["one member", "ensemble, one after another", "ensemble, at once (threads)",
                   "single model, 2x the layers", "ensemble, a process each (gloo)"]
 
