@@ -56,6 +56,7 @@ from transformers import AutoConfig, AutoTokenizer
 import config as config_lib
 import plot
 from slm_ensembles import compute, embedded, students
+
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / "main.py"
 KINDS = ("ensemble", "single")

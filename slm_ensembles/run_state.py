@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 
 import config as config_lib
 from slm_ensembles import compute, files, processes
+
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
 METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from benchmarks import bench_inference
+
 CONFIGURATIONS = ["one member", "ensemble, one after another", "ensemble, at once (threads)",
                   "single model, 2x the layers", "ensemble, a process each (gloo)"]
 

@@ -683,6 +683,7 @@ import time
 
 import build_teacher_cache
 from slm_ensembles import teacher_cache
+
 teacher_cache.PIECE_EXAMPLES = {piece}
 real_hidden_at = teacher_cache.hidden_at
 calls = []
