@@ -69,7 +69,7 @@ LAYERS = {
     "foundation": ["config", "files", "model_io", "compute", "processes"],
     "parts": ["utils", "embedded", "preprocess_dataset", "students", "ensemble", "losses", "tracking", "answer_text"],
     "state": ["run_state", "teacher_cache", "distributed_ensemble"],
-    "stages": ["evaluation", "train", "dry_run", "plot", "model_card"],
+    "stages": ["evaluation", "train", "dry_run", "plot", "model_card", "push"],
     "commands": ["main", "study", "generate", "score", "bench", "bench_inference", "lm_eval_adapter"],
 }
 LAYER_OF = {module: depth for depth, modules in enumerate(LAYERS.values()) for module in modules}
