@@ -455,8 +455,9 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
         inside = f"{subfolder.strip('/')}/" if subfolder else ""
         if config is None:
-            config = saved_ensemble_config(os.path.join(pretrained_model_name_or_path, inside) if inside
-                                           else pretrained_model_name_or_path)
+            config = saved_ensemble_config(pretrained_model_name_or_path, subfolder=inside,
+                                           **({"revision": member_load_kwargs["revision"]}
+                                              if member_load_kwargs.get("revision") else {}))
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [
             AutoModelForCausalLM.from_pretrained(
@@ -480,10 +481,10 @@ def _same_width(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     return logits
 
 
-def saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
-    """The EnsembleConfig saved in `folder`; NotAnEnsembleError when its config.json is another model's (a member's
-    folder, say) or lists no member folder."""
-    config_dict, kwargs = EnsembleConfig.get_config_dict(folder)
+def saved_ensemble_config(folder: str | os.PathLike, **location) -> EnsembleConfig:
+    """The EnsembleConfig saved in `folder` (`location`: a Hub repository's subfolder or revision); NotAnEnsembleError
+    when its config.json is another model's (a member's folder, say) or lists no member folder."""
+    config_dict, kwargs = EnsembleConfig.get_config_dict(folder, **location)
     model_type = config_dict.get("model_type")
     if model_type != EnsembleConfig.model_type:
         raise NotAnEnsembleError(
