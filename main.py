@@ -6,7 +6,8 @@ the held-out split. Everything a run writes goes to runs/YYYY-MM-DD/run_N/:
     config.yaml      the resolved configuration          manifest.json   each round's status, members
     metrics.csv      one row per model and round          train_log.csv   hybrid, KL, NLL, lr, grad norm per log
     ensemble/        the ensemble (ModelEnsemble.from_pretrained), member_r/ = round r's student + tokenizer
-                     with its own code (loads without this project) and model card (README.md)
+                     with its own code (loads without this project) and model card (README.md); --push_to_hub
+                     OWNER/NAME uploads it to the Hub after the last round (push.py)
     samples.csv      answers to fixed prompts per round   *.png           figures (plot.py), at the end
 Every setting and its default is in config.py (presets: demo, the default, for a laptop CPU; paper; test).
 
@@ -17,6 +18,7 @@ Usage:
     python main.py --preset paper --alpha 0.7 --total_rounds 6     # one GPU
     python main.py --config my_run.yaml --steps_per_round 200
     python main.py --resume runs/2026-11-29/run_3    # continue a run; completed rounds are skipped
+    python main.py --push_to_hub my-name/slm-ensemble   # then upload ensemble/ (private, a branch per run)
     python main.py --combine weighted                # fit each new member's weight (also: additive, --eta)
     python main.py --baseline single_matched         # baselines: independent | single_matched | single_large
     accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 4 main.py --preset paper
@@ -46,6 +48,7 @@ from ensemble import WEIGHTED_MODES, ModelEnsemble, weights_with_new_member
 from model_io import PaddingCollator, check_logits_at
 import plot
 import preprocess_dataset
+import push as push_lib
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
                    SpendMeter, resumed_state, round_schedule, training_arguments)
 import utils
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
             if preemption.received_anywhere(run.device):
                 return processes.EXIT_PREEMPTED
         report(run)
+        push_ensemble(run)
     return 0
 
 
@@ -137,6 +141,8 @@ def setup(args: argparse.Namespace, preemption: processes.PreemptionSignal) -> R
         return 0
     if args.prepare_only:
         return prepare_only(config)
+    if config.push_to_hub:
+        push_lib.hub_token()  # a push with no token is refused now, not after the last round
     state = utils.process_state(config.device, config.process_group_timeout_minutes)
     teacher_path, tokenizer = teacher_tokenizer(config, state)
     check_fits_teacher(config, teacher_path, len(tokenizer))
@@ -593,13 +599,26 @@ def report(run: Run) -> None:
     run.state.wait_for_everyone()
 
 
+def push_ensemble(run: Run) -> None:
+    """--push_to_hub: the finished run's ensemble folder uploaded (push.push_run; by the main process). When that
+    fails, the run stays as it is, finished, and the error says how to upload it later."""
+    if not run.config.push_to_hub or not run.state.is_main_process:
+        return
+    try:
+        push_lib.push_run(run.folder, run.config.push_to_hub)
+    except push_lib.PushError as error:
+        raise type(error)(f"{error}. The run itself is finished in {run.folder}; once that is fixed, upload it with "
+                          f"`python push.py {run.folder} {run.config.push_to_hub}`") from None
+
+
 def run_from_command_line() -> int:
     """main() with the exit codes a launcher acts on (processes.run_command): 0 done, 1 failed, 2 bad input,
     75 preempted."""
     return processes.run_command(main, refusals=(config_lib.ConfigError, preprocess_dataset.DataError,
                                                  utils.TokenizerMismatchError, embedded.MissingPackageError,
-                                                 teacher_cache.CacheMismatchError, files.DiskSpaceError),
-                                 failures=(NonFiniteLossError,))
+                                                 teacher_cache.CacheMismatchError, files.DiskSpaceError,
+                                                 push_lib.NotPushableError),
+                                 failures=(NonFiniteLossError, push_lib.HubUnreachableError))
 
 
 if __name__ == "__main__":

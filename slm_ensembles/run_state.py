@@ -1,7 +1,7 @@
 """What lets a run be killed at any moment and resumed with nothing lost.
 
 - A run folder is opened new or resumed here: a resume continues with the settings saved in its config.yaml, and
-  refuses any other setting it is given (only total_rounds may change).
+  refuses any other setting it is given (only total_rounds may change, and push_to_hub, which trains nothing).
 - The manifest (manifest.json) records each planned round's status (pending, training, done), the member folders,
   the config's fingerprint, the seed (initialisation, data order) and the data seed (sample, split). It and every
   other file a resume relies on are written atomically: to a temporary file, then renamed, so a half-written file
@@ -264,6 +264,12 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None 
     new_total = None
     if "total_rounds" in wanted and not wanted["total_rounds"].from_preset:
         new_total = wanted.pop("total_rounds").value
+    # Settings a resume may change (config_lib.RESUMABLE_SETTINGS: push_to_hub), written into config.yaml with it.
+    changed = {key: wanted.pop(key).value for key in config_lib.RESUMABLE_SETTINGS
+               if key in wanted and wanted[key].value != getattr(saved, key)}
+    if changed:
+        saved = dataclasses.replace(saved, **changed)
+        saved.validate()
     conflicts = [f"{setting.source} sets {key} = {setting.value!r}, but the run was started with {key} = "
                  f"{getattr(saved, key)!r}" for key, setting in wanted.items() if setting.value != getattr(saved, key)]
     started_from = manifest.get("preset")  # None: a run from before manifests recorded it
@@ -272,7 +278,7 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None 
     if conflicts:
         raise config_lib.ConfigError(f"--resume {str(run_dir)!r}: {'; '.join(conflicts)}. A run continues with the "
                                      "settings it was started with (only total_rounds may change, on the command "
-                                     "line or in a YAML file); leave these out, or start a new run")
+                                     "line or in a YAML file, and push_to_hub); leave these out, or start a new run")
     if new_total is None or new_total == saved.total_rounds:
         return saved
     check_total_rounds_change(run_dir, saved, new_total, manifest)
@@ -309,7 +315,8 @@ def check_saved_config(run_dir: Path, manifest: dict) -> None:
         problems = [f"{key} is missing" for key in sorted(recorded.keys() - written.keys())]
         problems += [f"{key} = {written[key]!r}, but the run was written with {key} = {recorded[key]!r}"
                      for key in sorted(recorded.keys() & written.keys())
-                     if key != "total_rounds" and value(key, written) != value(key, recorded)]
+                     if key not in ("total_rounds", *config_lib.RESUMABLE_SETTINGS)
+                     and value(key, written) != value(key, recorded)]
     if problems:
         raise config_lib.ConfigError(
             f"{path} is not the configuration this run was written with ({'; '.join(problems)}): it was damaged or "

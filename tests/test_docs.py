@@ -42,7 +42,7 @@ NEEDS_RUN = "needs a run folder"
 # Scripts with a command line: the module whose parse_args parses it.
 SCRIPTS = {name: name.removesuffix(".py") for name in (
     "main.py", "generate.py", "plot.py", "preprocess_dataset.py", "build_teacher_cache.py", "lm_eval_adapter.py",
-    "study.py", "score.py")}
+    "study.py", "score.py", "push.py")}
 # Side tools run as modules from the repository's root (`python -m benchmarks.bench`): the module is its own key.
 SCRIPTS |= {module: module for module in ("benchmarks.bench", "benchmarks.bench_inference")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}

@@ -398,6 +398,39 @@ def test_simple_evaluate_runs_the_repositorys_tasks_offline_from_any_directory(l
         ("slm_tiny_ppl", "bits_per_byte", "none")}
 
 
+def test_lm_evals_own_hf_backend_reads_a_saved_ensemble_folder_and_scores_as_the_adapter(lm_eval, tokenizer,
+                                                                                          members, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True` on a saved ensemble folder: lm-eval
+    loads it through the folder's own code (auto_map) and its tokenizer files, and scores every request of an offline
+    task as the project's adapter does."""
+    folder = tmp_path / "ensemble"
+    ModelEnsemble.from_members(members, vocab_size=len(tokenizer)).save_pretrained(folder, tokenizer)
+    manager = task_manager(include_defaults=False)
+    limit = 8
+    common = dict(tasks=["slm_tiny_mc"], task_manager=manager, limit=limit, log_samples=True, bootstrap_iters=10)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},trust_remote_code=True,"
+                                     "dtype=float32", device="cpu", batch_size=2, **common)
+    assert type(theirs["config"]["model"]) is str and theirs["config"]["model"] == "hf"
+    ours = lm_eval.simple_evaluate(model=make_lm(ModelEnsemble.from_pretrained(folder), tokenizer, batch_size=3),
+                                   **common)
+
+    def scores(results):  # each request's log-likelihood and greedy flag, by document and choice
+        return {(sample["doc_id"], index): response[0]
+                for sample in results["samples"]["slm_tiny_mc"]
+                for index, response in enumerate(sample["resps"])}
+
+    theirs_scores, ours_scores = scores(theirs), scores(ours)
+    assert len(theirs_scores) >= 2 * limit and theirs_scores.keys() == ours_scores.keys()
+    for key, (log_prob, greedy) in theirs_scores.items():
+        assert float(ours_scores[key][0]) == pytest.approx(float(log_prob), abs=1e-4), key
+        assert bool(ours_scores[key][1]) == bool(greedy), key
+    for metric in ("acc,none", "acc_norm,none"):
+        assert theirs["results"]["slm_tiny_mc"][metric] == ours["results"]["slm_tiny_mc"][metric]
+    print(f"slm_tiny_mc acc over {limit}: lm-eval hf {theirs['results']['slm_tiny_mc']['acc,none']}, adapter "
+          f"{ours['results']['slm_tiny_mc']['acc,none']}; largest log-likelihood difference "
+          f"{max(abs(float(ours_scores[k][0]) - float(v[0])) for k, v in theirs_scores.items()):.2e}")
+
+
 # --- a run folder -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
