@@ -7,6 +7,11 @@ import json
 import os
 from pathlib import Path
 
+# The suite never reaches a model or dataset hub: anything that tries fails at once instead of hanging. Set before
+# the libraries below import huggingface_hub, which reads these once, at its import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -14,9 +19,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 DATA_DIR = Path(__file__).parent / "data"
 
-# The suite never reaches a model or dataset hub: anything that tries fails at once instead of hanging.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 # Chat templates of the three families the preprocessing must handle. None of them has
 # `{% generation %}` markers, which is the point: assistant spans are derived without them.
