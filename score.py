@@ -29,6 +29,7 @@ import files
 import preprocess_dataset
 import run_state
 import utils
+from checksums import DamagedFolderError
 from ensemble import ModelEnsemble, NotAnEnsembleError
 from losses import next_token_targets, nll_sum, predictor_mask
 from model_io import PaddingCollator
@@ -141,6 +142,9 @@ def main(argv=None) -> Score:
     return result
 
 
+# Bad input (a damaged member folder among it): one line naming it and exit code 2 (processes.run_command).
+REFUSALS = (FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError, DamagedFolderError,
+            distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)
+
 if __name__ == "__main__":
-    sys.exit(run_command(main, refusals=(FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError,
-                                         distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))
+    sys.exit(run_command(main, refusals=REFUSALS))

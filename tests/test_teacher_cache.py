@@ -18,6 +18,7 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+import checksums
 import config as config_lib
 import files
 import main
@@ -838,8 +839,8 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
 
     values.write_bytes(intact)
     hashed = []
-    real_file_record = files.file_record
-    monkeypatch.setattr(files, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
+    real_file_record = checksums.file_record
+    monkeypatch.setattr(checksums, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
     TeacherCache.open(cache_dir, {})
     TeacherCache.open(cache_dir, {})
     assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process
