@@ -2,7 +2,8 @@
 whole: the project's bottom layer, which every module that writes files imports (and which imports none of them).
 
 - Atomic writes: a file is replaced all at once, or appended to whole or not at all.
-- Checksums: each file's size and sha256, recorded in a folder's checksums.json and checked before it is used.
+- Checksums: each file's size and sha256, recorded in a folder's checksums.json and checked before it is used
+  (checksums.py, the one check; check_intact here refuses a run's damaged folder as a ConfigError).
 - CSV rows: written, appended, rewritten and read back, a row cut short by a kill dropped.
 - Disk refusals: a write the disk has no room for raises DiskSpaceError, naming the folder and the bytes needed.
 - Staging entries: a folder or file built beside its final place under a lock, then moved into place by a rename;

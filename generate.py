@@ -11,7 +11,8 @@ The ensemble decodes from its members' combined logits, each member keeping its 
 (a member's, or any causal LM's) is loaded and answers alone. With --distributed (distributed_ensemble.py) every
 process holds a share of the members and decodes the same tokens; the first prints the answer, and at the end all
 check that they decoded the same text. An answer with no text (only whitespace and end-of-turn tokens) prints as a
-line that says so and lists its tokens, never as blank lines.
+line that says so and lists its tokens, never as blank lines. Each folder read is checked against its checksums.json
+before its weights load: a damaged file is refused by name, with exit code 2.
 """
 
 import argparse

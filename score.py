@@ -9,7 +9,8 @@ set beside what metrics.csv reported, in one process or spread over several (dec
 The test split is rebuilt exactly as the run built it (its config.yaml: data source, data_seed, sizes), and scored
 on the same positions with the same combination as the run's evaluation, so the CE equals the run's own up to the
 order of floating-point sums. With --exchange topk it also scores the exact path in the same pass and prints how
-often the greedy (argmax) token differs between the two and what each process sends per token.
+often the greedy (argmax) token differs between the two and what each process sends per token. A member folder
+damaged against its checksums.json is refused by name before its weights load (exit code 2).
 """
 
 from __future__ import annotations
