@@ -4,6 +4,8 @@ The same `combine_logits` primitive is used by training (the loss through the mi
 so all three agree on what "the ensemble" means. `ModelEnsemble` is a Hugging Face model: `generate` works on it, and
 `save_pretrained` stores each member as a standalone model folder, and this module's own code beside them, so that
 the folder loads without this project (`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`).
+Loading checks the ensemble's folder and each member's against its checksums.json, where it has one, before any
+weights are read: a damaged file is refused by name (checksums.DamagedFolderError), in the project or out of it.
 """
 
 import contextlib
@@ -29,6 +31,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
+from checksums import check_intact
 from model_io import IGNORE_INDEX, cut_to_vocab, hidden_at, output_head
 
 COMBINE_MODES = ("logits", "probs", "weighted", "additive")
@@ -40,6 +43,9 @@ MODELLING_MODULE = "modeling_slm_ensemble"
 MODELLING_FILE = f"{MODELLING_MODULE}.py"
 AUTO_MAP = {"AutoConfig": f"{MODELLING_MODULE}.EnsembleConfig",
             "AutoModelForCausalLM": f"{MODELLING_MODULE}.ModelEnsemble"}
+# What a refusal of a damaged saved folder (checksums.check_intact) tells its reader to do.
+DAMAGED_ADVICE = ("restore the folder from an intact copy (its checksums.json records each file's size and sha256 as "
+                  "it was saved), or train the ensemble again")
 
 
 def combine_logits(logits: Sequence[torch.Tensor], mode: str = "logits",
@@ -443,7 +449,9 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         cls, pretrained_model_name_or_path: str | os.PathLike, *, config: EnsembleConfig | None = None,
         device_map=None, concurrent: bool | None = None, subfolder: str | None = None, **member_load_kwargs
     ) -> "ModelEnsemble":
-        """Load an ensemble saved by `save_pretrained`, each member with `AutoModelForCausalLM.from_pretrained`.
+        """Load an ensemble saved by `save_pretrained`, each member with `AutoModelForCausalLM.from_pretrained`, once
+        the ensemble's folder and every member's are found intact against their checksums.json, where they have one
+        (else DamagedFolderError, naming the file).
 
         `config`: the ensemble's config, when read already (AutoModelForCausalLM passes the one it read); None reads
         the folder's. `device_map` applies to every member, or is a list with one entry per member (e.g. one GPU
@@ -454,10 +462,14 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         """
         member_load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
         inside = f"{subfolder.strip('/')}/" if subfolder else ""
+        folder = Path(pretrained_model_name_or_path) / inside
+        check_intact(folder, DAMAGED_ADVICE)  # a local folder; a hub name has no record
         if config is None:
             config = saved_ensemble_config(pretrained_model_name_or_path, subfolder=inside,
                                            **({"revision": member_load_kwargs["revision"]}
                                               if member_load_kwargs.get("revision") else {}))
+        for member_subfolder in config.member_subfolders:  # all of them, before any member's weights are read
+            check_intact(folder / member_subfolder, DAMAGED_ADVICE)
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
         members = [
             AutoModelForCausalLM.from_pretrained(
@@ -481,6 +493,16 @@ def _same_width(logits: list[torch.Tensor]) -> list[torch.Tensor]:
     return logits
 
 
+def load_member(folder: str | os.PathLike, subfolder: str = "", **load_kwargs) -> PreTrainedModel:
+    """One saved member (or any causal LM's folder, in `subfolder` of `folder`) with
+    `AutoModelForCausalLM.from_pretrained`, from safetensors only, once its folder is found intact against its
+    checksums.json, where it has one (else DamagedFolderError, naming the file). Keyword arguments go to
+    `from_pretrained`."""
+    check_intact(Path(folder) / subfolder, DAMAGED_ADVICE)
+    load_kwargs.setdefault("use_safetensors", True)  # never unpickle weights
+    return AutoModelForCausalLM.from_pretrained(folder, subfolder=subfolder, **load_kwargs)
+
+
 def saved_ensemble_config(folder: str | os.PathLike, **location) -> EnsembleConfig:
     """The EnsembleConfig saved in `folder` (`location`: a Hub repository's subfolder or revision); NotAnEnsembleError
     when its config.json is another model's (a member's folder, say) or lists no member folder."""
@@ -499,13 +521,16 @@ def saved_ensemble_config(folder: str | os.PathLike, **location) -> EnsembleConf
 
 def modelling_code() -> dict[str, str]:
     """The Python files a saved ensemble's folder needs to load without this project, by file name: this module as
-    MODELLING_FILE, with its import of model_io made relative (transformers loads a folder's code as a package), and
-    model_io beside it. Read from the running sources at every save, so the folder's code never drifts from them."""
-    model_io_file = Path(sys.modules[cut_to_vocab.__module__].__file__)
-    # Loaded from a saved folder, this module is MODELLING_FILE and its import is relative already: nothing to change.
-    own_code = re.sub(rf"^from {model_io_file.stem} import ", f"from .{model_io_file.stem} import ",
-                      Path(__file__).read_text(), flags=re.MULTILINE)
-    return {MODELLING_FILE: own_code, model_io_file.name: model_io_file.read_text()}
+    MODELLING_FILE, with its imports of model_io and checksums made relative (transformers loads a folder's code as
+    a package), and those two modules beside it. Read from the running sources at every save, so the folder's code
+    never drifts from them."""
+    imported = [Path(sys.modules[function.__module__].__file__) for function in (cut_to_vocab, check_intact)]
+    own_code = Path(__file__).read_text()
+    for module_file in imported:
+        # Loaded from a saved folder, this module is MODELLING_FILE and its imports are relative already: no change.
+        own_code = re.sub(rf"^from {module_file.stem} import ", f"from .{module_file.stem} import ", own_code,
+                          flags=re.MULTILINE)
+    return {MODELLING_FILE: own_code, **{module_file.name: module_file.read_text() for module_file in imported}}
 
 
 def _one_per_member(device_map, member_count: int) -> list:

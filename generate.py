@@ -11,7 +11,8 @@ The ensemble decodes from its members' combined logits, each member keeping its 
 (a member's, or any causal LM's) is loaded and answers alone. With --distributed (distributed_ensemble.py) every
 process holds a share of the members and decodes the same tokens; the first prints the answer, and at the end all
 check that they decoded the same text. An answer with no text (only whitespace and end-of-turn tokens) prints as a
-line that says so and lists its tokens, never as blank lines.
+line that says so and lists its tokens, never as blank lines. Each folder read is checked against its checksums.json
+before its weights load: a damaged file is refused by name, with exit code 2.
 """
 
 import argparse
@@ -19,9 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
-from ensemble import EnsembleConfig, NotAnEnsembleError
+from checksums import DamagedFolderError
+from ensemble import EnsembleConfig, NotAnEnsembleError, load_member
 from slm_ensembles import distributed_ensemble
 from slm_ensembles.answer_text import shown_answer
 from slm_ensembles.processes import run_command
@@ -58,7 +60,8 @@ def ensemble_folder(path: str) -> Path:
 
 def load_model(folder: Path, args: argparse.Namespace, tokenizer):
     """The ensemble saved in `folder` (placed as `args` say: distributed_ensemble.placed_ensemble), or only its
-    member `args.member`; a single model's folder loads that model."""
+    member `args.member`; a single model's folder loads that model. Each folder read is checked against its
+    checksums.json first, where it has one (DamagedFolderError)."""
     member = args.member
     config = AutoConfig.from_pretrained(folder)
     if not isinstance(config, EnsembleConfig):
@@ -66,14 +69,13 @@ def load_model(folder: Path, args: argparse.Namespace, tokenizer):
             option = f"--member {member}" if member is not None else "--distributed"
             raise MemberError(f"{option}: {folder} holds a single {config.model_type!r} model, not an "
                               f"ensemble; leave out {option.split()[0]}")
-        return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+        return load_member(folder)
     if member is None:
         return distributed_ensemble.placed_ensemble(folder, args, tokenizer)
     if not 0 <= member < len(config.member_subfolders):
         raise MemberError(f"--member {member}: the ensemble in {folder} has {len(config.member_subfolders)} "
                           f"member(s), numbered 0 to {len(config.member_subfolders) - 1}")
-    return AutoModelForCausalLM.from_pretrained(folder, subfolder=config.member_subfolders[member],
-                                                use_safetensors=True)
+    return load_member(folder, config.member_subfolders[member])
 
 
 def tokenizer_folder(folder: Path) -> Path:
@@ -135,6 +137,9 @@ def check_same_tokens(processes, tokens: list[int]) -> None:
             f"rank(s) {differing} decoded other tokens than rank 0: the processes' members or settings differ")
 
 
+# Bad input: one line naming it and exit code 2 (processes.run_command), never a traceback.
+REFUSALS = (FileNotFoundError, NotAnEnsembleError, MemberError, DamagedFolderError, distributed_ensemble.LaunchError,
+            distributed_ensemble.MismatchedEnsembleError)
+
 if __name__ == "__main__":
-    sys.exit(run_command(main, refusals=(FileNotFoundError, NotAnEnsembleError, MemberError,
-                                         distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))
+    sys.exit(run_command(main, refusals=REFUSALS))

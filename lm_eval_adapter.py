@@ -56,10 +56,12 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ensemble import EnsembleConfig, ModelEnsemble
+from checksums import DamagedFolderError
+from ensemble import EnsembleConfig, ModelEnsemble, load_member
 from model_io import check_logits_at, cut_to_vocab, hidden_at, output_head
 from utils import frozen_dtype, load_causal_lm, load_tokenizer, select_device
 from slm_ensembles import embedded, run_state
+from slm_ensembles.processes import run_command
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
@@ -621,7 +623,8 @@ def _tokenizer_folder(folder: Path, fallback: Path) -> Path:
 def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, kinds=MODEL_KINDS,
                member_devices: list[str] | None = None):
     """Yield (kind, path, model, tokenizer) for the run's models, each loaded only when its turn comes; the
-    ensemble's members on `member_devices`, one each (they then run at once), when given."""
+    ensemble's members on `member_devices`, one each (they then run at once), when given. The best member's folder
+    and the ensemble's are checked against their checksums.json before they load (DamagedFolderError)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     trust = bool(config.get("trust_remote_code", False))
@@ -636,7 +639,7 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
         elif kind == "best_member":
             _, folder = best_member(run_dir)
             path = str(folder)
-            model = load_causal_lm(path, dtype, trust).to(device)
+            model = load_member(folder, dtype=dtype, trust_remote_code=trust).to(device)
             tokenizer = load_tokenizer(str(_tokenizer_folder(folder, ensemble_dir)), trust)
         elif kind == "ensemble":
             path = str(ensemble_dir)
@@ -759,5 +762,8 @@ def main(argv=None):
     return 0
 
 
+# Bad input (a damaged member or ensemble folder): one line naming the file and exit code 2 (processes.run_command).
+REFUSALS = (DamagedFolderError,)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, refusals=REFUSALS))

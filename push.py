@@ -29,8 +29,9 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
 
+import checksums
 import config as config_lib
-from slm_ensembles import files, model_card, processes, run_state
+from slm_ensembles import model_card, processes, run_state
 
 try:  # the HTTP client huggingface_hub runs on: httpx2 (huggingface_hub 2.x) or httpx (1.x)
     import httpx2 as _http
@@ -120,7 +121,7 @@ def finished_ensemble(run_dir: str | Path) -> Path:
         raise NotPushableError(f"{ensemble_dir} has no model card ({model_card.CARD_FILE}): the ensemble folder "
                                "is incomplete, and nothing was uploaded")
     for member in listed:
-        problem = files.folder_damage(run_dir / member)
+        problem = checksums.folder_damage(run_dir / member)
         if problem is not None:
             raise NotPushableError(f"{problem}: {run_dir / member} is damaged, and nothing was uploaded; restore it "
                                    "from a copy (its checksums.json says what it held)")

@@ -9,7 +9,8 @@ set beside what metrics.csv reported, in one process or spread over several (dec
 The test split is rebuilt exactly as the run built it (its config.yaml: data source, data_seed, sizes), and scored
 on the same positions with the same combination as the run's evaluation, so the CE equals the run's own up to the
 order of floating-point sums. With --exchange topk it also scores the exact path in the same pass and prints how
-often the greedy (argmax) token differs between the two and what each process sends per token.
+often the greedy (argmax) token differs between the two and what each process sends per token. A member folder
+damaged against its checksums.json is refused by name before its weights load (exit code 2).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from checksums import DamagedFolderError
 import config as config_lib
 from ensemble import ModelEnsemble, NotAnEnsembleError
 from model_io import PaddingCollator
@@ -138,6 +140,9 @@ def main(argv=None) -> Score:
     return result
 
 
+# Bad input (a damaged member folder among it): one line naming it and exit code 2 (processes.run_command).
+REFUSALS = (FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError, DamagedFolderError,
+            distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)
+
 if __name__ == "__main__":
-    sys.exit(run_command(main, refusals=(FileNotFoundError, NotAnEnsembleError, config_lib.ConfigError,
-                                         distributed_ensemble.LaunchError, distributed_ensemble.MismatchedEnsembleError)))
+    sys.exit(run_command(main, refusals=REFUSALS))

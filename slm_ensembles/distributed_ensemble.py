@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from ensemble import WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, saved_ensemble_config
-from slm_ensembles import files
+import checksums
+from ensemble import DAMAGED_ADVICE, WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, load_member, saved_ensemble_config
 from slm_ensembles.processes import LostProcessError
 
 EXCHANGES = ("full", "topk")
@@ -200,15 +200,13 @@ class DistributedEnsemble(ModelEnsemble):
     def from_pretrained(cls, folder: str | os.PathLike, processes: Processes, exchange: str = "full",
                         exchange_k: int = 64, **member_load_kwargs) -> DistributedEnsemble:
         """This process's members of the ensemble saved in `folder`, on its device, each checked against its
-        checksums.json; every process must reach the same ensemble (`check_same_ensemble`)."""
+        checksums.json first (ensemble.load_member; the ensemble's folder too, where it has one); every process must
+        reach the same ensemble (`check_same_ensemble`)."""
+        checksums.check_intact(Path(folder), DAMAGED_ADVICE)
         config = saved_ensemble_config(folder)
         indices = members_of_rank(len(config.member_subfolders), processes.rank, processes.world_size)
-        members = []
-        for index in indices:
-            member_folder = Path(folder) / config.member_subfolders[index]
-            files.check_intact(member_folder, "restore it from a copy, or load the ensemble from an intact folder")
-            members.append(AutoModelForCausalLM.from_pretrained(member_folder, use_safetensors=True,
-                                                                device_map=processes.device, **member_load_kwargs))
+        members = [load_member(folder, config.member_subfolders[index], device_map=processes.device,
+                               **member_load_kwargs) for index in indices]
         ensemble = cls(config, members, indices, processes, exchange, exchange_k)
         ensemble.generation_config = GenerationConfig.from_pretrained(folder)
         return ensemble
@@ -332,7 +330,7 @@ def ensemble_description(folder: str | os.PathLike, tokenizer) -> dict:
 
     members = {}  # only the member folders this machine holds
     for subfolder in config.member_subfolders:
-        record = folder / subfolder / files.CHECKSUMS
+        record = folder / subfolder / checksums.CHECKSUMS
         record = record if record.is_file() else folder / subfolder / "config.json"
         if record.is_file():
             members[subfolder] = digest(record.read_bytes())

@@ -2,7 +2,8 @@
 whole: the project's bottom layer, which every module that writes files imports (and which imports none of them).
 
 - Atomic writes: a file is replaced all at once, or appended to whole or not at all.
-- Checksums: each file's size and sha256, recorded in a folder's checksums.json and checked before it is used.
+- Checksums: each file's size and sha256, recorded in a folder's checksums.json and checked before it is used
+  (checksums.py, the one check; check_intact here refuses a run's damaged folder as a ConfigError).
 - CSV rows: written, appended, rewritten and read back, a row cut short by a kill dropped.
 - Disk refusals: a write the disk has no room for raises DiskSpaceError, naming the folder and the bytes needed.
 - Staging entries: a folder or file built beside its final place under a lock, then moved into place by a rename;
@@ -14,7 +15,6 @@ import csv
 import errno
 import fcntl
 import glob
-import hashlib
 import io
 import json
 import os
@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import checksums
+from checksums import CHECKSUMS, file_record
 import config as config_lib
-
-CHECKSUMS = "checksums.json"  # in a checkpoint, best or member folder: each of its files' size and sha256
 
 
 class DiskSpaceError(RuntimeError):
@@ -89,27 +89,7 @@ def write_all(fd: int, data: bytes) -> None:
         unwritten = unwritten[os.write(fd, unwritten):]
 
 
-# --- checksums: damage found before a saved folder is used ------------------------------------------------------
-
-def file_record(path: Path) -> dict:
-    """The size and sha256 of a file, read in a stream."""
-    with open(path, "rb") as f:
-        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-
-
-def file_damage(path: Path, recorded: dict) -> str | None:
-    """How the file at `path` differs from `recorded`, its file_record when it was written (missing, cut short or
-    grown, or overwritten with other bytes of the same size); None when it does not."""
-    if not path.is_file():
-        return f"{path} is missing"
-    found = file_record(path)
-    if found["size"] != recorded["size"]:
-        return f"{path}: holds {found['size']:,} bytes, but {recorded['size']:,} when it was written"
-    if found["sha256"] != recorded["sha256"]:
-        return (f"{path}: holds {found['size']:,} bytes with sha256 {found['sha256']}, but had sha256 "
-                f"{recorded['sha256']} when it was written")
-    return None
-
+# --- checksums: damage found before a saved folder is used (checksums.py) ----------------------------------------
 
 def write_checksums(folder: Path) -> None:
     """Record the size and sha256 of each file of `folder` in its checksums.json, written after them (atomically):
@@ -119,26 +99,13 @@ def write_checksums(folder: Path) -> None:
     write_atomically(folder / CHECKSUMS, json.dumps(records, indent=2) + "\n")
 
 
-def folder_damage(folder: Path) -> str | None:
-    """What is wrong with `folder` against its checksums.json (the first file that is not as recorded, or the record
-    itself unreadable); None when nothing is, or when it has no checksums.json: a folder saved before they were
-    recorded is taken as it is."""
-    path = folder / CHECKSUMS
-    if not path.is_file():
-        return None
-    try:
-        recorded = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return f"{path} is unreadable ({error})"
-    problems = (file_damage(folder / name, record) for name, record in recorded.items())
-    return next((problem for problem in problems if problem is not None), None)
-
-
 def check_intact(folder: Path, what_to_do: str) -> None:
-    """Refuse (ConfigError) a folder that folder_damage finds damaged, naming the file and what was wrong with it."""
-    problem = folder_damage(folder)
-    if problem is not None:
-        raise config_lib.ConfigError(f"{problem}: {folder} is damaged and nothing was loaded from it; {what_to_do}")
+    """checksums.check_intact for the run's own folders, refused as a ConfigError (bad input: exit code 2), naming
+    the file and what was wrong with it."""
+    try:
+        checksums.check_intact(folder, what_to_do)
+    except checksums.DamagedFolderError as error:
+        raise config_lib.ConfigError(str(error)) from None
 
 
 # --- CSV rows -----------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 
+import checksums
 import config as config_lib
 from slm_ensembles import compute, files, processes
 
@@ -427,7 +428,7 @@ def latest_complete_checkpoint(checkpoint_dir: Path, num_processes: int = 1) -> 
     for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
         if not is_complete_checkpoint(candidate, num_processes):
             continue
-        problem = files.folder_damage(candidate)
+        problem = checksums.folder_damage(candidate)
         if problem is None:
             return candidate
         print(f"warning: {problem}: checkpoint {candidate} is damaged, so the round resumes from an older one (or "
@@ -446,7 +447,7 @@ def is_complete_checkpoint(checkpoint: Path, num_processes: int) -> bool:
     state silently draws other random numbers), so every one of those must be there too. A checkpoint written by a
     single process (rng_state.pth) is complete without them.
     """
-    if (checkpoint / files.CHECKSUMS).is_file():
+    if (checkpoint / checksums.CHECKSUMS).is_file():
         return True
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())

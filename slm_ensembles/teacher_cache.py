@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from accelerate.utils import reduce
 
+import checksums
 from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
 import preprocess_dataset
 import utils
@@ -577,7 +578,7 @@ def _publish(staging: Path, shard_dir: Path, plan: dict) -> Path:
     """Record the size and sha256 of each file of the finished staging folder in its shard.json, and move it into
     place (a rename: readers never see half a shard); a shard another process finished first for the same plan is
     kept."""
-    file_records = {path.name: files.file_record(path) for path in sorted(staging.glob("*.npy"))}
+    file_records = {path.name: checksums.file_record(path) for path in sorted(staging.glob("*.npy"))}
     record = {**_read_record(staging), "files": file_records}
     files.write_atomically(staging / SHARD_RECORD_FILE, json.dumps(record, indent=2) + "\n")
     files.publish_folder(staging, shard_dir, lambda folder: _plan(_read_record(folder)) == plan)
@@ -878,7 +879,7 @@ def _verify_once(shard_dir: Path, file_records: dict[str, dict]) -> None:
     if key in _VERIFIED:
         return
     for name, recorded in file_records.items():
-        problem = files.file_damage(shard_dir / name, recorded)
+        problem = checksums.file_damage(shard_dir / name, recorded)
         if problem is not None:
             raise CacheCorruptError(
                 f"{problem}: the file changed since (a disk or copy error, or an overwrite). Nothing was read from "

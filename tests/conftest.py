@@ -109,6 +109,15 @@ def free_disk(free: int):
     return lambda path: type("Usage", (), {"free": free})()
 
 
+def damage_second_half(path: Path) -> bytes:
+    """Overwrite the second half of the file `path` with random bytes, keeping its size (a safetensors file keeps its
+    header, so it still loads, into other weights): the damage only its checksums.json can tell. Its intact bytes."""
+    intact = path.read_bytes()
+    half = len(intact) // 2
+    path.write_bytes(intact[:half] + os.urandom(len(intact) - half))
+    return intact
+
+
 def run_test_preset(tmp_path, *extra) -> Path:
     """A finished `test`-preset run (2 rounds) of a tiny teacher on the chat fixture, with `extra` settings; its
     folder."""

@@ -13,16 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_diverse_member
+from conftest import build_diverse_member, damage_second_half
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 from transformers.cache_utils import DynamicCache
 from transformers.dynamic_module_utils import get_imports
 from transformers.generation.streamers import BaseStreamer
 
+import checksums
+from checksums import DamagedFolderError
 import ensemble as ensemble_module
 from ensemble import (AUTO_MAP, MODELLING_FILE, EnsembleCache, EnsembleConfig, ModelEnsemble, NotAnEnsembleError,
-                      combine_logits, training_mixture_weights, weights_with_new_member)
+                      combine_logits, load_member, training_mixture_weights, weights_with_new_member)
 import model_io
+from slm_ensembles import files
 
 PROMPTS = ["Hello there, how are you", "What is the capital of France? Tell me"]
 
@@ -275,6 +278,52 @@ def test_loading_a_folder_that_holds_no_ensemble_is_refused_naming_it(tmp_path, 
         ModelEnsemble.from_pretrained(tmp_path / "empty")
 
 
+def saved_with_checksums(folder: Path, members, tokenizer, ensemble_record: bool = False) -> Path:
+    """`members` saved as an ensemble in `folder`, each member folder with its checksums.json as a run saves it
+    (run_state.save_member_atomically); the ensemble's own folder too with `ensemble_record`."""
+    ModelEnsemble.from_members(members, vocab_size=len(tokenizer)).save_pretrained(folder, tokenizer=tokenizer)
+    for member_folder in sorted(folder.glob("member_*")):
+        files.write_checksums(member_folder)
+    if ensemble_record:
+        files.write_checksums(folder)
+    return folder
+
+
+def test_loading_refuses_a_member_whose_weights_changed_since_they_were_saved_naming_the_file(tmp_path, tokenizer,
+                                                                                             members, prompt_ids):
+    folder = saved_with_checksums(tmp_path / "ensemble", members[:2], tokenizer)
+    intact = ModelEnsemble.from_pretrained(folder)  # checked, and intact
+    weights = folder / "member_1" / "model.safetensors"
+    damage_second_half(weights)
+    with pytest.raises(DamagedFolderError) as refusal:
+        ModelEnsemble.from_pretrained(folder)
+    message = str(refusal.value)
+    assert message.startswith(f"{weights}: holds {weights.stat().st_size:,} bytes with sha256 ")
+    assert f"{folder / 'member_1'} is damaged and nothing was loaded from it; restore the folder from an intact copy" \
+        in message
+    (folder / "member_1" / checksums.CHECKSUMS).unlink()  # a member saved before checksums were recorded loads
+    unrecorded = ModelEnsemble.from_pretrained(folder)
+    assert not torch.equal(unrecorded(prompt_ids).logits, intact(prompt_ids).logits)  # from the damaged weights
+
+
+def test_loading_refuses_an_ensemble_folder_whose_own_files_changed(tmp_path, tokenizer, members):
+    folder = saved_with_checksums(tmp_path / "ensemble", members[:1], tokenizer, ensemble_record=True)
+    ModelEnsemble.from_pretrained(folder)
+    damage_second_half(folder / "generation_config.json")
+    with pytest.raises(DamagedFolderError, match=f"^{re.escape(str(folder / 'generation_config.json'))}: holds "):
+        ModelEnsemble.from_pretrained(folder)
+
+
+def test_a_member_loaded_alone_is_checked_first(tmp_path, tokenizer, members, prompt_ids):
+    folder = saved_with_checksums(tmp_path / "ensemble", members[:1], tokenizer)
+    alone = load_member(folder, "member_0")
+    torch.testing.assert_close(alone(prompt_ids).logits, members[0](prompt_ids).logits, rtol=0, atol=0)
+    damage_second_half(folder / "member_0" / "model.safetensors")
+    for where in ((folder, "member_0"), (folder / "member_0",)):
+        with pytest.raises(DamagedFolderError, match=re.escape(f"{folder / 'member_0' / 'model.safetensors'}: ")):
+            load_member(*where)
+
+
 def test_an_ensemble_folder_is_known_to_auto_config_so_its_tokenizer_loads_without_a_warning(tmp_path, tokenizer,
                                                                                              members):
     """AutoTokenizer reads a folder's config.json through AutoConfig; an unknown model type made it fall back to the
@@ -508,13 +557,20 @@ def test_members_on_one_device_run_one_after_another_unless_asked(tmp_path, toke
 
 # Run by a Python that sees none of the project's files: -I leaves the script's folder, the working folder and
 # PYTHONPATH off sys.path (site-packages, with torch and transformers, stay); nor accelerate, which transformers does
-# not require. It loads the folder in its working folder as docs/configuration.md says, and prints what it generated.
+# not require. It loads the folder in its working folder as docs/configuration.md says, and prints what it generated,
+# and what loading a copy of it with a damaged member raised.
 STANDALONE_LOAD = """
 import importlib.util, json, sys
 sys.modules["accelerate"] = None  # import accelerate now fails, and transformers finds it unavailable
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 prompt, new_tokens = sys.argv[1], int(sys.argv[2])
-project_modules = [name for name in ("ensemble", "model_io", "conftest") if importlib.util.find_spec(name)]
+project_modules = [name for name in ("ensemble", "model_io", "checksums", "files", "conftest")
+                   if importlib.util.find_spec(name)]
+try:
+    AutoModelForCausalLM.from_pretrained("damaged", trust_remote_code=True)
+    refusal = None
+except Exception as error:
+    refusal = {"class": f"{type(error).__module__}.{type(error).__name__}", "message": str(error)}
 model = AutoModelForCausalLM.from_pretrained("ensemble", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("ensemble")
 generated = model.generate(tokenizer(prompt, return_tensors="pt").input_ids, do_sample=False,
@@ -522,7 +578,7 @@ generated = model.generate(tokenizer(prompt, return_tensors="pt").input_ids, do_
 generator = pipeline("text-generation", model="ensemble", trust_remote_code=True)
 text = generator(prompt, do_sample=False, max_new_tokens=new_tokens, eos_token_id=None)[0]["generated_text"]
 print(json.dumps({"project_modules": project_modules, "class": type(model).__module__, "tokens": generated.tolist(),
-                  "text": text}))
+                  "text": text, "refusal": refusal}))
 """
 
 
@@ -530,8 +586,12 @@ def test_a_copied_ensemble_folder_generates_the_same_tokens_where_the_project_ca
         tmp_path, tokenizer, members, prompt_ids):
     ModelEnsemble.from_members(members, combine="probs", vocab_size=len(tokenizer)).save_pretrained(
         tmp_path / "saved", tokenizer=tokenizer)
+    for index in range(len(members)):  # as a run saves its members: checked where the folder is loaded
+        files.write_checksums(tmp_path / "saved" / f"member_{index}")
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "saved", elsewhere / "ensemble")
+    shutil.copytree(tmp_path / "saved", elsewhere / "damaged")
+    damage_second_half(elsewhere / "damaged" / "member_2" / "model.safetensors")
     (elsewhere / "load.py").write_text(STANDALONE_LOAD)
     environment = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
                    "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
@@ -542,6 +602,11 @@ def test_a_copied_ensemble_folder_generates_the_same_tokens_where_the_project_ca
 
     assert loaded["project_modules"] == []
     assert loaded["class"].startswith("transformers_modules.")  # the folder's code, not the project's
+    refusal = loaded["refusal"]  # by the folder's own copy of checksums.py
+    assert refusal is not None
+    assert re.fullmatch(r"transformers_modules\..*checksums\.DamagedFolderError", refusal["class"])
+    assert refusal["message"].startswith(f"{Path('damaged', 'member_2', 'model.safetensors')}: holds ")
+    assert "restore the folder from an intact copy" in refusal["message"]
     project = ModelEnsemble.from_pretrained(tmp_path / "saved")
     expected = project.generate(prompt_ids, do_sample=False, max_new_tokens=8, eos_token_id=None)
     assert loaded["tokens"] == expected.tolist()
@@ -550,13 +615,16 @@ def test_a_copied_ensemble_folder_generates_the_same_tokens_where_the_project_ca
                                         eos_token_id=None)[0]["generated_text"]
 
 
-def test_the_saved_code_is_the_projects_own_with_its_model_io_import_made_relative(tmp_path, tokenizer, members):
+def test_the_saved_code_is_the_projects_own_with_its_imports_made_relative(tmp_path, tokenizer, members):
     ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer)).save_pretrained(tmp_path, tokenizer=tokenizer)
     ensemble_source = Path(ensemble_module.__file__).read_text()
     assert ensemble_source.count("\nfrom model_io import ") == 1
-    assert (tmp_path / MODELLING_FILE).read_text() == ensemble_source.replace("\nfrom model_io import ",
-                                                                              "\nfrom .model_io import ")
+    assert ensemble_source.count("\nfrom checksums import ") == 1
+    assert (tmp_path / MODELLING_FILE).read_text() == ensemble_source.replace(
+        "\nfrom model_io import ", "\nfrom .model_io import ").replace("\nfrom checksums import ",
+                                                                      "\nfrom .checksums import ")
     assert (tmp_path / "model_io.py").read_text() == Path(model_io.__file__).read_text()
+    assert (tmp_path / "checksums.py").read_text() == Path(checksums.__file__).read_text()
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == AUTO_MAP
 
 
@@ -564,7 +632,7 @@ def test_the_saved_code_needs_only_torch_transformers_and_the_standard_library(t
     """transformers refuses a folder's code whose imports are not installed (dynamic_module_utils.check_imports):
     an environment with just torch and transformers (no accelerate, which transformers does not require) loads it."""
     ModelEnsemble.from_members(members[:1]).save_pretrained(tmp_path)
-    for name in (MODELLING_FILE, "model_io.py"):
+    for name in (MODELLING_FILE, "model_io.py", "checksums.py"):
         assert set(get_imports(tmp_path / name)) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, name
 
 

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tokenizer, run_test_preset
+from conftest import build_tokenizer, damage_second_half, run_test_preset
 from ensemble import ModelEnsemble
 import generate
 from slm_ensembles import distributed_ensemble
 from slm_ensembles.answer_text import shown_answer
+from slm_ensembles.processes import EXIT_BAD_INPUT, run_command
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,37 @@ def test_a_member_that_does_not_exist_is_refused_naming_those_that_do(run_dir):
         generate.main([str(run_dir), "Hello", "--member", "5"])
     with pytest.raises(generate.MemberError, match="--member -1"):
         generate.main([str(run_dir), "Hello", "--member", "-1"])
+
+
+@pytest.fixture(scope="module")
+def damaged_run(run_dir, tmp_path_factory):
+    """A copy of the run's ensemble whose member_1 has other bytes in the second half of its weights (the same
+    size): what its checksums.json records no longer."""
+    copy = tmp_path_factory.mktemp("damaged") / "run_1"
+    shutil.copytree(run_dir / "ensemble", copy / "ensemble")
+    damage_second_half(copy / "ensemble" / "member_1" / "model.safetensors")
+    return copy
+
+
+def test_a_damaged_member_is_refused_naming_the_file_with_exit_code_2_and_no_traceback(damaged_run):
+    """As a new user would run it: the command line, not main()."""
+    weights = damaged_run / "ensemble" / "member_1" / "model.safetensors"
+    result = subprocess.run([sys.executable, "generate.py", str(damaged_run), "Hello", "--max_new_tokens", "2"],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    assert f"error: {weights}: holds " in result.stderr
+    assert "is damaged and nothing was loaded from it; restore the folder from an intact copy" in result.stderr
+
+
+@pytest.mark.parametrize("where", [["{run}", "--member", "1"], ["{run}/ensemble/member_1"]],
+                         ids=["--member", "the member's folder"])
+def test_a_damaged_member_loaded_alone_is_refused_too(damaged_run, where, capsys):
+    argv = [part.format(run=damaged_run) for part in where]
+    assert run_command(lambda: generate.main([argv[0], "Hello", *argv[1:]]), generate.REFUSALS) == EXIT_BAD_INPUT
+    weights = damaged_run / "ensemble" / "member_1" / "model.safetensors"
+    assert capsys.readouterr().err.startswith(f"error: {weights}: holds ")
+    assert generate.main([str(damaged_run), "Hello", "--member", "0", "--max_new_tokens", "2"])  # member_0 is intact
 
 
 class RecordingHandler(logging.Handler):

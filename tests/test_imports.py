@@ -69,7 +69,7 @@ def test_importing_every_module_changes_nothing(tmp_path):
 # The project's modules, bottom first (drawn in docs/layout.md). A module imports only from its own layer or those
 # below it, so that the ones at the bottom can be read, tested and changed without the scripts above them.
 LAYERS = {
-    "foundation": ["config", "model_io", "slm_ensembles.files", "slm_ensembles.compute", "slm_ensembles.processes"],
+    "foundation": ["checksums", "config", "model_io", "slm_ensembles.files", "slm_ensembles.compute", "slm_ensembles.processes"],
     "parts": ["utils", "preprocess_dataset", "ensemble", "slm_ensembles.embedded", "slm_ensembles.students",
               "slm_ensembles.losses", "slm_ensembles.tracking", "slm_ensembles.answer_text"],
     "state": ["slm_ensembles.run_state", "slm_ensembles.teacher_cache", "slm_ensembles.distributed_ensemble"],
@@ -113,11 +113,11 @@ def test_every_module_has_a_layer():
 
 def test_the_top_level_holds_only_what_a_user_runs_or_edits():
     """Beside the design card's files, a top-level module is a command (it runs as a script) or a file the package
-    imports that a saved ensemble folder also carries (model_io); the rest is machinery and lives in a package."""
+    imports that a saved ensemble folder also carries (model_io, checksums); the rest is machinery and lives in a package."""
     top_level = {module for module in MODULES if "." not in module}
     commands = {module for module in top_level
                 if 'if __name__ == "__main__":' in (REPOSITORY / f"{module}.py").read_text()}
-    assert top_level - DESIGN_CARD - commands == {"model_io"}
+    assert top_level - DESIGN_CARD - commands == {"model_io", "checksums"}
 
 
 def test_no_module_imports_a_project_module_inside_a_function():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -13,11 +14,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import build_tiny_llama, build_tokenizer
+from checksums import DamagedFolderError
+from conftest import build_tiny_llama, build_tokenizer, damage_second_half
 from ensemble import COMBINE_MODES, WEIGHTED_MODES, ModelEnsemble
 import lm_eval_adapter
 from lm_eval_adapter import DEFAULT_TASKS_DIR, CausalLMAdapter, cut_at_stop, make_lm, run_models, task_manager
 from utils import load_causal_lm
+from slm_ensembles import files
+from slm_ensembles.processes import EXIT_BAD_INPUT, run_command
 
 LOCAL_TASKS = ["slm_tiny_mc", "slm_tiny_gen", "slm_tiny_ppl"]
 PAIRS = [
@@ -498,6 +502,39 @@ def test_the_ensemble_is_loaded_one_member_per_given_device_and_scores_the_same(
     assert [greedy for _, greedy in scores] == [greedy for _, greedy in expected]
     with pytest.raises(ValueError, match="2 device maps given for 3 members"):
         next(run_models(run_dir, torch.float32, torch.device("cpu"), kinds=["ensemble"], member_devices=["cpu"] * 2))
+
+
+@pytest.fixture
+def recorded_run(run_dir, tmp_path):
+    """A copy of the run folder whose members have their checksums.json, as a run saves them."""
+    copy = tmp_path / "run_1"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("lm_eval.csv"))
+    for member in sorted((copy / "ensemble").glob("member_*")):
+        files.write_checksums(member)
+    return copy
+
+
+def test_a_damaged_best_member_is_refused_naming_the_file(recorded_run):
+    (kind, path, _, _), = run_models(recorded_run, torch.float32, torch.device("cpu"), kinds=["best_member"])
+    weights = recorded_run / "ensemble" / "member_1" / "model.safetensors"  # the best member
+    assert path == str(weights.parent)
+    damage_second_half(weights)
+    with pytest.raises(DamagedFolderError, match=f"^{re.escape(str(weights))}: holds .* is damaged and nothing was "
+                                                 "loaded from it; restore the folder from an intact copy"):
+        next(run_models(recorded_run, torch.float32, torch.device("cpu"), kinds=["best_member"]))
+
+
+def test_a_damaged_ensemble_member_stops_the_command_with_exit_code_2_naming_the_file(recorded_run, monkeypatch,
+                                                                                     capsys):
+    # lm-eval is needed only once the models are loaded: the refusal comes before (and is tested without it).
+    monkeypatch.setattr(lm_eval_adapter, "require_lm_eval", lambda: None)
+    monkeypatch.setattr(lm_eval_adapter, "task_manager", lambda *args, **kwargs: None)
+    weights = recorded_run / "ensemble" / "member_2" / "model.safetensors"
+    damage_second_half(weights)
+    argv = [str(recorded_run), "--tasks", "slm_tiny_mc", "--models", "ensemble", "--device", "cpu"]
+    assert run_command(lambda: lm_eval_adapter.main(argv), lm_eval_adapter.REFUSALS) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.startswith(f"error: {weights}: holds ")
+    assert not (recorded_run / "lm_eval.csv").exists()
 
 
 def test_best_member_needs_student_rows(tmp_path):

@@ -2,15 +2,17 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_test_preset
+from conftest import damage_second_half, run_test_preset
 import score
 from slm_ensembles import files, run_state
+from slm_ensembles.processes import EXIT_BAD_INPUT, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,3 +65,19 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
     result = subprocess.run([sys.executable, "score.py", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert f"{tmp_path}: not a run folder (no config.yaml)" in result.stderr
+
+
+def test_a_damaged_member_is_refused_naming_the_file_before_its_weights_load(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run_1"
+    shutil.copytree(run_dir / "ensemble", copy / "ensemble")
+    for name in ("config.yaml", run_state.METRICS):
+        shutil.copy(run_dir / name, copy / name)
+    assert score.main([str(copy)]).ce == pytest.approx(reported(run_dir), rel=1e-5)  # the copy is intact
+    weights = copy / "ensemble" / "member_0" / "model.safetensors"
+    damage_second_half(weights)
+    capsys.readouterr()
+    assert run_command(lambda: score.main([str(copy)]), score.REFUSALS) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert "held-out CE" not in captured.out
+    assert captured.err.startswith(f"error: {weights}: holds ")
+    assert "is damaged and nothing was loaded from it; restore the folder from an intact copy" in captured.err

@@ -3,6 +3,8 @@ refuses processes that loaded different ensembles, and stops, naming the process
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_diverse_member, build_tokenizer
+from checksums import DamagedFolderError
+from conftest import build_diverse_member, build_tokenizer, damage_second_half
 import score
-from slm_ensembles import distributed_ensemble
+from slm_ensembles import distributed_ensemble, files
 from distributed_ensemble_probe import greedy_answers, scoring_dataset
 from ensemble import COMBINE_MODES, ModelEnsemble
 from model_io import PaddingCollator
@@ -112,6 +115,27 @@ def test_a_process_not_started_by_a_launcher_is_told_how_to_launch(monkeypatch):
 
 def top_k_candidates(parts, k):
     return torch.cat([part.topk(k, dim=-1).indices for part in parts], dim=-1)
+
+
+def test_a_process_refuses_a_damaged_member_of_its_share_naming_the_file(tmp_path, saved):
+    root, _ = saved
+    folder = tmp_path / "ensemble"
+    shutil.copytree(root / "logits", folder)
+    for member in sorted(folder.glob("member_*")):
+        files.write_checksums(member)
+    weights = folder / "member_2" / "model.safetensors"
+    damage_second_half(weights)
+    alone = distributed_ensemble.Processes(rank=0, world_size=1, device=torch.device("cpu"), store=None, timeout_s=1)
+    last = distributed_ensemble.Processes(rank=1, world_size=2, device=torch.device("cpu"), store=None, timeout_s=1)
+    first = distributed_ensemble.Processes(rank=0, world_size=2, device=torch.device("cpu"), store=None, timeout_s=1)
+    for processes in (alone, last):  # those whose share holds member_2
+        with pytest.raises(DamagedFolderError, match=f"^{re.escape(str(weights))}: holds "):
+            distributed_ensemble.DistributedEnsemble.from_pretrained(folder, processes)
+    assert len(distributed_ensemble.DistributedEnsemble.from_pretrained(folder, first)) == 1  # member_0: intact
+    files.write_checksums(folder)  # the ensemble's own files, checked by every process
+    damage_second_half(folder / "generation_config.json")
+    with pytest.raises(DamagedFolderError, match=f"^{re.escape(str(folder / 'generation_config.json'))}: holds "):
+        distributed_ensemble.DistributedEnsemble.from_pretrained(folder, first)
 
 
 def test_a_part_is_sent_as_its_values_at_the_candidates_and_the_mean_of_the_rest():

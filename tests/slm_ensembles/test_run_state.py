@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checksums
 import config as config_lib
 from conftest import accelerate_launch, free_disk
 from slm_ensembles import files, processes, run_state
@@ -62,7 +63,7 @@ CHECKPOINT_DAMAGE = {  # what is done to checkpoint-2: the file, the change, and
     "trainer state emptied": ("trainer_state.json", lambda path: path.write_text(""),
                               ": holds 0 bytes, but 18 when it was written"),
     "model removed": ("model.safetensors", lambda path: path.unlink(), " is missing"),
-    "checksums overwritten": (files.CHECKSUMS, lambda path: path.write_bytes(b"\xff" * 10), " is unreadable"),
+    "checksums overwritten": (checksums.CHECKSUMS, lambda path: path.write_bytes(b"\xff" * 10), " is unreadable"),
 }
 
 
@@ -83,7 +84,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_newest_intact_one_by_name(t
 def test_a_checkpoint_written_before_checksums_is_taken_as_before(tmp_path):
     recorded = checkpoint_with_checksums(tmp_path, 1)
     unrecorded = checkpoint_with_checksums(tmp_path, 2)
-    (unrecorded / files.CHECKSUMS).unlink()
+    (unrecorded / checksums.CHECKSUMS).unlink()
     (unrecorded / "model.safetensors").write_bytes(b"other bytes")  # nothing tells this from its first content
     assert run_state.latest_complete_checkpoint(tmp_path) == unrecorded
     (unrecorded / "trainer_state.json").unlink()  # and without its trainer state it is incomplete, as before
@@ -93,8 +94,8 @@ def test_a_checkpoint_written_before_checksums_is_taken_as_before(tmp_path):
 def test_a_damaged_member_is_refused_by_name(tmp_path, tokenizer, tiny_llama):
     member = tmp_path / "member_0"
     run_state.save_member_atomically(tiny_llama, tokenizer, member, {"steps_run": 3})
-    recorded = json.loads((member / files.CHECKSUMS).read_text())
-    assert sorted(recorded) == sorted(path.name for path in member.iterdir() if path.name != files.CHECKSUMS)
+    recorded = json.loads((member / checksums.CHECKSUMS).read_text())
+    assert sorted(recorded) == sorted(path.name for path in member.iterdir() if path.name != checksums.CHECKSUMS)
     files.check_intact(member, "delete it")
     weights = member / "model.safetensors"
     intact = weights.read_bytes()
@@ -102,7 +103,7 @@ def test_a_damaged_member_is_refused_by_name(tmp_path, tokenizer, tiny_llama):
     with pytest.raises(config_lib.ConfigError) as error:
         files.check_intact(member, "delete it")
     assert str(error.value) == (f"{weights}: holds {len(intact):,} bytes with sha256 "
-                                f"{files.file_record(weights)['sha256']}, but had sha256 "
+                                f"{checksums.file_record(weights)['sha256']}, but had sha256 "
                                 f"{recorded['model.safetensors']['sha256']} when it was written: {member} is damaged "
                                 "and nothing was loaded from it; delete it")
 
@@ -146,7 +147,7 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
                         Dataset.from_list([row for row in rows if row is not None]), tokenizer,
                         callbacks=[run_state.RecordChecksums()]).train()
     checkpoint = tmp_path / "checkpoints" / "checkpoint-1"
-    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / files.CHECKSUMS).is_file()
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / checksums.CHECKSUMS).is_file()
     written = folder_bytes(checkpoint)
     assert written <= run_state.checkpoint_bytes(student, tokenizer) < 1.5 * written
     run_state.save_member_atomically(student, tokenizer, tmp_path / "member_0", {"steps_run": 1})
@@ -279,7 +280,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert result["steps_done"] == [1, 1]
     assert result["stopped_by_signal"] == [True, True]
     checkpoint = tmp_path / "out_2" / "checkpoint-1"
-    recorded = json.loads((checkpoint / files.CHECKSUMS).read_text())
+    recorded = json.loads((checkpoint / checksums.CHECKSUMS).read_text())
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= set(recorded)
     assert run_state.latest_complete_checkpoint(checkpoint.parent, num_processes=2) == checkpoint
 

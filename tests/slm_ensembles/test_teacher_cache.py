@@ -19,6 +19,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 import build_teacher_cache
+import checksums
 import config as config_lib
 from conftest import DATA_DIR, build_tiny_llama
 import main
@@ -838,8 +839,8 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
 
     values.write_bytes(intact)
     hashed = []
-    real_file_record = files.file_record
-    monkeypatch.setattr(files, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
+    real_file_record = checksums.file_record
+    monkeypatch.setattr(checksums, "file_record", lambda path: hashed.append(path.name) or real_file_record(path))
     TeacherCache.open(cache_dir, {})
     TeacherCache.open(cache_dir, {})
     assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process
