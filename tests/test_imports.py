@@ -113,7 +113,7 @@ def test_every_module_has_a_layer():
 
 def test_the_top_level_holds_only_what_a_user_runs_or_edits():
     """Beside the design card's files, a top-level module is a command (it runs as a script) or a file the package
-    imports that a saved ensemble folder also carries (model_io, checksums); the rest is machinery and lives in a package."""
+    imports that a saved ensemble folder also carries (model_io, checksums); the rest is machinery, in a package."""
     top_level = {module for module in MODULES if "." not in module}
     commands = {module for module in top_level
                 if 'if __name__ == "__main__":' in (REPOSITORY / f"{module}.py").read_text()}
