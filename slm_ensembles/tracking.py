@@ -71,3 +71,8 @@ def log_round(trackers: list, round_index: int, rows: list[dict]) -> None:
 def finish(trackers: list) -> None:
     for tracker in trackers:
         tracker.finish()
+
+
+def run_name(folder: Path, output_root: str | Path) -> str:
+    """The run's name in trackers: its folder below output_root (YYYY-MM-DD/run_N)."""
+    return str(folder.relative_to(output_root)) if folder.is_relative_to(output_root) else folder.name
