@@ -120,7 +120,18 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first key whose value is out of range."""
-        checks = [
+        # Ranges alone let inf and nan through (inf > 0), and a run with them skips every step as non-finite.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {field.name!r} = {value!r} must be a finite number")
+        for key, ok, requirement in [*self._training_checks(), *self._model_checks()]:
+            if not ok:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r} {requirement}")
+
+    def _training_checks(self) -> list[tuple[str, bool, str]]:
+        """(key, whether its value is in range, what it must be) for the loss, optimisation and data settings."""
+        return [
             ("alpha", 0.0 <= self.alpha <= 1.0, "must lie in [0, 1] (1 = pure distillation, 0 = pure NLL)"),
             ("temperature", self.temperature > 0, "must be > 0"),
             ("jsd_beta", 0.0 < self.jsd_beta < 1.0, "must lie strictly between 0 and 1"),
@@ -144,26 +155,32 @@ class Config:
             ("test_size", self.test_size >= 1, "must be >= 1"),
             ("max_examples", self.max_examples is None or self.max_examples > self.test_size,
              "must exceed test_size (or be null for the whole source)"),
+            ("eval_steps", self.eval_steps >= 0, "must be >= 0 (0 turns early stopping off)"),
+            ("early_stopping_patience", self.early_stopping_patience >= 1, "must be >= 1"),
+            ("early_stopping_min_delta", self.early_stopping_min_delta >= 0, "must be >= 0"),
+            ("early_stopping_examples", self.eval_steps == 0 or self.early_stopping_examples >= 1,
+             "must be >= 1 with eval_steps > 0"),
+            ("divergence", self.divergence in ("forward_kl", "reverse_kl", "jsd"),
+             "must be one of forward_kl, reverse_kl, jsd"),
+            ("nll_target", self.nll_target in ("mixture", "student"), "must be mixture or student"),
+            ("kl_scale", self.kl_scale in ("none", "ensemble_size"), "must be none or ensemble_size"),
+        ]
+
+    def _model_checks(self) -> list[tuple[str, bool, str]]:
+        """(key, whether its value is in range, what it must be) for the students, the ensemble, the baselines, the
+        teacher and the machine."""
+        return [
             ("student_init", self.student_init in ("random", "teacher_layers", "pretrained"),
              "must be one of random, teacher_layers, pretrained"),
             ("student_model", self.student_init != "pretrained" or bool(self.student_model),
              "must name a model when student_init=pretrained"),
             ("teacher_layers", self.student_init != "teacher_layers" or len(self.teacher_layers) >= 1,
              "must list at least one layer index"),
-            ("divergence", self.divergence in ("forward_kl", "reverse_kl", "jsd"),
-             "must be one of forward_kl, reverse_kl, jsd"),
-            ("nll_target", self.nll_target in ("mixture", "student"), "must be mixture or student"),
             ("combine", self.combine in ("logits", "probs", "weighted", "additive"),
              "must be logits, probs, weighted or additive"),
             ("weight_fit_examples", self.combine != "weighted" or self.weight_fit_examples >= 1,
              "must be >= 1 with combine=weighted"),
             ("eta", self.eta > 0, "must be > 0"),
-            ("eval_steps", self.eval_steps >= 0, "must be >= 0 (0 turns early stopping off)"),
-            ("early_stopping_patience", self.early_stopping_patience >= 1, "must be >= 1"),
-            ("early_stopping_min_delta", self.early_stopping_min_delta >= 0, "must be >= 0"),
-            ("early_stopping_examples", self.eval_steps == 0 or self.early_stopping_examples >= 1,
-             "must be >= 1 with eval_steps > 0"),
-            ("kl_scale", self.kl_scale in ("none", "ensemble_size"), "must be none or ensemble_size"),
             ("baseline", self.baseline in ("none", "independent", "single_matched", "single_large"),
              "must be none, independent, single_matched or single_large"),
             ("baseline", self.baseline != "single_large" or self.student_init != "pretrained",
@@ -187,14 +204,6 @@ class Config:
             ("push_to_hub", self.push_to_hub is None or is_repo_id(self.push_to_hub),
              "must be a Hub repository id, OWNER/NAME (letters, digits, '-', '_', '.'), or null for no upload"),
         ]
-        # Ranges alone let inf and nan through (inf > 0), and a run with them skips every step as non-finite.
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"config key {field.name!r} = {value!r} must be a finite number")
-        for key, ok, requirement in checks:
-            if not ok:
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r} {requirement}")
 
     def rounds_run_the_teacher(self) -> bool:
         """Whether the rounds need the whole teacher (it runs online, or students copy its layers); otherwise its

@@ -32,37 +32,26 @@ Usage:
 import argparse
 import copy
 import dataclasses
-import functools
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import AutoConfig
 
 import config as config_lib
 from ensemble import WEIGHTED_MODES, ModelEnsemble, weights_with_new_member
-from model_io import PaddingCollator, check_logits_at
+from model_io import PaddingCollator
 import plot
 import preprocess_dataset
 import push as push_lib
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
                    SpendMeter, resumed_state, round_schedule, training_arguments)
 import utils
-from slm_ensembles import (compute, dry_run, embedded, files, model_card, processes, run_state, students,
-                           teacher_cache, tracking)
-from slm_ensembles.evaluation import SAMPLE_PROMPTS, evaluate, evaluation_teacher, new_member_weight, sample_answers
+from slm_ensembles import (compute, dry_run, embedded, files, processes, records, run_state, students, teacher_cache,
+                           tracking)
+from slm_ensembles import teacher as teacher_lib
+from slm_ensembles.evaluation import evaluate, new_member_weight
 from slm_ensembles.losses import LossSettings
-
-TRAINING_COLUMNS = ("steps_run", "member_step", "stop_reason")  # from a member's training record
-METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
-                  "gap_closed", "diversity", "num_tokens", "seconds", *TRAINING_COLUMNS, *compute.COLUMNS]
-TRAINED_ROWS = ("student", "ensemble")  # the rows of a round that its training record (steps, stop) belongs to
-SAMPLE_COLUMNS = ["round", "model", "prompt", "answer", "new_tokens"]
-
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -117,7 +106,8 @@ def main(argv=None) -> int:
             if preemption.received_anywhere(run.device):
                 return processes.EXIT_PREEMPTED
         report(run)
-        push_ensemble(run)
+        if run.config.push_to_hub and run.state.is_main_process:
+            push_lib.push_finished_run(run.folder, run.config.push_to_hub)
     return 0
 
 
@@ -128,211 +118,55 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace, preemption: processes.PreemptionSignal) -> Run | int:
-    """Everything the rounds need, built once: config, processes, teacher and tokenizer, data, teacher caches, run
-    folder (new or resumed), earlier members. Whatever can refuse the run (config, data, disk) does so before a run
-    folder is created or touched. An exit code instead of a run for a dry run, --prepare_only or a signal during
-    setup."""
-    config, resume_dir = resolve_config(args)
+    """Everything the rounds need, built once: config, processes, teacher, data, caches, run folder (new or resumed),
+    earlier members. Whatever can refuse the run (config, data, disk) does so before a run folder is created or
+    touched. An exit code instead of a run for a dry run, --prepare_only or a signal during setup."""
+    config, resume_dir = run_state.resolve_config(args)
     tracking.tracker_names(config.report_to)  # an unknown tracker is refused before anything loads
-    check_model_folders(config)
+    teacher_lib.check_model_folders(config)
     if args.dry_run:
-        print_plan(config, resume_dir)
-        print("\n".join(dry_run.prediction_lines(config)))
+        print("\n".join([*config_lib.plan_lines(config, resume_dir), *dry_run.prediction_lines(config)]))
         return 0
     if args.prepare_only:
-        return prepare_only(config)
+        preprocess_dataset.prepare_only(config)
+        return 0
     if config.push_to_hub:
         push_lib.hub_token()  # a push with no token is refused now, not after the last round
     state = utils.process_state(config.device, config.process_group_timeout_minutes)
-    teacher_path, tokenizer = teacher_tokenizer(config, state)
-    check_fits_teacher(config, teacher_path, len(tokenizer))
+    teacher_path, tokenizer = teacher_lib.teacher_tokenizer(config, state)
+    teacher_lib.check_fits_teacher(config, teacher_path, len(tokenizer))
     with state.main_process_first():  # the first process prepares and caches the data, the others read it
         data, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
-    if preempted_during_setup(preemption, state.device, "the rest of the setup"):
+    if processes.preempted_during_setup(preemption, state.device, "the rest of the setup"):
         return processes.EXIT_PREEMPTED
-    # Loaded at most once, and only where the rounds run it or a teacher cache is still to be built.
-    load_whole_teacher = functools.cache(functools.partial(whole_teacher, config, teacher_path, tokenizer, state))
-    teacher = rounds_teacher(config, teacher_path, tokenizer, state, load_whole_teacher)
     collator = PaddingCollator(tokenizer.pad_token_id)
     try:
-        cache = teacher_cache.training_cache(config, load_whole_teacher, teacher.dtype, teacher_path, tokenizer,
-                                             data["train"], collator, state, preemption)
+        teacher, cache, evaluated_teacher = teacher_lib.run_teachers(config, teacher_path, tokenizer, data, collator,
+                                                                     state, preemption)
     except teacher_cache.BuildPreempted as stopped:  # stopped between two pieces, which are kept for the next run
         print(f"{stopped} (exit code {processes.EXIT_PREEMPTED})")
         return processes.EXIT_PREEMPTED
-    evaluated_teacher = evaluation_teacher(config, teacher, load_whole_teacher, cache, data, collator, state)
-    train_tokens = compute.TokenCount(*preprocess_dataset.token_totals(data["train"]))  # for the compute accounting
-    round_config = round_settings(config, teacher, tokenizer, train_tokens, len(data["train"]), state.num_processes)
-    check_disk_before_the_run_folder(config, resume_dir, round_config, teacher, tokenizer)
-    if preempted_during_setup(preemption, state.device, "the run folder is written"):
+    train_tokens = preprocess_dataset.token_count(data["train"])  # for the compute accounting
+    round_config = students.round_settings(config, teacher, tokenizer, train_tokens, len(data["train"]),
+                                           state.num_processes)
+    run_state.check_disk_before_the_run_folder(config, resume_dir, round_config, teacher, tokenizer)
+    if processes.preempted_during_setup(preemption, state.device, "the run folder is written"):
         return processes.EXIT_PREEMPTED
-    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, chosen_preset(args))
-    print_plan(config, folder, counts, data)
+    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, run_state.chosen_preset(args))
+    print("\n".join(config_lib.plan_lines(config, folder, preprocess_dataset.describe_prepared(counts, data))))
     if state.is_main_process:
         run_state.remove_finished_rounds_checkpoints(folder, manifest)
-        run_state.restore_metric_rows(folder, METRIC_COLUMNS, manifest)
-    trackers = (tracking.round_trackers(config.report_to, config.tracker_project, folder, run_name(folder, config))
-                if state.is_main_process else [])
-    members = earlier_members(config, folder, manifest, state.device)
+        run_state.restore_metric_rows(folder, records.METRIC_COLUMNS, manifest)
+    trackers = tracking.run_trackers(config, folder) if state.is_main_process else []
+    members = run_state.earlier_members(config, folder, manifest, state.device)
+    teacher_shape = compute.model_shape(teacher.config, config.trust_remote_code) if config.alpha > 0 else None
+    spend_rule = compute.SpendRule.for_run(teacher_shape, config.teacher_mode, train_tokens,
+                                           preprocess_dataset.token_count(data.get("early_stop")))
     return Run(config=config, round_config=round_config, state=state, preemption=preemption, tokenizer=tokenizer,
                teacher=teacher, evaluated_teacher=evaluated_teacher, cache=cache, data=data,
-               train_tokens=train_tokens, spend_rule=spend_rule(config, teacher, train_tokens, data),
-               collator=collator,
-               folder=folder, manifest=manifest, trackers=trackers, members=members,
+               train_tokens=train_tokens, spend_rule=spend_rule, collator=collator, folder=folder, manifest=manifest,
+               trackers=trackers, members=members,
                weights=(manifest.get("weights") or []) if config.combine in WEIGHTED_MODES else None)
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path | None]:
-    """The run's config and, when it continues a run, that run's folder. A new run layers the preset, YAML file and
-    command line (config.build_config); --resume continues with the run's saved config.yaml, refusing any other
-    setting (run_state.resumed_config); a requeued --job_id resumes the run the job started, if it started one."""
-    overrides = config_lib.command_line_settings(args)
-    if args.resume is not None:
-        stated = run_state.stated_settings(args.preset, args.config_file, overrides)
-        return run_state.resumed_config(Path(args.resume), stated, args.preset), Path(args.resume)
-    config = config_lib.build_config(chosen_preset(args), args.config_file, overrides)
-    if args.job_id is not None:
-        # Looked for under the output_root the whole command line gives (a YAML file may set it).
-        started = run_state.find_run_of_job(config.output_root, args.job_id)
-        if started is not None:  # a requeued job repeats its command line: the run's saved config counts
-            return run_state.resumed_config(Path(started), {}), Path(started)
-    return config, None
-
-
-def chosen_preset(args: argparse.Namespace) -> str:
-    """The preset a new run starts from: --preset, or the default one."""
-    return args.preset or config_lib.DEFAULT_PRESET
-
-
-def check_model_folders(config: config_lib.Config) -> None:
-    """Refuse a teacher or student_model meant as a local folder that is not one, before anything loads (the hub
-    would be asked for it instead, and answer with a message about repository names)."""
-    utils.check_model_folder("teacher", config.teacher)
-    if config.student_init == "pretrained":
-        utils.check_model_folder("student_model", config.student_model)
-
-
-def prepare_only(config: config_lib.Config) -> int:
-    """--prepare_only: the run's data prepared into the folder setup reads it from, by this process alone and with
-    the teacher's tokenizer only (no weights, no GPU), so that a CPU job can do it before the GPU job; exit code 0."""
-    tokenizer = utils.load_tokenizer(embedded.resolve_teacher(config.teacher, config.cache_dir),
-                                     config.trust_remote_code)
-    _, counts = preprocess_dataset.prepare_for_run(config, tokenizer)
-    print(f"prepared data: {preprocess_dataset.run_data_folder(config, tokenizer)}")
-    print(preprocess_dataset.describe_counts(counts))
-    return 0
-
-
-def teacher_tokenizer(config: config_lib.Config, state) -> tuple[str, object]:
-    """The teacher's local folder and its tokenizer (the run's). A pretrained student's vocabulary is checked
-    against the tokenizer here, before anything else loads."""
-    with state.main_process_first():  # a first-use conversion of the embedded teacher happens once
-        teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
-    tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
-    if config.student_init == "pretrained":
-        utils.check_student_tokenizer(tokenizer, config.student_model, config.teacher, config.trust_remote_code)
-    return teacher_path, tokenizer
-
-
-def check_fits_teacher(config: config_lib.Config, teacher_path: str, vocab_size: int) -> None:
-    """Refuse settings the teacher cannot meet, from its tokenizer (`vocab_size` tokens) and its config.json, before
-    the data is prepared and any weights load: a top-k cache of more entries than the vocabulary, and students that
-    copy layers the teacher lacks."""
-    if config.teacher_mode == "topk" and config.cache_k > vocab_size:
-        raise config_lib.ConfigError(f"config key 'cache_k' = {config.cache_k} is more than the teacher's vocabulary "
-                                     f"of {vocab_size} tokens: give at most {vocab_size}")
-    if config.student_init == "teacher_layers":
-        layers = AutoConfig.from_pretrained(teacher_path, trust_remote_code=config.trust_remote_code).num_hidden_layers
-        # The layers the rounds copy: a single_large baseline spreads its own over the teacher.
-        students.check_teacher_layers(students.baseline_round_config(config, layers).teacher_layers, layers)
-
-
-def whole_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state) -> torch.nn.Module:
-    """The teacher, frozen, its weights loaded straight onto this process's device."""
-    teacher = utils.load_causal_lm(teacher_path, utils.frozen_dtype(config.dtype, state.device),
-                                   config.trust_remote_code, state.device).eval()
-    utils.check_vocab_fits(teacher, len(tokenizer), config.teacher)
-    check_logits_at(teacher, len(tokenizer))
-    return teacher
-
-
-def rounds_teacher(config: config_lib.Config, teacher_path: str, tokenizer, state,
-                   load_whole_teacher) -> torch.nn.Module:
-    """The teacher as the rounds need it: the whole model when they run it (online, or students copied from its
-    layers); with a cached teacher_mode, its output head alone (model_io.OutputHeadOnly), which projects the cached
-    hidden states: a 7B teacher then costs its head's 1 GB on each GPU, not 15 GB."""
-    if config.rounds_run_the_teacher():
-        return load_whole_teacher()
-    head = utils.load_output_head(teacher_path, utils.frozen_dtype(config.dtype, state.device), state.device,
-                                  config.trust_remote_code)
-    utils.check_vocab_fits(head, len(tokenizer), config.teacher)
-    return head
-
-
-def round_settings(config: config_lib.Config, teacher: torch.nn.Module, tokenizer, train_tokens: compute.TokenCount,
-                   examples: int, num_processes: int) -> config_lib.Config:
-    """What each round's student is built and trained with: the config itself, or a single-model baseline's
-    (students.baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
-    capped training FLOPs (students.flop_matched_config) on the training split (`train_tokens` in `examples`)."""
-    round_config = students.baseline_round_config(config, teacher.config.num_hidden_layers)
-    if config.baseline in config_lib.SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
-        return students.flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples,
-                                         num_processes)
-    return round_config
-
-
-def spend_rule(config: config_lib.Config, teacher: torch.nn.Module, train_tokens: compute.TokenCount,
-               data: dict) -> compute.SpendRule:
-    """How the run's spend is charged (compute.SpendRule): the teacher's shape, its cache build over the training
-    split (and, cached, its states of the early-stopping slice), the early-stopping slice's tokens."""
-    shape = compute.model_shape(teacher.config, config.trust_remote_code) if config.alpha > 0 else None
-    early_stop = compute.TokenCount(*preprocess_dataset.token_totals(data["early_stop"])) if "early_stop" in data \
-        else compute.TokenCount()
-    build = compute.charged_cache_build(shape, config.teacher_mode, train_tokens)
-    if shape is not None and config.teacher_mode != "online":
-        build += compute.measured_forward_flops(shape, dataclasses.replace(early_stop, supervised=0))
-    return compute.SpendRule(shape, config.teacher_mode, build, early_stop)
-
-
-def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path | None,
-                                     round_config: config_lib.Config, teacher: torch.nn.Module, tokenizer) -> None:
-    """Refuse a run whose output folder's disk cannot hold a round of its student (run_state.check_disk_for_a_round,
-    sized from the student's skeleton: nothing allocated). Checked before the run folder exists, so a run that
-    cannot write its checkpoints leaves nothing behind."""
-    output_folder = resume_dir or Path(config.output_root)
-    output_folder.mkdir(parents=True, exist_ok=True)
-    run_state.check_disk_for_a_round(output_folder, students.student_skeleton(round_config, teacher, tokenizer),
-                                     tokenizer, config)
-
-
-def preempted_during_setup(preemption: processes.PreemptionSignal, device, next_step: str) -> bool:
-    """Whether a signal has come (to any process) before `next_step`: the run then stops, nothing written."""
-    if not preemption.received_anywhere(device):
-        return False
-    print(f"preempted during setup: stopping before {next_step}, with nothing written (exit code "
-          f"{processes.EXIT_PREEMPTED}); run the same command again to continue")
-    return True
-
-
-def print_plan(config: config_lib.Config, run_dir: Path | None, counts: dict | None = None,
-               data: dict | None = None) -> None:
-    """What the run will do; with the prepared data, what preparing it kept and dropped."""
-    summary = None if counts is None else (preprocess_dataset.describe_counts(counts) + "; examples: " + ", ".join(
-        f"{len(split)} {name}" for name, split in data.items()))
-    print("\n".join(config_lib.plan_lines(config, run_dir, summary)))
-
-
-def run_name(folder: Path, config: config_lib.Config) -> str:
-    """The run's name in trackers: its folder below output_root (YYYY-MM-DD/run_N)."""
-    return str(folder.relative_to(config.output_root)) if folder.is_relative_to(config.output_root) else folder.name
-
-
-def earlier_members(config: config_lib.Config, folder: Path, manifest: dict, device: torch.device) -> tuple:
-    """The frozen students of the rounds the run finished before (none for a new run), in the frozen dtype on
-    `device`, in round order."""
-    frozen_dtype = utils.frozen_dtype(config.dtype, device)
-    return tuple(utils.load_causal_lm(str(folder / path), frozen_dtype, config.trust_remote_code).to(device).eval()
-                 for path in manifest["members"])
 
 
 # --- a round --------------------------------------------------------------------------------------------------------
@@ -356,10 +190,9 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     signal stopped the training; it checkpointed first."""
     member_dir = run_state.member_folder(run.folder, round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
-        files.check_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again from "
-                                           "its checkpoints")
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
-        return utils.load_causal_lm(str(member_dir), torch.float32, run.config.trust_remote_code).to(run.device)
+        return run_state.load_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again "
+                                     "from its checkpoints", run.config.trust_remote_code, run.device)
     run_state.check_disk_for_a_round(run.folder, student, run.tokenizer, run.config)
     resume_from = run_state.latest_complete_checkpoint(run_state.checkpoint_folder(run.folder, round_index),
                                                        run.state.num_processes)
@@ -422,21 +255,18 @@ def spent_so_far(run: Run, round_index: int, student, frozen: list, meter: Spend
     """train_flops and its parts spent by the run up to now: the earlier rounds' (their members' records), this
     round's so far (`meter`, counted across processes: every process calls this at the same step), the build."""
     earlier = [run_state.training_record(run.folder / path)["flops"] for path in run.manifest["members"]]
-    current = run.spend_rule.round_parts(compute.model_shape(student), [compute.model_shape(m) for m in frozen],
-                                         meter.sync(), meter.evaluations)
-    return run.spend_rule.columns([*earlier, current])
+    return run.spend_rule.columns([*earlier, meter.round_parts(run.spend_rule, student, frozen)])
 
 
 def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn.Module:
     """The round's final student: the best weights early stopping kept, or else `checkpoint`'s (checked when it was
     chosen: run_state.latest_complete_checkpoint)."""
-    folder = checkpoint
-    if run.config.eval_steps:
-        folder = run_state.best_folder(run.folder, round_index)
-        files.check_intact(folder, f"round {round_index}'s best weights are lost: delete "
-                                       f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains "
-                                       "the round again")
-    return utils.load_causal_lm(str(folder), torch.float32, run.config.trust_remote_code).to(run.device)
+    if not run.config.eval_steps:
+        return utils.load_causal_lm(str(checkpoint), torch.float32, run.config.trust_remote_code).to(run.device)
+    return run_state.load_intact(run_state.best_folder(run.folder, round_index),
+                                 f"round {round_index}'s best weights are lost: delete "
+                                 f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains the "
+                                 "round again", run.config.trust_remote_code, run.device)
 
 
 def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module, stopper: EarlyStopping | None,
@@ -449,7 +279,7 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module, s
         args=training_arguments(run.round_config, run_state.checkpoint_folder(run.folder, round_index), round_index,
                                 use_cpu=run.device.type == "cpu",
                                 bf16=utils.use_bf16_autocast(run.config.dtype, run.device),
-                                run_name=run_name(run.folder, run.config)),
+                                run_name=tracking.run_name(run.folder, run.config.output_root)),
         train_dataset=member_data(run, round_index), processing_class=run.tokenizer,
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
                    meter,  # after the stopper, which may ask for the checkpoint the meter syncs before
@@ -483,10 +313,8 @@ def saved_member(run: Run, round_index: int, student: torch.nn.Module, steps_run
     it spent (compute.SPEND_PARTS: every step and evaluation it ran, whichever step's weights it keeps)."""
     reason = stopper.stop_reason if stopper else None
     frozen, _ = round_loss(run)
-    flops = run.spend_rule.round_parts(compute.model_shape(student), [compute.model_shape(m) for m in frozen],
-                                       meter.sync(), meter.evaluations)
     training = {"steps_run": steps_run, "member_step": stopper.best_step if stopper else steps_run,
-                "stop_reason": reason or "cap", "flops": flops}
+                "stop_reason": reason or "cap", "flops": meter.round_parts(run.spend_rule, student, frozen)}
     if run.state.is_main_process:
         run_state.save_member_atomically(student, run.tokenizer, run_state.member_folder(run.folder, round_index),
                                          training)
@@ -510,7 +338,7 @@ def evaluate_round(run: Run, round_index: int, untrained: torch.nn.Module) -> li
     if run.state.is_main_process:
         # Damage since the run opened (resume repairs what it finds then) is repaired before the round's rows are
         # added; the other processes read the file only after the evaluation's collectives.
-        run_state.restore_metric_rows(run.folder, METRIC_COLUMNS, run.manifest)
+        run_state.restore_metric_rows(run.folder, records.METRIC_COLUMNS, run.manifest)
     predictors = {"student_untrained": [untrained], "student": [run.members[-1]], "ensemble": list(run.members)}
     sizes = {"teacher": 0, "student_untrained": 1, "student": 1, "ensemble": len(run.members)}
     if not run.manifest["teacher_evaluated"]:
@@ -528,60 +356,22 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
     """The round written down (metric rows, the ensemble's configs, sample answers, then the manifest that marks it
     done, with the rows as written: the journal a damaged metrics.csv is restored from), and the run with that
     manifest: every process keeps it in memory (it decides what the next round evaluates); one writes the files."""
-    rows = recorded_rows(run, round_index, rows)
-    written = files.csv_text_rows(METRIC_COLUMNS, rows)
+    rows = records.recorded_rows(rows, run.folder, run.manifest, round_index, members=run.members,
+                                 train_tokens=run.train_tokens, examples=len(run.data["train"]),
+                                 spend_rule=run.spend_rule)
+    written = files.csv_text_rows(records.METRIC_COLUMNS, rows)
     manifest = run_state.finished_round(run.manifest, round_index,
                                         str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
                                         run.weights, written, member_data_description(run, round_index))
     if run.state.is_main_process:
         tracking.log_round(run.trackers, round_index, rows)
-        # This round's rows replace any that an interrupted evaluation of it left behind.
-        files.replace_csv_rows(run.folder / run_state.METRICS, METRIC_COLUMNS,
-                                   lambda row: int(row["round"]) != round_index, written)
-        # The ensemble folder is complete after every round: ModelEnsemble.from_pretrained(ensemble_dir) works.
         ensemble = ModelEnsemble.from_members(list(run.members), run.config.combine, run.vocab_size,
                                               weights=run.weights)
-        run_state.save_ensemble_configs(ensemble, run.tokenizer, run.folder / "ensemble")
-        model_card.write_model_card(run.folder)
-        write_sample_answers(run, round_index, {"student": run.members[-1], "ensemble": ensemble})
-        run_state.write_manifest(run.folder, manifest)
-        shutil.rmtree(run_state.checkpoint_folder(run.folder, round_index), ignore_errors=True)  # the member is the round's state
+        records.write_round(run.folder, round_index, written, manifest, ensemble, run.tokenizer, run.config)
     ce = {row["model"]: row["ce"] for row in rows}
     print(f"round {round_index}: student ce {ce['student']:.4f} (untrained {ce['student_untrained']:.4f}), "
           f"ensemble of {len(run.members)} ce {ce['ensemble']:.4f}")
     return dataclasses.replace(run, manifest=manifest)
-
-
-def recorded_rows(run: Run, round_index: int, rows: list[dict]) -> list[dict]:
-    """The round's evaluation rows as metrics.csv records them: with the trained rows' training record (steps,
-    stop), every row's compute columns and gap_closed. Every process computes them (the manifest it keeps holds
-    them); the files they read are written before the evaluation's collectives, which every process has passed."""
-    training = run_state.training_record(run_state.member_folder(run.folder, round_index))
-    rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
-            if row["model"] in TRAINED_ROWS else row for row in rows]
-    columns = compute_columns(run, [*(run.folder / path for path in run.manifest["members"]),
-                                    run_state.member_folder(run.folder, round_index)])
-    rows = [{**row, **columns.get(row["model"], {})} for row in rows]
-    return plot.rows_with_gap_closed(rows, run.folder / run_state.METRICS)
-
-
-def compute_columns(run: Run, member_folders: list[Path]) -> dict[str, dict]:
-    """The compute columns of the round's rows (compute.metric_columns), by model, from what each round spent (its
-    member's training record)."""
-    spends = [run_state.training_record(folder)["flops"] for folder in member_folders]
-    tokens = run.train_tokens
-    return compute.metric_columns([compute.model_shape(member) for member in run.members], spends,
-                                  context=round(tokens.sequence / len(run.data["train"])), rule=run.spend_rule)
-
-
-def write_sample_answers(run: Run, round_index: int, models: dict) -> None:
-    """Greedy answers of each model to the first `sample_answers` fixed prompts, written to samples.csv."""
-    rows = sample_answers(models, run.tokenizer, SAMPLE_PROMPTS[:run.config.sample_answers],
-                          run.config.sample_max_new_tokens)
-    if rows:
-        files.replace_csv_rows(run.folder / "samples.csv", SAMPLE_COLUMNS,
-                                   lambda row: int(row["round"]) != round_index,
-                                   [{"round": round_index, **row} for row in rows])
 
 
 # --- report ---------------------------------------------------------------------------------------------------------
@@ -590,25 +380,13 @@ def report(run: Run) -> None:
     """The metrics table, the ensemble against its best member, and the figures; then processes leave together
     (one leaving early can abort the other)."""
     if run.state.is_main_process:
-        run_state.restore_metric_rows(run.folder, METRIC_COLUMNS, run.manifest)  # damaged since the last round
+        run_state.restore_metric_rows(run.folder, records.METRIC_COLUMNS, run.manifest)  # damaged since the last round
         print("\n" + plot.metrics_summary(pd.read_csv(run.folder / run_state.METRICS)))
         for figure in plot.plot_run(run.folder) if run.config.plots else []:
             print(f"figure: {figure}")
         print(f"\nrun folder: {run.folder}")
     tracking.finish(run.trackers)
     run.state.wait_for_everyone()
-
-
-def push_ensemble(run: Run) -> None:
-    """--push_to_hub: the finished run's ensemble folder uploaded (push.push_run; by the main process). When that
-    fails, the run stays as it is, finished, and the error says how to upload it later."""
-    if not run.config.push_to_hub or not run.state.is_main_process:
-        return
-    try:
-        push_lib.push_run(run.folder, run.config.push_to_hub)
-    except push_lib.PushError as error:
-        raise type(error)(f"{error}. The run itself is finished in {run.folder}; once that is fixed, upload it with "
-                          f"`python push.py {run.folder} {run.config.push_to_hub}`") from None
 
 
 def run_from_command_line() -> int:
@@ -622,11 +400,4 @@ def run_from_command_line() -> int:
 
 
 if __name__ == "__main__":
-    exit_code = run_from_command_line()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Several processes: skip the interpreter's teardown, where one of them now and then aborts in a C++
-        # destructor ("terminate called without an active exception") after everything has been written.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
-    sys.exit(exit_code)
+    processes.exit_process(run_from_command_line())

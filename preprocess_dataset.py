@@ -30,8 +30,10 @@ import pyarrow.parquet as pq
 from datasets.exceptions import DatasetGenerationError
 from transformers import AutoTokenizer
 
+import utils
 from model_io import IGNORE_INDEX
 from slm_ensembles import embedded
+from slm_ensembles.compute import TokenCount
 from slm_ensembles.files import looks_like_local_path, publish_folder, remove_dead_staging, staging
 
 logger = logging.getLogger(__name__)
@@ -494,6 +496,11 @@ def _count_at_length(tokenized: datasets.Dataset, max_length: int) -> int:
     return pc.sum(pc.equal(lengths, max_length)).as_py() or 0
 
 
+def describe_prepared(counts: dict, data: dict) -> str:
+    """What preparing the data kept and dropped (describe_counts), and the examples of each split."""
+    return describe_counts(counts) + "; examples: " + ", ".join(f"{len(split)} {name}" for name, split in data.items())
+
+
 def describe_counts(counts: dict) -> str:
     """What preparing the data kept and dropped, by reason, from metadata.json's counts (older folders lack the
     finer counts: they show the reasons they recorded)."""
@@ -521,12 +528,14 @@ def _split(tokenized: datasets.Dataset, test_size: int | float, seed: int, sourc
     return tokenized.train_test_split(test_size=test_size, seed=seed)
 
 
-def token_totals(dataset: datasets.Dataset) -> tuple[int, int, int]:
+def token_count(dataset: datasets.Dataset | None) -> TokenCount:
     """The tokens of every example of `dataset`, the supervised ones among them, and the sum of the examples'
-    squared lengths (the attention term of compute.TokenCount)."""
+    squared lengths (the attention term); none for no dataset (a split the run does not hold)."""
+    if dataset is None:
+        return TokenCount()
     lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"])
     squared = pc.sum(pc.multiply(pc.cast(lengths, "int64"), pc.cast(lengths, "int64"))).as_py() or 0
-    return pc.sum(lengths).as_py() or 0, _count_supervised_tokens(dataset), squared
+    return TokenCount(pc.sum(lengths).as_py() or 0, _count_supervised_tokens(dataset), squared)
 
 
 def _count_supervised_tokens(dataset: datasets.Dataset) -> int:
@@ -740,6 +749,16 @@ def main(argv=None) -> None:
     for split_name in ("train", "test"):
         supervised = counts["supervised_tokens"][split_name]
         print(f"{split_name}: {counts[split_name]} examples, {supervised} supervised tokens")
+
+
+def prepare_only(config) -> None:
+    """main.py --prepare_only: the run's data prepared into the folder a run reads it from, by this process alone
+    and with the teacher's tokenizer only (no weights, no GPU), so that a CPU job can do it before the GPU job."""
+    tokenizer = utils.load_tokenizer(embedded.resolve_teacher(config.teacher, config.cache_dir),
+                                     config.trust_remote_code)
+    _, counts = prepare_for_run(config, tokenizer)
+    print(f"prepared data: {run_data_folder(config, tokenizer)}")
+    print(describe_counts(counts))
 
 
 if __name__ == "__main__":

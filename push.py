@@ -162,6 +162,16 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = True, revision: 
     return Pushed(repo_url.repo_id, revision, private, str(getattr(commit, "commit_url", commit)))
 
 
+def push_finished_run(run_dir: Path, repo_id: str) -> Pushed:
+    """main.py --push_to_hub: push_run after the run's last round. When that fails, the run stays as it is,
+    finished, and the error says how to upload it later."""
+    try:
+        return push_run(run_dir, repo_id)
+    except PushError as error:
+        raise type(error)(f"{error}. The run itself is finished in {run_dir}; once that is fixed, upload it with "
+                          f"`python push.py {run_dir} {repo_id}`") from None
+
+
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [""])[0]
 

@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from model_io import PaddingCollator, hidden_at, output_head, trained_hidden_at
 from slm_ensembles import files, run_state
-from slm_ensembles.compute import TokenCount
+from slm_ensembles.compute import SpendRule, TokenCount, model_shape
 from slm_ensembles.losses import (LossSettings, LossSums, Projection, SparseTarget, chunked_hybrid_loss_sums,
                                   compile_loss_terms, hybrid_loss_terms, next_token_targets, predictor_mask)
 from slm_ensembles.tracking import trainer_report_to
@@ -313,6 +313,12 @@ class SpendMeter(TrainerCallback, ExportableState):
                                                                          pending.squared]))
         self.pending = TokenCount()
         return self.tokens
+
+    def round_parts(self, rule: SpendRule, student, members: list) -> list[float]:
+        """What the round has spent so far by part (compute.SPEND_PARTS), under `rule`: training `student` through
+        `members` over the tokens synced now, and the evaluations counted."""
+        return rule.round_parts(model_shape(student), [model_shape(member) for member in members], self.sync(),
+                                self.evaluations)
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:

@@ -264,6 +264,16 @@ class SpendRule:
     build_flops: int
     evaluation_tokens: TokenCount
 
+    @classmethod
+    def for_run(cls, teacher: ModelShape | None, teacher_mode: str, cache_tokens: TokenCount,
+                evaluation_tokens: TokenCount) -> "SpendRule":
+        """A run's rule: the teacher cache's build over the training split (`cache_tokens`) and, with a cached
+        teacher, its states of the early-stopping slice (`evaluation_tokens`), which evaluations read."""
+        build = charged_cache_build(teacher, teacher_mode, cache_tokens)
+        if teacher is not None and teacher_mode != "online":
+            build += measured_forward_flops(teacher, dataclasses.replace(evaluation_tokens, supervised=0))
+        return cls(teacher, teacher_mode, build, evaluation_tokens)
+
     def round_parts(self, student: ModelShape, members: Sequence[ModelShape], tokens: TokenCount,
                     evaluations: int) -> list[float]:
         """One round's spend by part (SPEND_PARTS): its training over `tokens` through `members`, and its

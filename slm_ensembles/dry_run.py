@@ -106,14 +106,14 @@ def prepared_training_tokens(config: config_lib.Config, tokenizer) -> tuple[int,
         train = preprocess_dataset.held_out_slices(data, config)["train"]
     except preprocess_dataset.DataError:  # not prepared (or too small for its held-out slices: the run says so)
         return None
-    return len(train), preprocess_dataset.token_totals(train)[1]
+    return len(train), preprocess_dataset.token_count(train).supervised
 
 
 def memory_prediction_line(config: config_lib.Config, teacher: compute.ModelShape,
                            student: compute.ModelShape) -> str:
     """A training process's GPU memory in the last round, by part."""
     members = config.rounds_to_run() - 1
-    whole_teacher = config.rounds_run_the_teacher()  # else the rounds hold its head alone (main.rounds_teacher)
+    whole_teacher = config.rounds_run_the_teacher()  # else the rounds hold its head alone (teacher.rounds_teacher)
     bf16 = config.dtype != "float32"  # auto: bf16 on a GPU that has it (utils.frozen_dtype), as every recent one does
     memory = compute.predicted_memory_per_process(
         student, teacher, whole_teacher=whole_teacher, members=[student] * members, batch_size=config.batch_size,

@@ -127,3 +127,23 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def preempted_during_setup(preemption: "PreemptionSignal", device, next_step: str) -> bool:
+    """Whether a signal has come (to any process) before `next_step`: the run then stops, nothing written."""
+    if not preemption.received_anywhere(device):
+        return False
+    print(f"preempted during setup: stopping before {next_step}, with nothing written (exit code "
+          f"{EXIT_PREEMPTED}); run the same command again to continue")
+    return True
+
+
+def exit_process(exit_code: int) -> None:
+    """Exit with `exit_code`. Where several processes run (WORLD_SIZE > 1), skip the interpreter's teardown, where
+    one of them now and then aborts in a C++ destructor ("terminate called without an active exception") after
+    everything has been written."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

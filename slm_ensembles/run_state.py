@@ -22,6 +22,7 @@
   processes.EXIT_PREEMPTED, which a requeueing launcher can tell from success (0) and failure (1, or 2 for bad input).
 """
 
+import argparse
 import dataclasses
 import datetime
 import functools
@@ -32,6 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -39,7 +41,8 @@ from transformers import TrainerCallback
 
 import checksums
 import config as config_lib
-from slm_ensembles import compute, files, processes
+import utils
+from slm_ensembles import compute, files, processes, students
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.csv"
@@ -555,3 +558,50 @@ class CheckDiskBeforeSave(TrainerCallback):
             raise error or files.DiskSpaceError(f"another process found too little free disk for the checkpoint of step "
                                           f"{state.global_step} in {self.run_dir}; see its message")
         return control
+
+
+# --- a run's config, disk and members, when it opens -----------------------------------------------------------------
+
+def resolve_config(args: argparse.Namespace) -> tuple[config_lib.Config, Path | None]:
+    """The run's config and, when it continues a run, that run's folder. A new run layers the preset, YAML file and
+    command line (config.build_config); --resume continues with the run's saved config.yaml, refusing any other
+    setting (resumed_config); a requeued --job_id resumes the run the job started, if it started one."""
+    overrides = config_lib.command_line_settings(args)
+    if args.resume is not None:
+        stated = stated_settings(args.preset, args.config_file, overrides)
+        return resumed_config(Path(args.resume), stated, args.preset), Path(args.resume)
+    config = config_lib.build_config(chosen_preset(args), args.config_file, overrides)
+    if args.job_id is not None:
+        # Looked for under the output_root the whole command line gives (a YAML file may set it).
+        started = find_run_of_job(config.output_root, args.job_id)
+        if started is not None:  # a requeued job repeats its command line: the run's saved config counts
+            return resumed_config(Path(started), {}), Path(started)
+    return config, None
+
+def chosen_preset(args: argparse.Namespace) -> str:
+    """The preset a new run starts from: --preset, or the default one."""
+    return args.preset or config_lib.DEFAULT_PRESET
+
+def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path | None,
+                                     round_config: config_lib.Config, teacher: torch.nn.Module, tokenizer) -> None:
+    """Refuse a run whose output folder's disk cannot hold a round of its student (check_disk_for_a_round,
+    sized from the student's skeleton: nothing allocated). Checked before the run folder exists, so a run that
+    cannot write its checkpoints leaves nothing behind."""
+    output_folder = resume_dir or Path(config.output_root)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    check_disk_for_a_round(output_folder, students.student_skeleton(round_config, teacher, tokenizer), tokenizer,
+                           config)
+
+def load_intact(folder: Path, what_to_do: str, trust_remote_code: bool, device) -> torch.nn.Module:
+    """A saved student (a member, or the best weights early stopping kept) in float32 on `device`, once its
+    checksums say it is intact (else ConfigError, naming the file and `what_to_do`)."""
+    files.check_intact(folder, what_to_do)
+    return utils.load_causal_lm(str(folder), torch.float32, trust_remote_code).to(device)
+
+
+def earlier_members(config: config_lib.Config, folder: Path, manifest: dict, device: torch.device) -> tuple:
+    """The frozen students of the rounds the run finished before (none for a new run), in the frozen dtype on
+    `device`, in round order."""
+    frozen_dtype = utils.frozen_dtype(config.dtype, device)
+    return tuple(utils.load_causal_lm(str(folder / path), frozen_dtype, config.trust_remote_code).to(device).eval()
+                 for path in manifest["members"])

@@ -43,6 +43,16 @@ def baseline_round_config(config, num_teacher_layers: int):
     return dataclasses.replace(config, **changes)
 
 
+def round_settings(config, teacher, tokenizer, train_tokens: compute.TokenCount, examples: int, num_processes: int):
+    """What each round's student is built and trained with: the config itself, or a single-model baseline's
+    (baseline_round_config), whose cap under baseline_budget flops is the steps that spend the ensemble's
+    capped training FLOPs (flop_matched_config) on the training split (`train_tokens` in `examples`)."""
+    round_config = baseline_round_config(config, teacher.config.num_hidden_layers)
+    if config.baseline in SINGLE_MODEL_BASELINES and config.baseline_budget == "flops":
+        return flop_matched_config(config, round_config, teacher, tokenizer, train_tokens, examples, num_processes)
+    return round_config
+
+
 def student_model_config(config, teacher, tokenizer, round_index: int = 0):
     """The transformers config of `round_index`'s student, without building it."""
     if config.student_init == "pretrained":

@@ -71,9 +71,8 @@ import torch
 from accelerate.utils import reduce
 
 import checksums
-from model_io import IGNORE_INDEX, PaddingCollator, hidden_at, output_head
+from model_io import IGNORE_INDEX, hidden_at, output_head
 import preprocess_dataset
-import utils
 from slm_ensembles import files, processes
 from slm_ensembles.losses import predictor_mask
 

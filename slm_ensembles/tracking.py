@@ -47,6 +47,11 @@ def trainer_callbacks(report_to: str, run_dir: Path, round_index: int, is_main_p
     return [TensorBoardCallback(tb_writer=SummaryWriter(str(folder)) if is_main_process else None)]
 
 
+def run_trackers(config, run_dir: Path) -> list:
+    """round_trackers for a run: its config's trackers and project, named by its folder (run_name)."""
+    return round_trackers(config.report_to, config.tracker_project, run_dir, run_name(run_dir, config.output_root))
+
+
 def round_trackers(report_to: str, project: str, run_dir: Path, run_name: str) -> list:
     """Started accelerate trackers that take each round's evaluation rows (call on the main process only)."""
     trackers = []
@@ -71,3 +76,8 @@ def log_round(trackers: list, round_index: int, rows: list[dict]) -> None:
 def finish(trackers: list) -> None:
     for tracker in trackers:
         tracker.finish()
+
+
+def run_name(folder: Path, output_root: str | Path) -> str:
+    """The run's name in trackers: its folder below output_root (YYYY-MM-DD/run_N)."""
+    return str(folder.relative_to(output_root)) if folder.is_relative_to(output_root) else folder.name

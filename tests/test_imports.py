@@ -74,7 +74,7 @@ LAYERS = {
               "slm_ensembles.losses", "slm_ensembles.tracking", "slm_ensembles.answer_text"],
     "state": ["slm_ensembles.run_state", "slm_ensembles.teacher_cache", "slm_ensembles.distributed_ensemble"],
     "stages": ["train", "plot", "slm_ensembles.evaluation", "slm_ensembles.dry_run", "slm_ensembles.model_card",
-               "push"],
+               "slm_ensembles.teacher", "slm_ensembles.records", "push"],
     "commands": ["main", "study", "generate", "score", "lm_eval_adapter", "build_teacher_cache",
                  "benchmarks.bench", "benchmarks.bench_inference"],
 }

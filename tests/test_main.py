@@ -26,7 +26,8 @@ from model_io import OutputHeadOnly
 import train
 from train import EVALUATION_LOG_COLUMNS
 import utils
-from slm_ensembles import files, processes, run_state
+from slm_ensembles import files, processes, records, run_state
+from slm_ensembles import teacher as teacher_lib
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
@@ -169,7 +170,7 @@ def fake_run(tmp_path, rounds: dict, **settings) -> Path:
 
 
 def resolved(*argv) -> main.config_lib.Config:
-    config, resume_dir = main.resolve_config(main.parse_args(list(argv)))
+    config, resume_dir = run_state.resolve_config(main.parse_args(list(argv)))
     assert resume_dir == Path(argv[argv.index("--resume") + 1])  # the folder it resolved, returned, not stored
     return config
 
@@ -252,10 +253,10 @@ def test_a_cached_teacher_trains_like_the_online_teacher(tiny_teacher_dir, tmp_p
     """...with only its output head in the rounds (its body, loaded to build the caches, is let go), and a second
     run on the same caches never loads the teacher's weights beyond its head."""
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "online")) == 0
-    real_rounds_teacher = main.rounds_teacher
+    real_rounds_teacher = teacher_lib.rounds_teacher
     rounds_teachers = []
-    monkeypatch.setattr(main, "rounds_teacher", lambda *args: rounds_teachers.append(real_rounds_teacher(*args))
-                        or rounds_teachers[-1])
+    monkeypatch.setattr(teacher_lib, "rounds_teacher",
+                        lambda *args: rounds_teachers.append(real_rounds_teacher(*args)) or rounds_teachers[-1])
     assert main.main(cli_args(tiny_teacher_dir, tmp_path / "cached", *cache_args)) == 0
     assert isinstance(rounds_teachers[0], OutputHeadOnly)  # running its body would raise
     real_load_causal_lm = utils.load_causal_lm
@@ -1025,10 +1026,10 @@ def test_metrics_have_one_numeric_schema_with_calibration_gap_closed_and_diversi
     assert {p.name for p in run_dir.glob("*.png")} == {"ce_vs_ensemble_size.png", "training_curves.png",
                                                        "gap_closed.png"}
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics.columns) == main.METRIC_COLUMNS
+    assert list(metrics.columns) == records.METRIC_COLUMNS
     numeric = metrics.drop(columns=["model", "stop_reason"])
     assert all(pd.api.types.is_numeric_dtype(numeric[c]) for c in numeric)
-    trained = metrics["model"].isin(main.TRAINED_ROWS)
+    trained = metrics["model"].isin(records.TRAINED_ROWS)
     assert not numeric[trained].isna().any().any() and not numeric[~trained].drop(
         columns=["steps_run", "member_step", "train_flops", "flops_student", "flops_members", "flops_teacher",
                  "flops_evaluation"]).isna().any().any()
@@ -1130,7 +1131,7 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
     log = pd.read_csv(run_dir / "train_log.csv")
     assert list(log["step"]) == [1, 2] and log["heldout_ce"].notna().all()
     metrics = pd.read_csv(run_dir / "metrics.csv").set_index("model")
-    for model in main.TRAINED_ROWS:
+    for model in records.TRAINED_ROWS:
         assert (metrics.loc[model, "steps_run"], metrics.loc[model, "member_step"],
                 metrics.loc[model, "stop_reason"]) == (2, 2, "plateau")
     config = main.config_lib.load_saved_config(run_dir / "config.yaml")

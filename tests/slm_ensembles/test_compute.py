@@ -212,7 +212,7 @@ def test_inference_flops_and_critical_path_of_members_of_different_depths():
                                       dict(mode="topk", k=16, value_dtype="float16"),
                                       dict(mode="hidden", k=None, value_dtype="float16")])
 def test_the_predicted_cache_size_is_the_size_of_a_cache_built(tmp_path, tokenizer, chats, settings):
-    """Predicted from the supervised-token count the dry run reads off prepared data (token_totals)."""
+    """Predicted from the supervised-token count the dry run reads off prepared data (token_count)."""
     rows = [tokenize_conversation(chat["messages"], tokenizer, max_length=128) for chat in chats]
     dataset = Dataset.from_list([row for row in rows if row is not None])
     identity = {"teacher": "tiny", "teacher_fingerprint": "f" * 64, "teacher_dtype": "float32",
@@ -225,7 +225,7 @@ def test_the_predicted_cache_size_is_the_size_of_a_cache_built(tmp_path, tokeniz
                                                      k=settings["k"], value_dtype=settings["value_dtype"])
     assert per_position == {"uint8": 2 * 64 + 64 + 2 + 2, "float16": 2 * 16 + 2 * 16 + 2}[settings["value_dtype"]] \
         if settings["mode"] == "topk" else 2 * 64
-    predicted = compute.predicted_cache_bytes(per_position, preprocess_dataset.token_totals(dataset)[1],
+    predicted = compute.predicted_cache_bytes(per_position, preprocess_dataset.token_count(dataset).supervised,
                                               len(dataset))
     arrays = sum(np.load(path, mmap_mode="r").nbytes for path in tmp_path.rglob("*.npy"))
     assert arrays - predicted == 8  # offsets.npy holds one entry more than the shard's examples

@@ -32,7 +32,7 @@ def test_a_dry_run_predicts_the_teacher_cache_and_the_gpu_memory_without_loading
     assert main.main([*args, "--prepare_only"]) == 0
     (data_dir,) = (tmp_path / "cache" / "datasets").iterdir()
     train_split = preprocess_dataset.load_dataset_dir(data_dir)[0]["train"]
-    supervised = preprocess_dataset.token_totals(train_split)[1]
+    supervised = preprocess_dataset.token_count(train_split).supervised
     size = compute.predicted_cache_bytes(28, supervised, len(train_split))
     capsys.readouterr()
     assert main.main([*args, "--dry_run"]) == 0

@@ -28,6 +28,7 @@ import preprocess_dataset
 from preprocess_dataset import tokenize_conversation
 import utils
 from slm_ensembles import files, processes, teacher_cache
+from slm_ensembles import teacher as teacher_lib
 from slm_ensembles.losses import divergence_sum, predictor_mask, sparse_divergence_sum
 from slm_ensembles.teacher_cache import (BuildPreempted, CacheCorruptError, CacheIncompleteError, CacheMismatchError,
                                          TeacherCache, build_cache, cache_identity, decode_token_ids, decode_top_k,
@@ -872,8 +873,8 @@ def run_with_cache_dir(tmp_path, teacher, tokenizer):
         "dataset": str(DATA_DIR / "chats.jsonl"), "cache_dir": str(tmp_path / "cache"), "teacher_mode": "topk",
         "cache_k": 8, "temperature": 1.5, "dtype": "float32", "teacher_cache_dir": str(tmp_path / "built")})
     state = utils.process_state()
-    teacher_path, run_tokenizer = main.teacher_tokenizer(config, state)
-    run_teacher = main.whole_teacher(config, teacher_path, run_tokenizer, state)
+    teacher_path, run_tokenizer = teacher_lib.teacher_tokenizer(config, state)
+    run_teacher = teacher_lib.whole_teacher(config, teacher_path, run_tokenizer, state)
     train = preprocess_dataset.prepare_for_run(config, run_tokenizer)[0]["train"]
     return config, (teacher_path, run_tokenizer, run_teacher, train), preprocess_dataset.run_data_folder(
         config, run_tokenizer)
