@@ -27,6 +27,7 @@ from ensemble import EnsembleConfig, NotAnEnsembleError, load_member
 from slm_ensembles import distributed_ensemble
 from slm_ensembles.answer_text import shown_answer
 from slm_ensembles.processes import run_command
+from slm_ensembles.run_layout import RunLayout
 
 
 class MemberError(ValueError):
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def ensemble_folder(path: str) -> Path:
     folder = Path(path)
-    folder = folder / "ensemble" if (folder / "ensemble").is_dir() else folder
+    folder = RunLayout(folder).ensemble if (RunLayout(folder).ensemble).is_dir() else folder
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no saved ensemble here (expected a run folder with ensemble/, an ensemble "
                                 "folder or a model folder); a run saves its ensemble after its first round")

@@ -60,8 +60,9 @@ from checksums import DamagedFolderError
 from ensemble import EnsembleConfig, ModelEnsemble, load_member
 from model_io import check_logits_at, cut_to_vocab, hidden_at, output_head
 from utils import frozen_dtype, load_causal_lm, load_tokenizer, select_device
-from slm_ensembles import embedded, run_state
+from slm_ensembles import embedded
 from slm_ensembles.processes import run_command
+from slm_ensembles.run_layout import RunLayout
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
@@ -572,7 +573,7 @@ def _number(value) -> float:
 def read_run_config(run_dir: str | Path) -> dict:
     import yaml
 
-    path = Path(run_dir) / "config.yaml"
+    path = RunLayout(Path(run_dir)).config
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a run folder runs/YYYY-MM-DD/run_N?)")
     with open(path, encoding="utf-8") as f:
@@ -584,7 +585,7 @@ def best_member(run_dir: str | Path) -> tuple[int, Path]:
     import pandas as pd
 
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.csv"
+    path = RunLayout(run_dir).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.csv, so no member can be chosen as the best")
     metrics = pd.read_csv(path)
@@ -592,7 +593,7 @@ def best_member(run_dir: str | Path) -> tuple[int, Path]:
     if students.empty:
         raise ValueError(f"{path}: no row with model == 'student' and a ce value")
     round_index = int(students.loc[students["ce"].idxmin(), "round"])
-    folder = run_state.member_folder(run_dir, round_index)
+    folder = RunLayout(run_dir).member(round_index)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: the best member (round {round_index}) is not saved")
     return round_index, folder
@@ -628,7 +629,7 @@ def run_models(run_dir: str | Path, dtype: torch.dtype, device: torch.device, ki
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     trust = bool(config.get("trust_remote_code", False))
-    ensemble_dir = run_dir / "ensemble"
+    ensemble_dir = RunLayout(run_dir).ensemble
     if not (ensemble_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir}: no saved ensemble in ensemble/ (a run saves it after its first round)")
     for kind in kinds:
@@ -675,7 +676,7 @@ def evaluate_run(run_dir: str | Path, tasks: list[str], include_path=DEFAULT_TAS
     config = read_run_config(run_dir)
     torch_device = select_device(device)
     torch_dtype = frozen_dtype(dtype or str(config.get("dtype", "auto")), torch_device)
-    vocab_size = EnsembleConfig.from_pretrained(Path(run_dir) / "ensemble").vocab_size
+    vocab_size = EnsembleConfig.from_pretrained(RunLayout(Path(run_dir)).ensemble).vocab_size
     manager = task_manager(include_path, include_defaults=include_defaults)
     rows = []
     for kind, path, model, tokenizer in run_models(run_dir, torch_dtype, torch_device, kinds=models,

@@ -52,6 +52,7 @@ from slm_ensembles import (compute, dry_run, embedded, files, processes, records
 from slm_ensembles import teacher as teacher_lib
 from slm_ensembles.evaluation import evaluate, new_member_weight
 from slm_ensembles.losses import LossSettings
+from slm_ensembles.run_layout import RunLayout
 
 @dataclasses.dataclass(frozen=True)
 class Run:
@@ -78,6 +79,10 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.state.device
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.folder)
 
     @property
     def vocab_size(self) -> int:
@@ -188,13 +193,13 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
     evaluation did not), its final state (killed before the member was saved), or `student` trained now (from the
     round's newest checkpoint, if any). With early stopping, the final state is the best one evaluated. None when a
     signal stopped the training; it checkpointed first."""
-    member_dir = run_state.member_folder(run.folder, round_index)
+    member_dir = run.layout.member(round_index)
     if (member_dir / "config.json").is_file():  # saved atomically: a member folder is always complete
         print(f"round {round_index}: trained earlier, evaluating {member_dir}")
         return run_state.load_intact(member_dir, f"delete it, and --resume saves round {round_index}'s member again "
                                      "from its checkpoints", run.config.trust_remote_code, run.device)
     run_state.check_disk_for_a_round(run.folder, student, run.tokenizer, run.config)
-    resume_from = run_state.latest_complete_checkpoint(run_state.checkpoint_folder(run.folder, round_index),
+    resume_from = run_state.latest_complete_checkpoint(run.layout.checkpoints(round_index),
                                                        run.state.num_processes)
     if run.state.is_main_process:
         run_state.mark_round_training(run.folder, run.manifest, round_index, resume_from, TRAIN_LOG_COLUMNS)
@@ -244,7 +249,7 @@ def early_stopping(run: Run, round_index: int, resume_from: Path | None,
 
     def save_best(student) -> None:
         if run.state.is_main_process:
-            run_state.save_member_atomically(student, run.tokenizer, run_state.best_folder(run.folder, round_index))
+            run_state.save_member_atomically(student, run.tokenizer, run.layout.best(round_index))
 
     return EarlyStopping(run.config.eval_steps, run.config.early_stopping_patience,
                          run.config.early_stopping_min_delta, scores, save_best, **resumed_state(resume_from),
@@ -263,10 +268,10 @@ def final_state(run: Run, round_index: int, checkpoint: Path | None) -> torch.nn
     chosen: run_state.latest_complete_checkpoint)."""
     if not run.config.eval_steps:
         return utils.load_causal_lm(str(checkpoint), torch.float32, run.config.trust_remote_code).to(run.device)
-    return run_state.load_intact(run_state.best_folder(run.folder, round_index),
+    return run_state.load_intact(run.layout.best(round_index),
                                  f"round {round_index}'s best weights are lost: delete "
-                                 f"{run_state.checkpoint_folder(run.folder, round_index)}, and --resume trains the "
-                                 "round again", run.config.trust_remote_code, run.device)
+                                 f"{run.layout.checkpoints(round_index)}, and --resume trains the round again",
+                                 run.config.trust_remote_code, run.device)
 
 
 def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module, stopper: EarlyStopping | None,
@@ -276,14 +281,14 @@ def distillation_trainer(run: Run, round_index: int, student: torch.nn.Module, s
     frozen, settings = round_loss(run)
     return DistillationTrainer(
         model=student, teacher=run.teacher, members=frozen, settings=settings, vocab_size=run.vocab_size,
-        args=training_arguments(run.round_config, run_state.checkpoint_folder(run.folder, round_index), round_index,
+        args=training_arguments(run.round_config, run.layout.checkpoints(round_index), round_index,
                                 use_cpu=run.device.type == "cpu",
                                 bf16=utils.use_bf16_autocast(run.config.dtype, run.device),
                                 run_name=tracking.run_name(run.folder, run.config.output_root)),
         train_dataset=member_data(run, round_index), processing_class=run.tokenizer,
         callbacks=[*([stopper] if stopper else []),  # before the log's writer: it adds its scores to the log
                    meter,  # after the stopper, which may ask for the checkpoint the meter syncs before
-                   CsvTrainLogCallback(run.folder / "train_log.csv", round_index),
+                   CsvTrainLogCallback(run.layout.train_log, round_index),
                    processes.StopOnSignal(run.preemption),  # before the disk check: it may decide to save
                    run_state.CheckDiskBeforeSave(run.folder, run_state.checkpoint_bytes(student, run.tokenizer)),
                    run_state.RecordChecksums(),
@@ -316,7 +321,7 @@ def saved_member(run: Run, round_index: int, student: torch.nn.Module, steps_run
     training = {"steps_run": steps_run, "member_step": stopper.best_step if stopper else steps_run,
                 "stop_reason": reason or "cap", "flops": meter.round_parts(run.spend_rule, student, frozen)}
     if run.state.is_main_process:
-        run_state.save_member_atomically(student, run.tokenizer, run_state.member_folder(run.folder, round_index),
+        run_state.save_member_atomically(student, run.tokenizer, run.layout.member(round_index),
                                          training)
     print(f"round {round_index}: {training['steps_run']} steps, stopped by the "
           f"{'plateau' if reason else 'cap'}; the member is step {training['member_step']}'s student")
@@ -361,7 +366,7 @@ def record_round(run: Run, round_index: int, rows: list[dict]) -> Run:
                                  spend_rule=run.spend_rule)
     written = files.csv_text_rows(records.METRIC_COLUMNS, rows)
     manifest = run_state.finished_round(run.manifest, round_index,
-                                        str(run_state.member_folder(run.folder, round_index).relative_to(run.folder)),
+                                        str(run.layout.member(round_index).relative_to(run.folder)),
                                         run.weights, written, member_data_description(run, round_index))
     if run.state.is_main_process:
         tracking.log_round(run.trackers, round_index, rows)
@@ -381,7 +386,7 @@ def report(run: Run) -> None:
     (one leaving early can abort the other)."""
     if run.state.is_main_process:
         run_state.restore_metric_rows(run.folder, records.METRIC_COLUMNS, run.manifest)  # damaged since the last round
-        print("\n" + plot.metrics_summary(pd.read_csv(run.folder / run_state.METRICS)))
+        print("\n" + plot.metrics_summary(pd.read_csv(run.layout.metrics)))
         for figure in plot.plot_run(run.folder) if run.config.plots else []:
             print(f"figure: {figure}")
         print(f"\nrun folder: {run.folder}")

@@ -39,6 +39,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from config import SINGLE_MODEL_BASELINES
+from slm_ensembles.run_layout import RunLayout
 
 CE_LABEL = "held-out CE (nats/token)"
 SIZE_LABEL = "ensemble size (members)"
@@ -75,14 +76,14 @@ class Run:
 def load_run(run_dir) -> Run:
     """Read a run folder; older runs (no gap_closed, no baseline key) are completed from their CE and defaults."""
     path = Path(run_dir)
-    if not (path / "metrics.csv").is_file():
+    if not (RunLayout(path).metrics).is_file():
         raise FileNotFoundError(f"{path} has no metrics.csv: not a run folder written by main.py "
                                 f"(or no round of it has been evaluated yet)")
-    metrics = with_gap_closed(pd.read_csv(path / "metrics.csv"))
-    train_log = readable_train_log(path / "train_log.csv")
+    metrics = with_gap_closed(pd.read_csv(RunLayout(path).metrics))
+    train_log = readable_train_log(RunLayout(path).train_log)
     config = {}
-    if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    if (RunLayout(path).config).is_file():
+        config = yaml.safe_load((RunLayout(path).config).read_text()) or {}
     if config.get("baseline") is None:
         config["baseline"] = "none"
     return Run(path=path, metrics=metrics, train_log=train_log, config=config, label=path.name)
@@ -506,7 +507,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    missing = [str(d) for d in args.run_dirs if not (d / "metrics.csv").is_file()]
+    missing = [str(d) for d in args.run_dirs if not (RunLayout(d).metrics).is_file()]
     if missing:
         raise SystemExit(f"plot.py: no metrics.csv in {', '.join(missing)}: pass run folders written by main.py "
                          f"(runs/YYYY-MM-DD/run_N)")

@@ -32,6 +32,7 @@ from huggingface_hub.utils import validate_repo_id
 import checksums
 import config as config_lib
 from slm_ensembles import model_card, processes, run_state
+from slm_ensembles.run_layout import RunLayout
 
 try:  # the HTTP client huggingface_hub runs on: httpx2 (huggingface_hub 2.x) or httpx (1.x)
     import httpx2 as _http
@@ -102,7 +103,7 @@ def finished_ensemble(run_dir: str | Path) -> Path:
     except config_lib.ConfigError as error:  # a damaged manifest
         raise NotPushableError(str(error)) from None
     if manifest is None:
-        raise NotPushableError(f"{run_dir} is not a run folder (no readable {run_state.MANIFEST}): pass the folder of "
+        raise NotPushableError(f"{run_dir} is not a run folder (no readable {RunLayout.MANIFEST}): pass the folder of "
                                "a finished run, runs/YYYY-MM-DD/run_N")
     unfinished = [index for index, status in manifest["rounds"].items() if status != "done"]
     if unfinished:

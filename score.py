@@ -29,9 +29,10 @@ from ensemble import ModelEnsemble, NotAnEnsembleError
 from model_io import PaddingCollator
 import preprocess_dataset
 import utils
-from slm_ensembles import distributed_ensemble, embedded, files, run_state
+from slm_ensembles import distributed_ensemble, embedded, files
 from slm_ensembles.losses import next_token_targets, nll_sum, predictor_mask
 from slm_ensembles.processes import run_command
+from slm_ensembles.run_layout import RunLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_test_split(run_dir: Path) -> tuple[config_lib.Config, object, object]:
     """The run's config, its tokenizer (the teacher's, as the run loaded it) and its test split, prepared as the run
     prepared it (the same folder of cache_dir/datasets, reused when it is still there)."""
-    if not (run_dir / "config.yaml").is_file():
+    if not (RunLayout(run_dir).config).is_file():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml); pass runs/YYYY-MM-DD/run_N")
-    config = config_lib.load_saved_config(run_dir / "config.yaml")
+    config = config_lib.load_saved_config(RunLayout(run_dir).config)
     teacher_path = embedded.resolve_teacher(config.teacher, config.cache_dir)
     tokenizer = utils.load_tokenizer(teacher_path, config.trust_remote_code)
     data, _ = preprocess_dataset.prepare_for_run(config, tokenizer)
@@ -98,7 +99,7 @@ def score(ensemble: ModelEnsemble, dataset, collator, batch_size: int, chunk_siz
 
 def reported_ce(run_dir: Path, ensemble_size: int) -> float | None:
     """The CE metrics.csv reports for the run's ensemble of `ensemble_size` members (None if it has no such row)."""
-    rows = files.read_csv_rows(run_dir / run_state.METRICS) or []
+    rows = files.read_csv_rows(RunLayout(run_dir).metrics) or []
     found = [row for row in rows if row["model"] == "ensemble" and int(row["ensemble_size"]) == ensemble_size]
     return float(found[-1]["ce"]) if found else None
 
@@ -126,7 +127,7 @@ def report_lines(run_dir: Path, ensemble, result: Score) -> list[str]:
 def main(argv=None) -> Score:
     args = parse_args(argv)
     config, tokenizer, test = run_test_split(args.run_dir)
-    folder = args.run_dir / "ensemble"
+    folder = RunLayout(args.run_dir).ensemble
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{args.run_dir}: no saved ensemble in ensemble/ (a run saves it after its first "
                                 "round)")

@@ -56,6 +56,7 @@ from transformers import AutoConfig, AutoTokenizer
 import config as config_lib
 import plot
 from slm_ensembles import compute, embedded, students
+from slm_ensembles.run_layout import RunLayout
 
 REPO = Path(__file__).resolve().parent
 MAIN = REPO / "main.py"
@@ -413,7 +414,7 @@ def tuning_rows(family: Family, runs: list[Point]) -> list[dict]:
 def last_heldout_ce(run_dir: Path) -> float:
     """A run's final early-stopping CE: the best held-out CE of its last round's evaluations (train_log.csv); NaN
     without any. Choices between runs (a learning rate, a grid point) rest on it, never on the test CE."""
-    log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
+    log = plot.readable_train_log(RunLayout(Path(run_dir)).train_log)
     if log is None or "heldout_ce" not in log.columns or log["heldout_ce"].notna().sum() == 0:
         return math.nan
     evals = log.dropna(subset=["heldout_ce"])
@@ -564,7 +565,7 @@ def _run_folders(output_root: Path) -> list[Path]:
 
 def _rounds_done(run_dir: Path) -> tuple[int, bool]:
     """(rounds planned, whether every one is done) from the run's manifest."""
-    rounds = json.loads((run_dir / "manifest.json").read_text()).get("rounds", {})
+    rounds = json.loads((RunLayout(run_dir).manifest).read_text()).get("rounds", {})
     return len(rounds), bool(rounds) and all(status == "done" for status in rounds.values())
 
 
@@ -590,7 +591,7 @@ def check_settings(point: Point, run_dir: Path) -> None:
     """The saved config.yaml agrees with the config the point resolves to, in every key both have, seed included
     (where and how a run is stored and logged is not compared: plot.NOT_COMPARED, as for seed groups). An ensemble
     run may have fewer rounds than the point: it is resumed with more."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunLayout(run_dir).config
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -997,7 +998,7 @@ class Curve:
 def run_evals(run_dir: str, final: pd.Series) -> tuple[pd.DataFrame, bool]:
     """A single-model run's early-stopping evaluations (train_flops, heldout_ce, test_ce) from its train_log;
     a run whose log lacks these columns gives its final metrics row as its one point (True: from metrics)."""
-    log = plot.readable_train_log(Path(run_dir) / "train_log.csv")
+    log = plot.readable_train_log(RunLayout(Path(run_dir)).train_log)
     if log is not None and set(CURVE_COLUMNS) <= set(log.columns):
         columns = [*CURVE_COLUMNS, *(["flops_teacher"] if "flops_teacher" in log.columns else [])]
         evals = log.dropna(subset=list(CURVE_COLUMNS))[columns]

@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 import config as config_lib
 from slm_ensembles import files, run_state
+from slm_ensembles.run_layout import RunLayout
 
 CARD_FILE = "README.md"  # the name the Hub reads a model card from
 TAGS = ["distillation", "ensemble", "slm-ensembles"]
@@ -50,12 +51,12 @@ generator = pipeline("text-generation", model="FOLDER", trust_remote_code=True)
 def write_model_card(run_dir: Path) -> Path:
     """Write the card of `run_dir`'s ensemble from its config.yaml, metrics.csv and members' training records."""
     run_dir = Path(run_dir)
-    ensemble_dir = run_dir / "ensemble"
+    ensemble_dir = RunLayout(run_dir).ensemble
     ensemble_config = json.loads((ensemble_dir / "config.json").read_text())
-    with open(run_dir / run_state.METRICS, newline="") as file:
+    with open(RunLayout(run_dir).metrics, newline="") as file:
         metric_rows = list(csv.DictReader(file))
     records = [run_state.training_record(ensemble_dir / member) for member in ensemble_config["member_subfolders"]]
-    card = model_card(config_lib.load_saved_config(run_dir / "config.yaml"), metric_rows, records,
+    card = model_card(config_lib.load_saved_config(RunLayout(run_dir).config), metric_rows, records,
                       ensemble_config.get("weights"), ensemble_dir.name)
     with files.refuse_full_disk(ensemble_dir, len(card.encode()), "the model card",
                                     "the previous round's is kept: free some space, then continue the run with "

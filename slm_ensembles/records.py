@@ -8,6 +8,7 @@ from pathlib import Path
 import plot
 from slm_ensembles import compute, files, model_card, run_state
 from slm_ensembles.evaluation import SAMPLE_PROMPTS, sample_answers
+from slm_ensembles.run_layout import RunLayout
 
 TRAINING_COLUMNS = ("steps_run", "member_step", "stop_reason")  # from a member's training record
 METRIC_COLUMNS = ["round", "model", "ensemble_size", "ce", "perplexity", "kl_teacher", "top1_agreement", "ece",
@@ -22,7 +23,7 @@ def recorded_rows(rows: list[dict], folder: Path, manifest: dict, round_index: i
     stop), every row's compute columns (from what each round spent: its member's training record, over the
     training split's `train_tokens` in `examples`) and gap_closed. Every process computes them (the manifest it
     keeps holds them); the files they read are written before the evaluation's collectives."""
-    member = run_state.member_folder(folder, round_index)
+    member = RunLayout(folder).member(round_index)
     training = run_state.training_record(member)
     rows = [{**row, **{key: training[key] for key in TRAINING_COLUMNS if key in training}}
             if row["model"] in TRAINED_ROWS else row for row in rows]
@@ -30,7 +31,7 @@ def recorded_rows(rows: list[dict], folder: Path, manifest: dict, round_index: i
     columns = compute.metric_columns([compute.model_shape(model) for model in members], spends,
                                      context=round(train_tokens.sequence / examples), rule=spend_rule)
     rows = [{**row, **columns.get(row["model"], {})} for row in rows]
-    return plot.rows_with_gap_closed(rows, folder / run_state.METRICS)
+    return plot.rows_with_gap_closed(rows, RunLayout(folder).metrics)
 
 
 def write_sample_answers(folder: Path, round_index: int, models: dict, tokenizer, prompts: int,
@@ -39,7 +40,7 @@ def write_sample_answers(folder: Path, round_index: int, models: dict, tokenizer
     the round wrote before)."""
     rows = sample_answers(models, tokenizer, SAMPLE_PROMPTS[:prompts], max_new_tokens)
     if rows:
-        files.replace_csv_rows(folder / "samples.csv", SAMPLE_COLUMNS, lambda row: int(row["round"]) != round_index,
+        files.replace_csv_rows(RunLayout(folder).samples, SAMPLE_COLUMNS, lambda row: int(row["round"]) != round_index,
                                [{"round": round_index, **row} for row in rows])
 
 
@@ -48,11 +49,11 @@ def write_round(folder: Path, round_index: int, written: list[dict], manifest: d
     """The round's files, by the main process: its metric rows (`written`, replacing any an interrupted evaluation
     of it left), the ensemble's configs and model card (the ensemble folder is complete after every round), the
     sample answers, then the manifest that marks the round done; its checkpoints go, as its member is its state."""
-    files.replace_csv_rows(folder / run_state.METRICS, METRIC_COLUMNS, lambda row: int(row["round"]) != round_index,
+    files.replace_csv_rows(RunLayout(folder).metrics, METRIC_COLUMNS, lambda row: int(row["round"]) != round_index,
                            written)
-    run_state.save_ensemble_configs(ensemble, tokenizer, folder / "ensemble")
+    run_state.save_ensemble_configs(ensemble, tokenizer, RunLayout(folder).ensemble)
     model_card.write_model_card(folder)
     write_sample_answers(folder, round_index, {"student": ensemble.members[-1], "ensemble": ensemble}, tokenizer,
                          config.sample_answers, config.sample_max_new_tokens)
     run_state.write_manifest(folder, manifest)
-    shutil.rmtree(run_state.checkpoint_folder(folder, round_index), ignore_errors=True)
+    shutil.rmtree(RunLayout(folder).checkpoints(round_index), ignore_errors=True)

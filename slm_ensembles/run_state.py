@@ -43,9 +43,8 @@ import checksums
 import config as config_lib
 import utils
 from slm_ensembles import compute, files, processes, students
+from slm_ensembles.run_layout import RunLayout
 
-MANIFEST = "manifest.json"
-METRICS = "metrics.csv"
 METRIC_JOURNAL = "metric_rows"  # manifest key: each finished round's metrics.csv rows, as text, by round
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -62,7 +61,7 @@ def planned_rounds(rounds: dict, count: int) -> dict:
 
 def find_run_of_job(output_root: str | Path, job_id: str) -> str | None:
     """The run folder that the scheduler job `job_id` started earlier, if any (a requeued job resumes it)."""
-    for manifest_path in sorted(Path(output_root).glob(f"*/run_*/{MANIFEST}")):
+    for manifest_path in sorted(Path(output_root).glob(f"*/run_*/{RunLayout.MANIFEST}")):
         if json.loads(manifest_path.read_text()).get("job_id") == str(job_id):
             return str(manifest_path.parent)
     return None
@@ -71,7 +70,7 @@ def find_run_of_job(output_root: str | Path, job_id: str) -> str | None:
 def load_manifest(run_dir: Path) -> dict | None:
     """The run's manifest, None when it has none; a damaged one (cut short, emptied, overwritten) is refused by name:
     the run's progress is unknown without it."""
-    path = run_dir / MANIFEST
+    path = RunLayout(run_dir).manifest
     if not path.is_file():
         return None
     try:
@@ -86,7 +85,7 @@ def load_manifest(run_dir: Path) -> dict | None:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    files.write_atomically(run_dir / MANIFEST, json.dumps(manifest, indent=2))
+    files.write_atomically(RunLayout(run_dir).manifest, json.dumps(manifest, indent=2))
 
 
 def round_status(manifest: dict, round_index: int) -> str:
@@ -99,7 +98,7 @@ def mark_round_training(run_dir: Path, manifest: dict, round_index: int, resume_
     `log_columns`) rows written after the checkpoint the round resumes from: the resumed steps log them again."""
     write_manifest(run_dir, {**manifest, "rounds": {**manifest["rounds"], str(round_index): "training"}})
     last_step = checkpoint_step(resume_from) if resume_from else 0
-    files.replace_csv_rows(run_dir / "train_log.csv", log_columns,
+    files.replace_csv_rows(RunLayout(run_dir).train_log, log_columns,
                      lambda row: int(row["round"]) != round_index or int(row["step"]) <= last_step, [])
 
 
@@ -142,7 +141,7 @@ def check_metric_rows_recoverable(run_dir: Path, manifest: dict) -> None:
     unjournaled = [index for index in done_rounds(manifest) if index not in journal]
     if not unjournaled:
         return
-    path = run_dir / METRICS
+    path = RunLayout(run_dir).metrics
     written = files.read_csv_rows(path)
     whole = {row.get("round") for row in written or [] if files.is_complete_row(row)}
     cut = {row.get("round") for row in written or [] if not files.is_complete_row(row)}
@@ -150,9 +149,9 @@ def check_metric_rows_recoverable(run_dir: Path, manifest: dict) -> None:
     if lost:
         raise config_lib.ConfigError(
             f"{path}: the rows of round(s) {', '.join(lost)} are lost ({metrics_damage(path, written)}), and "
-            f"{run_dir / MANIFEST} predates the journal of metric rows that would restore them. Restore {METRICS} "
-            f"from a copy, or recompute them in a new run with this run's settings (`python main.py --config "
-            f"{run_dir / 'config.yaml'}`); nothing was changed")
+            f"{RunLayout(run_dir).manifest} predates the journal of metric rows that would restore them. Restore "
+            f"{RunLayout.METRICS} from a copy, or recompute them in a new run with this run's settings (`python main.py "
+            f"--config {RunLayout(run_dir).config}`); nothing was changed")
 
 
 def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> None:
@@ -161,7 +160,7 @@ def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> No
     it restores. Rows of rounds not finished are dropped with it: those rounds are evaluated again. Rows of rounds
     finished before the journal existed are kept as the file holds them (check_metric_rows_recoverable refused the
     resume if any are lost)."""
-    path = run_dir / METRICS
+    path = RunLayout(run_dir).metrics
     written = files.read_csv_rows(path)
     whole = [row for row in written or [] if files.is_complete_row(row)]
     journal = manifest.get(METRIC_JOURNAL, {})
@@ -175,7 +174,7 @@ def restore_metric_rows(run_dir: Path, columns: list[str], manifest: dict) -> No
     damage = metrics_damage(path, written)
     restored = ", ".join(f"round {row['round']} {row['model']}" for row in wanted if row not in whole)
     files.write_csv_rows(path, columns, wanted)
-    print(f"warning: {path}: {damage}; rewritten from the rows {MANIFEST} recorded for the finished rounds, "
+    print(f"warning: {path}: {damage}; rewritten from the rows {RunLayout.MANIFEST} recorded for the finished rounds, "
           f"restoring {restored or 'no row'}", file=sys.stderr)
 
 
@@ -247,15 +246,15 @@ def resumed_config(run_dir: Path, stated: dict[str, Stated], preset: str | None 
     the preset a run started from must not add rounds to it. A `preset` other than the one the manifest records the
     run was started from is refused too, even when its settings agree (the demo preset states none). Damage that
     would stop the run later (its config.yaml, metric rows no journal restores) is refused now, by name."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = RunLayout(run_dir).config
     if not saved_path.is_file():
         raise config_lib.ConfigError(
             f"--resume {str(run_dir)!r} is not a run folder (it has no config.yaml): pass the folder of a run, "
-            f"runs/YYYY-MM-DD/run_N, which holds config.yaml and {MANIFEST}")
+            f"runs/YYYY-MM-DD/run_N, which holds config.yaml and {RunLayout.MANIFEST}")
     manifest = load_manifest(run_dir)
     if manifest is None:
-        raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {MANIFEST}: it did not "
-                                     "get past its setup; start a new run instead")
+        raise config_lib.ConfigError(f"--resume {str(run_dir)!r} has a config.yaml but no {RunLayout.MANIFEST}: it did "
+                                     "not get past its setup; start a new run instead")
     check_saved_config(run_dir, manifest)
     for member in manifest["members"]:  # verified before anything is rewritten, and before the rounds load them
         files.check_intact(run_dir / member, "later rounds were trained with it: restore it from a copy (its checksums.json "
@@ -301,7 +300,7 @@ def check_saved_config(run_dir: Path, manifest: dict) -> None:
     recorded = manifest.get("config")
     if recorded is None:
         return
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     try:
         written = yaml.safe_load(path.read_text())
     except (UnicodeDecodeError, yaml.YAMLError):
@@ -324,8 +323,8 @@ def check_saved_config(run_dir: Path, manifest: dict) -> None:
     if problems:
         raise config_lib.ConfigError(
             f"{path} is not the configuration this run was written with ({'; '.join(problems)}): it was damaged or "
-            f"edited. The settings it started with are in {run_dir / MANIFEST} under \"config\": restore config.yaml "
-            "from them, or start a new run; nothing was changed")
+            f"edited. The settings it started with are in {RunLayout(run_dir).manifest} under \"config\": restore "
+            "config.yaml from them, or start a new run; nothing was changed")
 
 
 def check_total_rounds_change(run_dir: Path, saved: config_lib.Config, total_rounds: int, manifest: dict) -> None:
@@ -393,29 +392,14 @@ def resumed_manifest(run_dir: Path, config: config_lib.Config, state) -> dict:
 
 def write_run_config(config: config_lib.Config, run_dir: Path) -> None:
     """config.yaml, atomically: a resume reads it back."""
-    files.write_atomically(run_dir / "config.yaml", config_lib.config_yaml(config))
-
-
-def member_folder(run_dir: Path, round_index: int) -> Path:
-    """Where round `round_index`'s student is saved: a member of the run's ensemble folder."""
-    return Path(run_dir) / "ensemble" / f"member_{round_index}"
-
-
-def checkpoint_folder(run_dir: Path, round_index: int) -> Path:
-    """Where round `round_index`'s Trainer checkpoints go while it trains."""
-    return Path(run_dir) / "checkpoints" / f"round_{round_index}"
-
-
-def best_folder(run_dir: Path, round_index: int) -> Path:
-    """Where early stopping keeps the best weights of round `round_index` seen so far (the member it ends with)."""
-    return checkpoint_folder(run_dir, round_index) / "best"
+    files.write_atomically(RunLayout(run_dir).config, config_lib.config_yaml(config))
 
 
 def remove_finished_rounds_checkpoints(run_dir: Path, manifest: dict) -> None:
     """Drop the checkpoints of rounds the manifest marks done: a kill right after the manifest write leaves them
     behind, and a finished round's state is its member."""
     for index in done_rounds(manifest):
-        shutil.rmtree(checkpoint_folder(run_dir, int(index)), ignore_errors=True)
+        shutil.rmtree(RunLayout(run_dir).checkpoints(int(index)), ignore_errors=True)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------------

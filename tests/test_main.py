@@ -26,8 +26,8 @@ from model_io import OutputHeadOnly
 import train
 from train import EVALUATION_LOG_COLUMNS
 import utils
-from slm_ensembles import files, processes, records, run_state
-from slm_ensembles import teacher as teacher_lib
+from slm_ensembles import files, processes, records, run_state, teacher as teacher_lib
+from slm_ensembles.run_layout import RunLayout
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
@@ -60,14 +60,14 @@ def test_a_metrics_csv_damaged_during_the_run_is_restored_before_the_next_rows_a
 
     def record_then_damage(run, round_index, rows):
         run = record_round(run, round_index, rows)
-        path = run.folder / run_state.METRICS
+        path = run.folder / RunLayout.METRICS
         path.write_bytes(path.read_bytes().replace(b"student", b"\xff\xfeudent", 1))  # not UTF-8 any more
         return run
 
     monkeypatch.setattr(main, "record_round", record_then_damage)
     assert main.main(cli_args(tiny_teacher_dir, tmp_path)) == 0
     assert "metrics.csv: it is not CSV text" in capsys.readouterr().err
-    rows = files.read_csv_rows(only_run_dir(tmp_path) / run_state.METRICS)
+    rows = files.read_csv_rows(only_run_dir(tmp_path) / RunLayout.METRICS)
     assert sorted({(row["round"], row["model"]) for row in rows}) == [
         ("0", "ensemble"), ("0", "student"), ("0", "student_untrained"), ("0", "teacher"),
         ("1", "ensemble"), ("1", "student"), ("1", "student_untrained")]
@@ -799,7 +799,7 @@ def test_damaged_best_weights_are_refused_by_name_and_the_round_trains_again_onc
         with pytest.raises(SystemExit, match="killed"):
             main.main(cli_args(tiny_teacher_dir, tmp_path, *settings))
     run_dir = only_run_dir(tmp_path)
-    weights = run_state.best_folder(run_dir, 0) / "model.safetensors"
+    weights = RunLayout(run_dir).best(0) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(main.config_lib.ConfigError) as error:
         main.main(["--resume", str(run_dir)])

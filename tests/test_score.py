@@ -11,8 +11,9 @@ import pytest
 
 from conftest import damage_second_half, run_test_preset
 import score
-from slm_ensembles import files, run_state
+from slm_ensembles import files
 from slm_ensembles.processes import EXIT_BAD_INPUT, run_command
+from slm_ensembles.run_layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def run_dir(tmp_path_factory):
 
 
 def reported(run_dir) -> float:
-    rows = files.read_csv_rows(run_dir / run_state.METRICS)
+    rows = files.read_csv_rows(run_dir / RunLayout.METRICS)
     return float([row for row in rows if row["model"] == "ensemble" and row["ensemble_size"] == "2"][-1]["ce"])
 
 
@@ -70,7 +71,7 @@ def test_a_folder_that_is_not_a_run_is_refused_by_name(tmp_path):
 def test_a_damaged_member_is_refused_naming_the_file_before_its_weights_load(run_dir, tmp_path, capsys):
     copy = tmp_path / "run_1"
     shutil.copytree(run_dir / "ensemble", copy / "ensemble")
-    for name in ("config.yaml", run_state.METRICS):
+    for name in ("config.yaml", RunLayout.METRICS):
         shutil.copy(run_dir / name, copy / name)
     assert score.main([str(copy)]).ce == pytest.approx(reported(run_dir), rel=1e-5)  # the copy is intact
     weights = copy / "ensemble" / "member_0" / "model.safetensors"
