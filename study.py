@@ -13,6 +13,8 @@ Usage:
     python study.py SPEC.yaml --dry_run        # list the grid points and which are finished
     python study.py SPEC.yaml --print_sbatch   # the sbatch lines that run the same grid as SLURM arrays (train.sh)
     python study.py SPEC.yaml --collect        # only collect: rows, fits, verdicts, figures and summary
+    python study.py SPEC.yaml --latency        # after the runs: time each point's saved model (latency.csv); collect
+    python study.py SPEC.yaml --latency --new_tokens 64 --repeats 5 --threads 1   # longer, steadier timings
 
 What collecting writes into the study folder:
     rows.csv         every finished run's metrics.csv rows, with run, family, series, kind, seed and its settings
@@ -24,8 +26,18 @@ What collecting writes into the study folder:
                      train_flops the single model's curve read at the ensemble's spend, and the compute multiplier)
     verdicts.csv     per comparison: the mean difference over seeds, its 95% t-interval, wins, verdict, multiplier
     tuning.csv       with learning_rates: each tuning run's final early-stopping CE and the rate chosen
+    teacher_gap.csv  per ensemble series (a member size): its best ensemble's mean CE and gap closed, and the single
+                     models matched to its family (`match`), with 95% t-intervals over seeds; the teacher's CE
     summary.md       the tables above, short, and the notes (fits and pairs left out, and why)
     ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the determined fits
+
+What --latency writes (then collecting adds its section to summary.md and ce_vs_latency.png):
+    latency.csv      per point (an ensemble family's at each size, a single family's at each grid point; one run of
+                     it, the first seed's, stands for it): parameters, mean test CE over seeds with its 95%
+                     t-interval, decode ms per token at batch 1 with a process per member (torchrun, gloo) and with
+                     the members one after another in one process, whether it is on the Pareto frontier (no other
+                     point has lower CE and lower latency), and the machine's thread settings. Timings come from
+                     benchmarks/bench_inference.py's functions: the fastest of --repeats runs of --new_tokens.
 """
 
 from __future__ import annotations
@@ -36,10 +48,13 @@ import functools
 import itertools
 import json
 import math
+import os
+import platform
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import warnings
@@ -47,14 +62,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from matplotlib.figure import Figure
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import config as config_lib
 import plot
+from benchmarks import bench_inference
+from ensemble import ModelEnsemble, saved_ensemble_config
 from slm_ensembles import compute, embedded, students
 from slm_ensembles.run_layout import RunLayout
 
@@ -150,6 +168,7 @@ class Study:
     compare: tuple[str, ...] = COMPARED_X  # the axes the ensembles are compared with the single models on
     waiting: tuple[str, ...] = ()  # per family whose later seeds wait for its tuning: a line saying so
     tuning: tuple[dict, ...] = ()  # tuning.csv's rows: family, point, rate, heldout_ce, chosen
+    matched: tuple[tuple[str, str, int], ...] = ()  # (single family, the ensemble family it matches, at what size)
 
     @property
     def families(self) -> list[str]:
@@ -269,8 +288,9 @@ def load_spec(path) -> Study:
         waiting += [wait] if wait else []
         tuning += rows
     check_points(points)
+    matched = tuple((f.name, f.match["family"], f.match["size"]) for f in families if f.match)
     return Study(name=name, folder=folder, points=points, compare=compare, waiting=tuple(waiting),
-                 tuning=tuple(tuning))
+                 tuning=tuple(tuning), matched=matched)
 
 
 def parse_family(family: dict, preset: str, base: dict, seeds: list[int], reserved: set[str]) -> Family:
@@ -468,7 +488,8 @@ def match_family(family: Family, families: list[Family]) -> Family:
                          f"{ensemble.name!r} at {size} members) within {MATCH_RTOL:.0%}; the nearest is {value:,} "
                          f"({', '.join(f'{k}={cli_value(v)}' for k, v in setting.items())})")
     note = f"(matched {match['axis']} {value:,} to {ensemble.name} x{size}: {target:,})"
-    return dataclasses.replace(family, settings={**family.settings, **setting}, label_note=note)
+    return dataclasses.replace(family, settings={**family.settings, **setting}, label_note=note,
+                               match={**match, "size": size})
 
 
 def family_config(family: Family, combo: dict) -> config_lib.Config:
@@ -724,13 +745,14 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def observations(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per series, point and seed: test CE, the run's final early-stopping CE and the x columns there
-    are. An ensemble run gives a point
+    """One row per series, point and seed: test CE, the run's final early-stopping CE, gap_closed and the x columns
+    there are. An ensemble run gives a point
     per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
     same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
     x_columns = [x for x in X_AXES if x in rows.columns]
+    gap = ["gap_closed"] if "gap_closed" in rows.columns else []
     if rows.empty:
-        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", "final_heldout_ce",
+        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", "final_heldout_ce", *gap,
                                      *x_columns])
     models = rows[rows["model"] == "ensemble"].drop_duplicates(["run", "ensemble_size"], keep="last")
     models = models.sort_values(["run", "ensemble_size"], kind="stable")
@@ -743,7 +765,7 @@ def observations(rows: pd.DataFrame) -> pd.DataFrame:
                            order=np.where(is_ensemble, size, 0), rank=models["series"].map(series_rank),
                            first=np.arange(len(models)))
     table = (models.groupby(["series", "kind", "point", "order", "seed"], sort=False)[
-        ["ce", "final_heldout_ce", *x_columns, "rank", "first"]].mean().reset_index())
+        ["ce", "final_heldout_ce", *gap, *x_columns, "rank", "first"]].mean().reset_index())
     table = table.sort_values(["rank", "order", "first"], kind="stable")
     return table.drop(columns=["rank", "first"]).reset_index(drop=True)
 
@@ -1139,6 +1161,107 @@ def verdict_table(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
+# --- the teacher gap: how much of it each member size's ensemble closes -------------------------------------------
+
+GAP_COLUMNS = ["family", "series", "member_size", "ensemble_size", "seeds", "ensemble_ce", "ensemble_ce_low",
+               "ensemble_ce_high", "ensemble_gap_closed", "ensemble_gap_closed_low", "ensemble_gap_closed_high",
+               "start_ce", "single", "single_point", "matched_size", "single_seeds", "single_ce", "single_ce_low",
+               "single_ce_high", "single_gap_closed", "single_gap_closed_low", "single_gap_closed_high",
+               "single_gap_closed_on_member_scale", "single_gap_closed_on_member_scale_low",
+               "single_gap_closed_on_member_scale_high", "teacher_ce"]
+
+
+def member_size(config: config_lib.Config) -> str:
+    """What sizes a run's members, as teacher_gap.csv names it: the teacher layers a student copies, a random
+    student's depth and width, or a pretrained student's name."""
+    if config.student_init == "teacher_layers":
+        return f"{len(config.teacher_layers)} teacher layers"
+    if config.student_init == "random":
+        return f"{config.student_num_layers} layers x {config.student_hidden_size} wide"
+    return str(config.student_model)
+
+
+def _interval_columns(prefix: str, values) -> dict:
+    mean, low, high = paired_interval(np.asarray(values, dtype=float)) if len(values) else (math.nan,) * 3
+    return {prefix: mean, f"{prefix}_low": low, f"{prefix}_high": high}
+
+
+def teacher_gap_table(rows: pd.DataFrame, matched, member_sizes: dict[str, str]) -> pd.DataFrame:
+    """teacher_gap.csv: per ensemble series (a member size), its best ensemble (the size of the lowest mean test CE
+    over seeds) with the mean test CE and gap closed over seeds, each with its 95% t-interval; and each single-model
+    series matched to its family (`matched`: (single family, ensemble family, size) as the spec's `match`), its
+    CE and gap closed alike. gap_closed is metrics.csv's: each run's share of the gap from its own round-0 untrained
+    student (`start_ce`, the mean over seeds) to the teacher; a matched single model starts elsewhere, so its CE
+    is also given on the ensemble's scale (single_gap_closed_on_member_scale: (start_ce - CE) / (start_ce -
+    teacher_ce), the ensemble's start and the teacher as ends). One row per ensemble series and matched single
+    series (one with the single's columns empty where none is matched); empty without ensemble rows."""
+    if rows.empty or not (rows["kind"] == "ensemble").any():
+        return pd.DataFrame(columns=GAP_COLUMNS)
+    obs = observations(rows)
+    if "gap_closed" not in obs.columns:
+        obs = obs.assign(gap_closed=math.nan)
+    teachers = rows[rows["model"] == "teacher"].groupby("run")["ce"].first()
+    teacher = float(teachers.mean()) if len(teachers) else math.nan
+    untrained = rows[(rows["model"] == "student_untrained") & (rows["round"] == 0)]
+    table = []
+    for series, part in obs[obs["kind"] == "ensemble"].groupby("series", sort=False):
+        means = part.groupby("order", sort=True)["ce"].mean()
+        best = int(means.idxmin())  # the first of equal means: the smallest ensemble
+        at_best = part[part["order"] == best]
+        family = rows.loc[rows["series"] == series, "family"].iloc[0]
+        starts = untrained.loc[untrained["series"] == series].groupby("run")["ce"].first()
+        start = float(starts.mean()) if len(starts) else math.nan
+        row = dict(family=family, series=series, member_size=member_sizes.get(series, ""), ensemble_size=best,
+                   seeds=len(at_best), **_interval_columns("ensemble_ce", at_best["ce"]),
+                   **_interval_columns("ensemble_gap_closed", at_best["gap_closed"].dropna()), start_ce=start,
+                   teacher_ce=teacher)
+        singles = [(single, size) for single, ensemble, size in matched if ensemble == family]
+        single_rows = []
+        for single_family, size in singles:
+            series_of = rows.loc[rows["family"] == single_family, "series"].unique()
+            for single in series_of:
+                for point, chosen in obs[obs["series"] == single].groupby("point", sort=False):
+                    ce = _interval_columns("single_ce", chosen["ce"])
+                    scale = start - teacher
+                    on_member = {key.replace("single_ce", "single_gap_closed_on_member_scale"):
+                                 (start - value) / scale if scale else math.nan for key, value in ce.items()}
+                    low_key = "single_gap_closed_on_member_scale_low"  # a higher CE is a lower share: swap the ends
+                    high_key = "single_gap_closed_on_member_scale_high"
+                    on_member[low_key], on_member[high_key] = on_member[high_key], on_member[low_key]
+                    single_rows.append(dict(row, single=single, single_point=point, matched_size=size,
+                                            single_seeds=len(chosen), **ce, **on_member,
+                                            **_interval_columns("single_gap_closed", chosen["gap_closed"].dropna())))
+        table += single_rows or [row]
+    return pd.DataFrame(table, columns=GAP_COLUMNS)
+
+
+def gap_lines(gap: pd.DataFrame) -> list[str]:
+    """summary.md's section of teacher_gap.csv."""
+    if gap.empty:
+        return []
+
+    def shown(row, name: str) -> str:
+        return "–" if not math.isfinite(row[name]) else (
+            f"{row[name]:.3f} [{row[f'{name}_low']:.3f}, {row[f'{name}_high']:.3f}]"
+            if math.isfinite(row[f"{name}_low"]) else f"{row[name]:.3f}")
+    lines = ["", "## The teacher gap closed, per member size (teacher_gap.csv)", "",
+             "Per ensemble series, its best ensemble (the size of the lowest mean test CE) and the single models "
+             "matched to its family, mean over seeds [95% t-interval]. Gap closed: the share of the gap from the "
+             "run's own untrained student to the teacher; the single model's also on the ensemble's scale (from "
+             "the ensemble's untrained member).", ""]
+    return lines + _markdown(pd.DataFrame({
+        "ensemble": gap["series"], "member size": gap["member_size"], "best size": gap["ensemble_size"],
+        "CE": [shown(r, "ensemble_ce") for _, r in gap.iterrows()],
+        "gap closed": [shown(r, "ensemble_gap_closed") for _, r in gap.iterrows()],
+        "matched single (x size)": [f"{r['single']} (x{int(r['matched_size'])})" if isinstance(r["single"], str)
+                                    and r["single"] else "–" for _, r in gap.iterrows()],
+        "single CE": [shown(r, "single_ce") for _, r in gap.iterrows()],
+        "single gap closed (own; ensemble's scale)": [
+            f"{shown(r, 'single_gap_closed')}; {shown(r, 'single_gap_closed_on_member_scale')}"
+            for _, r in gap.iterrows()],
+        "teacher CE": gap["teacher_ce"].map(lambda v: f"{v:.4f}" if math.isfinite(v) else "–")}))
+
+
 # --- figures ----------------------------------------------------------------------------------------------------------
 
 def ce_figure(points: pd.DataFrame, fits: list[Fitted], x: str, teacher: float | None) -> Figure:
@@ -1279,7 +1402,8 @@ def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
 
 
 def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
-                     verdicts: pd.DataFrame, notes: list[str], teacher: float | None) -> str:
+                     verdicts: pd.DataFrame, notes: list[str], teacher: float | None,
+                     gap: pd.DataFrame | None = None, latency: pd.DataFrame | None = None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
     lines = [f"# Study {study.name}", "",
              f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
@@ -1313,6 +1437,8 @@ def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fit
               "within the ensemble's spend, and the compute multiplier the spend at which its curve reaches the "
               "ensemble's CE, over the ensemble's.", ""]
     lines += verdict_lines(verdicts)
+    lines += gap_lines(gap) if gap is not None else []
+    lines += latency_lines(latency) if latency is not None else []
     if notes:
         lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
@@ -1336,14 +1462,225 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
               "comparison.csv": pairs, "verdicts.csv": verdicts}
     if study.tuning:
         tables["tuning.csv"] = pd.DataFrame(list(study.tuning))
+    gap = teacher_gap_table(rows, study.matched, {p.series: member_size(p.config) for p in study.points
+                                                  if p.kind == "ensemble"})
+    if len(gap):  # only where the study has ensemble runs
+        tables["teacher_gap.csv"] = gap
     paths = []
     for name, table in tables.items():
         table.to_csv(study.folder / name, index=False)
         paths.append(study.folder / name)
+    latency_path = study.folder / "latency.csv"  # written by --latency
+    latency = pd.read_csv(latency_path) if latency_path.is_file() else None
     (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
-                                                              notes + curve_notes + pair_notes, teacher))
+                                                              notes + curve_notes + pair_notes, teacher,
+                                                              gap if len(gap) else None, latency))
     paths.append(study.folder / "summary.md")
-    return paths + plot.save_figures(study_figures(points, fits, teacher, obs, curves, study.name), study.folder)
+    figures = study_figures(points, fits, teacher, obs, curves, study.name)
+    if latency is not None and len(latency):
+        figures["ce_vs_latency"] = latency_figure(latency)
+    return paths + plot.save_figures(figures, study.folder)
+
+
+# --- latency: CE against decode latency per token (--latency) ------------------------------------------------------
+
+LATENCY_COLUMNS = ["family", "series", "kind", "point", "ensemble_size", "parameters", "seeds", "ce_mean", "ce_low",
+                   "ce_high", "latency_ms_parallel", "latency_ms_sequential", "frontier", "run", "processes",
+                   "threads_per_process", "cpu_count", "machine", "prompt_tokens", "new_tokens", "repeats",
+                   "statistic"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How --latency times a model: greedy decoding at batch 1 of `new_tokens` after a random prompt of
+    `prompt_tokens`, each the fastest of `repeats` runs (benchmarks.bench_inference.timed_generation), every process
+    on `threads` intra-op threads."""
+
+    new_tokens: int = 32
+    repeats: int = 3
+    prompt_tokens: int = 32
+    threads: int = 1
+
+    def options(self, members: int, vocab_size: int) -> argparse.Namespace:
+        """bench_inference's options for a model of `members` members (processes) and `vocab_size`."""
+        return bench_inference.parse_args([
+            "--members", str(members), "--vocab_size", str(vocab_size), "--batch_sizes", "1", "--prompt_tokens",
+            str(self.prompt_tokens), "--new_tokens", str(self.new_tokens), "--repeats", str(self.repeats),
+            "--threads", str(self.threads), "--statistic", "min", "--device", "cpu", "--json", ""])
+
+
+def first_members(folder: Path, size: int, into: Path) -> Path:
+    """A saved ensemble of the first `size` members of the one in `folder`, made in `into`: its config.json with
+    those member folders (and their weights), the rest of its files and the members' folders linked, not copied."""
+    config = json.loads((folder / "config.json").read_text())
+    kept = config["member_subfolders"][:size]
+    config.update(member_subfolders=kept, **({"weights": config["weights"][:size]} if config.get("weights") else {}))
+    into.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.name != "config.json" and (path.is_file() or path.name in kept):
+            (into / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
+    (into / "config.json").write_text(json.dumps(config, indent=2))
+    saved_ensemble_config(into)  # a folder the loaders accept
+    return into
+
+
+def model_latency(folder: Path, size: int, timing: Timing) -> dict:
+    """Decode ms per token of the first `size` members of the ensemble saved in `folder`: in parallel (one process
+    per member under torchrun, over gloo) and sequentially (one process, one member after another); one member is
+    timed alone, as a plain model in this process (both numbers). Its parameters too."""
+    config = saved_ensemble_config(folder)
+    if not 1 <= size <= len(config.member_subfolders):
+        raise StudyError(f"{folder} holds {len(config.member_subfolders)} member(s), not {size}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(timing.threads)
+    try:
+        with tempfile.TemporaryDirectory() as temporary:
+            saved = first_members(folder, size, Path(temporary) / "ensemble")
+            if size == 1:
+                model = AutoModelForCausalLM.from_pretrained(saved / config.member_subfolders[0],
+                                                             use_safetensors=True).eval()
+            else:
+                model = ModelEnsemble.from_pretrained(saved, concurrent=False).eval()
+            members = [model] if size == 1 else list(model.members)
+            vocab_size = min(member.get_output_embeddings().weight.shape[0] for member in members)
+            options = timing.options(size, vocab_size)
+            sequential = bench_inference.timed_generation(model, 1, options)["decode_ms_per_token"]
+            parallel = sequential if size == 1 else \
+                bench_inference.distributed_rows(saved, options)[0]["decode_ms_per_token"]
+            return dict(latency_ms_parallel=parallel, latency_ms_sequential=sequential, processes=size,
+                        parameters=sum(map(bench_inference.parameters, members)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def latency_points(rows: pd.DataFrame) -> pd.DataFrame:
+    """Every point of summary.csv with the run that stands for it (the first seed's: seeds share the architecture)
+    and the members it takes: an ensemble point's size, a single model's final model (one member)."""
+    points = point_table(observations(rows))
+    chosen = []
+    for point in points.itertuples(index=False):
+        of_series = rows[(rows["series"] == point.series) & (rows["model"] == "ensemble")]
+        if point.kind == "ensemble":
+            size = int(point.point.split()[0])
+            runs = of_series[of_series["ensemble_size"] == size]
+        else:
+            size, runs = 1, of_series[of_series["point"] == point.point]
+        run = runs.sort_values("seed", kind="stable").iloc[0]
+        chosen.append(dict(family=run["family"], run=run["run"], run_dir=run["run_dir"], ensemble_size=size))
+    return pd.concat([points[["series", "kind", "point", "seeds", "ce_mean", "ce_std"]].reset_index(drop=True),
+                      pd.DataFrame(chosen, columns=["family", "run", "run_dir", "ensemble_size"])], axis=1)
+
+
+def t_interval(mean: float, std: float, n: int) -> tuple[float, float]:
+    """The 95% t-interval of a mean of n values of standard deviation std (ddof 1); NaN for one value."""
+    if n < 2 or not math.isfinite(std):
+        return math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def pareto_frontier(ce, latency) -> np.ndarray:
+    """Which points are on the frontier of lower CE and lower latency: no other point is at most as high in both
+    and lower in one. A point without both numbers is on none."""
+    ce, latency = np.asarray(ce, dtype=float), np.asarray(latency, dtype=float)
+    known = np.isfinite(ce) & np.isfinite(latency)
+    on = np.zeros(len(ce), dtype=bool)
+    for i in np.flatnonzero(known):
+        dominated = known & (ce <= ce[i]) & (latency <= latency[i]) & ((ce < ce[i]) | (latency < latency[i]))
+        on[i] = not dominated.any()
+    return on
+
+
+def machine_settings(timing: Timing) -> dict:
+    """The machine the latencies hold on: its CPU count and kind, the threads each process ran on."""
+    return dict(threads_per_process=timing.threads, cpu_count=os.cpu_count(),
+                machine=f"{platform.machine()} {platform.processor() or platform.system()}".strip())
+
+
+def measure_latency(study: Study, timing: Timing, log=print) -> Path:
+    """latency.csv: every point of the study's finished runs (an ensemble family's at each size, a single family's
+    at each grid point), its mean test CE over seeds with its 95% t-interval (summary.csv's), and the decode latency
+    per token of the saved model of one of its runs, in parallel and one member after another; the frontier."""
+    rows, _ = collect_rows(study)
+    if rows.empty:
+        raise StudyError(f"study {study.name} has no finished run: nothing to time (--latency reads the saved "
+                         f"models of finished runs)")
+    points = latency_points(rows)
+    table = []
+    for index, point in enumerate(points.itertuples(index=False), 1):
+        log(f"[{index}/{len(points)}] {point.series}, {point.point}: {point.ensemble_size} member(s) of {point.run}",
+            flush=True)
+        low, high = t_interval(point.ce_mean, point.ce_std, int(point.seeds))
+        measured = model_latency(Path(point.run_dir) / "ensemble", point.ensemble_size, timing)
+        table.append(dict(family=point.family, series=point.series, kind=point.kind, point=point.point,
+                          ensemble_size=point.ensemble_size, seeds=int(point.seeds), ce_mean=point.ce_mean,
+                          ce_low=low, ce_high=high, run=point.run, **measured, **machine_settings(timing),
+                          prompt_tokens=timing.prompt_tokens, new_tokens=timing.new_tokens, repeats=timing.repeats,
+                          statistic="min"))
+    table = pd.DataFrame(table)
+    table["frontier"] = pareto_frontier(table["ce_mean"], table["latency_ms_parallel"])
+    path = study.folder / "latency.csv"
+    table[LATENCY_COLUMNS].to_csv(path, index=False)
+    return path
+
+
+def latency_figure(latency: pd.DataFrame) -> Figure:
+    """Mean test CE (95% t-interval bars) against decode latency per token with members in parallel processes:
+    ensembles and single models as two series, each ensemble's one-after-another latency as an open mark, the
+    Pareto frontier as a step line."""
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for kind, color, marker, label in (("ensemble", "C0", "o", "ensembles, a process per member"),
+                                       ("single", "C1", "s", "single models")):
+        part = latency[latency["kind"] == kind]
+        if part.empty:
+            continue
+        bars = np.array([(part["ce_mean"] - part["ce_low"]).fillna(0.0), (part["ce_high"] - part["ce_mean"]).fillna(
+            0.0)])
+        ax.errorbar(part["latency_ms_parallel"], part["ce_mean"], yerr=bars, color=color, marker=marker,
+                    linestyle="none", capsize=3, label=label)
+        for row in part.itertuples(index=False):
+            ax.annotate(f"{row.series}, {row.point}" if kind == "ensemble" else row.series,
+                        (row.latency_ms_parallel, row.ce_mean), fontsize="x-small", xytext=(4, 4),
+                        textcoords="offset points")
+        several = part[part["ensemble_size"] > 1]
+        if kind == "ensemble" and len(several):
+            ax.scatter(several["latency_ms_sequential"], several["ce_mean"], facecolors="none", edgecolors=color,
+                       label="the same ensembles, members one after another")
+    front = latency[latency["frontier"].astype(bool)].sort_values("latency_ms_parallel")
+    if len(front):
+        ax.step(front["latency_ms_parallel"], front["ce_mean"], where="post", color="gray", linestyle="--",
+                label="Pareto frontier (lower CE, lower latency)")
+    ax.set_xlabel("decode latency per token, batch 1 (ms; members in parallel processes)")
+    ax.set_ylabel(plot.CE_LABEL)
+    ax.set_title("Held-out CE against decode latency")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def latency_lines(latency: pd.DataFrame) -> list[str]:
+    """summary.md's section of latency.csv."""
+    if latency.empty:
+        return []
+    first = latency.iloc[0]
+    lines = ["", "## CE against decode latency (latency.csv)", "",
+             f"Decode latency per token at batch 1, measured by `study.py --latency` on {first['machine']} "
+             f"({int(first['cpu_count'])} CPUs, {int(first['threads_per_process'])} thread(s) per process): "
+             f"{int(first['new_tokens'])} new tokens after a {int(first['prompt_tokens'])}-token prompt, the fastest "
+             f"of {int(first['repeats'])} runs, from one run's saved model per point. Parallel: a process per member "
+             f"(torchrun, gloo); sequential: the members one after another in one process. CE: mean test CE over "
+             f"seeds [95% t-interval]. On the frontier: no other point has both lower CE and lower latency.", ""]
+
+    def ce(row) -> str:
+        return (f"{row['ce_mean']:.4f} [{row['ce_low']:.4f}, {row['ce_high']:.4f}]" if math.isfinite(row["ce_low"])
+                else f"{row['ce_mean']:.4f}")
+    return lines + _markdown(pd.DataFrame({
+        "series": latency["series"], "point": latency["point"], "parameters": latency["parameters"].map(_number),
+        "CE": [ce(r) for _, r in latency.iterrows()],
+        "ms/token parallel": latency["latency_ms_parallel"].map(lambda v: f"{v:.2f}"),
+        "ms/token sequential": latency["latency_ms_sequential"].map(lambda v: f"{v:.2f}"),
+        "frontier": latency["frontier"].map(lambda v: "yes" if bool(v) else "")}))
 
 
 # --- numbers quoted from the results --------------------------------------------------------------------------------
@@ -1419,8 +1756,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--print_sbatch", action="store_true",
                       help="write each unstarted run's settings to STUDY/slurm/ and print the sbatch lines")
     mode.add_argument("--collect", action="store_true", help="only collect the finished runs; run nothing")
+    mode.add_argument("--latency", action="store_true",
+                      help="time the finished runs' saved models (decode ms per token at batch 1, members in "
+                           "parallel processes and one after another) into latency.csv; then collect")
     parser.add_argument("--bootstrap", type=int, default=500, metavar="N",
                         help="bootstrap resamples of the seeds for the fits' intervals (default: 500; 0: none)")
+    timing = Timing()
+    parser.add_argument("--new_tokens", type=int, default=timing.new_tokens,
+                        help=f"--latency: tokens decoded per timing (default: {timing.new_tokens})")
+    parser.add_argument("--repeats", type=int, default=timing.repeats,
+                        help=f"--latency: timings per model, the fastest kept (default: {timing.repeats})")
+    parser.add_argument("--prompt_tokens", type=int, default=timing.prompt_tokens,
+                        help=f"--latency: the random prompt's length (default: {timing.prompt_tokens})")
+    parser.add_argument("--threads", type=int, default=timing.threads,
+                        help=f"--latency: intra-op threads per process (default: {timing.threads})")
     return parser.parse_args(argv)
 
 
@@ -1435,8 +1784,10 @@ def main(argv=None) -> int:
         if args.print_sbatch:
             print("\n".join(sbatch_lines(study)))
             return 0
+        if args.latency:
+            print(measure_latency(study, Timing(args.new_tokens, args.repeats, args.prompt_tokens, args.threads)))
         failed = []
-        while not args.collect and not failed:
+        while not args.collect and not args.latency and not failed:
             failed = run_study(study)
             before, study = study.waiting, load_spec(args.spec)  # finished tuning runs give the later seeds' runs
             if study.waiting == before:

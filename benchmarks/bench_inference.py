@@ -11,8 +11,10 @@ a larger batch, greedy decoding with a KV cache; and the bytes each process send
 Every model has random weights (speed does not depend on them) and reads random prompts. Each configuration gets the
 threads one member gets (--threads, per member): one member and the one-after-another ensemble run on that many,
 the concurrent ensemble on that many per member thread, the distributed one on that many per process. Decode latency
-is (time of prompt + 1 + N tokens - time of prompt + 1 token) / N, the median of --repeats runs. The results are
-printed and written as JSON (--json).
+is (time of prompt + 1 + N tokens - time of prompt + 1 token) / N, each time the median of --repeats runs (or the
+fastest: --statistic min). Every run decodes all N tokens (no end-of-sequence stops it). The results are printed and
+written as JSON (--json). `study.py SPEC --latency` times a study's saved models with the same functions
+(`timed_generation` in one process, `distributed_rows` over processes).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from slm_ensembles import distributed_ensemble
 
 REPO = Path(__file__).resolve().parents[1]  # torchrun starts the workers as a module from here
 EXCHANGE_K = 64  # the top-k exchange's default (score.py, generate.py)
+STATISTICS = {"median": statistics.median, "min": min}  # how --repeats timings make one
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt_tokens", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--statistic", choices=sorted(STATISTICS), default="median",
+                        help="each timing over --repeats runs: their median, or the fastest (min: best of)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per member (per process)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: member i on GPU i when there are as many GPUs (else all on GPU 0); the process "
@@ -73,23 +78,29 @@ def parameters(model) -> int:
 
 
 def timed_generation(model, batch_size: int, options) -> dict:
-    """Prefill and per-token decode latency (ms, medians of options.repeats) and decode tokens per second."""
+    """Prefill and per-token decode latency (ms, each the median of options.repeats runs, or the fastest with
+    options.statistic "min") and decode tokens per second. Greedy, every token decoded: no end-of-sequence token
+    stops a run early (a trained model's would), which a short output would show as an error."""
     generator = torch.Generator().manual_seed(batch_size)
     prompt = torch.randint(1, options.vocab_size, (batch_size, options.prompt_tokens), generator=generator)
     prompt = prompt.to(model.device)
+    statistic = STATISTICS[options.statistic]
 
     def seconds(new_tokens: int) -> float:
         started = time.perf_counter()
         with torch.no_grad():
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0)
+            output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                    do_sample=False, pad_token_id=0, eos_token_id=None)
         if prompt.device.type == "cuda":
             torch.cuda.synchronize()
+        if output.shape[1] != prompt.shape[1] + new_tokens:
+            raise RuntimeError(f"generation stopped after {output.shape[1] - prompt.shape[1]} of {new_tokens} "
+                               f"tokens: the timing would not be per token")
         return time.perf_counter() - started
 
     seconds(2)  # warm-up
-    prefill = statistics.median(seconds(1) for _ in range(options.repeats))
-    whole = statistics.median(seconds(1 + options.new_tokens) for _ in range(options.repeats))
+    prefill = statistic([seconds(1) for _ in range(options.repeats)])
+    whole = statistic([seconds(1 + options.new_tokens) for _ in range(options.repeats)])
     per_token = max(whole - prefill, 1e-9) / options.new_tokens
     return {"batch": batch_size, "prefill_ms": 1000 * prefill, "decode_ms_per_token": 1000 * per_token,
             "tokens_per_second": batch_size / per_token}
@@ -105,13 +116,15 @@ def member_devices(options) -> list[torch.device]:
 
 
 def distributed_rows(folder: Path, options) -> list[dict]:
-    """The saved ensemble's rows, run as one process per member under torchrun (rank 0's timings)."""
+    """The ensemble saved in `folder` timed at each of options.batch_sizes, run as options.members processes under
+    torchrun (one member each when it has as many; rank 0's timings), each on options.threads threads."""
     out = folder / "distributed.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(options.members), "--module", "benchmarks.bench_inference",
                "--worker", str(folder), "--json", str(out), "--device", options.device,
                "--batch_sizes", *map(str, options.batch_sizes), "--prompt_tokens", str(options.prompt_tokens),
                "--new_tokens", str(options.new_tokens), "--repeats", str(options.repeats),
+               "--statistic", options.statistic,
                "--threads", str(options.threads), "--vocab_size", str(options.vocab_size)]
     env = {**os.environ, "OMP_NUM_THREADS": str(options.threads)}
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)

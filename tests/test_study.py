@@ -12,10 +12,14 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
+from scipy import stats
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import config as config_lib
 from conftest import DATA_DIR
+from ensemble import ModelEnsemble
 import study
 from slm_ensembles import students
 
@@ -379,7 +383,8 @@ def test_collect_writes_rows_fits_comparison_summary_and_figures(synthetic_study
         assert matplotlib.image.imread(folder / f"{name}.png").shape[:2] == (480, 720)
     assert not (folder / "ce_vs_critical_path_layers.png").exists()
     assert study.quoted_numbers_missing(summary, [folder / "verdicts.csv", folder / "summary.csv",
-                                                  folder / "fits.csv"]) == []  # summary.md quotes the tables
+                                                  folder / "fits.csv", folder / "teacher_gap.csv"]) == []
+    # summary.md quotes the tables
 
 
 def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
@@ -879,3 +884,116 @@ def test_every_shipped_spec_is_valid_and_its_runs_share_one_test_set(spec):
     assert len({p.config.test_seed for p in loaded.points}) == 1
     for seed in {p.seed for p in loaded.points}:
         assert len({p.config.data_seed for p in loaded.points if p.seed == seed}) == 1
+
+
+# --- the teacher gap per member size --------------------------------------------------------------------------------
+
+def gap_rows(series, family, kind, point, seed, sizes_ce, start=9.0, teacher=1.0):
+    """A run's rows as rows.csv holds them: the teacher, the untrained student, the ensemble of each size."""
+    run = f"{family}__{point}__seed-{seed}"
+    common = dict(run=run, family=family, series=series, kind=kind, point=point, seed=seed, final_heldout_ce=1.0)
+    rows = [dict(common, model="teacher", round=0, ensemble_size=0, ce=teacher),
+            dict(common, model="student_untrained", round=0, ensemble_size=1, ce=start)]
+    rows += [dict(common, model="ensemble", round=k - 1, ensemble_size=k if kind == "ensemble" else 1, ce=ce)
+             for k, ce in enumerate(sizes_ce, 1)]
+    for row in rows:
+        row["gap_closed"] = (start - row["ce"]) / (start - teacher)
+    return rows
+
+
+def test_the_teacher_gap_table_gives_each_member_sizes_best_ensemble_and_its_matched_single():
+    rows = []
+    for seed, noise in enumerate([-0.1, 0.0, 0.1]):
+        rows += gap_rows("m3", "m3", "ensemble", "m3", seed, [5.0 + noise, 4.0 + noise, 4.5 + noise])  # best: 2
+        rows += gap_rows("m6", "m6", "ensemble", "m6", seed, [4.0 + noise, 3.0 + noise, 3.0 + noise], start=7.0)
+        rows += gap_rows("s14", "s14", "single", "teacher_layers=14", seed, [4.6 + noise], start=6.0)
+    table = study.teacher_gap_table(pd.DataFrame(rows), [("s14", "m3", 2)],
+                                    {"m3": "3 teacher layers", "m6": "6 teacher layers"})
+    assert list(table["series"]) == ["m3", "m6"] and list(table["member_size"]) == ["3 teacher layers",
+                                                                                    "6 teacher layers"]
+    m3, m6 = table.iloc[0], table.iloc[1]
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # the seeds' CEs are 0.1 apart: std 0.1
+    assert m3["ensemble_size"] == 2 and m3["seeds"] == 3 and m3["ensemble_ce"] == pytest.approx(4.0)
+    assert (m3["ensemble_ce_low"], m3["ensemble_ce_high"]) == pytest.approx((4.0 - half, 4.0 + half))
+    assert m3["ensemble_gap_closed"] == pytest.approx(5 / 8) and m3["start_ce"] == 9.0 and m3["teacher_ce"] == 1.0
+    assert m3["ensemble_gap_closed_high"] - m3["ensemble_gap_closed_low"] == pytest.approx(2 * half / 8)
+    assert m3["single"] == "s14" and m3["matched_size"] == 2 and m3["single_seeds"] == 3
+    assert m3["single_ce"] == pytest.approx(4.6) and m3["single_gap_closed"] == pytest.approx(1.4 / 5)  # own start
+    assert m3["single_gap_closed_on_member_scale"] == pytest.approx(4.4 / 8)  # from the member's start, 9.0
+    assert m3["single_gap_closed_on_member_scale_low"] == pytest.approx((4.4 - half) / 8)
+    assert m6["ensemble_size"] == 2 and pd.isna(m6["single"])  # equal means: the smaller; nothing matched to it
+    assert study.teacher_gap_table(pd.DataFrame(rows)[lambda r: r["kind"] == "single"], [], {}).empty
+
+
+def test_collect_writes_the_teacher_gap_with_the_matches_of_the_spec(synthetic_study):
+    assert study.main([str(synthetic_study), "--collect", "--bootstrap", "0"]) == 0
+    folder = study.load_spec(synthetic_study).folder
+    gap = pd.read_csv(folder / "teacher_gap.csv")
+    assert list(gap["series"]) == ["method (combine=logits)", "method (combine=additive)"]
+    assert set(gap["member_size"]) == {"1 layers x 32 wide"} and set(gap["ensemble_size"]) == {4}
+    assert gap["single"].isna().all() and set(gap["teacher_ce"]) == {1.0}  # the spec matches no single family
+    assert "## The teacher gap closed, per member size" in (folder / "summary.md").read_text()
+
+
+# --- latency ----------------------------------------------------------------------------------------------------------
+
+def test_the_frontier_holds_the_points_no_other_beats_in_both():
+    ce = [3.0, 2.5, 2.6, 2.0, 2.0, math.nan, 3.5]
+    latency = [1.0, 2.0, 3.0, 4.0, 5.0, 0.5, 0.9]
+    # 2.6 at 3.0 is beaten by 2.5 at 2.0; 2.0 at 5.0 by 2.0 at 4.0; no CE: on none; 3.5 at 0.9 is the fastest
+    assert list(study.pareto_frontier(ce, latency)) == [True, True, False, True, False, False, True]
+    assert list(study.pareto_frontier([1.0, 1.0], [2.0, 2.0])) == [True, True]  # equal points beat neither
+
+
+def saved_tiny_ensemble(run_dir, members, layers=1):
+    """A run's saved ensemble/ folder of `members` tiny random Llamas of `layers` layers (an end-of-sequence token
+    they may emit: the timing decodes past it)."""
+    models = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=96, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=32, eos_token_id=2, bos_token_id=None,
+                             pad_token_id=0)
+        models.append(LlamaForCausalLM(config).eval())
+    ModelEnsemble.from_members(models, vocab_size=96, concurrent=False).save_pretrained(run_dir / "ensemble")
+
+
+def test_latency_times_every_point_from_its_saved_model_and_draws_the_frontier(tmp_path):
+    families = [dict(name="method", settings=dict(total_rounds=2)),
+                dict(name="single", kind="single", settings=dict(total_rounds=1),
+                     grid=dict(student_num_layers=[1, 3]))]
+    spec = write_spec(tmp_path / "spec.yaml", families)
+    loaded = study.load_spec(spec)
+    for point in loaded.points:
+        if point.kind == "ensemble":
+            run_dir = fake_run(point, [3.0 + point.seed / 10, 2.5 + point.seed / 10])
+            saved_tiny_ensemble(run_dir, 2)
+        else:
+            layers = point.settings["student_num_layers"]
+            run_dir = fake_run(point, [3.2 - layers / 10 + point.seed / 10])
+            saved_tiny_ensemble(run_dir, 1, layers)
+    assert study.main([str(spec), "--latency", "--new_tokens", "4", "--repeats", "1", "--prompt_tokens", "4",
+                       "--bootstrap", "0"]) == 0
+    table = pd.read_csv(loaded.folder / "latency.csv")
+    assert list(table["point"]) == ["1 member(s)", "2 member(s)", "student_num_layers=1", "student_num_layers=3"]
+    assert list(table["ensemble_size"]) == [1, 2, 1, 1] and list(table["processes"]) == [1, 2, 1, 1]
+    assert list(table["run"]) == ["method__seed-0", "method__seed-0", "single__student_num_layers-1__seed-0",
+                                  "single__student_num_layers-3__seed-0"]  # the first seed's run stands for each
+    assert (table[["latency_ms_parallel", "latency_ms_sequential"]] > 0).all().all()
+    one = table[table["ensemble_size"] == 1]
+    assert (one["latency_ms_parallel"] == one["latency_ms_sequential"]).all()  # one member: one process
+    assert table.loc[1, "parameters"] == 2 * table.loc[0, "parameters"]
+    assert list(table["ce_mean"]) == pytest.approx([3.05, 2.55, 3.15, 2.95])
+    assert table.loc[0, "ce_low"] < 3.05 < table.loc[0, "ce_high"]  # the t-interval over the 2 seeds
+    assert set(table["threads_per_process"]) == {1} and set(table["new_tokens"]) == {4}
+    assert list(table["frontier"]) == list(study.pareto_frontier(table["ce_mean"], table["latency_ms_parallel"]))
+    assert table.loc[1, "frontier"]  # the lowest CE is always on it
+    assert (loaded.folder / "ce_vs_latency.png").read_bytes()[:8] == PNG_SIGNATURE
+    summary = (loaded.folder / "summary.md").read_text()
+    assert "## CE against decode latency (latency.csv)" in summary and "| method | 2 member(s) |" in summary
+    section = summary.split("## CE against decode latency")[1].split("\n## ")[0]
+    assert study.quoted_numbers_missing(section, [loaded.folder / "latency.csv"]) == []  # quoted from the table
+    (ax,) = study.latency_figure(table).axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert {"ensembles, a process per member", "single models", "Pareto frontier (lower CE, lower latency)",
+            "the same ensembles, members one after another"} <= set(labels)
