@@ -31,6 +31,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import gc
 import os
 import shutil
 import sys
@@ -145,6 +146,7 @@ def setup(args: argparse.Namespace, preemption: processes.PreemptionSignal) -> R
         return 0
     if args.prepare_only:
         return prepare_only(config)
+    utils.return_freed_buffers_to_the_system()  # before anything large is allocated: resident memory stays flat
     state = utils.process_state(config.device, config.process_group_timeout_minutes)
     teacher_path, tokenizer = teacher_tokenizer(config, state)
     check_fits_teacher(config, teacher_path, len(tokenizer))
@@ -377,11 +379,17 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
         print(f"round {round_index}: resuming from {resume_from.name}")
     trainer = distillation_trainer(run, round_index, student, stopper, meter)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    steps_run = trainer.state.global_step
+    # The Trainer and its optimizer hold reference cycles (the optimizer's guarded step refers back to both), so
+    # dropping them frees nothing until the garbage collector runs: collected now, the optimizer's states and the
+    # Trainer's buffers are gone before the round's evaluation, not whenever a collection happens to come.
+    del trainer
+    gc.collect()
     if run.preemption.received_anywhere(run.device):
         return None
     run.state.wait_for_everyone()  # the best state is saved by the main process
     best = final_state(run, round_index, None) if stopper else student
-    return saved_member(run, round_index, best, trainer.state.global_step, stopper, meter)
+    return saved_member(run, round_index, best, steps_run, stopper, meter)
 
 
 def round_loss(run: Run) -> tuple[list, LossSettings]:
