@@ -42,7 +42,7 @@ NEEDS_RUN = "needs a run folder"
 # Scripts with a command line: the module whose parse_args parses it.
 SCRIPTS = {name: name.removesuffix(".py") for name in (
     "main.py", "generate.py", "plot.py", "bench.py", "preprocess_dataset.py", "teacher_cache.py",
-    "lm_eval_adapter.py", "study.py", "score.py", "bench_inference.py")}
+    "lm_eval_adapter.py", "study.py", "score.py", "bench_inference.py", "demo_memory.py")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
 SHELL_PROGRAMS = {"cd", "mkdir", "ls", "head", "tail", ".", "source", "export", "cat", "echo"}  # harmless

@@ -70,7 +70,7 @@ LAYERS = {
     "parts": ["utils", "embedded", "preprocess_dataset", "students", "ensemble", "losses", "tracking", "answer_text"],
     "state": ["run_state", "teacher_cache", "distributed_ensemble"],
     "stages": ["evaluation", "train", "dry_run", "plot", "model_card"],
-    "commands": ["main", "study", "generate", "score", "bench", "bench_inference", "lm_eval_adapter"],
+    "commands": ["main", "study", "generate", "score", "bench", "bench_inference", "demo_memory", "lm_eval_adapter"],
 }
 LAYER_OF = {module: depth for depth, modules in enumerate(LAYERS.values()) for module in modules}
 
