@@ -45,7 +45,7 @@ import plot
 import preprocess_dataset
 import push as push_lib
 from train import (TRAIN_LOG_COLUMNS, CsvTrainLogCallback, DistillationTrainer, EarlyStopping, NonFiniteLossError,
-                   SpendMeter, resumed_state, round_schedule, training_arguments)
+                   SpendMeter, resumed_state, round_schedule, trained_steps, training_arguments)
 import utils
 from slm_ensembles import (compute, dry_run, embedded, files, processes, records, run_state, students, teacher_cache,
                            tracking)
@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     """Run or resume a distillation: 0 when done, EXIT_PREEMPTED when a signal stopped it (the same command then
     continues it). The preemption handler is in place from the first line, so a signal during setup is not lost."""
     with processes.PreemptionSignal() as preemption:
+        utils.return_freed_buffers_to_the_system()  # before anything large is allocated: resident memory stays flat
         run = setup(parse_args(argv), preemption)
         if not isinstance(run, Run):
             return run  # an exit code: a dry run, or a signal during setup
@@ -211,13 +212,12 @@ def trained_student(run: Run, round_index: int, student: torch.nn.Module) -> tor
         return saved_member(run, round_index, final_state(run, round_index, resume_from), steps, stopper, meter)
     if resume_from:
         print(f"round {round_index}: resuming from {resume_from.name}")
-    trainer = distillation_trainer(run, round_index, student, stopper, meter)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    steps_run = trained_steps(distillation_trainer(run, round_index, student, stopper, meter), resume_from)
     if run.preemption.received_anywhere(run.device):
         return None
     run.state.wait_for_everyone()  # the best state is saved by the main process
     best = final_state(run, round_index, None) if stopper else student
-    return saved_member(run, round_index, best, trainer.state.global_step, stopper, meter)
+    return saved_member(run, round_index, best, steps_run, stopper, meter)
 
 
 def round_loss(run: Run) -> tuple[list, LossSettings]:

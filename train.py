@@ -7,6 +7,7 @@ holds (batch x length x vocabulary) logits for the prompt tokens.
 """
 
 import dataclasses
+import gc
 import json
 import math
 from pathlib import Path
@@ -465,3 +466,15 @@ def training_arguments(config, output_dir: str | Path, round_index: int, use_cpu
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's search for unused ones
     )
+
+
+def trained_steps(trainer, resume_from: Path | None) -> int:
+    """Train (from `resume_from`'s checkpoint, if any) and return the steps the Trainer has taken, the Trainer then
+    freed. It and its optimizer hold reference cycles (the optimizer's guarded step refers back to both), so dropping
+    the last reference frees nothing until the garbage collector runs: collected here, the optimizer's states and
+    the Trainer's buffers are gone before the round's evaluation, not whenever a collection happens to come."""
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    steps = trainer.state.global_step
+    del trainer
+    gc.collect()
+    return steps

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from ensemble import combine_logits
 from model_io import hidden_at, output_head
 from slm_ensembles.answer_text import shown_answer
-from slm_ensembles.losses import kl_sum, next_token_targets, nll_sum, predictor_mask
+from slm_ensembles.losses import next_token_targets, predictor_mask
 from slm_ensembles.teacher_cache import TeacherCache, evaluation_caches, with_example_ids
 
 
@@ -109,8 +109,10 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
         targets = next_token_targets(batch["labels"])
         for start in range(0, len(targets), chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = {key: heads[key](hidden[key][rows]).float() for key in models}
+            # In the heads' own dtype (bf16 frozen models: half the bytes); read as fp32 where used (exact).
+            logits = {key: heads[key](hidden[key][rows]) for key in models}
             add_chunk_metrics(sums, predictors, logits, logits[id(teacher_model)], targets[rows], combine, weights)
+            del logits
         num_tokens += targets.numel()
     if state is not None and state.num_processes > 1:
         sums, num_tokens = sum_over_processes(sums, num_tokens)
@@ -140,23 +142,30 @@ def metrics_from_sums(sums: torch.Tensor, num_tokens: int) -> dict[str, float]:
 
 def add_chunk_metrics(sums: dict, predictors: dict[str, list], logits: dict, teacher_logits: torch.Tensor,
                       targets: torch.Tensor, combine: str, weights: dict[str, list[float]]) -> None:
-    """Add one chunk of positions to every predictor's sums (see NUM_SUMS for what they hold)."""
+    """Add one chunk of positions to every predictor's sums (see NUM_SUMS for what they hold).
+
+    `logits` (by model id) may be in the models' dtype: every value is computed from them in fp32. Memory: a chunk
+    holds each model's logits, the teacher's log-probabilities and, at a time, one predictor's (or one ensemble's
+    members') fp32 (positions x vocabulary) tensors, each freed as soon as its sums are taken."""
     device = teacher_logits.device
     targets = targets.to(device)
+    teacher_logits = teacher_logits.float()
     teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
     teacher_top1 = teacher_logits.argmax(dim=-1)
+    del teacher_logits  # an fp32 copy, unless the teacher's head is fp32
     diversity = {}  # per set of members: predictors that differ only in weights share it
     for name, members in predictors.items():
         member_logits = [logits[id(m)].to(device) for m in members]
         key = tuple(id(m) for m in members)
         if key not in diversity:
             diversity[key] = mean_pairwise_kl_sum(member_logits)
-        combined = combine_logits(member_logits, combine, weights.get(name))
-        log_probs = F.log_softmax(combined, dim=-1)
+        log_probs = F.log_softmax(combine_logits(member_logits, combine, weights.get(name)), dim=-1)
+        del member_logits
         total = sums[name]
-        total[CE] += nll_sum(combined, targets)
-        total[KL] += kl_sum(teacher_log_probs, log_probs)
+        total[CE] += F.nll_loss(log_probs, targets, reduction="sum")  # = nll_sum(combined): its log_softmax
+        total[KL] += kl_sum_no_grad(teacher_log_probs, log_probs)
         top1_log_prob, top1 = log_probs.max(dim=-1)
+        del log_probs
         total[AGREE] += (top1 == teacher_top1).sum()
         total[DIVERSITY] += diversity[key]
         confidence = top1_log_prob.exp()
@@ -168,13 +177,21 @@ def add_chunk_metrics(sums: dict, predictors: dict[str, list], logits: dict, tea
             bins, weights=(top1 == targets).double(), minlength=ECE_BINS)
 
 
+def kl_sum_no_grad(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """losses.kl_sum, bit for bit (the same products, summed alike), with one (positions x vocabulary) temporary
+    fewer: the difference is multiplied by p in place. Without gradients only (evaluation)."""
+    difference = log_p - log_q
+    return torch.sum(difference.mul_(torch.exp(log_p)))
+
+
 def mean_pairwise_kl_sum(member_logits: list[torch.Tensor]) -> torch.Tensor | float:
-    """Sum over positions of the mean KL(p_i || p_j) over ordered pairs of distinct members (0 for one member)."""
+    """Sum over positions of the mean KL(p_i || p_j) over ordered pairs of distinct members (0 for one member), from
+    the members' logits in any dtype (read as fp32)."""
     if len(member_logits) < 2:
         return 0.0
-    log_probs = [F.log_softmax(z, dim=-1) for z in member_logits]
+    log_probs = [F.log_softmax(z.float(), dim=-1) for z in member_logits]
     pairs = [(i, j) for i in range(len(log_probs)) for j in range(len(log_probs)) if i != j]
-    return sum(kl_sum(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
+    return sum(kl_sum_no_grad(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
 
 
 def sum_over_processes(sums: dict, num_tokens: int) -> tuple[dict, int]:

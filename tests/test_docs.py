@@ -44,7 +44,8 @@ SCRIPTS = {name: name.removesuffix(".py") for name in (
     "main.py", "generate.py", "plot.py", "preprocess_dataset.py", "build_teacher_cache.py", "lm_eval_adapter.py",
     "study.py", "score.py", "push.py")}
 # Side tools run as modules from the repository's root (`python -m benchmarks.bench`): the module is its own key.
-SCRIPTS |= {module: module for module in ("benchmarks.bench", "benchmarks.bench_inference")}
+SCRIPTS |= {module: module for module in ("benchmarks.bench", "benchmarks.bench_inference",
+                                                    "benchmarks.demo_memory")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
 SHELL_PROGRAMS = {"cd", "mkdir", "ls", "head", "tail", ".", "source", "export", "cat", "echo"}  # harmless

@@ -77,7 +77,7 @@ LAYERS = {
     "stages": ["train", "plot", "slm_ensembles.evaluation", "slm_ensembles.dry_run", "slm_ensembles.model_card",
                "slm_ensembles.teacher", "slm_ensembles.records", "push"],
     "commands": ["main", "study", "generate", "score", "lm_eval_adapter", "build_teacher_cache",
-                 "benchmarks.bench", "benchmarks.bench_inference"],
+                 "benchmarks.bench", "benchmarks.bench_inference", "benchmarks.demo_memory"],
 }
 # The top level shows what a user runs or edits: the design card's files, and the commands a user runs next.
 DESIGN_CARD = {"main", "train", "ensemble", "utils", "preprocess_dataset", "config"}

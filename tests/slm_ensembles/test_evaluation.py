@@ -181,3 +181,95 @@ def test_sample_answers_are_each_models_greedy_continuation_of_the_chat_prompt(t
             new = new[:new.tolist().index(tokenizer.eos_token_id) + 1]
         assert row["new_tokens"] == len(new)
         assert row["answer"] == shown_answer(tokenizer, new).strip()  # its text, or a line listing its tokens
+
+
+def previous_chunk_metrics(sums, predictors, logits, teacher_logits, targets, combine, weights):
+    """add_chunk_metrics as it was before it kept logits in the models' dtype and freed its temporaries early (every
+    logits tensor fp32, losses.kl_sum and losses.nll_sum): the numbers the demo's metrics.csv was made with."""
+    import torch.nn.functional as F
+    from ensemble import combine_logits
+    from slm_ensembles.evaluation import AGREE, BINS, CE, DIVERSITY, ECE_BINS, KL
+    from slm_ensembles.losses import kl_sum, nll_sum
+
+    logits = {key: value.float() for key, value in logits.items()}
+    teacher_logits = teacher_logits.float()
+    teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+    teacher_top1 = teacher_logits.argmax(dim=-1)
+    for name, members in predictors.items():
+        member_logits = [logits[id(m)] for m in members]
+        if len(member_logits) < 2:
+            diversity = 0.0
+        else:
+            log_probs = [F.log_softmax(z, dim=-1) for z in member_logits]
+            pairs = [(i, j) for i in range(len(log_probs)) for j in range(len(log_probs)) if i != j]
+            diversity = sum(kl_sum(log_probs[i], log_probs[j]) for i, j in pairs) / len(pairs)
+        combined = combine_logits(member_logits, combine, weights.get(name))
+        log_probs = F.log_softmax(combined, dim=-1)
+        total = sums[name]
+        total[CE] += nll_sum(combined, targets)
+        total[KL] += kl_sum(teacher_log_probs, log_probs)
+        top1_log_prob, top1 = log_probs.max(dim=-1)
+        total[AGREE] += (top1 == teacher_top1).sum()
+        total[DIVERSITY] += diversity
+        confidence = top1_log_prob.exp()
+        bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)
+        total[BINS:BINS + ECE_BINS] += torch.bincount(bins, minlength=ECE_BINS)
+        total[BINS + ECE_BINS:BINS + 2 * ECE_BINS] += torch.bincount(
+            bins, weights=confidence.double(), minlength=ECE_BINS)
+        total[BINS + 2 * ECE_BINS:] += torch.bincount(bins, weights=(top1 == targets).double(), minlength=ECE_BINS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("combine", ["logits", "probs", "weighted"])
+def test_chunk_metrics_are_bit_for_bit_those_of_the_fp32_computation(dtype, combine):
+    """The lighter add_chunk_metrics (logits kept in the heads' dtype, temporaries freed early, KL's product taken
+    in place, CE from the log-probabilities it already has) changes no metric in any bit."""
+    from slm_ensembles.evaluation import NUM_SUMS, add_chunk_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 96, 5003
+    models = [torch.nn.Identity() for _ in range(4)]  # stand-ins: only their ids key the logits
+    teacher, *members = models
+    logits = {id(m): (3 * torch.randn(rows, vocab, generator=generator)).to(dtype) for m in models}
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    predictors = {"teacher": [teacher], "one": [members[0]], "ensemble": members, "pair": members[1:]}
+    weights = {"teacher": [1.0], "one": [1.0], "ensemble": [0.5, 0.3, 0.2], "pair": [0.7, 0.3]} \
+        if combine == "weighted" else {}
+    new, old = ({name: torch.zeros(NUM_SUMS, dtype=torch.float64) for name in predictors} for _ in range(2))
+    add_chunk_metrics(new, predictors, logits, logits[id(teacher)], targets, combine, weights)
+    previous_chunk_metrics(old, predictors, logits, logits[id(teacher)], targets, combine, weights)
+    for name in predictors:
+        assert torch.equal(new[name], old[name]), name
+
+
+def test_the_in_place_kl_and_the_nll_from_log_probabilities_equal_the_losses_bit_for_bit():
+    import torch.nn.functional as F
+    from slm_ensembles.evaluation import kl_sum_no_grad
+    from slm_ensembles.losses import kl_sum, nll_sum
+
+    generator = torch.Generator().manual_seed(1)
+    p, q = (F.log_softmax(4 * torch.randn(64, 3001, generator=generator), dim=-1) for _ in range(2))
+    assert torch.equal(kl_sum_no_grad(p, q), kl_sum(p, q))
+    logits = 4 * torch.randn(64, 3001, generator=generator)
+    targets = torch.randint(0, 3001, (64,), generator=generator)
+    assert torch.equal(F.nll_loss(F.log_softmax(logits, dim=-1), targets, reduction="sum"), nll_sum(logits, targets))
+
+
+def test_evaluate_keeps_no_fp32_copy_of_a_bf16_models_logits(tokenizer, test_split, monkeypatch):
+    """Each chunk's logits reach add_chunk_metrics in the heads' dtype: bf16 frozen models' logits take half the
+    bytes of fp32 copies, which the metrics make one at a time."""
+    from slm_ensembles import evaluation
+
+    models = [build_tiny_llama(tokenizer, seed=seed).to(torch.bfloat16).eval() for seed in (0, 1)]
+    seen = []
+    add_chunk_metrics = evaluation.add_chunk_metrics
+
+    def recording(sums, predictors, logits, *args):
+        seen.extend(value.dtype for value in logits.values())
+        return add_chunk_metrics(sums, predictors, logits, *args)
+
+    monkeypatch.setattr(evaluation, "add_chunk_metrics", recording)
+    results = evaluate({"student": [models[1]]}, models[0], test_split, PaddingCollator(tokenizer.pad_token_id),
+                       batch_size=3, vocab_size=len(tokenizer))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert math.isfinite(results["student"]["ce"])
