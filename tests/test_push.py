@@ -23,6 +23,7 @@ from huggingface_hub.utils import filter_repo_objects
 from conftest import run_test_preset
 import main
 import push
+from slm_ensembles import run_state
 
 REPO = "someone/slm-ensemble"
 
@@ -289,10 +290,10 @@ def test_main_refuses_a_push_without_a_token_before_any_run_folder(tiny_teacher_
 def test_a_resume_may_set_push_to_hub_and_a_failed_push_leaves_the_finished_run_as_it_was(run_copy, token,
                                                                                          monkeypatch, capsys):
     args = main.parse_args(["--resume", str(run_copy), "--push_to_hub", "someone/other", "--alpha", "0.5"])
-    config, _ = main.resolve_config(args)
+    config, _ = run_state.resolve_config(args)
     assert config.push_to_hub == "someone/other"
     with pytest.raises(main.config_lib.ConfigError, match="only total_rounds may change"):
-        main.resolve_config(main.parse_args(["--resume", str(run_copy), "--push_to_hub", "someone/other",
+        run_state.resolve_config(main.parse_args(["--resume", str(run_copy), "--push_to_hub", "someone/other",
                                              "--alpha", "0.9"]))
     # The same repository: nothing to rewrite; the Hub is offline, so the push fails after the (no) rounds left.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
