@@ -500,7 +500,8 @@ def test_metric_columns_are_documented():
 
 def test_layout_names_every_file():
     layout = (ROOT / "docs" / "layout.md").read_text()
-    files = sorted(str(path.relative_to(ROOT)) for pattern in ("*.py", "*.sh", "slm_ensembles/*.py", "benchmarks/*.py")
+    files = sorted(str(path.relative_to(ROOT)) for pattern in ("*.py", "*.sh", "slm_ensembles/*.py",
+                                                               "slm_ensembles/study/*.py", "benchmarks/*.py")
                    for path in ROOT.glob(pattern) if path.name != "__init__.py")
     assert not [name for name in files if f"`{name}`" not in layout], "docs/layout.md misses files"
 
@@ -520,10 +521,10 @@ def test_license_and_citation():
 def test_every_number_in_the_readme_results_comes_from_a_committed_result_file():
     """Results are generated, not typed: each number the README's results section quotes (rounded as written)
     is a number of a committed file under results/."""
-    import study
+    from slm_ensembles.study.quoted import quoted_numbers_missing
 
     readme = (ROOT / "README.md").read_text()
     start = readme.index("\n## Results")
     section = readme[start:readme.index("\n## ", start + 1)]
     files = sorted((ROOT / "results").glob("*.csv")) + sorted((ROOT / "results").glob("*.md"))
-    assert study.quoted_numbers_missing(section, files) == []
+    assert quoted_numbers_missing(section, files) == []

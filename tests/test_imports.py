@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-PACKAGES = ("slm_ensembles", "benchmarks")  # the machinery; the side tools
+PACKAGES = ("slm_ensembles", "slm_ensembles.study", "benchmarks")  # the machinery, the study's pieces; side tools
 MODULES = sorted([path.stem for path in REPOSITORY.glob("*.py")]
                  + [f"{package}.{path.stem}" for package in PACKAGES
-                    for path in (REPOSITORY / package).glob("*.py") if path.stem != "__init__"])
+                    for path in (REPOSITORY / package.replace(".", "/")).glob("*.py") if path.stem != "__init__"])
 
 PROBE = """
 import json, logging, os, signal, sys, warnings
@@ -72,10 +72,14 @@ LAYERS = {
     "foundation": ["checksums", "config", "model_io", "slm_ensembles.run_layout", "slm_ensembles.files",
                    "slm_ensembles.compute", "slm_ensembles.processes"],
     "parts": ["utils", "preprocess_dataset", "ensemble", "slm_ensembles.embedded", "slm_ensembles.students",
-              "slm_ensembles.losses", "slm_ensembles.tracking", "slm_ensembles.answer_text"],
+              "slm_ensembles.losses", "slm_ensembles.tracking", "slm_ensembles.answer_text",
+              "slm_ensembles.study.grid", "slm_ensembles.study.matching", "slm_ensembles.study.quoted"],
     "state": ["slm_ensembles.run_state", "slm_ensembles.teacher_cache", "slm_ensembles.distributed_ensemble"],
     "stages": ["train", "plot", "slm_ensembles.evaluation", "slm_ensembles.dry_run", "slm_ensembles.model_card",
-               "slm_ensembles.teacher", "slm_ensembles.records", "push"],
+               "slm_ensembles.teacher", "slm_ensembles.records", "push", "slm_ensembles.study.status",
+               "slm_ensembles.study.spec", "slm_ensembles.study.running", "slm_ensembles.study.collecting",
+               "slm_ensembles.study.fits", "slm_ensembles.study.comparison", "slm_ensembles.study.teacher_gap",
+               "slm_ensembles.study.latency", "slm_ensembles.study.figures", "slm_ensembles.study.report"],
     "commands": ["main", "study", "generate", "score", "lm_eval_adapter", "build_teacher_cache",
                  "benchmarks.bench", "benchmarks.bench_inference", "benchmarks.demo_memory"],
 }

@@ -1,4 +1,4 @@
-"""study.py: the power-law fit on points of known exponent, the spec's grid, skipping and resuming runs, the sbatch
+"""study.py and its pieces (slm_ensembles/study/): the power-law fit on points of known exponent, the spec's grid, skipping and resuming runs, the sbatch
 lines, collecting synthetic run folders of known laws, and a real tiny study of `test`-preset runs end to end."""
 
 import dataclasses
@@ -22,6 +22,20 @@ from conftest import DATA_DIR
 from ensemble import ModelEnsemble
 import study
 from slm_ensembles import students
+from slm_ensembles.study import running
+from slm_ensembles.study.collecting import collect_rows, observations, point_table
+from slm_ensembles.study.comparison import (Curve, multiplier_summary, paired_interval, paired_single, pairs_table,
+                                            single_at, single_curves, verdict, verdict_table)
+from slm_ensembles.study.figures import ce_figure, curves_figure, latency_figure, study_figures
+from slm_ensembles.study.fits import (ALPHA_BOUNDS, FitError, INTERVAL, bootstrap_laws, fit_all, fit_power_law,
+                                      too_few_points)
+from slm_ensembles.study.grid import StudyError
+from slm_ensembles.study.latency import pareto_frontier
+from slm_ensembles.study.matching import ensemble_size_value, teacher_parts
+from slm_ensembles.study.quoted import quoted_numbers_missing
+from slm_ensembles.study.spec import check_points, load_spec
+from slm_ensembles.study.status import point_status
+from slm_ensembles.study.teacher_gap import teacher_gap_table
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +44,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def test_exact_points_are_recovered_exactly():
     x = np.array([1, 2, 4, 8, 16, 32], dtype=float)
-    law = study.fit_power_law(x, 1.5 + 3 * x ** -0.7)
+    law = fit_power_law(x, 1.5 + 3 * x ** -0.7)
     assert (law.l_inf, law.a, law.alpha) == pytest.approx((1.5, 3.0, 0.7), abs=1e-8)
     assert law.rss < 1e-20 and law.n == law.n_x == 6
 
@@ -38,7 +52,7 @@ def test_exact_points_are_recovered_exactly():
 def test_exact_points_at_flops_scale_are_recovered():
     """x of 1e15 to 1e18 (training FLOPs): A is in x's own units, A = 3 * 1e15^0.7."""
     x = np.geomspace(1e15, 1e18, 7)
-    law = study.fit_power_law(x, 1.5 + 3 * (x / 1e15) ** -0.7)
+    law = fit_power_law(x, 1.5 + 3 * (x / 1e15) ** -0.7)
     assert law.alpha == pytest.approx(0.7, abs=1e-8) and law.l_inf == pytest.approx(1.5, abs=1e-8)
     assert law.a == pytest.approx(3 * 1e15 ** 0.7, rel=1e-6)
     assert law(1e15) == pytest.approx(4.5, abs=1e-8)
@@ -49,28 +63,28 @@ def test_noisy_points_recover_the_exponent_and_the_bootstrap_covers_it():
     x = np.geomspace(1, 1000, 10)
     obs = pd.DataFrame([dict(seed=seed, x=xi, ce=1.5 + 3 * xi ** -0.7 + rng.normal(0, 0.005))
                         for seed in range(4) for xi in x])
-    law = study.fit_power_law(obs["x"], obs["ce"])
+    law = fit_power_law(obs["x"], obs["ce"])
     assert law.alpha == pytest.approx(0.7, abs=0.03) and law.l_inf == pytest.approx(1.5, abs=0.03)
     assert law.a == pytest.approx(3.0, abs=0.05)
-    boot = study.bootstrap_laws(obs, "x", replicates=100)
+    boot = bootstrap_laws(obs, "x", replicates=100)
     assert boot.shape == (100, 3)
-    low, high = np.percentile(boot[:, 2], study.INTERVAL)
+    low, high = np.percentile(boot[:, 2], INTERVAL)
     assert low < 0.7 < high and high - low < 0.1
-    assert study.bootstrap_laws(obs[obs["seed"] == 0], "x", replicates=100).shape == (0, 3)  # one seed: none
+    assert bootstrap_laws(obs[obs["seed"] == 0], "x", replicates=100).shape == (0, 3)  # one seed: none
 
 
 def test_bounds_hold_and_a_fit_needs_four_distinct_x_and_four_distinct_ce():
-    law = study.fit_power_law([1, 2, 4, 8, 16], [5.0, 4.0, 3.0, 2.0, 1.0])  # linear in log x: no asymptote
-    assert law.l_inf >= 0 and law.alpha >= study.ALPHA_BOUNDS[0]
-    three = study.fit_power_law([1, 2, 4], 1.5 + 3 * np.array([1, 2, 4]) ** -0.7)
+    law = fit_power_law([1, 2, 4, 8, 16], [5.0, 4.0, 3.0, 2.0, 1.0])  # linear in log x: no asymptote
+    assert law.l_inf >= 0 and law.alpha >= ALPHA_BOUNDS[0]
+    three = fit_power_law([1, 2, 4], 1.5 + 3 * np.array([1, 2, 4]) ** -0.7)
     assert three(2) == pytest.approx(1.5 + 3 * 2 ** -0.7, abs=1e-6)  # 3 points: the curve passes through them
-    with pytest.raises(study.FitError, match="2 distinct x"):
-        study.fit_power_law([1, 1, 2, 2], [3.0, 3.1, 2.0, 2.1])
+    with pytest.raises(FitError, match="2 distinct x"):
+        fit_power_law([1, 1, 2, 2], [3.0, 3.1, 2.0, 2.1])
     four = pd.DataFrame({"x": [1, 2, 4, 8], "ce": [3.0, 2.5, 2.2, 2.0]})
-    assert study.too_few_points(four, "x") == ""
-    assert "3 distinct x and 3 distinct mean CE" in study.too_few_points(four[:3], "x")
+    assert too_few_points(four, "x") == ""
+    assert "3 distinct x and 3 distinct mean CE" in too_few_points(four[:3], "x")
     stayed = four.assign(ce=[3.0, 2.5, 2.5, 2.50005])  # additive members that stayed at zero repeat the CE
-    assert "4 distinct x and 2 distinct mean CE" in study.too_few_points(stayed, "x")
+    assert "4 distinct x and 2 distinct mean CE" in too_few_points(stayed, "x")
 
 
 # --- the spec and the grid ------------------------------------------------------------------------------------------
@@ -93,7 +107,7 @@ ENSEMBLE_AND_SINGLE = [
 
 def test_spec_grid_names_series_and_run_arguments(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, settings=dict(alpha=0.7))
-    loaded = study.load_spec(spec)
+    loaded = load_spec(spec)
     assert loaded.folder == (tmp_path / "study").resolve() and loaded.families == ["method", "single"]
     assert len(loaded.points) == (2 + 4) * 2
     first = loaded.points[0]
@@ -108,7 +122,7 @@ def test_spec_grid_names_series_and_run_arguments(tmp_path):
     assert single[0].kind == "single" and single[0].expected_rounds == 1
     # A baseline family is single by default; its rounds are one.
     matched = write_spec(tmp_path / "m.yaml", [dict(name="m", settings=dict(baseline="single_matched"))])
-    (point, _) = study.load_spec(matched).points
+    (point, _) = load_spec(matched).points
     assert point.kind == "single" and point.expected_rounds == 1 and point.label == "m"
 
 
@@ -122,8 +136,8 @@ def test_spec_grid_names_series_and_run_arguments(tmp_path):
     ([dict(name="a b")], "family name"),
 ])
 def test_bad_specs_are_refused_by_name(tmp_path, families, message):
-    with pytest.raises(study.StudyError, match=message):
-        study.load_spec(write_spec(tmp_path / "spec.yaml", families))
+    with pytest.raises(StudyError, match=message):
+        load_spec(write_spec(tmp_path / "spec.yaml", families))
     assert study.main([str(tmp_path / "spec.yaml"), "--dry_run"]) == 2
 
 
@@ -164,7 +178,7 @@ def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1",
 
 def test_skips_finished_resumes_unfinished_starts_missing_then_runs_nothing(tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=2))], seeds=[0, 1, 2])
-    finished, unfinished, missing = study.load_spec(spec).points
+    finished, unfinished, missing = load_spec(spec).points
     fake_run(finished, [3.0, 2.5])
     half = fake_run(unfinished, [3.0], rounds_done=1)
     calls = []
@@ -179,10 +193,10 @@ def test_skips_finished_resumes_unfinished_starts_missing_then_runs_nothing(tmp_
             fake_run(missing, [3.1, 2.6])
         return 0
 
-    monkeypatch.setattr(study, "launch", fake_launch)
+    monkeypatch.setattr(running, "launch", fake_launch)
     assert study.main([str(spec), "--bootstrap", "0"]) == 0
     assert calls == [["--resume", str(half)], missing.run_args()]
-    folder = study.load_spec(spec).folder
+    folder = load_spec(spec).folder
     assert set(pd.read_csv(folder / "runs.csv")["status"]) == {"finished"}
     calls.clear()
     assert study.main([str(spec), "--bootstrap", "0"]) == 0
@@ -191,19 +205,19 @@ def test_skips_finished_resumes_unfinished_starts_missing_then_runs_nothing(tmp_
 
 def test_grown_rounds_resume_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):
     spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=3))], seeds=[0, 1])
-    grown, other = study.load_spec(spec).points
+    grown, other = load_spec(spec).points
     run_dir = fake_run(grown, [3.0, 2.5], total_rounds=2)  # finished with 2 rounds; the spec now asks for 3
-    assert study.point_status(grown).resume_args == ("--resume", str(run_dir), "--total_rounds", "3")
+    assert point_status(grown).resume_args == ("--resume", str(run_dir), "--total_rounds", "3")
     fake_run(other, [3.0, 2.5, 2.2], alpha=0.9)  # made with another alpha than the spec's
-    with pytest.raises(study.StudyError, match=r"alpha: run 0.9, spec 0.5"):
-        study.point_status(other)
-    monkeypatch.setattr(study, "launch", lambda *a: pytest.fail("nothing may run"))
+    with pytest.raises(StudyError, match=r"alpha: run 0.9, spec 0.5"):
+        point_status(other)
+    monkeypatch.setattr(running, "launch", lambda *a: pytest.fail("nothing may run"))
     assert study.main([str(spec)]) == 2 and "other settings" in capsys.readouterr().err
 
 
 def test_failed_run_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch, capsys):
     spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))])
-    first, second = study.load_spec(spec).points
+    first, second = load_spec(spec).points
     ran = []
 
     def fake_launch(args, log_path):
@@ -215,32 +229,32 @@ def test_failed_run_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch, c
             return 0
         return 1
 
-    monkeypatch.setattr(study, "launch", fake_launch)
+    monkeypatch.setattr(running, "launch", fake_launch)
     assert study.main([str(spec), "--bootstrap", "0"]) == 1
     assert len(ran) == 2
     captured = capsys.readouterr()
     assert "not finished (main.py exit code 1)" in captured.out and "boom" in captured.out
     assert first.name in captured.err
-    runs = pd.read_csv(study.load_spec(spec).folder / "runs.csv").set_index("run")["status"]
+    runs = pd.read_csv(load_spec(spec).folder / "runs.csv").set_index("run")["status"]
     assert runs[first.name] == "missing" and runs[second.name] == "finished"
 
 
 def test_dry_run_lists_points_and_their_state(tmp_path, capsys):
     spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))])
-    fake_run(study.load_spec(spec).points[0], [2.0])
+    fake_run(load_spec(spec).points[0], [2.0])
     assert study.main([str(spec), "--dry_run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "2 runs" in lines[0] and "1 finished" in lines[0] and "1 not started" in lines[0]
     assert lines[1].split()[:2] == ["finished", "method__seed-0"]
     assert lines[2].split()[:2] == ["missing", "method__seed-1"]
-    assert not (study.load_spec(spec).folder / "rows.csv").exists()  # a dry run writes nothing
+    assert not (load_spec(spec).folder / "rows.csv").exists()  # a dry run writes nothing
 
 
 def test_print_sbatch_gives_each_array_task_its_settings(tmp_path, capsys):
     families = [dict(name="method", settings=dict(total_rounds=2), grid=dict(combine=["logits", "weighted"])),
                 dict(name="big", preset="demo", settings=dict(baseline="single_large", total_rounds=2))]
     spec = write_spec(tmp_path / "spec.yaml", families, settings=dict(steps_per_round=5))
-    loaded = study.load_spec(spec)
+    loaded = load_spec(spec)
     half = fake_run(loaded.points[0], [3.0], rounds_done=1)
     assert study.main([str(spec), "--print_sbatch"]) == 0
     lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("sbatch")]
@@ -298,7 +312,7 @@ def synthetic_study(tmp_path):
     (CE 1.2 + 3 n^-0.5, the end of a learning curve: single_curve), k students or n layers having k or n times P0
     parameters (half of them not embeddings) and F0 FLOPs; 3 seeds, noise 0.002. No critical_path_layers column."""
     spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, seeds=[0, 1, 2])
-    loaded = study.load_spec(spec)
+    loaded = load_spec(spec)
     rng = np.random.default_rng(0)
     for point in loaded.points:
         if point.kind == "ensemble":
@@ -317,7 +331,7 @@ def synthetic_study(tmp_path):
 
 def test_collect_writes_rows_fits_comparison_summary_and_figures(synthetic_study):
     assert study.main([str(synthetic_study), "--collect", "--bootstrap", "40"]) == 0
-    folder = study.load_spec(synthetic_study).folder
+    folder = load_spec(synthetic_study).folder
 
     rows = pd.read_csv(folder / "rows.csv")
     assert len(rows) == 6 * (1 + 3 * 4) + 12 * (1 + 3)  # every row of the 18 runs: teacher, then 3 per round
@@ -382,18 +396,18 @@ def test_collect_writes_rows_fits_comparison_summary_and_figures(synthetic_study
         assert (folder / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(folder / f"{name}.png").shape[:2] == (480, 720)
     assert not (folder / "ce_vs_critical_path_layers.png").exists()
-    assert study.quoted_numbers_missing(summary, [folder / "verdicts.csv", folder / "summary.csv",
+    assert quoted_numbers_missing(summary, [folder / "verdicts.csv", folder / "summary.csv",
                                                   folder / "fits.csv", folder / "teacher_gap.csv"]) == []
     # summary.md quotes the tables
 
 
 def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
-    loaded = study.load_spec(synthetic_study)
-    rows, _ = study.collect_rows(loaded)
-    obs = study.observations(rows)
-    points = study.point_table(obs)
-    fits, _ = study.fit_all(obs, rows.columns, replicates=0)
-    figures = study.study_figures(points, fits, 1.0, obs, {}, loaded.name)
+    loaded = load_spec(synthetic_study)
+    rows, _ = collect_rows(loaded)
+    obs = observations(rows)
+    points = point_table(obs)
+    fits, _ = fit_all(obs, rows.columns, replicates=0)
+    figures = study_figures(points, fits, 1.0, obs, {}, loaded.name)
     assert set(figures) == {"ce_vs_ensemble_size", "ce_vs_parameters", "ce_vs_non_embedding_parameters",
                             "ce_vs_train_flops"}  # no learning curves in these synthetic runs: no curve figure
     (ax,) = figures["ce_vs_parameters"].axes
@@ -413,9 +427,9 @@ def test_figures_draw_every_series_with_seed_bars_and_fits(synthetic_study):
 def test_collect_with_one_seed_and_no_runs(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=4))], seeds=[0])
     assert study.main([str(spec), "--collect"]) == 0  # nothing finished yet
-    folder = study.load_spec(spec).folder
+    folder = load_spec(spec).folder
     assert "No finished run yet." in (folder / "summary.md").read_text()
-    fake_run(study.load_spec(spec).points[0], [3.0, 2.0, 1.8, 1.75])
+    fake_run(load_spec(spec).points[0], [3.0, 2.0, 1.8, 1.75])
     assert study.main([str(spec), "--collect"]) == 0
     fits = pd.read_csv(folder / "fits.csv").set_index("x")
     assert fits.loc["ensemble_size", "fitted"] and "one seed" in fits.loc["ensemble_size", "note"]
@@ -433,13 +447,13 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
                 dict(name="matched", settings=dict(baseline="single_matched", total_rounds=2), seeds=[0])]
     spec = write_spec(tmp_path / "spec.yaml", families, settings=settings)
     launched = []
-    real_launch = study.launch
-    monkeypatch.setattr(study, "launch", lambda args, log: launched.append(args) or real_launch(args, log))
+    real_launch = running.launch
+    monkeypatch.setattr(running, "launch", lambda args, log: launched.append(args) or real_launch(args, log))
 
     assert study.main([str(spec), "--bootstrap", "20"]) == 0
     assert len(launched) == 3
-    loaded = study.load_spec(spec)
-    statuses = {p.name: study.point_status(p) for p in loaded.points}
+    loaded = load_spec(spec)
+    statuses = {p.name: point_status(p) for p in loaded.points}
     assert {s.state for s in statuses.values()} == {"finished"}
     for point in loaded.points:
         assert statuses[point.name].run_dir.parent.parent == point.output_root  # each point in its own root
@@ -478,7 +492,7 @@ def test_a_tiny_study_runs_main_skips_it_when_finished_and_collects(tiny_teacher
 
 
 def test_the_shipped_cpu_study_is_a_valid_spec_whose_seeds_vary_the_data():
-    spec = study.load_spec(Path(__file__).resolve().parents[1] / "studies" / "cpu.yaml")
+    spec = load_spec(Path(__file__).resolve().parents[1] / "studies" / "cpu.yaml")
     configs = [point.config for point in spec.points]
     assert {point.seed for point in spec.points} == {0, 1, 2}
     assert all(c.data_seed == c.seed for c in configs)  # each seed its own training sample
@@ -497,31 +511,31 @@ def test_a_single_model_is_compared_only_inside_its_range_per_seed():
     none, where an extrapolated law can say anything."""
     points = pd.DataFrame({"point": ["a", "b", "b2", "c"], "parameters": [1e6, 2e6, 2.01e6, 4e6],
                            "ce": [7.0, 6.0, 6.2, 5.5], "final_heldout_ce": [7.1, 6.3, 6.25, 5.6]})
-    ce, source = study.single_at(points[points["point"] != "b2"], "parameters", math.sqrt(2) * 1e6)
+    ce, source = single_at(points[points["point"] != "b2"], "parameters", math.sqrt(2) * 1e6)
     assert (round(ce, 6), source) == (6.5, "interpolated")
     # Two grid points within 1%: the better on the early-stopping slice, b2, though b has the lower test CE.
-    assert study.single_at(points, "parameters", 2e6) == (6.2, "grid point b2, best of 2 there by early-stopping CE")
+    assert single_at(points, "parameters", 2e6) == (6.2, "grid point b2, best of 2 there by early-stopping CE")
     old = points.assign(final_heldout_ce=math.nan)  # runs without early stopping: the test CE, said so
-    assert study.single_at(old, "parameters", 2e6) == (6.0, "grid point b, best of 2 there by test CE (no "
+    assert single_at(old, "parameters", 2e6) == (6.0, "grid point b, best of 2 there by test CE (no "
                                                             "early-stopping CE)")
-    assert study.single_at(points, "parameters", 8e6) is None
-    assert study.single_at(points, "parameters", 5e5) is None
+    assert single_at(points, "parameters", 8e6) is None
+    assert single_at(points, "parameters", 5e5) is None
 
 
 # --- the rules of the comparison --------------------------------------------------------------------------------------
 
 def test_the_paired_interval_is_a_t_interval_and_its_verdict_whether_it_excludes_zero():
     differences = np.array([-0.30, -0.28, -0.25])
-    mean, low, high = study.paired_interval(differences)
+    mean, low, high = paired_interval(differences)
     half = 4.302653 * np.std(differences, ddof=1) / math.sqrt(3)  # t(0.975, 2 dof)
     assert (mean, low, high) == pytest.approx((-0.27667, -0.27667 - half, -0.27667 + half), abs=1e-5)
-    assert study.verdict(low, high, 3) == "ensemble better"
-    assert study.verdict(*study.paired_interval(-differences)[1:], 3) == "single better"
+    assert verdict(low, high, 3) == "ensemble better"
+    assert verdict(*paired_interval(-differences)[1:], 3) == "single better"
     # Wins on every seed, but the interval holds 0: 5 seeds of one large and four tiny wins show nothing.
     mixed = np.array([-0.8, -0.01, -0.01, -0.01, -0.01])
-    assert study.verdict(*study.paired_interval(mixed)[1:], 5) == "no difference shown"
-    mean, low, high = study.paired_interval(np.array([-0.3]))
-    assert mean == -0.3 and math.isnan(low) and study.verdict(low, high, 1) == "one seed: no interval"
+    assert verdict(*paired_interval(mixed)[1:], 5) == "no difference shown"
+    mean, low, high = paired_interval(np.array([-0.3]))
+    assert mean == -0.3 and math.isnan(low) and verdict(low, high, 1) == "one seed: no interval"
 
 
 def test_seeds_are_paired_so_a_shared_seed_effect_cancels():
@@ -533,16 +547,16 @@ def test_seeds_are_paired_so_a_shared_seed_effect_cancels():
                             ("method", "ensemble", "1 member(s)", 1, 0.1, (0, 1, 2, 3)),
                             ("one", "single", "one", 0, 0.0, (0, 1, 2)))
                         for seed in seeds])
-    pairs, _ = study.pairs_table(obs, {}, ["parameters"])
+    pairs, _ = pairs_table(obs, {}, ["parameters"])
     assert list(pairs["seed"]) == [0, 1, 2] and pairs["difference"].tolist() == pytest.approx([-0.1] * 3)
-    (row,) = study.verdict_table(pairs).to_dict("records")
+    (row,) = verdict_table(pairs).to_dict("records")
     assert row["verdict"] == "ensemble better" and row["wins"] == 3 and row["seeds"] == 3
     assert row["low"] == pytest.approx(-0.1) == row["high"]
 
 
 def curve(*evals, spent=None):
     frame = pd.DataFrame(evals, columns=["train_flops", "heldout_ce", "test_ce"])
-    return study.Curve(frame.sort_values(["train_flops", "heldout_ce"]), spent or frame["train_flops"].max(),
+    return Curve(frame.sort_values(["train_flops", "heldout_ce"]), spent or frame["train_flops"].max(),
                        False)
 
 
@@ -562,25 +576,25 @@ def test_the_students_multiplier_takes_the_build_both_sides_pay_off_both_spends(
     fixed."""
     evals = pd.DataFrame({"train_flops": [11.0, 12.0, 14.0], "heldout_ce": [5.0, 4.5, 4.0],
                           "test_ce": [5.0, 4.5, 4.0], "flops_teacher": [10.0, 10.0, 10.0]})
-    cached = study.Curve(evals, 14.0, False)
+    cached = Curve(evals, 14.0, False)
     assert cached.fixed_flops == 10.0
-    online = study.Curve(evals.assign(flops_teacher=[1.0, 2.0, 4.0]), 14.0, False)
+    online = Curve(evals.assign(flops_teacher=[1.0, 2.0, 4.0]), 14.0, False)
     assert online.fixed_flops == 0.0
     ensemble = pd.Series({"seed": 0, "train_flops": 12.0, "ce": 4.0})
-    pair = study.paired_single(pd.DataFrame(), {("single", 0): cached}, "train_flops", "single",
+    pair = paired_single(pd.DataFrame(), {("single", 0): cached}, "train_flops", "single",
                                ensemble.to_frame().T.astype({"seed": int}).itertuples(index=False).__next__())
     # reached at 14 of the ensemble's 12: 1.17x in all, but (14 - 10) / (12 - 10) = 2x of the students' compute
     assert pair["multiplier"] == pytest.approx(14 / 12) and pair["students_multiplier"] == pytest.approx(2.0)
 
 
 def test_multipliers_give_a_geometric_interval_when_every_seed_reached_else_a_bound():
-    reached = study.multiplier_summary(np.array([1.5, 2.0, 2.5]), np.full(3, math.nan))
+    reached = multiplier_summary(np.array([1.5, 2.0, 2.5]), np.full(3, math.nan))
     logs = np.log([1.5, 2.0, 2.5])
     half = 4.302653 * np.std(logs, ddof=1) / math.sqrt(3)
     assert reached["multiplier_median"] == 2.0 and reached["multiplier_reached"] == 3
     assert (reached["multiplier_low"], reached["multiplier_high"]) == pytest.approx(
         (math.exp(logs.mean() - half), math.exp(logs.mean() + half)), rel=1e-5)
-    censored = study.multiplier_summary(np.array([1.5, math.nan, 2.5]), np.array([math.nan, 3.0, math.nan]))
+    censored = multiplier_summary(np.array([1.5, math.nan, 2.5]), np.array([math.nan, 3.0, math.nan]))
     assert censored["multiplier_reached"] == 2 and censored["multiplier_bound"] == 3.0
     assert censored["multiplier_median"] == 2.5 and math.isnan(censored["multiplier_low"])
 
@@ -591,13 +605,13 @@ def flops_study(tmp_path, single_evals, single_flops=3 * F0):
     families = [dict(name="method", settings=dict(total_rounds=2)),
                 dict(name="one", kind="single", settings=dict(total_rounds=1))]
     spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1], compare=["train_flops"])
-    for point in study.load_spec(spec).points:
+    for point in load_spec(spec).points:
         if point.kind == "ensemble":
             fake_run(point, [3.0, 2.0], extra=dict(train_flops=lambda k: k * F0))
         else:
             fake_run(point, [2.5], evals=single_evals(point.seed), extra=dict(train_flops=lambda k: single_flops))
     assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
-    folder = study.load_spec(spec).folder
+    folder = load_spec(spec).folder
     return (pd.read_csv(folder / "comparison.csv"), pd.read_csv(folder / "verdicts.csv"),
             (folder / "summary.md").read_text())
 
@@ -628,19 +642,19 @@ def test_old_runs_without_a_curve_fall_back_to_their_final_point_with_a_note(tmp
 def test_fits_that_their_points_cannot_determine_say_so_and_are_not_drawn(tmp_path):
     families = [dict(name="method", settings=dict(total_rounds=4, combine="additive"))]
     spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1])
-    for point in study.load_spec(spec).points:  # members 3 and 4 stayed at zero: 2 distinct CEs for 4 sizes
+    for point in load_spec(spec).points:  # members 3 and 4 stayed at zero: 2 distinct CEs for 4 sizes
         fake_run(point, [3.0 + point.seed * 0.01, 2.5, 2.5, 2.5])
     assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
-    folder = study.load_spec(spec).folder
+    folder = load_spec(spec).folder
     fit = pd.read_csv(folder / "fits.csv").set_index("x").loc["ensemble_size"]
     assert not fit["fitted"] and "4 distinct x and 2 distinct mean CE" in fit["note"]
     obs = pd.DataFrame({"series": "s", "kind": "ensemble", "seed": 0, "ensemble_size": [1, 2, 3, 4],
                         "ce": [3.0, 2.0, 1.9996, 1.9994]})  # a step, then flat: alpha runs to its bound
-    fits, _ = study.fit_all(obs, obs.columns, replicates=0)
+    fits, _ = fit_all(obs, obs.columns, replicates=0)
     assert fits[0].law is not None and not fits[0].determined
     assert "not determined (alpha at its bound" in fits[0].note
-    points = study.point_table(obs.assign(point=["1", "2", "3", "4"]))
-    (ax,) = study.ce_figure(points, fits, "ensemble_size", None).axes
+    points = point_table(obs.assign(point=["1", "2", "3", "4"]))
+    (ax,) = ce_figure(points, fits, "ensemble_size", None).axes
     assert not any(t.get_text().startswith("fit: ") for t in ax.get_legend().get_texts())
 
 
@@ -655,26 +669,26 @@ def test_fits_that_their_points_cannot_determine_say_so_and_are_not_drawn(tmp_pa
      "family 'method': match sets a single model's size; this family is of kind ensemble"),
 ])
 def test_bad_comparisons_are_refused_by_name(tmp_path, top, families, message):
-    with pytest.raises(study.StudyError, match=message):
-        study.load_spec(write_spec(tmp_path / "spec.yaml", families, **top))
+    with pytest.raises(StudyError, match=message):
+        load_spec(write_spec(tmp_path / "spec.yaml", families, **top))
     assert study.main([str(tmp_path / "spec.yaml"), "--dry_run"]) == 2
 
 
 def test_vary_data_false_takes_data_seed_from_the_settings(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE, vary_data=False, settings=dict(data_seed=7))
-    points = study.load_spec(spec).points
+    points = load_spec(spec).points
     assert {p.config.data_seed for p in points} == {7} and "--data_seed" not in points[0].run_args()[-4:]
     assert {p.config.seed for p in points} == {0, 1}
 
 
 def test_families_of_different_test_sets_are_refused(tmp_path):
-    points = study.load_spec(write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE)).points
-    study.check_points(points)  # the config has one test_seed for all (or none yet)
+    points = load_spec(write_spec(tmp_path / "spec.yaml", ENSEMBLE_AND_SINGLE)).points
+    check_points(points)  # the config has one test_seed for all (or none yet)
     with_seed = [dataclasses.replace(p, config=types.SimpleNamespace(test_seed=1 if p.kind == "single" else 0))
                  for p in points]
-    with pytest.raises(study.StudyError, match=r"different test_seed values \(test_seed 0: method; test_seed 1: "
+    with pytest.raises(StudyError, match=r"different test_seed values \(test_seed 0: method; test_seed 1: "
                                                r"single\): a comparison must share its test set"):
-        study.check_points(with_seed)
+        check_points(with_seed)
 
 
 # --- numbers quoted from the results ---------------------------------------------------------------------------------
@@ -686,12 +700,12 @@ def test_quoted_numbers_must_come_from_the_result_files(tmp_path):
                  ).to_csv(results, index=False)
     quoted = ("The ensemble (5.857, 5.86) wins by 0.29 nats [−0.31, -0.288] at 3.6e13 FLOPs, 12.3% of the time, "
               "in 288 steps over 5 seeds; see [the table](results/x_0.777.csv) and `7.77`.")
-    assert study.quoted_numbers_missing(quoted, [results]) == []
+    assert quoted_numbers_missing(quoted, [results]) == []
     typed = "The ensemble wins by 0.30 nats at 3.7e13 FLOPs, 5.8575 CE, in 289 steps, 12.4% of the time."
-    assert study.quoted_numbers_missing(typed, [results]) == ["0.30", "3.7e13", "5.8575", "289", "12.4%"]
+    assert quoted_numbers_missing(typed, [results]) == ["0.30", "3.7e13", "5.8575", "289", "12.4%"]
     summary = tmp_path / "summary.md"
     summary.write_text("| ensemble | 6.4660 |\n")  # a rendered table counts as a result file too
-    assert study.quoted_numbers_missing("6.466 and 6.47", [summary]) == []
+    assert quoted_numbers_missing("6.466 and 6.47", [summary]) == []
 
 
 # --- learning-rate tuning ---------------------------------------------------------------------------------------------
@@ -713,8 +727,8 @@ TUNED = [dict(name="method", settings=dict(total_rounds=2), learning_rates=RATES
 ])
 def test_a_learning_rate_grid_must_be_on_both_sides_and_chosen_on_early_stopping(tmp_path, families, settings,
                                                                                  message):
-    with pytest.raises(study.StudyError, match=message):
-        study.load_spec(write_spec(tmp_path / "spec.yaml", families, settings=settings))
+    with pytest.raises(StudyError, match=message):
+        load_spec(write_spec(tmp_path / "spec.yaml", families, settings=settings))
 
 
 def play_main(args, log_path):
@@ -736,7 +750,7 @@ def play_main(args, log_path):
 
 def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(tmp_path, monkeypatch, capsys):
     spec = write_spec(tmp_path / "spec.yaml", TUNED, settings=dict(eval_steps=2), seeds=[0, 1, 2])
-    before = study.load_spec(spec)
+    before = load_spec(spec)
     assert len(before.points) == 6 and all(p.tuning and p.seed == 0 for p in before.points)
     assert before.points[1].name == "method__lr-0.003__seed-0" and before.points[1].config.learning_rate == 3e-3
     assert study.main([str(spec), "--dry_run"]) == 0
@@ -744,7 +758,7 @@ def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(t
     assert "method__lr-0.001__seed-0" in out and "  tuning  " in out
     assert "family method: seeds 1, 2 wait for tuning (0 of 2 tuning runs finished)" in out
     launched = []
-    monkeypatch.setattr(study, "launch", lambda args, log: launched.append(args[3]) or play_main(args, log))
+    monkeypatch.setattr(running, "launch", lambda args, log: launched.append(args[3]) or play_main(args, log))
     assert study.main([str(spec), "--bootstrap", "0"]) == 0
     names = [Path(root).name for root in launched]
     assert names[:6] == [p.name for p in before.points]  # tuning first, then the later seeds
@@ -753,7 +767,7 @@ def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(t
                          "single__student_num_layers-1__lr-0.001__seed-2",
                          "single__student_num_layers-2__lr-0.003__seed-1",
                          "single__student_num_layers-2__lr-0.003__seed-2"]
-    after = study.load_spec(spec)
+    after = load_spec(spec)
     assert not after.waiting and {p.name for p in after.points if p.tuning} == {
         "method__lr-0.001__seed-0", "single__student_num_layers-1__lr-0.003__seed-0",
         "single__student_num_layers-2__lr-0.001__seed-0"}
@@ -772,7 +786,7 @@ def matched_points(tmp_path, teacher, match, single=None, ensemble=None):
     families = [dict(name="method", settings=dict(total_rounds=2, **(ensemble or {}))),
                 dict(name="one", kind="single", settings=dict(total_rounds=1, **(single or {})), match=match)]
     spec = write_spec(tmp_path / "spec.yaml", families, settings=dict(teacher=str(teacher)), seeds=[0])
-    return {p.family: p for p in study.load_spec(spec).points}
+    return {p.family: p for p in load_spec(spec).points}
 
 
 def real_parameters(config, round_index, additive):
@@ -780,7 +794,7 @@ def real_parameters(config, round_index, additive):
     member): its distinct parameters."""
     import transformers
 
-    teacher, tokenizer = study.teacher_parts(config.teacher, str(config.cache_dir), False)
+    teacher, tokenizer = teacher_parts(config.teacher, str(config.cache_dir), False)
     model = transformers.AutoModelForCausalLM.from_config(students.student_model_config(config, teacher, tokenizer,
                                                                                      round_index))
     if additive and round_index > 0:
@@ -794,7 +808,7 @@ def test_a_random_single_model_is_matched_by_its_depth(tiny_teacher_dir, tmp_pat
     assert one.config.student_num_layers == 2 and one.settings["student_num_layers"] == 2
     assert "(matched non_embedding_parameters" in one.label and "to method x2" in one.label
     additive = dataclasses.replace(points["method"].config, combine="additive")
-    target = study.ensemble_size_value(additive, "parameters", 2)
+    target = ensemble_size_value(additive, "parameters", 2)
     assert target == real_parameters(additive, 0, True) + real_parameters(additive, 1, True)  # an untied head
 
 
@@ -808,7 +822,7 @@ def test_a_random_single_model_is_matched_by_its_width_where_depth_cannot_reach_
     one, method = points["one"].config, points["method"].config
     assert one.student_hidden_size > method.student_hidden_size and one.student_num_layers == method.student_num_layers
     assert one.student_hidden_size % one.student_num_heads == 0 and one.student_num_heads % one.student_num_kv_heads == 0
-    target = study.ensemble_size_value(method, "parameters", 2)
+    target = ensemble_size_value(method, "parameters", 2)
     assert abs(real_parameters(one, 0, False) - target) <= 0.1 * target
 
 
@@ -827,7 +841,7 @@ def test_a_teacher_layers_single_model_copies_layers_spread_from_first_to_last(t
     (dict(axis="parameters", family="nope"), {}, "match names 'nope', which is no ensemble family"),
 ])
 def test_a_match_no_size_can_reach_is_refused_by_name(tiny_teacher_dir, tmp_path, match, single, message):
-    with pytest.raises(study.StudyError, match=message):
+    with pytest.raises(StudyError, match=message):
         matched_points(tmp_path, tiny_teacher_dir, match, single=single)
 
 
@@ -847,7 +861,7 @@ def test_a_tiny_tuned_study_compares_at_the_ensembles_spend_with_paired_interval
                      learning_rates=rates, match=dict(axis="non_embedding_parameters", family="method"))]
     spec = write_spec(tmp_path / "spec.yaml", families, settings=settings, seeds=[0, 1])
     assert study.main([str(spec), "--bootstrap", "0"]) == 0
-    folder = study.load_spec(spec).folder
+    folder = load_spec(spec).folder
 
     tuning = pd.read_csv(folder / "tuning.csv")
     assert len(tuning) == 6 and tuning.groupby("family")["chosen"].sum().tolist() == [1, 1, 1]
@@ -863,9 +877,9 @@ def test_a_tiny_tuned_study_compares_at_the_ensembles_spend_with_paired_interval
                       & (verdicts["ensemble_size"] == 2)]
     assert len(deeper) == 1 and deeper["seeds"].iloc[0] == 2
     assert "95%" in (folder / "summary.md").read_text()
-    rows, _ = study.collect_rows(study.load_spec(spec))
-    curves, _ = study.single_curves(rows)
-    figure = study.curves_figure(study.observations(rows), curves, None, "tiny")
+    rows, _ = collect_rows(load_spec(spec))
+    curves, _ = single_curves(rows)
+    figure = curves_figure(observations(rows), curves, None, "tiny")
     (ax,) = figure.axes
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert {"member", "deeper", "method, 2 member(s)"} <= set(labels) and ax.get_xscale() == "log"
@@ -880,7 +894,7 @@ SHIPPED_SPECS = Path(__file__).resolve().parents[1] / "studies"
 def test_every_shipped_spec_is_valid_and_its_runs_share_one_test_set(spec):
     """Every spec under studies/ loads (its configs built, matches resolved, tuning laid out), and every run of
     it is scored on one test set, each seed's runs on one training sample."""
-    loaded = study.load_spec(SHIPPED_SPECS / spec)
+    loaded = load_spec(SHIPPED_SPECS / spec)
     assert len({p.config.test_seed for p in loaded.points}) == 1
     for seed in {p.seed for p in loaded.points}:
         assert len({p.config.data_seed for p in loaded.points if p.seed == seed}) == 1
@@ -907,7 +921,7 @@ def test_the_teacher_gap_table_gives_each_member_sizes_best_ensemble_and_its_mat
         rows += gap_rows("m3", "m3", "ensemble", "m3", seed, [5.0 + noise, 4.0 + noise, 4.5 + noise])  # best: 2
         rows += gap_rows("m6", "m6", "ensemble", "m6", seed, [4.0 + noise, 3.0 + noise, 3.0 + noise], start=7.0)
         rows += gap_rows("s14", "s14", "single", "teacher_layers=14", seed, [4.6 + noise], start=6.0)
-    table = study.teacher_gap_table(pd.DataFrame(rows), [("s14", "m3", 2)],
+    table = teacher_gap_table(pd.DataFrame(rows), [("s14", "m3", 2)],
                                     {"m3": "3 teacher layers", "m6": "6 teacher layers"})
     assert list(table["series"]) == ["m3", "m6"] and list(table["member_size"]) == ["3 teacher layers",
                                                                                     "6 teacher layers"]
@@ -922,12 +936,12 @@ def test_the_teacher_gap_table_gives_each_member_sizes_best_ensemble_and_its_mat
     assert m3["single_gap_closed_on_member_scale"] == pytest.approx(4.4 / 8)  # from the member's start, 9.0
     assert m3["single_gap_closed_on_member_scale_low"] == pytest.approx((4.4 - half) / 8)
     assert m6["ensemble_size"] == 2 and pd.isna(m6["single"])  # equal means: the smaller; nothing matched to it
-    assert study.teacher_gap_table(pd.DataFrame(rows)[lambda r: r["kind"] == "single"], [], {}).empty
+    assert teacher_gap_table(pd.DataFrame(rows)[lambda r: r["kind"] == "single"], [], {}).empty
 
 
 def test_collect_writes_the_teacher_gap_with_the_matches_of_the_spec(synthetic_study):
     assert study.main([str(synthetic_study), "--collect", "--bootstrap", "0"]) == 0
-    folder = study.load_spec(synthetic_study).folder
+    folder = load_spec(synthetic_study).folder
     gap = pd.read_csv(folder / "teacher_gap.csv")
     assert list(gap["series"]) == ["method (combine=logits)", "method (combine=additive)"]
     assert set(gap["member_size"]) == {"1 layers x 32 wide"} and set(gap["ensemble_size"]) == {4}
@@ -941,8 +955,8 @@ def test_the_frontier_holds_the_points_no_other_beats_in_both():
     ce = [3.0, 2.5, 2.6, 2.0, 2.0, math.nan, 3.5]
     latency = [1.0, 2.0, 3.0, 4.0, 5.0, 0.5, 0.9]
     # 2.6 at 3.0 is beaten by 2.5 at 2.0; 2.0 at 5.0 by 2.0 at 4.0; no CE: on none; 3.5 at 0.9 is the fastest
-    assert list(study.pareto_frontier(ce, latency)) == [True, True, False, True, False, False, True]
-    assert list(study.pareto_frontier([1.0, 1.0], [2.0, 2.0])) == [True, True]  # equal points beat neither
+    assert list(pareto_frontier(ce, latency)) == [True, True, False, True, False, False, True]
+    assert list(pareto_frontier([1.0, 1.0], [2.0, 2.0])) == [True, True]  # equal points beat neither
 
 
 def saved_tiny_ensemble(run_dir, members, layers=1):
@@ -963,7 +977,7 @@ def test_latency_times_every_point_from_its_saved_model_and_draws_the_frontier(t
                 dict(name="single", kind="single", settings=dict(total_rounds=1),
                      grid=dict(student_num_layers=[1, 3]))]
     spec = write_spec(tmp_path / "spec.yaml", families)
-    loaded = study.load_spec(spec)
+    loaded = load_spec(spec)
     for point in loaded.points:
         if point.kind == "ensemble":
             run_dir = fake_run(point, [3.0 + point.seed / 10, 2.5 + point.seed / 10])
@@ -986,14 +1000,14 @@ def test_latency_times_every_point_from_its_saved_model_and_draws_the_frontier(t
     assert list(table["ce_mean"]) == pytest.approx([3.05, 2.55, 3.15, 2.95])
     assert table.loc[0, "ce_low"] < 3.05 < table.loc[0, "ce_high"]  # the t-interval over the 2 seeds
     assert set(table["threads_per_process"]) == {1} and set(table["new_tokens"]) == {4}
-    assert list(table["frontier"]) == list(study.pareto_frontier(table["ce_mean"], table["latency_ms_parallel"]))
+    assert list(table["frontier"]) == list(pareto_frontier(table["ce_mean"], table["latency_ms_parallel"]))
     assert table.loc[1, "frontier"]  # the lowest CE is always on it
     assert (loaded.folder / "ce_vs_latency.png").read_bytes()[:8] == PNG_SIGNATURE
     summary = (loaded.folder / "summary.md").read_text()
     assert "## CE against decode latency (latency.csv)" in summary and "| method | 2 member(s) |" in summary
     section = summary.split("## CE against decode latency")[1].split("\n## ")[0]
-    assert study.quoted_numbers_missing(section, [loaded.folder / "latency.csv"]) == []  # quoted from the table
-    (ax,) = study.latency_figure(table).axes
+    assert quoted_numbers_missing(section, [loaded.folder / "latency.csv"]) == []  # quoted from the table
+    (ax,) = latency_figure(table).axes
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert {"ensembles, a process per member", "single models", "Pareto frontier (lower CE, lower latency)",
             "the same ensembles, members one after another"} <= set(labels)

@@ -1,0 +1,81 @@
+"""The finished runs' metrics rows in one table, and from them the observations every later step reads: one row
+per series, point and seed with its test CE and x values, and their means over seeds per point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+import plot
+from slm_ensembles.study.grid import Study, cli_value
+from slm_ensembles.study.spec import last_heldout_ce
+from slm_ensembles.study.status import point_status
+
+# The x axes a law is fitted against: metrics.csv column -> label. All but ensemble_size are columns that main.py
+# may or may not write yet; a missing one skips its fits with a note.
+X_AXES = {"ensemble_size": "ensemble size (members)", "parameters": "parameters",
+          "non_embedding_parameters": "non-embedding parameters", "train_flops": "training FLOPs (all spent)",
+          "critical_path_layers": "critical-path depth (layers)"}
+
+
+def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows, runs): every finished run's metrics rows with its name, family, series, kind, seed, run folder and
+    stated settings as columns; and every grid point's status."""
+    frames, runs = [], []
+    setting_keys = list(dict.fromkeys(k for p in study.points for k in ["preset", *p.settings]))
+    for point in (p for p in study.points if not p.tuning):  # a rate not chosen is in tuning.csv only
+        status = point_status(point)
+        runs.append(dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
+                         seed=point.seed, status=status.state, run_dir=str(status.run_dir or "")))
+        if status.state != "finished":
+            continue
+        metrics = plot.load_run(status.run_dir).metrics
+        study_columns = dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
+                             point=point.label, seed=point.seed, run_dir=str(status.run_dir),
+                             final_heldout_ce=last_heldout_ce(status.run_dir))
+        values = {"preset": point.preset, **{k: cli_value(v) for k, v in point.settings.items()}}
+        for key in setting_keys:
+            column = key if key not in metrics.columns and key not in study_columns else f"setting.{key}"
+            study_columns[column] = values.get(key, "")
+        frames.append(metrics.assign(**study_columns)[[*study_columns, *metrics.columns]])
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["run", "family", "series", "kind", "point", "seed", "run_dir", "final_heldout_ce"])
+    return rows, pd.DataFrame(runs)
+
+
+def observations(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per series, point and seed: test CE, the run's final early-stopping CE, gap_closed and the x columns
+    there are. An ensemble run gives a point
+    per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
+    same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
+    x_columns = [x for x in X_AXES if x in rows.columns]
+    gap = ["gap_closed"] if "gap_closed" in rows.columns else []
+    if rows.empty:
+        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", "final_heldout_ce", *gap,
+                                     *x_columns])
+    models = rows[rows["model"] == "ensemble"].drop_duplicates(["run", "ensemble_size"], keep="last")
+    models = models.sort_values(["run", "ensemble_size"], kind="stable")
+    single = models["kind"] == "single"
+    models = pd.concat([models[~single], models[single].groupby("run", sort=False).tail(1)])
+    is_ensemble = models["kind"] == "ensemble"
+    size = models["ensemble_size"].astype(int)
+    series_rank = {series: i for i, series in enumerate(dict.fromkeys(rows["series"]))}
+    models = models.assign(point=models["point"].where(~is_ensemble, size.map(lambda k: f"{k} member(s)")),
+                           order=np.where(is_ensemble, size, 0), rank=models["series"].map(series_rank),
+                           first=np.arange(len(models)))
+    table = (models.groupby(["series", "kind", "point", "order", "seed"], sort=False)[
+        ["ce", "final_heldout_ce", *gap, *x_columns, "rank", "first"]].mean().reset_index())
+    table = table.sort_values(["rank", "order", "first"], kind="stable")
+    return table.drop(columns=["rank", "first"]).reset_index(drop=True)
+
+
+def point_table(obs: pd.DataFrame) -> pd.DataFrame:
+    """Per series and point: seeds, mean and std of CE across seeds, and the mean of each x column."""
+    x_columns = [x for x in X_AXES if x in obs.columns]
+    if obs.empty:
+        return pd.DataFrame(columns=["series", "kind", "point", "seeds", "ce_mean", "ce_std", *x_columns])
+    grouped = obs.groupby(["series", "kind", "point"], sort=False)
+    table = grouped["ce"].agg(seeds="count", ce_mean="mean", ce_std="std").reset_index()
+    for x in x_columns:
+        table[x] = grouped[x].mean().to_numpy()
+    return table

@@ -1,0 +1,104 @@
+"""Running a study's grid: here, one main.py subprocess after another (new points started, unfinished ones
+resumed); or listed with their state (--dry_run); or as SLURM array lines over train.sh (--print_sbatch)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from slm_ensembles.study.grid import Study, StudyError
+from slm_ensembles.study.status import point_status
+
+REPO = Path(__file__).resolve().parents[2]  # the repository root: main.py and train.sh
+MAIN = REPO / "main.py"
+
+
+def launch(args: list[str], log_path: Path) -> int:
+    """Run main.py with `args` in a subprocess (from the current folder, as `python main.py` would be), its output
+    into log_path; its exit code."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ python main.py {shlex.join(args)}\n")
+        log.flush()
+        return subprocess.run([sys.executable, str(MAIN), *args], stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def run_study(study: Study) -> list[str]:
+    """Run every grid point that is not finished, one after another: new ones started, unfinished ones resumed.
+    The names of those that did not finish. Every point's run folders are checked first (point_status), so a
+    folder made with other settings stops the study before anything runs."""
+    for point in study.points:
+        point_status(point)
+    failed = []
+    for index, point in enumerate(study.points, 1):
+        status = point_status(point)
+        prefix = f"[{index}/{len(study.points)}] {point.name}"
+        if status.state == "finished":
+            print(f"{prefix}: finished ({status.run_dir}), skipped")
+            continue
+        args = list(status.resume_args) if status.state == "unfinished" else point.run_args()
+        log_path = study.folder / "logs" / f"{point.name}.log"
+        print(f"{prefix}: {'resuming ' + str(status.run_dir) if status.resume_args else 'running'} "
+              f"(log: {log_path})", flush=True)
+        started = time.monotonic()
+        code = launch(args, log_path)
+        if code == 0 and point_status(point).state == "finished":
+            print(f"{prefix}: done in {time.monotonic() - started:.0f} s", flush=True)
+        else:
+            failed.append(point.name)
+            tail = log_path.read_text().splitlines()[-5:] if log_path.is_file() else []
+            print(f"{prefix}: not finished (main.py exit code {code}); the end of its log:\n    "
+                  + "\n    ".join(tail), flush=True)
+    return failed
+
+
+def dry_run_lines(study: Study) -> list[str]:
+    statuses = [point_status(p) for p in study.points]
+    counts = {state: sum(s.state == state for s in statuses) for state in ("finished", "unfinished", "missing")}
+    lines = [f"Study {study.name}: {len(study.points)} runs in {study.folder} ({counts['finished']} finished, "
+             f"{counts['unfinished']} unfinished, {counts['missing']} not started)"]
+    width = max(len(p.name) for p in study.points)
+    for point, status in zip(study.points, statuses):
+        where = status.run_dir or point.output_root
+        lines.append(f"  {status.state:<10} {point.name:<{width}}  {'tuning' if point.tuning else point.kind:<8} "
+                     f"{where}")
+    return lines + [f"  {line}" for line in study.waiting]
+
+
+def sbatch_lines(study: Study) -> list[str]:
+    """One `sbatch --array` line per preset for the runs not started, each array task given its settings as a
+    main.py --config file (train.sh --sweep config=...); one per resume arguments for the unfinished runs. The
+    config files are written into STUDY/slurm/."""
+    pending = [(p, point_status(p)) for p in study.points]
+    new = [p for p, s in pending if s.state == "missing"]
+    resumed = [(p, s) for p, s in pending if s.state == "unfinished"]
+    lines = [f"# study {study.name}: {len(new)} to start, {len(resumed)} to resume, "
+             f"{len(pending) - len(new) - len(resumed)} finished; from the repository root:",
+             *(f"# {line}: print the lines again once they are" for line in study.waiting), "mkdir -p logs"]
+    slurm = study.folder / "slurm"
+    for preset in dict.fromkeys(p.preset for p in new):
+        files = []
+        for point in (p for p in new if p.preset == preset):
+            slurm.mkdir(parents=True, exist_ok=True)
+            files.append(slurm / f"{point.name}.yaml")
+            files[-1].write_text(yaml.safe_dump(point.run_yaml(), sort_keys=False))
+        lines.append(array_line(study.name, ["--preset", preset], "config", files))
+    groups: dict[tuple, list[Path]] = {}
+    for point, status in resumed:
+        groups.setdefault(tuple(status.resume_args[2:]), []).append(status.run_dir)
+    for extra, run_dirs in groups.items():
+        lines.append(array_line(study.name, list(extra), "resume", run_dirs))
+    return lines
+
+
+def array_line(job_name: str, args: list[str], key: str, values: list[Path]) -> str:
+    bad = [str(v) for v in values if "," in str(v)]
+    if bad:
+        raise StudyError(f"train.sh --sweep splits its values at commas; these paths hold one: {bad}")
+    return shlex.join(["sbatch", f"--array=0-{len(values) - 1}", f"--job-name={job_name}",
+                       str(REPO / "train.sh"), *args, "--sweep", f"{key}={','.join(map(str, values))}"])
