@@ -55,9 +55,10 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM
 
+from ensemble import ModelEnsemble, saved_ensemble_config
 import plot
 from benchmarks import bench_inference
-from ensemble import ModelEnsemble, saved_ensemble_config
+from slm_ensembles.processes import run_command
 from slm_ensembles.study.collecting import collect_rows, observations, point_table
 from slm_ensembles.study.comparison import pairs_table, single_curves, verdict_table
 from slm_ensembles.study.figures import latency_figure, study_figures
@@ -253,4 +254,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))  # the wrapper every command runs through (processes.run_command)
