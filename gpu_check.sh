@@ -32,7 +32,8 @@ if [ "${1:-}" = "--pack" ]; then
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$PACK/wheels" "${WHEELS[@]}" || exit 1
   fi
-  python -c "import embedded, itertools, sys; lines = open(embedded.resolve_dataset(embedded.EMBEDDED_DATASET, '.cache'))
+  python -c "import itertools, sys; from slm_ensembles import embedded
+lines = open(embedded.resolve_dataset(embedded.EMBEDDED_DATASET, '.cache'))
 open(sys.argv[1], 'w').writelines(itertools.islice(lines, 600))" "$PACK/chats.jsonl" || exit 1
   echo "packed into $PACK: $(ls "$PACK/wheels" | wc -l) wheels, $(wc -l < "$PACK/chats.jsonl") chats ($(du -sh "$PACK" | cut -f1))"
   exit 0
