@@ -526,5 +526,5 @@ def test_every_number_in_the_readme_results_comes_from_a_committed_result_file()
     readme = (ROOT / "README.md").read_text()
     start = readme.index("\n## Results")
     section = readme[start:readme.index("\n## ", start + 1)]
-    files = sorted((ROOT / "results").glob("*.csv")) + sorted((ROOT / "results").glob("*.md"))
+    files = sorted((ROOT / "results").rglob("*.csv")) + sorted((ROOT / "results").rglob("*.md"))
     assert quoted_numbers_missing(section, files) == []
