@@ -1262,35 +1262,47 @@ def test_each_early_stopping_evaluation_records_the_test_ce_and_the_flops_spent_
     assert metrics.loc[(0, "ensemble"), "flops_teacher"] == metrics.loc[(1, "ensemble"), "flops_teacher"] > 0
 
 
-def test_a_rounds_trainer_and_optimizer_are_freed_before_its_evaluation(tmp_path, monkeypatch):
+FREED_PROBE = """
+import json, sys, weakref
+sys.path.insert(0, "tests")
+from conftest import run_test_preset
+import main, train, utils
+from pathlib import Path
+
+optimizers, alive_at_evaluation, fixed = [], [], []
+create_optimizer = train.DistillationTrainer.create_optimizer
+
+def recorded_optimizer(self, model=None):
+    optimizer = create_optimizer(self, model)
+    optimizers.append((weakref.ref(self), weakref.ref(optimizer)))
+    return optimizer
+
+evaluate_round = main.evaluate_round
+
+def recorded_evaluation(*args, **kwargs):
+    alive_at_evaluation.append([ref() is not None for pair in optimizers for ref in pair])
+    return evaluate_round(*args, **kwargs)
+
+release = utils.return_freed_buffers_to_the_system
+train.DistillationTrainer.create_optimizer = recorded_optimizer
+main.evaluate_round = recorded_evaluation
+utils.return_freed_buffers_to_the_system = lambda: fixed.append(release())
+run_test_preset(Path(sys.argv[1]))
+print(json.dumps({"alive_at_evaluation": alive_at_evaluation, "fixed": len(fixed)}))
+"""
+
+
+def test_a_rounds_trainer_and_optimizer_are_freed_before_its_evaluation(tmp_path):
     """The Trainer and its optimizer hold reference cycles: the round collects them once training ends, so the
     optimizer's states are not resident through the evaluation (nor the next round). The run also fixes glibc's
-    mmap threshold first (utils.return_freed_buffers_to_the_system), before anything large is allocated."""
-    import weakref
-
-    from conftest import run_test_preset
-
-    optimizers, alive_at_evaluation, fixed = [], [], []
-    create_optimizer = train.DistillationTrainer.create_optimizer
-
-    def recorded_optimizer(self, model=None):
-        optimizer = create_optimizer(self, model)
-        optimizers.append((weakref.ref(self), weakref.ref(optimizer)))
-        return optimizer
-
-    evaluate_round = main.evaluate_round
-
-    def recorded_evaluation(*args, **kwargs):
-        alive_at_evaluation.append([ref() is not None for pair in optimizers for ref in pair])
-        return evaluate_round(*args, **kwargs)
-
-    release = utils.return_freed_buffers_to_the_system
-    monkeypatch.setattr(train.DistillationTrainer, "create_optimizer", recorded_optimizer)
-    monkeypatch.setattr(main, "evaluate_round", recorded_evaluation)
-    monkeypatch.setattr(utils, "return_freed_buffers_to_the_system", lambda: fixed.append(release()))
-    run_test_preset(tmp_path)
-    assert alive_at_evaluation == [[False, False], [False, False, False, False]]
-    assert len(fixed) == 1
+    mmap threshold first (utils.return_freed_buffers_to_the_system), before anything large is allocated. In a
+    process of its own: what earlier tests leave in this one (torch.compile's caches, say) may hold objects too."""
+    result = subprocess.run([sys.executable, "-c", FREED_PROBE, str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["alive_at_evaluation"] == [[False, False], [False, False, False, False]]
+    assert found["fixed"] == 1
 
 
 def test_the_mmap_threshold_is_fixed_where_glibc_allocates():
