@@ -762,10 +762,11 @@ def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(t
     assert study.main([str(spec), "--bootstrap", "0"]) == 0
     names = [Path(root).name for root in launched]
     assert names[:6] == [p.name for p in before.points]  # tuning first, then the later seeds
-    assert names[6:] == ["method__lr-0.003__seed-1", "method__lr-0.003__seed-2",
+    assert names[6:] == ["method__lr-0.003__seed-1",  # seed by seed: a study stopped part way holds whole seeds
                          "single__student_num_layers-1__lr-0.001__seed-1",
-                         "single__student_num_layers-1__lr-0.001__seed-2",
                          "single__student_num_layers-2__lr-0.003__seed-1",
+                         "method__lr-0.003__seed-2",
+                         "single__student_num_layers-1__lr-0.001__seed-2",
                          "single__student_num_layers-2__lr-0.003__seed-2"]
     after = load_spec(spec)
     assert not after.waiting and {p.name for p in after.points if p.tuning} == {

@@ -29,13 +29,16 @@ def launch(args: list[str], log_path: Path) -> int:
 
 
 def run_study(study: Study) -> list[str]:
-    """Run every grid point that is not finished, one after another: new ones started, unfinished ones resumed.
-    The names of those that did not finish. Every point's run folders are checked first (point_status), so a
-    folder made with other settings stops the study before anything runs."""
+    """Run every grid point that is not finished, one after another: new ones started, unfinished ones resumed;
+    seed by seed (every family's run of a seed before any of the next), so that a study stopped part way holds
+    whole paired seeds, not one family's every seed and no baseline. The names of those that did not finish. Every
+    point's run folders are checked first (point_status), so a folder made with other settings stops the study
+    before anything runs."""
     for point in study.points:
         point_status(point)
     failed = []
-    for index, point in enumerate(study.points, 1):
+    seed_order = {seed: i for i, seed in enumerate(dict.fromkeys(p.seed for p in study.points))}
+    for index, point in enumerate(sorted(study.points, key=lambda p: seed_order[p.seed]), 1):
         status = point_status(point)
         prefix = f"[{index}/{len(study.points)}] {point.name}"
         if status.state == "finished":
