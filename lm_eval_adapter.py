@@ -58,11 +58,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from checksums import DamagedFolderError
 from ensemble import EnsembleConfig, ModelEnsemble, load_member
-from model_io import check_logits_at, cut_to_vocab, hidden_at, output_head
+from model_io import check_logits_at
 from utils import frozen_dtype, load_causal_lm, load_tokenizer, select_device
 from slm_ensembles import embedded
 from slm_ensembles.processes import run_command
 from slm_ensembles.run_layout import RunLayout
+from slm_ensembles.scoring import as_ensemble, target_log_probs
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_TASKS_DIR = REPO_ROOT / "lm_eval_tasks"
@@ -92,9 +93,9 @@ def require_lm_eval():
 class CausalLMAdapter:
     """lm-eval's three request types on a causal LM and its tokenizer, with no dependency on lm-eval itself.
 
-    `model` is a ModelEnsemble or any Hugging Face causal LM. It scores through its final hidden states and its
-    output head (for an ensemble, every member's, combined as its forward combines them), applied only to the
-    positions being scored, `chunk_size` at a time; it generates with model.generate(...). Requests are lm-eval
+    `model` is a ModelEnsemble or any Hugging Face causal LM, scored as a one-member ensemble (scoring.py, the
+    scorer score.py uses too). It scores through its members' final hidden states and output heads, combined as the
+    ensemble's forward combines them, applied only to the positions being scored, `chunk_size` at a time; it generates with model.generate(...). Requests are lm-eval
     `Instance`s or anything with `.args`, or the bare argument tuples.
 
     - batch_size: sequences per forward pass (and per generate call).
@@ -129,7 +130,8 @@ class CausalLMAdapter:
         self.max_gen_toks = int(max_gen_toks)
         self.vocab_size = vocab_size
         self.chunk_size = int(chunk_size)
-        for part in _parts(model):
+        self.scored = as_ensemble(model)  # a single model is scored as a one-member ensemble (scoring.py)
+        for part in self.scored.members:
             # Scores come from hidden states and heads, not the forward: refuse an output transform they would miss.
             check_logits_at(part, part.get_output_embeddings().weight.shape[0])
         self.add_bos_token = add_bos_token
@@ -194,7 +196,7 @@ class CausalLMAdapter:
     def score_windows(self, windows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
         """For each (tokens, n): the summed log-probability of the last n tokens given all tokens before them, and
         whether each of those n tokens is the argmax at its position. len(tokens) - 1 is what the model reads;
-        the output heads run on the n scored positions only (see target_log_probs)."""
+        the output heads run on the n scored positions only, chunk_size at a time (scoring.target_log_probs)."""
         for tokens, n in windows:
             if not 0 <= n < len(tokens) or len(tokens) - 1 > self.max_length:
                 raise ValueError(f"cannot score the last {n} of {len(tokens)} tokens with at most "
@@ -217,43 +219,15 @@ class CausalLMAdapter:
                 attention_mask[row, :length] = 1
                 positions[row, length - n:length] = True
                 targets.extend(tokens[-n:])
-            hidden = self.final_hidden_states(input_ids, attention_mask, positions)
-            log_probs, greedy = self.target_log_probs(hidden, torch.tensor(targets, dtype=torch.long))
+            hidden = self.scored.member_hidden_states(input_ids, attention_mask, positions)
+            log_probs, greedy = target_log_probs(self.scored, hidden, torch.tensor(targets, dtype=torch.long),
+                                                 self.chunk_size, self.vocab_size)
             # Scored positions come row by row, so each window's are the next n of them.
             counts = [windows[i][1] for i in batch]
             for i, row_log_probs, row_greedy in zip(batch, log_probs.split(counts), greedy.split(counts),
                                                     strict=True):
                 results[i] = (float(row_log_probs.sum().item()), bool(row_greedy.all()))
         return results
-
-    def final_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            positions: torch.Tensor) -> list[torch.Tensor]:
-        """The final hidden states [N, H] at the True entries of `positions` [B, L]: one tensor per member of an
-        ensemble, one for a single model (what `logits_from_hidden` reads)."""
-        if isinstance(self.model, ModelEnsemble):
-            return self.model.member_hidden_states(input_ids, attention_mask, positions)
-        return [hidden_at(self.model, input_ids, attention_mask, positions)]
-
-    def logits_from_hidden(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        """The model's fp32 logits [n, V] at n positions from their final_hidden_states (an ensemble's combined as
-        its forward combines them), cut to vocab_size when one is given."""
-        if isinstance(self.model, ModelEnsemble):
-            logits = self.model.logits_from_hidden(hidden)
-            return logits if self.vocab_size is None else cut_to_vocab(logits, self.vocab_size)
-        (states,) = hidden
-        return output_head(self.model, self.vocab_size)(states).float()
-
-    def target_log_probs(self, hidden: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(target) [N], whether each target is the argmax [N]) at N positions, from their final hidden
-        states, chunk_size positions at a time: no logits tensor larger than chunk_size x vocabulary exists."""
-        log_probs, greedy = [], []
-        for start in range(0, len(targets), self.chunk_size):
-            rows = slice(start, start + self.chunk_size)
-            chunk_log_probs = torch.log_softmax(self.logits_from_hidden([states[rows] for states in hidden]), dim=-1)
-            chunk_targets = targets[rows].to(chunk_log_probs.device)
-            log_probs.append(chunk_log_probs.gather(-1, chunk_targets[:, None])[:, 0])
-            greedy.append(chunk_log_probs.argmax(dim=-1) == chunk_targets)
-        return torch.cat(log_probs).cpu(), torch.cat(greedy).cpu()
 
     def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), is greedy) for token-level (context, continuation) pairs."""

@@ -33,6 +33,7 @@ from slm_ensembles import distributed_ensemble, embedded, files
 from slm_ensembles.losses import next_token_targets, nll_sum, predictor_mask
 from slm_ensembles.processes import run_command
 from slm_ensembles.run_layout import RunLayout
+from slm_ensembles.scoring import member_logits_in_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +80,7 @@ def score(ensemble: ModelEnsemble, dataset, collator, batch_size: int, chunk_siz
             continue
         hidden = ensemble.member_hidden_states(batch["input_ids"], batch["attention_mask"], positions)
         targets = next_token_targets(batch["labels"]).to(ensemble.device)
-        for start in range(0, len(targets), chunk_size):
-            rows = slice(start, start + chunk_size)
-            member_logits = ensemble.member_head_logits([states[rows] for states in hidden])
+        for rows, member_logits in member_logits_in_chunks(ensemble, hidden, chunk_size):
             logits = ensemble.combined(member_logits)
             totals[0] += nll_sum(logits, targets[rows]).double().cpu()
             if compare:
