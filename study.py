@@ -136,7 +136,8 @@ class Timing:
 def model_latency(folder: Path, size: int, timing: Timing) -> dict:
     """Decode ms per token of the first `size` members of the ensemble saved in `folder`: in parallel (one process
     per member under torchrun, over gloo) and sequentially (one process, one member after another); one member is
-    timed alone, as a plain model in this process (both numbers). Its parameters too."""
+    timed alone, as a plain model in this process (both numbers). Its parameters too, and which weights were timed
+    (trained; or random, for members kept as records only: see latency.first_members)."""
     config = saved_ensemble_config(folder)
     if not 1 <= size <= len(config.member_subfolders):
         raise StudyError(f"{folder} holds {len(config.member_subfolders)} member(s), not {size}")
@@ -144,7 +145,7 @@ def model_latency(folder: Path, size: int, timing: Timing) -> dict:
     torch.set_num_threads(timing.threads)
     try:
         with tempfile.TemporaryDirectory() as temporary:
-            saved = first_members(folder, size, Path(temporary) / "ensemble")
+            saved, weights = first_members(folder, size, Path(temporary) / "ensemble")
             if size == 1:
                 model = AutoModelForCausalLM.from_pretrained(saved / config.member_subfolders[0],
                                                              use_safetensors=True).eval()
@@ -157,7 +158,7 @@ def model_latency(folder: Path, size: int, timing: Timing) -> dict:
             parallel = sequential if size == 1 else \
                 bench_inference.distributed_rows(saved, options)[0]["decode_ms_per_token"]
             return dict(latency_ms_parallel=parallel, latency_ms_sequential=sequential, processes=size,
-                        parameters=sum(map(bench_inference.parameters, members)))
+                        parameters=sum(map(bench_inference.parameters, members)), weights=weights)
     finally:
         torch.set_num_threads(threads)
 

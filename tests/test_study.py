@@ -30,7 +30,7 @@ from slm_ensembles.study.figures import ce_figure, curves_figure, latency_figure
 from slm_ensembles.study.fits import (ALPHA_BOUNDS, FitError, INTERVAL, bootstrap_laws, fit_all, fit_power_law,
                                       too_few_points)
 from slm_ensembles.study.grid import StudyError
-from slm_ensembles.study.latency import pareto_frontier
+from slm_ensembles.study.latency import first_members, pareto_frontier
 from slm_ensembles.study.matching import ensemble_size_value, teacher_parts
 from slm_ensembles.study.quoted import quoted_numbers_missing
 from slm_ensembles.study.spec import check_points, load_spec
@@ -952,6 +952,14 @@ def test_collect_writes_the_teacher_gap_with_the_matches_of_the_spec(synthetic_s
 
 # --- latency ----------------------------------------------------------------------------------------------------------
 
+def test_a_member_with_neither_weights_nor_config_cannot_be_timed(tmp_path):
+    saved_tiny_ensemble(tmp_path, 1)
+    for path in (tmp_path / "ensemble" / "member_0").iterdir():
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match="neither weights nor a config.json"):
+        first_members(tmp_path / "ensemble", 1, tmp_path / "cut")
+
+
 def test_the_frontier_holds_the_points_no_other_beats_in_both():
     ce = [3.0, 2.5, 2.6, 2.0, 2.0, math.nan, 3.5]
     latency = [1.0, 2.0, 3.0, 4.0, 5.0, 0.5, 0.9]
@@ -987,6 +995,10 @@ def test_latency_times_every_point_from_its_saved_model_and_draws_the_frontier(t
             layers = point.settings["student_num_layers"]
             run_dir = fake_run(point, [3.2 - layers / 10 + point.seed / 10])
             saved_tiny_ensemble(run_dir, 1, layers)
+            if layers == 3:  # kept as a record only, as a study carried over from another machine: no weights
+                for path in (run_dir / "ensemble" / "member_0").iterdir():
+                    if path.name != "config.json":
+                        path.unlink()
     assert study.main([str(spec), "--latency", "--new_tokens", "4", "--repeats", "1", "--prompt_tokens", "4",
                        "--bootstrap", "0"]) == 0
     table = pd.read_csv(loaded.folder / "latency.csv")
@@ -998,6 +1010,9 @@ def test_latency_times_every_point_from_its_saved_model_and_draws_the_frontier(t
     one = table[table["ensemble_size"] == 1]
     assert (one["latency_ms_parallel"] == one["latency_ms_sequential"]).all()  # one member: one process
     assert table.loc[1, "parameters"] == 2 * table.loc[0, "parameters"]
+    # The record-only member is timed with random weights of its saved shapes, and the table says so.
+    assert list(table["weights"]) == ["trained", "trained", "trained", "random"]
+    assert table.loc[3, "parameters"] > table.loc[2, "parameters"] > 0
     assert list(table["ce_mean"]) == pytest.approx([3.05, 2.55, 3.15, 2.95])
     assert table.loc[0, "ce_low"] < 3.05 < table.loc[0, "ce_high"]  # the t-interval over the 2 seeds
     assert set(table["threads_per_process"]) == {1} and set(table["new_tokens"]) == {4}

@@ -11,30 +11,45 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import stats
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ensemble import saved_ensemble_config
 from slm_ensembles.study.collecting import observations, point_table
 from slm_ensembles.study.comparison import CONFIDENCE
 
 LATENCY_COLUMNS = ["family", "series", "kind", "point", "ensemble_size", "parameters", "seeds", "ce_mean", "ce_low",
-                   "ce_high", "latency_ms_parallel", "latency_ms_sequential", "frontier", "run", "processes",
+                   "ce_high", "latency_ms_parallel", "latency_ms_sequential", "frontier", "run", "weights", "processes",
                    "threads_per_process", "cpu_count", "machine", "prompt_tokens", "new_tokens", "repeats",
                    "statistic"]
 
 
-def first_members(folder: Path, size: int, into: Path) -> Path:
-    """A saved ensemble of the first `size` members of the one in `folder`, made in `into`: its config.json with
-    those member folders (and their weights), the rest of its files and the members' folders linked, not copied."""
+def first_members(folder: Path, size: int, into: Path) -> tuple[Path, str]:
+    """(a saved ensemble of the first `size` members of the one in `folder`, made in `into`; which weights it holds).
+    Its config.json names those member folders; the rest of its files and the members' folders are linked, not
+    copied. A member kept as a record only (config.json, no weights: a study's runs carried over from another
+    machine) is built from its config with random weights: decode latency depends on the shapes, not the values,
+    and the second value says "random" so the table says which were timed."""
     config = json.loads((folder / "config.json").read_text())
     kept = config["member_subfolders"][:size]
     config.update(member_subfolders=kept, **({"weights": config["weights"][:size]} if config.get("weights") else {}))
     into.mkdir(parents=True, exist_ok=True)
+    records_only = [name for name in kept if not any((folder / name).glob("*.safetensors"))]
     for path in folder.iterdir():
-        if path.name != "config.json" and (path.is_file() or path.name in kept):
+        if path.name != "config.json" and (path.is_file() or path.name in kept) and path.name not in records_only:
             (into / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
+    for name in records_only:
+        random_weights(folder / name, into / name)
     (into / "config.json").write_text(json.dumps(config, indent=2))
     saved_ensemble_config(into)  # a folder the loaders accept
-    return into
+    return into, "random" if records_only else "trained"
+
+
+def random_weights(member: Path, into: Path) -> None:
+    """The model member/config.json describes, with freshly initialised weights, saved in `into`."""
+    if not (member / "config.json").is_file():
+        raise FileNotFoundError(f"{member} holds neither weights nor a config.json: its shapes are unknown, so it "
+                                f"cannot be timed")
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(member)).save_pretrained(into)
 
 
 def latency_points(rows: pd.DataFrame) -> pd.DataFrame:
