@@ -15,6 +15,8 @@ Usage:
     python study.py SPEC.yaml --collect        # only collect: rows, fits, verdicts, figures and summary
     python study.py SPEC.yaml --latency        # after the runs: time each point's saved model (latency.csv); collect
     python study.py SPEC.yaml --latency --new_tokens 64 --repeats 5 --threads 1   # longer, steadier timings
+    python study.py SPEC.yaml --records DIR    # the finished runs' records (no weights) into DIR/runs, to carry
+    cp -r DIR/runs STUDY/                      # ... and back, on another machine: those runs count as finished
 
 What collecting writes into the study folder:
     rows.csv         every finished run's metrics.csv rows, with run, family, series, kind, seed and its settings
@@ -59,6 +61,7 @@ from ensemble import ModelEnsemble, saved_ensemble_config
 import plot
 from benchmarks import bench_inference
 from slm_ensembles.processes import run_command
+from slm_ensembles.study.carrying import keep_records
 from slm_ensembles.study.collecting import collect_rows, observations, point_table
 from slm_ensembles.study.comparison import pairs_table, single_curves, verdict_table
 from slm_ensembles.study.figures import latency_figure, study_figures
@@ -206,6 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--print_sbatch", action="store_true",
                       help="write each unstarted run's settings to STUDY/slurm/ and print the sbatch lines")
     mode.add_argument("--collect", action="store_true", help="only collect the finished runs; run nothing")
+    mode.add_argument("--records", type=Path, metavar="DIR",
+                      help="copy the finished runs' records (CSV, YAML, manifests, configs; no weights) into DIR/runs; "
+                           "copied back into the study folder on another machine, those runs count as finished")
     mode.add_argument("--latency", action="store_true",
                       help="time the finished runs' saved models (decode ms per token at batch 1, members in "
                            "parallel processes and one after another) into latency.csv; then collect")
@@ -233,6 +239,10 @@ def main(argv=None) -> int:
             return 0
         if args.print_sbatch:
             print("\n".join(sbatch_lines(study)))
+            return 0
+        if args.records:
+            copied = keep_records(study, args.records)
+            print(f"{len(copied)} finished run(s) kept as records in {args.records / 'runs'}")
             return 0
         if args.latency:
             print(measure_latency(study, Timing(args.new_tokens, args.repeats, args.prompt_tokens, args.threads)))

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import shlex
+import shutil
 import types
 from pathlib import Path
 
@@ -1027,3 +1028,34 @@ def test_latency_times_every_point_from_its_saved_model_and_draws_the_frontier(t
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert {"ensembles, a process per member", "single models", "Pareto frontier (lower CE, lower latency)",
             "the same ensembles, members one after another"} <= set(labels)
+
+
+# --- a study carried to another machine as records ------------------------------------------------------------------
+
+def test_records_carry_finished_runs_without_weights_and_count_as_finished_where_copied_back(tmp_path, capsys):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=2))], seeds=[0, 1])
+    finished, unfinished = load_spec(spec).points
+    run_dir = fake_run(finished, [3.0, 2.5])
+    saved_tiny_ensemble(run_dir, 2)
+    (run_dir / "checkpoints" / "round_1").mkdir(parents=True)
+    (run_dir / "checkpoints" / "round_1" / "trainer_state.json").write_text("{}")
+    fake_run(unfinished, [3.0], rounds_done=1)
+    kept = tmp_path / "kept"
+    assert study.main([str(spec), "--records", str(kept)]) == 0
+    assert "1 finished run(s) kept as records" in capsys.readouterr().out
+    copied = {p.relative_to(kept / "runs" / finished.name / "2026-12-01" / "run_1").as_posix()
+              for p in (kept / "runs").rglob("*") if p.is_file()}
+    assert {"metrics.csv", "config.yaml", "manifest.json", "ensemble/config.json",
+            "ensemble/member_0/config.json"} <= copied
+    assert not any(name.endswith(".safetensors") or name.startswith("checkpoints") for name in copied)
+    assert not (kept / "runs" / unfinished.name).exists()  # it could not resume without its checkpoints
+    # On another machine: the records copied into a new study folder make the run finished there, and collectable.
+    (tmp_path / "elsewhere").mkdir()
+    elsewhere = write_spec(tmp_path / "elsewhere" / "spec.yaml", [dict(name="method", settings=dict(total_rounds=2))],
+                           seeds=[0, 1])
+    moved = load_spec(elsewhere)
+    shutil.copytree(kept / "runs", moved.folder / "runs")
+    states = [point_status(p).state for p in moved.points]
+    assert states == ["finished", "missing"]
+    assert study.main([str(elsewhere), "--collect", "--bootstrap", "0"]) == 0
+    assert set(pd.read_csv(moved.folder / "rows.csv")["run"]) == {finished.name}
