@@ -108,6 +108,9 @@ class Config:
 
     # --- evaluation ---------------------------------------------------------------------------------------------
     eval_batch_size: int = 8  # examples per evaluation batch
+    # scored positions per output-head call in evaluation: bounds the logits it holds (chunk x vocabulary per model,
+    # ~50 MB at SmolLM2's 49,152 tokens); the demo's last round peaked 0.8 GB higher at 1024
+    eval_chunk_size: int = 256
     sample_answers: int = 2  # fixed prompts answered by the student and the ensemble each round (0: none)
     sample_max_new_tokens: int = 48  # length limit of those answers
     plots: bool = True  # draw the run's figures (PNG) into its folder at the end
@@ -140,6 +143,7 @@ class Config:
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
+            ("eval_chunk_size", self.eval_chunk_size >= 1, "must be >= 1"),
             ("learning_rate", self.learning_rate > 0, "must be > 0"),
             ("warmup_ratio", 0.0 <= self.warmup_ratio < 1.0, "must lie in [0, 1)"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),

@@ -240,7 +240,8 @@ def early_stopping(run: Run, round_index: int, resume_from: Path | None,
 
     def scores(student) -> dict:
         ce = {name: evaluate({"mixture": [student, *frozen]}, run.evaluated_teacher, run.data[name], run.collator,
-                             run.config.eval_batch_size, run.vocab_size, run.config.combine, state=run.state,
+                             run.config.eval_batch_size, run.vocab_size, run.config.combine,
+                             chunk_size=run.config.eval_chunk_size, state=run.state,
                              weights=weights)["mixture"]["ce"] for name in ("early_stop", "test")}
         student.train()  # evaluate() left it in eval mode
         meter.evaluations += 1
@@ -351,7 +352,8 @@ def evaluate_round(run: Run, round_index: int, untrained: torch.nn.Module) -> li
     weights = None if run.weights is None else {**{name: [1.0] for name in predictors}, "ensemble": run.weights}
     started = time.time()
     results = evaluate(predictors, run.evaluated_teacher, run.data["test"], run.collator, run.config.eval_batch_size,
-                       run.vocab_size, run.config.combine, state=run.state, weights=weights)
+                       run.vocab_size, run.config.combine, chunk_size=run.config.eval_chunk_size, state=run.state,
+                       weights=weights)
     seconds = round(time.time() - started, 2)
     return [{"round": round_index, "model": name, "ensemble_size": sizes[name], **metrics, "seconds": seconds}
             for name, metrics in results.items()]

@@ -231,7 +231,8 @@ WEIGHT_GRID = tuple(i / 20 for i in range(21))  # candidate weights of a new mem
 
 
 def fit_new_member_weight(previous: list, previous_weights: list[float], new_member, teacher, dataset, collator,
-                          batch_size: int, vocab_size: int, state=None) -> tuple[float, dict[float, float]]:
+                          batch_size: int, vocab_size: int, state=None,
+                          chunk_size: int = 1024) -> tuple[float, dict[float, float]]:
     """The weight w of a new member that minimises CE on `dataset` for the mixture (1 - w) * previous + w * new.
 
     A search over WEIGHT_GRID, all candidates scored in one pass. w = 0 (the previous ensemble unchanged) is a
@@ -241,7 +242,7 @@ def fit_new_member_weight(previous: list, previous_weights: list[float], new_mem
     members = [*previous, new_member]
     names = {w: f"w={w:.2f}" for w in WEIGHT_GRID}
     results = evaluate({names[w]: members for w in WEIGHT_GRID}, teacher, dataset, collator, batch_size,
-                       vocab_size, "weighted", state=state,
+                       vocab_size, "weighted", chunk_size=chunk_size, state=state,
                        weights={names[w]: [*((1 - w) * p for p in previous_weights), w] for w in WEIGHT_GRID})
     ce = {w: results[names[w]]["ce"] for w in WEIGHT_GRID}
     return min(WEIGHT_GRID, key=ce.__getitem__), ce
@@ -254,7 +255,7 @@ def new_member_weight(config, members: list, weights: list[float] | None, studen
     always train through the ensemble: the config refuses additive with the independent baseline.)"""
     if config.combine == "weighted" and members:
         weight, candidates = fit_new_member_weight(members, weights, student, teacher, weight_fit, collator,
-                                                   config.eval_batch_size, vocab_size, state)
+                                                   config.eval_batch_size, vocab_size, state, config.eval_chunk_size)
         print(f"new member's weight {weight:.2f}: CE {candidates[weight]:.4f} on the weight-fit slice "
               f"(previous ensemble {candidates[0.0]:.4f})")
         return weight

@@ -37,6 +37,7 @@ def test_command_line_strings_are_typed():
     ("alpha", -0.1, "'alpha' = -0.1 must lie in [0, 1]"),
     ("temperature", 0, "'temperature' = 0.0 must be > 0"),
     ("total_rounds", 0, "'total_rounds' = 0 must be >= 1"),
+    ("eval_chunk_size", 0, "'eval_chunk_size' = 0 must be >= 1"),
     ("divergence", "tvd", "'divergence' = 'tvd' must be one of forward_kl, reverse_kl, jsd"),
     ("steps_per_round", "many", "'steps_per_round' = 'many' is not a valid int"),
     ("steps_per_round", 2.5, "'steps_per_round' = 2.5 is not a valid int"),

@@ -26,7 +26,7 @@ from model_io import OutputHeadOnly
 import train
 from train import EVALUATION_LOG_COLUMNS
 import utils
-from slm_ensembles import files, processes, records, run_state, teacher as teacher_lib
+from slm_ensembles import evaluation, files, processes, records, run_state, teacher as teacher_lib
 from slm_ensembles.run_layout import RunLayout
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
@@ -1144,6 +1144,24 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
                        4, len(tokenizer))["member"]["ce"]
     assert ce == pytest.approx(log["heldout_ce"].iloc[1], abs=2e-6) != pytest.approx(log["heldout_ce"].iloc[0])
     assert log["heldout_ce"].iloc[1] < log["heldout_ce"].iloc[0]
+
+
+def test_every_evaluation_scores_in_chunks_of_eval_chunk_size(tiny_teacher_dir, tmp_path, monkeypatch):
+    """The early-stopping evaluations, the round's metrics and a weighted run's weight fit all hold at most
+    eval_chunk_size positions' logits at once (the demo's memory bound)."""
+    chunk_sizes = []
+
+    def recording(evaluate):
+        def evaluate_recorded(*args, **kwargs):
+            chunk_sizes.append(kwargs.get("chunk_size"))
+            return evaluate(*args, **kwargs)
+        return evaluate_recorded
+
+    monkeypatch.setattr(main, "evaluate", recording(main.evaluate))
+    monkeypatch.setattr(evaluation, "evaluate", recording(evaluation.evaluate))
+    assert main.main(cli_args(tiny_teacher_dir, tmp_path, *EARLY_STOPPING, "--combine", "weighted",
+                              "--eval_chunk_size", "3")) == 0
+    assert len(chunk_sizes) > 4 and set(chunk_sizes) == {3}
 
 
 def test_early_stopping_without_a_plateau_runs_to_the_cap(tiny_teacher_dir, tmp_path):
