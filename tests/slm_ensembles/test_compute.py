@@ -158,6 +158,8 @@ def test_per_round_token_counts():
     second = compute.TokenCount.uniform(900, 300, context=10)
     run = compute.run_training_flops([STUDENT] * 2, [TOKENS, second])
     assert run == [816_000, 816_000 + 3 * (260 * 900 + 40 * 300) + (260 * 900 + 40 * 300)]
+    with pytest.raises(ValueError, match="tokens gives 1 counts for 2 rounds"):
+        compute.run_training_flops([STUDENT] * 2, [TOKENS])
 
 
 def test_a_rounds_spend_adds_its_early_stopping_evaluations_and_the_run_is_charged_the_build_once():
@@ -176,6 +178,32 @@ def test_a_rounds_spend_adds_its_early_stopping_evaluations_and_the_run_is_charg
     assert online.round_parts(STUDENT, [], TOKENS, evaluations=1)[3] == 27_200 + 170_000
 
 
+def test_the_cache_build_is_nothing_online_and_the_body_pass_with_or_without_the_head_cached():
+    """The three teacher modes' build, from the module's own function (a run with an online teacher never asks)."""
+    assert compute.teacher_cache_build_flops(TEACHER, "online", CACHE) == 0
+    assert compute.teacher_cache_build_flops(TEACHER, "topk", CACHE) == TOPK_BUILD
+    assert compute.teacher_cache_build_flops(TEACHER, "hidden", CACHE) == HIDDEN_BUILD < TOPK_BUILD
+    with pytest.raises(ValueError, match="unknown teacher_mode 'cached': use one of"):
+        compute.teacher_cache_build_flops(TEACHER, "cached", CACHE)
+
+
+def test_a_hidden_teacher_rounds_head_and_its_build_both_land_in_the_teacher_column():
+    rule = compute.SpendRule(TEACHER, "hidden", build_flops=HIDDEN_BUILD,
+                             evaluation_tokens=compute.TokenCount.uniform(100, 30, context=10))
+    first = rule.round_parts(STUDENT, [], TOKENS, evaluations=0)
+    assert first == [816_000, 0, HIDDEN_HEAD, 0]
+    assert rule.columns([first, first])["flops_teacher"] == 2 * HIDDEN_HEAD + HIDDEN_BUILD
+    # before any round (a run that stopped at once): the build alone, every other part zero
+    assert rule.columns([]) == {"train_flops": HIDDEN_BUILD, "flops_student": 0.0, "flops_members": 0.0,
+                                "flops_teacher": HIDDEN_BUILD, "flops_evaluation": 0.0}
+
+
+def test_an_online_teachers_forward_is_charged_to_every_round():
+    online = compute.SpendRule(TEACHER, "online", build_flops=0,
+                               evaluation_tokens=compute.TokenCount.uniform(100, 30, context=10))
+    assert online.round_parts(STUDENT, [], TOKENS, evaluations=0) == [816_000, 0, ONLINE_TEACHER, 0]
+
+
 def test_flop_matched_steps():
     # A single model matched to the online method run: a step of 100 tokens and 30 supervised costs
     # 3 * (260 * 100 + 40 * 30) + (1640 * 100 + 200 * 30) = 81_600 + 170_000.
@@ -188,7 +216,8 @@ def test_flop_matched_steps():
     # a one-off cost (a teacher cache build) comes off the budget first
     assert compute.flop_matched_steps(7 * step + 1000, step, fixed_flops=2 * step) == 5
     assert compute.flop_matched_steps(3 * step, step, fixed_flops=4 * step) == 0
-    with pytest.raises(ValueError):
+    assert compute.flop_matched_steps(step, step) == 1  # exactly one step's budget buys that step
+    with pytest.raises(ValueError, match="flops_per_step must be > 0, not 0"):
         compute.flop_matched_steps(1000, 0)
 
 
