@@ -320,8 +320,19 @@ def test_a_member_loaded_alone_is_checked_first(tmp_path, tokenizer, members, pr
     torch.testing.assert_close(alone(prompt_ids).logits, members[0](prompt_ids).logits, rtol=0, atol=0)
     damage_second_half(folder / "member_0" / "model.safetensors")
     for where in ((folder, "member_0"), (folder / "member_0",)):
-        with pytest.raises(DamagedFolderError, match=re.escape(f"{folder / 'member_0' / 'model.safetensors'}: ")):
+        with pytest.raises(DamagedFolderError, match=re.escape(f"{folder / 'member_0' / 'model.safetensors'}: ")) as refused:
             load_member(*where)
+        assert "restore the folder from an intact copy" in str(refused.value)  # says what to do
+
+
+def test_a_member_loads_from_safetensors_only_with_the_callers_settings(tmp_path, tokenizer, members):
+    pickled = tmp_path / "pickled"
+    members[0].config.save_pretrained(pickled)
+    torch.save(members[0].state_dict(), pickled / "pytorch_model.bin")  # a pickle
+    with pytest.raises(OSError):  # never unpickled, whatever the file holds
+        load_member(pickled)
+    members[0].save_pretrained(tmp_path / "safe")
+    assert load_member(tmp_path / "safe", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_an_ensemble_folder_is_known_to_auto_config_so_its_tokenizer_loads_without_a_warning(tmp_path, tokenizer,
