@@ -436,3 +436,47 @@ def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
     second = run_state.new_run_dir(tmp_path, day)
     assert first == tmp_path / "2026-11-29" / "run_1"
     assert second == tmp_path / "2026-11-29" / "run_8"
+
+
+# --- the manifest's records, key by key ------------------------------------------------------------------------------
+
+def test_a_new_manifest_records_the_runs_identity_and_plans_every_round():
+    assert run_state.new_manifest("abc", 3, 7, 2, job_id="42") == {
+        "config_fingerprint": "abc", "seed": 3, "data_seed": 7, "job_id": "42",
+        "rounds": {"0": "pending", "1": "pending"}, "members": [], "teacher_evaluated": False}
+    assert run_state.round_status({"rounds": {"0": "done"}}, 1) == "pending"  # a grown run's new round
+
+
+def test_a_finished_round_records_its_member_weights_data_rows_and_status():
+    manifest = run_state.new_manifest("abc", 0, 0, 2)
+    first = run_state.finished_round(manifest, 0, "ensemble/member_0", None, [{"ce": "1.5"}])
+    second = run_state.finished_round(first, 1, "ensemble/member_1", [0.5, 0.5], [{"ce": "1.2"}], member_data="1/2")
+    assert second["members"] == ["ensemble/member_0", "ensemble/member_1"] and second["weights"] == [0.5, 0.5]
+    assert second["member_data"] == {"0": "all", "1": "1/2"}
+    assert second[run_state.METRIC_JOURNAL] == {"0": [{"ce": "1.5"}], "1": [{"ce": "1.2"}]}
+    assert second["rounds"] == {"0": "done", "1": "done"} and second["teacher_evaluated"] is True
+    assert run_state.done_rounds(second) == ["0", "1"]
+
+
+def test_a_damaged_manifest_is_refused_saying_why_and_that_nothing_changed(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"members": []}')
+    with pytest.raises(config_lib.ConfigError, match=r"is damaged \(not a manifest\).*nothing was changed$"):
+        run_state.load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"rounds": ')
+    with pytest.raises(config_lib.ConfigError, match=r"is damaged \(Expecting value: line 1"):
+        run_state.load_manifest(tmp_path)
+
+
+def test_a_round_started_afresh_drops_its_logged_steps_and_a_resumed_one_keeps_those_before_its_checkpoint(tmp_path):
+    columns = ["round", "step", "loss"]
+    log = [{"round": "0", "step": "1", "loss": "3"}, {"round": "1", "step": "0", "loss": "2"},
+           {"round": "1", "step": "1", "loss": "2"}, {"round": "1", "step": "2", "loss": "1"}]
+    files.replace_csv_rows(tmp_path / "train_log.csv", columns, lambda row: False, log)
+    manifest = run_state.new_manifest("abc", 0, 0, 2)
+    run_state.mark_round_training(tmp_path, manifest, 1, tmp_path / f"{run_state.CHECKPOINT_PREFIX}1", columns)
+    steps = [(row["round"], row["step"]) for row in csv.DictReader(open(tmp_path / "train_log.csv"))]
+    assert steps == [("0", "1"), ("1", "0"), ("1", "1")]
+    run_state.mark_round_training(tmp_path, manifest, 1, None, columns)  # no checkpoint: from step 0
+    steps = [(row["round"], row["step"]) for row in csv.DictReader(open(tmp_path / "train_log.csv"))]
+    assert steps == [("0", "1"), ("1", "0")]
+    assert run_state.load_manifest(tmp_path)["rounds"]["1"] == "training"
