@@ -93,10 +93,11 @@ def require_lm_eval():
 class CausalLMAdapter:
     """lm-eval's three request types on a causal LM and its tokenizer, with no dependency on lm-eval itself.
 
-    `model` is a ModelEnsemble or any Hugging Face causal LM, scored as a one-member ensemble (scoring.py, the
-    scorer score.py uses too). It scores through its members' final hidden states and output heads, combined as the
-    ensemble's forward combines them, applied only to the positions being scored, `chunk_size` at a time; it generates with model.generate(...). Requests are lm-eval
-    `Instance`s or anything with `.args`, or the bare argument tuples.
+    `model` is a ModelEnsemble or any Hugging Face causal LM, a single one scored as a one-member ensemble
+    (scoring.py, the scorer score.py uses too): through its members' final hidden states and output heads, combined
+    as the ensemble's forward combines them, applied only to the positions being scored, `chunk_size` at a time. It
+    generates with model.generate(...). Requests are lm-eval `Instance`s or anything with `.args`, or the bare
+    argument tuples.
 
     - batch_size: sequences per forward pass (and per generate call).
     - max_length: the longest input fed to the model; default: the smallest max_position_embeddings of the

@@ -47,6 +47,7 @@ SCRIPTS = {name: name.removesuffix(".py") for name in (
 SCRIPTS |= {module: module for module in ("benchmarks.bench", "benchmarks.bench_inference",
                                                     "benchmarks.demo_memory")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
+MUTMUT_OPTIONS = {"run": {"--max-children"}, "results": {"--all"}}  # mutation testing (docs/layout.md), not installed
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
 SHELL_PROGRAMS = {"cd", "mkdir", "ls", "head", "tail", ".", "source", "export", "cat", "echo"}  # harmless
 SBATCH_OPTIONS = {"--array", "--chdir", "--cpus-per-task", "--dependency", "--gres", "--job-name", "--mem",
@@ -279,6 +280,11 @@ class Check:
                 self.known_flags(arguments[1:], gpu_check_options(), "gpu_check.sh")
         elif program == "tensorboard":  # installed with requirements.txt (report_to=tensorboard)
             self.known_flags(arguments, TENSORBOARD_OPTIONS, "tensorboard")
+        elif program == "mutmut":
+            if arguments[:1] and arguments[0] in MUTMUT_OPTIONS:
+                self.known_flags(arguments[1:], MUTMUT_OPTIONS[arguments[0]], f"mutmut {arguments[0]}")
+            else:
+                self.problems.append(f"expected `mutmut {{{','.join(MUTMUT_OPTIONS)}}} ...`")
         elif program not in SHELL_PROGRAMS:
             self.problems.append(f"{program}: not a program tests/test_docs.py knows")
 

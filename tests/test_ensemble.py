@@ -320,7 +320,8 @@ def test_a_member_loaded_alone_is_checked_first(tmp_path, tokenizer, members, pr
     torch.testing.assert_close(alone(prompt_ids).logits, members[0](prompt_ids).logits, rtol=0, atol=0)
     damage_second_half(folder / "member_0" / "model.safetensors")
     for where in ((folder, "member_0"), (folder / "member_0",)):
-        with pytest.raises(DamagedFolderError, match=re.escape(f"{folder / 'member_0' / 'model.safetensors'}: ")) as refused:
+        damaged = re.escape(f"{folder / 'member_0' / 'model.safetensors'}: ")
+        with pytest.raises(DamagedFolderError, match=damaged) as refused:
             load_member(*where)
         assert "restore the folder from an intact copy" in str(refused.value)  # says what to do
 
