@@ -5,6 +5,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -480,3 +481,32 @@ def test_a_round_started_afresh_drops_its_logged_steps_and_a_resumed_one_keeps_t
     steps = [(row["round"], row["step"]) for row in csv.DictReader(open(tmp_path / "train_log.csv"))]
     assert steps == [("0", "1"), ("1", "0")]
     assert run_state.load_manifest(tmp_path)["rounds"]["1"] == "training"
+
+
+def test_a_resume_keeps_the_runs_settings_refuses_other_ones_by_name_and_takes_a_new_total_rounds(tmp_path, capsys):
+    run_dir = written_run(tmp_path, total_rounds=2)
+    Stated = run_state.Stated
+    saved_rate = run_state.resumed_config(run_dir, {}).learning_rate
+    same = run_state.resumed_config(run_dir, {"learning_rate": Stated(str(saved_rate), "the command line")})
+    assert same.total_rounds == 2 and same.learning_rate == saved_rate
+    with pytest.raises(config_lib.ConfigError) as refused:  # a stated value read as the setting's type, then compared
+        run_state.resumed_config(run_dir, {"learning_rate": Stated("0.5", "the command line")})
+    assert str(refused.value).startswith(f"--resume {str(run_dir)!r}: the command line sets learning_rate = 0.5, but "
+                                         f"the run was started with learning_rate = {saved_rate!r}")
+    assert "leave these out, or start a new run" in str(refused.value)
+    grown = run_state.resumed_config(run_dir, {"total_rounds": Stated("3", "the command line")})
+    assert grown.total_rounds == 3 and "total_rounds: 2 -> 3" in capsys.readouterr().out
+    with pytest.raises(config_lib.ConfigError, match="sets total_rounds = 3"):  # a preset's must not add rounds
+        run_state.resumed_config(run_dir, {"total_rounds": Stated(3, "--preset test", from_preset=True)})
+    with pytest.raises(config_lib.ConfigError, match="--preset demo is given, but the run was started from --preset"):
+        run_state.resumed_config(run_dir, {}, preset="demo")
+
+
+def test_a_resume_of_a_folder_without_a_config_or_a_manifest_says_what_to_pass(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=rf"--resume {re.escape(repr(str(tmp_path)))} is not a run folder"):
+        run_state.resumed_config(tmp_path, {})
+    run_dir = written_run(tmp_path)
+    (run_dir / "manifest.json").unlink()
+    with pytest.raises(config_lib.ConfigError, match="has a config.yaml but no manifest.json: it did not get past its "
+                                                     "setup; start a new run instead"):
+        run_state.resumed_config(run_dir, {})
