@@ -1,6 +1,8 @@
 """compute.py against hand counts: parameters and forward FLOPs of tiny Llamas, a measured forward, and the round,
 run, inference and FLOP-matched arithmetic written out by hand."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,44 @@ def test_an_untied_head_is_an_embedding_and_a_model_counts_like_its_config():
     assert compute.non_embedding_parameter_count(config) == 1128  # unchanged: the head is not counted in N
     torch.manual_seed(0)
     assert compute.model_shape(AutoModelForCausalLM.from_config(config)) == compute.model_shape(config)
+
+
+REMOTE_CONFIG_CODE = """from transformers import LlamaConfig
+
+
+class RemoteLlamaConfig(LlamaConfig):
+    model_type = "{model_type}"
+"""
+REMOTE_MODEL_CODE = """from transformers import LlamaForCausalLM
+
+from .configuration_remote import RemoteLlamaConfig
+
+
+class RemoteLlamaForCausalLM(LlamaForCausalLM):
+    config_class = RemoteLlamaConfig
+"""
+
+
+@pytest.mark.parametrize("count, expected", [(compute.parameter_count, 1256),
+                                             (compute.non_embedding_parameter_count, 1128)])
+def test_a_model_whose_code_comes_with_its_folder_is_counted_only_when_its_code_is_trusted(tmp_path, count, expected):
+    """A config naming its model class by auto_map (code in the model's folder, as a hub model with remote code):
+    the counts build it only with trust_remote_code, passed on, and refuse it by default. A model type of its own
+    per case: once built with trust, transformers registers the class for the rest of the process."""
+    from transformers import AutoConfig
+
+    model_type = f"remote_llama_{count.__name__}"
+    (tmp_path / "configuration_remote.py").write_text(REMOTE_CONFIG_CODE.format(model_type=model_type))
+    (tmp_path / "modeling_remote.py").write_text(REMOTE_MODEL_CODE)
+    (tmp_path / "config.json").write_text(json.dumps({
+        **tiny_llama_config().to_dict(), "model_type": model_type,
+        "auto_map": {"AutoConfig": "configuration_remote.RemoteLlamaConfig",
+                     "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM"}}))
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(config).__name__ == "RemoteLlamaConfig"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        count(config)
+    assert count(config, trust_remote_code=True) == expected
 
 
 def test_parameters_with_grouped_query_attention_and_a_set_head_dim_by_hand():

@@ -77,9 +77,18 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_newest_intact_one_by_name(t
     assert run_state.latest_complete_checkpoint(tmp_path) == older
     warning = capsys.readouterr().out
     assert warning.startswith(f"warning: {newest / name}{problem}")
-    assert f"checkpoint {newest} is damaged, so the round resumes from an older one" in warning
+    assert warning.endswith(f": checkpoint {newest} is damaged, so the round resumes from an older one (or from its "
+                            "start) and writes it again\n")
     change(older / name)
     assert run_state.latest_complete_checkpoint(tmp_path) is None
+
+
+def test_the_newest_checkpoint_is_the_one_of_the_highest_step_not_the_last_name(tmp_path):
+    checkpoint_with_checksums(tmp_path, 9)
+    tenth = checkpoint_with_checksums(tmp_path, 10)
+    (tmp_path / "checkpoint-notes").mkdir()  # not a step: ignored
+    assert run_state.latest_complete_checkpoint(tmp_path) == tenth
+    assert run_state.latest_complete_checkpoint(tmp_path / "missing") is None
 
 
 def test_a_checkpoint_written_before_checksums_is_taken_as_before(tmp_path):
@@ -193,7 +202,8 @@ def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_r
                                        "28] No space left on device: ")
     needed = run_state.saved_tokenizer_bytes(tokenizer) + run_state.CONFIG_BYTES
     assert f"; about {needed:,} bytes are needed there" in str(error.value)
-    assert "the previous round's are kept" in str(error.value)
+    assert str(error.value).endswith(" are free; the previous round's are kept: free some space, then "
+                                     "continue the run with `python main.py --resume` and its run folder")
     assert file_bytes(folder) == round_0 and sorted(os.listdir(folder)) == sorted([*round_0, "member_0", "member_1"])
     assert json.loads((folder / "config.json").read_text())["member_subfolders"] == ["member_0"]
     run_state.save_ensemble_configs(round_1, tokenizer, folder)  # once there is room
@@ -369,7 +379,7 @@ def file_bytes(folder: Path) -> dict:
 
 
 CONFIG_DAMAGE = {
-    "emptied": (lambda text: "", "it is not a YAML mapping of settings"),
+    "emptied": (lambda text: "", "(it is not a YAML mapping of settings)"),
     "cut to its first lines": (lambda text: "\n".join(text.splitlines()[:5]) + "\n", "max_examples is missing"),
     "overwritten with other bytes": (lambda text: "\x00\xff" * (len(text) // 2), "not a YAML mapping"),
     "edited": (lambda text: text.replace("learning_rate: 0.", "learning_rate: 9."), "learning_rate = 9."),
@@ -388,6 +398,21 @@ def test_a_damaged_config_yaml_is_refused_by_name_on_resume_and_nothing_is_rewri
     assert str(error.value).startswith(f"{path} is not the configuration this run was written with")
     assert problem in str(error.value) and 'under "config": restore config.yaml' in str(error.value)
     assert file_bytes(run_dir) == before
+
+
+def test_a_config_yaml_is_compared_setting_by_setting_as_its_types_read_it(tmp_path):
+    run_dir = written_run(tmp_path, max_examples=None)
+    path = run_dir / "config.yaml"
+    text = path.read_text()
+    assert "learning_rate: 0.001\n" in text and "max_examples: null\n" in text
+    path.write_text(text.replace("learning_rate: 0.001\n", "learning_rate: '1e-3'\n"))  # text, the same number
+    assert run_state.resumed_config(run_dir, {}).learning_rate == 0.001
+    path.write_text(text.replace("max_examples: null\n", "max_examples: some\n").replace("\nseed: 0\n", "\nseed: 4\n"))
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.resumed_config(run_dir, {})
+    assert (f"{path} is not the configuration this run was written with (max_examples = 'some', but the run was "
+            "written with max_examples = None; seed = 4, but the run was written with seed = 0): it was damaged or "
+            "edited.") in str(error.value)
 
 
 def test_an_intact_config_yaml_resumes_and_a_changed_total_rounds_is_not_damage(tmp_path):
@@ -429,6 +454,118 @@ def test_metrics_csv_is_rewritten_only_when_rows_of_finished_rounds_are_lost_or_
                                        "rounds, restoring round 0 student\n")
 
 
+METRIC_COLUMNS = ["round", "model", "ce"]
+
+
+def metric_rows(index: int, *models: str) -> list[dict]:
+    """Round `index`'s metrics.csv rows of `models`, as a file holds them."""
+    return files.csv_text_rows(METRIC_COLUMNS, [{"round": index, "model": model, "ce": 2.0 - index / 4}
+                                                for model in models])
+
+
+def finished_run(tmp_path, journaled: set[int], rounds: int = 2) -> tuple[Path, dict, list[dict]]:
+    """A run whose first `rounds` rounds finished, its metrics.csv holding their rows; the manifest's journal keeps
+    the rows of the `journaled` rounds only (the others finished before manifests kept one)."""
+    run_dir = written_run(tmp_path)
+    manifest = run_state.load_manifest(run_dir)
+    rows = []
+    for index in range(rounds):
+        rows += metric_rows(index, "student", "ensemble")
+        manifest = run_state.finished_round(manifest, index, f"ensemble/member_{index}", None,
+                                            metric_rows(index, "student", "ensemble"))
+    journal = {key: value for key, value in manifest.pop(run_state.METRIC_JOURNAL).items() if int(key) in journaled}
+    if journal:
+        manifest[run_state.METRIC_JOURNAL] = journal
+    files.write_csv_rows(run_dir / "metrics.csv", METRIC_COLUMNS, rows)
+    return run_dir, manifest, rows
+
+
+def lost_rows_refusal(run_dir: Path, rounds: str, damage: str) -> str:
+    return (f"{run_dir / 'metrics.csv'}: the rows of round(s) {rounds} are lost ({damage}), and "
+            f"{run_dir / 'manifest.json'} predates the journal of metric rows that would restore them. Restore "
+            f"metrics.csv from a copy, or recompute them in a new run with this run's settings (`python main.py "
+            f"--config {run_dir / 'config.yaml'}`); nothing was changed")
+
+
+def test_a_resume_is_refused_when_rows_no_journal_holds_are_lost_and_goes_on_when_a_journal_restores_them(tmp_path):
+    run_dir, manifest, rows = finished_run(tmp_path, journaled={1})
+    path = run_dir / "metrics.csv"
+    run_state.check_metric_rows_recoverable(run_dir, manifest)  # every row there
+    files.write_csv_rows(path, METRIC_COLUMNS, rows[:2])  # round 1's rows lost: its journal restores them
+    run_state.check_metric_rows_recoverable(run_dir, manifest)
+    run_state.restore_metric_rows(run_dir, METRIC_COLUMNS, manifest)
+    assert files.read_csv_rows(path) == rows
+    files.write_csv_rows(path, METRIC_COLUMNS, rows[2:])  # round 0's, which no journal holds
+    intact = path.read_bytes()
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.check_metric_rows_recoverable(run_dir, manifest)
+    assert str(error.value) == lost_rows_refusal(
+        run_dir, "0", "rows of finished rounds are missing or differ from the ones written")
+    assert path.read_bytes() == intact
+    path.write_text(path.read_text() + "0,student\n")  # round 0's row again, cut short
+    with pytest.raises(config_lib.ConfigError, match=r"the rows of round\(s\) 0 are lost \(a row is cut short\)"):
+        run_state.check_metric_rows_recoverable(run_dir, manifest)
+    path.write_text(files.csv_text(METRIC_COLUMNS, rows) + "0,student\n")  # round 0's rows whole, and one cut
+    with pytest.raises(config_lib.ConfigError, match=r"round\(s\) 0 are lost \(a row is cut short\)"):
+        run_state.check_metric_rows_recoverable(run_dir, manifest)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda path: path.unlink(), "it is missing"),
+    (lambda path: path.write_bytes(b"\xff\xfe round"), "it is not CSV text"),
+    (lambda path: path.write_text("round,model,ce\n"), "it holds no rows"),
+])
+def test_a_manifest_without_a_journal_refuses_a_resume_naming_every_round_lost(tmp_path, damage, words):
+    run_dir, manifest, _ = finished_run(tmp_path, journaled=set())
+    assert run_state.METRIC_JOURNAL not in manifest
+    run_state.check_metric_rows_recoverable(run_dir, manifest)
+    intact = (run_dir / "metrics.csv").read_bytes()
+    run_state.restore_metric_rows(run_dir, METRIC_COLUMNS, manifest)
+    assert (run_dir / "metrics.csv").read_bytes() == intact
+    damage(run_dir / "metrics.csv")
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.check_metric_rows_recoverable(run_dir, manifest)
+    assert str(error.value) == lost_rows_refusal(run_dir, "0, 1", words)
+
+
+def test_rows_no_journal_holds_are_kept_as_the_file_holds_them_and_the_rest_restored_by_name(tmp_path, capsys):
+    run_dir, manifest, rows = finished_run(tmp_path, journaled={1})
+    path = run_dir / "metrics.csv"
+    kept = [{**row, "ce": "9.0"} for row in rows[:2]]  # round 0's, edited: no journal tells it from its first text
+    files.write_csv_rows(path, METRIC_COLUMNS, [*kept, *rows[2:], rows[3]])  # and a row of round 1 twice
+    run_state.restore_metric_rows(run_dir, METRIC_COLUMNS, manifest)
+    assert files.read_csv_rows(path) == [*kept, *rows[2:]]
+    assert capsys.readouterr().err == (f"warning: {path}: rows of finished rounds are missing or differ from the ones "
+                                       "written; rewritten from the rows manifest.json recorded for the finished "
+                                       "rounds, restoring no row\n")
+    run_dir, manifest, rows = finished_run(tmp_path / "journaled", journaled={0, 1})
+    path = run_dir / "metrics.csv"
+    path.unlink()
+    run_state.restore_metric_rows(run_dir, METRIC_COLUMNS, manifest)
+    assert files.read_csv_rows(path) == rows
+    assert capsys.readouterr().err == (f"warning: {path}: it is missing; rewritten from the rows manifest.json "
+                                       "recorded for the finished rounds, restoring round 0 student, round 0 "
+                                       "ensemble, round 1 student, round 1 ensemble\n")
+
+
+def test_the_rounds_done_are_in_numeric_order_past_ten():
+    manifest = run_state.new_manifest("abc", 0, 0, 12)
+    for index in (10, 2, 11, 9):
+        manifest = run_state.finished_round(manifest, index, f"ensemble/member_{index}", None, [])
+    assert run_state.done_rounds(manifest) == ["2", "9", "10", "11"]
+
+
+def test_the_checkpoints_of_finished_rounds_are_removed_and_missing_ones_are_no_error(tmp_path):
+    manifest = run_state.finished_round(run_state.new_manifest("abc", 0, 0, 3), 1, "ensemble/member_1", None, [])
+    finished = checkpoint_with_checksums(tmp_path / "checkpoints" / "round_1", 4)
+    training = checkpoint_with_checksums(tmp_path / "checkpoints" / "round_2", 4)
+    layout = run_state.RunLayout(tmp_path)
+    assert finished.parent == layout.checkpoints(1) and training.parent == layout.checkpoints(2)
+    run_state.remove_finished_rounds_checkpoints(tmp_path, manifest)
+    assert not layout.checkpoints(1).exists() and training.is_dir()
+    run_state.remove_finished_rounds_checkpoints(tmp_path, manifest)  # round 1's are gone already: nothing to do
+
+
 def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
     day = datetime.date(2026, 11, 29)
     first = run_state.new_run_dir(tmp_path, day)
@@ -437,6 +574,53 @@ def test_run_folders_are_dated_numbered_and_never_reused(tmp_path):
     second = run_state.new_run_dir(tmp_path, day)
     assert first == tmp_path / "2026-11-29" / "run_1"
     assert second == tmp_path / "2026-11-29" / "run_8"
+
+
+def test_a_run_folder_taken_by_another_run_at_the_same_moment_moves_on_to_the_next_number(tmp_path, monkeypatch):
+    day = datetime.date(2026, 11, 29)
+    (tmp_path / "2026-11-29" / "run_7").mkdir(parents=True)
+    make_folder = Path.mkdir
+
+    def another_run_takes_run_8(folder, *args, **kwargs):
+        if folder.name == "run_8" and not folder.exists():
+            make_folder(folder)  # between this run's look at the folders and its mkdir
+            raise FileExistsError(str(folder))
+        return make_folder(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", another_run_takes_run_8)
+    assert run_state.new_run_dir(tmp_path, day) == tmp_path / "2026-11-29" / "run_9"
+
+
+def test_a_new_run_records_its_identity_settings_and_preset_and_a_resume_returns_its_folder_and_manifest(tmp_path):
+    config = config_lib.build_config("test", overrides={"output_root": str(tmp_path), "seed": 3, "data_seed": 5,
+                                                        "total_rounds": 2})
+    run_dir, manifest = run_state.open_run(config, None, "42", OneProcess(), "test")
+    assert run_dir.parent.parent == tmp_path and manifest == run_state.load_manifest(run_dir)
+    assert manifest == {"config_fingerprint": config.fingerprint(), "seed": 3, "data_seed": 5, "job_id": "42",
+                        "rounds": {"0": "pending", "1": "pending"}, "members": [], "teacher_evaluated": False,
+                        "config": config.to_dict(), "preset": "test"}
+    grown = run_state.resumed_config(run_dir, {"total_rounds": run_state.Stated("3", "the command line")})
+    resumed_dir, resumed = run_state.open_run(grown, run_dir, None, OneProcess(), "test")
+    assert resumed_dir == run_dir and resumed == run_state.load_manifest(run_dir)
+    assert resumed["rounds"] == {"0": "pending", "1": "pending", "2": "pending"}
+    assert resumed["config_fingerprint"] == grown.fingerprint() != config.fingerprint()
+
+
+def test_a_resume_command_line_is_checked_against_the_run_setting_by_setting(tmp_path):
+    run_dir = written_run(tmp_path, total_rounds=2)
+
+    def resolved(*argv):
+        return run_state.resolve_config(config_lib.parse_command_line(["--resume", str(run_dir), *argv], ""))
+
+    config, resume_dir = resolved()
+    assert resume_dir == run_dir and config.total_rounds == 2
+    with pytest.raises(config_lib.ConfigError, match="the command line sets learning_rate = 0.5"):
+        resolved("--learning_rate", "0.5")
+    with pytest.raises(config_lib.ConfigError, match="--preset demo is given, but the run was started from --preset"):
+        resolved("--preset", "demo")
+    more_rounds = tmp_path / "more.yaml"
+    more_rounds.write_text("total_rounds: 3\n")
+    assert resolved("--config", str(more_rounds))[0].total_rounds == 3
 
 
 # --- the manifest's records, key by key ------------------------------------------------------------------------------
