@@ -237,6 +237,8 @@ def main(argv=None) -> int:
         if args.dry_run:
             print("\n".join(dry_run_lines(study)))
             return 0
+        if not study.points:  # every family waits for the study its rates are tuned in
+            raise StudyError(f"nothing to run yet: {'; '.join(study.waiting)}; run the spec named by tuned_in first")
         if args.print_sbatch:
             print("\n".join(sbatch_lines(study)))
             return 0

@@ -782,6 +782,59 @@ def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(t
     assert "method__lr-0.003__seed-0" in runs and "method__lr-0.001__seed-0" not in runs and len(runs) == 9
 
 
+ONE_POINT_EACH = [TUNED[0], dict(name="single", kind="single", settings=dict(total_rounds=1, student_num_layers=1),
+                                 learning_rates=RATES)]
+
+
+def untuned(families):
+    return [{key: value for key, value in family.items() if key != "learning_rates"} for family in families]
+
+
+def test_a_study_tuned_in_another_takes_each_familys_chosen_rate_and_waits_for_it(tmp_path, monkeypatch,
+                                                                                   capsys):
+    source = write_spec(tmp_path / "small.yaml", ONE_POINT_EACH, settings=dict(eval_steps=2), seeds=[0])
+    larger = write_spec(tmp_path / "larger.yaml", untuned(ONE_POINT_EACH), name="larger",
+                        output=str(tmp_path / "larger"), settings=dict(max_examples=60), seeds=[0, 1],
+                        tuned_in=str(source))
+    waiting = load_spec(larger)
+    assert waiting.points == [] and waiting.waiting == (
+        "family method waits for its learning rate from study scaling (0 of 2 tuning runs finished)",
+        "family single waits for its learning rate from study scaling (0 of 2 tuning runs finished)")
+    assert study.main([str(larger), "--dry_run"]) == 0
+    assert capsys.readouterr().out.endswith(f"not started)\n  {waiting.waiting[0]}\n  {waiting.waiting[1]}\n")
+    assert study.main([str(larger)]) == 2
+    assert capsys.readouterr().err == (f"error: nothing to run yet: {'; '.join(waiting.waiting)}; run the spec named "
+                                       "by tuned_in first\n")
+    monkeypatch.setattr(running, "launch", play_main)
+    assert study.main([str(source), "--bootstrap", "0"]) == 0
+    tuned = load_spec(larger)
+    assert [(p.name, p.config.learning_rate, p.config.max_examples) for p in tuned.points] == [
+        ("method__lr-0.003__seed-0", 3e-3, 60), ("method__lr-0.003__seed-1", 3e-3, 60),
+        ("single__lr-0.001__seed-0", 1e-3, 60), ("single__lr-0.001__seed-1", 1e-3, 60)]
+    assert not tuned.waiting and {(row["family"], row["rate"], row["tuned_in"]) for row in tuned.tuning
+                                  if row["chosen"]} == {("method", 3e-3, "scaling"), ("single", 1e-3, "scaling")}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(families=TUNED), "family method, single has learning_rates, but the spec takes its rates from tuned_in"),
+    (dict(tuned_in="missing.yaml"), "tuned_in 'missing.yaml' does not exist"),
+    (dict(tuned_in="SELF"), "tuned_in names this spec itself"),
+    (dict(source=TUNED), "family 'single' takes its learning rate from .*source.yaml', whose family of that name must "
+                         "tune one grid point over learning_rates"),  # which of its two points' rates is meant?
+    (dict(source=ONE_POINT_EACH[:1] + [{**ONE_POINT_EACH[1], "name": "other"}]),
+     "family 'single' takes its learning rate from .*source.yaml', whose family of that name must tune"),
+])
+def test_a_spec_tuned_in_another_is_refused_with_a_grid_of_its_own_or_no_source_to_take_from(tmp_path, change,
+                                                                                            message):
+    source = write_spec(tmp_path / "source.yaml", change.pop("source", ONE_POINT_EACH), settings=dict(eval_steps=2))
+    spec = tmp_path / "larger.yaml"
+    top = {"families": untuned(ONE_POINT_EACH), "tuned_in": str(source), **change}
+    if top["tuned_in"] == "SELF":
+        top["tuned_in"] = str(spec)
+    with pytest.raises(StudyError, match=message):
+        load_spec(write_spec(spec, top.pop("families"), settings=dict(eval_steps=2), **top))
+
+
 # --- a single model matched to an ensemble's size ---------------------------------------------------------------------
 
 def matched_points(tmp_path, teacher, match, single=None, ensemble=None):

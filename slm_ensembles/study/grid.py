@@ -83,6 +83,7 @@ class Family:
     split_by: list[str]
     rates: list[float]  # learning_rates to tune over (on the first seed); empty: no tuning
     match: dict | None
+    rate: float | None = None  # the learning rate another study's tuning chose for it (the spec's tuned_in)
     label_note: str = ""  # what a match set, for the points' labels
 
 

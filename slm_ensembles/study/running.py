@@ -65,7 +65,7 @@ def dry_run_lines(study: Study) -> list[str]:
     counts = {state: sum(s.state == state for s in statuses) for state in ("finished", "unfinished", "missing")}
     lines = [f"Study {study.name}: {len(study.points)} runs in {study.folder} ({counts['finished']} finished, "
              f"{counts['unfinished']} unfinished, {counts['missing']} not started)"]
-    width = max(len(p.name) for p in study.points)
+    width = max((len(p.name) for p in study.points), default=0)
     for point, status in zip(study.points, statuses):
         where = status.run_dir or point.output_root
         lines.append(f"  {status.state:<10} {point.name:<{width}}  {'tuning' if point.tuning else point.kind:<8} "

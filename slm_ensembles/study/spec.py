@@ -1,9 +1,11 @@
 """A study spec (YAML, see docs/study.md) read and checked into its grid: every family's grid crossed with its seeds,
 each point's config built so a bad key or value fails before anything runs; learning-rate tuning on the first seed,
-then the later seeds at the chosen rate. A single family's `match` is checked here and resolved by matching.py."""
+then the later seeds at the chosen rate, or each family at the rate another study's tuning chose (tuned_in). A
+single family's `match` is checked here and resolved by matching.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -21,7 +23,7 @@ from slm_ensembles.study.matching import match_family
 from slm_ensembles.study.status import point_status
 
 KINDS = ("ensemble", "single")
-STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data"}
+STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data", "tuned_in"}
 FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match"}
 # Each run's seed (and data_seed, unless vary_data is false) comes from `seeds`, its output_root from its name.
 SET_BY_STUDY = {"seed", "data_seed", "output_root"}
@@ -98,7 +100,10 @@ def load_spec(path) -> Study:
                 for f in spec["families"]]
     check_families(families, compare)
     families = [match_family(f, families) if f.match else f for f in families]
-    points, waiting, tuning = [], [], []
+    waiting, tuning = [], []
+    if spec.get("tuned_in") is not None:
+        families, waiting, tuning = rates_tuned_in(families, Path(spec["tuned_in"]), path)
+    points = []
     for family in families:
         made, wait, rows = family_points(family, folder, vary_data)
         points += made
@@ -165,6 +170,39 @@ def check_families(families: list[Family], compare: tuple[str, ...]) -> None:
                          f"family as many")
 
 
+def rates_tuned_in(families: list[Family], source_path: Path, path: Path) -> tuple[list[Family], list[str],
+                                                                                   list[dict]]:
+    """The spec's `tuned_in`: each family at the learning rate another study's tuning chose for its family of the
+    same name (the larger data sizes of an axis take the rates tuned at the smallest, say), so every family here is
+    tuned alike without a grid of its own. Returns the families with their rates (those whose rate is not chosen
+    yet are left out), a line per family that waits, and the source's tuning.csv rows that chose them."""
+    if source_path.resolve() == path.resolve():
+        raise StudyError(f"{path}: tuned_in names this spec itself; name the study whose tuning chose the rates")
+    tuned = [f.name for f in families if f.rates]
+    if tuned:
+        raise StudyError(f"{path}: family {', '.join(tuned)} has learning_rates, but the spec takes its rates from "
+                         f"tuned_in {str(source_path)!r}; give the one or the other")
+    if not source_path.is_file():
+        raise StudyError(f"{path}: tuned_in {str(source_path)!r} does not exist; name the spec of the study whose "
+                         f"tuning chose the rates")
+    source = load_spec(source_path)
+    rows = [row for row in source.tuning if row["family"] in {f.name for f in families}]
+    with_rates, waiting = [], []
+    for family in families:
+        own = [row for row in rows if row["family"] == family.name]
+        if not own or len({row["point"] for row in own}) > 1:
+            raise StudyError(f"{path}: family {family.name!r} takes its learning rate from {str(source_path)!r}, "
+                             f"whose family of that name must tune one grid point over learning_rates")
+        chosen = [row["rate"] for row in own if row["chosen"]]
+        if chosen:
+            with_rates.append(dataclasses.replace(family, rate=chosen[0]))
+        else:
+            finished = sum(math.isfinite(row["heldout_ce"]) for row in own)
+            waiting.append(f"family {family.name} waits for its learning rate from study {source.name} ({finished} "
+                           f"of {len(own)} tuning runs finished)")
+    return with_rates, waiting, [{**row, "tuned_in": source.name} for row in rows]
+
+
 def check_points(points: list[Point]) -> None:
     """Run names are unique, and every run shares one test set (config test_seed), or the paired comparison would
     compare CE on different texts."""
@@ -195,7 +233,7 @@ def make_point(family: Family, combo: dict, seed: int, folder: Path, vary_data: 
             k: cli_value(v) for k, v in {**stated, **per_run_settings(seed, data_seed)}.items()})
     except config_lib.ConfigError as error:
         raise StudyError(f"run {run_name}: {error}") from error
-    if rate is not None and config.eval_steps <= 0:
+    if family.rates and config.eval_steps <= 0:
         raise StudyError(f"family {family.name!r} tunes its learning rate, which is chosen on the early-stopping "
                          f"slice: its runs need eval_steps > 0 (run {run_name} has {config.eval_steps})")
     split = [f"{key}={cli_value(combo[key])}" for key in family.split_by]
@@ -215,7 +253,7 @@ def family_points(family: Family, folder: Path, vary_data: bool) -> tuple[list[P
     every rate on the first seed; once those are finished, the later seeds at each grid point's chosen rate (the
     first seed's run at that rate is its run)."""
     if not family.rates:
-        return [make_point(family, combo, seed, folder, vary_data) for combo in family.combos
+        return [make_point(family, combo, seed, folder, vary_data, family.rate) for combo in family.combos
                 for seed in family.seeds], "", []
     first, later = family.seeds[0], family.seeds[1:]
     points, rows, chosen = [], [], []
