@@ -11,9 +11,10 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from slm_ensembles.losses import (LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
-                                  compile_loss_terms, divergence_sum, hybrid_loss_sums, hybrid_loss_terms,
-                                  next_token_targets, nll_sum, predictor_mask)
+from slm_ensembles.losses import (CompiledLossTerms, LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
+                                  compile_loss_terms, divergence_sum, hybrid_loss_sums, hybrid_loss_terms, loss_chunks,
+                                  next_token_targets, nll_sum, predictor_mask, sparse_divergence_sum,
+                                  teacher_divergence_sum)
 
 
 def reference_kl(p, q):
@@ -435,6 +436,68 @@ def test_an_error_the_eager_loss_raises_too_is_raised_and_the_compiled_loss_stay
         assert_same_loss_and_gradients(case.run(chunk_size=0, loss_terms=compiled), case.run(chunk_size=0))
     assert fallback_warnings(record) == [] and compiled.failure is None
     assert counter.frame_count == 1  # the good inputs ran compiled
+
+
+def test_a_fast_loss_that_fails_gives_way_to_the_eager_one_with_every_argument_passed_on():
+    """CompiledLossTerms around a plain function (no torch.compile): the first call's failure is recomputed eagerly,
+    with the same student, teacher, members, targets, settings, chunks and gradient norms."""
+    case = ChunkedLossCase("top_k<V", "weighted", "jsd")
+    calls = []
+
+    def fails_once(*args):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("kernel failed")
+        return hybrid_loss_terms(*args)
+
+    def sums_and_gradients(loss_terms, chunk_size):
+        sums = chunked_hybrid_loss_sums(Projection(case.student_hidden, case.student_head), case.teacher,
+                                        case.members(), case.targets, case.settings, chunk_size, loss_terms,
+                                        term_gradient_norms=True)
+        (sums.total * case.scale).backward()
+        return sums, case.gradients()
+
+    fast = CompiledLossTerms(fails_once)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for chunk_size in (5, 0):
+            (sums, gradients), (eager, eager_gradients) = (sums_and_gradients(fast, chunk_size),
+                                                           sums_and_gradients(hybrid_loss_terms, chunk_size))
+            assert sums.num_tokens == eager.num_tokens == 17
+            for name in ("total", "divergence", "nll", "kl_gradient_norm_sq", "nll_gradient_norm_sq"):
+                torch.testing.assert_close(getattr(sums, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
+            for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
+                torch.testing.assert_close(gradient, eager_gradient, rtol=1e-5, atol=1e-6)
+    assert calls == [0] and "kernel failed" in str(fallback_warnings(record)[0].message)
+    working = CompiledLossTerms(hybrid_loss_terms)  # the fast path itself, while it works
+    assert_same_loss_and_gradients(case.run(4, loss_terms=working), case.run(4))
+    assert working.failure is None
+
+
+def test_the_loss_chunks_cover_every_position_once_in_order():
+    assert loss_chunks(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 9)]
+    assert loss_chunks(3, 1) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert loss_chunks(3, 3) == loss_chunks(3, 8) == loss_chunks(3, 0) == [slice(0, 3)]
+
+
+def test_the_teachers_divergence_takes_the_settings_temperature_and_beta_dense_or_cached(logit_pair):
+    teacher, mixture = logit_pair
+    settings = LossSettings(alpha=0.5, temperature=2.0, divergence="jsd", jsd_beta=0.2)
+    expected = divergence_sum(teacher, mixture, "jsd", temperature=2.0, beta=0.2)
+    assert expected != pytest.approx(divergence_sum(teacher, mixture, "jsd", temperature=2.0).item())  # beta counts
+    assert expected != pytest.approx(divergence_sum(teacher, mixture, "jsd", beta=0.2).item())  # and T
+    torch.testing.assert_close(teacher_divergence_sum(teacher, mixture, settings), expected)
+    cached = top_k_target(teacher, teacher.shape[-1], temperature=2.0)  # every token kept: equal to the dense one
+    torch.testing.assert_close(teacher_divergence_sum(cached, mixture, settings), expected)
+
+
+def test_the_cached_divergence_is_the_forward_kl_unless_told_otherwise(logit_pair):
+    teacher, model = logit_pair
+    cached = top_k_target(teacher, 3, temperature=1.0)
+    forward = sparse_divergence_sum(cached.log_probs, cached.indices, cached.tail_log_prob, model, "forward_kl")
+    assert sparse_divergence_sum(cached.log_probs, cached.indices, cached.tail_log_prob, model) == forward
+    assert forward != sparse_divergence_sum(cached.log_probs, cached.indices, cached.tail_log_prob, model,
+                                            "reverse_kl")
 
 
 class CountingHead:
