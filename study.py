@@ -21,6 +21,8 @@ Usage:
 What collecting writes into the study folder:
     rows.csv         every finished run's metrics.csv rows, with run, family, series, kind, seed and its settings
     runs.csv         every grid point: its status and run folder
+    run_times.csv    every grid point, tuning runs too: its launches and wall seconds (each run folder's
+                     wall_time.csv, a row per launch); summary.md adds them up
     summary.csv      per series and point: mean and std of test CE over seeds, the x values
     fits.csv         L(x) = L_inf + A x^-alpha of CE against each x (only where 4 distinct x and 4 distinct mean
                      CEs determine it), with bootstrap intervals over seeds
@@ -62,7 +64,7 @@ import plot
 from benchmarks import bench_inference
 from slm_ensembles.processes import run_command
 from slm_ensembles.study.carrying import keep_records
-from slm_ensembles.study.collecting import collect_rows, observations, point_table
+from slm_ensembles.study.collecting import collect_rows, observations, point_table, wall_times
 from slm_ensembles.study.comparison import pairs_table, single_curves, verdict_table
 from slm_ensembles.study.figures import latency_figure, study_figures
 from slm_ensembles.study.fits import fit_all, fits_table
@@ -90,8 +92,9 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     teachers = [t for t in teachers if t is not None]
     teacher = float(np.mean(teachers)) if teachers else None
     fits_frame = fits_table(fits)
-    tables = {"rows.csv": rows, "runs.csv": runs, "summary.csv": points, "fits.csv": fits_frame,
-              "comparison.csv": pairs, "verdicts.csv": verdicts}
+    times = wall_times(study)
+    tables = {"rows.csv": rows, "runs.csv": runs, "run_times.csv": times, "summary.csv": points,
+              "fits.csv": fits_frame, "comparison.csv": pairs, "verdicts.csv": verdicts}
     if study.tuning:
         tables["tuning.csv"] = pd.DataFrame(list(study.tuning))
     gap = teacher_gap_table(rows, study.matched, {p.series: member_size(p.config) for p in study.points
@@ -106,7 +109,7 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     latency = pd.read_csv(latency_path) if latency_path.is_file() else None
     (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
                                                               notes + curve_notes + pair_notes, teacher,
-                                                              gap if len(gap) else None, latency))
+                                                              gap if len(gap) else None, latency, times))
     paths.append(study.folder / "summary.md")
     figures = study_figures(points, fits, teacher, obs, curves, study.name)
     if latency is not None and len(latency):

@@ -17,6 +17,7 @@ class RunLayout:
     SAMPLES = "samples.csv"  # answers to the fixed prompts
     ENSEMBLE = "ensemble"  # the ensemble's folder (ModelEnsemble.from_pretrained), its members inside
     CHECKPOINTS = "checkpoints"  # a round's checkpoints while it trains
+    WALL_TIME = "wall_time.csv"  # a study's launches of the run: when each started, its seconds, its exit code
 
     root: Path
 
@@ -42,6 +43,10 @@ class RunLayout:
     @property
     def samples(self) -> Path:
         return self.root / self.SAMPLES
+
+    @property
+    def wall_time(self) -> Path:
+        return self.root / self.WALL_TIME
 
     @property
     def ensemble(self) -> Path:

@@ -83,7 +83,8 @@ LAYERS = {
                "slm_ensembles.study.latency", "slm_ensembles.study.figures", "slm_ensembles.study.report",
                "slm_ensembles.study.carrying"],
     "commands": ["main", "study", "generate", "score", "lm_eval_adapter", "build_teacher_cache",
-                 "benchmarks.bench", "benchmarks.bench_inference", "benchmarks.demo_memory"],
+                 "benchmarks.bench", "benchmarks.bench_inference", "benchmarks.demo_memory",
+                 "benchmarks.mutation_summary"],
 }
 # The top level shows what a user runs or edits: the design card's files, and the commands a user runs next.
 DESIGN_CARD = {"main", "train", "ensemble", "utils", "preprocess_dataset", "config"}

@@ -199,9 +199,41 @@ def test_skips_finished_resumes_unfinished_starts_missing_then_runs_nothing(tmp_
     assert calls == [["--resume", str(half)], missing.run_args()]
     folder = load_spec(spec).folder
     assert set(pd.read_csv(folder / "runs.csv")["status"]) == {"finished"}
+    launch = pd.read_csv(half / "wall_time.csv")  # each launch's wall time, kept in the run's folder
+    assert list(launch.columns) == ["started", "seconds", "exit_code"] and len(launch) == 1
+    assert launch["exit_code"].tolist() == [0] and 0 <= launch["seconds"][0] < 60
+    times = pd.read_csv(folder / "run_times.csv").set_index("run")
+    assert times["launches"].tolist() == [0, 1, 1]  # the run finished before this study ran it has no record
+    assert times["seconds"].isna().tolist() == [True, False, False]
+    assert times.loc[missing.name, "seconds"] == pd.read_csv(next(missing.output_root.glob("*/run_*/wall_time.csv"))
+                                                             )["seconds"].sum()
+    assert ("launch(es) of 2 run(s), tuning runs included (run_times.csv); 1 finished run(s) have no wall_time.csv"
+            in (folder / "summary.md").read_text())
     calls.clear()
     assert study.main([str(spec), "--bootstrap", "0"]) == 0
     assert calls == []  # everything finished: nothing runs again
+    assert len(pd.read_csv(half / "wall_time.csv")) == 1  # and no launch was recorded
+
+
+def test_a_run_resumed_after_a_failed_launch_records_both_launches_wall_times(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=2))], seeds=[0])
+    (point,) = load_spec(spec).points
+    half = fake_run(point, [3.0], rounds_done=1)
+    codes = [1, 0]
+
+    def fake_launch(args, log_path):  # the first launch dies; the second finishes the run
+        code = codes.pop(0)
+        if code == 0:
+            manifest = json.loads((half / "manifest.json").read_text())
+            (half / "manifest.json").write_text(json.dumps({**manifest, "rounds": {"0": "done", "1": "done"}}))
+        return code
+
+    monkeypatch.setattr(running, "launch", fake_launch)
+    assert study.main([str(spec), "--bootstrap", "0"]) == 1
+    assert study.main([str(spec), "--bootstrap", "0"]) == 0
+    assert pd.read_csv(half / "wall_time.csv")["exit_code"].tolist() == [1, 0]
+    times = pd.read_csv(load_spec(spec).folder / "run_times.csv")
+    assert times["launches"].tolist() == [2] and times["status"].tolist() == ["finished"]
 
 
 def test_grown_rounds_resume_and_other_settings_are_refused(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 
 import plot
+from slm_ensembles import files
+from slm_ensembles.run_layout import RunLayout
 from slm_ensembles.study.grid import Study, cli_value
 from slm_ensembles.study.spec import last_heldout_ce
 from slm_ensembles.study.status import point_status
@@ -41,6 +43,19 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["run", "family", "series", "kind", "point", "seed", "run_dir", "final_heldout_ce"])
     return rows, pd.DataFrame(runs)
+
+
+def wall_times(study: Study) -> pd.DataFrame:
+    """Every grid point, tuning runs included: its status, and the launches and wall seconds its run folder's
+    wall_time.csv records (NaN seconds for a run without one: not started, or launched before studies kept it)."""
+    rows = []
+    for point in study.points:
+        status = point_status(point)
+        launches = files.read_csv_rows(RunLayout(status.run_dir).wall_time) if status.run_dir else None
+        rows.append(dict(run=point.name, family=point.family, seed=point.seed, tuning=point.tuning,
+                         status=status.state, launches=len(launches or []),
+                         seconds=sum(float(row["seconds"]) for row in launches) if launches else np.nan))
+    return pd.DataFrame(rows, columns=["run", "family", "seed", "tuning", "status", "launches", "seconds"])
 
 
 def observations(rows: pd.DataFrame) -> pd.DataFrame:

@@ -121,15 +121,27 @@ def latency_lines(latency: pd.DataFrame) -> list[str]:
         "frontier": latency["frontier"].map(lambda v: "yes" if bool(v) else "")}))
 
 
+def wall_time_line(times: pd.DataFrame) -> str:
+    """The study's measured wall time so far (run_times.csv), and how many finished runs it leaves out."""
+    timed = times[times["seconds"].notna()]
+    untimed = int(((times["status"] == "finished") & times["seconds"].isna()).sum())
+    return (f"Measured wall time: {timed['seconds'].sum() / 3600:.2f} h in {int(timed['launches'].sum())} "
+            f"launch(es) of {len(timed)} run(s), tuning runs included (run_times.csv)"
+            + (f"; {untimed} finished run(s) have no wall_time.csv (launched before studies recorded it)"
+               if untimed else "") + ".")
+
+
 def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
                      verdicts: pd.DataFrame, notes: list[str], teacher: float | None,
-                     gap: pd.DataFrame | None = None, latency: pd.DataFrame | None = None) -> str:
+                     gap: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
+                     times: pd.DataFrame | None = None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
     lines = [f"# Study {study.name}", "",
              f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
              f"{counts.get('missing', 0)} not started; only finished runs count below. CE is test cross-entropy, "
              f"nats per supervised token."
-             + (f" Teacher: {teacher:.4f}." if teacher is not None else ""), "",
+             + (f" Teacher: {teacher:.4f}." if teacher is not None else "")
+             + (f" {wall_time_line(times)}" if times is not None and len(times) else ""), "",
              *(f"{line}." for line in study.waiting), "## CE per point (mean ± std over seeds)", ""]
     x_columns = [x for x in X_AXES if x in points.columns]
     shown = pd.DataFrame({"series": points["series"], "point": points["point"], "seeds": points["seeds"],

@@ -3,6 +3,7 @@ resumed); or listed with their state (--dry_run); or as SLURM array lines over t
 
 from __future__ import annotations
 
+import datetime
 import shlex
 import subprocess
 import sys
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from slm_ensembles.study.grid import Study, StudyError
+from slm_ensembles import files
+from slm_ensembles.run_layout import RunLayout
+from slm_ensembles.study.grid import Point, Study, StudyError
 from slm_ensembles.study.status import point_status
+
+WALL_TIME_COLUMNS = ["started", "seconds", "exit_code"]
 
 REPO = Path(__file__).resolve().parents[2]  # the repository root: main.py and train.sh
 MAIN = REPO / "main.py"
@@ -48,16 +53,28 @@ def run_study(study: Study) -> list[str]:
         log_path = study.folder / "logs" / f"{point.name}.log"
         print(f"{prefix}: {'resuming ' + str(status.run_dir) if status.resume_args else 'running'} "
               f"(log: {log_path})", flush=True)
-        started = time.monotonic()
+        started, clock = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
         code = launch(args, log_path)
+        seconds = time.monotonic() - clock
+        record_wall_time(point, started, seconds, code)
         if code == 0 and point_status(point).state == "finished":
-            print(f"{prefix}: done in {time.monotonic() - started:.0f} s", flush=True)
+            print(f"{prefix}: done in {seconds:.0f} s", flush=True)
         else:
             failed.append(point.name)
             tail = log_path.read_text().splitlines()[-5:] if log_path.is_file() else []
             print(f"{prefix}: not finished (main.py exit code {code}); the end of its log:\n    "
                   + "\n    ".join(tail), flush=True)
     return failed
+
+
+def record_wall_time(point: Point, started: datetime.datetime, seconds: float, exit_code: int) -> None:
+    """One launch of the point's run appended to its run folder's wall_time.csv (a resumed run has a row per
+    launch), so that the study's measured time travels with the run's records. A launch that made no run folder
+    (a refused configuration) has nowhere to go and cost next to nothing."""
+    run_dir = point_status(point).run_dir
+    if run_dir is not None:
+        files.append_csv_rows(RunLayout(run_dir).wall_time, WALL_TIME_COLUMNS, [dict(
+            started=started.isoformat(timespec="seconds"), seconds=round(seconds, 1), exit_code=exit_code)])
 
 
 def dry_run_lines(study: Study) -> list[str]:
