@@ -511,10 +511,15 @@ class CountingHead:
         return self.head(hidden)
 
 
+def no_gradient_in_evaluation(*args, **kwargs):
+    raise AssertionError("an evaluation took gradients")
+
+
 @pytest.mark.parametrize("num_members", [0, 3])
 @pytest.mark.parametrize("chunk_size,num_chunks", [(0, 1), (5, 4), (17, 1), (4, 5)])
 @pytest.mark.parametrize("term_gradient_norms", [False, True])
-def test_each_head_runs_once_per_chunk_in_a_whole_step(num_members, chunk_size, num_chunks, term_gradient_norms):
+def test_each_head_runs_once_per_chunk_in_a_whole_step(num_members, chunk_size, num_chunks, term_gradient_norms,
+                                                       monkeypatch):
     """Forward and backward: every frozen head and the student's run once per chunk (no recomputation)."""
     torch.manual_seed(10)
     vocab, width, positions = 23, 8, 17
@@ -531,9 +536,10 @@ def test_each_head_runs_once_per_chunk_in_a_whole_step(num_members, chunk_size, 
     assert student.head.calls == num_chunks
     assert [projection.head.calls for projection in frozen] == [num_chunks] * (num_members + 1)
 
-    with torch.no_grad():  # evaluation: the same, and no gradients
+    with torch.no_grad(), monkeypatch.context() as patch:  # evaluation: the same, and no gradient is taken
+        patch.setattr(torch.autograd, "grad", no_gradient_in_evaluation)
         evaluated = chunked_hybrid_loss_sums(student, frozen[0], frozen[1:], targets, LossSettings(), chunk_size)
-    assert not evaluated.total.requires_grad
+    assert not evaluated.total.requires_grad and evaluated.num_tokens == sums.num_tokens == positions
     assert evaluated.total.item() == pytest.approx(sums.total.item(), rel=1e-6)
     assert [projection.head.calls for projection in (student, *frozen)] == [2 * num_chunks] * (num_members + 2)
 
@@ -643,15 +649,17 @@ def test_under_autocast_the_heads_run_in_bf16_the_loss_in_fp32_and_gradients_kee
     assert expected[0].dtype == hidden_dtype and expected[1].dtype == torch.float32
 
 
-def test_a_head_using_trainable_tensors_its_projection_does_not_hold_is_refused():
+@pytest.mark.parametrize("chunk_size", [4, 0])  # several chunks, and one
+def test_a_head_using_trainable_tensors_its_projection_does_not_hold_is_refused(chunk_size):
     torch.manual_seed(14)
     head = torch.nn.Linear(8, 23)
     hidden = torch.randn(9, 8, requires_grad=True)
+    targets = torch.randint(0, 23, (9,))
     unlisted = Projection(hidden, lambda rows: head(rows))  # a plain function: its parameters are not found
     with pytest.raises(ValueError, match=r"shapes \[\(23, 8\), \(23,\)\].*Projection\(module=\.\.\.\)"):
-        chunked_hybrid_loss_sums(unlisted, None, [], torch.randint(0, 23, (9,)), LossSettings(alpha=0.0), 4)
+        chunked_hybrid_loss_sums(unlisted, None, [], targets, LossSettings(alpha=0.0), chunk_size)
     listed = Projection(hidden, lambda rows: head(rows), module=head)
-    chunked_hybrid_loss_sums(listed, None, [], torch.randint(0, 23, (9,)), LossSettings(alpha=0.0), 4).total.backward()
+    chunked_hybrid_loss_sums(listed, None, [], targets, LossSettings(alpha=0.0), chunk_size).total.backward()
     assert head.weight.grad.abs().sum() > 0 and head.bias.grad.abs().sum() > 0
 
 
