@@ -229,6 +229,21 @@ def test_the_disk_is_checked_before_each_checkpoint_write(tmp_path, monkeypatch)
     assert callback.on_step_end(args, state, control) is control and control.should_save
 
 
+def test_a_full_disk_on_another_process_stops_this_one_at_the_same_step_saying_where(tmp_path, monkeypatch):
+    callback = run_state.CheckDiskBeforeSave(tmp_path, checkpoint_bytes=5000)
+    args = type("Args", (), {"device": torch.device("cpu")})()
+    state = type("State", (), {"global_step": 7})()
+    control = type("Control", (), {"should_save": True, "should_training_stop": False})()
+    monkeypatch.setattr(files.shutil, "disk_usage", free_disk(10 ** 9))  # room here
+    asked = []
+    monkeypatch.setattr(processes, "any_process", lambda flag, device: asked.append((flag, device)) or True)
+    with pytest.raises(files.DiskSpaceError) as error:
+        callback.on_step_end(args, state, control)
+    assert str(error.value) == (f"another process found too little free disk for the checkpoint of step 7 in "
+                                f"{tmp_path}; see its message")
+    assert asked == [(False, torch.device("cpu"))]  # this process's own finding, on the training device
+
+
 def test_a_preemption_signal_stops_training_at_the_step_boundary():
     preemption = processes.PreemptionSignal()
     try:
