@@ -11,10 +11,10 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from slm_ensembles.losses import (CompiledLossTerms, LossSettings, Projection, SparseTarget, chunked_hybrid_loss_sums,
-                                  compile_loss_terms, divergence_sum, hybrid_loss_sums, hybrid_loss_terms, loss_chunks,
-                                  next_token_targets, nll_sum, predictor_mask, sparse_divergence_sum,
-                                  teacher_divergence_sum)
+from slm_ensembles.losses import (CompiledLossTerms, LossSettings, Projection, SparseTarget, bucket_log_probs,
+                                  chunked_hybrid_loss_sums, compile_loss_terms, divergence_sum, hybrid_loss_sums,
+                                  hybrid_loss_terms, loss_chunks, next_token_targets, nll_sum, predictor_mask,
+                                  sparse_divergence_sum, teacher_divergence_sum)
 
 
 def reference_kl(p, q):
@@ -491,8 +491,11 @@ def test_the_teachers_divergence_takes_the_settings_temperature_and_beta_dense_o
     torch.testing.assert_close(teacher_divergence_sum(cached, mixture, settings), expected)
 
 
-def test_the_cached_divergence_is_the_forward_kl_unless_told_otherwise(logit_pair):
+def test_the_cached_divergence_is_the_forward_kl_at_temperature_1_unless_told_otherwise(logit_pair):
     teacher, model = logit_pair
+    ids = torch.tensor([[0, 3]] * teacher.shape[0])
+    torch.testing.assert_close(bucket_log_probs(model, ids), bucket_log_probs(model, ids, temperature=1.0))
+    assert not torch.allclose(bucket_log_probs(model, ids), bucket_log_probs(model, ids, temperature=2.0))
     cached = top_k_target(teacher, 3, temperature=1.0)
     forward = sparse_divergence_sum(cached.log_probs, cached.indices, cached.tail_log_prob, model, "forward_kl")
     assert sparse_divergence_sum(cached.log_probs, cached.indices, cached.tail_log_prob, model) == forward
