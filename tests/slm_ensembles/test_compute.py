@@ -1,6 +1,7 @@
 """compute.py against hand counts: parameters and forward FLOPs of tiny Llamas, a measured forward, and the round,
 run, inference and FLOP-matched arithmetic written out by hand."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -236,6 +237,45 @@ def test_a_hidden_teacher_rounds_head_and_its_build_both_land_in_the_teacher_col
     # before any round (a run that stopped at once): the build alone, every other part zero
     assert rule.columns([]) == {"train_flops": HIDDEN_BUILD, "flops_student": 0.0, "flops_members": 0.0,
                                 "flops_teacher": HIDDEN_BUILD, "flops_evaluation": 0.0}
+
+
+def test_a_runs_spend_rule_charges_the_cache_build_and_the_cached_early_stopping_slice_once():
+    slice_tokens = compute.TokenCount.uniform(100, 30, context=10)  # the teacher's body on it: 1640 * 100
+    topk = compute.SpendRule.for_run(TEACHER, "topk", CACHE, slice_tokens)
+    assert topk == compute.SpendRule(TEACHER, "topk", build_flops=TOPK_BUILD + 164_000, evaluation_tokens=slice_tokens)
+    hidden = compute.SpendRule.for_run(TEACHER, "hidden", CACHE, slice_tokens)
+    assert hidden.build_flops == HIDDEN_BUILD + 164_000 and hidden.teacher_mode == "hidden"
+    assert compute.SpendRule.for_run(TEACHER, "online", None, slice_tokens).build_flops == 0  # nothing cached
+    assert compute.SpendRule.for_run(None, "topk", None, slice_tokens) == compute.SpendRule(
+        None, "topk", build_flops=0, evaluation_tokens=slice_tokens)  # alpha = 0: no teacher at all
+
+
+def test_a_rounds_metric_columns_by_row_model_by_hand():
+    wider = ModelShape(parameters=100, embedding_parameters=20, head_parameters=20, num_layers=3, attention_width=4)
+    rule = compute.SpendRule(TEACHER, "topk", build_flops=TOPK_BUILD,
+                             evaluation_tokens=compute.TokenCount.uniform(100, 30, context=10))
+    first, second = [816_000.0, 0.0, 0.0, 108_800.0], [816_000.0, 272_000.0, 0.0, 54_400.0]
+    columns = compute.metric_columns([wider, STUDENT], [first, second], context=10, rule=rule)
+    # a token's forward: 2 (N + V H) + 2 n_layers context d_attn: STUDENT 2 (50 + 20) + 160, wider 2 (80 + 20) + 240
+    student = dict(parameters=70, non_embedding_parameters=50, member_parameters=70,
+                   inference_flops_per_token=300, critical_path_layers=2)
+    assert columns["student_untrained"] == {**student, "train_flops": 0.0, "flops_student": 0.0,
+                                            "flops_members": 0.0, "flops_teacher": 0.0, "flops_evaluation": 0.0}
+    assert columns["student"] == {**student, "train_flops": TOPK_BUILD + 816_000 + 272_000 + 54_400,
+                                  "flops_student": 816_000.0, "flops_members": 272_000.0,
+                                  "flops_teacher": float(TOPK_BUILD), "flops_evaluation": 54_400.0}
+    assert columns["ensemble"] == dict(
+        parameters=170, non_embedding_parameters=130, member_parameters=100, inference_flops_per_token=740,
+        critical_path_layers=3, train_flops=TOPK_BUILD + 2 * 816_000 + 272_000 + 163_200,
+        flops_student=1_632_000.0, flops_members=272_000.0, flops_teacher=float(TOPK_BUILD),
+        flops_evaluation=163_200.0)
+    assert columns["teacher"] == dict(  # trained elsewhere: no training spend
+        parameters=600, non_embedding_parameters=500, member_parameters=600, inference_flops_per_token=1840,
+        critical_path_layers=4, train_flops=None, flops_student=None, flops_members=None, flops_teacher=None,
+        flops_evaluation=None)
+    without_teacher = dataclasses.replace(rule, teacher=None)
+    assert set(compute.metric_columns([STUDENT], [first], context=10, rule=without_teacher)) == {
+        "student_untrained", "student", "ensemble"}
 
 
 def test_an_online_teachers_forward_is_charged_to_every_round():

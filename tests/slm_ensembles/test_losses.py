@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import config as config_lib
 from slm_ensembles.losses import (CompiledLossTerms, LossSettings, Projection, SparseTarget, bucket_log_probs,
                                   chunked_hybrid_loss_sums, compile_loss_terms, divergence_sum, hybrid_loss_sums,
                                   hybrid_loss_terms, loss_chunks, next_token_targets, nll_sum, predictor_mask,
@@ -71,6 +72,18 @@ def test_divergences_vanish_for_identical_distributions(logit_pair):
 def test_unknown_divergence_is_refused(logit_pair):
     with pytest.raises(ValueError, match="unknown divergence 'tvd'"):
         divergence_sum(*logit_pair, kind="tvd")
+
+
+def test_a_rounds_loss_settings_come_from_the_run_config_and_its_frozen_members():
+    config = config_lib.build_config("test", overrides=dict(
+        combine="additive", alpha="0.3", temperature="2.0", divergence="jsd", jsd_beta="0.2", nll_target="student",
+        eta="0.5", kl_scale="ensemble_size"))
+    assert LossSettings.for_round(config, [1.0, 1.0], num_frozen=2) == LossSettings(
+        alpha=0.3, temperature=2.0, divergence="jsd", jsd_beta=0.2, nll_target="student", combine="additive",
+        mixture_weights=(0.5, 1.0, 1.0), kl_scale=3.0)  # the student's coefficient eta, then the members'
+    plain = dataclasses.replace(config, combine="logits", kl_scale="none")
+    assert LossSettings.for_round(plain, None, num_frozen=2) == LossSettings(
+        alpha=0.3, temperature=2.0, divergence="jsd", jsd_beta=0.2, nll_target="student", combine="logits")
 
 
 def test_predictor_mask_and_targets_shift_by_one():
