@@ -576,6 +576,7 @@ def check_disk_before_the_run_folder(config: config_lib.Config, resume_dir: Path
     check_disk_for_a_round(output_folder, students.student_skeleton(round_config, teacher, tokenizer), tokenizer,
                            config)
 
+
 def load_intact(folder: Path, what_to_do: str, trust_remote_code: bool, device) -> torch.nn.Module:
     """A saved student (a member, or the best weights early stopping kept) in float32 on `device`, once its
     checksums say it is intact (else ConfigError, naming the file and `what_to_do`)."""

@@ -14,8 +14,9 @@ import torch
 
 import checksums
 import config as config_lib
-from conftest import accelerate_launch, free_disk
-from slm_ensembles import files, processes, run_state
+import utils
+from conftest import accelerate_launch, build_tiny_llama, damage_second_half, free_disk
+from slm_ensembles import compute, files, processes, run_state, students
 
 
 def test_only_complete_checkpoints_count(tmp_path):
@@ -118,6 +119,66 @@ def test_a_damaged_member_is_refused_by_name(tmp_path, tokenizer, tiny_llama):
                                 "and nothing was loaded from it; delete it")
 
 
+def test_a_saved_student_is_loaded_in_float32_only_when_intact_and_its_training_record_read(tmp_path, tokenizer,
+                                                                                              tiny_llama):
+    member = tmp_path / "member_0"
+    run_state.save_member_atomically(tiny_llama.to(torch.bfloat16), tokenizer, member, {"steps_run": 3})
+    loaded = run_state.load_intact(member, "delete it", False, torch.device("cpu"))
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    for (name, saved), (_, back) in zip(tiny_llama.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(back, saved.float(), msg=name)
+    assert run_state.training_record(member) == {"steps_run": 3}
+    assert run_state.training_record(tmp_path / "saved_without_one") == {}
+    damage_second_half(member / "model.safetensors")
+    with pytest.raises(config_lib.ConfigError, match=r"model.safetensors: holds .* is damaged and nothing was "
+                                                     r"loaded from it; delete it$"):
+        run_state.load_intact(member, "delete it", False, torch.device("cpu"))
+
+
+def test_the_earlier_members_are_loaded_frozen_in_round_order(tmp_path, tokenizer):
+    members = [build_tiny_llama(tokenizer, seed=seed) for seed in (1, 2)]
+    for index, member in enumerate(members):
+        member.save_pretrained(tmp_path / "ensemble" / f"member_{index}")
+    config = config_lib.build_config("test", overrides={"dtype": "bfloat16"})
+    manifest = {"members": ["ensemble/member_0", "ensemble/member_1"]}
+    loaded = run_state.earlier_members(config, tmp_path, manifest, torch.device("cpu"))
+    assert len(loaded) == 2 and all(not model.training and model.dtype == torch.bfloat16 for model in loaded)
+    for model, member in zip(loaded, members):
+        torch.testing.assert_close(model.lm_head.weight, member.lm_head.weight.bfloat16())
+    assert run_state.earlier_members(config, tmp_path, {"members": []}, torch.device("cpu")) == ()
+
+
+def test_a_requeued_job_finds_the_run_it_started_by_its_id(tmp_path):
+    for name, job_id in (("run_1", "41"), ("run_2", None), ("run_3", "42")):
+        (tmp_path / "2026-12-01" / name).mkdir(parents=True)
+        run_state.write_manifest(tmp_path / "2026-12-01" / name, run_state.new_manifest("abc", 0, 0, 1, job_id))
+    assert run_state.find_run_of_job(tmp_path, "42") == str(tmp_path / "2026-12-01" / "run_3")
+    assert run_state.find_run_of_job(tmp_path, 41) == str(tmp_path / "2026-12-01" / "run_1")  # as SLURM gives it
+    assert run_state.find_run_of_job(tmp_path, "43") is None
+
+
+def test_a_round_the_disk_cannot_hold_is_refused_before_the_run_folder_exists(tmp_path, monkeypatch, tiny_teacher_dir):
+    config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), "keep_checkpoints": 2})
+    teacher, tokenizer = utils.load_causal_lm(str(tiny_teacher_dir)), utils.load_tokenizer(str(tiny_teacher_dir))
+    skeleton = students.student_skeleton(config, teacher, tokenizer)
+    needed = run_state.round_bytes(skeleton, tokenizer, config)
+    monkeypatch.setattr(files.shutil, "disk_usage", free_disk(needed - 1))
+    with pytest.raises(files.DiskSpaceError) as error:
+        run_state.check_disk_before_the_run_folder(config, None, config, teacher, tokenizer)
+    assert str(error.value) == (
+        f"{tmp_path / 'runs'}: {needed - 1:,} bytes free, but about {needed:,} bytes are needed for a round's "
+        f"checkpoints, best weights and member ({compute.parameter_count(skeleton):,} parameters with their "
+        "optimizer state, 2 checkpoints kept); free some space or point output_root elsewhere")
+    assert list((tmp_path / "runs").iterdir()) == []  # the output folder, and no run folder in it
+    monkeypatch.setattr(files.shutil, "disk_usage", free_disk(needed))
+    run_state.check_disk_before_the_run_folder(config, None, config, teacher, tokenizer)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    monkeypatch.setattr(files.shutil, "disk_usage", free_disk(needed - 1))
+    with pytest.raises(files.DiskSpaceError, match=f"^{re.escape(str(resumed))}: "):  # a resume's own folder
+        run_state.check_disk_before_the_run_folder(config, resumed, config, teacher, tokenizer)
+
+
 def test_manifest_writes_are_atomic_and_list_every_planned_round(tmp_path):
     manifest = run_state.new_manifest("abc", 3, 5, rounds=2, job_id="42")
     assert manifest["rounds"] == {"0": "pending", "1": "pending"}
@@ -175,7 +236,6 @@ def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_r
                                                                                             tiny_llama, monkeypatch):
     """Round 1's configs: the tokenizer's write fails halfway for want of disk. The run stops with DiskSpaceError
     (exit code 2) naming the folder and the bytes needed, and the folder still holds round 0's ensemble, whole."""
-    from conftest import build_tiny_llama
     from ensemble import ModelEnsemble
 
     folder = tmp_path / "ensemble"
