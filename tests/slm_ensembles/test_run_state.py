@@ -761,6 +761,98 @@ def test_a_resume_keeps_the_runs_settings_refuses_other_ones_by_name_and_takes_a
         run_state.resumed_config(run_dir, {}, preset="demo")
 
 
+def test_a_resumes_stated_settings_say_where_each_came_from_later_ones_winning(tmp_path):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("alpha: 0.3\nlearning_rate: 0.002\n")
+    stated = run_state.stated_settings("test", str(run_yaml), {"learning_rate": "0.5"})
+    Stated = run_state.Stated
+    assert stated["max_examples"] == Stated(config_lib.preset_values("test")["max_examples"], "--preset test",
+                                            from_preset=True)
+    assert stated["alpha"] == Stated(0.3, f"--config {run_yaml}")
+    assert stated["learning_rate"] == Stated("0.5", "the command line")
+    assert run_state.stated_settings(None, None, {}) == {}
+
+
+def test_a_resume_refuses_every_conflict_at_once_the_preset_first_and_takes_a_new_push_to_hub(tmp_path):
+    run_dir = written_run(tmp_path)
+    Stated = run_state.Stated
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.resumed_config(run_dir, {"learning_rate": Stated("0.5", "the command line"),
+                                           "alpha": Stated(0.9, "--config run.yaml")}, preset="demo")
+    saved = config_lib.load_saved_config(run_dir / "config.yaml")
+    assert str(error.value) == (
+        f"--resume {str(run_dir)!r}: --preset demo is given, but the run was started from --preset test; the command "
+        f"line sets learning_rate = 0.5, but the run was started with learning_rate = {saved.learning_rate!r}; "
+        f"--config run.yaml sets alpha = 0.9, but the run was started with alpha = {saved.alpha!r}. A run continues "
+        "with the settings it was started with (only total_rounds may change, on the command line or in a YAML file, "
+        "and push_to_hub); leave these out, or start a new run")
+    with pytest.raises(config_lib.ConfigError, match="config key 'learning_rate' = 'fast' is not a valid float"):
+        run_state.resumed_config(run_dir, {"learning_rate": Stated("fast", "the command line")})
+    pushed = run_state.resumed_config(run_dir, {"push_to_hub": Stated("someone/ensemble", "the command line")})
+    assert pushed.push_to_hub == "someone/ensemble" and pushed.learning_rate == saved.learning_rate
+    assert run_state.resumed_config(run_dir, {"push_to_hub": Stated(None, "the command line")}) == saved
+
+
+def test_a_resume_refuses_a_damaged_member_and_metric_rows_it_cannot_restore_before_changing_anything(
+        tmp_path, tokenizer, tiny_llama):
+    run_dir = written_run(tmp_path, total_rounds=2)
+    manifest = run_state.finished_round(run_state.load_manifest(run_dir), 0, "ensemble/member_0", None, [])
+    run_state.write_manifest(run_dir, manifest)
+    run_state.save_member_atomically(tiny_llama, tokenizer, run_dir / "ensemble" / "member_0")
+    assert run_state.resumed_config(run_dir, {}).total_rounds == 2
+    damage_second_half(run_dir / "ensemble" / "member_0" / "model.safetensors")
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.resumed_config(run_dir, {})
+    assert str(error.value).startswith(f"{run_dir / 'ensemble' / 'member_0' / 'model.safetensors'}: holds ")
+    assert str(error.value).endswith(" is damaged and nothing was loaded from it; later rounds were trained with it: "
+                                     "restore it from a copy (its checksums.json says what it held), or start a new "
+                                     "run")
+    run_state.save_member_atomically(tiny_llama, tokenizer, run_dir / "ensemble" / "member_0")
+    run_state.write_manifest(run_dir, {key: value for key, value in manifest.items()
+                                       if key != run_state.METRIC_JOURNAL})  # a manifest from before the journal
+    with pytest.raises(config_lib.ConfigError, match=r"the rows of round\(s\) 0 are lost \(it is missing\)"):
+        run_state.resumed_config(run_dir, {})
+
+
+@pytest.mark.parametrize("baseline, words", [("single_matched", ""), ("single_large", " and size")])
+def test_a_single_model_baselines_total_rounds_cannot_change(tmp_path, baseline, words):
+    saved = config_lib.build_config("test", overrides={"baseline": baseline})
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.check_total_rounds_change(tmp_path, saved, 3, run_state.new_manifest("abc", 0, 0, 1))
+    assert str(error.value) == (f"--resume {str(tmp_path)!r}: total_rounds cannot change for the {baseline} "
+                                f"baseline: it sets the step count{words} of the baseline's one student; start a new "
+                                "run")
+
+
+def test_total_rounds_may_shrink_down_to_the_rounds_a_run_has_started(tmp_path):
+    saved = config_lib.build_config("test", overrides={"total_rounds": 4})
+    manifest = run_state.new_manifest("abc", 0, 0, 4)
+    manifest["rounds"].update({"0": "done", "1": "training"})
+    run_state.check_total_rounds_change(tmp_path, saved, 2, manifest)  # rounds 0 and 1 kept
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.check_total_rounds_change(tmp_path, saved, 1, manifest)
+    assert str(error.value) == (f"--resume {str(tmp_path)!r}: total_rounds = 1, but the run has started 2 rounds; "
+                                "give at least 2")
+    run_state.check_total_rounds_change(tmp_path, saved, 1, run_state.new_manifest("abc", 0, 0, 4))  # none started
+
+
+def test_a_resume_that_changes_nothing_writes_nothing(tmp_path):
+    run_dir = written_run(tmp_path, total_rounds=2)
+    config = run_state.resumed_config(run_dir, {})
+    before = file_bytes(run_dir)
+
+    class OtherProcess:
+        is_main_process = False
+
+    grown = run_state.resumed_config(run_dir, {"total_rounds": run_state.Stated("3", "the command line")})
+    assert run_state.resumed_manifest(run_dir, config, OneProcess()) == run_state.load_manifest(run_dir)
+    assert file_bytes(run_dir) == before  # nothing changed: nothing rewritten
+    assert run_state.resumed_manifest(run_dir, grown, OtherProcess())["config"] == grown.to_dict()
+    assert file_bytes(run_dir) == before  # only the main process writes
+    assert run_state.resumed_manifest(run_dir, grown, OneProcess())["config"]["total_rounds"] == 3
+    assert run_state.load_manifest(run_dir)["config"]["total_rounds"] == 3
+
+
 def test_a_resume_of_a_folder_without_a_config_or_a_manifest_says_what_to_pass(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=rf"--resume {re.escape(repr(str(tmp_path)))} is not a run folder"):
         run_state.resumed_config(tmp_path, {})
