@@ -86,6 +86,15 @@ def test_a_rounds_loss_settings_come_from_the_run_config_and_its_frozen_members(
         alpha=0.3, temperature=2.0, divergence="jsd", jsd_beta=0.2, nll_target="student", combine="logits")
 
 
+def test_a_first_additive_member_trains_through_its_own_coefficient_alone(logit_pair):
+    student, teacher = logit_pair
+    targets = torch.tensor([1, 4, 0, 7, 2])
+    alone = hybrid_loss_sums(student, teacher, [], targets, LossSettings(combine="additive", mixture_weights=(0.5,)))
+    scaled = hybrid_loss_sums(0.5 * student, teacher, [], targets, LossSettings(combine="logits"))
+    assert alone.total.item() == pytest.approx(scaled.total.item(), rel=1e-6)
+    assert alone.total.item() != pytest.approx(hybrid_loss_sums(student, teacher, [], targets, LossSettings()).total.item())
+
+
 def test_predictor_mask_and_targets_shift_by_one():
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, -100, 8]])
     assert predictor_mask(labels).tolist() == [[False, True, True, False, False], [True, False, False, True, False]]
@@ -481,10 +490,16 @@ def test_a_fast_loss_that_fails_gives_way_to_the_eager_one_with_every_argument_p
                 torch.testing.assert_close(getattr(sums, name), getattr(eager, name), rtol=1e-5, atol=1e-6)
             for gradient, eager_gradient in zip(gradients, eager_gradients, strict=True):
                 torch.testing.assert_close(gradient, eager_gradient, rtol=1e-5, atol=1e-6)
-    assert calls == [0] and "kernel failed" in str(fallback_warnings(record)[0].message)
-    working = CompiledLossTerms(hybrid_loss_terms)  # the fast path itself, while it works
-    assert_same_loss_and_gradients(case.run(4, loss_terms=working), case.run(4))
-    assert working.failure is None
+    (warning,) = fallback_warnings(record)
+    assert calls == [0] and warning.category is RuntimeWarning and str(warning.message) == (
+        "the compiled loss failed (RuntimeError: kernel failed); that micro-batch was recomputed with the eager loss, "
+        "which is used from now on")
+    for teacher_kind in ("top_k<V", "dense", None):  # the fast path itself, while it works, whatever the teacher
+        working, case = CompiledLossTerms(hybrid_loss_terms), ChunkedLossCase(teacher_kind or "dense", "logits", "jsd")
+        if teacher_kind is None:  # alpha = 0: no teacher at all
+            case.teacher, case.settings = None, dataclasses.replace(case.settings, alpha=0.0)
+        assert_same_loss_and_gradients(case.run(4, loss_terms=working), case.run(4))
+        assert working.failure is None, teacher_kind
 
 
 def test_the_loss_chunks_cover_every_position_once_in_order():
@@ -672,7 +687,7 @@ def test_a_head_using_trainable_tensors_its_projection_does_not_hold_is_refused(
     hidden = torch.randn(9, 8, requires_grad=True)
     targets = torch.randint(0, 23, (9,))
     unlisted = Projection(hidden, lambda rows: head(rows))  # a plain function: its parameters are not found
-    with pytest.raises(ValueError, match=r"shapes \[\(23, 8\), \(23,\)\].*Projection\(module=\.\.\.\)"):
+    with pytest.raises(ValueError, match=r"shapes \[\(23, 8\), \(23,\)\].*Projection\(module=\.\.\.\)$"):
         chunked_hybrid_loss_sums(unlisted, None, [], targets, LossSettings(alpha=0.0), chunk_size)
     listed = Projection(hidden, lambda rows: head(rows), module=head)
     chunked_hybrid_loss_sums(listed, None, [], targets, LossSettings(alpha=0.0), chunk_size).total.backward()
