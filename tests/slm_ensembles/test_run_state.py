@@ -696,6 +696,10 @@ def test_a_resume_command_line_is_checked_against_the_run_setting_by_setting(tmp
     more_rounds = tmp_path / "more.yaml"
     more_rounds.write_text("total_rounds: 3\n")
     assert resolved("--config", str(more_rounds))[0].total_rounds == 3
+    run_dir = written_run(tmp_path / "longer", total_rounds=3)  # the test preset's own total_rounds is 2
+    with pytest.raises(config_lib.ConfigError, match="--preset test sets total_rounds = 2, but the run was started "
+                                                     "with total_rounds = 3"):
+        resolved("--preset", "test")
 
 
 # --- the manifest's records, key by key ------------------------------------------------------------------------------
