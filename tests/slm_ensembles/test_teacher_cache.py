@@ -923,3 +923,18 @@ def test_teacher_cache_dir_needs_a_cached_teacher_mode():
     with pytest.raises(config_lib.ConfigError, match="'teacher_cache_dir' = 'x' must name a folder, and needs "
                                                      "teacher_mode topk or hidden"):
         config_lib.build_config("test", None, {"teacher_cache_dir": "x"})
+
+
+def test_dequantized_values_are_the_codes_times_each_rows_step_in_float32():
+    codes = np.array([[0, 1, 254, 255], [7, 0, 0, 3]], dtype=np.uint8)
+    spans = np.array([3.0, 0.3], dtype=np.float16)  # stored as float16, the step is taken in float32
+    steps = spans.astype(np.float32)[:, None] / np.float32(teacher_cache.QUANTIZATION_LEVELS)
+    values = teacher_cache.dequantize_log_probs(codes, spans)
+    assert values.dtype == torch.float32
+    assert torch.equal(values, torch.from_numpy(codes.astype(np.float32) * steps))
+
+
+def test_an_unknown_teacher_mode_has_no_cache_size():
+    with pytest.raises(ValueError) as error:
+        teacher_cache.cache_bytes_per_position("online", vocab_size=10, hidden_size=4, k=2, value_dtype="uint8")
+    assert str(error.value) == f"teacher_mode 'online' has no cache: use one of {teacher_cache.MODES}"
