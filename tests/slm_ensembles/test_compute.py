@@ -273,6 +273,8 @@ def test_a_rounds_metric_columns_by_row_model_by_hand():
         parameters=600, non_embedding_parameters=500, member_parameters=600, inference_flops_per_token=1840,
         critical_path_layers=4, train_flops=None, flops_student=None, flops_members=None, flops_teacher=None,
         flops_evaluation=None)
+    later = compute.metric_columns([wider, STUDENT, STUDENT], [first, second, first], context=10, rule=rule)
+    assert later["student"]["train_flops"] == TOPK_BUILD + 816_000 + 108_800  # its own round's, the last
     without_teacher = dataclasses.replace(rule, teacher=None)
     assert set(compute.metric_columns([STUDENT], [first], context=10, rule=without_teacher)) == {
         "student_untrained", "student", "ensemble"}

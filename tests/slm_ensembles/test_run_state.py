@@ -1,6 +1,7 @@
 """run_state: atomic files, complete checkpoints only, disk-space refusal, preemption signals."""
 
 import csv
+import dataclasses
 import datetime
 import errno
 import json
@@ -146,6 +147,9 @@ def test_the_earlier_members_are_loaded_frozen_in_round_order(tmp_path, tokenize
     for model, member in zip(loaded, members):
         torch.testing.assert_close(model.lm_head.weight, member.lm_head.weight.bfloat16())
     assert run_state.earlier_members(config, tmp_path, {"members": []}, torch.device("cpu")) == ()
+    auto = dataclasses.replace(config, dtype="auto")  # bf16 where this CPU computes it natively, else fp32
+    (model,) = run_state.earlier_members(auto, tmp_path, {"members": ["ensemble/member_0"]}, torch.device("cpu"))
+    assert model.dtype == utils.frozen_dtype("auto", torch.device("cpu"))
 
 
 def test_a_requeued_job_finds_the_run_it_started_by_its_id(tmp_path):
@@ -158,7 +162,8 @@ def test_a_requeued_job_finds_the_run_it_started_by_its_id(tmp_path):
 
 
 def test_a_round_the_disk_cannot_hold_is_refused_before_the_run_folder_exists(tmp_path, monkeypatch, tiny_teacher_dir):
-    config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), "keep_checkpoints": 2})
+    config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "new" / "runs"),
+                                                        "keep_checkpoints": 2})
     teacher, tokenizer = utils.load_causal_lm(str(tiny_teacher_dir)), utils.load_tokenizer(str(tiny_teacher_dir))
     skeleton = students.student_skeleton(config, teacher, tokenizer)
     needed = run_state.round_bytes(skeleton, tokenizer, config)
@@ -166,10 +171,10 @@ def test_a_round_the_disk_cannot_hold_is_refused_before_the_run_folder_exists(tm
     with pytest.raises(files.DiskSpaceError) as error:
         run_state.check_disk_before_the_run_folder(config, None, config, teacher, tokenizer)
     assert str(error.value) == (
-        f"{tmp_path / 'runs'}: {needed - 1:,} bytes free, but about {needed:,} bytes are needed for a round's "
+        f"{tmp_path / 'new' / 'runs'}: {needed - 1:,} bytes free, but about {needed:,} bytes are needed for a round's "
         f"checkpoints, best weights and member ({compute.parameter_count(skeleton):,} parameters with their "
         "optimizer state, 2 checkpoints kept); free some space or point output_root elsewhere")
-    assert list((tmp_path / "runs").iterdir()) == []  # the output folder, and no run folder in it
+    assert list((tmp_path / "new" / "runs").iterdir()) == []  # the output folder, its parents, no run folder
     monkeypatch.setattr(files.shutil, "disk_usage", free_disk(needed))
     run_state.check_disk_before_the_run_folder(config, None, config, teacher, tokenizer)
     resumed = tmp_path / "resumed"
@@ -840,6 +845,18 @@ def test_total_rounds_may_shrink_down_to_the_rounds_a_run_has_started(tmp_path):
     run_state.check_total_rounds_change(tmp_path, saved, 1, run_state.new_manifest("abc", 0, 0, 4))  # none started
 
 
+def test_a_resume_refuses_fewer_rounds_than_it_has_started_naming_the_run(tmp_path, tokenizer, tiny_llama):
+    run_dir = written_run(tmp_path, total_rounds=3)
+    run_state.save_member_atomically(tiny_llama, tokenizer, run_dir / "ensemble" / "member_0")
+    manifest = run_state.finished_round(run_state.load_manifest(run_dir), 0, "ensemble/member_0", None, [])
+    manifest["rounds"]["1"] = "training"
+    run_state.write_manifest(run_dir, manifest)
+    with pytest.raises(config_lib.ConfigError) as error:
+        run_state.resumed_config(run_dir, {"total_rounds": run_state.Stated("1", "the command line")})
+    assert str(error.value) == (f"--resume {str(run_dir)!r}: total_rounds = 1, but the run has started 2 rounds; "
+                                "give at least 2")
+
+
 def test_a_resume_that_changes_nothing_writes_nothing(tmp_path):
     run_dir = written_run(tmp_path, total_rounds=2)
     config = run_state.resumed_config(run_dir, {})
@@ -862,6 +879,7 @@ def test_a_resume_of_a_folder_without_a_config_or_a_manifest_says_what_to_pass(t
         run_state.resumed_config(tmp_path, {})
     run_dir = written_run(tmp_path)
     (run_dir / "manifest.json").unlink()
-    with pytest.raises(config_lib.ConfigError, match="has a config.yaml but no manifest.json: it did not get past its "
-                                                     "setup; start a new run instead"):
+    with pytest.raises(config_lib.ConfigError) as error:
         run_state.resumed_config(run_dir, {})
+    assert str(error.value) == (f"--resume {str(run_dir)!r} has a config.yaml but no manifest.json: it did not get "
+                                "past its setup; start a new run instead")
