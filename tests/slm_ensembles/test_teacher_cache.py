@@ -483,8 +483,13 @@ def test_reading_uses_memory_maps(tmp_path, teacher, dataset, collator, identity
     assert set(arrays) == {"example_ids", "offsets", "id_low_bits", "id_block_starts", "values", "value_spans",
                            "tail_log_prob"}
     assert all(isinstance(array, np.memmap) for array in arrays.values())
-    with pytest.raises(KeyError, match="example 99"):
+    with pytest.raises(KeyError) as error:
         cache.topk_targets([99])
+    last = cache.metadata["num_examples"] - 1
+    assert error.value.args[0] == f"example 99 is not in the teacher cache (it holds rows 0..{last})"
+    whole = cache.topk_targets([0])
+    for part, nothing in zip(whole, cache.topk_targets([])):  # no example: no rows, each part's shape and type
+        assert nothing.shape == (0, *part.shape[1:]) and nothing.dtype == part.dtype
 
 
 # --- fingerprint and command line -------------------------------------------------------------------------------------
