@@ -686,6 +686,19 @@ def test_a_new_run_records_its_identity_settings_and_preset_and_a_resume_returns
     assert resumed["config_fingerprint"] == grown.fingerprint() != config.fingerprint()
 
 
+def test_a_new_runs_settings_are_layered_and_a_requeued_job_resumes_the_run_it_started(tmp_path):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("alpha: 0.3\n")
+    argv = ["--preset", "test", "--config", str(run_yaml), "--output_root", str(tmp_path / "runs"), "--job_id", "77"]
+    config, resume_dir = run_state.resolve_config(config_lib.parse_command_line(argv, ""))
+    assert resume_dir is None and config.alpha == 0.3 and config.output_root == str(tmp_path / "runs")
+    run_dir, _ = run_state.open_run(config, None, "77", OneProcess(), "test")
+    requeued, resume_dir = run_state.resolve_config(config_lib.parse_command_line(argv, ""))
+    assert resume_dir == run_dir and requeued == config_lib.load_saved_config(run_dir / "config.yaml")
+    other_job = run_state.resolve_config(config_lib.parse_command_line([*argv[:-1], "78"], ""))
+    assert other_job[1] is None
+
+
 def test_a_resume_command_line_is_checked_against_the_run_setting_by_setting(tmp_path):
     run_dir = written_run(tmp_path, total_rounds=2)
 
