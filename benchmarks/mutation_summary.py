@@ -73,12 +73,16 @@ def summary(states: dict[str, str], equivalent: set[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help="`mutmut results --all true`'s output")
     parser.add_argument("--equivalent", type=Path, default=None, help="CSV of mutant, reason")
     parser.add_argument("--output", type=Path, default=None, help="write the table here as CSV")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         states = read_states(args.results.read_text())
         table = summary(states, read_equivalent(args.equivalent, states))

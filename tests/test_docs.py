@@ -45,7 +45,7 @@ SCRIPTS = {name: name.removesuffix(".py") for name in (
     "study.py", "score.py", "push.py")}
 # Side tools run as modules from the repository's root (`python -m benchmarks.bench`): the module is its own key.
 SCRIPTS |= {module: module for module in ("benchmarks.bench", "benchmarks.bench_inference",
-                                                    "benchmarks.demo_memory")}
+                                                    "benchmarks.demo_memory", "benchmarks.mutation_summary")}
 TENSORBOARD_OPTIONS = {"--logdir", "--port", "--host", "--bind_all"}
 MUTMUT_OPTIONS = {"run": {"--max-children"}, "results": {"--all"}}  # mutation testing (docs/layout.md), not installed
 PYTHON_MODULES = {"pytest", "venv"}  # `python -m X` the docs may run
