@@ -829,6 +829,8 @@ def test_a_study_tuned_in_another_takes_each_familys_chosen_rate_and_waits_for_i
                         output=str(tmp_path / "larger"), settings=dict(max_examples=60), seeds=[0, 1],
                         tuned_in=str(source))
     waiting = load_spec(larger)
+    assert [p.name for p in waiting.pending] == ["method__lr-0.001__seed-0", "method__lr-0.001__seed-1",
+                                                 "single__lr-0.001__seed-0", "single__lr-0.001__seed-1"]
     assert waiting.points == [] and waiting.waiting == (
         "family method waits for its learning rate from study scaling (0 of 2 tuning runs finished)",
         "family single waits for its learning rate from study scaling (0 of 2 tuning runs finished)")
@@ -855,6 +857,8 @@ def test_a_study_tuned_in_another_takes_each_familys_chosen_rate_and_waits_for_i
                          "tune one grid point over learning_rates"),  # which of its two points' rates is meant?
     (dict(source=ONE_POINT_EACH[:1] + [{**ONE_POINT_EACH[1], "name": "other"}]),
      "family 'single' takes its learning rate from .*source.yaml', whose family of that name must tune"),
+    (dict(families=[{**untuned(ONE_POINT_EACH)[0], "settings": dict(total_rounds=0)}, untuned(ONE_POINT_EACH)[1]]),
+     "config key 'total_rounds' = 0"),  # checked while the family waits for its rate
 ])
 def test_a_spec_tuned_in_another_is_refused_with_a_grid_of_its_own_or_no_source_to_take_from(tmp_path, change,
                                                                                             message):
@@ -982,9 +986,10 @@ def test_every_shipped_spec_is_valid_and_its_runs_share_one_test_set(spec):
     """Every spec under studies/ loads (its configs built, matches resolved, tuning laid out), and every run of
     it is scored on one test set, each seed's runs on one training sample."""
     loaded = load_spec(SHIPPED_SPECS / spec)
-    assert len({p.config.test_seed for p in loaded.points}) == 1
-    for seed in {p.seed for p in loaded.points}:
-        assert len({p.config.data_seed for p in loaded.points if p.seed == seed}) == 1
+    runs = [*loaded.points, *loaded.pending]  # pending: those that wait for the tuning of the study they name
+    assert len({p.config.test_seed for p in runs}) == 1
+    for seed in {p.seed for p in runs}:
+        assert len({p.config.data_seed for p in runs if p.seed == seed}) == 1
 
 
 # --- the teacher gap per member size --------------------------------------------------------------------------------

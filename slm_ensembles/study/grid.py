@@ -64,6 +64,9 @@ class Study:
     waiting: tuple[str, ...] = ()  # per family whose later seeds wait for its tuning: a line saying so
     tuning: tuple[dict, ...] = ()  # tuning.csv's rows: family, point, rate, heldout_ce, chosen
     matched: tuple[tuple[str, str, int], ...] = ()  # (single family, the ensemble family it matches, at what size)
+    # Runs of families that wait for another study's tuning (tuned_in), built at a stand-in rate to check their
+    # settings: never run, collected or listed.
+    pending: tuple[Point, ...] = ()
 
     @property
     def families(self) -> list[str]:

@@ -100,19 +100,20 @@ def load_spec(path) -> Study:
                 for f in spec["families"]]
     check_families(families, compare)
     families = [match_family(f, families) if f.match else f for f in families]
-    waiting, tuning = [], []
+    waiting, tuning, stand_ins = [], [], []
     if spec.get("tuned_in") is not None:
-        families, waiting, tuning = rates_tuned_in(families, Path(spec["tuned_in"]), path)
+        families, waiting, tuning, stand_ins = rates_tuned_in(families, Path(spec["tuned_in"]), path)
     points = []
     for family in families:
         made, wait, rows = family_points(family, folder, vary_data)
         points += made
         waiting += [wait] if wait else []
         tuning += rows
-    check_points(points)
-    matched = tuple((f.name, f.match["family"], f.match["size"]) for f in families if f.match)
+    pending = [point for family in stand_ins for point in family_points(family, folder, vary_data)[0]]
+    check_points([*points, *pending])
+    matched = tuple((f.name, f.match["family"], f.match["size"]) for f in [*families, *stand_ins] if f.match)
     return Study(name=name, folder=folder, points=points, compare=compare, waiting=tuple(waiting),
-                 tuning=tuple(tuning), matched=matched)
+                 tuning=tuple(tuning), matched=matched, pending=tuple(pending))
 
 
 def parse_family(family: dict, preset: str, base: dict, seeds: list[int], reserved: set[str]) -> Family:
@@ -170,12 +171,13 @@ def check_families(families: list[Family], compare: tuple[str, ...]) -> None:
                          f"family as many")
 
 
-def rates_tuned_in(families: list[Family], source_path: Path, path: Path) -> tuple[list[Family], list[str],
-                                                                                   list[dict]]:
+def rates_tuned_in(families: list[Family], source_path: Path,
+                   path: Path) -> tuple[list[Family], list[str], list[dict], list[Family]]:
     """The spec's `tuned_in`: each family at the learning rate another study's tuning chose for its family of the
     same name (the larger data sizes of an axis take the rates tuned at the smallest, say), so every family here is
-    tuned alike without a grid of its own. Returns the families with their rates (those whose rate is not chosen
-    yet are left out), a line per family that waits, and the source's tuning.csv rows that chose them."""
+    tuned alike without a grid of its own. Returns the families with their rates, a line per family that waits (its
+    rate not chosen yet), the source's tuning.csv rows, and the waiting families at the source's first rate: stand-ins
+    whose runs are built, so that their settings are checked now, but not run."""
     if source_path.resolve() == path.resolve():
         raise StudyError(f"{path}: tuned_in names this spec itself; name the study whose tuning chose the rates")
     tuned = [f.name for f in families if f.rates]
@@ -187,7 +189,7 @@ def rates_tuned_in(families: list[Family], source_path: Path, path: Path) -> tup
                          f"tuning chose the rates")
     source = load_spec(source_path)
     rows = [row for row in source.tuning if row["family"] in {f.name for f in families}]
-    with_rates, waiting = [], []
+    with_rates, waiting, stand_ins = [], [], []
     for family in families:
         own = [row for row in rows if row["family"] == family.name]
         if not own or len({row["point"] for row in own}) > 1:
@@ -200,7 +202,8 @@ def rates_tuned_in(families: list[Family], source_path: Path, path: Path) -> tup
             finished = sum(math.isfinite(row["heldout_ce"]) for row in own)
             waiting.append(f"family {family.name} waits for its learning rate from study {source.name} ({finished} "
                            f"of {len(own)} tuning runs finished)")
-    return with_rates, waiting, [{**row, "tuned_in": source.name} for row in rows]
+            stand_ins.append(dataclasses.replace(family, rate=own[0]["rate"]))
+    return with_rates, waiting, [{**row, "tuned_in": source.name} for row in rows], stand_ins
 
 
 def check_points(points: list[Point]) -> None:
