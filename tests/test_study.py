@@ -853,6 +853,7 @@ def test_a_study_tuned_in_another_takes_each_familys_chosen_rate_and_waits_for_i
     (dict(families=TUNED), "family method, single has learning_rates, but the spec takes its rates from tuned_in"),
     (dict(tuned_in="missing.yaml"), "tuned_in 'missing.yaml' does not exist"),
     (dict(tuned_in="SELF"), "tuned_in names this spec itself"),
+    (dict(source="CHAINED"), "source.yaml' takes its rates from another study in turn"),
     (dict(source=TUNED), "family 'single' takes its learning rate from .*source.yaml', whose family of that name must "
                          "tune one grid point over learning_rates"),  # which of its two points' rates is meant?
     (dict(source=ONE_POINT_EACH[:1] + [{**ONE_POINT_EACH[1], "name": "other"}]),
@@ -862,7 +863,10 @@ def test_a_study_tuned_in_another_takes_each_familys_chosen_rate_and_waits_for_i
 ])
 def test_a_spec_tuned_in_another_is_refused_with_a_grid_of_its_own_or_no_source_to_take_from(tmp_path, change,
                                                                                             message):
-    source = write_spec(tmp_path / "source.yaml", change.pop("source", ONE_POINT_EACH), settings=dict(eval_steps=2))
+    source_families = change.pop("source", ONE_POINT_EACH)
+    chained = source_families == "CHAINED"  # a source that takes its own rates from a third study
+    source = write_spec(tmp_path / "source.yaml", untuned(ONE_POINT_EACH) if chained else source_families,
+                        settings=dict(eval_steps=2), **({"tuned_in": str(tmp_path / "third.yaml")} if chained else {}))
     spec = tmp_path / "larger.yaml"
     top = {"families": untuned(ONE_POINT_EACH), "tuned_in": str(source), **change}
     if top["tuned_in"] == "SELF":

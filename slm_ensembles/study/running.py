@@ -14,7 +14,7 @@ import yaml
 
 from slm_ensembles import files
 from slm_ensembles.run_layout import RunLayout
-from slm_ensembles.study.grid import Point, Study, StudyError
+from slm_ensembles.study.grid import Study, StudyError
 from slm_ensembles.study.status import point_status
 
 WALL_TIME_COLUMNS = ["started", "seconds", "exit_code"]
@@ -56,8 +56,10 @@ def run_study(study: Study) -> list[str]:
         started, clock = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
         code = launch(args, log_path)
         seconds = time.monotonic() - clock
-        record_wall_time(point, started, seconds, code)
-        if code == 0 and point_status(point).state == "finished":
+        after = point_status(point)
+        if after.run_dir is not None:  # a launch that made no run folder (a refused config) cost next to nothing
+            record_wall_time(after.run_dir, started, seconds, code)
+        if code == 0 and after.state == "finished":
             print(f"{prefix}: done in {seconds:.0f} s", flush=True)
         else:
             failed.append(point.name)
@@ -67,14 +69,11 @@ def run_study(study: Study) -> list[str]:
     return failed
 
 
-def record_wall_time(point: Point, started: datetime.datetime, seconds: float, exit_code: int) -> None:
-    """One launch of the point's run appended to its run folder's wall_time.csv (a resumed run has a row per
-    launch), so that the study's measured time travels with the run's records. A launch that made no run folder
-    (a refused configuration) has nowhere to go and cost next to nothing."""
-    run_dir = point_status(point).run_dir
-    if run_dir is not None:
-        files.append_csv_rows(RunLayout(run_dir).wall_time, WALL_TIME_COLUMNS, [dict(
-            started=started.isoformat(timespec="seconds"), seconds=round(seconds, 1), exit_code=exit_code)])
+def record_wall_time(run_dir: Path, started: datetime.datetime, seconds: float, exit_code: int) -> None:
+    """One launch of a run appended to its folder's wall_time.csv (a resumed run has a row per launch), so that the
+    study's measured time travels with the run's records."""
+    files.append_csv_rows(RunLayout(run_dir).wall_time, WALL_TIME_COLUMNS, [dict(
+        started=started.isoformat(timespec="seconds"), seconds=round(seconds, 1), exit_code=exit_code)])
 
 
 def dry_run_lines(study: Study) -> list[str]:

@@ -187,6 +187,9 @@ def rates_tuned_in(families: list[Family], source_path: Path,
     if not source_path.is_file():
         raise StudyError(f"{path}: tuned_in {str(source_path)!r} does not exist; name the spec of the study whose "
                          f"tuning chose the rates")
+    if "tuned_in" in (yaml.safe_load(source_path.read_text()) or {}):
+        raise StudyError(f"{path}: tuned_in {str(source_path)!r} takes its rates from another study in turn; name "
+                         f"the study whose own tuning chose them")
     source = load_spec(source_path)
     rows = [row for row in source.tuning if row["family"] in {f.name for f in families}]
     with_rates, waiting, stand_ins = [], [], []
