@@ -89,6 +89,35 @@ def build_tiny_llama(tokenizer, seed=0, hidden_size=32, num_layers=2, vocab_size
     return LlamaForCausalLM(config).eval()
 
 
+REMOTE_CONFIG_CODE = """from transformers import LlamaConfig
+
+
+class RemoteLlamaConfig(LlamaConfig):
+    model_type = "{model_type}"
+"""
+REMOTE_MODEL_CODE = """from transformers import LlamaForCausalLM
+
+from .configuration_remote import RemoteLlamaConfig
+
+
+class RemoteLlamaForCausalLM(LlamaForCausalLM):
+    config_class = RemoteLlamaConfig
+"""
+
+
+def write_remote_code_config(folder: Path, llama_config: dict, model_type: str) -> None:
+    """A Llama config in `folder` whose classes come from code beside it (auto_map), as a hub model with remote code.
+
+    Give each test its own `model_type`: once built with trust, transformers registers the class for the process.
+    """
+    (folder / "configuration_remote.py").write_text(REMOTE_CONFIG_CODE.format(model_type=model_type))
+    (folder / "modeling_remote.py").write_text(REMOTE_MODEL_CODE)
+    (folder / "config.json").write_text(json.dumps({
+        **llama_config, "model_type": model_type,
+        "auto_map": {"AutoConfig": "configuration_remote.RemoteLlamaConfig",
+                     "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM"}}))
+
+
 def build_diverse_member(tokenizer, seed, vocab_size=None):
     """A tiny Llama with large random weights.
 

@@ -2,7 +2,6 @@
 run, inference and FLOP-matched arithmetic written out by hand."""
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from datasets import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, write_remote_code_config
 from model_io import PaddingCollator
 import preprocess_dataset
 from preprocess_dataset import tokenize_conversation
@@ -56,20 +55,6 @@ def test_an_untied_head_is_an_embedding_and_a_model_counts_like_its_config():
     assert compute.model_shape(AutoModelForCausalLM.from_config(config)) == compute.model_shape(config)
 
 
-REMOTE_CONFIG_CODE = """from transformers import LlamaConfig
-
-
-class RemoteLlamaConfig(LlamaConfig):
-    model_type = "{model_type}"
-"""
-REMOTE_MODEL_CODE = """from transformers import LlamaForCausalLM
-
-from .configuration_remote import RemoteLlamaConfig
-
-
-class RemoteLlamaForCausalLM(LlamaForCausalLM):
-    config_class = RemoteLlamaConfig
-"""
 
 
 @pytest.mark.parametrize("count, expected", [(compute.parameter_count, 1256),
@@ -80,13 +65,7 @@ def test_a_model_whose_code_comes_with_its_folder_is_counted_only_when_its_code_
     per case: once built with trust, transformers registers the class for the rest of the process."""
     from transformers import AutoConfig
 
-    model_type = f"remote_llama_{count.__name__}"
-    (tmp_path / "configuration_remote.py").write_text(REMOTE_CONFIG_CODE.format(model_type=model_type))
-    (tmp_path / "modeling_remote.py").write_text(REMOTE_MODEL_CODE)
-    (tmp_path / "config.json").write_text(json.dumps({
-        **tiny_llama_config().to_dict(), "model_type": model_type,
-        "auto_map": {"AutoConfig": "configuration_remote.RemoteLlamaConfig",
-                     "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM"}}))
+    write_remote_code_config(tmp_path, tiny_llama_config().to_dict(), f"remote_llama_{count.__name__}")
     config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(config).__name__ == "RemoteLlamaConfig"
     with pytest.raises(ValueError, match="trust_remote_code"):

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import checksums
 import config as config_lib
 import utils
-from conftest import accelerate_launch, build_tiny_llama, damage_second_half, free_disk
+from conftest import accelerate_launch, build_tiny_llama, damage_second_half, free_disk, write_remote_code_config
 from slm_ensembles import compute, files, processes, run_state, students
 
 
@@ -150,6 +151,27 @@ def test_the_earlier_members_are_loaded_frozen_in_round_order(tmp_path, tokenize
     auto = dataclasses.replace(config, dtype="auto")  # bf16 where this CPU computes it natively, else fp32
     (model,) = run_state.earlier_members(auto, tmp_path, {"members": ["ensemble/member_0"]}, torch.device("cpu"))
     assert model.dtype == utils.frozen_dtype("auto", torch.device("cpu"))
+
+
+def test_a_member_whose_code_comes_with_it_is_loaded_only_when_its_code_is_trusted(tmp_path, tokenizer, tiny_llama):
+    """A student of a remote-code model family (auto_map, as some hub models) is saved with its code; resuming or
+    freezing it passes the run's trust_remote_code on to the loader, and without trust it is refused."""
+    write_remote_code_config(tmp_path, tiny_llama.config.to_dict(), "remote_llama_member")
+    remote = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path, trust_remote_code=True),
+                                              trust_remote_code=True)
+    run_state.save_member_atomically(remote, tokenizer, tmp_path / "ensemble" / "member_0", {"steps_run": 1})
+    manifest = {"members": ["ensemble/member_0"]}
+    untrusted = config_lib.build_config("test")
+    assert not untrusted.trust_remote_code
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # before any trusted load registers its class
+        run_state.load_intact(tmp_path / "ensemble" / "member_0", "delete it", False, torch.device("cpu"))
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        run_state.earlier_members(untrusted, tmp_path, manifest, torch.device("cpu"))
+    resumed = run_state.load_intact(tmp_path / "ensemble" / "member_0", "delete it", True, torch.device("cpu"))
+    trusted = dataclasses.replace(untrusted, trust_remote_code=True)
+    (frozen,) = run_state.earlier_members(trusted, tmp_path, manifest, torch.device("cpu"))
+    assert type(resumed).__name__ == type(frozen).__name__ == "RemoteLlamaForCausalLM"
+    torch.testing.assert_close(resumed.lm_head.weight, remote.lm_head.weight)  # resumed in float32, frozen in bf16
 
 
 def test_a_requeued_job_finds_the_run_it_started_by_its_id(tmp_path):

@@ -168,6 +168,18 @@ def test_hidden_states_reproduce_the_teachers_hidden_states_and_logits(tmp_path,
         cache.topk_targets([0])
 
 
+def test_hidden_states_that_overflow_float16_are_refused_not_stored_as_infinities(tmp_path, tokenizer, dataset,
+                                                                                 collator, identity, vocab_size):
+    """A teacher whose final hidden states exceed float16's range (65,504) cannot be cached in the hidden mode: its
+    first batch is refused with what to do, where a silent cast would store infinities the trainer then learns from."""
+    loud = build_tiny_llama(tokenizer, seed=3, vocab_size=len(tokenizer) + 8)
+    with torch.no_grad():
+        loud.model.norm.weight.fill_(1e5)  # the final RMSNorm scales unit-RMS states to about 1e5
+    with pytest.raises(ValueError) as error:
+        build(tmp_path, loud, dataset, collator, identity, vocab_size, mode="hidden")
+    assert str(error.value) == "the teacher's hidden states overflow float16; use the topk mode for this teacher"
+
+
 def test_full_vocabulary_topk_has_an_empty_tail_and_sums_to_one(tmp_path, teacher, dataset, collator, identity,
                                                                  vocab_size):
     cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size, k=vocab_size)
