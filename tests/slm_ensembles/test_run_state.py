@@ -224,10 +224,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.iterdir())
 
 
+@pytest.mark.parametrize("shape", [{}, {"hidden_size": 8, "num_layers": 12}], ids=["few_large_tensors",
+                                                                                 "many_small_tensors"])
 def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_checkpoints_kept(tmp_path, tokenizer,
-                                                                                              tiny_llama, chats):
+                                                                                              chats, shape):
     """A checkpoint written by the trainer of the rounds (with its checksums) and a member folder, measured: each
-    estimate is at least what was written, and less than half as much again."""
+    estimate is at least what was written, and less than half as much again. Of many small tensors (12 layers 8 wide)
+    each file's per-tensor records make about half of the checkpoint."""
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -240,7 +243,7 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
                      save_strategy="steps", save_steps=1, per_device_train_batch_size=2, remove_unused_columns=False,
                      dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, bf16=False,
                      activation_checkpointing=False)
-    student = tiny_llama.train()
+    student = build_tiny_llama(tokenizer, **shape).train()
     DistillationTrainer(student, None, [], LossSettings(alpha=0.0), len(tokenizer), args,
                         Dataset.from_list([row for row in rows if row is not None]), tokenizer,
                         callbacks=[run_state.RecordChecksums()]).train()
@@ -257,6 +260,42 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
     assert run_state.round_bytes(student, tokenizer, kept_2) == 3 * one_checkpoint + member  # written, then pruned
     kept_4 = config_lib.build_config("test", overrides={"keep_checkpoints": 4, "eval_steps": 1})
     assert run_state.round_bytes(student, tokenizer, kept_4) == 5 * one_checkpoint + 2 * member  # and the best
+
+
+def test_a_member_save_the_disk_cannot_take_keeps_the_member_saved_before_and_a_killed_saves_leftovers_go(
+        tmp_path, tokenizer, tiny_llama, monkeypatch):
+    """Saving a member again (a resumed round): a write that fails for want of disk stops with DiskSpaceError saying
+    where, how much and what to do, and the member saved before is still there, intact. A staging folder left by a
+    save that was killed is cleared, not carried into the member."""
+    member = tmp_path / "ensemble" / "member_0"
+    run_state.save_member_atomically(tiny_llama, tokenizer, member, {"steps_run": 1})
+    before = file_bytes(member)
+    retrained = build_tiny_llama(tokenizer, seed=1)
+
+    def full_after_the_config(directory, *args, **kwargs):
+        Path(directory).mkdir()
+        (Path(directory) / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(directory) / "model.safetensors"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(retrained, "save_pretrained", full_after_the_config)
+        patch.setattr(files.shutil, "disk_usage", free_disk(1000))
+        with pytest.raises(files.DiskSpaceError) as error:
+            run_state.save_member_atomically(retrained, tokenizer, member, {"steps_run": 2})
+    needed = run_state.member_bytes(retrained, tokenizer)
+    assert str(error.value) == (
+        f"{member.parent}: the disk is full: writing member_0 failed ([Errno 28] No space left on device: "
+        f"'{member.parent / 'member_0.tmp' / 'model.safetensors'}'); about {needed:,} bytes are needed there, 1,000 "
+        "are free; what was saved before is kept: free some space, then continue the run with `python main.py "
+        "--resume` and its run folder")
+    assert file_bytes(member) == before
+    files.check_intact(member, "delete it")
+
+    (member.parent / "member_0.tmp" / "stale.bin").write_bytes(b"from the killed save")
+    run_state.save_member_atomically(retrained, tokenizer, member, {"steps_run": 2})
+    assert sorted(os.listdir(member.parent)) == ["member_0"]
+    assert "stale.bin" not in os.listdir(member) and run_state.training_record(member) == {"steps_run": 2}
+    files.check_intact(member, "delete it")
 
 
 def test_a_full_disk_while_the_ensemble_configs_are_written_keeps_the_previous_rounds_files(tmp_path, tokenizer,
