@@ -464,10 +464,9 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
         inside = f"{subfolder.strip('/')}/" if subfolder else ""
         folder = Path(pretrained_model_name_or_path) / inside
         check_intact(folder, DAMAGED_ADVICE)  # a local folder; a hub name has no record
+        revision = {"revision": member_load_kwargs["revision"]} if member_load_kwargs.get("revision") else {}
         if config is None:
-            config = saved_ensemble_config(pretrained_model_name_or_path, subfolder=inside,
-                                           **({"revision": member_load_kwargs["revision"]}
-                                              if member_load_kwargs.get("revision") else {}))
+            config = saved_ensemble_config(pretrained_model_name_or_path, subfolder=inside, **revision)
         for member_subfolder in config.member_subfolders:  # all of them, before any member's weights are read
             check_intact(folder / member_subfolder, DAMAGED_ADVICE)
         device_maps = _one_per_member(device_map, len(config.member_subfolders))
@@ -479,7 +478,6 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             for member_subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
         ]
         ensemble = cls(config, members, concurrent=concurrent)
-        revision = {"revision": member_load_kwargs["revision"]} if member_load_kwargs.get("revision") else {}
         ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path,
                                                                       subfolder=inside, **revision)
         return ensemble

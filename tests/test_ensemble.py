@@ -1,5 +1,6 @@
 """Tests of the ensemble: the combine primitive, forward and loss, vocabulary cutting, freezing, save/load, generate."""
 
+import hashlib
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import build_diverse_member, damage_second_half
@@ -310,7 +312,8 @@ def test_loading_refuses_an_ensemble_folder_whose_own_files_changed(tmp_path, to
     folder = saved_with_checksums(tmp_path / "ensemble", members[:1], tokenizer, ensemble_record=True)
     ModelEnsemble.from_pretrained(folder)
     damage_second_half(folder / "generation_config.json")
-    with pytest.raises(DamagedFolderError, match=f"^{re.escape(str(folder / 'generation_config.json'))}: holds "):
+    with pytest.raises(DamagedFolderError, match=f"^{re.escape(str(folder / 'generation_config.json'))}: holds "
+                                                 f".*; {re.escape(ensemble_module.DAMAGED_ADVICE)}$"):
         ModelEnsemble.from_pretrained(folder)
 
 
@@ -361,6 +364,54 @@ def test_load_places_members_by_device_map(tmp_path, tokenizer, members, prompt_
     torch.testing.assert_close(loaded(prompt_ids).logits, ensemble(prompt_ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="3 device maps given for 2 members"):
         ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu", "cpu"])
+
+
+def publish_to_hub_cache(cache: Path, repo_id: str, revision: str, folder: Path) -> None:
+    """`folder` as branch `revision` of the Hub model `repo_id`, in a cache laid out as huggingface_hub lays it out
+    (refs/BRANCH names a commit, snapshots/COMMIT holds its files), so that an offline from_pretrained reads it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(revision.encode()).hexdigest()
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+
+
+def test_a_hub_ensembles_revision_is_loaded_whole_its_config_members_and_generation_config(tmp_path, tokenizer,
+                                                                                            members, prompt_ids,
+                                                                                            monkeypatch):
+    """An ensemble pushed to the Hub twice: `revision` reaches the ensemble's config (which members), every member's
+    weights and the generation config, all read from that revision, none from the main branch."""
+    main = ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer))
+    v1 = ModelEnsemble.from_members(members[1:], vocab_size=len(tokenizer))
+    v1.generation_config.max_new_tokens = 7
+    for branch, ensemble in (("main", main), ("v1", v1)):
+        ensemble.save_pretrained(tmp_path / branch)
+        publish_to_hub_cache(tmp_path / "hub", "owner/ensemble", branch, tmp_path / branch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = ModelEnsemble.from_pretrained("owner/ensemble", revision="v1")
+    assert loaded.config.member_subfolders == ["member_0", "member_1"]
+    assert loaded.generation_config.max_new_tokens == 7
+    torch.testing.assert_close(loaded(prompt_ids).logits, v1(prompt_ids).logits, rtol=0, atol=0)
+    assert len(ModelEnsemble.from_pretrained("owner/ensemble")) == 1  # the main branch
+
+
+def test_an_ensemble_in_a_subfolder_loads_by_its_name_with_or_without_slashes(tmp_path, tokenizer, members,
+                                                                             prompt_ids):
+    ensemble = ModelEnsemble.from_members(members[:2], vocab_size=len(tokenizer))
+    ensemble.save_pretrained(tmp_path / "repo" / "XL")
+    for subfolder in ("XL", "/XL/"):
+        loaded = ModelEnsemble.from_pretrained(tmp_path / "repo", subfolder=subfolder)
+        torch.testing.assert_close(loaded(prompt_ids).logits, ensemble(prompt_ids).logits, rtol=0, atol=0)
+
+
+def test_a_member_whose_weights_are_only_pickled_is_refused_not_unpickled(tmp_path, tokenizer, members):
+    ensemble = ModelEnsemble.from_members(members[:1], vocab_size=len(tokenizer))
+    ensemble.save_pretrained(tmp_path)
+    (tmp_path / "member_0" / "model.safetensors").unlink()
+    torch.save(members[0].state_dict(), tmp_path / "member_0" / "pytorch_model.bin")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "member_0") is not None  # transformers would load it
+    with pytest.raises(OSError, match="model.safetensors"):
+        ModelEnsemble.from_pretrained(tmp_path)
 
 
 @pytest.mark.cuda
