@@ -29,7 +29,8 @@ What collecting writes into the study folder:
     comparison.csv   per axis, ensemble point, single-model series and seed: the paired CE difference (on
                      train_flops the single model's curve read at the ensemble's spend, and the compute multiplier)
     verdicts.csv     per comparison: the mean difference over seeds, its 95% t-interval, wins, verdict, multiplier
-    tuning.csv       with learning_rates: each tuning run's final early-stopping CE and the rate chosen
+    tuning.csv       with learning_rates: each tuning run's final early-stopping CE and the rate chosen (grid_edge:
+                     chosen at the grid's lowest or highest rate, noted in summary.md)
     teacher_gap.csv  per ensemble series (a member size): its best ensemble's mean CE and gap closed, and the single
                      models matched to its family (`match`), with 95% t-intervals over seeds; the teacher's CE
     summary.md       the tables above, short, and the notes (fits and pairs left out, and why)
@@ -70,7 +71,7 @@ from slm_ensembles.study.figures import latency_figure, study_figures
 from slm_ensembles.study.fits import fit_all, fits_table
 from slm_ensembles.study.grid import Study, StudyError
 from slm_ensembles.study.latency import LATENCY_COLUMNS, first_members, latency_points, pareto_frontier, t_interval
-from slm_ensembles.study.report import summary_markdown
+from slm_ensembles.study.report import grid_edge_notes, summary_markdown
 from slm_ensembles.study.running import dry_run_lines, run_study, sbatch_lines
 from slm_ensembles.study.spec import load_spec
 from slm_ensembles.study.teacher_gap import member_size, teacher_gap_table
@@ -108,7 +109,8 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     latency_path = study.folder / "latency.csv"  # written by --latency
     latency = pd.read_csv(latency_path) if latency_path.is_file() else None
     (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
-                                                              notes + curve_notes + pair_notes, teacher,
+                                                              notes + curve_notes + pair_notes
+                                                              + grid_edge_notes(list(study.tuning)), teacher,
                                                               gap if len(gap) else None, latency, times))
     paths.append(study.folder / "summary.md")
     figures = study_figures(points, fits, teacher, obs, curves, study.name)

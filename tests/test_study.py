@@ -812,6 +812,11 @@ def test_tuning_runs_on_the_first_seed_then_the_later_seeds_at_the_chosen_rate(t
     assert chosen.loc["student_num_layers=1", "rate"] == 1e-3
     runs = set(pd.read_csv(after.folder / "rows.csv")["run"])  # the first seed's chosen run is its run
     assert "method__lr-0.003__seed-0" in runs and "method__lr-0.001__seed-0" not in runs and len(runs) == 9
+    assert tuning["grid_edge"].fillna("").tolist() == ["", "highest", "lowest", "", "", "highest"]
+    notes = (after.folder / "summary.md").read_text()
+    assert ("- family single at student_num_layers=1 chose learning rate 0.001, the lowest of its grid: a rate beyond "
+            "it was not tried, so the family may be under-tuned") in notes
+    assert "- family method chose learning rate 0.003, the highest of its grid" in notes
 
 
 ONE_POINT_EACH = [TUNED[0], dict(name="single", kind="single", settings=dict(total_rounds=1, student_num_layers=1),

@@ -121,6 +121,14 @@ def latency_lines(latency: pd.DataFrame) -> list[str]:
         "frontier": latency["frontier"].map(lambda v: "yes" if bool(v) else "")}))
 
 
+def grid_edge_notes(tuning: list[dict]) -> list[str]:
+    """A note for each learning rate chosen at its grid's edge (tuning.csv's grid_edge): the tuning may have missed a
+    better rate beyond it, so the family may be under-tuned and a verdict against it is weaker."""
+    return [f"family {row['family']}" + (f" at {row['point']}" if row["point"] != row["family"] else "")
+            + f" chose learning rate {row['rate']:g}, the {row['grid_edge']} of its grid: a rate beyond it was not "
+            "tried, so the family may be under-tuned" for row in tuning if row.get("grid_edge")]
+
+
 def wall_time_line(times: pd.DataFrame) -> str:
     """The study's measured wall time so far (run_times.csv), and how many finished runs it leaves out."""
     timed = times[times["seconds"].notna()]

@@ -280,16 +280,20 @@ def family_points(family: Family, folder: Path, vary_data: bool) -> tuple[list[P
 
 
 def tuning_rows(family: Family, runs: list[Point]) -> list[dict]:
-    """One grid point's tuning runs (one per rate): each finished run's final early-stopping CE, and which rate is
-    chosen (the lowest such CE; none until every rate's run is finished)."""
+    """One grid point's tuning runs (one per rate): each finished run's final early-stopping CE, which rate is chosen
+    (the lowest such CE; none until every rate's run is finished), and `grid_edge`: "lowest" or "highest" when the
+    chosen rate is at that end of a grid of several (a rate beyond it was never tried: the best may lie there)."""
     ces = []
     for run in runs:
         status = point_status(run)
         ces.append(final_heldout_ce(status.run_dir) if status.state == "finished" else math.nan)
     done = all(math.isfinite(ce) for ce in ces)
     best = int(np.argmin(ces)) if done else -1
-    return [dict(family=family.name, point=run.grid_point, rate=run.settings["learning_rate"], heldout_ce=ce,
-                 chosen=i == best, run=run.name) for i, (run, ce) in enumerate(zip(runs, ces))]
+    rates = [run.settings["learning_rate"] for run in runs]
+    edge = {min(rates): "lowest", max(rates): "highest"} if len(set(rates)) > 1 else {}
+    return [dict(family=family.name, point=run.grid_point, rate=rate, heldout_ce=ce, chosen=i == best,
+                 grid_edge=edge.get(rate, "") if i == best else "", run=run.name)
+            for i, (run, rate, ce) in enumerate(zip(runs, rates, ces))]
 
 
 def last_heldout_ce(run_dir: Path) -> float:
