@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from conftest import build_tiny_llama, write_remote_code_config
 from model_io import PaddingCollator
@@ -68,9 +68,24 @@ def test_a_model_whose_code_comes_with_its_folder_is_counted_only_when_its_code_
     write_remote_code_config(tmp_path, tiny_llama_config().to_dict(), f"remote_llama_{count.__name__}")
     config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(config).__name__ == "RemoteLlamaConfig"
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        count(config)
+    for untrusted in (count, compute.model_shape, compute.meta_model):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            untrusted(config)
     assert count(config, trust_remote_code=True) == expected
+
+
+def test_a_config_that_names_no_head_dim_key_value_heads_or_mlp_width_by_hand():
+    """GPT-2's config has none of head_dim, num_key_value_heads and intermediate_size: heads of hidden/heads, every
+    head its own key and value, and an MLP width of 0 (the FLOP counts never read it). Learned positions are an
+    embedding too."""
+    config = GPT2Config(n_embd=8, n_head=2, n_layer=2, vocab_size=16, n_positions=32, bos_token_id=0, eos_token_id=0)
+    assert not any(hasattr(config, name) for name in ("head_dim", "num_key_value_heads", "intermediate_size"))
+    tokens, positions = 16 * 8, 32 * 8  # 128 (the head shares it) and 256
+    layer = (8 + 8) + (8 * 24 + 24) + (8 * 8 + 8) + (8 + 8) + (8 * 32 + 32) + (32 * 8 + 8)  # norms, qkv, o, MLP 4x
+    assert compute.model_shape(config) == ModelShape(
+        parameters=tokens + positions + 2 * layer + (8 + 8), embedding_parameters=tokens + positions,
+        head_parameters=tokens, num_layers=2, attention_width=8, hidden_size=8, intermediate_size=0,
+        key_value_width=8)
 
 
 def test_parameters_with_grouped_query_attention_and_a_set_head_dim_by_hand():

@@ -224,13 +224,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.iterdir())
 
 
-@pytest.mark.parametrize("shape", [{}, {"hidden_size": 8, "num_layers": 12}], ids=["few_large_tensors",
-                                                                                 "many_small_tensors"])
+@pytest.mark.parametrize("shape, slack", [({}, 1.25), ({"hidden_size": 8, "num_layers": 12}, 1.5)],
+                         ids=["few_large_tensors", "many_small_tensors"])
 def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_checkpoints_kept(tmp_path, tokenizer,
-                                                                                              chats, shape):
+                                                                                              chats, shape, slack):
     """A checkpoint written by the trainer of the rounds (with its checksums) and a member folder, measured: each
-    estimate is at least what was written, and less than half as much again. Of many small tensors (12 layers 8 wide)
-    each file's per-tensor records make about half of the checkpoint."""
+    estimate is at least what was written and less than `slack` times it. Of many small tensors (12 layers 8 wide)
+    each file's per-tensor records make about half of the checkpoint, where the estimate's margins weigh most."""
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -250,10 +250,10 @@ def test_the_disk_estimates_hold_a_real_checkpoint_and_member_and_count_the_chec
     checkpoint = tmp_path / "checkpoints" / "checkpoint-1"
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / checksums.CHECKSUMS).is_file()
     written = folder_bytes(checkpoint)
-    assert written <= run_state.checkpoint_bytes(student, tokenizer) < 1.5 * written
+    assert written <= run_state.checkpoint_bytes(student, tokenizer) < slack * written
     run_state.save_member_atomically(student, tokenizer, tmp_path / "member_0", {"steps_run": 1})
     written = folder_bytes(tmp_path / "member_0")
-    assert written <= run_state.member_bytes(student, tokenizer) < 1.5 * written
+    assert written <= run_state.member_bytes(student, tokenizer) < slack * written
 
     one_checkpoint, member = run_state.checkpoint_bytes(student, tokenizer), run_state.member_bytes(student, tokenizer)
     kept_2 = config_lib.build_config("test", overrides={"keep_checkpoints": 2})

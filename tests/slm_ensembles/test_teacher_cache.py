@@ -915,6 +915,15 @@ def test_a_cache_the_command_line_built_is_the_one_a_run_opens_from_teacher_cach
     assert cache.cache_dir == Path(config.teacher_cache_dir)
     assert cache.metadata["num_examples"] == len(train) and cache.metadata["k"] == 8
     assert not (tmp_path / "cache" / "teacher_cache").exists()
+    memo = json.loads((tmp_path / "cache" / teacher_cache.FINGERPRINT_MEMO_FILE).read_text())
+    assert list(memo) == [str(Path(teacher_path) / "model.safetensors")]  # its hash kept for the next run
+
+
+def test_an_online_teacher_has_no_training_cache_and_nothing_is_hashed_or_loaded(tmp_path):
+    config = config_lib.build_config("test", None, {"teacher_mode": "online", "cache_dir": str(tmp_path)})
+    assert teacher_cache.training_cache(config, lambda: pytest.fail("the teacher was loaded"), torch.float32,
+                                        "no/teacher", None, None, None, None) is None
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(("option", "field", "built", "wanted"), [("--k", "k", 4, 8),
