@@ -919,6 +919,38 @@ def test_a_cache_the_command_line_built_is_the_one_a_run_opens_from_teacher_cach
     assert list(memo) == [str(Path(teacher_path) / "model.safetensors")]  # its hash kept for the next run
 
 
+class ProcessInTurn:
+    """Process `process_index` of `num_processes`, played one after another in this one: the part of accelerate's
+    PartialState that open_or_build uses."""
+
+    def __init__(self, process_index: int, num_processes: int):
+        self.process_index, self.num_processes = process_index, num_processes
+        self.is_main_process = process_index == 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_each_process_builds_its_own_shard_in_the_caches_settings_and_the_main_one_finishes_it(
+        tmp_path, teacher, tokenizer, chats, collator, identity, vocab_size, capsys):
+    split = Dataset.from_list([row for row in (tokenize_conversation(chat["messages"], tokenizer, max_length=MAX_LENGTH)
+                                               for chat in chats) if row is not None][:NUM_EXAMPLES])
+    settings = teacher_cache.cache_settings("topk", vocab_size, 8, 2.0, "float16")
+
+    def open_or_build(process_index):
+        return teacher_cache.open_or_build(tmp_path / "cache", lambda: teacher, split, identity, settings,
+                                           batch_size=5, collator=collator, state=ProcessInTurn(process_index, 2))
+
+    with pytest.raises(CacheIncompleteError, match="no metadata.json"):  # the main process finishes it, not yet
+        open_or_build(1)
+    cache = open_or_build(0)
+    assert capsys.readouterr().out == f"building the teacher cache (topk) in {tmp_path / 'cache'}\n" * 2
+    assert cache.metadata["world_size"] == 2 and cache.metadata["value_dtype"] == "float16"
+    assert cache.metadata["num_examples"] == len(split)
+    open_or_build(1)  # finished: every process opens it, and nothing is built again
+    assert capsys.readouterr().out == ""
+
+
 def test_an_online_teacher_has_no_training_cache_and_nothing_is_hashed_or_loaded(tmp_path):
     config = config_lib.build_config("test", None, {"teacher_mode": "online", "cache_dir": str(tmp_path)})
     assert teacher_cache.training_cache(config, lambda: pytest.fail("the teacher was loaded"), torch.float32,
