@@ -17,7 +17,8 @@ import huggingface_hub
 import pytest
 import torch
 from conftest import build_diverse_member, damage_second_half
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM,
+                          pipeline)
 from transformers.cache_utils import DynamicCache
 from transformers.dynamic_module_utils import get_imports
 from transformers.generation.streamers import BaseStreamer
@@ -154,6 +155,17 @@ def test_forward_continues_from_its_cache(tokenizer, members, prompt_ids):
     with pytest.warns(FutureWarning, match="past_key_values"):
         continued_by_old_name = ensemble(prompt_ids[:, -2:], past_key_values=prefix.cache)
     torch.testing.assert_close(continued_by_old_name.logits, continued.logits)
+
+
+def test_each_members_cache_is_laid_out_for_its_own_architecture(tokenizer):
+    """A member with sliding-window attention keeps only its window of keys and values; a full-attention member beside
+    it keeps everything, in the same ensemble."""
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=4)).eval()
+    cache = EnsembleCache.for_members([windowed, build_diverse_member(tokenizer, 0)])
+    assert [type(layer).__name__ for layer in cache.member_caches[0].layers] == ["DynamicSlidingWindowLayer"] * 2
+    assert [type(layer).__name__ for layer in cache.member_caches[1].layers] == ["DynamicLayer"] * 2
 
 
 def test_forward_rejects_a_cache_not_split_by_member(tokenizer, members, prompt_ids):
