@@ -504,14 +504,14 @@ def load_member(folder: str | os.PathLike, subfolder: str = "", **load_kwargs) -
 def saved_ensemble_config(folder: str | os.PathLike, **location) -> EnsembleConfig:
     """The EnsembleConfig saved in `folder` (`location`: a Hub repository's subfolder or revision); NotAnEnsembleError
     when its config.json is another model's (a member's folder, say) or lists no member folder."""
-    config_dict, kwargs = EnsembleConfig.get_config_dict(folder, **location)
+    config_dict, _ = EnsembleConfig.get_config_dict(folder, **location)  # no unused keyword comes back from these
     model_type = config_dict.get("model_type")
     if model_type != EnsembleConfig.model_type:
         raise NotAnEnsembleError(
             f"{folder}: not a saved ensemble: its config.json has model_type {model_type!r}, where an ensemble's has "
             f"{EnsembleConfig.model_type!r} and lists its member folders (load a single model with "
             "AutoModelForCausalLM.from_pretrained)")
-    config = EnsembleConfig.from_dict(config_dict, **kwargs)
+    config = EnsembleConfig.from_dict(config_dict)
     if not config.member_subfolders:
         raise NotAnEnsembleError(f"{folder}: the ensemble's config.json lists no member folder (member_subfolders)")
     return config
