@@ -389,7 +389,6 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             attention_mask=attention_mask.to(device) if attention_mask is not None else None,
             position_ids=position_ids.to(device) if position_ids is not None else None,
             cache=member_cache,
-            return_dict=True,
             **member_kwargs,
         )
         return output.logits.to(self.device)

@@ -3,8 +3,10 @@
 Everything here is built in-process from a config, so the suite needs no model hub and no network.
 """
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 # The suite never reaches a model or dataset hub: anything that tries fails at once instead of hanging. Set before
@@ -116,6 +118,21 @@ def write_remote_code_config(folder: Path, llama_config: dict, model_type: str) 
         **llama_config, "model_type": model_type,
         "auto_map": {"AutoConfig": "configuration_remote.RemoteLlamaConfig",
                      "AutoModelForCausalLM": "modeling_remote.RemoteLlamaForCausalLM"}}))
+
+
+def hub_commit(revision: str) -> str:
+    """The commit hash publish_to_hub_cache gives `revision`."""
+    return hashlib.sha1(revision.encode()).hexdigest()
+
+
+def publish_to_hub_cache(cache: Path, repo_id: str, revision: str, folder: Path) -> None:
+    """`folder` as branch `revision` of the Hub model `repo_id`, in a cache laid out as huggingface_hub lays it out
+    (refs/BRANCH names a commit, snapshots/COMMIT holds its files), so that an offline from_pretrained reads it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hub_commit(revision)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
 
 
 def build_diverse_member(tokenizer, seed, vocab_size=None):

@@ -1,7 +1,6 @@
 """Tests of the ensemble: the combine primitive, forward and loss, vocabulary cutting, freezing, save/load, generate."""
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import build_diverse_member, damage_second_half
+from conftest import build_diverse_member, damage_second_half, publish_to_hub_cache
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM,
                           pipeline)
 from transformers.cache_utils import DynamicCache
@@ -170,7 +169,8 @@ def test_each_members_cache_is_laid_out_for_its_own_architecture(tokenizer):
 
 def test_forward_rejects_a_cache_not_split_by_member(tokenizer, members, prompt_ids):
     ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
-    with pytest.raises(TypeError, match="EnsembleCache"):
+    with pytest.raises(TypeError, match=r"^an ensemble needs an EnsembleCache \(one cache per member\), got "
+                                        r"DynamicCache$"):
         ensemble(prompt_ids, cache=DynamicCache())
 
 
@@ -431,16 +431,6 @@ def test_load_places_members_by_device_map(tmp_path, tokenizer, members, prompt_
     torch.testing.assert_close(loaded(prompt_ids).logits, ensemble(prompt_ids).logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="3 device maps given for 2 members"):
         ModelEnsemble.from_pretrained(tmp_path, device_map=["cpu", "cpu", "cpu"])
-
-
-def publish_to_hub_cache(cache: Path, repo_id: str, revision: str, folder: Path) -> None:
-    """`folder` as branch `revision` of the Hub model `repo_id`, in a cache laid out as huggingface_hub lays it out
-    (refs/BRANCH names a commit, snapshots/COMMIT holds its files), so that an offline from_pretrained reads it."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = hashlib.sha1(revision.encode()).hexdigest()
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
 
 
 def test_a_hub_ensembles_revision_is_loaded_whole_its_config_members_and_generation_config(tmp_path, tokenizer,

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,7 @@ from datasets import Dataset, DatasetDict
 import build_teacher_cache
 import checksums
 import config as config_lib
-from conftest import DATA_DIR, build_tiny_llama
+from conftest import DATA_DIR, build_tiny_llama, hub_commit, publish_to_hub_cache
 import main
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
 import preprocess_dataset
@@ -520,6 +521,21 @@ def flip_byte(path, offset):
     path.write_bytes(bytes(data))
 
 
+def test_a_hub_teachers_fingerprint_is_its_snapshots_commit_and_a_local_folder_is_hashed_whatever_its_name(
+        tmp_path, teacher, monkeypatch):
+    """A hub name resolves to its downloaded snapshot, whose commit identifies its weights (the hub never changes a
+    commit's files), without reading them; a local folder named like a commit, outside a snapshots folder, is no
+    snapshot: it is hashed."""
+    teacher.save_pretrained(tmp_path / "saved")
+    publish_to_hub_cache(tmp_path / "hub", "owner/teacher", "main", tmp_path / "saved")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert teacher_fingerprint("owner/teacher") == f"hub-commit-{hub_commit('main')}"
+    shutil.copytree(tmp_path / "saved", tmp_path / hub_commit("main"))
+    assert teacher_fingerprint(str(tmp_path / hub_commit("main"))) == teacher_fingerprint(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="'owner/other' is neither a local folder nor a downloaded hub model"):
+        teacher_fingerprint("owner/other")
+
+
 def test_teacher_fingerprint_follows_the_weights(tmp_path, teacher):
     teacher.save_pretrained(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -665,6 +681,8 @@ def test_a_cache_folder_is_named_by_every_setting_and_the_format(tmp_path):
                                                                                           "uint8"))]
     assert len({folder, *others}) == 4
     assert teacher_cache.cache_settings("hidden", 100, 8, 1.0, "uint8") == {"mode": "hidden", "vocab_size": 100}
+    assert teacher_cache.cache_settings("topk", 100, 8, 1.0, "float16") == {
+        "mode": "topk", "vocab_size": 100, "k": 8, "temperature": 1.0, "value_dtype": "float16"}
 
 
 # --- building in pieces: kills, preemption signals, other builds ------------------------------------------------------
@@ -914,6 +932,7 @@ def test_a_cache_the_command_line_built_is_the_one_a_run_opens_from_teacher_cach
                                          train, PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
     assert cache.cache_dir == Path(config.teacher_cache_dir)
     assert cache.metadata["num_examples"] == len(train) and cache.metadata["k"] == 8
+    assert cache.metadata["teacher"] == str(teacher_path)  # which teacher, said in words beside its fingerprint
     assert not (tmp_path / "cache" / "teacher_cache").exists()
     memo = json.loads((tmp_path / "cache" / teacher_cache.FINGERPRINT_MEMO_FILE).read_text())
     assert list(memo) == [str(Path(teacher_path) / "model.safetensors")]  # its hash kept for the next run
