@@ -692,7 +692,7 @@ def open_or_build(cache_dir, load_teacher, dataset, identity: dict, settings: di
     build_cache(load_teacher(), with_example_ids(dataset), cache_dir, mode=settings["mode"], k=settings.get("k"),
                 temperature=settings.get("temperature"), vocab_size=settings["vocab_size"], batch_size=batch_size,
                 collator=collator, metadata=identity, rank=state.process_index, world_size=state.num_processes,
-                value_dtype=settings.get("value_dtype", "uint8"), piece_examples=PIECE_EXAMPLES,
+                value_dtype=settings.get("value_dtype"), piece_examples=PIECE_EXAMPLES,  # None: hidden, in float16
                 preemption=preemption)
     state.wait_for_everyone()
     if state.is_main_process:
