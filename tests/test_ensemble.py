@@ -671,6 +671,28 @@ def test_members_on_one_device_run_one_after_another_unless_asked(tmp_path, toke
     added.add_model(members[1])
     assert added.for_each_member(lambda member: threading.current_thread().name.startswith("ensemble-member")) == \
         [True, True]
+    added.add_model(members[2])  # its pool of two threads is replaced by one of three: all three meet at once
+    everyone = threading.Barrier(3, timeout=30)
+    assert added.for_each_member(lambda member: everyone.wait() is not None) == [True] * 3
+    on_two_devices = ModelEnsemble.from_members([members[0], build_diverse_member(tokenizer, 3).to("meta")],
+                                                vocab_size=len(tokenizer))
+    assert on_two_devices.runs_members_concurrently()  # members on two devices run at once, unasked
+
+
+def test_a_per_member_argument_of_another_length_is_refused_not_cut_short(tokenizer, members):
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    with pytest.raises(ValueError, match="zip"):
+        ensemble.for_each_member(lambda member, value: value, [1, 2])
+    with pytest.raises(ValueError) as refusal:
+        ModelEnsemble.from_members(members, combine="weighted", weights=[1.0, 2.0], vocab_size=len(tokenizer))
+    assert str(refusal.value) == "2 weights for 3 members"
+
+
+def test_the_ensembles_generation_config_is_its_own_copy_of_its_first_members(tokenizer, members):
+    members[0].generation_config.eos_token_id = [1, 2]
+    ensemble = ModelEnsemble.from_members(members, vocab_size=len(tokenizer))
+    ensemble.generation_config.eos_token_id.append(3)
+    assert members[0].generation_config.eos_token_id == [1, 2]
 
 
 # --- a saved folder loads without this project --------------------------------------------------------------------

@@ -605,6 +605,21 @@ def test_weight_hashes_are_remembered_by_path_size_and_modification_time(tmp_pat
     assert teacher_fingerprint(str(folder), memo) == teacher_fingerprint(str(folder)) != first
 
 
+def test_each_teachers_weights_are_remembered_under_their_own_path_in_a_memo_made_where_asked(tmp_path,
+                                                                                                monkeypatch):
+    """Two teachers whose weights have the same size and modification time share a memo (in folders it makes),
+    each hash under its own file's path; a fingerprint that hashes nothing new leaves the memo unwritten."""
+    memo = tmp_path / "cache" / "not" / "made" / "memo.json"
+    one, other = weights_folder(tmp_path / "one", seed=0), weights_folder(tmp_path / "other", seed=1)
+    stat = (one / "model.safetensors").stat()
+    os.utime(other / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert teacher_fingerprint(str(one), memo) == teacher_fingerprint(str(one))
+    assert teacher_fingerprint(str(other), memo) == teacher_fingerprint(str(other)) != teacher_fingerprint(str(one))
+    assert len(json.loads(memo.read_text())) == 2
+    monkeypatch.setattr(teacher_cache.files, "write_atomically", lambda *args: pytest.fail("the memo was rewritten"))
+    assert teacher_fingerprint(str(one), memo) == teacher_fingerprint(str(one))
+
+
 def test_a_hub_snapshot_is_identified_by_its_commit(tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshots = tmp_path / "models--org--teacher" / "snapshots"
@@ -612,7 +627,7 @@ def test_a_hub_snapshot_is_identified_by_its_commit(tmp_path):
     assert teacher_fingerprint(str(snapshot)) == f"hub-commit-{commit}"
     assert teacher_fingerprint(str(weights_folder(snapshots / ("f" * 40), size=1024))) == f"hub-commit-{'f' * 40}"
     shutil.copytree(snapshot, tmp_path / "copy")  # the same files outside a snapshot: their content decides
-    assert teacher_fingerprint(str(tmp_path / "copy")) == teacher_fingerprint(str(tmp_path / "copy"))
+    assert not teacher_fingerprint(str(tmp_path / "copy")).startswith("hub-commit-")
     assert not teacher_fingerprint(str(tmp_path / "copy")).startswith("hub-commit")
 
 
@@ -880,6 +895,13 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
     TeacherCache.open(cache_dir, {})
     TeacherCache.open(cache_dir, {})
     assert sorted(hashed) == sorted(path.name for path in values.parent.glob("*.npy"))  # once in this process
+
+    shutil.rmtree(cache_dir)  # rebuilt in the same folder, with new records: read in full again, and refused
+    build(tmp_path, teacher, dataset, collator, identity, vocab_size, temperature=1.0)
+    rebuilt = values.read_bytes()
+    values.write_bytes(rebuilt[:-64] + bytes(255 - code for code in rebuilt[-64:]))
+    with pytest.raises(CacheCorruptError, match=f"^{re.escape(str(values))}: holds "):
+        TeacherCache.open(cache_dir, {})
 
 
 @pytest.mark.parametrize("mode", ["topk", "hidden"])
