@@ -397,8 +397,10 @@ def test_a_teacher_dtype_other_than_the_teachers_is_refused_when_building(tmp_pa
 def test_a_cache_without_metadata_or_with_a_missing_shard_is_refused(tmp_path, teacher, dataset, collator, identity,
                                                                      vocab_size):
     cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size, world_size=3, ranks=[0, 2])
-    with pytest.raises(CacheIncompleteError, match="metadata.json"):
+    with pytest.raises(CacheIncompleteError) as error:
         TeacherCache.open(cache_dir, {})
+    assert str(error.value) == (f"{cache_dir}: no metadata.json, so the cache was never finished (or is being "
+                                "rebuilt); build every shard, then write_metadata, or run teacher_cache.py")
     with pytest.raises(CacheIncompleteError, match="missing shard_00001 of 3"):
         write_metadata(cache_dir, identity)
 
@@ -406,7 +408,8 @@ def test_a_cache_without_metadata_or_with_a_missing_shard_is_refused(tmp_path, t
                 collator=collator, metadata=identity, rank=1, world_size=3)
     write_metadata(cache_dir, identity)
     shutil.rmtree(cache_dir / "shard_00002")
-    with pytest.raises(CacheIncompleteError, match="missing shard_00002"):
+    with pytest.raises(CacheIncompleteError, match=f"^{re.escape(str(cache_dir))}: incomplete cache, missing "
+                                                   "shard_00002 of 3 shards"):
         TeacherCache.open(cache_dir, {})
 
 
@@ -876,6 +879,16 @@ def test_a_preemption_while_main_builds_the_cache_exits_75_before_the_run_folder
 
 # --- integrity and disk -----------------------------------------------------------------------------------------------
 
+def test_a_shard_missing_an_array_file_is_refused_naming_the_files(tmp_path, teacher, dataset, collator, identity,
+                                                                    vocab_size):
+    cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
+    for name in ("values", "value_spans"):
+        (cache_dir / "shard_00000" / f"{name}.npy").unlink()
+    with pytest.raises(CacheIncompleteError) as error:
+        TeacherCache.open(cache_dir, {})
+    assert str(error.value) == f"{cache_dir / 'shard_00000'}: missing values, value_spans.npy; rebuild the cache"
+
+
 def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, teacher, dataset, collator, identity,
                                                                      vocab_size, monkeypatch):
     cache_dir = build(tmp_path, teacher, dataset, collator, identity, vocab_size)
@@ -1022,6 +1035,37 @@ def test_teacher_cache_dir_needs_a_cached_teacher_mode():
     with pytest.raises(config_lib.ConfigError, match="'teacher_cache_dir' = 'x' must name a folder, and needs "
                                                      "teacher_mode topk or hidden"):
         config_lib.build_config("test", None, {"teacher_cache_dir": "x"})
+
+
+def test_quantized_log_probs_are_uint8_codes_over_each_rows_span_rounded_up_to_float16():
+    """Row by row: code 0 at the row's min, 255 at its max where float16 holds the span exactly, a row of one value
+    all 0; a span float16 cannot hold is rounded up (7.2 to 7.203), never down, so no code passes 255; and every
+    value comes back within half a step."""
+    log_probs = torch.tensor([[-1.0, -3.0, -2.5, -1.5], [-0.5, -0.5, -0.5, -0.5], [-0.1, -7.3, -4.2, -0.1]])
+    codes, spans = teacher_cache.quantize_log_probs(log_probs)
+    assert codes.dtype == np.uint8 and spans.dtype == np.float16
+    assert spans[0] == 2.0 and spans[1] == 0.0
+    assert spans[2] == np.nextafter(np.float16(7.2), np.float16(np.inf)) and float(np.float16(7.2)) < 7.2
+    assert codes[0].tolist() == [255, 0, 64, 191] and codes[1].tolist() == [0, 0, 0, 0]
+    assert codes[2, 1] == 0 and codes[2, 0] == codes[2, 3] == 255
+    steps = torch.from_numpy(spans.astype(np.float32)).unsqueeze(-1) / teacher_cache.QUANTIZATION_LEVELS
+    error = teacher_cache.dequantize_log_probs(codes, spans) - (log_probs - log_probs.min(-1, keepdim=True).values)
+    assert (error.abs() <= steps / 2 + 1e-6).all()
+
+
+def test_the_teachers_top_k_is_taken_chunk_by_chunk_over_every_position(teacher, vocab_size, monkeypatch):
+    """More positions than the hidden size, in chunks of 8: every position is in one chunk; no position gives empty
+    parts of each part's shape and type."""
+    hidden = torch.randn(100, teacher.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = teacher_cache.teacher_top_k(teacher, hidden, 4, 1.0, vocab_size)
+    monkeypatch.setattr(teacher_cache, "HEAD_CHUNK_POSITIONS", 8)
+    chunked = teacher_cache.teacher_top_k(teacher, hidden, 4, 1.0, vocab_size)
+    assert chunked[0].shape == (100, 4) and hidden.shape[1] < 100
+    for part, whole_part in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(part, whole_part)
+    empty = teacher_cache.teacher_top_k(teacher, hidden[:0], 4, 1.0, vocab_size)
+    assert [tuple(part.shape) for part in empty] == [(0, 4), (0, 4), (0,)]
+    assert [part.dtype for part in empty] == [torch.float32, torch.int64, torch.float32]
 
 
 def test_dequantized_values_are_the_codes_times_each_rows_step_in_float32():
