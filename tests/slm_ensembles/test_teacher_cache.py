@@ -1041,12 +1041,13 @@ def test_quantized_log_probs_are_uint8_codes_over_each_rows_span_rounded_up_to_f
     """Row by row: code 0 at the row's min, 255 at its max where float16 holds the span exactly, a row of one value
     all 0; a span float16 cannot hold is rounded up (7.2 to 7.203), never down, so no code passes 255; and every
     value comes back within half a step."""
-    log_probs = torch.tensor([[-1.0, -3.0, -2.5, -1.5], [-0.5, -0.5, -0.5, -0.5], [-0.1, -7.3, -4.2, -0.1]])
+    log_probs = torch.tensor([[-1.0, -3.0, -2.5, -1.5, -2.0], [-0.5] * 5, [-0.1, -7.3, -4.2, -0.1, -5.0]])
     codes, spans = teacher_cache.quantize_log_probs(log_probs)
     assert codes.dtype == np.uint8 and spans.dtype == np.float16
     assert spans[0] == 2.0 and spans[1] == 0.0
     assert spans[2] == np.nextafter(np.float16(7.2), np.float16(np.inf)) and float(np.float16(7.2)) < 7.2
-    assert codes[0].tolist() == [255, 0, 64, 191] and codes[1].tolist() == [0, 0, 0, 0]
+    # -2.0 is 127.49999 steps up in float32 steps, the ones dequantization multiplies by (127.5 in float64)
+    assert codes[0].tolist() == [255, 0, 64, 191, 127] and codes[1].tolist() == [0] * 5
     assert codes[2, 1] == 0 and codes[2, 0] == codes[2, 3] == 255
     steps = torch.from_numpy(spans.astype(np.float32)).unsqueeze(-1) / teacher_cache.QUANTIZATION_LEVELS
     error = teacher_cache.dequantize_log_probs(codes, spans) - (log_probs - log_probs.min(-1, keepdim=True).values)
