@@ -403,6 +403,9 @@ def test_a_cache_without_metadata_or_with_a_missing_shard_is_refused(tmp_path, t
                                 "rebuilt); build every shard, then write_metadata, or run teacher_cache.py")
     with pytest.raises(CacheIncompleteError, match="missing shard_00001 of 3"):
         write_metadata(cache_dir, identity)
+    with pytest.raises(CacheIncompleteError) as error:
+        write_metadata(tmp_path / "nothing_built", identity)
+    assert str(error.value) == f"{tmp_path / 'nothing_built'}: no finished shard; run build_cache for every rank first"
 
     build_cache(teacher, dataset, cache_dir, mode="topk", k=16, temperature=2.0, vocab_size=vocab_size, batch_size=5,
                 collator=collator, metadata=identity, rank=1, world_size=3)
