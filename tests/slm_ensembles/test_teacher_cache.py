@@ -403,6 +403,12 @@ def test_a_cache_without_metadata_or_with_a_missing_shard_is_refused(tmp_path, t
                                 "rebuilt); build every shard, then write_metadata, or run teacher_cache.py")
     with pytest.raises(CacheIncompleteError, match="missing shard_00001 of 3"):
         write_metadata(cache_dir, identity)
+    one_of_three = build(tmp_path, teacher, dataset, collator, identity, vocab_size, name="one", world_size=3,
+                         ranks=[0])
+    with pytest.raises(CacheIncompleteError) as error:
+        write_metadata(one_of_three, identity)
+    assert str(error.value) == (f"{one_of_three}: incomplete cache, missing shard_00001, shard_00002 of 3 shards; "
+                                "build them (rank/world_size) or rebuild it")
     with pytest.raises(CacheIncompleteError) as error:
         write_metadata(tmp_path / "nothing_built", identity)
     assert str(error.value) == f"{tmp_path / 'nothing_built'}: no finished shard; run build_cache for every rank first"
@@ -422,11 +428,41 @@ def test_shards_built_with_different_settings_are_refused(tmp_path, teacher, dat
     build_cache(teacher, dataset, cache_dir, mode="topk", k=16, temperature=1.0, vocab_size=vocab_size, batch_size=5,
                 collator=collator, metadata=identity, rank=1, world_size=2)
     assert not (cache_dir / "metadata.json").exists()  # a cache being rebuilt cannot be opened
-    with pytest.raises(CacheIncompleteError, match="shard_00001 was built with other settings .*temperature"):
+    with pytest.raises(CacheIncompleteError) as error:
         write_metadata(cache_dir, identity)
+    assert str(error.value) == (f"{cache_dir}: shard_00001 was built with other settings (temperature: 1.0 instead "
+                                "of 2.0); rebuild the cache")
     (cache_dir / "metadata.json").write_text(metadata)  # a stale metadata.json over the rebuilt shard
     with pytest.raises(CacheIncompleteError, match="temperature: 1.0 instead of 2.0"):
         TeacherCache.open(cache_dir, {})
+    record_file = cache_dir / "shard_00001" / "shard.json"  # a shard whose record lacks a setting and has another
+    record = json.loads(record_file.read_text())
+    record["settings"] = {**{key: value for key, value in record["settings"].items() if key != "value_dtype"},
+                          "temperature": 2.0, "format": "old"}
+    record_file.write_text(json.dumps(record))
+    with pytest.raises(CacheIncompleteError) as error:
+        write_metadata(cache_dir, identity)
+    assert str(error.value) == (f"{cache_dir}: shard_00001 was built with other settings (format: 'old' instead of "
+                                "None, value_dtype: None instead of 'uint8'); rebuild the cache")
+    build_cache(teacher, dataset, cache_dir, mode="topk", k=16, temperature=2.0, vocab_size=vocab_size, batch_size=5,
+                collator=collator, metadata=identity, rank=1, world_size=2)
+    with pytest.raises(CacheMismatchError) as error:  # the identity asked for is not the shards'
+        write_metadata(cache_dir, {**identity, "max_length": 64})
+    assert str(error.value).startswith(f"{cache_dir}: the teacher cache was built with max_length = {MAX_LENGTH}, but "
+                                       "this run wants max_length = 64")
+
+
+def test_a_shard_another_process_published_first_for_the_same_plan_is_kept_and_ours_dropped(
+        tmp_path, teacher, dataset, collator, identity, vocab_size):
+    """Two processes built the same shard at once: the second to finish finds the first's in place, for the same
+    plan, and keeps it (files and all) rather than replacing it."""
+    theirs = build(tmp_path, teacher, dataset, collator, identity, vocab_size, name="theirs") / "shard_00000"
+    ours = build(tmp_path, teacher, dataset, collator, identity, vocab_size, name="ours") / "shard_00000"
+    (theirs / "kept.txt").write_text("theirs")
+    plan = {key: value for key, value in json.loads((ours / "shard.json").read_text()).items()
+            if key not in ("pieces_done", "files")}
+    assert teacher_cache._publish(ours, theirs, plan) == theirs
+    assert (theirs / "kept.txt").read_text() == "theirs" and not ours.exists()
 
 
 def test_example_ids_that_are_not_row_indices_are_refused(tmp_path, teacher, dataset, collator, identity, vocab_size):
@@ -1028,9 +1064,10 @@ def test_a_teacher_cache_dir_built_with_another_k_or_temperature_is_refused_nami
         teacher_cache.training_cache(config, lambda: run_teacher, run_teacher.dtype, teacher_path, run_tokenizer,
                                      train, PaddingCollator(run_tokenizer.pad_token_id), utils.process_state())
     message = str(error.value)
-    assert message.startswith(f"{config.teacher_cache_dir}: the teacher cache was built with {field} = {built!r}, but "
-                              f"this run wants {field} = {wanted!r}; point teacher_cache_dir at a cache built for")
-    assert "rebuild this one" in message
+    assert message == (f"{config.teacher_cache_dir}: the teacher cache was built with {field} = {built!r}, but this "
+                       f"run wants {field} = {wanted!r}; point teacher_cache_dir at a cache built for this run's "
+                       "settings, or rebuild this one for them (delete the folder, then run again or build it with "
+                       "teacher_cache.py)")
     assert files_in(Path(config.teacher_cache_dir)) == kept
 
 
