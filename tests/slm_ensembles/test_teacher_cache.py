@@ -879,6 +879,45 @@ class SignalAfter:
         return self.checks < 0
 
 
+def test_a_build_stopped_before_its_first_piece_is_started_again_whole(tmp_path, teacher, dataset, collator, identity,
+                                                                      vocab_size, teacher_calls):
+    """A signal before the first piece leaves the staging folder with its arrays allocated and no piece done: the
+    next build takes nothing from it."""
+    arguments = dict(mode="topk", k=16, temperature=2.0, vocab_size=vocab_size, batch_size=2, collator=collator,
+                     metadata=identity, piece_examples=PIECE)
+    with pytest.raises(BuildPreempted, match="with 0 of 4 pieces"):
+        build_cache(teacher, dataset, tmp_path / "cache", preemption=SignalAfter(0), **arguments)
+    (staging,) = (tmp_path / "cache").glob(".shard_00000.partial*")
+    assert json.loads((staging / "shard.json").read_text())["pieces_done"] == 0
+    teacher_calls.clear()
+    build_cache(teacher, dataset, tmp_path / "cache", **arguments)
+    assert len(teacher_calls) == 8  # every piece built
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["shard_00000"]
+
+
+def test_a_collator_that_cuts_labels_is_refused_saying_how_many_positions_are_missing(tmp_path, teacher, dataset,
+                                                                                        collator, identity,
+                                                                                        vocab_size):
+    """The second batch cut to 8 tokens: its supervised positions fall short of its examples' labels."""
+    batches, cut = [], []
+
+    def cutting_collator(examples):
+        batch = collator(examples)
+        batches.append(batch)
+        if len(batches) == 2:
+            batch = {name: value[:, :8] for name, value in batch.items()}
+            cut.append(int(predictor_mask(batch["labels"]).sum()))
+        return batch
+
+    with pytest.raises(RuntimeError) as error:
+        build_cache(teacher, dataset, tmp_path / "cache", mode="topk", k=16, temperature=2.0, vocab_size=vocab_size,
+                    batch_size=2, collator=cutting_collator, metadata=identity)
+    labelled = sum(int(np.count_nonzero(np.asarray(labels[1:]) != -100)) for labels in dataset["labels"][2:4])
+    assert cut[0] < labelled
+    assert str(error.value) == (f"the collated batch has {cut[0]} supervised positions, the examples' labels "
+                                f"{labelled}: the collator must keep every label (no truncation)")
+
+
 def test_a_leftover_for_other_settings_is_removed_and_a_published_shard_kept(tmp_path, teacher, dataset, collator,
                                                                             identity, vocab_size, teacher_calls):
     cache_dir = tmp_path / "cache"
