@@ -995,6 +995,17 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
         TeacherCache.open(cache_dir, {})
 
 
+def test_a_builds_disk_need_is_summed_over_its_process_group_when_it_has_one(tmp_path):
+    """Without a process group a process counts its own need; within one, the group's sum (a group of one here:
+    the two-process sum itself needs two processes, which the multi-process tests of main.py run)."""
+    assert teacher_cache._sum_over_processes(7, torch.device("cpu")) == 7
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert teacher_cache._sum_over_processes(7, torch.device("cpu")) == 7
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("mode", ["topk", "hidden"])
 def test_a_build_the_free_disk_cannot_hold_is_refused_before_it_writes(tmp_path, teacher, dataset, collator,
                                                                        identity, vocab_size, mode, monkeypatch):
