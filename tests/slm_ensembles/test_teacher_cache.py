@@ -467,8 +467,20 @@ def test_a_shard_another_process_published_first_for_the_same_plan_is_kept_and_o
 
 def test_example_ids_that_are_not_row_indices_are_refused(tmp_path, teacher, dataset, collator, identity, vocab_size):
     build(tmp_path, teacher, with_example_ids(dataset), collator, identity, vocab_size)
-    with pytest.raises(ValueError, match="example_id"):
+    with pytest.raises(ValueError) as error:
         build(tmp_path, teacher, with_example_ids(dataset).shuffle(seed=0), collator, identity, vocab_size)
+    assert str(error.value) == ("the dataset's example_id column is not its row index (was it shuffled or selected "
+                                "after with_example_ids?); cache the prepared split itself")
+
+
+def test_an_example_supervised_from_its_second_token_has_every_position_cached(tmp_path, teacher, tokenizer, collator,
+                                                                               identity, vocab_size):
+    """Labels on every token (a plain-text example, no prompt): the positions predicting tokens 1.. are all cached,
+    the first label included."""
+    ids = tokenizer("a plain text example with every token supervised").input_ids
+    plain = Dataset.from_list([{"input_ids": ids, "labels": ids}])
+    cache = TeacherCache.open(build(tmp_path, teacher, plain, collator, identity, vocab_size), {})
+    assert cache.metadata["num_positions"] == len(ids) - 1
 
 
 def test_metadata_is_written_through_the_projects_atomic_write(tmp_path, teacher, dataset, collator, identity,
@@ -538,6 +550,7 @@ def test_reading_uses_memory_maps(tmp_path, teacher, dataset, collator, identity
     assert set(arrays) == {"example_ids", "offsets", "id_low_bits", "id_block_starts", "values", "value_spans",
                            "tail_log_prob"}
     assert all(isinstance(array, np.memmap) for array in arrays.values())
+    assert arrays["example_ids"].dtype == arrays["offsets"].dtype == np.int64
     with pytest.raises(KeyError) as error:
         cache.topk_targets([99])
     last = cache.metadata["num_examples"] - 1
@@ -1017,8 +1030,9 @@ def test_a_build_the_free_disk_cannot_hold_is_refused_before_it_writes(tmp_path,
     # k = 16: the ids' low bits 2 x 16 B, uint8 values 16 B, the span and the tail 2 B each; hidden: 32 float16s.
     per_position = 52 if mode == "topk" else 64
     needed = per_position * positions + 8 * (2 * len(dataset) + 1)  # and each example's id and offset
-    assert str(error.value).startswith(f"{tmp_path / 'cache'}: 1,000 bytes free, but about {needed:,} bytes are "
-                                       "needed for the teacher cache's pieces still to be written")
+    assert str(error.value) == (f"{tmp_path / 'cache'}: 1,000 bytes free, but about {needed:,} bytes are needed for "
+                                "the teacher cache's pieces still to be written; free some space, or build the cache "
+                                "on a larger disk (teacher_cache.py --output_dir) and point teacher_cache_dir at it")
     assert list((tmp_path / "cache").iterdir()) == []
 
 
