@@ -931,6 +931,49 @@ def test_a_collator_that_cuts_labels_is_refused_saying_how_many_positions_are_mi
                                 f"{labelled}: the collator must keep every label (no truncation)")
 
 
+def test_a_continued_build_says_where_it_goes_on_and_needs_disk_only_for_the_pieces_left(
+        tmp_path, teacher, dataset, collator, identity, vocab_size, teacher_calls, capsys, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    arguments = dict(mode="topk", k=16, temperature=2.0, vocab_size=vocab_size, batch_size=2, collator=collator,
+                     metadata=identity, piece_examples=PIECE)
+    with pytest.raises(BuildPreempted) as error:
+        build_cache(teacher, dataset, cache_dir, preemption=SignalAfter(2), **arguments)
+    assert str(error.value) == (f"{cache_dir}: preempted with 2 of 4 pieces of shard_00000 built, which are kept: run "
+                                "the same command again to continue the build")
+    staging = cache_dir / ".shard_00000.partial"
+    offsets = np.load(staging / "offsets.npy")
+    settings = json.loads((staging / "shard.json").read_text())["settings"]
+    needed = teacher_cache.payload_bytes(settings, int(offsets[-1] - offsets[2 * PIECE]))  # no ids or offsets again
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "disk_usage", lambda path: type("Usage", (), {"free": needed - 1})())
+        with pytest.raises(files.DiskSpaceError, match=f"but about {needed:,} bytes are needed for the teacher "):
+            build_cache(teacher, dataset, cache_dir, **arguments)
+    capsys.readouterr()
+    build_cache(teacher, dataset, cache_dir, **arguments)
+    assert capsys.readouterr().out == f"{cache_dir}: continuing shard_00000 at piece 3 of 4\n"
+
+
+def test_a_build_killed_after_its_last_piece_publishes_it_next_time_without_the_teacher(
+        tmp_path, teacher, dataset, collator, identity, vocab_size, teacher_calls, capsys, monkeypatch):
+    arguments = dict(mode="topk", k=16, temperature=2.0, vocab_size=vocab_size, batch_size=2, collator=collator,
+                     metadata=identity, piece_examples=PIECE)
+    with monkeypatch.context() as patch:
+        patch.setattr(teacher_cache, "_publish", lambda *args: pytest.fail("killed before publishing"))
+        with pytest.raises(pytest.fail.Exception):
+            build_cache(teacher, dataset, tmp_path / "cache", **arguments)
+    teacher_calls.clear()
+    capsys.readouterr()
+    build_cache(teacher, dataset, tmp_path / "cache", **arguments)
+    assert teacher_calls == [] and capsys.readouterr().out == ""
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["shard_00000"]
+
+
+def test_an_unknown_cache_mode_is_refused_naming_the_modes(tmp_path, teacher, dataset, collator, identity, vocab_size):
+    with pytest.raises(ValueError) as error:
+        build(tmp_path, teacher, dataset, collator, identity, vocab_size, mode="online")
+    assert str(error.value) == f"unknown cache mode 'online': use one of {teacher_cache.MODES}"
+
+
 def test_a_leftover_for_other_settings_is_removed_and_a_published_shard_kept(tmp_path, teacher, dataset, collator,
                                                                             identity, vocab_size, teacher_calls):
     cache_dir = tmp_path / "cache"
