@@ -968,6 +968,33 @@ def test_a_build_killed_after_its_last_piece_publishes_it_next_time_without_the_
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["shard_00000"]
 
 
+@pytest.mark.parametrize("settings, message", [
+    (dict(k=0), "k = 0 must be between 1 and the vocabulary size {V}"),
+    (dict(k="V+1"), "k = {V1} must be between 1 and the vocabulary size {V}"),
+    (dict(value_dtype="int4"), "unknown value_dtype 'int4': use one of ('uint8', 'float16')"),
+    (dict(metadata_k=5), "metadata k = 5 contradict the teacher and arguments build_cache is given (k = 16)"),
+])
+def test_a_build_with_impossible_settings_is_refused_saying_which(tmp_path, teacher, dataset, collator, identity,
+                                                                  vocab_size, settings, message):
+    settings = dict(settings)
+    if settings.get("k") == "V+1":
+        settings["k"] = vocab_size + 1
+    metadata = {**identity, "k": settings.pop("metadata_k")} if "metadata_k" in settings else identity
+    with pytest.raises(ValueError) as error:
+        build(tmp_path, teacher, dataset, collator, metadata, vocab_size, **settings)
+    assert str(error.value) == message.format(V=vocab_size, V1=vocab_size + 1)
+
+
+def test_the_smallest_top_k_and_a_hidden_cache_with_no_value_dtype_build(tmp_path, teacher, dataset, collator,
+                                                                         identity, vocab_size):
+    """k = 1 is a top-k cache (the teacher's argmax and the rest as its tail); a hidden-state cache needs no value
+    dtype (open_or_build gives it none) and records its float16."""
+    one = TeacherCache.open(build(tmp_path, teacher, dataset, collator, identity, vocab_size, k=1, name="one"), {})
+    assert one.topk_targets([0])[0].shape[1] == 1
+    hidden = build(tmp_path, teacher, dataset, collator, identity, vocab_size, mode="hidden", value_dtype=None)
+    assert TeacherCache.open(hidden, {}).metadata["value_dtype"] == "float16"
+
+
 def test_an_unknown_cache_mode_is_refused_naming_the_modes(tmp_path, teacher, dataset, collator, identity, vocab_size):
     with pytest.raises(ValueError) as error:
         build(tmp_path, teacher, dataset, collator, identity, vocab_size, mode="online")
