@@ -67,6 +67,7 @@ def test_combine_logits_mode_logits_is_the_mean_of_logits():
     b = torch.tensor([[3.0, 0.0, -1.0]])
     combined = combine_logits([a, b], "logits")
     torch.testing.assert_close(combined, torch.tensor([[2.0, 1.0, 1.0]]))
+    torch.testing.assert_close(combine_logits([a, b]), combined)  # the default mode
 
 
 def test_combine_logits_mode_probs_gives_the_mean_of_probabilities():
@@ -87,7 +88,7 @@ def test_combine_logits_returns_fp32_and_rejects_bad_input():
     assert combine_logits(half, "logits").dtype == torch.float32
     with pytest.raises(ValueError, match="unknown ensemble combine mode"):
         combine_logits(half, "median")
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="^combine_logits needs at least one member's logits$"):
         combine_logits([], "logits")
 
 

@@ -972,14 +972,16 @@ def test_a_build_killed_after_its_last_piece_publishes_it_next_time_without_the_
     (dict(k=0), "k = 0 must be between 1 and the vocabulary size {V}"),
     (dict(k="V+1"), "k = {V1} must be between 1 and the vocabulary size {V}"),
     (dict(value_dtype="int4"), "unknown value_dtype 'int4': use one of ('uint8', 'float16')"),
-    (dict(metadata_k=5), "metadata k = 5 contradict the teacher and arguments build_cache is given (k = 16)"),
+    (dict(metadata_k=5), "metadata k = 5, temperature = 1.0 contradict the teacher and arguments build_cache is "
+                         "given (k = 16, temperature = 2.0)"),
 ])
 def test_a_build_with_impossible_settings_is_refused_saying_which(tmp_path, teacher, dataset, collator, identity,
                                                                   vocab_size, settings, message):
     settings = dict(settings)
     if settings.get("k") == "V+1":
         settings["k"] = vocab_size + 1
-    metadata = {**identity, "k": settings.pop("metadata_k")} if "metadata_k" in settings else identity
+    metadata = ({**identity, "k": settings.pop("metadata_k"), "temperature": 1.0} if "metadata_k" in settings
+                else identity)
     with pytest.raises(ValueError) as error:
         build(tmp_path, teacher, dataset, collator, metadata, vocab_size, **settings)
     assert str(error.value) == message.format(V=vocab_size, V1=vocab_size + 1)
