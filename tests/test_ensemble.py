@@ -319,7 +319,7 @@ def test_a_config_write_that_fails_before_its_staging_folder_exists_raises_its_o
     assert error.value.errno == errno.ENOSPC and sorted(os.listdir(tmp_path)) == ["member_0"]
 
 
-def test_the_saved_code_imports_its_two_helper_modules_from_beside_it():
+def test_the_modelling_code_imports_its_two_helper_modules_from_beside_it():
     """transformers loads a folder's code as a package: every import of model_io and checksums in the saved
     MODELLING_FILE is relative, whichever line of the module it is on, and both modules are saved with it."""
     code = ensemble_module.modelling_code()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -176,7 +177,8 @@ def test_hidden_states_that_overflow_float16_are_refused_not_stored_as_infinitie
     loud = build_tiny_llama(tokenizer, seed=3, vocab_size=len(tokenizer) + 8)
     with torch.no_grad():
         loud.model.norm.weight.fill_(1e5)  # the final RMSNorm scales unit-RMS states to about 1e5
-    with pytest.raises(ValueError) as error:
+    with warnings.catch_warnings(), pytest.raises(ValueError) as error:
+        warnings.simplefilter("error")  # and no numpy overflow warning before it
         build(tmp_path, loud, dataset, collator, identity, vocab_size, mode="hidden")
     assert str(error.value) == "the teacher's hidden states overflow float16; use the topk mode for this teacher"
 
@@ -587,8 +589,20 @@ def test_a_hub_teachers_fingerprint_is_its_snapshots_commit_and_a_local_folder_i
     assert teacher_fingerprint("owner/teacher") == f"hub-commit-{hub_commit('main')}"
     shutil.copytree(tmp_path / "saved", tmp_path / hub_commit("main"))
     assert teacher_fingerprint(str(tmp_path / hub_commit("main"))) == teacher_fingerprint(str(tmp_path / "saved"))
-    with pytest.raises(ValueError, match="'owner/other' is neither a local folder nor a downloaded hub model"):
+    with pytest.raises(ValueError) as error:
         teacher_fingerprint("owner/other")
+    assert str(error.value) == ("teacher 'owner/other' is neither a local folder nor a downloaded hub model: load it "
+                                "once (from_pretrained) or pass its local folder")
+    asked = []
+
+    def snapshot_download(name, **options):  # records how it is asked, then finds nothing, as offline
+        asked.append(options)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not downloaded")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ValueError, match="neither a local folder"):
+        teacher_fingerprint("owner/another")
+    assert asked == [{"local_files_only": True}]  # never the network, even where the hub is reachable
 
 
 def test_teacher_fingerprint_follows_the_weights(tmp_path, teacher):
