@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict
 import build_teacher_cache
 import checksums
 import config as config_lib
-from conftest import DATA_DIR, build_tiny_llama, hub_commit, publish_to_hub_cache
+from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, hub_commit, publish_to_hub_cache
 import main
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
 import preprocess_dataset
@@ -1103,6 +1103,17 @@ def test_a_builds_disk_need_is_summed_over_its_process_group_when_it_has_one(tmp
         assert teacher_cache._sum_over_processes(7, torch.device("cpu")) == 7
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_builds_disk_need_is_summed_over_two_processes(tmp_path):
+    """Two processes under accelerate launch, as a two-process build runs: each needs its rank + 1 bytes, and each
+    checks the free disk against 3 (they share the cache folder)."""
+    script = tmp_path / "sum_probe.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport utils\n"
+                      "from slm_ensembles import teacher_cache\nstate = utils.process_state()\n"
+                      "print('needed', teacher_cache._sum_over_processes(state.process_index + 1, state.device))\n")
+    result = accelerate_launch([str(script)], 2, tmp_path, timeout=300)
+    assert [line for line in result.stdout.splitlines() if line.startswith("needed")] == ["needed 3"] * 2
 
 
 @pytest.mark.parametrize("mode", ["topk", "hidden"])
