@@ -467,6 +467,24 @@ def test_a_shard_another_process_published_first_for_the_same_plan_is_kept_and_o
     assert (theirs / "kept.txt").read_text() == "theirs" and not ours.exists()
 
 
+def test_a_build_that_finds_its_shard_published_meanwhile_for_its_plan_keeps_that_one(
+        tmp_path, teacher, dataset, collator, identity, vocab_size, monkeypatch):
+    """Another process publishes the same shard while this build runs its pieces: this build keeps theirs."""
+    theirs = build(tmp_path, teacher, dataset, collator, identity, vocab_size, name="theirs") / "shard_00000"
+    (theirs / "kept.txt").write_text("theirs")
+    cache_dir = tmp_path / "cache"
+    real_build_piece = teacher_cache._build_piece
+
+    def meanwhile_published(*args):
+        real_build_piece(*args)
+        if not (cache_dir / "shard_00000").exists():
+            shutil.copytree(theirs, cache_dir / "shard_00000")
+
+    monkeypatch.setattr(teacher_cache, "_build_piece", meanwhile_published)
+    build(tmp_path, teacher, dataset, collator, identity, vocab_size)
+    assert (cache_dir / "shard_00000" / "kept.txt").read_text() == "theirs"
+
+
 def test_example_ids_that_are_not_row_indices_are_refused(tmp_path, teacher, dataset, collator, identity, vocab_size):
     build(tmp_path, teacher, with_example_ids(dataset), collator, identity, vocab_size)
     with pytest.raises(ValueError) as error:
