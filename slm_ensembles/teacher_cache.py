@@ -68,7 +68,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import reduce
 
 import checksums
 from model_io import IGNORE_INDEX, hidden_at, output_head
@@ -434,10 +433,14 @@ def _shard_lock(path: Path, preemption: "processes.PreemptionSignal | None", dev
 
 
 def _sum_over_processes(value: int, device) -> int:
-    """`value` summed over every process; each calls this at the same point."""
+    """`value` summed over the process group's processes (each calls this at the same point), or `value` itself
+    where there is no group. The group's own all-reduce, so any launcher's group sums (accelerate's `reduce` would
+    sum only under an accelerate state that knows of the group)."""
     if not torch.distributed.is_initialized():
         return value
-    return int(reduce(torch.tensor(value, device=device), reduction="sum").item())
+    total = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(total)  # a sum: all_reduce's default operation
+    return int(total.item())
 
 
 def payload_bytes(settings: dict, num_positions: int) -> int:

@@ -1,5 +1,6 @@
 """The teacher cache: what it stores equals the teacher's outputs, its size, and that it is never misused."""
 
+import datetime
 import fcntl
 import hashlib
 import json
@@ -23,7 +24,7 @@ from datasets import Dataset, DatasetDict
 import build_teacher_cache
 import checksums
 import config as config_lib
-from conftest import DATA_DIR, accelerate_launch, build_tiny_llama, hub_commit, publish_to_hub_cache
+from conftest import DATA_DIR, build_tiny_llama, hub_commit, publish_to_hub_cache
 import main
 from model_io import PaddingCollator, hidden_at, logits_at, output_head
 import preprocess_dataset
@@ -1112,26 +1113,32 @@ def test_a_cache_file_changed_since_it_was_built_is_refused_naming_it(tmp_path, 
         TeacherCache.open(cache_dir, {})
 
 
-def test_a_builds_disk_need_is_summed_over_its_process_group_when_it_has_one(tmp_path):
-    """Without a process group a process counts its own need; within one, the group's sum (a group of one here:
-    the two-process sum itself needs two processes, which the multi-process tests of main.py run)."""
+def test_a_builds_disk_need_is_summed_over_its_process_group(tmp_path):
+    """Without a process group a process counts its own need; in a group of two (this process and another, as a
+    two-process build runs) each gets the group's sum, 1 + 2, to check against the disk they share."""
     assert teacher_cache._sum_over_processes(7, torch.device("cpu")) == 7
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    store, timeout = f"file://{tmp_path / 'store'}", datetime.timedelta(seconds=60)
+    # The other process runs from the project's folder, as its commands do (a tool that wraps the code, such as
+    # mutmut, finds its settings there).
+    other = subprocess.Popen([sys.executable, "-c", (
+        f"import datetime, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport torch\n"
+        "from slm_ensembles import teacher_cache\n"
+        f"torch.distributed.init_process_group('gloo', init_method={store!r}, rank=1, world_size=2, "
+        f"timeout=datetime.timedelta(seconds={timeout.seconds}))\n"
+        "print(teacher_cache._sum_over_processes(2, torch.device('cpu')))\n"
+        "torch.distributed.destroy_process_group()\n")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert teacher_cache._sum_over_processes(7, torch.device("cpu")) == 7
+        torch.distributed.init_process_group("gloo", init_method=store, rank=0, world_size=2, timeout=timeout)
+        try:
+            assert teacher_cache._sum_over_processes(1, torch.device("cpu")) == 3
+        finally:
+            torch.distributed.destroy_process_group()
+        printed, errors = other.communicate(timeout=120)
     finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_a_builds_disk_need_is_summed_over_two_processes(tmp_path):
-    """Two processes under accelerate launch, as a two-process build runs: each needs its rank + 1 bytes, and each
-    checks the free disk against 3 (they share the cache folder)."""
-    script = tmp_path / "sum_probe.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport utils\n"
-                      "from slm_ensembles import teacher_cache\nstate = utils.process_state()\n"
-                      "print('needed', teacher_cache._sum_over_processes(state.process_index + 1, state.device))\n")
-    result = accelerate_launch([str(script)], 2, tmp_path, timeout=300)
-    assert [line for line in result.stdout.splitlines() if line.startswith("needed")] == ["needed 3"] * 2
+        other.kill()
+    assert other.returncode == 0, errors
+    assert printed.split() == ["3"]
 
 
 @pytest.mark.parametrize("mode", ["topk", "hidden"])
