@@ -50,7 +50,7 @@ import utils
 from slm_ensembles import (compute, dry_run, embedded, files, processes, records, run_state, students, teacher_cache,
                            tracking)
 from slm_ensembles import teacher as teacher_lib
-from slm_ensembles.evaluation import evaluate, new_member_weight
+from slm_ensembles.evaluation import evaluate, mixture_ce, new_member_weight
 from slm_ensembles.losses import LossSettings
 from slm_ensembles.run_layout import RunLayout
 
@@ -236,14 +236,13 @@ def early_stopping(run: Run, round_index: int, resume_from: Path | None,
     if not run.config.eval_steps:
         return None
     frozen, settings = round_loss(run)
-    weights = None if settings.mixture_weights is None else {"mixture": list(settings.mixture_weights)}
+    weights = None if settings.mixture_weights is None else list(settings.mixture_weights)
 
     def scores(student) -> dict:
-        ce = {name: evaluate({"mixture": [student, *frozen]}, run.evaluated_teacher, run.data[name], run.collator,
-                             run.config.eval_batch_size, run.vocab_size, run.config.combine,
-                             chunk_size=run.config.eval_chunk_size, state=run.state,
-                             weights=weights)["mixture"]["ce"] for name in ("early_stop", "test")}
-        student.train()  # evaluate() left it in eval mode
+        ce = {name: mixture_ce([student, *frozen], run.data[name], run.collator, run.config.eval_batch_size,
+                               run.vocab_size, run.config.combine, chunk_size=run.config.eval_chunk_size,
+                               state=run.state, weights=weights) for name in ("early_stop", "test")}
+        student.train()  # mixture_ce() left it in eval mode
         meter.evaluations += 1
         return {"heldout_ce": ce["early_stop"], "test_ce": ce["test"],
                 **spent_so_far(run, round_index, student, frozen, meter)}

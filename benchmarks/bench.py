@@ -17,7 +17,10 @@
 4. step time with 3 frozen members (round 4) relative to none (round 1);
 5. wall time of 3 rounds with the cached teacher (cache build included) against the online teacher;
 6. the loss path's forward and backward time at several chunk sizes, side by side, and the fastest: the best
-   loss_chunk_size on the machine the bench runs on.
+   loss_chunk_size on the machine the bench runs on;
+7. one early-stopping evaluation of a student with 3 frozen members (round 4's), as a round runs it every
+   eval_steps: the mixture's CE alone (evaluation.mixture_ce) against every metric of `evaluate` with the teacher's
+   hidden states cached (its head, the KL to it, the members' pairwise KL, calibration), the same CE from both.
 
 Models are random-weight Llamas built from a config (no download), at the sizes the flags choose; the data is
 real chat data (the embedded ShareGPT when installed, else the test fixture) tokenized with a real chat template.
@@ -46,6 +49,7 @@ from preprocess_dataset import tokenize_conversation
 from train import DistillationTrainer, training_arguments
 import utils
 from slm_ensembles import embedded, teacher_cache
+from slm_ensembles.evaluation import CachedTeacher, evaluate, mixture_ce
 from slm_ensembles.losses import (LossSettings, Projection, chunked_hybrid_loss_sums, compile_loss_terms,
                                   divergence_sum, hybrid_loss_terms, predictor_mask, sparse_divergence_sum)
 
@@ -65,6 +69,8 @@ TARGETS = {  # ratio: (comparison, target), from the issue; the memory target ap
     "chunked_memory_over_naive": ("<=", 0.15),
     "round4_step_over_round1_step": ("<=", 1.5),
     "online_3_rounds_over_cached_3_rounds": (">=", 2.0),
+    # early stopping's evaluations took two thirds of a study run's time on this CPU (py-spy): at most half of that
+    "ce_only_evaluation_over_every_metric": ("<=", 0.5),
 }
 SWEEP_CHUNK_SIZES = (64, 128, 256, 512, 1024, 2048)  # item 6's sizes, besides 0 (one chunk)
 SWEEP_REPEATS = 2  # item 6's timed runs per chunk size, after a warm-up; the fastest counts
@@ -426,6 +432,35 @@ def build_bench_caches(options, teacher, dataset, tokenizer, cache_root: Path) -
     return caches, seconds
 
 
+def early_stopping_evaluation(options, teacher, mixture: list, dataset, tokenizer, cache_dir: Path) -> dict:
+    """Item 7: seconds of one evaluation of `mixture` (a student and its frozen members) on `dataset` as a held-out
+    split (without the training split's example ids), the CE alone and every metric with the teacher's states cached
+    in `cache_dir` as a run caches them; the fastest of SWEEP_REPEATS after a warm-up. `same_ce`: whether both give
+    the same CE, bit for bit."""
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    held_out = dataset.remove_columns("example_id")
+    split = {"dataset_fingerprint": held_out._fingerprint}
+    teacher_cache.build_cache(teacher, held_out, cache_dir, mode="hidden", k=0, temperature=1.0,
+                              vocab_size=options.vocab_size, batch_size=options.batch_size, collator=collator,
+                              metadata=split)
+    teacher_cache.write_metadata(cache_dir, split)
+    cached_teacher = CachedTeacher(teacher, (teacher_cache.TeacherCache.open(cache_dir, split),))
+    scored = {}
+
+    def every_metric():
+        scored["every_metric"] = evaluate({"mixture": mixture}, cached_teacher, held_out,
+                                          collator, options.batch_size, options.vocab_size,
+                                          chunk_size=options.chunk_size)["mixture"]["ce"]
+
+    def ce_only():
+        scored["ce_only"] = mixture_ce(mixture, held_out, collator, options.batch_size, options.vocab_size,
+                                       chunk_size=options.chunk_size)
+
+    device = next(mixture[0].parameters()).device
+    seconds = {"every_metric": fastest_seconds(every_metric, device), "ce_only": fastest_seconds(ce_only, device)}
+    return {"seconds": seconds, "members": len(mixture) - 1, "same_ce": scored["ce_only"] == scored["every_metric"]}
+
+
 @torch.no_grad()
 def cache_kl_error(teacher, student, caches: dict, dataset, tokenizer, batch_size: int, vocab_size: int,
                    num_tokens: int) -> dict:
@@ -490,8 +525,9 @@ def main(argv=None) -> dict:
 
 
 def trainer_results(options, teacher, dataset, tokenizer, fresh_student) -> dict:
-    """Items 1, 3, 4 and 5, measured on the same batches: every trainer's step throughput, the caches' bytes per
-    token and their KL error, and three rounds cached (their build included) against online."""
+    """Items 1, 3, 4, 5 and 7, measured on the same batches: every trainer's step throughput, the caches' bytes
+    per token and their KL error, three rounds cached (their build included) against online, and an early-stopping
+    evaluation."""
     results = {}
     members = [fresh_student(seed=10 + i).eval() for i in range(FROZEN_MEMBERS)]
     timed_steps = options.steps + 1  # one warm-up step, not counted
@@ -519,6 +555,9 @@ def trainer_results(options, teacher, dataset, tokenizer, fresh_student) -> dict
                                             for mode in caches}
         results["cache_kl_error"] = cache_kl_error(teacher, fresh_student(), caches, dataset, tokenizer,
                                                    options.batch_size, options.vocab_size, tokens)
+        # 7. an early-stopping evaluation of round 4's mixture
+        results["early_stopping_evaluation"] = early_stopping_evaluation(
+            options, teacher, [fresh_student(), *members], dataset, tokenizer, Path(cache_root) / "held_out")
 
         # 5. three rounds: cached (its build included) against online
         cached_rounds = three_rounds_seconds(options, fresh_student, teacher, members, dataset, tokenizer,
@@ -533,13 +572,14 @@ def trainer_results(options, teacher, dataset, tokenizer, fresh_student) -> dict
 def ratios(results: dict) -> dict:
     """The targets' ratios, each from figures measured side by side in this run."""
     step, rate, memory = results["step_seconds"], results["tokens_per_second"], results["loss_path_peak_bytes"]
-    rounds = results["three_rounds_seconds"]
+    rounds, evaluation = results["three_rounds_seconds"], results["early_stopping_evaluation"]["seconds"]
     return {
         "cached_tokens_per_s_over_gkd": rate["ours_cached_topk"] / rate["gkd"],
         "cached_step_over_sft_step": step["ours_cached_topk"] / step["sft"],
         **{f"chunked_memory_over_naive_at_{chunk}": peak / memory["naive"] for chunk, peak in memory["chunked"].items()},
         "round4_step_over_round1_step": step["ours_cached_topk_3_members"] / step["ours_cached_topk"],
         "online_3_rounds_over_cached_3_rounds": rounds["online"] / rounds["cached_with_build"],
+        "ce_only_evaluation_over_every_metric": evaluation["ce_only"] / evaluation["every_metric"],
     }
 
 
@@ -591,6 +631,11 @@ def print_report(results: dict, json_path: str) -> None:
         note = "   (the config's default)" if int(chunk) == default_chunk else ""
         print(f"   chunk size {'0 (one chunk)' if chunk == '0' else chunk:>13}  {timing}{note}")
     print(f"   best loss_chunk_size on this machine: {sweep['best_chunk_size']}")
+
+    evaluation = results["early_stopping_evaluation"]
+    print(f"\n7. one early-stopping evaluation of a student with {evaluation['members']} frozen members (fastest of "
+          f"{SWEEP_REPEATS} after a warm-up): the CE alone {evaluation['seconds']['ce_only']:.3f} s, every metric "
+          f"{evaluation['seconds']['every_metric']:.3f} s; the same CE: {evaluation['same_ce']}")
 
     print("\nratios (measured side by side in this run)")
     for name, value in results["ratios"].items():

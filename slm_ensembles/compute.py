@@ -22,7 +22,8 @@ model. The conventions (docs/compute.md states them once):
   gradient-checkpointing recomputation and the per-term gradient norms of logged steps are not counted (model
   FLOPs, as for MFU), nor is the weight fit of combine=weighted.
 - **Evaluation** that training uses (early stopping's held-out CE, every eval_steps) is charged: a forward of every
-  evaluated model (the student and the frozen members) on the early-stopping slice, and of an online teacher.
+  evaluated model (the student and the frozen members) on the early-stopping slice; early stopping reads only
+  their mixture's CE, so no teacher runs there.
   Test-set evaluations are measurement, not method, and are not charged.
 - **The teacher**: `online` runs its forward on every training token, every round. `topk` / `hidden` run its body
   once over the training split to build the cache (topk: with its head at every supervised position); **the whole
@@ -268,7 +269,8 @@ class SpendRule:
     def for_run(cls, teacher: ModelShape | None, teacher_mode: str, cache_tokens: TokenCount,
                 evaluation_tokens: TokenCount) -> "SpendRule":
         """A run's rule: the teacher cache's build over the training split (`cache_tokens`) and, with a cached
-        teacher, its states of the early-stopping slice (`evaluation_tokens`), which evaluations read."""
+        teacher, its states of the early-stopping slice (`evaluation_tokens`), which the run caches with its other
+        held-out splits."""
         build = charged_cache_build(teacher, teacher_mode, cache_tokens)
         if teacher is not None and teacher_mode != "online":
             build += measured_forward_flops(teacher, dataclasses.replace(evaluation_tokens, supervised=0))
@@ -277,10 +279,9 @@ class SpendRule:
     def round_parts(self, student: ModelShape, members: Sequence[ModelShape], tokens: TokenCount,
                     evaluations: int) -> list[float]:
         """One round's spend by part (SPEND_PARTS): its training over `tokens` through `members`, and its
-        `evaluations` early-stopping evaluations of the student with those members (and an online teacher)."""
+        `evaluations` early-stopping evaluations of the student with those members (evaluation.mixture_ce)."""
         trained = round_training_flops(student, tokens, members, self.teacher, self.teacher_mode)
-        evaluated = [student, *members, *([self.teacher] if self.teacher and self.teacher_mode == "online" else [])]
-        per_evaluation = sum(measured_forward_flops(model, self.evaluation_tokens) for model in evaluated)
+        per_evaluation = sum(measured_forward_flops(model, self.evaluation_tokens) for model in (student, *members))
         return [float(trained.student), float(trained.members), float(trained.teacher),
                 float(evaluations * per_evaluation)]
 

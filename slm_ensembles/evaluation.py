@@ -88,37 +88,69 @@ def evaluate(predictors: dict[str, list], teacher, dataset, collator, batch_size
         dataset = with_example_ids(dataset)  # the key the cache is read with; kept through sharding
     models = {id(model): model for members in predictors.values() for model in members}
     models[id(teacher_model)] = teacher_model
-    for model in models.values():
-        model.eval()
-    bodies = {key: model for key, model in models.items() if teacher_states is None or key != id(teacher_model)}
-    if state is not None and state.num_processes > 1:
-        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=True)
+    cached = {} if teacher_states is None else {id(teacher_model): teacher_states}
     # The sums stay on the teacher's device until the end: no host sync per chunk and predictor.
     device = next(teacher_model.parameters()).device
     sums = {name: torch.zeros(NUM_SUMS, dtype=torch.float64, device=device) for name in predictors}
     num_tokens = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
-        positions = predictor_mask(batch["labels"])
-        if not positions.any():
-            continue
-        hidden = {key: hidden_at(model, batch["input_ids"], batch["attention_mask"], positions)
-                  for key, model in bodies.items()}
-        if teacher_states is not None:
-            hidden[id(teacher_model)] = cached_hidden_states(teacher_states, batch, positions)
-        heads = {key: output_head(model, vocab_size) for key, model in models.items()}
-        targets = next_token_targets(batch["labels"])
-        for start in range(0, len(targets), chunk_size):
-            rows = slice(start, start + chunk_size)
-            # In the heads' own dtype (bf16 frozen models: half the bytes); read as fp32 where used (exact).
-            logits = {key: heads[key](hidden[key][rows]) for key in models}
-            add_chunk_metrics(sums, predictors, logits, logits[id(teacher_model)], targets[rows], combine, weights)
-            del logits
-        num_tokens += targets.numel()
+    for logits, targets in chunk_logits(models, dataset, collator, batch_size, vocab_size, chunk_size, state, cached):
+        add_chunk_metrics(sums, predictors, logits, logits[id(teacher_model)], targets, combine, weights)
+        num_tokens += len(targets)
+        del logits
     if state is not None and state.num_processes > 1:
         sums, num_tokens = sum_over_processes(sums, num_tokens)
     if num_tokens == 0:
         raise ValueError("the evaluation split has no supervised token to score")
     return {name: metrics_from_sums(s.cpu(), num_tokens) for name, s in sums.items()}
+
+
+@torch.no_grad()
+def mixture_ce(members: list, dataset, collator, batch_size: int, vocab_size: int, combine: str = "logits",
+               chunk_size: int = 1024, state=None, weights: list[float] | None = None) -> float:
+    """The CE of `members` combined, the number `evaluate` gives such a predictor, bit for bit (the same chunks,
+    sums and order), without the teacher or the other metrics: what early stopping reads at every evaluation. The
+    teacher's head, its KL and the members' pairwise KL cost more than the small members' own forwards."""
+    models = {id(model): model for model in members}
+    device = next(members[0].parameters()).device
+    sums = {"mixture": torch.zeros(NUM_SUMS, dtype=torch.float64, device=device)}
+    num_tokens = 0
+    for logits, targets in chunk_logits(models, dataset, collator, batch_size, vocab_size, chunk_size, state):
+        member_logits = [logits[id(model)].to(device) for model in members]
+        log_probs = F.log_softmax(combine_logits(member_logits, combine, weights), dim=-1)
+        sums["mixture"][CE] += F.nll_loss(log_probs, targets.to(device), reduction="sum")
+        num_tokens += len(targets)
+        del logits, member_logits, log_probs
+    if state is not None and state.num_processes > 1:
+        sums, num_tokens = sum_over_processes(sums, num_tokens)
+    if num_tokens == 0:
+        raise ValueError("the evaluation split has no supervised token to score")
+    return sums["mixture"][CE].item() / num_tokens
+
+
+def chunk_logits(models: dict, dataset, collator, batch_size: int, vocab_size: int, chunk_size: int, state=None,
+                 cached: dict | None = None):
+    """Each chunk of at most `chunk_size` supervised positions of `dataset`, in order: every model's logits there
+    (by key, in the model's dtype) and the targets. Models are put in eval mode; each body runs once per batch,
+    except a model `cached` gives a TeacherCache for (its cached hidden states are read instead). With several
+    processes (`state`), this process's contiguous shard of the split."""
+    cached = cached or {}
+    for model in models.values():
+        model.eval()
+    if state is not None and state.num_processes > 1:
+        dataset = dataset.shard(state.num_processes, state.process_index, contiguous=True)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
+        positions = predictor_mask(batch["labels"])
+        if not positions.any():
+            continue
+        hidden = {key: cached_hidden_states(cached[key], batch, positions) if key in cached
+                  else hidden_at(model, batch["input_ids"], batch["attention_mask"], positions)
+                  for key, model in models.items()}
+        heads = {key: output_head(model, vocab_size) for key, model in models.items()}
+        targets = next_token_targets(batch["labels"])
+        for start in range(0, len(targets), chunk_size):
+            rows = slice(start, start + chunk_size)
+            # In the heads' own dtype (bf16 frozen models: half the bytes); read as fp32 where used (exact).
+            yield {key: heads[key](hidden[key][rows]) for key in models}, targets[rows]
 
 
 def cached_hidden_states(cache: TeacherCache, batch: dict, positions: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,11 @@ def test_every_item_is_measured_with_finite_positive_numbers(smoke):
     assert list(results["loss_path_peak_bytes"]["chunked"]) == ["64"]
     assert sorted(results["ratios"]) == sorted(["cached_tokens_per_s_over_gkd", "cached_step_over_sft_step",
                                                 "chunked_memory_over_naive_at_64", "round4_step_over_round1_step",
-                                                "online_3_rounds_over_cached_3_rounds"])
+                                                "online_3_rounds_over_cached_3_rounds",
+                                                "ce_only_evaluation_over_every_metric"])
+    evaluation = results["early_stopping_evaluation"]
+    assert evaluation["members"] == bench.FROZEN_MEMBERS and evaluation["same_ce"] is True
+    assert sorted(evaluation["seconds"]) == ["ce_only", "every_metric"]
     measured = {key: value for key, value in results.items() if key not in ("settings", "teacher")}
     for path, value in numeric_leaves(measured):
         assert math.isfinite(value), path

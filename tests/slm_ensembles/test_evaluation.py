@@ -1,4 +1,5 @@
-"""evaluate: every metric against a computation written plainly here, chunked or not, with the teacher run or cached."""
+"""evaluate: every metric against a computation written plainly here, chunked or not, with the teacher run or cached;
+mixture_ce, early stopping's CE: evaluate's, bit for bit, without the teacher."""
 
 import math
 
@@ -10,7 +11,8 @@ from conftest import build_tiny_llama
 from model_io import PaddingCollator
 from preprocess_dataset import tokenize_conversation
 from slm_ensembles.answer_text import shown_answer
-from slm_ensembles.evaluation import WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight, sample_answers
+from slm_ensembles.evaluation import (WEIGHT_GRID, CachedTeacher, evaluate, fit_new_member_weight, mixture_ce,
+                                      sample_answers)
 from slm_ensembles.teacher_cache import TeacherCache, build_cache, write_metadata
 
 
@@ -120,6 +122,36 @@ def test_the_fitted_weight_is_the_best_candidate_and_never_worse_than_leaving_th
     assert ce[weight] == pytest.approx(direct["mix"]["ce"], rel=1e-6)
     alone = evaluate({"first": [first]}, teacher, test_split, collator, 4, len(tokenizer))
     assert ce[0.0] == pytest.approx(alone["first"]["ce"], rel=1e-6)
+
+
+@pytest.mark.parametrize("combine,weights", [("logits", None), ("probs", None), ("weighted", [0.7, 0.3]),
+                                             ("additive", [1.0, 0.5])])
+@pytest.mark.parametrize("chunk_size", [1024, 5])
+def test_mixture_ce_is_evaluates_ce_bit_for_bit_without_the_teacher(tokenizer, test_split, combine, weights,
+                                                                    chunk_size, monkeypatch):
+    """Early stopping reads mixture_ce every eval_steps: the number evaluate gives the mixture (==, not approx: a
+    run's early-stopping decisions and learning curves stay those of the runs before it), its members left in eval
+    mode, the teacher never run."""
+    teacher, first, second = (build_tiny_llama(tokenizer, seed=s) for s in (1, 2, 3))
+    for layer in first.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    for members, member_weights in (([first, second], weights), ([second], weights and weights[:1])):
+        expected = evaluate({"mixture": members}, teacher, test_split, collator, 4, len(tokenizer), combine,
+                            chunk_size=chunk_size, weights={"mixture": member_weights})["mixture"]["ce"]
+        first.train(), second.train()
+        never_run_the_body(teacher, monkeypatch)
+        assert mixture_ce(members, test_split, collator, 4, len(tokenizer), combine, chunk_size=chunk_size,
+                          weights=member_weights) == expected
+        assert not any(member.training for member in members)
+        monkeypatch.undo()
+
+
+def test_mixture_ce_of_a_split_with_nothing_to_score_is_refused(tokenizer, test_split):
+    unsupervised = test_split.map(lambda example: {"labels": [-100] * len(example["labels"])})
+    with pytest.raises(ValueError, match="^the evaluation split has no supervised token to score$"):
+        mixture_ce([build_tiny_llama(tokenizer, seed=2)], unsupervised, PaddingCollator(tokenizer.pad_token_id), 4,
+                   len(tokenizer))
 
 
 def hidden_cache(teacher, dataset, collator, vocab_size, folder):
