@@ -1147,21 +1147,24 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
 
 
 def test_every_evaluation_scores_in_chunks_of_eval_chunk_size(tiny_teacher_dir, tmp_path, monkeypatch):
-    """The early-stopping evaluations, the round's metrics and a weighted run's weight fit all hold at most
-    eval_chunk_size positions' logits at once (the demo's memory bound)."""
-    chunk_sizes = []
+    """The early-stopping evaluations (mixture_ce), the round's metrics and a weighted run's weight fit (evaluate)
+    all hold at most eval_chunk_size positions' logits at once (the demo's memory bound)."""
+    chunk_sizes = {"mixture_ce": [], "evaluate": []}
 
-    def recording(evaluate):
-        def evaluate_recorded(*args, **kwargs):
-            chunk_sizes.append(kwargs.get("chunk_size"))
-            return evaluate(*args, **kwargs)
-        return evaluate_recorded
+    def recording(score):
+        def score_recorded(*args, **kwargs):
+            chunk_sizes[score.__name__].append(kwargs.get("chunk_size"))
+            return score(*args, **kwargs)
+        return score_recorded
 
+    monkeypatch.setattr(main, "mixture_ce", recording(main.mixture_ce))
     monkeypatch.setattr(main, "evaluate", recording(main.evaluate))
     monkeypatch.setattr(evaluation, "evaluate", recording(evaluation.evaluate))
     assert main.main(cli_args(tiny_teacher_dir, tmp_path, *EARLY_STOPPING, "--combine", "weighted",
-                              "--eval_chunk_size", "3")) == 0
-    assert len(chunk_sizes) > 4 and set(chunk_sizes) == {3}
+                              "--total_rounds", "2", "--eval_chunk_size", "3")) == 0
+    assert len(chunk_sizes["mixture_ce"]) > 4 and set(chunk_sizes["mixture_ce"]) == {3}
+    # each round's metrics, and round 1's weight fit
+    assert len(chunk_sizes["evaluate"]) >= 3 and set(chunk_sizes["evaluate"]) == {3}
 
 
 def test_early_stopping_without_a_plateau_runs_to_the_cap(tiny_teacher_dir, tmp_path):
