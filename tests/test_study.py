@@ -30,7 +30,7 @@ from slm_ensembles.study.comparison import (Curve, multiplier_summary, paired_in
 from slm_ensembles.study.figures import ce_figure, curves_figure, latency_figure, study_figures
 from slm_ensembles.study.fits import (ALPHA_BOUNDS, FitError, INTERVAL, bootstrap_laws, fit_all, fit_power_law,
                                       too_few_points)
-from slm_ensembles.study.grid import StudyError
+from slm_ensembles.study.grid import Matched, StudyError
 from slm_ensembles.study.latency import first_members, pareto_frontier
 from slm_ensembles.study.matching import ensemble_size_value, teacher_parts
 from slm_ensembles.study.quoted import quoted_numbers_missing
@@ -587,6 +587,35 @@ def test_seeds_are_paired_so_a_shared_seed_effect_cancels():
     assert row["low"] == pytest.approx(-0.1) == row["high"]
 
 
+def test_a_matched_single_model_is_paired_at_its_own_size_on_its_axis_and_size_only():
+    """The wide family was matched (the spec's `match`) to the ensemble of 2's parameters: the closest width it has
+    is 5% larger, outside the 1% that makes two points one, so only the match pairs them; not on another axis, and
+    not with the ensemble of 3. Seed 0 tuned: the run of the lowest early-stopping CE stands for it."""
+    ensembles = [dict(family="method", series="method", kind="ensemble", point=f"{k} member(s)", order=k, seed=seed,
+                      parameters=1e6 * k, non_embedding_parameters=1e4 * k, ce=4.0 - 0.1 * k + 0.01 * seed,
+                      final_heldout_ce=math.nan) for k in (1, 2, 3) for seed in (0, 1)]
+    wide = [dict(family="wide", series="wide", kind="single", point="wide", order=0, seed=seed, parameters=2.1e6,
+                 non_embedding_parameters=5e4, ce=ce, final_heldout_ce=heldout)
+            for seed, ce, heldout in ((0, 3.9, 4.2), (0, 3.7, 4.0), (1, 3.85, 4.1))]
+    obs = pd.DataFrame(ensembles + wide)
+    assert pairs_table(obs, {}, ["parameters"])[0].query("single == 'wide'").empty
+    pairs, _ = pairs_table(obs, {}, ["parameters", "non_embedding_parameters"],
+                           (Matched("wide", "method", 2, "parameters"),))
+    matched = pairs[pairs["single"] == "wide"]
+    assert list(zip(matched["axis"], matched["ensemble_size"], matched["seed"])) == [("parameters", 2, 0),
+                                                                                   ("parameters", 2, 1)]
+    assert matched["single_ce"].tolist() == [3.7, 3.85]  # seed 0: its run of early-stopping CE 4.0
+    assert matched["difference"].tolist() == pytest.approx([3.8 - 3.7, 3.81 - 3.85])
+    assert matched["single_from"].tolist() == [
+        "matched: 2,100,000 to 2,000,000 (+5.0%), best of 2 there by early-stopping CE",
+        "matched: 2,100,000 to 2,000,000 (+5.0%)"]
+    # A family of two sizes has no one size to stand for it: read at the ensemble's x as any other family.
+    sizes = pd.DataFrame([dict(family="sizes", series="sizes", kind="single", point=f"w{x}", order=0, seed=0,
+                               parameters=x, ce=4.0 - x / 1e7, final_heldout_ce=math.nan) for x in (1.5e6, 2.5e6)])
+    pairs, _ = pairs_table(pd.concat([obs, sizes]), {}, ["parameters"], (Matched("sizes", "method", 2, "parameters"),))
+    assert pairs.query("single == 'sizes'")["single_from"].tolist() == ["interpolated"]  # seed 0, its only seed
+
+
 def curve(*evals, spent=None):
     frame = pd.DataFrame(evals, columns=["train_flops", "heldout_ce", "test_ce"])
     return Curve(frame.sort_values(["train_flops", "heldout_ce"]), spent or frame["train_flops"].max(),
@@ -1022,7 +1051,7 @@ def test_the_teacher_gap_table_gives_each_member_sizes_best_ensemble_and_its_mat
         rows += gap_rows("m3", "m3", "ensemble", "m3", seed, [5.0 + noise, 4.0 + noise, 4.5 + noise])  # best: 2
         rows += gap_rows("m6", "m6", "ensemble", "m6", seed, [4.0 + noise, 3.0 + noise, 3.0 + noise], start=7.0)
         rows += gap_rows("s14", "s14", "single", "teacher_layers=14", seed, [4.6 + noise], start=6.0)
-    table = teacher_gap_table(pd.DataFrame(rows), [("s14", "m3", 2)],
+    table = teacher_gap_table(pd.DataFrame(rows), [Matched("s14", "m3", 2, "parameters")],
                                     {"m3": "3 teacher layers", "m6": "6 teacher layers"})
     assert list(table["series"]) == ["m3", "m6"] and list(table["member_size"]) == ["3 teacher layers",
                                                                                     "6 teacher layers"]

@@ -59,15 +59,15 @@ def wall_times(study: Study) -> pd.DataFrame:
 
 
 def observations(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per series, point and seed: test CE, the run's final early-stopping CE, gap_closed and the x columns
+    """One row per series (with its family), point and seed: test CE, the run's final early-stopping CE, gap_closed and the x columns
     there are. An ensemble run gives a point
     per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
     same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
     x_columns = [x for x in X_AXES if x in rows.columns]
     gap = ["gap_closed"] if "gap_closed" in rows.columns else []
     if rows.empty:
-        return pd.DataFrame(columns=["series", "kind", "point", "order", "seed", "ce", "final_heldout_ce", *gap,
-                                     *x_columns])
+        return pd.DataFrame(columns=["family", "series", "kind", "point", "order", "seed", "ce", "final_heldout_ce",
+                                     *gap, *x_columns])
     models = rows[rows["model"] == "ensemble"].drop_duplicates(["run", "ensemble_size"], keep="last")
     models = models.sort_values(["run", "ensemble_size"], kind="stable")
     single = models["kind"] == "single"
@@ -78,7 +78,7 @@ def observations(rows: pd.DataFrame) -> pd.DataFrame:
     models = models.assign(point=models["point"].where(~is_ensemble, size.map(lambda k: f"{k} member(s)")),
                            order=np.where(is_ensemble, size, 0), rank=models["series"].map(series_rank),
                            first=np.arange(len(models)))
-    table = (models.groupby(["series", "kind", "point", "order", "seed"], sort=False)[
+    table = (models.groupby(["family", "series", "kind", "point", "order", "seed"], sort=False)[
         ["ce", "final_heldout_ce", *gap, *x_columns, "rank", "first"]].mean().reset_index())
     table = table.sort_values(["rank", "order", "first"], kind="stable")
     return table.drop(columns=["rank", "first"]).reset_index(drop=True)

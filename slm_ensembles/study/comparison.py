@@ -14,6 +14,7 @@ from scipy import stats
 
 import plot
 from slm_ensembles.run_layout import RunLayout
+from slm_ensembles.study.grid import Matched
 
 EQUAL_X_RTOL = 0.01  # x values this close (relative) are the same grid point
 CONFIDENCE = 0.95  # of the paired t-intervals
@@ -119,10 +120,12 @@ def single_curves(rows: pd.DataFrame) -> tuple[dict[tuple[str, int], Curve], lis
     return curves, notes
 
 
-def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensemble) -> dict | None:
+def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensemble,
+                  matched: tuple[Matched, ...] = ()) -> dict | None:
     """The single-model series' CE paired with one ensemble observation (same seed), or None where there is none:
     on train_flops its curve's choice within the ensemble's spend, and the compute multiplier; on the other axes
-    its grid point at the ensemble's x or its interpolation."""
+    its grid point at the ensemble's x or its interpolation, or, for a family `matched` on that axis to the
+    ensemble's family at the ensemble's size, its own point (the closest size it has: matching.MATCH_RTOL)."""
     if axis == "train_flops":
         curve = curves.get((single, int(ensemble.seed)))
         budget = float(ensemble.train_flops)
@@ -136,11 +139,27 @@ def paired_single(obs: pd.DataFrame, curves: dict, axis: str, single: str, ensem
                     multiplier=multiplier, multiplier_bound=bound,
                     students_multiplier=without_fixed(multiplier, budget, fixed),
                     students_multiplier_bound=without_fixed(bound, budget, fixed))
-    found = single_at(obs[(obs["series"] == single) & (obs["seed"] == ensemble.seed)], axis,
-                      float(getattr(ensemble, axis)))
+    points = obs[(obs["series"] == single) & (obs["seed"] == ensemble.seed)]
+    found = matched_single(points, axis, ensemble, matched) or single_at(points, axis, float(getattr(ensemble, axis)))
     return None if found is None else dict(single_ce=found[0], single_flops=math.nan, single_from=found[1],
                                            multiplier=math.nan, multiplier_bound=math.nan,
                                            students_multiplier=math.nan, students_multiplier_bound=math.nan)
+
+
+def matched_single(points: pd.DataFrame, axis: str, ensemble, matched: tuple[Matched, ...]) -> tuple[float, str] | None:
+    """A matched family's CE at its own size (`points`: its observations of the ensemble's seed), where it was
+    matched on `axis` to the ensemble's family at the ensemble's size: (CE, how far its x is from the ensemble's).
+    None for any other pair, and where its points hold more than one size."""
+    if not matched or points.empty:
+        return None
+    sizes = points.dropna(subset=[axis])[axis].unique()
+    if len(sizes) != 1 or Matched(str(points["family"].iloc[0]), str(ensemble.family), int(ensemble.order),
+                                  axis) not in matched:
+        return None
+    ce, chosen = single_at(points, axis, float(sizes[0]))
+    target = float(getattr(ensemble, axis))
+    best_of = chosen[chosen.find(", best of"):] if ", best of" in chosen else ""
+    return ce, f"matched: {sizes[0]:,.0f} to {target:,.0f} ({sizes[0] / target - 1:+.1%}){best_of}"
 
 
 def without_fixed(ratio: float, budget: float, fixed: float) -> float:
@@ -149,10 +168,12 @@ def without_fixed(ratio: float, budget: float, fixed: float) -> float:
     return (ratio * budget - fixed) / (budget - fixed)
 
 
-def pairs_table(obs: pd.DataFrame, curves: dict, axes) -> tuple[pd.DataFrame, list[str]]:
+def pairs_table(obs: pd.DataFrame, curves: dict, axes,
+                matched: tuple[Matched, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
     """comparison.csv: per axis, ensemble point, single-model series and seed, the ensemble's CE and the single
-    model's from the run of the same seed, and their difference (negative: the ensemble is better). Notes on the
-    seeds left out because the single model's first evaluation had already spent more than the ensemble."""
+    model's from the run of the same seed (a `matched` family's at its own size), and their difference (negative:
+    the ensemble is better). Notes on the seeds left out because the single model's first evaluation had already
+    spent more than the ensemble."""
     singles = [s for s in dict.fromkeys(obs["series"]) if (obs.loc[obs["series"] == s, "kind"] == "single").all()]
     ensembles = obs[obs["kind"] == "ensemble"]
     rows, notes = [], []
@@ -161,7 +182,7 @@ def pairs_table(obs: pd.DataFrame, curves: dict, axes) -> tuple[pd.DataFrame, li
             for single in singles:
                 late = []
                 for ensemble in part.itertuples(index=False):
-                    found = paired_single(obs, curves, axis, single, ensemble)
+                    found = paired_single(obs, curves, axis, single, ensemble, matched)
                     if found is None and (single, int(ensemble.seed)) in curves and axis == "train_flops":
                         late.append(str(ensemble.seed))
                     if found is not None:

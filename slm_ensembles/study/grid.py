@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import config as config_lib
 
@@ -55,6 +56,16 @@ class Point:
         return {**self.settings, **self.per_run(), "output_root": str(self.output_root)}
 
 
+class Matched(NamedTuple):
+    """A single family whose size was matched (the spec's `match`) to an ensemble family's at one ensemble size,
+    on one axis (parameters or non-embedding parameters)."""
+
+    single: str
+    ensemble: str
+    size: int
+    axis: str
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
     name: str
@@ -63,7 +74,7 @@ class Study:
     compare: tuple[str, ...] = COMPARED_X  # the axes the ensembles are compared with the single models on
     waiting: tuple[str, ...] = ()  # per family whose later seeds wait for its tuning: a line saying so
     tuning: tuple[dict, ...] = ()  # tuning.csv's rows: family, point, rate, heldout_ce, chosen
-    matched: tuple[tuple[str, str, int], ...] = ()  # (single family, the ensemble family it matches, at what size)
+    matched: tuple[Matched, ...] = ()  # the single families matched to an ensemble family's size
     # Runs of families that wait for another study's tuning (tuned_in), built at a stand-in rate to check their
     # settings: never run, collected or listed.
     pending: tuple[Point, ...] = ()

@@ -17,7 +17,7 @@ import yaml
 import config as config_lib
 import plot
 from slm_ensembles.run_layout import RunLayout
-from slm_ensembles.study.grid import (COMPARED_X, Family, Point, Study, StudyError, cli_value, name_part,
+from slm_ensembles.study.grid import (COMPARED_X, Family, Matched, Point, Study, StudyError, cli_value, name_part,
                                       per_run_settings)
 from slm_ensembles.study.matching import match_family
 from slm_ensembles.study.status import point_status
@@ -111,7 +111,8 @@ def load_spec(path) -> Study:
         tuning += rows
     pending = [point for family in stand_ins for point in family_points(family, folder, vary_data)[0]]
     check_points([*points, *pending])
-    matched = tuple((f.name, f.match["family"], f.match["size"]) for f in [*families, *stand_ins] if f.match)
+    matched = tuple(Matched(f.name, f.match["family"], f.match["size"], f.match["axis"])
+                    for f in [*families, *stand_ins] if f.match)
     return Study(name=name, folder=folder, points=points, compare=compare, waiting=tuple(waiting),
                  tuning=tuple(tuning), matched=matched, pending=tuple(pending))
 

@@ -38,7 +38,7 @@ def _interval_columns(prefix: str, values) -> dict:
 def teacher_gap_table(rows: pd.DataFrame, matched, member_sizes: dict[str, str]) -> pd.DataFrame:
     """teacher_gap.csv: per ensemble series (a member size), its best ensemble (the size of the lowest mean test CE
     over seeds) with the mean test CE and gap closed over seeds, each with its 95% t-interval; and each single-model
-    series matched to its family (`matched`: (single family, ensemble family, size) as the spec's `match`), its
+    series matched to its family (`matched`: grid.Matched, as the spec's `match`), its
     CE and gap closed alike. gap_closed is metrics.csv's: each run's share of the gap from its own round-0 untrained
     student (`start_ce`, the mean over seeds) to the teacher; a matched single model starts elsewhere, so its CE
     is also given on the ensemble's scale (single_gap_closed_on_member_scale: (start_ce - CE) / (start_ce -
@@ -64,7 +64,7 @@ def teacher_gap_table(rows: pd.DataFrame, matched, member_sizes: dict[str, str])
                    seeds=len(at_best), **_interval_columns("ensemble_ce", at_best["ce"]),
                    **_interval_columns("ensemble_gap_closed", at_best["gap_closed"].dropna()), start_ce=start,
                    teacher_ce=teacher)
-        singles = [(single, size) for single, ensemble, size in matched if ensemble == family]
+        singles = [(match.single, match.size) for match in matched if match.ensemble == family]
         single_rows = []
         for single_family, size in singles:
             series_of = rows.loc[rows["family"] == single_family, "series"].unique()
