@@ -59,10 +59,10 @@ def wall_times(study: Study) -> pd.DataFrame:
 
 
 def observations(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per series (with its family), point and seed: test CE, the run's final early-stopping CE, gap_closed and the x columns
-    there are. An ensemble run gives a point
-    per ensemble size (its ensemble rows); a single-model run gives one (its final model). Several runs with the
-    same series, point and seed (ensemble runs of different total_rounds share their small sizes) are averaged."""
+    """One row per series (with its family), point and seed: test CE, the run's final early-stopping CE, gap_closed
+    and the x columns there are. An ensemble run gives a point per ensemble size (its ensemble rows); a single-model
+    run gives one (its final model). Several runs with the same series, point and seed (ensemble runs of different
+    total_rounds share their small sizes) are averaged."""
     x_columns = [x for x in X_AXES if x in rows.columns]
     gap = ["gap_closed"] if "gap_closed" in rows.columns else []
     if rows.empty:
