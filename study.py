@@ -15,6 +15,7 @@ Usage:
     python study.py SPEC.yaml --collect        # only collect: rows, fits, verdicts, figures and summary
     python study.py SPEC.yaml --latency        # after the runs: time each point's saved model (latency.csv); collect
     python study.py SPEC.yaml --latency --new_tokens 64 --repeats 5 --threads 1   # longer, steadier timings
+    python study.py A.yaml B.yaml --across DIR # studies that differ in a setting (max_examples), side by side
     python study.py SPEC.yaml --records DIR    # the finished runs' records (no weights) into DIR/runs, to carry
     cp -r DIR/runs STUDY/                      # ... and back, on another machine: those runs count as finished
 
@@ -35,6 +36,13 @@ What collecting writes into the study folder:
                      models matched to its family (`match`), with 95% t-intervals over seeds; the teacher's CE
     summary.md       the tables above, short, and the notes (fits and pairs left out, and why)
     ce_vs_*.png      CE against ensemble size, parameters, training FLOPs, depth (log x), with the determined fits
+
+What --across writes into DIR (from each study's finished runs; each study's own folder is left as it is):
+    across.csv       every study's verdicts (verdicts.csv's columns) after its name and the settings that tell the
+                     studies apart (those every run of a study states alike, with values that differ between them)
+    across.md        each study, its teacher and measured wall time, the hours in all, then the verdicts' table
+    across_curves.png  a panel per study: single models' learning curves and ensembles against the students' own
+                     training FLOPs (the teacher cache's build, the same for every run of a study, taken off)
 
 What --latency writes (then collecting adds its section to summary.md and ce_vs_latency.png):
     latency.csv      per point (an ensemble family's at each size, a single family's at each grid point; one run of
@@ -64,6 +72,7 @@ from ensemble import ModelEnsemble, saved_ensemble_config
 import plot
 from benchmarks import bench_inference
 from slm_ensembles.processes import run_command
+from slm_ensembles.study.across import Panel, across_figure, across_markdown, across_table, differing_settings
 from slm_ensembles.study.carrying import keep_records
 from slm_ensembles.study.collecting import collect_rows, observations, point_table, wall_times
 from slm_ensembles.study.comparison import pairs_table, single_curves, verdict_table
@@ -79,6 +88,13 @@ from slm_ensembles.study.teacher_gap import member_size, teacher_gap_table
 
 # --- collecting: the pieces of slm_ensembles/study/, in order ---------------------------------------------------------
 
+def mean_teacher_ce(rows: pd.DataFrame) -> float | None:
+    """The teacher's test CE, averaged over the runs that evaluated it; None when none did."""
+    teachers = [plot.teacher_ce(part) for _, part in rows.groupby("run")] if len(rows) else []
+    teachers = [t for t in teachers if t is not None]
+    return float(np.mean(teachers)) if teachers else None
+
+
 def collect(study: Study, replicates: int = 500) -> list[Path]:
     """Write the study folder's tables, figures and summary from the finished runs; the paths written."""
     study.folder.mkdir(parents=True, exist_ok=True)
@@ -89,9 +105,7 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     curves, curve_notes = single_curves(rows)
     pairs, pair_notes = pairs_table(obs, curves, study.compare, study.matched)
     verdicts = verdict_table(pairs)
-    teachers = [plot.teacher_ce(part) for _, part in rows.groupby("run")] if len(rows) else []
-    teachers = [t for t in teachers if t is not None]
-    teacher = float(np.mean(teachers)) if teachers else None
+    teacher = mean_teacher_ce(rows)
     fits_frame = fits_table(fits)
     times = wall_times(study)
     tables = {"rows.csv": rows, "runs.csv": runs, "run_times.csv": times, "summary.csv": points,
@@ -117,6 +131,25 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     if latency is not None and len(latency):
         figures["ce_vs_latency"] = latency_figure(latency)
     return paths + plot.save_figures(figures, study.folder)
+
+
+def study_panel(study: Study, setting: dict) -> Panel:
+    """The study's part of a side-by-side (--across): its observations, curves, verdicts, teacher, run times."""
+    rows, _ = collect_rows(study)
+    obs = observations(rows)
+    curves, _ = single_curves(rows)
+    pairs, _ = pairs_table(obs, curves, study.compare, study.matched)
+    return Panel(study.name, setting, obs, curves, verdict_table(pairs), mean_teacher_ce(rows), wall_times(study))
+
+
+def across(studies: list[Study], folder: Path) -> list[Path]:
+    """Write across.csv, across.md and across_curves.png for studies set side by side into `folder`; the paths."""
+    panels = [study_panel(study, setting) for study, setting in zip(studies, differing_settings(studies))]
+    folder.mkdir(parents=True, exist_ok=True)
+    across_table(panels).to_csv(folder / "across.csv", index=False)
+    (folder / "across.md").write_text(across_markdown(panels))
+    return [folder / "across.csv", folder / "across.md",
+            *plot.save_figures({"across_curves": across_figure(panels)}, folder)]
 
 
 # --- latency: the timing itself (--latency), through benchmarks/bench_inference.py ------------------------------------
@@ -208,7 +241,8 @@ def measure_latency(study: Study, timing: Timing, log=print) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("spec", type=Path, help="the study spec (YAML; see docs/study.md)")
+    parser.add_argument("spec", type=Path, nargs="+",
+                        help="the study spec (YAML; see docs/study.md); several only with --across")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry_run", action="store_true", help="list the grid points and which are finished; run nothing")
     mode.add_argument("--print_sbatch", action="store_true",
@@ -217,6 +251,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--records", type=Path, metavar="DIR",
                       help="copy the finished runs' records (CSV, YAML, manifests, configs; no weights) into DIR/runs; "
                            "copied back into the study folder on another machine, those runs count as finished")
+    mode.add_argument("--across", type=Path, metavar="DIR",
+                      help="set several studies' finished runs side by side (they differ in a setting, such as "
+                           "max_examples): across.csv, across.md and across_curves.png into DIR; run nothing")
     mode.add_argument("--latency", action="store_true",
                       help="time the finished runs' saved models (decode ms per token at batch 1, members in "
                            "parallel processes and one after another) into latency.csv; then collect")
@@ -231,14 +268,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"--latency: the random prompt's length (default: {timing.prompt_tokens})")
     parser.add_argument("--threads", type=int, default=timing.threads,
                         help=f"--latency: intra-op threads per process (default: {timing.threads})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if len(args.spec) != 1 and not args.across:
+        parser.error(f"one study spec, or several with --across DIR (given {len(args.spec)})")
+    return args
 
 
 def main(argv=None) -> int:
     """0 when every run asked for finished (or nothing ran), 1 when one did not, 2 for a spec it cannot use."""
     args = parse_args(argv)
     try:
-        study = load_spec(args.spec)
+        if args.across:
+            for path in across([load_spec(spec) for spec in args.spec], args.across):
+                print(path)
+            return 0
+        study = load_spec(args.spec[0])
         if args.dry_run:
             print("\n".join(dry_run_lines(study)))
             return 0
@@ -256,7 +300,7 @@ def main(argv=None) -> int:
         failed = []
         while not args.collect and not args.latency and not failed:
             failed = run_study(study)
-            before, study = study.waiting, load_spec(args.spec)  # finished tuning runs give the later seeds' runs
+            before, study = study.waiting, load_spec(args.spec[0])  # finished tuning runs give the later seeds' runs
             if study.waiting == before:
                 break
         for path in collect(study, args.bootstrap):

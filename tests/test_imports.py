@@ -81,6 +81,7 @@ LAYERS = {
                "slm_ensembles.study.spec", "slm_ensembles.study.running", "slm_ensembles.study.collecting",
                "slm_ensembles.study.fits", "slm_ensembles.study.comparison", "slm_ensembles.study.teacher_gap",
                "slm_ensembles.study.latency", "slm_ensembles.study.figures", "slm_ensembles.study.report",
+               "slm_ensembles.study.across",
                "slm_ensembles.study.carrying"],
     "commands": ["main", "study", "generate", "score", "lm_eval_adapter", "build_teacher_cache",
                  "benchmarks.bench", "benchmarks.bench_inference", "benchmarks.demo_memory",

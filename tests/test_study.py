@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from matplotlib.figure import Figure
 from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -24,10 +25,11 @@ from ensemble import ModelEnsemble
 import study
 from slm_ensembles import students
 from slm_ensembles.study import running
+from slm_ensembles.study.across import differing_settings
 from slm_ensembles.study.collecting import collect_rows, observations, point_table
 from slm_ensembles.study.comparison import (Curve, multiplier_summary, paired_interval, paired_single, pairs_table,
                                             single_at, single_curves, verdict, verdict_table)
-from slm_ensembles.study.figures import ce_figure, curves_figure, latency_figure, study_figures
+from slm_ensembles.study.figures import ce_figure, curves_figure, draw_curves, fixed_flops, latency_figure, study_figures
 from slm_ensembles.study.fits import (ALPHA_BOUNDS, FitError, INTERVAL, bootstrap_laws, fit_all, fit_power_law,
                                       too_few_points)
 from slm_ensembles.study.grid import Matched, StudyError
@@ -630,6 +632,73 @@ def test_a_single_curve_is_read_at_the_best_held_out_evaluation_within_the_budge
     assert single.multiplier(4.0, budget=2.0)[0] == 3.0  # reached at 6 (3.9 <= 4.0): 6 / 2
     multiplier, bound = single.multiplier(3.5, budget=2.0)  # never reached: censored at its spend, 8 / 2
     assert math.isnan(multiplier) and bound == 4.0
+
+
+def size_study(tmp_path, name, max_examples, build, ensemble_ce, single_ce):
+    """A study at `max_examples` of an ensemble of 2 (CE ensemble_ce[k-1] at k F0 + build) and one single model whose
+    curve ends at single_ce (3 F0 + build), 2 seeds; seed s's teacher cache build costs build + s F0 / 10."""
+    families = [dict(name="method", settings=dict(total_rounds=2)),
+                dict(name="one", kind="single", settings=dict(total_rounds=1))]
+    spec = write_spec(tmp_path / f"{name}.yaml", families, name=name, output=str(tmp_path / name),
+                      settings=dict(max_examples=max_examples), compare=["train_flops"])
+    for point in load_spec(spec).points:
+        fixed = build + point.seed * F0 / 10
+        if point.kind == "ensemble":
+            fake_run(point, ensemble_ce, extra=dict(train_flops=lambda k, fixed=fixed: k * F0 + fixed))
+        else:
+            evals = [dict(round=0, train_flops=f * F0 + fixed, heldout_ce=ce + 0.1, test_ce=ce, flops_teacher=fixed)
+                     for f, ce in ((0.5, single_ce + 1.0), (1.5, single_ce + 0.5), (3.0, single_ce))]
+            fake_run(point, [single_ce], evals=evals, extra=dict(train_flops=lambda k, fixed=fixed: 3 * F0 + fixed))
+    return spec
+
+
+def test_across_sets_studies_of_different_data_sizes_side_by_side(tmp_path):
+    small = size_study(tmp_path, "small", 40, 1 * F0, [3.0, 2.0], 2.5)
+    large = size_study(tmp_path, "large", 80, 2 * F0, [2.8, 2.6], 2.2)
+    assert study.main([str(small), str(large), "--across", str(tmp_path / "side")]) == 0
+    table = pd.read_csv(tmp_path / "side" / "across.csv")
+    assert list(table.columns[:2]) == ["study", "max_examples"]
+    two = table[table["point"] == "2 member(s)"].set_index("study")
+    assert two.loc["small", "max_examples"] == 40 and two.loc["large", "max_examples"] == 80
+    # small: 2.0 against the single curve's best within 2 F0 (3.0); large: 2.6 against 2.7
+    assert two.loc["small", "mean_difference"] == pytest.approx(-1.0)
+    assert two.loc["large", "mean_difference"] == pytest.approx(-0.1)
+    text = (tmp_path / "side" / "across.md").read_text()
+    assert "- small (max_examples=40): Measured wall time" in text and "Teacher: 1.0000." in text
+    assert "| small | 40 | train_flops |" in text and "| large | 80 | train_flops |" in text
+    assert (tmp_path / "side" / "across_curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    with pytest.raises(SystemExit):  # several specs need --across
+        study.parse_args([str(small), str(large)])
+
+
+def test_across_refuses_studies_that_nothing_tells_apart(tmp_path):
+    one = size_study(tmp_path, "one", 40, F0, [3.0, 2.0], 2.5)
+    same = size_study(tmp_path, "same", 40, F0, [3.0, 2.0], 2.5)
+    with pytest.raises(StudyError, match="state the same settings for all their runs"):
+        differing_settings([load_spec(one), load_spec(same)])
+    with pytest.raises(StudyError, match="repeat: one, one"):
+        differing_settings([load_spec(one), load_spec(one)])
+    assert study.main([str(one), str(same), "--across", str(tmp_path / "side")]) == 2
+    assert not (tmp_path / "side").exists()  # refused before anything is written
+
+
+def test_students_only_curves_take_each_seeds_build_off_both_sides():
+    evals = lambda fixed: pd.DataFrame({"train_flops": [fixed + 1.0, fixed + 2.0], "heldout_ce": [5.0, 4.0],
+                                        "test_ce": [5.0, 4.0], "flops_teacher": [fixed, fixed]})
+    curves = {("one", 0): Curve(evals(10.0), 12.0, False), ("one", 1): Curve(evals(20.0), 22.0, False)}
+    assert fixed_flops(curves) == {0: 10.0, 1: 20.0}
+    assert fixed_flops({**curves, ("two", 1): Curve(evals(30.0), 32.0, False)})[1] == 0.0  # a seed's curves disagree
+    obs = pd.DataFrame({"series": ["method"] * 3 + ["one"], "kind": ["ensemble"] * 3 + ["single"],
+                        "point": ["2 member(s)"] * 3 + ["one"], "seed": [0, 1, 2, 0], "ce": [4.5, 4.4, 4.3, 4.0],
+                        "train_flops": [11.5, 21.5, 31.5, 12.0]})
+    ax = Figure().subplots()
+    draw_curves(ax, obs, curves, None, students_only=True)
+    assert [list(line.get_xdata()) for line in ax.get_lines()] == [[1.0, 2.0], [1.0, 2.0]]
+    (marks,) = ax.collections  # seed 2 has no curve: its fixed cost is unknown, its mark left out
+    assert [tuple(xy) for xy in marks.get_offsets()] == [(1.5, 4.5), (1.5, 4.4)]
+    whole = Figure().subplots()
+    draw_curves(whole, obs, curves, None)
+    assert list(whole.get_lines()[0].get_xdata()) == [11.0, 12.0] and len(whole.collections[0].get_offsets()) == 3
 
 
 def test_the_students_multiplier_takes_the_build_both_sides_pay_off_both_spends():

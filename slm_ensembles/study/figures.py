@@ -50,31 +50,54 @@ def ce_figure(points: pd.DataFrame, fits: list[Fitted], x: str, teacher: float |
     return fig
 
 
-def curves_figure(obs: pd.DataFrame, curves: dict, teacher: float | None, title: str) -> Figure:
-    """Test CE against training FLOPs spent (log x): each single-model series' learning curve per seed (the test
-    CE of its best evaluation on the early-stopping slice so far: what the comparison reads at a spend), and each
-    ensemble point per seed, at the FLOPs it spent; the teacher dotted."""
-    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
-    ax = fig.subplots()
+def fixed_flops(curves: dict) -> dict[int, float]:
+    """Per seed, the one-off cost every single-model curve of that seed carries alike (Curve.fixed_flops: the
+    teacher cache's build, which depends on the seed's data sample); 0 for a seed whose curves disagree."""
+    values: dict[int, set] = {}
+    for (_, seed), curve in curves.items():
+        values.setdefault(seed, set()).add(curve.fixed_flops)
+    return {seed: found.pop() if len(found) == 1 else 0.0 for seed, found in values.items()}
+
+
+def draw_curves(ax, obs: pd.DataFrame, curves: dict, teacher: float | None, students_only: bool = False) -> None:
+    """Onto `ax`, test CE against training FLOPs spent (log x): each single-model series' learning curve per seed
+    (the test CE of its best evaluation on the early-stopping slice so far: what the comparison reads at a spend),
+    and each ensemble point per seed, at the FLOPs it spent; the teacher dotted. students_only: each seed's fixed
+    cost (fixed_flops) taken off its spends, so the x axis is the students' own compute; an ensemble of a seed
+    without a single-model curve, whose fixed cost is not known, is left out."""
+    offsets = fixed_flops(curves) if students_only else {}
     colors = {series: f"C{i % 10}" for i, series in enumerate(dict.fromkeys(obs["series"]))}
-    for (series, _), curve in curves.items():
+    for (series, seed), curve in curves.items():
         chosen = curve.evals.assign(best=curve.evals["heldout_ce"].cummin())
         chosen = chosen[chosen["heldout_ce"] == chosen["best"]]
         labelled = series in {line.get_label() for line in ax.get_lines()}
-        ax.step(chosen["train_flops"], chosen["test_ce"], where="post", color=colors[series], alpha=0.6,
-                label="_nolegend_" if labelled else series)
+        ax.step(chosen["train_flops"] - offsets.get(seed, 0.0), chosen["test_ce"], where="post",
+                color=colors[series], alpha=0.6, label="_nolegend_" if labelled else series)
     ensembles = obs[obs["kind"] == "ensemble"].dropna(subset=["train_flops"])
+    if students_only:
+        ensembles = ensembles[ensembles["seed"].isin(list(offsets))]
     for (series, point), part in ensembles.groupby(["series", "point"], sort=False):
-        ax.scatter(part["train_flops"], part["ce"], color=colors[series], marker=f"${point.split()[0]}$", s=60,
+        spent = part["train_flops"] - part["seed"].map(lambda seed: offsets.get(int(seed), 0.0))
+        ax.scatter(spent, part["ce"], color=colors[series], marker=f"${point.split()[0]}$", s=60,
                    label=f"{series}, {point}")
     if teacher is not None:
         ax.axhline(teacher, color="gray", linestyle=":", label=f"teacher: {teacher:.3f}")
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs spent (log scale)")
+    taken = [value for value in offsets.values() if value]
+    ax.set_xlabel(f"students' training FLOPs (log; cache build {min(taken):.2g}-{max(taken):.2g} off)" if taken
+                  else "training FLOPs spent (log scale)")
     ax.set_ylabel(plot.CE_LABEL)
-    ax.set_title(f"{title}: single models' learning curves and ensembles, one line or mark per seed")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
+
+
+def curves_figure(obs: pd.DataFrame, curves: dict, teacher: float | None, title: str) -> Figure:
+    """The study's single models' learning curves and its ensembles against training FLOPs spent (draw_curves)."""
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    ax = fig.subplots()
+    draw_curves(ax, obs, curves, teacher)
+    ax.set_title(f"{title}: single models' learning curves and ensembles, one line or mark per seed",
+                 fontsize="medium")
     return fig
 
 

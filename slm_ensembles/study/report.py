@@ -52,14 +52,16 @@ def _multiplier(row, name: str = "multiplier") -> str:
     return f"{median}not reached: > {row[f'{name}_bound']:.2f}× on {seeds - reached} of {seeds} seeds"
 
 
-def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
-    """summary.md's table of verdicts.csv, each verdict with its axis."""
+def verdict_lines(verdicts: pd.DataFrame, lead: tuple[str, ...] = ()) -> list[str]:
+    """summary.md's table of verdicts.csv, each verdict with its axis; `lead`: columns of `verdicts` shown first
+    (across.md's study and the settings that tell it apart)."""
     if verdicts.empty:
         return ["No comparison: it needs ensemble and single-model runs of the same seeds with the compared axes' "
                 "columns in metrics.csv, at x values the single models cover (on train_flops: a single model's "
                 "first evaluation within the ensemble's spend)."]
     return _markdown(pd.DataFrame({
-        "axis": verdicts["axis"], "at": verdicts["x_value"].map(_number), "ensemble": verdicts["ensemble"],
+        **{name: verdicts[name] for name in lead}, "axis": verdicts["axis"], "at": verdicts["x_value"].map(_number),
+        "ensemble": verdicts["ensemble"],
         "members": verdicts["ensemble_size"], "single": verdicts["single"],
         "CE ensemble / single": [f"{e:.4f} / {s:.4f}" for e, s in zip(verdicts["ensemble_ce"],
                                                                       verdicts["single_ce"])],
