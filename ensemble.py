@@ -477,8 +477,11 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             for member_subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
         ]
         ensemble = cls(config, members, concurrent=concurrent)
-        ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path,
-                                                                      subfolder=inside, **revision)
+        if not folder.is_dir() or (folder / "generation_config.json").is_file():  # a hub name, or a saved one
+            ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path,
+                                                                          subfolder=inside, **revision)
+        # else a local folder saved without one (a study's records kept before they kept it): the first member's,
+        # as the ensemble was built with
         return ensemble
 
 

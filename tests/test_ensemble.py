@@ -16,8 +16,8 @@ import huggingface_hub
 import pytest
 import torch
 from conftest import build_diverse_member, damage_second_half, publish_to_hub_cache
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM,
-                          pipeline)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MistralConfig,
+                          MistralForCausalLM, pipeline)
 from transformers.cache_utils import DynamicCache
 from transformers.dynamic_module_utils import get_imports
 from transformers.generation.streamers import BaseStreamer
@@ -274,6 +274,21 @@ def test_save_and_load_round_trip(tmp_path, tokenizer, members, prompt_ids):
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
     assert not any(parameter.requires_grad for parameter in loaded.parameters())
     torch.testing.assert_close(loaded(prompt_ids).logits, ensemble(prompt_ids).logits, rtol=0, atol=0)
+
+
+def test_a_saved_ensemble_without_its_generation_config_loads_with_its_first_members(tmp_path, tokenizer, members):
+    """A study's records kept before they kept generation_config.json hold none: the ensemble loads with its first
+    member's, as it was built; one that is there is read."""
+    members[0].generation_config.max_new_tokens = 11
+    ModelEnsemble.from_members(members, vocab_size=len(tokenizer)).save_pretrained(tmp_path, tokenizer=tokenizer)
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    saved.max_new_tokens = 5
+    saved.save_pretrained(tmp_path)
+    assert ModelEnsemble.from_pretrained(tmp_path).generation_config.max_new_tokens == 5
+    (tmp_path / "generation_config.json").unlink()
+    loaded = ModelEnsemble.from_pretrained(tmp_path)
+    assert loaded.generation_config.max_new_tokens == 11
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
 def test_save_makes_the_folders_parents_and_passes_its_keywords_to_every_member(tmp_path, tokenizer, members,

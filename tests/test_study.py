@@ -1242,7 +1242,7 @@ def test_records_carry_finished_runs_without_weights_and_count_as_finished_where
     assert "1 finished run(s) kept as records" in capsys.readouterr().out
     copied = {p.relative_to(kept / "runs" / finished.name / "2026-12-01" / "run_1").as_posix()
               for p in (kept / "runs").rglob("*") if p.is_file()}
-    assert {"metrics.csv", "config.yaml", "manifest.json", "ensemble/config.json",
+    assert {"metrics.csv", "config.yaml", "manifest.json", "ensemble/config.json", "ensemble/generation_config.json",
             "ensemble/member_0/config.json"} <= copied
     assert not any(name.endswith(".safetensors") or name.startswith("checkpoints") for name in copied)
     assert not (kept / "runs" / unfinished.name).exists()  # it could not resume without its checkpoints
@@ -1256,3 +1256,8 @@ def test_records_carry_finished_runs_without_weights_and_count_as_finished_where
     assert states == ["finished", "missing"]
     assert study.main([str(elsewhere), "--collect", "--bootstrap", "0"]) == 0
     assert set(pd.read_csv(moved.folder / "rows.csv")["run"]) == {finished.name}
+    # ... and timeable: its ensemble of 2, a record only, with random weights of its shapes
+    assert study.main([str(elsewhere), "--latency", "--new_tokens", "2", "--repeats", "1", "--prompt_tokens", "2",
+                       "--bootstrap", "0"]) == 0
+    latency = pd.read_csv(moved.folder / "latency.csv")
+    assert list(latency["ensemble_size"]) == [1, 2] and set(latency["weights"]) == {"random"}

@@ -13,7 +13,7 @@ from slm_ensembles.study.grid import Study
 from slm_ensembles.study.status import point_status
 
 KEPT_SUFFIXES = {".csv", ".yaml"}
-KEPT_NAMES = {"manifest.json", "config.json", "training.json", "README.md"}
+KEPT_NAMES = {"manifest.json", "config.json", "generation_config.json", "training.json", "README.md"}
 
 
 def is_record(relative: Path) -> bool:
