@@ -490,7 +490,7 @@ def test_readme_is_short_and_links_everything():
     linked = {Path(target.partition("#")[0]) for target in LINK.findall(readme)}
     for doc in DOCS[1:]:
         assert doc.relative_to(ROOT) in linked, f"README.md does not link {doc.relative_to(ROOT)}"
-    for name in ("LICENSE", "CITATION.cff", "results/study_summary.csv"):
+    for name in ("LICENSE", "CITATION.cff", "results/evidence_d360/summary.md"):
         assert Path(name) in linked, f"README.md does not link {name}"
 
 
