@@ -477,12 +477,20 @@ class ModelEnsemble(PreTrainedModel, GenerationMixin):
             for member_subfolder, member_device_map in zip(config.member_subfolders, device_maps, strict=True)
         ]
         ensemble = cls(config, members, concurrent=concurrent)
-        if not folder.is_dir() or (folder / "generation_config.json").is_file():  # a hub name, or a saved one
-            ensemble.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path,
-                                                                          subfolder=inside, **revision)
-        # else a local folder saved without one (a study's records kept before they kept it): the first member's,
-        # as the ensemble was built with
+        ensemble.generation_config = saved_generation_config(pretrained_model_name_or_path, ensemble.generation_config,
+                                                             subfolder=inside, **revision)
         return ensemble
+
+
+def saved_generation_config(folder: str | os.PathLike, built: GenerationConfig, subfolder: str = "",
+                            **revision) -> GenerationConfig:
+    """The generation config saved with the ensemble in `folder` (a local folder or a hub name); for a local folder
+    saved without one (a study's records kept before they kept it), `built`: the one the ensemble was built with,
+    its first member's."""
+    local = Path(folder) / subfolder
+    if local.is_dir() and not (local / "generation_config.json").is_file():
+        return built
+    return GenerationConfig.from_pretrained(folder, subfolder=subfolder, **revision)
 
 
 def _same_width(logits: list[torch.Tensor]) -> list[torch.Tensor]:

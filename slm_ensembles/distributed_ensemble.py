@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import GenerationConfig
 
 import checksums
-from ensemble import DAMAGED_ADVICE, WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, load_member, saved_ensemble_config
+from ensemble import (DAMAGED_ADVICE, WEIGHTED_MODES, EnsembleConfig, ModelEnsemble, load_member,
+                      saved_ensemble_config, saved_generation_config)
 from slm_ensembles.processes import LostProcessError
 
 EXCHANGES = ("full", "topk")
@@ -208,7 +208,7 @@ class DistributedEnsemble(ModelEnsemble):
         members = [load_member(folder, config.member_subfolders[index], device_map=processes.device,
                                **member_load_kwargs) for index in indices]
         ensemble = cls(config, members, indices, processes, exchange, exchange_k)
-        ensemble.generation_config = GenerationConfig.from_pretrained(folder)
+        ensemble.generation_config = saved_generation_config(folder, ensemble.generation_config)
         return ensemble
 
     @property

@@ -1256,7 +1256,11 @@ def test_records_carry_finished_runs_without_weights_and_count_as_finished_where
     assert states == ["finished", "missing"]
     assert study.main([str(elsewhere), "--collect", "--bootstrap", "0"]) == 0
     assert set(pd.read_csv(moved.folder / "rows.csv")["run"]) == {finished.name}
-    # ... and timeable: its ensemble of 2, a record only, with random weights of its shapes
+    # ... and timeable: its ensemble of 2, a record only, with random weights of its shapes; also as records kept
+    # before they kept generation_config.json (the ensemble, in one process and in one per member, takes its first
+    # member's)
+    for path in (moved.folder / "runs").rglob("generation_config.json"):
+        path.unlink()
     assert study.main([str(elsewhere), "--latency", "--new_tokens", "2", "--repeats", "1", "--prompt_tokens", "2",
                        "--bootstrap", "0"]) == 0
     latency = pd.read_csv(moved.folder / "latency.csv")
