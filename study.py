@@ -95,21 +95,28 @@ def mean_teacher_ce(rows: pd.DataFrame) -> float | None:
     return float(np.mean(teachers)) if teachers else None
 
 
+def comparison(study: Study, rows: pd.DataFrame, setting: dict | None = None) -> tuple[Panel, list[str]]:
+    """The study's comparison from its finished runs' rows (collecting's, and a side-by-side's panel, which `setting`
+    labels): observations, curves, pairs, verdicts, teacher, run times; and the notes on curves and pairs left out."""
+    obs = observations(rows)
+    curves, curve_notes = single_curves(rows)
+    pairs, pair_notes = pairs_table(obs, curves, study.compare, study.matched)
+    return (Panel(study.name, setting or {}, obs, curves, pairs, verdict_table(pairs), mean_teacher_ce(rows),
+                  wall_times(study)), curve_notes + pair_notes)
+
+
 def collect(study: Study, replicates: int = 500) -> list[Path]:
     """Write the study folder's tables, figures and summary from the finished runs; the paths written."""
     study.folder.mkdir(parents=True, exist_ok=True)
     rows, runs = collect_rows(study)
-    obs = observations(rows)
+    compared, compare_notes = comparison(study, rows)
+    obs, curves, verdicts, teacher, times = (compared.obs, compared.curves, compared.verdicts, compared.teacher,
+                                             compared.times)
     points = point_table(obs)
     fits, notes = fit_all(obs, rows.columns, replicates)
-    curves, curve_notes = single_curves(rows)
-    pairs, pair_notes = pairs_table(obs, curves, study.compare, study.matched)
-    verdicts = verdict_table(pairs)
-    teacher = mean_teacher_ce(rows)
     fits_frame = fits_table(fits)
-    times = wall_times(study)
     tables = {"rows.csv": rows, "runs.csv": runs, "run_times.csv": times, "summary.csv": points,
-              "fits.csv": fits_frame, "comparison.csv": pairs, "verdicts.csv": verdicts}
+              "fits.csv": fits_frame, "comparison.csv": compared.pairs, "verdicts.csv": verdicts}
     if study.tuning:
         tables["tuning.csv"] = pd.DataFrame(list(study.tuning))
     gap = teacher_gap_table(rows, study.matched, {p.series: member_size(p.config) for p in study.points
@@ -123,7 +130,7 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     latency_path = study.folder / "latency.csv"  # written by --latency
     latency = pd.read_csv(latency_path) if latency_path.is_file() else None
     (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
-                                                              notes + curve_notes + pair_notes
+                                                              notes + compare_notes
                                                               + grid_edge_notes(list(study.tuning)), teacher,
                                                               gap if len(gap) else None, latency, times))
     paths.append(study.folder / "summary.md")
@@ -133,18 +140,10 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
     return paths + plot.save_figures(figures, study.folder)
 
 
-def study_panel(study: Study, setting: dict) -> Panel:
-    """The study's part of a side-by-side (--across): its observations, curves, verdicts, teacher, run times."""
-    rows, _ = collect_rows(study)
-    obs = observations(rows)
-    curves, _ = single_curves(rows)
-    pairs, _ = pairs_table(obs, curves, study.compare, study.matched)
-    return Panel(study.name, setting, obs, curves, verdict_table(pairs), mean_teacher_ce(rows), wall_times(study))
-
-
 def across(studies: list[Study], folder: Path) -> list[Path]:
     """Write across.csv, across.md and across_curves.png for studies set side by side into `folder`; the paths."""
-    panels = [study_panel(study, setting) for study, setting in zip(studies, differing_settings(studies))]
+    panels = [comparison(study, collect_rows(study)[0], setting)[0]
+              for study, setting in zip(studies, differing_settings(studies))]
     folder.mkdir(parents=True, exist_ok=True)
     across_table(panels).to_csv(folder / "across.csv", index=False)
     (folder / "across.md").write_text(across_markdown(panels))

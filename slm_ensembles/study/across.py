@@ -16,12 +16,14 @@ from slm_ensembles.study.report import verdict_lines, wall_time_line
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
-    """One study of a side-by-side: what tells it apart, its observations, curves and verdicts, its teacher."""
+    """One study's comparison, as collecting makes it and a side-by-side shows it: what tells it apart, its
+    observations, curves, pairs and verdicts, its teacher, its run times."""
 
     name: str
-    setting: dict  # the settings (common to all its runs) in which it differs from the others
+    setting: dict  # the settings (common to all its runs) in which it differs from the others; {} alone
     obs: pd.DataFrame
     curves: dict
+    pairs: pd.DataFrame  # comparison.csv
     verdicts: pd.DataFrame
     teacher: float | None
     times: pd.DataFrame  # its run_times.csv
