@@ -84,7 +84,7 @@ def draw_curves(ax, obs: pd.DataFrame, curves: dict, teacher: float | None, stud
         ax.axhline(teacher, color="gray", linestyle=":", label=f"teacher: {teacher:.3f}")
     ax.set_xscale("log")
     taken = [value for value in offsets.values() if value]
-    ax.set_xlabel(f"students' training FLOPs (log; cache build {min(taken):.2g}-{max(taken):.2g} off)" if taken
+    ax.set_xlabel(f"students' training FLOPs (log)\ncache build {min(taken):.2g}-{max(taken):.2g} taken off" if taken
                   else "training FLOPs spent (log scale)")
     ax.set_ylabel(plot.CE_LABEL)
     if ax.get_legend_handles_labels()[0]:
