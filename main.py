@@ -158,7 +158,8 @@ def setup(args: argparse.Namespace, preemption: processes.PreemptionSignal) -> R
     run_state.check_disk_before_the_run_folder(config, resume_dir, round_config, teacher, tokenizer)
     if processes.preempted_during_setup(preemption, state.device, "the run folder is written"):
         return processes.EXIT_PREEMPTED
-    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, run_state.chosen_preset(args))
+    folder, manifest = run_state.open_run(config, resume_dir, args.job_id, state, run_state.chosen_preset(args),
+                                          {name: len(split) for name, split in data.items()})
     print("\n".join(config_lib.plan_lines(config, folder, preprocess_dataset.describe_prepared(counts, data))))
     if state.is_main_process:
         run_state.remove_finished_rounds_checkpoints(folder, manifest)

@@ -95,21 +95,24 @@ def mean_teacher_ce(rows: pd.DataFrame) -> float | None:
     return float(np.mean(teachers)) if teachers else None
 
 
-def comparison(study: Study, rows: pd.DataFrame, setting: dict | None = None) -> tuple[Panel, list[str]]:
-    """The study's comparison from its finished runs' rows (collecting's, and a side-by-side's panel, which `setting`
-    labels): observations, curves, pairs, verdicts, teacher, run times; and the notes on curves and pairs left out."""
+def comparison(study: Study, rows: pd.DataFrame, runs: pd.DataFrame,
+               setting: dict | None = None) -> tuple[Panel, list[str]]:
+    """The study's comparison from its finished runs' rows and its grid points (collecting's, and a side-by-side's
+    panel, which `setting` labels): observations, curves, pairs, verdicts, teacher, run times, training examples;
+    and the notes on curves and pairs left out."""
     obs = observations(rows)
     curves, curve_notes = single_curves(rows)
     pairs, pair_notes = pairs_table(obs, curves, study.compare, study.matched)
     return (Panel(study.name, setting or {}, obs, curves, pairs, verdict_table(pairs), mean_teacher_ce(rows),
-                  wall_times(study)), curve_notes + pair_notes)
+                  wall_times(study), runs.loc[runs["status"] == "finished", "train_examples"]),
+            curve_notes + pair_notes)
 
 
 def collect(study: Study, replicates: int = 500) -> list[Path]:
     """Write the study folder's tables, figures and summary from the finished runs; the paths written."""
     study.folder.mkdir(parents=True, exist_ok=True)
     rows, runs = collect_rows(study)
-    compared, compare_notes = comparison(study, rows)
+    compared, compare_notes = comparison(study, rows, runs)
     obs, curves, verdicts, teacher, times = (compared.obs, compared.curves, compared.verdicts, compared.teacher,
                                              compared.times)
     points = point_table(obs)
@@ -142,7 +145,7 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
 
 def across(studies: list[Study], folder: Path) -> list[Path]:
     """Write across.csv, across.md and across_curves.png for studies set side by side into `folder`; the paths."""
-    panels = [comparison(study, collect_rows(study)[0], setting)[0]
+    panels = [comparison(study, *collect_rows(study), setting)[0]
               for study, setting in zip(studies, differing_settings(studies))]
     folder.mkdir(parents=True, exist_ok=True)
     across_table(panels).to_csv(folder / "across.csv", index=False)

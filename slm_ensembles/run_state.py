@@ -357,15 +357,16 @@ def new_run_dir(output_root: str | Path, today: datetime.date | None = None) -> 
 
 
 def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | None, state,
-             preset: str) -> tuple[Path, dict]:
+             preset: str, examples: dict[str, int]) -> tuple[Path, dict]:
     """The run folder and its manifest: the one being resumed (`resume_dir`, checked by resumed_config), or a new
     folder, never an existing one, picked by one process so that every process agrees on it. A new run's manifest
-    records the `preset` it was started from (a resume refuses another)."""
+    records the `preset` it was started from (a resume refuses another), and every run's the `examples` each data
+    split holds (what a study reports as its data size: the conversations left once too-long ones are dropped)."""
     if resume_dir is not None:
-        return resume_dir, resumed_manifest(resume_dir, config, state)
+        return resume_dir, resumed_manifest(resume_dir, config, state, examples)
     manifest = {**new_manifest(config.fingerprint(), config.seed, config.data_seed, config.rounds_to_run(), job_id),
                 "config": config.to_dict(),  # what check_saved_config compares config.yaml with on resume
-                "preset": preset}
+                "preset": preset, "examples": examples}
     run_dir = None
     if state.is_main_process:
         run_dir = new_run_dir(config.output_root)
@@ -375,13 +376,13 @@ def open_run(config: config_lib.Config, resume_dir: Path | None, job_id: str | N
     return run_dir, manifest
 
 
-def resumed_manifest(run_dir: Path, config: config_lib.Config, state) -> dict:
+def resumed_manifest(run_dir: Path, config: config_lib.Config, state, examples: dict[str, int]) -> dict:
     """The resumed run's manifest. A total_rounds changed on this command line is written into config.yaml and the
     manifest (fingerprint, pending rounds), so a later plain --resume, after a preemption, still trains every
-    round."""
+    round; the split sizes (`examples`) too, which a manifest written before they were recorded lacks."""
     manifest = load_manifest(run_dir)
     updated = {**manifest, "config_fingerprint": config.fingerprint(), "config": config.to_dict(),
-               "rounds": planned_rounds(manifest["rounds"], config.rounds_to_run())}
+               "rounds": planned_rounds(manifest["rounds"], config.rounds_to_run()), "examples": examples}
     if updated != manifest and state.is_main_process:
         # config.yaml first: after a kill between the two writes, the next resume finds the manifest out of date
         # and writes both again.

@@ -1138,6 +1138,8 @@ def test_early_stopping_keeps_the_best_state_and_records_why_the_round_stopped(t
     tokenizer = main.utils.load_tokenizer(str(tiny_teacher_dir))
     data, _ = main.preprocess_dataset.prepare_for_run(config, tokenizer)
     assert len(data["early_stop"]) == 4 and len(data["train"]) == 32 - 4
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["examples"] == {name: len(split) for name, split in data.items()}  # what a study reports
     member = main.utils.load_causal_lm(str(run_dir / "ensemble" / "member_0"))
     teacher = main.utils.load_causal_lm(str(tiny_teacher_dir))
     ce = main.evaluate({"member": [member]}, teacher, data["early_stop"], main.PaddingCollator(tokenizer.pad_token_id),

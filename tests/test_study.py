@@ -146,11 +146,13 @@ def test_bad_specs_are_refused_by_name(tmp_path, families, message):
 
 # --- fake run folders -------------------------------------------------------------------------------------------------
 
-def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", evals=None, **config_changes):
+def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1", evals=None, train_examples=None,
+             **config_changes):
     """A run folder as main.py writes it for `point`: the teacher row, then per round the untrained student, the
     student and the ensemble of `ensemble_ce[r]` (one number per size); `extra` maps a column to a function of the
     size. rounds_done: how many rounds the manifest marks done (default: all). evals: train_log.csv's early-stopping
-    rows, dicts of round, train_flops, heldout_ce, test_ce (each after a training-loss row)."""
+    rows, dicts of round, train_flops, heldout_ce, test_ce (each after a training-loss row). train_examples: the
+    training split's size the manifest records (None: a manifest from before they were recorded)."""
     run_dir = point.output_root / "2026-12-01" / run_name
     run_dir.mkdir(parents=True)
     if evals is not None:
@@ -175,6 +177,8 @@ def fake_run(point, ensemble_ce, extra=None, rounds_done=None, run_name="run_1",
         point.kind == "ensemble" else len(ensemble_ce)
     done = planned if rounds_done is None else rounds_done
     manifest = {"rounds": {str(i): "done" if i < done else "training" for i in range(planned)}}
+    if train_examples is not None:
+        manifest["examples"] = {"train": train_examples, "test": 8, "early_stop": 4}
     (run_dir / "manifest.json").write_text(json.dumps(manifest))
     return run_dir
 
@@ -634,27 +638,31 @@ def test_a_single_curve_is_read_at_the_best_held_out_evaluation_within_the_budge
     assert math.isnan(multiplier) and bound == 4.0
 
 
-def size_study(tmp_path, name, max_examples, build, ensemble_ce, single_ce):
+def size_study(tmp_path, name, max_examples, build, ensemble_ce, single_ce, recorded=False):
     """A study at `max_examples` of an ensemble of 2 (CE ensemble_ce[k-1] at k F0 + build) and one single model whose
-    curve ends at single_ce (3 F0 + build), 2 seeds; seed s's teacher cache build costs build + s F0 / 10."""
+    curve ends at single_ce (3 F0 + build), 2 seeds; seed s's teacher cache build costs build + s F0 / 10. recorded:
+    the manifests record max_examples - 10 - s training examples for seed s."""
     families = [dict(name="method", settings=dict(total_rounds=2)),
                 dict(name="one", kind="single", settings=dict(total_rounds=1))]
     spec = write_spec(tmp_path / f"{name}.yaml", families, name=name, output=str(tmp_path / name),
                       settings=dict(max_examples=max_examples), compare=["train_flops"])
     for point in load_spec(spec).points:
         fixed = build + point.seed * F0 / 10
+        examples = max_examples - 10 - point.seed if recorded else None
         if point.kind == "ensemble":
-            fake_run(point, ensemble_ce, extra=dict(train_flops=lambda k, fixed=fixed: k * F0 + fixed))
+            fake_run(point, ensemble_ce, extra=dict(train_flops=lambda k, fixed=fixed: k * F0 + fixed),
+                     train_examples=examples)
         else:
             evals = [dict(round=0, train_flops=f * F0 + fixed, heldout_ce=ce + 0.1, test_ce=ce, flops_teacher=fixed)
                      for f, ce in ((0.5, single_ce + 1.0), (1.5, single_ce + 0.5), (3.0, single_ce))]
-            fake_run(point, [single_ce], evals=evals, extra=dict(train_flops=lambda k, fixed=fixed: 3 * F0 + fixed))
+            fake_run(point, [single_ce], evals=evals, extra=dict(train_flops=lambda k, fixed=fixed: 3 * F0 + fixed),
+                     train_examples=examples)
     return spec
 
 
 def test_across_sets_studies_of_different_data_sizes_side_by_side(tmp_path):
     small = size_study(tmp_path, "small", 40, 1 * F0, [3.0, 2.0], 2.5)
-    large = size_study(tmp_path, "large", 80, 2 * F0, [2.8, 2.6], 2.2)
+    large = size_study(tmp_path, "large", 80, 2 * F0, [2.8, 2.6], 2.2, recorded=True)
     assert study.main([str(small), str(large), "--across", str(tmp_path / "side")]) == 0
     table = pd.read_csv(tmp_path / "side" / "across.csv")
     assert list(table.columns[:2]) == ["study", "max_examples"]
@@ -664,11 +672,25 @@ def test_across_sets_studies_of_different_data_sizes_side_by_side(tmp_path):
     assert two.loc["small", "mean_difference"] == pytest.approx(-1.0)
     assert two.loc["large", "mean_difference"] == pytest.approx(-0.1)
     text = (tmp_path / "side" / "across.md").read_text()
-    assert "- small (max_examples=40): Measured wall time" in text and "Teacher: 1.0000." in text
+    assert "- small (max_examples=40): No finished run records its training examples. Measured wall time" in text
+    assert ("- large (max_examples=80): Training examples: 69 to 70 per run (4 finished run(s), runs.csv). "
+            "Measured wall time") in text and "Teacher: 1.0000." in text
     assert "| small | 40 | train_flops |" in text and "| large | 80 | train_flops |" in text
     assert (tmp_path / "side" / "across_curves.png").read_bytes().startswith(PNG_SIGNATURE)
     with pytest.raises(SystemExit):  # several specs need --across
         study.parse_args([str(small), str(large)])
+
+
+def test_collect_reports_the_training_examples_the_runs_manifests_record(tmp_path):
+    spec = size_study(tmp_path, "sized", 80, F0, [2.8, 2.6], 2.2, recorded=True)
+    older = next((tmp_path / "sized" / "runs").glob("one__seed-1/*/run_1/manifest.json"))
+    older.write_text(json.dumps({"rounds": {"0": "done"}}))  # started before manifests kept the split sizes
+    assert study.main([str(spec), "--collect", "--bootstrap", "0"]) == 0
+    runs = pd.read_csv(tmp_path / "sized" / "runs.csv").set_index("run")
+    assert runs["train_examples"].to_dict() == pytest.approx(
+        {"method__seed-0": 70, "method__seed-1": 69, "one__seed-0": 70, "one__seed-1": math.nan}, nan_ok=True)
+    assert ("Training examples: 69 to 70 per run (3 finished run(s), runs.csv); 1 finished run(s) do not record it "
+            "(started before manifests kept it).") in (tmp_path / "sized" / "summary.md").read_text()
 
 
 def test_across_refuses_studies_that_nothing_tells_apart(tmp_path):

@@ -11,13 +11,13 @@ from matplotlib.figure import Figure
 
 from slm_ensembles.study.figures import draw_curves
 from slm_ensembles.study.grid import Study, StudyError
-from slm_ensembles.study.report import verdict_lines, wall_time_line
+from slm_ensembles.study.report import examples_line, verdict_lines, wall_time_line
 
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
     """One study's comparison, as collecting makes it and a side-by-side shows it: what tells it apart, its
-    observations, curves, pairs and verdicts, its teacher, its run times."""
+    observations, curves, pairs and verdicts, its teacher, its run times and its training examples."""
 
     name: str
     setting: dict  # the settings (common to all its runs) in which it differs from the others; {} alone
@@ -27,6 +27,7 @@ class Panel:
     verdicts: pd.DataFrame
     teacher: float | None
     times: pd.DataFrame  # its run_times.csv
+    train_examples: pd.Series  # per finished run, its training split's size (NaN: not recorded); runs.csv
 
     @property
     def label(self) -> str:
@@ -84,7 +85,9 @@ def across_figure(panels: list[Panel]) -> Figure:
         else:
             ax.text(0.5, 0.5, "no finished run with training FLOPs", ha="center", transform=ax.transAxes)
         teacher = f" (teacher: {panel.teacher:.3f})" if panel.teacher is not None else ""
-        ax.set_title(panel.label + teacher, fontsize="medium")
+        known = panel.train_examples.dropna().astype(int)
+        examples = f"\n{known.min()} to {known.max()} training examples" if len(known) else ""
+        ax.set_title(panel.label + teacher + examples, fontsize="medium")
     for ax in axes[1:]:
         ax.set_ylabel("")
     fig.suptitle("Held-out CE against the students' training FLOPs: single models' curves and ensembles, "
@@ -100,7 +103,8 @@ def across_markdown(panels: list[Panel]) -> str:
              "model's, paired by seed, with its 95% t-interval (as in each study's summary.md).", ""]
     for panel in panels:
         teacher = f" Teacher: {panel.teacher:.4f}." if panel.teacher is not None else ""
-        lines.append(f"- {panel.name} ({panel.label}): {wall_time_line(panel.times)}{teacher}")
+        lines.append(f"- {panel.name} ({panel.label}): {examples_line(panel.train_examples)} "
+                     f"{wall_time_line(panel.times)}{teacher}")
     seconds = sum(panel.times["seconds"].sum() for panel in panels)
     lines.append(f"- In all: {seconds / 3600:.2f} h measured.")
     lines += ["", *verdict_lines(across_table(panels), lead=("study", *keys))]

@@ -3,6 +3,9 @@ per series, point and seed with its test CE and x values, and their means over s
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -20,16 +23,25 @@ X_AXES = {"ensemble_size": "ensemble size (members)", "parameters": "parameters"
           "critical_path_layers": "critical-path depth (layers)"}
 
 
+def training_examples(run_dir: Path) -> float:
+    """The examples the run's training split held, as its manifest records them; NaN for a run started before
+    manifests kept them."""
+    examples = json.loads(RunLayout(run_dir).manifest.read_text()).get("examples", {})
+    return float(examples["train"]) if "train" in examples else np.nan
+
+
 def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows, runs): every finished run's metrics rows with its name, family, series, kind, seed, run folder and
-    stated settings as columns; and every grid point's status."""
+    stated settings as columns; and every grid point's status, with a finished run's training examples."""
     frames, runs = [], []
     setting_keys = list(dict.fromkeys(k for p in study.points for k in ["preset", *p.settings]))
     for point in (p for p in study.points if not p.tuning):  # a rate not chosen is in tuning.csv only
         status = point_status(point)
+        finished = status.state == "finished"
         runs.append(dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
-                         seed=point.seed, status=status.state, run_dir=str(status.run_dir or "")))
-        if status.state != "finished":
+                         seed=point.seed, status=status.state, run_dir=str(status.run_dir or ""),
+                         train_examples=training_examples(status.run_dir) if finished else np.nan))
+        if not finished:
             continue
         metrics = plot.load_run(status.run_dir).metrics
         study_columns = dict(run=point.name, family=point.family, series=point.series, kind=point.kind,
@@ -42,7 +54,8 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
         frames.append(metrics.assign(**study_columns)[[*study_columns, *metrics.columns]])
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["run", "family", "series", "kind", "point", "seed", "run_dir", "final_heldout_ce"])
-    return rows, pd.DataFrame(runs)
+    return rows, pd.DataFrame(runs, columns=["run", "family", "series", "kind", "seed", "status", "run_dir",
+                                             "train_examples"])
 
 
 def wall_times(study: Study) -> pd.DataFrame:

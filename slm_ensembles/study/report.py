@@ -131,6 +131,19 @@ def grid_edge_notes(tuning: list[dict]) -> list[str]:
             "tried, so the family may be under-tuned" for row in tuning if row.get("grid_edge")]
 
 
+def examples_line(train_examples: pd.Series) -> str:
+    """The finished runs' training split sizes (runs.csv's train_examples): the study's data size as the runs
+    trained on it, once conversations too long for max_length are dropped and the held-out splits taken."""
+    known = train_examples.dropna().astype(int)
+    unknown = len(train_examples) - len(known)
+    if not len(known):
+        return "No finished run records its training examples." if unknown else ""
+    span = f"{known.min()}" if known.min() == known.max() else f"{known.min()} to {known.max()}"
+    return (f"Training examples: {span} per run ({len(known)} finished run(s), runs.csv)"
+            + (f"; {unknown} finished run(s) do not record it (started before manifests kept it)" if unknown else "")
+            + ".")
+
+
 def wall_time_line(times: pd.DataFrame) -> str:
     """The study's measured wall time so far (run_times.csv), and how many finished runs it leaves out."""
     timed = times[times["seconds"].notna()]
@@ -146,12 +159,14 @@ def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fit
                      gap: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
                      times: pd.DataFrame | None = None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
+    finished = runs.loc[runs["status"] == "finished", "train_examples"] if len(runs) else pd.Series(dtype=float)
     lines = [f"# Study {study.name}", "",
              f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
              f"{counts.get('missing', 0)} not started; only finished runs count below. CE is test cross-entropy, "
              f"nats per supervised token."
              + (f" Teacher: {teacher:.4f}." if teacher is not None else "")
-             + (f" {wall_time_line(times)}" if times is not None and len(times) else ""), "",
+             + (f" {wall_time_line(times)}" if times is not None and len(times) else "")
+             + (f" {examples_line(finished)}" if len(finished) else ""), "",
              *(f"{line}." for line in study.waiting), "## CE per point (mean ± std over seeds)", ""]
     x_columns = [x for x in X_AXES if x in points.columns]
     shown = pd.DataFrame({"series": points["series"], "point": points["point"], "seeds": points["seeds"],

@@ -512,10 +512,13 @@ class OneProcess:
     is_main_process = True
 
 
+EXAMPLES = {"train": 7, "test": 3, "early_stop": 2}  # a run's split sizes, as main.py passes them
+
+
 def written_run(tmp_path, **settings):
     """A run folder as open_run writes it (config.yaml and a manifest recording the settings), test preset."""
     config = config_lib.build_config("test", overrides={"output_root": str(tmp_path / "runs"), **settings})
-    run_dir, _ = run_state.open_run(config, None, None, OneProcess(), "test")
+    run_dir, _ = run_state.open_run(config, None, None, OneProcess(), "test", EXAMPLES)
     return run_dir
 
 
@@ -737,19 +740,29 @@ def test_a_run_folder_taken_by_another_run_at_the_same_moment_moves_on_to_the_ne
     assert run_state.new_run_dir(tmp_path, day) == tmp_path / "2026-11-29" / "run_9"
 
 
-def test_a_new_run_records_its_identity_settings_and_preset_and_a_resume_returns_its_folder_and_manifest(tmp_path):
+def test_a_new_run_records_its_identity_settings_preset_and_data_and_a_resume_returns_its_folder_and_manifest(
+        tmp_path):
     config = config_lib.build_config("test", overrides={"output_root": str(tmp_path), "seed": 3, "data_seed": 5,
                                                         "total_rounds": 2})
-    run_dir, manifest = run_state.open_run(config, None, "42", OneProcess(), "test")
+    run_dir, manifest = run_state.open_run(config, None, "42", OneProcess(), "test", EXAMPLES)
     assert run_dir.parent.parent == tmp_path and manifest == run_state.load_manifest(run_dir)
     assert manifest == {"config_fingerprint": config.fingerprint(), "seed": 3, "data_seed": 5, "job_id": "42",
                         "rounds": {"0": "pending", "1": "pending"}, "members": [], "teacher_evaluated": False,
-                        "config": config.to_dict(), "preset": "test"}
+                        "config": config.to_dict(), "preset": "test", "examples": EXAMPLES}
     grown = run_state.resumed_config(run_dir, {"total_rounds": run_state.Stated("3", "the command line")})
-    resumed_dir, resumed = run_state.open_run(grown, run_dir, None, OneProcess(), "test")
+    resumed_dir, resumed = run_state.open_run(grown, run_dir, None, OneProcess(), "test", EXAMPLES)
     assert resumed_dir == run_dir and resumed == run_state.load_manifest(run_dir)
     assert resumed["rounds"] == {"0": "pending", "1": "pending", "2": "pending"}
     assert resumed["config_fingerprint"] == grown.fingerprint() != config.fingerprint()
+
+
+def test_a_resume_records_the_split_sizes_in_a_manifest_written_before_they_were_kept(tmp_path):
+    run_dir = written_run(tmp_path, total_rounds=2)
+    older = {key: value for key, value in run_state.load_manifest(run_dir).items() if key != "examples"}
+    run_state.write_manifest(run_dir, older)
+    config = run_state.resumed_config(run_dir, {})
+    assert run_state.open_run(config, run_dir, None, OneProcess(), "test", EXAMPLES)[1]["examples"] == EXAMPLES
+    assert run_state.load_manifest(run_dir) == {**older, "examples": EXAMPLES}
 
 
 def test_a_new_runs_settings_are_layered_and_a_requeued_job_resumes_the_run_it_started(tmp_path):
@@ -758,7 +771,7 @@ def test_a_new_runs_settings_are_layered_and_a_requeued_job_resumes_the_run_it_s
     argv = ["--preset", "test", "--config", str(run_yaml), "--output_root", str(tmp_path / "runs"), "--job_id", "77"]
     config, resume_dir = run_state.resolve_config(config_lib.parse_command_line(argv, ""))
     assert resume_dir is None and config.alpha == 0.3 and config.output_root == str(tmp_path / "runs")
-    run_dir, _ = run_state.open_run(config, None, "77", OneProcess(), "test")
+    run_dir, _ = run_state.open_run(config, None, "77", OneProcess(), "test", EXAMPLES)
     requeued, resume_dir = run_state.resolve_config(config_lib.parse_command_line(argv, ""))
     assert resume_dir == run_dir and requeued == config_lib.load_saved_config(run_dir / "config.yaml")
     other_job = run_state.resolve_config(config_lib.parse_command_line([*argv[:-1], "78"], ""))
@@ -945,11 +958,11 @@ def test_a_resume_that_changes_nothing_writes_nothing(tmp_path):
         is_main_process = False
 
     grown = run_state.resumed_config(run_dir, {"total_rounds": run_state.Stated("3", "the command line")})
-    assert run_state.resumed_manifest(run_dir, config, OneProcess()) == run_state.load_manifest(run_dir)
+    assert run_state.resumed_manifest(run_dir, config, OneProcess(), EXAMPLES) == run_state.load_manifest(run_dir)
     assert file_bytes(run_dir) == before  # nothing changed: nothing rewritten
-    assert run_state.resumed_manifest(run_dir, grown, OtherProcess())["config"] == grown.to_dict()
+    assert run_state.resumed_manifest(run_dir, grown, OtherProcess(), EXAMPLES)["config"] == grown.to_dict()
     assert file_bytes(run_dir) == before  # only the main process writes
-    assert run_state.resumed_manifest(run_dir, grown, OneProcess())["config"]["total_rounds"] == 3
+    assert run_state.resumed_manifest(run_dir, grown, OneProcess(), EXAMPLES)["config"]["total_rounds"] == 3
     assert run_state.load_manifest(run_dir)["config"]["total_rounds"] == 3
 
 
