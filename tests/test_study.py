@@ -673,7 +673,7 @@ def test_across_sets_studies_of_different_data_sizes_side_by_side(tmp_path):
     assert two.loc["large", "mean_difference"] == pytest.approx(-0.1)
     text = (tmp_path / "side" / "across.md").read_text()
     assert "- small (max_examples=40): No finished run records its training examples. Measured wall time" in text
-    assert ("- large (max_examples=80): Training examples: 69 to 70 per run (4 finished run(s), runs.csv). "
+    assert ("- large (max_examples=80): Training examples: 69 to 70 per run (the manifests of 4 finished run(s)). "
             "Measured wall time") in text and "Teacher: 1.0000." in text
     assert "| small | 40 | train_flops |" in text and "| large | 80 | train_flops |" in text
     assert (tmp_path / "side" / "across_curves.png").read_bytes().startswith(PNG_SIGNATURE)
@@ -689,8 +689,8 @@ def test_collect_reports_the_training_examples_the_runs_manifests_record(tmp_pat
     runs = pd.read_csv(tmp_path / "sized" / "runs.csv").set_index("run")
     assert runs["train_examples"].to_dict() == pytest.approx(
         {"method__seed-0": 70, "method__seed-1": 69, "one__seed-0": 70, "one__seed-1": math.nan}, nan_ok=True)
-    assert ("Training examples: 69 to 70 per run (3 finished run(s), runs.csv); 1 finished run(s) do not record it "
-            "(started before manifests kept it).") in (tmp_path / "sized" / "summary.md").read_text()
+    assert ("Training examples: 69 to 70 per run (the manifests of 3 finished run(s)); 1 finished run(s) do not "
+            "record it (started before manifests kept it).") in (tmp_path / "sized" / "summary.md").read_text()
 
 
 def test_across_refuses_studies_that_nothing_tells_apart(tmp_path):

@@ -139,7 +139,7 @@ def examples_line(train_examples: pd.Series) -> str:
     if not len(known):
         return "No finished run records its training examples." if unknown else ""
     span = f"{known.min()}" if known.min() == known.max() else f"{known.min()} to {known.max()}"
-    return (f"Training examples: {span} per run ({len(known)} finished run(s), runs.csv)"
+    return (f"Training examples: {span} per run (the manifests of {len(known)} finished run(s))"
             + (f"; {unknown} finished run(s) do not record it (started before manifests kept it)" if unknown else "")
             + ".")
 
