@@ -595,7 +595,8 @@ def test_a_grown_total_rounds_is_kept_by_later_resumes_and_the_manifest_tracks_e
     run_dir = only_run_dir(tmp_path)
     assert manifest() == {"config_fingerprint": saved_config().fingerprint(), "seed": 7, "data_seed": 0,
                           "job_id": None, "config": saved_config().to_dict(), "preset": "test",
-                          "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False}
+                          "rounds": {"0": "training", "1": "pending"}, "members": [], "teacher_evaluated": False,
+                          "examples": {"train": 32, "test": 8}}  # no early-stopping split in this run
 
     loads = []
     real_load = main.utils.load_causal_lm
