@@ -74,7 +74,7 @@ from benchmarks import bench_inference
 from slm_ensembles.processes import run_command
 from slm_ensembles.study.across import Panel, across_figure, across_markdown, across_table, differing_settings
 from slm_ensembles.study.carrying import keep_records
-from slm_ensembles.study.collecting import collect_rows, observations, point_table, wall_times
+from slm_ensembles.study.collecting import collect_rows, finished_examples, observations, point_table, wall_times
 from slm_ensembles.study.comparison import pairs_table, single_curves, verdict_table
 from slm_ensembles.study.figures import latency_figure, study_figures
 from slm_ensembles.study.fits import fit_all, fits_table
@@ -104,7 +104,7 @@ def comparison(study: Study, rows: pd.DataFrame, runs: pd.DataFrame,
     curves, curve_notes = single_curves(rows)
     pairs, pair_notes = pairs_table(obs, curves, study.compare, study.matched)
     return (Panel(study.name, setting or {}, obs, curves, pairs, verdict_table(pairs), mean_teacher_ce(rows),
-                  wall_times(study), runs.loc[runs["status"] == "finished", "train_examples"]),
+                  wall_times(study), finished_examples(runs)),
             curve_notes + pair_notes)
 
 

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from slm_ensembles.study.figures import draw_curves
 from slm_ensembles.study.grid import Study, StudyError
-from slm_ensembles.study.report import examples_line, verdict_lines, wall_time_line
+from slm_ensembles.study.report import examples_line, examples_span, verdict_lines, wall_time_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +85,8 @@ def across_figure(panels: list[Panel]) -> Figure:
         else:
             ax.text(0.5, 0.5, "no finished run with training FLOPs", ha="center", transform=ax.transAxes)
         teacher = f" (teacher: {panel.teacher:.3f})" if panel.teacher is not None else ""
-        known = panel.train_examples.dropna().astype(int)
-        examples = f"\n{known.min()} to {known.max()} training examples" if len(known) else ""
-        ax.set_title(panel.label + teacher + examples, fontsize="medium")
+        span = examples_span(panel.train_examples)
+        ax.set_title(panel.label + teacher + (f"\n{span} training examples" if span else ""), fontsize="medium")
     for ax in axes[1:]:
         ax.set_ylabel("")
     fig.suptitle("Held-out CE against the students' training FLOPs: single models' curves and ensembles, "

@@ -58,6 +58,11 @@ def collect_rows(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
                                              "train_examples"])
 
 
+def finished_examples(runs: pd.DataFrame) -> pd.Series:
+    """runs.csv's training examples of the finished runs (NaN: a run that does not record them)."""
+    return runs.loc[runs["status"] == "finished", "train_examples"] if len(runs) else pd.Series(dtype=float)
+
+
 def wall_times(study: Study) -> pd.DataFrame:
     """Every grid point, tuning runs included: its status, and the launches and wall seconds its run folder's
     wall_time.csv records (NaN seconds for a run without one: not started, or launched before studies kept it)."""

@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from slm_ensembles.study.collecting import X_AXES
+from slm_ensembles.study.collecting import X_AXES, finished_examples
 from slm_ensembles.study.grid import Study
 
 
@@ -131,15 +131,22 @@ def grid_edge_notes(tuning: list[dict]) -> list[str]:
             "tried, so the family may be under-tuned" for row in tuning if row.get("grid_edge")]
 
 
+def examples_span(train_examples: pd.Series) -> str:
+    """The range of the recorded training split sizes ("209 to 218", or one number); "" when none is recorded."""
+    known = train_examples.dropna().astype(int)
+    if not len(known):
+        return ""
+    return f"{known.min()}" if known.min() == known.max() else f"{known.min()} to {known.max()}"
+
+
 def examples_line(train_examples: pd.Series) -> str:
     """The finished runs' training split sizes (runs.csv's train_examples): the study's data size as the runs
     trained on it, once conversations too long for max_length are dropped and the held-out splits taken."""
-    known = train_examples.dropna().astype(int)
-    unknown = len(train_examples) - len(known)
-    if not len(known):
+    known = int(train_examples.notna().sum())
+    unknown = len(train_examples) - known
+    if not known:
         return "No finished run records its training examples." if unknown else ""
-    span = f"{known.min()}" if known.min() == known.max() else f"{known.min()} to {known.max()}"
-    return (f"Training examples: {span} per run (the manifests of {len(known)} finished run(s))"
+    return (f"Training examples: {examples_span(train_examples)} per run (the manifests of {known} finished run(s))"
             + (f"; {unknown} finished run(s) do not record it (started before manifests kept it)" if unknown else "")
             + ".")
 
@@ -159,7 +166,7 @@ def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fit
                      gap: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
                      times: pd.DataFrame | None = None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
-    finished = runs.loc[runs["status"] == "finished", "train_examples"] if len(runs) else pd.Series(dtype=float)
+    finished = finished_examples(runs)
     lines = [f"# Study {study.name}", "",
              f"{len(runs)} runs: {counts.get('finished', 0)} finished, {counts.get('unfinished', 0)} unfinished, "
              f"{counts.get('missing', 0)} not started; only finished runs count below. CE is test cross-entropy, "
