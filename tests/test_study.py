@@ -974,15 +974,40 @@ def test_a_study_tuned_in_another_takes_each_familys_chosen_rate_and_waits_for_i
                                   if row["chosen"]} == {("method", 3e-3, "scaling"), ("single", 1e-3, "scaling")}
 
 
+def test_a_family_takes_the_rate_another_family_of_the_tuned_in_study_chose_when_it_names_it(tmp_path, monkeypatch):
+    source = write_spec(tmp_path / "small.yaml", ONE_POINT_EACH, settings=dict(eval_steps=2), seeds=[0])
+    monkeypatch.setattr(running, "launch", play_main)
+    assert study.main([str(source), "--bootstrap", "0"]) == 0  # chooses 3e-3 for method, 1e-3 for single
+    larger_members = {**untuned(ONE_POINT_EACH)[0], "name": "method2", "rate_from": "method",
+                      "settings": dict(total_rounds=2, student_num_layers=2)}
+    larger_single = {**untuned(ONE_POINT_EACH)[1], "name": "single2", "rate_from": "single",
+                     "settings": dict(total_rounds=1, student_num_layers=3)}
+    spec = write_spec(tmp_path / "larger.yaml", [*untuned(ONE_POINT_EACH), larger_members, larger_single],
+                      name="larger", output=str(tmp_path / "larger"), seeds=[0], tuned_in=str(source))
+    tuned = load_spec(spec)
+    assert [(p.name, p.config.learning_rate) for p in tuned.points] == [
+        ("method__lr-0.003__seed-0", 3e-3), ("single__lr-0.001__seed-0", 1e-3),
+        ("method2__lr-0.003__seed-0", 3e-3), ("single2__lr-0.001__seed-0", 1e-3)]
+    chosen = {(row["family"], row["rate_from"], row["rate"]) for row in tuned.tuning if row["chosen"]}
+    assert chosen == {("method", "method", 3e-3), ("single", "single", 1e-3), ("method2", "method", 3e-3),
+                      ("single2", "single", 1e-3)}
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(families=TUNED), "family method, single has learning_rates, but the spec takes its rates from tuned_in"),
     (dict(tuned_in="missing.yaml"), "tuned_in 'missing.yaml' does not exist"),
     (dict(tuned_in="SELF"), "tuned_in names this spec itself"),
     (dict(source="CHAINED"), "source.yaml' takes its rates from another study in turn"),
-    (dict(source=TUNED), "family 'single' takes its learning rate from .*source.yaml', whose family of that name must "
+    (dict(source=TUNED), "family 'single' takes its learning rate from family 'single' of .*source.yaml', which must "
                          "tune one grid point over learning_rates"),  # which of its two points' rates is meant?
     (dict(source=ONE_POINT_EACH[:1] + [{**ONE_POINT_EACH[1], "name": "other"}]),
-     "family 'single' takes its learning rate from .*source.yaml', whose family of that name must tune"),
+     "family 'single' takes its learning rate from family 'single' of .*source.yaml', which must tune"),
+    (dict(families=[untuned(ONE_POINT_EACH)[0], {**untuned(ONE_POINT_EACH)[1], "rate_from": "missing"}]),
+     "family 'single' takes its learning rate from family 'missing' of .*source.yaml', which must tune"),
+    (dict(families=[untuned(ONE_POINT_EACH)[0], {**untuned(ONE_POINT_EACH)[1], "rate_from": ["method"]}]),
+     "family 'single': rate_from must name a family of the tuned_in study, not \\['method'\\]"),
+    (dict(tuned_in=None, families=[untuned(ONE_POINT_EACH)[0], {**untuned(ONE_POINT_EACH)[1], "rate_from": "method"}]),
+     "family single has rate_from, a family of the study named by tuned_in, but the spec has no tuned_in"),
     (dict(families=[{**untuned(ONE_POINT_EACH)[0], "settings": dict(total_rounds=0)}, untuned(ONE_POINT_EACH)[1]]),
      "config key 'total_rounds' = 0"),  # checked while the family waits for its rate
 ])

@@ -98,6 +98,7 @@ class Family:
     rates: list[float]  # learning_rates to tune over (on the first seed); empty: no tuning
     match: dict | None
     rate: float | None = None  # the learning rate another study's tuning chose for it (the spec's tuned_in)
+    rate_from: str | None = None  # the tuned_in study's family whose chosen rate it takes (None: its own name)
     label_note: str = ""  # what a match set, for the points' labels
 
 

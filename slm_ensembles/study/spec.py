@@ -24,7 +24,8 @@ from slm_ensembles.study.status import point_status
 
 KINDS = ("ensemble", "single")
 STUDY_KEYS = {"name", "output", "preset", "settings", "seeds", "families", "compare", "vary_data", "tuned_in"}
-FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match"}
+FAMILY_KEYS = {"name", "kind", "preset", "settings", "grid", "seeds", "split_by", "learning_rates", "match",
+               "rate_from"}
 # Each run's seed (and data_seed, unless vary_data is false) comes from `seeds`, its output_root from its name.
 SET_BY_STUDY = {"seed", "data_seed", "output_root"}
 MATCH_AXES = ("parameters", "non_embedding_parameters")  # what a single family's `match` can equal
@@ -103,6 +104,9 @@ def load_spec(path) -> Study:
     waiting, tuning, stand_ins = [], [], []
     if spec.get("tuned_in") is not None:
         families, waiting, tuning, stand_ins = rates_tuned_in(families, Path(spec["tuned_in"]), path)
+    elif any(f.rate_from for f in families):
+        raise StudyError(f"{path}: family {', '.join(f.name for f in families if f.rate_from)} has rate_from, a "
+                         f"family of the study named by tuned_in, but the spec has no tuned_in")
     points = []
     for family in families:
         made, wait, rows = family_points(family, folder, vary_data)
@@ -143,14 +147,17 @@ def parse_family(family: dict, preset: str, base: dict, seeds: list[int], reserv
     split_by = family.get("split_by", default_split)
     if not isinstance(split_by, list) or set(split_by) - set(grid):
         raise StudyError(f"{what}: split_by must list grid keys, not {split_by!r}")
+    rate_from = family.get("rate_from")
+    if rate_from is not None and not (isinstance(rate_from, str) and NAME.fullmatch(rate_from)):
+        raise StudyError(f"{what}: rate_from must name a family of the tuned_in study, not {rate_from!r}")
     rates = family.get("learning_rates") or []
     if not isinstance(rates, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
                                               for r in rates):
         raise StudyError(f"{what}: learning_rates must be a list of numbers, not {rates!r}")
     return Family(name=name, kind=kind, preset=family.get("preset", preset), settings={**base, **settings},
                   combos=combos, seeds=_seeds(family["seeds"], f"{what}: seeds") if "seeds" in family else seeds,
-                  split_by=split_by, rates=[float(r) for r in rates], match=parse_match(family.get("match"), what,
-                                                                                       kind))
+                  split_by=split_by, rates=[float(r) for r in rates],
+                  match=parse_match(family.get("match"), what, kind), rate_from=rate_from)
 
 
 def check_families(families: list[Family], compare: tuple[str, ...]) -> None:
@@ -175,10 +182,12 @@ def check_families(families: list[Family], compare: tuple[str, ...]) -> None:
 def rates_tuned_in(families: list[Family], source_path: Path,
                    path: Path) -> tuple[list[Family], list[str], list[dict], list[Family]]:
     """The spec's `tuned_in`: each family at the learning rate another study's tuning chose for its family of the
-    same name (the larger data sizes of an axis take the rates tuned at the smallest, say), so every family here is
-    tuned alike without a grid of its own. Returns the families with their rates, a line per family that waits (its
-    rate not chosen yet), the source's tuning.csv rows, and the waiting families at the source's first rate: stand-ins
-    whose runs are built, so that their settings are checked now, but not run."""
+    same name, or of the name its `rate_from` gives (the larger data sizes of an axis take the rates tuned at the
+    smallest, say, and larger members the rate tuned for smaller ones), so every family here is tuned alike without
+    a grid of its own. Returns the families with their rates, a line per family that waits (its rate not chosen
+    yet), the source's tuning.csv rows for each family (under its own name, the source's in `rate_from`), and the
+    waiting families at the source's first rate: stand-ins whose runs are built, so that their settings are checked
+    now, but not run."""
     if source_path.resolve() == path.resolve():
         raise StudyError(f"{path}: tuned_in names this spec itself; name the study whose tuning chose the rates")
     tuned = [f.name for f in families if f.rates]
@@ -192,13 +201,14 @@ def rates_tuned_in(families: list[Family], source_path: Path,
         raise StudyError(f"{path}: tuned_in {str(source_path)!r} takes its rates from another study in turn; name "
                          f"the study whose own tuning chose them")
     source = load_spec(source_path)
-    rows = [row for row in source.tuning if row["family"] in {f.name for f in families}]
-    with_rates, waiting, stand_ins = [], [], []
+    with_rates, waiting, stand_ins, rows = [], [], [], []
     for family in families:
-        own = [row for row in rows if row["family"] == family.name]
+        source_family = family.rate_from or family.name
+        own = [row for row in source.tuning if row["family"] == source_family]
         if not own or len({row["point"] for row in own}) > 1:
-            raise StudyError(f"{path}: family {family.name!r} takes its learning rate from {str(source_path)!r}, "
-                             f"whose family of that name must tune one grid point over learning_rates")
+            raise StudyError(f"{path}: family {family.name!r} takes its learning rate from family {source_family!r} "
+                             f"of {str(source_path)!r}, which must tune one grid point over learning_rates")
+        rows += [{**row, "family": family.name, "tuned_in": source.name, "rate_from": source_family} for row in own]
         chosen = [row["rate"] for row in own if row["chosen"]]
         if chosen:
             with_rates.append(dataclasses.replace(family, rate=chosen[0]))
@@ -207,7 +217,7 @@ def rates_tuned_in(families: list[Family], source_path: Path,
             waiting.append(f"family {family.name} waits for its learning rate from study {source.name} ({finished} "
                            f"of {len(own)} tuning runs finished)")
             stand_ins.append(dataclasses.replace(family, rate=own[0]["rate"]))
-    return with_rates, waiting, [{**row, "tuned_in": source.name} for row in rows], stand_ins
+    return with_rates, waiting, rows, stand_ins
 
 
 def check_points(points: list[Point]) -> None:
