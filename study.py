@@ -75,7 +75,7 @@ from slm_ensembles.processes import run_command
 from slm_ensembles.study.across import Panel, across_figure, across_markdown, across_table, differing_settings
 from slm_ensembles.study.carrying import keep_records
 from slm_ensembles.study.collecting import collect_rows, finished_examples, observations, point_table, wall_times
-from slm_ensembles.study.comparison import pairs_table, single_curves, verdict_table
+from slm_ensembles.study.comparison import deciding_verdicts, pairs_table, single_curves, verdict_table
 from slm_ensembles.study.figures import latency_figure, study_figures
 from slm_ensembles.study.fits import fit_all, fits_table
 from slm_ensembles.study.grid import Study, StudyError
@@ -104,7 +104,7 @@ def comparison(study: Study, rows: pd.DataFrame, runs: pd.DataFrame,
     curves, curve_notes = single_curves(rows)
     pairs, pair_notes = pairs_table(obs, curves, study.compare, study.matched)
     return (Panel(study.name, setting or {}, obs, curves, pairs, verdict_table(pairs), mean_teacher_ce(rows),
-                  wall_times(study), finished_examples(runs)),
+                  wall_times(study), finished_examples(runs), study.matched),
             curve_notes + pair_notes)
 
 
@@ -132,7 +132,8 @@ def collect(study: Study, replicates: int = 500) -> list[Path]:
         paths.append(study.folder / name)
     latency_path = study.folder / "latency.csv"  # written by --latency
     latency = pd.read_csv(latency_path) if latency_path.is_file() else None
-    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts,
+    deciding = deciding_verdicts(verdicts, study.matched)
+    (study.folder / "summary.md").write_text(summary_markdown(study, runs, points, fits_frame, verdicts, deciding,
                                                               notes + compare_notes
                                                               + grid_edge_notes(list(study.tuning)), teacher,
                                                               gap if len(gap) else None, latency, times))

@@ -25,10 +25,11 @@ from ensemble import ModelEnsemble
 import study
 from slm_ensembles import students
 from slm_ensembles.study import running
-from slm_ensembles.study.across import differing_settings
+from slm_ensembles.study.across import Panel, across_markdown, differing_settings
 from slm_ensembles.study.collecting import collect_rows, observations, point_table
-from slm_ensembles.study.comparison import (Curve, multiplier_summary, paired_interval, paired_single, pairs_table,
-                                            single_at, single_curves, verdict, verdict_table)
+from slm_ensembles.study.comparison import (Curve, deciding_verdicts, multiplier_summary, paired_interval,
+                                            paired_single, pairs_table, single_at, single_curves, verdict,
+                                            verdict_table)
 from slm_ensembles.study.figures import ce_figure, curves_figure, draw_curves, fixed_flops, latency_figure, study_figures
 from slm_ensembles.study.fits import (ALPHA_BOUNDS, FitError, INTERVAL, bootstrap_laws, fit_all, fit_power_law,
                                       too_few_points)
@@ -681,6 +682,34 @@ def test_across_sets_studies_of_different_data_sizes_side_by_side(tmp_path):
         study.parse_args([str(small), str(large)])
 
 
+def test_the_deciding_verdicts_are_each_matched_single_at_its_ensemble_size_on_flops_and_its_own_axis():
+    def row(axis, size, single, difference):
+        return dict(axis=axis, x_value=1.0, ensemble="method", point=f"{size} member(s)", ensemble_size=size,
+                    single=single, seeds=5, mean_difference=difference, low=difference - 0.1,
+                    high=difference + 0.1, wins=5, verdict="ensemble better", ensemble_ce=3.0, single_ce=3.5,
+                    **{f"{name}_{part}": value for name in ("multiplier", "students_multiplier")
+                       for part, value in dict(median=1.5, low=1.2, high=1.8, reached=5, bound=math.nan).items()})
+    verdicts = pd.DataFrame([row("parameters", 2, "deep", 0.01),  # deep was matched on non-embedding parameters
+                             row("non_embedding_parameters", 2, "deep", -0.2),
+                             row("train_flops", 3, "wide", 0.02),  # wide was matched at size 2, not 3
+                             row("critical_path_layers", 2, "wide", 0.03),
+                             row("train_flops", 2, "deep", -0.4), row("parameters", 2, "wide", -0.3),
+                             row("train_flops", 2, "member", 0.04),  # not matched: no deciding verdict
+                             row("train_flops", 2, "wide", -0.5)])
+    matched = (Matched("wide", "method", 2, "parameters"), Matched("deep", "method", 2, "non_embedding_parameters"))
+    deciding = deciding_verdicts(verdicts, matched)
+    assert deciding["mean_difference"].tolist() == [-0.5, -0.3, -0.4, -0.2]  # the spec's order, FLOPs first
+    assert list(deciding.columns) == list(verdicts.columns)
+    assert deciding_verdicts(verdicts, ()).empty
+    panel = Panel("small", dict(max_examples=40), pd.DataFrame(), {}, pd.DataFrame(), verdicts, None,
+                  pd.DataFrame(dict(seconds=[60.0], launches=[1], status=["finished"])), pd.Series([30.0]), matched)
+    text = across_markdown([panel])
+    deciding_part, every_part = text.split("## Every verdict")
+    assert "## The deciding comparisons" in deciding_part and deciding_part.count("| small | 40 |") == 4
+    assert "-0.500 [-0.600, -0.400]" in deciding_part and "+0.040" not in deciding_part
+    assert every_part.count("| small | 40 |") == len(verdicts)
+
+
 def test_collect_reports_the_training_examples_the_runs_manifests_record(tmp_path):
     spec = size_study(tmp_path, "sized", 80, F0, [2.8, 2.6], 2.2, recorded=True)
     older = next((tmp_path / "sized" / "runs").glob("one__seed-1/*/run_1/manifest.json"))
@@ -1121,7 +1150,10 @@ def test_a_tiny_tuned_study_compares_at_the_ensembles_spend_with_paired_interval
     deeper = verdicts[(verdicts["axis"] == "non_embedding_parameters") & (verdicts["single"] == "deeper")
                       & (verdicts["ensemble_size"] == 2)]
     assert len(deeper) == 1 and deeper["seeds"].iloc[0] == 2
-    assert "95%" in (folder / "summary.md").read_text()
+    summary = (folder / "summary.md").read_text()
+    assert "95%" in summary
+    deciding = summary.split("## The deciding comparisons")[1].split("## Ensemble against single model")[0]
+    assert deciding.count("| deeper |") == 2 and "| train_flops |" in deciding and "| member |" not in deciding
     rows, _ = collect_rows(load_spec(spec))
     curves, _ = single_curves(rows)
     figure = curves_figure(observations(rows), curves, None, "tiny")

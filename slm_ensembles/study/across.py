@@ -9,15 +9,17 @@ import dataclasses
 import pandas as pd
 from matplotlib.figure import Figure
 
+from slm_ensembles.study.comparison import deciding_verdicts
 from slm_ensembles.study.figures import draw_curves
-from slm_ensembles.study.grid import Study, StudyError
-from slm_ensembles.study.report import examples_line, examples_span, verdict_lines, wall_time_line
+from slm_ensembles.study.grid import Matched, Study, StudyError
+from slm_ensembles.study.report import deciding_lines, examples_line, examples_span, verdict_lines, wall_time_line
 
 
 @dataclasses.dataclass(frozen=True)
 class Panel:
     """One study's comparison, as collecting makes it and a side-by-side shows it: what tells it apart, its
-    observations, curves, pairs and verdicts, its teacher, its run times and its training examples."""
+    observations, curves, pairs and verdicts, its teacher, its run times, its training examples and its matched
+    single families."""
 
     name: str
     setting: dict  # the settings (common to all its runs) in which it differs from the others; {} alone
@@ -28,6 +30,7 @@ class Panel:
     teacher: float | None
     times: pd.DataFrame  # its run_times.csv
     train_examples: pd.Series  # per finished run, its training split's size (NaN: not recorded); runs.csv
+    matched: tuple[Matched, ...] = ()  # the study's single families matched to an ensemble's size (its `match`)
 
     @property
     def label(self) -> str:
@@ -60,12 +63,13 @@ def differing_settings(studies: list[Study]) -> list[dict]:
     return [{key: common.get(key) for key in differing} for common in commons]
 
 
-def across_table(panels: list[Panel]) -> pd.DataFrame:
+def across_table(panels: list[Panel], deciding: bool = False) -> pd.DataFrame:
     """across.csv: every panel's verdicts (verdicts.csv's columns), after its study's name and the settings that
-    tell it apart."""
+    tell it apart; `deciding`: only the verdicts each study was designed to decide (comparison.deciding_verdicts)."""
     keys = list(dict.fromkeys(key for panel in panels for key in panel.setting))
-    frames = [panel.verdicts.assign(**{key: panel.setting.get(key) for key in keys}, study=panel.name)
-              for panel in panels if len(panel.verdicts)]
+    shown = [deciding_verdicts(panel.verdicts, panel.matched) if deciding else panel.verdicts for panel in panels]
+    frames = [verdicts.assign(**{key: panel.setting.get(key) for key in keys}, study=panel.name)
+              for panel, verdicts in zip(panels, shown) if len(verdicts)]
     if not frames:
         return pd.DataFrame(columns=["study", *keys])
     table = pd.concat(frames, ignore_index=True)
@@ -106,5 +110,6 @@ def across_markdown(panels: list[Panel]) -> str:
                      f"{wall_time_line(panel.times)}{teacher}")
     seconds = sum(panel.times["seconds"].sum() for panel in panels)
     lines.append(f"- In all: {seconds / 3600:.2f} h measured.")
-    lines += ["", *verdict_lines(across_table(panels), lead=("study", *keys))]
+    lines += deciding_lines(across_table(panels, deciding=True), lead=("study", *keys))
+    lines += ["", "## Every verdict", "", *verdict_lines(across_table(panels), lead=("study", *keys))]
     return "\n".join(lines) + "\n"

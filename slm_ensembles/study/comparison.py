@@ -247,3 +247,15 @@ def verdict_table(pairs: pd.DataFrame) -> pd.DataFrame:
                                               name))
         rows.append(row)
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+def deciding_verdicts(verdicts: pd.DataFrame, matched: tuple[Matched, ...]) -> pd.DataFrame:
+    """The verdicts a study was designed to decide: each single family matched to an ensemble size (the spec's
+    `match`) against that ensemble, at equal training FLOPs and on the axis it was matched on, in the spec's order
+    (verdicts.csv's rows and columns; none without a match)."""
+    rows = []
+    for match in matched:
+        for axis in ("train_flops", match.axis):
+            rows.append(verdicts[(verdicts["axis"] == axis) & (verdicts["ensemble"] == match.ensemble)
+                                 & (verdicts["ensemble_size"] == match.size) & (verdicts["single"] == match.single)])
+    return pd.concat(rows, ignore_index=True) if rows else verdicts.iloc[:0]

@@ -72,6 +72,17 @@ def verdict_lines(verdicts: pd.DataFrame, lead: tuple[str, ...] = ()) -> list[st
         "students' compute multiplier": [_multiplier(r, "students_multiplier") for _, r in verdicts.iterrows()]}))
 
 
+def deciding_lines(deciding: pd.DataFrame, lead: tuple[str, ...] = ()) -> list[str]:
+    """The section of the verdicts the study was designed to decide (comparison.deciding_verdicts): each single
+    model matched to an ensemble's size against it, at equal training FLOPs and on its matched axis."""
+    if deciding.empty:
+        return []
+    return ["", "## The deciding comparisons", "",
+            "Each single model matched to an ensemble's size (the spec's `match`) against that ensemble: at equal "
+            "training FLOPs (read off its learning curve at the ensemble's spend) and on the axis it was matched on "
+            "(trained to its plateau). The full table follows.", "", *verdict_lines(deciding, lead)]
+
+
 def gap_lines(gap: pd.DataFrame) -> list[str]:
     """summary.md's section of teacher_gap.csv."""
     if gap.empty:
@@ -162,7 +173,7 @@ def wall_time_line(times: pd.DataFrame) -> str:
 
 
 def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fits: pd.DataFrame,
-                     verdicts: pd.DataFrame, notes: list[str], teacher: float | None,
+                     verdicts: pd.DataFrame, deciding: pd.DataFrame, notes: list[str], teacher: float | None,
                      gap: pd.DataFrame | None = None, latency: pd.DataFrame | None = None,
                      times: pd.DataFrame | None = None) -> str:
     counts = runs["status"].value_counts() if len(runs) else pd.Series(dtype=int)
@@ -194,6 +205,7 @@ def summary_markdown(study: Study, runs: pd.DataFrame, points: pd.DataFrame, fit
         lines.append("No law is determined by its points (see the notes and fits.csv).")
     lines += [f"- {r['series']}, x = {r['x']}: {r['note']}" for _, r in fits[fits["fitted"] &
                                                                                ~fits["determined"]].iterrows()]
+    lines += deciding_lines(deciding)
     lines += ["", "## Ensemble against single model, paired by seed (verdicts.csv)", "",
               "Per seed, the ensemble's CE minus the single model's of the same seed (negative: the ensemble is "
               "better); the mean over seeds with its 95% t-interval. The verdict says whether the interval "
