@@ -16,6 +16,7 @@ Usage:
     python study.py SPEC.yaml --latency        # after the runs: time each point's saved model (latency.csv); collect
     python study.py SPEC.yaml --latency --new_tokens 64 --repeats 5 --threads 1   # longer, steadier timings
     python study.py A.yaml B.yaml --across DIR # studies that differ in a setting (max_examples), side by side
+    python study.py SPEC.yaml --keep_records DIR   # run, copying each run's records into DIR/runs as it finishes
     python study.py SPEC.yaml --records DIR    # the finished runs' records (no weights) into DIR/runs, to carry
     cp -r DIR/runs STUDY/                      # ... and back, on another machine: those runs count as finished
 
@@ -260,6 +261,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--latency", action="store_true",
                       help="time the finished runs' saved models (decode ms per token at batch 1, members in "
                            "parallel processes and one after another) into latency.csv; then collect")
+    parser.add_argument("--keep_records", type=Path, metavar="DIR",
+                        help="while running, copy each finished run's records into DIR/runs as it finishes (and "
+                             "those finished before), as --records does: a machine lost mid-study loses one run")
     parser.add_argument("--bootstrap", type=int, default=500, metavar="N",
                         help="bootstrap resamples of the seeds for the fits' intervals (default: 500; 0: none)")
     timing = Timing()
@@ -274,6 +278,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(args.spec) != 1 and not args.across:
         parser.error(f"one study spec, or several with --across DIR (given {len(args.spec)})")
+    if args.keep_records and any((args.dry_run, args.print_sbatch, args.collect, args.records, args.across,
+                                  args.latency)):
+        parser.error("--keep_records copies records while the study runs: use it without --dry_run, "
+                     "--print_sbatch, --collect, --records, --across and --latency (--records DIR copies them once)")
     return args
 
 
@@ -302,7 +310,7 @@ def main(argv=None) -> int:
             print(measure_latency(study, Timing(args.new_tokens, args.repeats, args.prompt_tokens, args.threads)))
         failed = []
         while not args.collect and not args.latency and not failed:
-            failed = run_study(study)
+            failed = run_study(study, args.keep_records)
             before, study = study.waiting, load_spec(args.spec[0])  # finished tuning runs give the later seeds' runs
             if study.waiting == before:
                 break

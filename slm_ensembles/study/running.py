@@ -14,6 +14,7 @@ import yaml
 
 from slm_ensembles import files
 from slm_ensembles.run_layout import RunLayout
+from slm_ensembles.study.carrying import keep_records
 from slm_ensembles.study.grid import Study, StudyError
 from slm_ensembles.study.status import point_status
 
@@ -33,14 +34,17 @@ def launch(args: list[str], log_path: Path) -> int:
         return subprocess.run([sys.executable, str(MAIN), *args], stdout=log, stderr=subprocess.STDOUT).returncode
 
 
-def run_study(study: Study) -> list[str]:
+def run_study(study: Study, records: Path | None = None) -> list[str]:
     """Run every grid point that is not finished, one after another: new ones started, unfinished ones resumed;
     seed by seed (every family's run of a seed before any of the next), so that a study stopped part way holds
     whole paired seeds, not one family's every seed and no baseline. The names of those that did not finish. Every
     point's run folders are checked first (point_status), so a folder made with other settings stops the study
-    before anything runs."""
+    before anything runs. `records`: a folder the finished runs' records are copied into (carrying.keep_records)
+    before the first launch and after each run finishes, so that a machine lost mid-study loses one run at most."""
     for point in study.points:
         point_status(point)
+    if records is not None:
+        keep_records(study, records)
     failed = []
     seed_order = {seed: i for i, seed in enumerate(dict.fromkeys(p.seed for p in study.points))}
     for index, point in enumerate(sorted(study.points, key=lambda p: seed_order[p.seed]), 1):
@@ -61,6 +65,8 @@ def run_study(study: Study) -> list[str]:
             record_wall_time(after.run_dir, started, seconds, code)
         if code == 0 and after.state == "finished":
             print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+            if records is not None:
+                keep_records(study, records)
         else:
             failed.append(point.name)
             tail = log_path.read_text().splitlines()[-5:] if log_path.is_file() else []

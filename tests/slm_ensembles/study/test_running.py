@@ -5,6 +5,7 @@ import json
 import shlex
 
 import pandas as pd
+import pytest
 
 import config as config_lib
 import study
@@ -141,3 +142,32 @@ def test_print_sbatch_gives_each_array_task_its_settings(tmp_path, capsys):
         assert preset == point.preset and config.seed == point.seed and config.steps_per_round == 5
         assert config.combine == point.settings.get("combine", "logits") and config.baseline == point.config.baseline
     assert tasks(lines[2]) == [([], "resume", str(half))]
+
+
+def test_keep_records_copies_each_finished_run_before_the_next_launch_and_no_unfinished_one(tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))], seeds=[0, 1, 2])
+    before, finishing, failing = load_spec(spec).points
+    fake_run(before, [2.0])
+    kept = tmp_path / "kept" / "runs"
+    kept_at_launch = []
+
+    def fake_launch(args, log_path):  # seed 1's run finishes; seed 2's dies part way
+        kept_at_launch.append(sorted(path.name for path in kept.iterdir()))
+        if str(finishing.output_root) in args:
+            fake_run(finishing, [2.1])
+            return 0
+        fake_run(failing, [2.2], rounds_done=0)
+        return 1
+
+    monkeypatch.setattr(running, "launch", fake_launch)
+    assert study.main([str(spec), "--bootstrap", "0", "--keep_records", str(kept.parent)]) == 1
+    assert kept_at_launch == [[before.name], [before.name, finishing.name]]  # kept before each next launch
+    assert sorted(path.name for path in kept.iterdir()) == [before.name, finishing.name]  # not the unfinished one
+    assert (kept / finishing.name / "2026-12-01" / "run_1" / "metrics.csv").is_file()
+
+
+def test_keep_records_is_refused_with_the_modes_that_run_nothing(tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))])
+    with pytest.raises(SystemExit):
+        study.parse_args([str(spec), "--collect", "--keep_records", str(tmp_path / "kept")])
+    assert study.parse_args([str(spec), "--keep_records", str(tmp_path / "kept")]).keep_records == tmp_path / "kept"
