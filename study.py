@@ -10,7 +10,7 @@ output_root, STUDY/runs/NAME, so it can be found, skipped when finished and resu
 
 Usage:
     python study.py SPEC.yaml                  # run every unfinished grid point here, one after another; collect
-    python study.py SPEC.yaml --dry_run        # list the grid points and which are finished
+    python study.py SPEC.yaml --dry_run        # list the grid points, which are finished, and the time left
     python study.py SPEC.yaml --print_sbatch   # the sbatch lines that run the same grid as SLURM arrays (train.sh)
     python study.py SPEC.yaml --collect        # only collect: rows, fits, verdicts, figures and summary
     python study.py SPEC.yaml --latency        # after the runs: time each point's saved model (latency.csv); collect
@@ -248,7 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("spec", type=Path, nargs="+",
                         help="the study spec (YAML; see docs/study.md); several only with --across")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry_run", action="store_true", help="list the grid points and which are finished; run nothing")
+    mode.add_argument("--dry_run", action="store_true",
+                      help="list the grid points, which are finished, and the time left; run nothing")
     mode.add_argument("--print_sbatch", action="store_true",
                       help="write each unstarted run's settings to STUDY/slurm/ and print the sbatch lines")
     mode.add_argument("--collect", action="store_true", help="only collect the finished runs; run nothing")

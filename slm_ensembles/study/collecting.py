@@ -76,6 +76,17 @@ def wall_times(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "family", "seed", "tuning", "status", "launches", "seconds"])
 
 
+def time_left(times: pd.DataFrame) -> tuple[float, int]:
+    """The wall seconds the runs not finished yet would take at their family's mean over its finished, timed runs
+    (wall_times' table; an unfinished run counted whole: its launches so far are not a share of it), and how many
+    runs that leaves unestimated (their family has no finished, timed run yet)."""
+    timed = times[(times["status"] == "finished") & times["seconds"].notna()]
+    per_family = timed.groupby("family")["seconds"].mean()
+    left = times[times["status"] != "finished"]
+    estimated = left["family"].map(per_family)
+    return float(estimated.sum()), int(estimated.isna().sum())
+
+
 def observations(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per series (with its family), point and seed: test CE, the run's final early-stopping CE, gap_closed
     and the x columns there are. An ensemble run gives a point per ensemble size (its ensemble rows); a single-model

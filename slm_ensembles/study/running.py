@@ -10,11 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from slm_ensembles import files
 from slm_ensembles.run_layout import RunLayout
 from slm_ensembles.study.carrying import keep_records
+from slm_ensembles.study.collecting import time_left, wall_times
 from slm_ensembles.study.grid import Study, StudyError
 from slm_ensembles.study.status import point_status
 
@@ -92,7 +94,19 @@ def dry_run_lines(study: Study) -> list[str]:
         where = status.run_dir or point.output_root
         lines.append(f"  {status.state:<10} {point.name:<{width}}  {'tuning' if point.tuning else point.kind:<8} "
                      f"{where}")
-    return lines + [f"  {line}" for line in study.waiting]
+    timing = [time_left_line(wall_times(study))] if study.points else []
+    return lines + timing + [f"  {line}" for line in study.waiting]
+
+
+def time_left_line(times: pd.DataFrame) -> str:
+    """The measured wall time so far and the estimate of what is left (collecting.time_left), for --dry_run."""
+    finished = times[(times["status"] == "finished") & times["seconds"].notna()]
+    seconds, unknown = time_left(times)
+    left = int((times["status"] != "finished").sum())
+    return (f"Measured: {len(finished)} finished run(s) took {finished['seconds'].sum() / 3600:.2f} h; the {left} "
+            f"left, at their family's mean so far: about {seconds / 3600:.2f} h"
+            + (f" for {left - unknown} of them ({unknown} of a family with no finished, timed run yet)"
+               if unknown else "") + ".")
 
 
 def sbatch_lines(study: Study) -> list[str]:

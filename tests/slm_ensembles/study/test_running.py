@@ -1,6 +1,7 @@
 """running: finished runs skipped, unfinished ones resumed and missing ones started (each launch's wall time kept),
 a failed run reported while the rest still runs, --dry_run's list and --print_sbatch's array lines."""
 
+import datetime
 import json
 import shlex
 
@@ -171,3 +172,18 @@ def test_keep_records_is_refused_with_the_modes_that_run_nothing(tmp_path):
     with pytest.raises(SystemExit):
         study.parse_args([str(spec), "--collect", "--keep_records", str(tmp_path / "kept")])
     assert study.parse_args([str(spec), "--keep_records", str(tmp_path / "kept")]).keep_records == tmp_path / "kept"
+
+
+def test_dry_run_estimates_the_time_left_at_each_familys_mean_over_its_finished_runs(tmp_path, capsys):
+    families = [dict(name="method", settings=dict(total_rounds=1)),
+                dict(name="single", kind="single", settings=dict(total_rounds=1))]
+    spec = write_spec(tmp_path / "spec.yaml", families, seeds=[0, 1, 2])
+    points = {(p.family, p.seed): p for p in load_spec(spec).points}
+    for seed, seconds in ((0, 100.0), (1, 300.0)):  # method's mean: 200 s
+        run_dir = fake_run(points["method", seed], [2.0])
+        running.record_wall_time(run_dir, datetime.datetime.now(datetime.timezone.utc), seconds, 0)
+    fake_run(points["single", 0], [2.0])  # finished before studies timed runs: no mean for its family
+    assert study.main([str(spec), "--dry_run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "Measured: 2 finished run(s) took 0.11 h; the 3 left, at their family's mean so far: about 0.06 h for 1 of "
+        "them (2 of a family with no finished, timed run yet).")
