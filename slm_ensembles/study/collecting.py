@@ -76,11 +76,16 @@ def wall_times(study: Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "family", "seed", "tuning", "status", "launches", "seconds"])
 
 
+def finished_timed(times: pd.DataFrame) -> pd.DataFrame:
+    """The rows of wall_times' table whose run finished with a measured wall time."""
+    return times[(times["status"] == "finished") & times["seconds"].notna()]
+
+
 def time_left(times: pd.DataFrame) -> tuple[float, int]:
     """The wall seconds the runs not finished yet would take at their family's mean over its finished, timed runs
     (wall_times' table; an unfinished run counted whole: its launches so far are not a share of it), and how many
     runs that leaves unestimated (their family has no finished, timed run yet)."""
-    timed = times[(times["status"] == "finished") & times["seconds"].notna()]
+    timed = finished_timed(times)
     per_family = timed.groupby("family")["seconds"].mean()
     left = times[times["status"] != "finished"]
     estimated = left["family"].map(per_family)

@@ -16,7 +16,7 @@ import yaml
 from slm_ensembles import files
 from slm_ensembles.run_layout import RunLayout
 from slm_ensembles.study.carrying import keep_records
-from slm_ensembles.study.collecting import time_left, wall_times
+from slm_ensembles.study.collecting import finished_timed, time_left, wall_times
 from slm_ensembles.study.grid import Study, StudyError
 from slm_ensembles.study.status import point_status
 
@@ -100,7 +100,7 @@ def dry_run_lines(study: Study) -> list[str]:
 
 def time_left_line(times: pd.DataFrame) -> str:
     """The measured wall time so far and the estimate of what is left (collecting.time_left), for --dry_run."""
-    finished = times[(times["status"] == "finished") & times["seconds"].notna()]
+    finished = finished_timed(times)
     seconds, unknown = time_left(times)
     left = int((times["status"] != "finished").sum())
     return (f"Measured: {len(finished)} finished run(s) took {finished['seconds'].sum() / 3600:.2f} h; the {left} "
