@@ -16,7 +16,8 @@ Usage:
     python study.py SPEC.yaml --latency        # after the runs: time each point's saved model (latency.csv); collect
     python study.py SPEC.yaml --latency --new_tokens 64 --repeats 5 --threads 1   # longer, steadier timings
     python study.py A.yaml B.yaml --across DIR # studies that differ in a setting (max_examples), side by side
-    python study.py SPEC.yaml --keep_records DIR   # run, copying each run's records into DIR/runs as it finishes
+    python study.py SPEC.yaml --keep_records DIR   # run, keeping each run's records in DIR/runs as it finishes
+                                                   # (on a new machine: restored from there first, then go on)
     python study.py SPEC.yaml --records DIR    # the finished runs' records (no weights) into DIR/runs, to carry
     cp -r DIR/runs STUDY/                      # ... and back, on another machine: those runs count as finished
 
@@ -264,7 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "parallel processes and one after another) into latency.csv; then collect")
     parser.add_argument("--keep_records", type=Path, metavar="DIR",
                         help="while running, copy each finished run's records into DIR/runs as it finishes (and "
-                             "those finished before), as --records does: a machine lost mid-study loses one run")
+                             "those finished before), as --records does: a machine lost mid-study loses one run; "
+                             "first copy back the kept runs the study folder lacks, so the command goes on there")
     parser.add_argument("--bootstrap", type=int, default=500, metavar="N",
                         help="bootstrap resamples of the seeds for the fits' intervals (default: 500; 0: none)")
     timing = Timing()

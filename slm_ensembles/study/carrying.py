@@ -2,7 +2,8 @@
 (CSV, YAML, the manifest, model configs and cards, the members' training records), no weights and no checkpoints,
 a few hundred kB a run instead of hundreds of MB. Copied back into the study folder, the records make those runs
 finished there: the study skips them, and collects and times them (a member without weights is timed with random
-weights of its shapes, see latency.first_members)."""
+weights of its shapes, see latency.first_members). A study run with --keep_records copies them back itself
+(restore_records), so that on a new machine the one command both restores and goes on."""
 
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def keep_records(study: Study, into: Path) -> list[Path]:
                 shutil.copy2(path, destination / relative)
         copied.append(destination)
     return copied
+
+
+def restore_records(study: Study, kept: Path) -> list[Path]:
+    """Copy into the study folder the records kept in `kept`/runs/ (keep_records) of every run the study folder has
+    no run folder of (point_status: missing), so that a study restarted on another machine skips the runs finished
+    on the last one; a run the study folder has, finished or not, is left as it is. The run folders restored."""
+    restored = []
+    for point in study.points:
+        record = kept / "runs" / point.output_root.relative_to(study.folder / "runs")
+        if record.is_dir() and point_status(point).state == "missing":
+            shutil.copytree(record, point.output_root, dirs_exist_ok=True)
+            restored.append(point.output_root)
+    return restored

@@ -15,7 +15,7 @@ import yaml
 
 from slm_ensembles import files
 from slm_ensembles.run_layout import RunLayout
-from slm_ensembles.study.carrying import keep_records
+from slm_ensembles.study.carrying import keep_records, restore_records
 from slm_ensembles.study.collecting import finished_timed, time_left, wall_times
 from slm_ensembles.study.grid import Study, StudyError
 from slm_ensembles.study.status import point_status
@@ -42,7 +42,13 @@ def run_study(study: Study, records: Path | None = None) -> list[str]:
     whole paired seeds, not one family's every seed and no baseline. The names of those that did not finish. Every
     point's run folders are checked first (point_status), so a folder made with other settings stops the study
     before anything runs. `records`: a folder the finished runs' records are copied into (carrying.keep_records)
-    before the first launch and after each run finishes, so that a machine lost mid-study loses one run at most."""
+    before the first launch and after each run finishes, so that a machine lost mid-study loses one run at most;
+    first, the records it holds of runs the study folder lacks are copied back (carrying.restore_records), so that
+    the same command goes on where the lost machine stopped."""
+    if records is not None:
+        restored = restore_records(study, records)
+        if restored:
+            print(f"restored {len(restored)} finished run(s) from the records in {records}", flush=True)
     for point in study.points:
         point_status(point)
     if records is not None:

@@ -4,13 +4,14 @@ a failed run reported while the rest still runs, --dry_run's list and --print_sb
 import datetime
 import json
 import shlex
+import shutil
 
 import pandas as pd
 import pytest
 
 import config as config_lib
 import study
-from slm_ensembles.study import running
+from slm_ensembles.study import carrying, running
 from slm_ensembles.study.spec import load_spec
 from study_runs import fake_run, write_spec
 
@@ -165,6 +166,36 @@ def test_keep_records_copies_each_finished_run_before_the_next_launch_and_no_unf
     assert kept_at_launch == [[before.name], [before.name, finishing.name]]  # kept before each next launch
     assert sorted(path.name for path in kept.iterdir()) == [before.name, finishing.name]  # not the unfinished one
     assert (kept / finishing.name / "2026-12-01" / "run_1" / "metrics.csv").is_file()
+
+
+def test_keep_records_restores_the_kept_runs_a_new_machine_lacks_and_leaves_the_runs_it_has(tmp_path, monkeypatch,
+                                                                                           capsys):
+    spec = write_spec(tmp_path / "spec.yaml", [dict(name="method", settings=dict(total_rounds=1))], seeds=[0, 1, 2])
+    grid = load_spec(spec)
+    kept_only, restarted, new = grid.points
+    fake_run(kept_only, [2.0])
+    fake_run(restarted, [2.1])
+    carrying.keep_records(grid, tmp_path / "kept")
+    shutil.rmtree(grid.folder / "runs")  # the machine is lost; on the new one, `restarted` was started again
+    half = fake_run(restarted, [2.1], rounds_done=0)
+    launched = []
+
+    def fake_launch(args, log_path):
+        launched.append(args)
+        if args[0] == "--resume":
+            manifest = json.loads((half / "manifest.json").read_text())
+            (half / "manifest.json").write_text(json.dumps({"rounds": {k: "done" for k in manifest["rounds"]}}))
+        else:
+            fake_run(new, [2.2])
+        return 0
+
+    monkeypatch.setattr(running, "launch", fake_launch)
+    assert study.main([str(spec), "--bootstrap", "0", "--keep_records", str(tmp_path / "kept")]) == 0
+    assert "restored 1 finished run(s)" in capsys.readouterr().out
+    assert len(launched) == 2 and launched[0][:2] == ["--resume", str(half)]  # kept_only is not run again
+    assert str(new.output_root) in launched[1]
+    assert (kept_only.output_root / "2026-12-01" / "run_1" / "metrics.csv").is_file()
+    assert sorted(p.name for p in (restarted.output_root / "2026-12-01").iterdir()) == ["run_1"]  # not replaced
 
 
 def test_keep_records_is_refused_with_the_modes_that_run_nothing(tmp_path):
